@@ -1,0 +1,336 @@
+"""The one typed configuration of a job, and its validation.
+
+A job is described by a ``Config`` built from a TOML file plus ``section.key=value``
+overrides. It is parsed and validated once, here, at the edge: every later component
+receives typed dataclasses it can trust. Errors name the file, the key and what was
+expected.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import tomllib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+
+class ConfigError(ValueError):
+    """A configuration value is missing, mistyped or out of range."""
+
+
+@dataclass
+class RunConfig:
+    seed: int = 0
+    out_dir: str = "runs/default"
+    nproc: int = 2  # local ranks started by `morec run`
+
+
+@dataclass
+class DataConfig:
+    path: str = ".data/movielens-1m"
+    batch_size: int = 512  # rows per block (a MoRec batch has K+1 blocks)
+    num_negatives: int = 10
+    negative_alpha: float = 1.0  # negatives drawn with probability ~ popularity ** alpha
+    prefetch_batches: int = 4
+
+
+@dataclass
+class ModelConfig:
+    name: str = "mf"  # registry key: mf, two_tower
+    embedding_dim: int = 64
+    # Sharding type per embedding table ("table_wise", "row_wise", "column_wise",
+    # "table_row_wise", "table_column_wise", "data_parallel"); tables not named here
+    # use default_sharding.
+    default_sharding: str = "table_wise"
+    sharding: dict[str, str] = field(default_factory=dict)
+    tower_dims: list[int] = field(default_factory=lambda: [128, 64])
+
+
+@dataclass
+class OptimConfig:
+    embedding_optimizer: str = "rowwise_adagrad"  # sgd, adagrad, rowwise_adagrad
+    embedding_lr: float = 0.05
+    embedding_weight_decay: float = 0.0
+    dense_optimizer: str = "adam"  # adam, sgd, adagrad
+    dense_lr: float = 1e-3
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 20
+    max_steps: int = 0  # 0 = no limit
+    early_stopping_patience: int = 3
+    log_every: int = 100
+
+
+@dataclass
+class EvalConfig:
+    ks: list[int] = field(default_factory=lambda: [10])
+    batch_users: int = 1024
+
+
+@dataclass
+class ObjectiveConfig:
+    name: str = ""
+    kind: str = ""  # registry key: revenue, fairness, alignment, or a user-registered kind
+    group_column: str = ""
+    weight: float = 0.0
+    options: dict[str, Any] = field(default_factory=dict)
+
+
+def _reference_objectives() -> list[ObjectiveConfig]:
+    return [
+        ObjectiveConfig("revenue", "revenue", "rev_group", 0.6),
+        ObjectiveConfig("fairness", "fairness", "fair_group", 0.2),
+        ObjectiveConfig("alignment", "alignment", "align_group", 0.2),
+    ]
+
+
+@dataclass
+class PIDConfig:
+    kp: float = 0.05
+    ki: float = 0.001
+    kd: float = 0.0
+    beta_min: float = 0.1
+    beta_max: float = 1.5
+    target_loss: float = 0.0  # l_hat; 0 = take the pretrained model's final training loss
+
+
+@dataclass
+class SamplerConfig:
+    alpha: float = 0.05  # sign-gradient step
+    update_every_steps: int = 0  # 0 = once per epoch
+    validation_users: int = 0  # 0 = all validation users
+
+
+@dataclass
+class MorecConfig:
+    lam: float = 0.2
+    objectives: list[ObjectiveConfig] = field(default_factory=_reference_objectives)
+    pid: PIDConfig = field(default_factory=PIDConfig)
+    sampler: SamplerConfig = field(default_factory=SamplerConfig)
+    epochs: int = 5
+
+
+@dataclass
+class CoordinatorConfig:
+    ray_address: str = ""  # "" = start a local Ray for this job
+    name: str = "morec-coordinator"
+    namespace: str = "morec"
+    detached: bool = False
+    staleness: int = 2  # beta / p used at step t come from steps <= t - staleness
+    object_store_mb: int = 256
+
+
+@dataclass
+class MetricsConfig:
+    enabled: bool = False
+    host: str = "127.0.0.1"
+    base_port: int = 9400  # rank r exports on base_port + 1 + local rank; coordinator on base_port
+
+
+@dataclass
+class CheckpointConfig:
+    every_steps: int = 0  # 0 = only at the end of each epoch
+    keep_last: int = 2
+
+
+@dataclass
+class Config:
+    run: RunConfig = field(default_factory=RunConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    morec: MorecConfig = field(default_factory=MorecConfig)
+    coordinator: CoordinatorConfig = field(default_factory=CoordinatorConfig)
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+# ---------------------------------------------------------------------------- parsing
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", str(tp))
+
+
+def _coerce(value: Any, tp: Any, where: str) -> Any:
+    """Check ``value`` against the annotation ``tp``; ints are accepted for floats only."""
+    origin = typing.get_origin(tp)
+    if tp is Any:
+        return value
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: expected a table, got {value!r}")
+        return _build(tp, value, where)
+    if origin in (types.UnionType, typing.Union):
+        errors = []
+        for arg in typing.get_args(tp):
+            if arg is type(None) and value is None:
+                return None
+            try:
+                return _coerce(value, arg, where)
+            except ConfigError as exc:
+                errors.append(str(exc))
+        raise ConfigError(f"{where}: {value!r} matches none of {tp}")
+    if origin is list:
+        (item_tp,) = typing.get_args(tp)
+        if not isinstance(value, list):
+            raise ConfigError(f"{where}: expected a list, got {value!r}")
+        return [_coerce(v, item_tp, f"{where}[{i}]") for i, v in enumerate(value)]
+    if origin is dict:
+        key_tp, val_tp = typing.get_args(tp)
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: expected a table, got {value!r}")
+        return {_coerce(k, key_tp, where): _coerce(v, val_tp, f"{where}.{k}") for k, v in value.items()}
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{where}: expected a number, got {value!r}")
+        if not math.isfinite(value):
+            raise ConfigError(f"{where}: expected a finite number, got {value!r}")
+        return float(value)
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{where}: expected an integer, got {value!r}")
+        return value
+    if tp in (str, bool):
+        if not isinstance(value, tp):
+            raise ConfigError(f"{where}: expected {_type_name(tp)}, got {value!r}")
+        return value
+    raise ConfigError(f"{where}: unsupported type {tp}")
+
+
+def _build(cls: type, values: dict[str, Any], where: str) -> Any:
+    hints = typing.get_type_hints(cls)
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise ConfigError(f"{where}: unknown key(s) {unknown}; expected some of {sorted(known)}")
+    kwargs = {k: _coerce(v, hints[k], f"{where}.{k}" if where else k) for k, v in values.items()}
+    return cls(**kwargs)
+
+
+def _parse_override(text: str) -> tuple[list[str], Any]:
+    if "=" not in text:
+        raise ConfigError(f"override {text!r}: expected section.key=value")
+    key, raw = text.split("=", 1)
+    try:
+        value = tomllib.loads(f"v = {raw}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = raw  # a bare word is a string: `model.name=mf`
+    return key.strip().split("."), value
+
+
+def _merge(tree: dict[str, Any], path: list[str], value: Any) -> None:
+    for part in path[:-1]:
+        tree = tree.setdefault(part, {})
+        if not isinstance(tree, dict):
+            raise ConfigError(f"override {'.'.join(path)}: {part} is not a table")
+    tree[path[-1]] = value
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
+    """Read a TOML file (or the defaults), apply overrides, validate, and return a Config."""
+    tree: dict[str, Any] = {}
+    source = "<defaults>"
+    if path is not None:
+        source = str(path)
+        try:
+            tree = tomllib.loads(Path(path).read_text())
+        except FileNotFoundError:
+            raise ConfigError(f"{path}: config file not found") from None
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"{path}: not valid TOML: {exc}") from None
+    for text in overrides or []:
+        _merge(tree, *_parse_override(text))
+    try:
+        config = _build(Config, tree, "")
+        validate(config)
+    except ConfigError as exc:
+        raise ConfigError(f"{source}: {exc}") from None
+    return config
+
+
+def config_from_dict(tree: dict[str, Any]) -> Config:
+    config = _build(Config, tree, "")
+    validate(config)
+    return config
+
+
+# ------------------------------------------------------------------------- validation
+
+
+def _require(ok: bool, message: str) -> None:
+    if not ok:
+        raise ConfigError(message)
+
+
+SHARDING_TYPES = ("table_wise", "row_wise", "column_wise", "table_row_wise", "table_column_wise", "data_parallel")
+EMBEDDING_OPTIMIZERS = ("sgd", "adagrad", "rowwise_adagrad")
+DENSE_OPTIMIZERS = ("adam", "sgd", "adagrad")
+
+
+def validate(c: Config) -> None:
+    """Range and consistency checks that types alone cannot express."""
+    _require(c.run.nproc >= 1, f"run.nproc: expected >= 1, got {c.run.nproc}")
+    _require(c.data.batch_size >= 1, f"data.batch_size: expected >= 1, got {c.data.batch_size}")
+    _require(c.data.num_negatives >= 1, f"data.num_negatives: expected >= 1, got {c.data.num_negatives}")
+    _require(c.data.negative_alpha >= 0, f"data.negative_alpha: expected >= 0, got {c.data.negative_alpha}")
+    _require(c.model.embedding_dim >= 1, f"model.embedding_dim: expected >= 1, got {c.model.embedding_dim}")
+    for table, kind in {"default": c.model.default_sharding, **c.model.sharding}.items():
+        _require(kind in SHARDING_TYPES, f"model.sharding.{table}: {kind!r} is not one of {SHARDING_TYPES}")
+    _require(
+        c.optim.embedding_optimizer in EMBEDDING_OPTIMIZERS,
+        f"optim.embedding_optimizer: {c.optim.embedding_optimizer!r} is not one of {EMBEDDING_OPTIMIZERS}",
+    )
+    _require(
+        c.optim.dense_optimizer in DENSE_OPTIMIZERS,
+        f"optim.dense_optimizer: {c.optim.dense_optimizer!r} is not one of {DENSE_OPTIMIZERS}",
+    )
+    _require(c.optim.embedding_lr > 0, f"optim.embedding_lr: expected > 0, got {c.optim.embedding_lr}")
+    _require(c.optim.dense_lr > 0, f"optim.dense_lr: expected > 0, got {c.optim.dense_lr}")
+    _require(c.train.epochs >= 1, f"train.epochs: expected >= 1, got {c.train.epochs}")
+    _require(c.train.max_steps >= 0, f"train.max_steps: expected >= 0, got {c.train.max_steps}")
+    _require(bool(c.eval.ks) and all(k >= 1 for k in c.eval.ks), f"eval.ks: expected positive integers, got {c.eval.ks}")
+    _validate_morec(c.morec)
+    _require(c.coordinator.staleness >= 0, f"coordinator.staleness: expected >= 0, got {c.coordinator.staleness}")
+    _require(1 <= c.metrics.base_port <= 65535 - 64, f"metrics.base_port: expected 1..65471, got {c.metrics.base_port}")
+    _require(c.checkpoint.keep_last >= 1, f"checkpoint.keep_last: expected >= 1, got {c.checkpoint.keep_last}")
+
+
+def _validate_morec(m: MorecConfig) -> None:
+    pid = m.pid
+    for gain in ("kp", "ki", "kd"):
+        value = getattr(pid, gain)
+        _require(value >= 0, f"morec.pid.{gain}: gains must be >= 0, got {value}")
+    _require(pid.beta_min >= 0, f"morec.pid.beta_min: expected >= 0, got {pid.beta_min}")
+    _require(
+        pid.beta_min <= pid.beta_max,
+        f"morec.pid: beta_min ({pid.beta_min}) must not exceed beta_max ({pid.beta_max})",
+    )
+    _require(pid.target_loss >= 0, f"morec.pid.target_loss: expected >= 0, got {pid.target_loss}")
+    _require(m.lam > 0, f"morec.lam: expected > 0, got {m.lam}")
+    _require(m.sampler.alpha > 0, f"morec.sampler.alpha: expected > 0, got {m.sampler.alpha}")
+    _require(m.epochs >= 1, f"morec.epochs: expected >= 1, got {m.epochs}")
+    names = [o.name for o in m.objectives]
+    _require(len(set(names)) == len(names), f"morec.objectives: duplicate names in {names}")
+    for i, o in enumerate(m.objectives):
+        where = f"morec.objectives[{i}] ({o.name or 'unnamed'})"
+        _require(bool(o.name), f"{where}.name: required")
+        _require(bool(o.kind), f"{where}.kind: required")
+        _require(bool(o.group_column), f"{where}.group_column: required")
+        _require(o.weight >= 0, f"{where}.weight: weights must be >= 0, got {o.weight}")
+    if m.objectives:
+        _require(
+            sum(o.weight for o in m.objectives) > 0,
+            "morec.objectives: weights sum to 0; at least one objective needs a positive weight",
+        )

@@ -1,0 +1,1 @@
+"""The data layer: prepared Parquet datasets, their validation, and streaming readers."""
