@@ -84,11 +84,50 @@ def _print_stats(path: Path, as_json: bool = False) -> int:
     return 0
 
 
+def _add_config_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", default=None, help="TOML config file (defaults when omitted)")
+    parser.add_argument("overrides", nargs="*", metavar="SECTION.KEY=VALUE", help="config overrides, e.g. train.epochs=3")
+    parser.add_argument("--nproc", type=int, default=None, help="local ranks when not started by torchrun (default: run.nproc)")
+
+
+def _load(args: argparse.Namespace):
+    from morec_dist.config import load_config
+
+    return load_config(args.config, args.overrides)
+
+
+def _as_ranks(args: argparse.Namespace, job) -> int:
+    """Run ``job(config)`` as this rank, or start the ranks under torchrun first."""
+    from morec_dist.train.launch import relaunch, under_torchrun
+
+    config = _load(args)  # validate before starting any process
+    if not under_torchrun():
+        return relaunch(args.nproc or config.run.nproc, args.argv)
+    from morec_dist.model.sharding import shutdown_distributed
+
+    job(config)
+    shutdown_distributed(exit_code=0)
+    return 0
+
+
+def _add_train(sub: argparse._SubParsersAction) -> None:
+    train = sub.add_parser("train", help="pretrain an accuracy-only model (MF-BPR / two-tower) on torchrun ranks")
+    _add_config_args(train)
+
+    def run(args: argparse.Namespace) -> int:
+        from morec_dist.train.pretrain import run_pretrain
+
+        return _as_ranks(args, run_pretrain)
+
+    train.set_defaults(func=run)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="morec", description="MoRec multi-objective recommender training (TorchRec + Ray + Parquet)")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _add_prepare(sub)
     _add_inspect(sub)
+    _add_train(sub)
     return parser
 
 
@@ -96,6 +135,7 @@ def main(argv: list[str] | None = None) -> int:
     from morec_dist.data.dataset import DatasetError
 
     args = build_parser().parse_args(argv)
+    args.argv = list(argv) if argv is not None else sys.argv[1:]
     try:
         return int(args.func(args) or 0)
     except (ConfigError, DatasetError, FileExistsError) as exc:

@@ -1,0 +1,1 @@
+"""Training jobs: the trainer (a checkpointable Stateful), its loops, checkpoints, launch."""

@@ -1,0 +1,98 @@
+"""The epoch loop shared by every job: batches in, strategy loss, optimizer step, stats out.
+
+A ``Strategy`` decides what one step optimises from the batch's scores and per-row losses
+(pretraining: the mean; MoRec: the coordinated combination; baselines: theirs); the loop
+owns timing, progress lines and the all-rank epoch statistics.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from typing import Any, Protocol
+
+import torch
+
+from morec_dist.data.batch import Batch
+from morec_dist.train.trainer import EpochStats, Trainer, all_reduce_sum
+
+
+class Strategy(Protocol):
+    name: str
+
+    def step_loss(self, scores: torch.Tensor, per_row: torch.Tensor, batch: Batch, step: int) -> torch.Tensor:
+        """The scalar to back-propagate for this step."""
+        ...
+
+    def after_step(self, per_row: torch.Tensor, batch: Batch, step: int) -> None:
+        """Called after the optimizer step (e.g. to report losses)."""
+        ...
+
+    def epoch_summary(self) -> dict[str, Any]:
+        ...
+
+
+class AccuracyOnly:
+    """Pretraining: the mean per-row loss of a uniform batch."""
+
+    name = "accuracy"
+
+    def step_loss(self, scores, per_row, batch, step):
+        return per_row.mean()
+
+    def after_step(self, per_row, batch, step):
+        pass
+
+    def epoch_summary(self):
+        return {}
+
+
+def progress(rank: int, message: str) -> None:
+    if rank == 0:
+        print(message, file=sys.stderr, flush=True)
+
+
+def train_epoch(trainer: Trainer, reader: Any, strategy: Strategy, *, epoch: int, log_every: int, max_steps: int = 0) -> EpochStats:
+    """One pass of ``reader`` (already positioned at ``epoch``); returns all-rank stats."""
+    ctx = trainer.ctx
+    trainer.model.train()
+    loss_sum, rows, steps, wait = 0.0, 0, 0, 0.0
+    started = time.perf_counter()
+    batches = iter(reader)
+    total = getattr(reader, "num_batches", 0)
+    while True:
+        if max_steps and trainer.step >= max_steps:
+            break
+        t0 = time.perf_counter()
+        batch = next(batches, None)
+        wait += time.perf_counter() - t0
+        if batch is None:
+            break
+        batch = batch.to(ctx.device)
+        scores = trainer.model(batch)
+        per_row = trainer.loss_fn(scores)
+        loss = strategy.step_loss(scores, per_row, batch, trainer.step)
+        trainer.apply(loss)
+        strategy.after_step(per_row.detach(), batch, trainer.step - 1)
+        loss_sum += float(per_row.detach().sum())
+        rows += batch.num_rows
+        steps += 1
+        if log_every and steps % log_every == 0:
+            elapsed = time.perf_counter() - started
+            progress(
+                ctx.rank,
+                f"[{strategy.name}] epoch {epoch} step {steps}/{total} loss {loss_sum / max(rows, 1):.4f} "
+                f"rows/s/rank {rows / elapsed:,.0f} reader wait {100 * wait / elapsed:.1f}%",
+            )
+    if hasattr(batches, "close"):
+        batches.close()
+    seconds = time.perf_counter() - started
+    g_loss, g_rows, g_wait = all_reduce_sum([loss_sum, float(rows), wait], ctx)
+    return EpochStats(
+        loss_sum=g_loss,
+        rows=int(g_rows),
+        steps=steps,
+        seconds=seconds,
+        reader_wait_s=g_wait / ctx.world_size,
+        extra=strategy.epoch_summary(),
+    )

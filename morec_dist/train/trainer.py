@@ -1,0 +1,143 @@
+"""The trainer: the sharded model, its optimizer, the loss, and one training step.
+
+``Trainer`` is a checkpointable ``Stateful``: its state is the model's and the optimizer's
+(sharded, saved with DCP) plus the step and epoch counters. What the step optimises is not
+its concern: a ``Strategy`` (accuracy-only pretraining, MoRec, static weighting, MGDA; see
+``morec_dist.train.strategies``) turns the per-row loss of a batch into the scalar that is
+back-propagated. The model and the loss are picked by name from their registries.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+import torch.distributed as dist
+from torch.distributed.checkpoint.stateful import Stateful
+
+from morec_dist.config import Config
+from morec_dist.data.batch import Batch
+from morec_dist.data.dataset import PreparedDataset
+from morec_dist.data.features import FeatureBuilder
+from morec_dist.model.loss import bpr_loss
+from morec_dist.model.registry import build_model, feature_set_for
+from morec_dist.model.sharding import DistContext, shard, unwrap
+
+LOSSES: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {"bpr": bpr_loss}
+
+
+@dataclass
+class EpochStats:
+    """Global (all-rank) sums of one epoch."""
+
+    loss_sum: float = 0.0
+    rows: int = 0
+    steps: int = 0
+    seconds: float = 0.0
+    reader_wait_s: float = 0.0
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def mean_loss(self) -> float:
+        return self.loss_sum / max(self.rows, 1)
+
+    @property
+    def rows_per_s(self) -> float:
+        return self.rows / max(self.seconds, 1e-9)
+
+
+def build_features(config: Config, dataset: PreparedDataset) -> FeatureBuilder:
+    return FeatureBuilder(dataset.path, dataset.num_users, dataset.num_items, feature_set_for(config.model.name))
+
+
+def unsharded_identity(name: str, model: torch.nn.Module) -> dict[str, Any]:
+    """Model name and every embedding table's shape, read before sharding."""
+    from torchrec.modules.embedding_modules import EmbeddingBagCollection
+
+    tables = {}
+    for module in model.modules():
+        if isinstance(module, EmbeddingBagCollection):
+            for cfg in module.embedding_bag_configs():
+                tables[cfg.name] = [cfg.num_embeddings, cfg.embedding_dim]
+    return {"name": name, "tables": tables}
+
+
+class Trainer(Stateful):
+    def __init__(self, config: Config, ctx: DistContext, dataset: PreparedDataset, features: FeatureBuilder):
+        self.config = config
+        self.ctx = ctx
+        self.dataset = dataset
+        self.features = features
+        # every rank builds the same unsharded model from the same seed; shard() keeps its weights
+        torch.manual_seed(config.run.seed)
+        model = build_model(config.model.name, features, config.model)
+        self.identity = unsharded_identity(config.model.name, model)
+        self.model, self.optimizer = shard(model, config, ctx)
+        self.loss_fn = LOSSES["bpr"]
+        self.step = 0
+        self.epoch = 0
+
+    def model_identity(self) -> dict[str, Any]:
+        """What a checkpoint must match to be loadable into this trainer's model."""
+        return self.identity
+
+    # ---------------------------------------------------------------------- step
+    def per_row_loss(self, batch: Batch) -> torch.Tensor:
+        scores = self.model(batch.to(self.ctx.device))
+        return self.loss_fn(scores)
+
+    def apply(self, loss: torch.Tensor) -> None:
+        self.optimizer.zero_grad()
+        loss.backward()
+        self.optimizer.step()
+        self.step += 1
+
+    # ----------------------------------------------------------------- Stateful
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "model": self.model.state_dict(),
+            "optim": self.optimizer.state_dict(),
+            "counters": torch.tensor([self.step, self.epoch], dtype=torch.int64),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.model.load_state_dict(dict(state["model"]))
+        self.optimizer.load_state_dict(state["optim"])
+        self.step, self.epoch = (int(x) for x in state["counters"].tolist())
+
+    def model_state(self) -> dict[str, Any]:
+        return {"model": self.model.state_dict()}
+
+
+def all_reduce_sum(values: list[float], ctx: DistContext) -> list[float]:
+    """Sums a few scalars over ranks in float64 (exact for counts below 2**53)."""
+    tensor = torch.tensor(values, dtype=torch.float64)
+    if ctx.pg is not None and ctx.world_size > 1:
+        dist.all_reduce(tensor, group=ctx.pg)
+    return tensor.tolist()
+
+
+class StepTimer:
+    """Splits wall time into waiting for data and computing, for rows/s and reader wait."""
+
+    def __init__(self) -> None:
+        self.started = time.perf_counter()
+        self.reader_wait = 0.0
+
+    def waiting(self):
+        timer = self
+
+        class _Wait:
+            def __enter__(self):
+                self.t = time.perf_counter()
+
+            def __exit__(self, *exc):
+                timer.reader_wait += time.perf_counter() - self.t
+
+        return _Wait()
+
+    @property
+    def elapsed(self) -> float:
+        return time.perf_counter() - self.started
