@@ -26,7 +26,9 @@ class ConfigError(ValueError):
 class RunConfig:
     seed: int = 0
     out_dir: str = "runs/default"
-    nproc: int = 2  # local ranks started by `morec run`
+    nproc: int = 2  # local ranks started by `morec run` / `train` / `finetune`
+    # what `morec run` fine-tunes from the pretrained model, each compared in its table
+    methods: list[str] = field(default_factory=lambda: ["morec"])
 
 
 @dataclass
@@ -48,6 +50,7 @@ class ModelConfig:
     default_sharding: str = "table_wise"
     sharding: dict[str, str] = field(default_factory=dict)
     tower_dims: list[int] = field(default_factory=lambda: [128, 64])
+    init_std: float = 0.1  # embedding tables start as normal(0, init_std)
 
 
 @dataclass
@@ -98,6 +101,7 @@ class PIDConfig:
     beta_min: float = 0.1
     beta_max: float = 1.5
     target_loss: float = 0.0  # l_hat; 0 = take the pretrained model's final training loss
+    anti_windup: str = "freeze"  # "freeze": integrate only while beta_{t-1} is inside its bounds (MOREC.md); "unwind": also when that moves it back in
 
 
 @dataclass
@@ -274,6 +278,7 @@ def _require(ok: bool, message: str) -> None:
         raise ConfigError(message)
 
 
+FINETUNE_METHODS = ("morec", "static", "mgda")
 SHARDING_TYPES = ("table_wise", "row_wise", "column_wise", "table_row_wise", "table_column_wise", "data_parallel")
 EMBEDDING_OPTIMIZERS = ("sgd", "adagrad", "rowwise_adagrad")
 DENSE_OPTIMIZERS = ("adam", "sgd", "adagrad")
@@ -282,10 +287,17 @@ DENSE_OPTIMIZERS = ("adam", "sgd", "adagrad")
 def validate(c: Config) -> None:
     """Range and consistency checks that types alone cannot express."""
     _require(c.run.nproc >= 1, f"run.nproc: expected >= 1, got {c.run.nproc}")
+    for method in c.run.methods:
+        _require(method in FINETUNE_METHODS, f"run.methods: {method!r} is not one of {FINETUNE_METHODS}")
     _require(c.data.batch_size >= 1, f"data.batch_size: expected >= 1, got {c.data.batch_size}")
     _require(c.data.num_negatives >= 1, f"data.num_negatives: expected >= 1, got {c.data.num_negatives}")
     _require(c.data.negative_alpha >= 0, f"data.negative_alpha: expected >= 0, got {c.data.negative_alpha}")
     _require(c.model.embedding_dim >= 1, f"model.embedding_dim: expected >= 1, got {c.model.embedding_dim}")
+    _require(c.model.init_std > 0, f"model.init_std: expected > 0, got {c.model.init_std}")
+    _require(
+        bool(c.model.tower_dims) and all(d >= 1 for d in c.model.tower_dims),
+        f"model.tower_dims: expected positive layer widths, got {c.model.tower_dims}",
+    )
     for table, kind in {"default": c.model.default_sharding, **c.model.sharding}.items():
         _require(kind in SHARDING_TYPES, f"model.sharding.{table}: {kind!r} is not one of {SHARDING_TYPES}")
     _require(
@@ -318,6 +330,10 @@ def _validate_morec(m: MorecConfig) -> None:
         f"morec.pid: beta_min ({pid.beta_min}) must not exceed beta_max ({pid.beta_max})",
     )
     _require(pid.target_loss >= 0, f"morec.pid.target_loss: expected >= 0, got {pid.target_loss}")
+    _require(
+        pid.anti_windup in ("freeze", "unwind"),
+        f"morec.pid.anti_windup: {pid.anti_windup!r} is not one of ('freeze', 'unwind')",
+    )
     _require(m.lam > 0, f"morec.lam: expected > 0, got {m.lam}")
     _require(m.sampler.alpha > 0, f"morec.sampler.alpha: expected > 0, got {m.sampler.alpha}")
     _require(m.epochs >= 1, f"morec.epochs: expected >= 1, got {m.epochs}")

@@ -1,0 +1,7 @@
+"""The evaluation protocol of DATA.md: full-catalogue ranking with history masked, its
+metrics, distributed over ranks with results identical for any number of ranks."""
+
+from morec_dist.eval.evaluator import EvalResult, evaluate, evaluate_most_popular
+from morec_dist.eval.metrics import compute_metrics
+
+__all__ = ["EvalResult", "compute_metrics", "evaluate", "evaluate_most_popular"]

@@ -1,0 +1,25 @@
+"""The training loss: BPR over one positive and N sampled negatives, per row.
+
+MoRec needs the loss of every row (it averages per block), so the loss is never reduced
+here; the caller takes the mean it needs.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def bpr_loss(scores: torch.Tensor) -> torch.Tensor:
+    """Per-row BPR loss of scores [N, 1 + neg] (column 0 the positive) -> [N].
+
+    loss_n = mean_j -log sigmoid(s_n0 - s_nj) over the negatives j = 1..neg, written as
+    softplus(s_nj - s_n0), which stays finite for any score gap.
+    """
+    # torch._assert, not `if ...: raise`: it stays symbolically traceable, so a model that
+    # computes its loss in forward still works under TorchRec's TrainPipelineSparseDist.
+    torch._assert(scores.dim() == 2, "bpr_loss: scores must be [N, 1 + negatives]")
+    torch._assert(scores.shape[1] >= 2, "bpr_loss: scores must be [N, 1 + negatives] with >= 1 negative")
+    positive = scores[:, :1]
+    negatives = scores[:, 1:]
+    return F.softplus(negatives - positive).mean(dim=1)
