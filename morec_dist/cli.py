@@ -96,11 +96,11 @@ def _load(args: argparse.Namespace):
     return load_config(args.config, args.overrides)
 
 
-def _as_ranks(args: argparse.Namespace, job) -> int:
+def _as_ranks(args: argparse.Namespace, job, config=None) -> int:
     """Run ``job(config)`` as this rank, or start the ranks under torchrun first."""
     from morec_dist.train.launch import relaunch, under_torchrun
 
-    config = _load(args)  # validate before starting any process
+    config = config or _load(args)  # validate before starting any process
     if not under_torchrun():
         return relaunch(args.nproc or config.run.nproc, args.argv)
     from morec_dist.model.sharding import shutdown_distributed
@@ -122,12 +122,72 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     train.set_defaults(func=run)
 
 
+def _add_finetune(sub: argparse._SubParsersAction) -> None:
+    finetune = sub.add_parser("finetune", help="fine-tune a pretrained checkpoint with MoRec (or a baseline) on torchrun ranks")
+    finetune.add_argument("--from", dest="from_checkpoint", required=True, help="pretrained checkpoint directory")
+    finetune.add_argument("--method", choices=("morec", "static", "mgda"), default="morec")
+    _add_config_args(finetune)
+
+    def run(args: argparse.Namespace) -> int:
+        from morec_dist.train.finetune import run_finetune
+        from morec_dist.train.launch import under_torchrun
+
+        config = _load(args)
+        if args.method == "morec" and not config.coordinator.ray_address and not under_torchrun():
+            # the embedded default: a local Ray head in this process, shared by the ranks
+            from morec_dist.coordinator.service import start_local_ray
+
+            address = start_local_ray(config.coordinator.object_store_mb, namespace=config.coordinator.namespace)
+            args.argv = [*args.argv, f"coordinator.ray_address={address!r}".replace("'", '"')]
+        return _as_ranks(args, lambda c: run_finetune(c, args.from_checkpoint, args.method))
+
+    finetune.set_defaults(func=run)
+
+
+def _add_evaluate(sub: argparse._SubParsersAction) -> None:
+    ev = sub.add_parser("evaluate", help="evaluate a checkpoint (full ranking, K list) on torchrun ranks; writes metrics json")
+    ev.add_argument("--checkpoint", required=True, help="checkpoint directory (its recorded config rebuilds the model)")
+    ev.add_argument("--split", choices=("valid", "test"), default="test")
+    ev.add_argument("--out", default=None, help="metrics file (default: <run dir>/metrics-<split>.json)")
+    _add_config_args(ev)
+
+    def run(args: argparse.Namespace) -> int:
+        from morec_dist.train.evaluate import checkpoint_config, run_evaluate
+
+        given = _load(args) if (args.config or args.overrides) else None
+        config = checkpoint_config(args.checkpoint, given)
+        args.config, args.overrides = None, []
+        return _as_ranks(args, lambda _: run_evaluate(config, args.checkpoint, args.split, args.out), config=config)
+
+    ev.set_defaults(func=run)
+
+
+def _add_run(sub: argparse._SubParsersAction) -> None:
+    run = sub.add_parser("run", help="the whole method: prepare, pretrain, fine-tune (MoRec and baselines), results table")
+    run.add_argument("--config", default=None, help="TOML config file (defaults when omitted)")
+    run.add_argument("overrides", nargs="*", metavar="SECTION.KEY=VALUE")
+
+    def go(args: argparse.Namespace) -> int:
+        from morec_dist.train.pipeline import run_pipeline
+
+        run_pipeline(args.config, args.overrides, _load(args))
+        return 0
+
+    run.set_defaults(func=go)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="morec", description="MoRec multi-objective recommender training (TorchRec + Ray + Parquet)")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _add_prepare(sub)
     _add_inspect(sub)
     _add_train(sub)
+    _add_finetune(sub)
+    _add_evaluate(sub)
+    _add_run(sub)
+    from morec_dist.coordinator.service import add_coordinator_commands
+
+    add_coordinator_commands(sub)
     return parser
 
 

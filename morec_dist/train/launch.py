@@ -30,8 +30,22 @@ def torchrun_command(nproc: int, argv: list[str]) -> list[str]:
     ]
 
 
+def without_launcher_flags(argv: list[str]) -> list[str]:
+    """Drop ``--nproc N`` (the parent's business; torchrun would take it for its own flag)."""
+    out, skip = [], False
+    for arg in argv:
+        if skip:
+            skip = False
+        elif arg == "--nproc":
+            skip = True
+        elif not arg.startswith("--nproc="):
+            out.append(arg)
+    return out
+
+
 def relaunch(nproc: int, argv: list[str]) -> int:
     """Run ``morec <argv>`` as ``nproc`` local ranks and return torchrun's exit code."""
+    argv = without_launcher_flags(argv)
     env = dict(os.environ)
     env.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     return subprocess.run(torchrun_command(nproc, argv), env=env).returncode

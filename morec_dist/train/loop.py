@@ -20,6 +20,10 @@ from morec_dist.train.trainer import EpochStats, Trainer, all_reduce_sum
 class Strategy(Protocol):
     name: str
 
+    def before_step(self, step: int) -> None:
+        """Called before the step's batch is drawn (e.g. to apply new sampling probabilities)."""
+        ...
+
     def step_loss(self, scores: torch.Tensor, per_row: torch.Tensor, batch: Batch, step: int) -> torch.Tensor:
         """The scalar to back-propagate for this step."""
         ...
@@ -36,6 +40,9 @@ class AccuracyOnly:
     """Pretraining: the mean per-row loss of a uniform batch."""
 
     name = "accuracy"
+
+    def before_step(self, step):
+        pass
 
     def step_loss(self, scores, per_row, batch, step):
         return per_row.mean()
@@ -63,6 +70,7 @@ def train_epoch(trainer: Trainer, reader: Any, strategy: Strategy, *, epoch: int
     while True:
         if max_steps and trainer.step >= max_steps:
             break
+        strategy.before_step(trainer.step)
         t0 = time.perf_counter()
         batch = next(batches, None)
         wait += time.perf_counter() - t0

@@ -74,7 +74,7 @@ class Trainer(Stateful):
         torch.manual_seed(config.run.seed)
         model = build_model(config.model.name, features, config.model)
         self.identity = unsharded_identity(config.model.name, model)
-        self.model, self.optimizer = shard(model, config, ctx)
+        self.model, self.optimizer = shard(model, config, ctx.device, ctx.pg)
         self.loss_fn = LOSSES["bpr"]
         self.step = 0
         self.epoch = 0

@@ -1,0 +1,132 @@
+"""The sampler's validation signals, measured data-parallel and reduced over ranks.
+
+Each auxiliary objective asks for one vector over the groups of its column
+(``SignalRequest``, see coordinator/objectives.py):
+
+- ``group_loss``: the mean of the model's own per-row training loss (BPR against sampled
+  negatives, drawn from a fixed seed so the signal moves with the model, not with the
+  noise) over the validation rows whose held-out item is in each group; NaN for a group
+  with no validation row;
+- ``group_hit``: the mean Hit@k (full ranking, train items masked) per group;
+- ``topk_histogram``: how many of the validation users' top-k items (train items masked)
+  fall in each group.
+
+Users are split across ranks exactly as in evaluation; every rank makes the same number
+of scoring calls (sharded lookups are collectives) and sums are all-reduced, so every rank
+returns the same signals.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+
+from morec_dist.data.dataset import PreparedDataset
+from morec_dist.data.features import FeatureBuilder
+from morec_dist.data.negatives import NegativeSampler
+from morec_dist.eval.evaluator import (
+    candidate_mask,
+    effective_batch_users,
+    heldout_ranks,
+    load_user_slice,
+    max_over_ranks,
+    model_scorer,
+    sum_over_ranks,
+    topk_band_counts,
+)
+from morec_dist.model.loss import bpr_loss
+from morec_dist.model.sharding import unwrap
+
+SIGNAL_KINDS = ("group_loss", "group_hit", "topk_histogram")
+
+
+class _Accumulator:
+    """Per-request running sums (float64) on this rank."""
+
+    def __init__(self, request: Any, dataset: PreparedDataset):
+        if request.kind not in SIGNAL_KINDS:
+            raise ValueError(f"objective {request.objective!r}: unknown signal kind {request.kind!r}; expected one of {SIGNAL_KINDS}")
+        self.request = request
+        self.groups = torch.from_numpy(dataset.item_column(request.group_column).astype(np.int64))
+        self.sums = torch.zeros(request.num_groups + 1, dtype=torch.float64)
+        self.counts = torch.zeros(request.num_groups + 1, dtype=torch.float64)
+
+    def add_rows(self, values: torch.Tensor, targets: torch.Tensor) -> None:
+        g = self.groups[targets.cpu()]
+        self.sums.index_add_(0, g, values.detach().cpu().to(torch.float64))
+        self.counts.index_add_(0, g, torch.ones_like(g, dtype=torch.float64))
+
+    def add_topk(self, scores: torch.Tensor, candidates: torch.Tensor) -> None:
+        counts = topk_band_counts(scores, candidates, self.request.k, self.groups.to(scores.device), self.request.num_groups)
+        self.sums[1:] += counts.cpu().to(torch.float64)
+
+    def reduce(self, world_size: int) -> list[float]:
+        both = torch.stack([self.sums, self.counts])
+        both = torch.from_numpy(sum_over_ranks(both, world_size))
+        sums, counts = both[0, 1:].numpy(), both[1, 1:].numpy()
+        if self.request.kind == "topk_histogram":
+            return sums.tolist()
+        with np.errstate(invalid="ignore", divide="ignore"):
+            return np.where(counts > 0, sums / np.maximum(counts, 1), np.nan).tolist()
+
+
+def compute_signals(
+    requests: Sequence[Any],
+    model: torch.nn.Module,
+    dataset: PreparedDataset,
+    features: FeatureBuilder,
+    *,
+    rank: int,
+    world_size: int,
+    device: torch.device,
+    num_negatives: int,
+    negative_alpha: float,
+    seed: int,
+    batch_users: int = 1024,
+) -> dict[str, list[float]]:
+    """{objective name: signal vector} for every request; identical on every rank."""
+    if not requests:
+        return {}
+    accumulators = [_Accumulator(r, dataset) for r in requests]
+    users = load_user_slice(dataset, "valid", rank, world_size)
+    sampler = NegativeSampler.from_dataset(dataset, negative_alpha)
+    rng = np.random.default_rng([seed, 7919, rank])
+    negatives = torch.from_numpy(sampler.sample(rng, users.targets, num_negatives).astype(np.int64))
+    batch = effective_batch_users(batch_users, dataset.num_items)
+    num_batches = max_over_ranks(-(-len(users) // batch), world_size, device)
+    module = unwrap(model)
+    was_training = model.training
+    model.eval()
+    try:
+        scorer = model_scorer(module, features, device)
+        for b in range(num_batches):
+            start, stop = min(b * batch, len(users)), min((b + 1) * batch, len(users))
+            real = stop - start
+            user_ids = np.zeros(batch, dtype=np.int64)
+            user_ids[:real] = users.user_ids[start:stop]
+            scores = scorer(user_ids)[:real]
+            if real == 0:
+                continue
+            targets = torch.from_numpy(users.targets[start:stop]).to(device)
+            columns = torch.cat([targets.unsqueeze(1), negatives[start:stop].to(device)], dim=1)
+            per_row = bpr_loss(scores.gather(1, columns))
+            lo, hi = users.history_indptr[start], users.history_indptr[stop]
+            hist_rows = torch.from_numpy(np.repeat(np.arange(real), np.diff(users.history_indptr[start : stop + 1]))).to(device)
+            hist_items = torch.from_numpy(users.history_items[lo:hi]).to(device)
+            candidates = candidate_mask(real, scores.shape[1], targets, hist_rows, hist_items)
+            ranks = None
+            for acc in accumulators:
+                kind = acc.request.kind
+                if kind == "group_loss":
+                    acc.add_rows(per_row, targets)
+                elif kind == "group_hit":
+                    if ranks is None:
+                        ranks = heldout_ranks(scores, candidates, targets)
+                    acc.add_rows((ranks <= acc.request.k).to(torch.float64), targets)
+                else:
+                    acc.add_topk(scores, candidates)
+    finally:
+        model.train(was_training)
+    return {acc.request.objective: acc.reduce(world_size) for acc in accumulators}

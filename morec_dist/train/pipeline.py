@@ -1,0 +1,100 @@
+"""``morec run``: the whole method on one config, as ``make run`` shows it.
+
+1. prepare the dataset if ``data.path`` holds no valid one (MovieLens-1M by default);
+2. pretrain (``morec train``) on ``run.nproc`` local ranks;
+3. fine-tune from the best pretrained checkpoint with each of ``run.methods`` (MoRec with
+   a local Ray coordinator unless ``coordinator.ray_address`` is set; baselines);
+4. print and write (``results.md``, ``results.json``) the table of the seven metrics with
+   relative changes against the pretrained model.
+Each stage runs as its own torchrun job, exactly as a user would run it by hand.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+from morec_dist.config import Config
+from morec_dist.data.dataset import DatasetError, PreparedDataset
+from morec_dist.train.run_dir import provenance, read_json, write_json_atomic
+
+TABLE_METRICS = ("hit@10", "ndcg@10", "r_hit@10", "r_ndcg@10", "min_hit@10", "min_ndcg@10", "pop_kl@10")
+LOWER_IS_BETTER = {"pop_kl@10"}
+
+
+def ensure_dataset(config: Config) -> Path:
+    path = Path(config.data.path)
+    try:
+        PreparedDataset.open(path, verify_values=False)
+    except DatasetError as exc:
+        if path.exists() and (path / "manifest.json").exists():
+            raise  # a broken dataset is reported, never silently replaced
+        if path.name != "movielens-1m":
+            raise DatasetError(f"{path}: no prepared dataset ({exc}); prepare it with `morec prepare ...`") from None
+        from morec_dist.data.prepare.movielens import prepare_movielens_1m
+
+        prepare_movielens_1m(path)
+    return path
+
+
+def morec_command(*args: str) -> list[str]:
+    return [sys.executable, "-m", "morec_dist.cli", *args]
+
+
+def run_stage(name: str, command: list[str]) -> None:
+    print(f"\n==> {name}: {' '.join(command[2:])}", file=sys.stderr, flush=True)
+    code = subprocess.run(command).returncode
+    if code != 0:
+        raise RuntimeError(f"stage {name!r} failed with exit code {code}")
+
+
+def relative_change(before: float, after: float) -> float:
+    return (after - before) / abs(before) if before else float("nan")
+
+
+def results_table(rows: dict[str, dict[str, float]], base: str = "pretrain") -> str:
+    header = "| model | " + " | ".join(TABLE_METRICS) + " |"
+    lines = [header, "|" + "---|" * (len(TABLE_METRICS) + 1)]
+    for name, metrics in rows.items():
+        cells = []
+        for m in TABLE_METRICS:
+            value = metrics[m]
+            if name == base:
+                cells.append(f"{value:.4f}")
+            else:
+                cells.append(f"{value:.4f} ({100 * relative_change(rows[base][m], value):+.1f}%)")
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def run_pipeline(config_path: str | None, overrides: list[str], config: Config) -> dict[str, Any]:
+    ensure_dataset(config)
+    out = Path(config.run.out_dir)
+    base_args = (["--config", config_path] if config_path else []) + list(overrides)
+    pretrain_dir = out / "pretrain"
+    run_stage("pretrain", morec_command("train", *base_args, f"run.out_dir={str(pretrain_dir)!r}".replace("'", '"')))
+    checkpoint = pretrain_dir / "checkpoints" / "best"
+    rows = {"pretrain": read_json(pretrain_dir / "metrics.json")}
+    rows_popular = rows["pretrain"]["baselines"]["most_popular"]
+    for method in config.run.methods:
+        method_dir = out / method
+        run_stage(
+            f"finetune ({method})",
+            morec_command("finetune", "--from", str(checkpoint), "--method", method, *base_args, f"run.out_dir={str(method_dir)!r}".replace("'", '"')),
+        )
+        rows[method] = read_json(method_dir / "metrics.json")
+    table_rows = {"most popular": rows_popular, **{k: v for k, v in rows.items()}}
+    table = results_table({"pretrain": rows["pretrain"], **{k: v for k, v in table_rows.items() if k != "pretrain"}})
+    summary = {
+        "table": {k: {m: v[m] for m in TABLE_METRICS} for k, v in table_rows.items()},
+        "wall_s": {k: v.get("wall_s") for k, v in rows.items()},
+        "target_loss": rows["pretrain"]["train_loss"],
+        **provenance(config, config.run.nproc),
+    }
+    write_json_atomic(out / "results.json", summary)
+    (out / "results.md").write_text(f"# Results ({config.data.path}, test split)\n\n{table}\n")
+    print(f"\nTest metrics on {config.data.path} (relative change against the pretrained model):\n\n{table}\n", flush=True)
+    print(f"Wrote {out / 'results.md'} and {out / 'results.json'}", flush=True)
+    return summary

@@ -1,0 +1,178 @@
+"""What one training step optimises: the strategies the trainer can be run with.
+
+- ``AccuracyOnly`` (in loop.py): pretraining, the mean per-row loss of a uniform batch.
+- ``MorecStrategy``: MoRec. Before each step it takes the coordinator's decision for that
+  step (beta, w, lambda, p_k version; bounded staleness) and hands new p_k to the reader;
+  the step's loss is ``lambda * sum_k w_k L_k + beta * L_acc`` over the batch's blocks; after
+  the step it reports the per-block loss sums and row counts (non-blocking).
+- ``StaticWeighting`` and ``MGDAStrategy``: the paper's baselines on *uniform* data. Each
+  auxiliary objective's loss is the batch's per-row loss importance-weighted toward that
+  objective's target distribution over its groups (revenue: proportional to each price
+  band's mean price; fairness, alignment and custom kinds: uniform over non-empty groups),
+  so every method optimises the same per-objective loss vector. Static weighting combines
+  them with fixed weights; MGDA with the min-norm weights of their gradients with respect
+  to the batch's scores (the shared representation, MGDA-UB of Sener & Koltun 2018),
+  recomputed every step.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from morec_dist.coordinator.combined_loss import block_sums, combined_loss
+from morec_dist.coordinator.mgda import min_norm_weights
+from morec_dist.data.batch import Batch
+from morec_dist.data.dataset import PreparedDataset
+
+
+class MorecStrategy:
+    name = "morec"
+
+    def __init__(self, client: Any, reader: Any, num_blocks: int, sampler_every: int, measure_signals: Any, submits: bool):
+        self.client = client
+        self.reader = reader
+        self.num_blocks = num_blocks
+        self.sampler_every = sampler_every
+        self.measure_signals = measure_signals  # step -> {objective: signal}; a collective
+        self.submits = submits  # one rank submits the (identical) reduced signals
+        self.sampler_updates: list[dict[str, Any]] = []
+        self.decision = None
+        self.trace: list[tuple[int, float, int]] = []  # (step, beta used, p version used)
+
+    def before_step(self, step: int) -> None:
+        decision = self.client.decision_for_step(step)
+        if decision.p_version != self.reader.version:
+            self.reader.set_probabilities(decision.p_version, decision.probabilities)
+        self.decision = decision
+
+    def step_loss(self, scores: torch.Tensor, per_row: torch.Tensor, batch: Batch, step: int) -> torch.Tensor:
+        d = self.decision
+        if batch.version != d.p_version:
+            raise RuntimeError(f"step {step}: batch drawn with p version {batch.version}, decision says {d.p_version}")
+        loss, _ = combined_loss(per_row, batch.block_ids, d.beta, d.block_weights(), d.lam)
+        self.trace.append((step, d.beta, d.p_version))
+        return loss
+
+    def after_step(self, per_row: torch.Tensor, batch: Batch, step: int) -> None:
+        sums, counts = block_sums(per_row, batch.block_ids, self.num_blocks)
+        self.client.report(step, sums.tolist(), counts.tolist())
+        if self.sampler_every and (step + 1) % self.sampler_every == 0:
+            signals = self.measure_signals(step)
+            if self.submits:
+                version = self.client.submit_signals(step, signals)
+                self.sampler_updates.append({"after_step": step, "version": version, "signals": signals})
+
+    def epoch_summary(self) -> dict[str, Any]:
+        return {"coordinator": self.client.stats()}
+
+
+def objective_row_weights(dataset: PreparedDataset, objectives: list[Any]) -> list[np.ndarray]:
+    """Per objective, a weight per item_id turning uniform rows into that objective's target.
+
+    weight(item) = target[g] / share[g] for the item's group g, where share is the group's
+    share of training rows; the mean weight over training rows is then 1.
+    """
+    weights = []
+    for objective in objectives:
+        column = objective.group_column
+        counts = dataset.train_counts(column).astype(np.float64)
+        share = counts / counts.sum()
+        if objective.kind == "revenue":
+            price = dataset.item_column("price")
+            group = dataset.item_column(column)
+            price_sum = np.bincount(group[1:], weights=price[1:], minlength=len(counts) + 1)[1:]
+            items = np.bincount(group[1:], minlength=len(counts) + 1)[1:]
+            target = np.where(items > 0, price_sum / np.maximum(items, 1), 0.0)
+        else:
+            target = (counts > 0).astype(np.float64)
+        target = target / target.sum()
+        per_group = np.where(share > 0, target / np.where(share > 0, share, 1.0), 0.0)
+        by_item = np.zeros(dataset.num_items + 1)
+        by_item[1:] = per_group[dataset.item_column(column)[1:] - 1]
+        weights.append(by_item)
+    return weights
+
+
+class _ObjectiveLosses:
+    """The per-objective loss vector [L_acc, L_1..L_K] of a uniform batch."""
+
+    def __init__(self, dataset: PreparedDataset, objectives: list[Any]):
+        self.names = ["accuracy"] + [o.name for o in objectives]
+        self.tables = [torch.from_numpy(w).to(torch.float32) for w in objective_row_weights(dataset, objectives)]
+
+    def losses(self, per_row: torch.Tensor, batch: Batch) -> torch.Tensor:
+        positives = batch.item_ids[:, 0].cpu()
+        rows = [per_row.mean()]
+        for table in self.tables:
+            rows.append((per_row * table[positives].to(per_row.device)).mean())
+        return torch.stack(rows)
+
+
+class StaticWeighting:
+    name = "static"
+
+    def __init__(self, dataset: PreparedDataset, objectives: list[Any], weights: list[float]):
+        self.objective_losses = _ObjectiveLosses(dataset, objectives)
+        if len(weights) != len(self.objective_losses.names):
+            raise ValueError(f"static weights: expected {len(self.objective_losses.names)} (accuracy first), got {len(weights)}")
+        self.weights = torch.tensor(weights, dtype=torch.float32)
+        self.sums = torch.zeros(len(weights), dtype=torch.float64)
+        self.steps = 0
+
+    def before_step(self, step: int) -> None:
+        pass
+
+    def step_loss(self, scores, per_row, batch, step):
+        losses = self.objective_losses.losses(per_row, batch)
+        self.sums += losses.detach().to(torch.float64).cpu()
+        self.steps += 1
+        return (self.weights.to(losses.device) * losses).sum()
+
+    def after_step(self, per_row, batch, step):
+        pass
+
+    def epoch_summary(self):
+        means = (self.sums / max(self.steps, 1)).tolist()
+        self.sums.zero_()
+        self.steps = 0
+        return {"objective_losses": dict(zip(self.objective_losses.names, means))}
+
+
+class MGDAStrategy:
+    name = "mgda"
+
+    def __init__(self, dataset: PreparedDataset, objectives: list[Any]):
+        self.objective_losses = _ObjectiveLosses(dataset, objectives)
+        self.alpha_sums = torch.zeros(len(self.objective_losses.names), dtype=torch.float64)
+        self.steps = 0
+
+    def before_step(self, step: int) -> None:
+        pass
+
+    def step_loss(self, scores, per_row, batch, step):
+        losses = self.objective_losses.losses(per_row, batch)
+        grads = torch.stack(
+            [torch.autograd.grad(loss, scores, retain_graph=True)[0].reshape(-1) for loss in losses]
+        ).to(torch.float64)
+        # Ranks hold disjoint rows, so the global Gram matrix is the sum of the local ones:
+        # every rank then solves the same min-norm problem and uses the same weights.
+        gram = grads @ grads.T
+        if dist.is_initialized() and dist.get_world_size() > 1:
+            dist.all_reduce(gram)
+        alpha = torch.as_tensor(min_norm_weights(gram.cpu().numpy()), dtype=losses.dtype, device=losses.device)
+        self.alpha_sums += alpha.detach().to(torch.float64).cpu()
+        self.steps += 1
+        return (alpha.detach() * losses).sum()
+
+    def after_step(self, per_row, batch, step):
+        pass
+
+    def epoch_summary(self):
+        means = (self.alpha_sums / max(self.steps, 1)).tolist()
+        self.alpha_sums.zero_()
+        self.steps = 0
+        return {"mgda_mean_weights": dict(zip(self.objective_losses.names, means))}
