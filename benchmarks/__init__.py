@@ -1,0 +1,1 @@
+"""Benchmarks: `python -m benchmarks.<name>`; each writes a JSON of its figures."""

@@ -1,0 +1,509 @@
+"""The per-rank streaming reader: uniform epochs, exact group-first weighted blocks, MoRec batches.
+
+Owns how train rows reach a rank:
+
+- **Uniform stream** (pretraining, and block 0 of a MoRec batch): every epoch the train row
+  groups are permuted from (seed, epoch) — the same permutation on every rank — and the
+  concatenated row stream is cut into one contiguous range per rank, sized so that every
+  rank yields exactly the same number of batches while every row is read exactly once per
+  epoch across all ranks (see ``batch_sizes``). A rank reads its range a window of row
+  groups at a time (projected to user_id, item_id) and shuffles each window.
+- **Weighted blocks** (one per auxiliary objective): B i.i.d. draws, each a group
+  g ~ p_k then a uniform row of that group, served from the group-stratified index
+  (``group_index``). Exact in distribution, with replacement, bounded memory.
+- **Probabilities** are versioned snapshots swapped atomically by ``set_probabilities``.
+  A background thread prefetches batches with the snapshot current when it built them;
+  when the consumer asks for step t and a newer version has been set since, the weighted
+  blocks are redrawn with it (same seeds), so the batch of step t always uses the newest
+  version set before step t was requested, and a batch never mixes versions.
+- **Determinism and resume**: every random choice of step t is seeded from
+  (seed, rank, epoch, step, stream), so a batch is a pure function of its position, the
+  probabilities in force, and the data; ``state_dict`` is just that position and snapshot.
+"""
+
+from __future__ import annotations
+
+import math
+import queue
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator, Mapping, Sequence
+
+import numpy as np
+import pyarrow.parquet as pq
+import torch
+
+from morec_dist.data.batch import UNIFORM_VERSION, Batch
+from morec_dist.data.dataset import PreparedDataset
+from morec_dist.data.features import FeatureBuilder
+from morec_dist.data.group_index import DEFAULT_RESIDENT_BUDGET_MB, GroupIndex, GroupSampler, open_group_index
+from morec_dist.data.negatives import NegativeSampler
+
+STATE_FORMAT = 1
+PROJECTED_COLUMNS = ["user_id", "item_id"]
+# Stream ids: each random choice draws from its own seed sequence, so changing one (e.g. a
+# new probabilities version redraws weighted blocks) never shifts another.
+STREAM_EPOCH_ORDER = 0
+STREAM_WINDOW_SHUFFLE = 1
+STREAM_WEIGHTED = 2
+STREAM_NEGATIVES = 3
+
+
+def _rng(*key: int) -> np.random.Generator:
+    return np.random.Generator(np.random.PCG64(np.random.SeedSequence([int(k) for k in key])))
+
+
+# ------------------------------------------------------------------ uniform epochs
+
+
+def batch_sizes(total_rows: int, batch_size: int, world_size: int, rank: int) -> np.ndarray:
+    """Batch sizes of ``rank`` in one epoch; the same count on every rank, rows seen once.
+
+    All batches hold ``batch_size`` rows except the last step's, where the remainder
+    R = total - (steps - 1) * world * B is split as evenly as possible (ranks < R % world
+    get one row more). When R < world some rank would get an empty last batch, so the
+    remainder is folded into the previous step instead (one extra row on ranks < R).
+    """
+    if total_rows < world_size:
+        raise ValueError(f"uniform stream: {total_rows} train rows cannot be split over {world_size} ranks")
+    steps = math.ceil(total_rows / (world_size * batch_size))
+    remainder = total_rows - (steps - 1) * world_size * batch_size
+    if remainder >= world_size:
+        sizes = np.full(steps, batch_size, dtype=np.int64)
+        sizes[-1] = remainder // world_size + (1 if rank < remainder % world_size else 0)
+    else:
+        sizes = np.full(steps - 1, batch_size, dtype=np.int64)
+        sizes[-1] += 1 if rank < remainder else 0
+    return sizes
+
+
+@dataclass(frozen=True)
+class _Segment:
+    file: int
+    row_group: int
+    lo: int
+    hi: int
+
+
+class UniformStream:
+    """One rank's shuffled pass over the train rows, epoch by epoch, startable at any step."""
+
+    def __init__(
+        self,
+        files: Sequence[Path],
+        *,
+        batch_size: int,
+        seed: int,
+        rank: int,
+        world_size: int,
+        window_row_groups: int = 4,
+    ):
+        self.files = list(files)
+        self.seed, self.rank, self.world_size = seed, rank, world_size
+        self.window_row_groups = max(1, window_row_groups)
+        catalogue = []
+        for f, path in enumerate(self.files):
+            metadata = pq.ParquetFile(path).metadata
+            for g in range(metadata.num_row_groups):
+                rows = metadata.row_group(g).num_rows
+                if rows:
+                    catalogue.append((f, g, rows))
+        self._row_groups = np.asarray(catalogue, dtype=np.int64).reshape(-1, 3)
+        self.total_rows = int(self._row_groups[:, 2].sum())
+        self.sizes = batch_sizes(self.total_rows, batch_size, world_size, rank)
+        self._bounds = np.concatenate([[0], np.cumsum(self.sizes)])
+        totals = [int(batch_sizes(self.total_rows, batch_size, world_size, r).sum()) for r in range(world_size)]
+        self.rank_offset = sum(totals[:rank])
+        self.rank_rows = totals[rank]
+        self._handles: dict[int, pq.ParquetFile] = {}
+
+    @property
+    def num_batches(self) -> int:
+        return len(self.sizes)
+
+    def _windows(self, epoch: int) -> list[list[_Segment]]:
+        order = _rng(self.seed, STREAM_EPOCH_ORDER, epoch).permutation(len(self._row_groups))
+        groups = self._row_groups[order]
+        ends = np.cumsum(groups[:, 2])
+        starts = ends - groups[:, 2]
+        lo, hi = self.rank_offset, self.rank_offset + self.rank_rows
+        segments = []
+        for i in np.flatnonzero((ends > lo) & (starts < hi)).tolist():
+            f, g, _ = groups[i].tolist()
+            segments.append(_Segment(f, g, max(lo, int(starts[i])) - int(starts[i]), min(hi, int(ends[i])) - int(starts[i])))
+        w = self.window_row_groups
+        return [segments[i : i + w] for i in range(0, len(segments), w)]
+
+    def _read_segment(self, seg: _Segment) -> np.ndarray:
+        pf = self._handles.get(seg.file)
+        if pf is None:
+            pf = self._handles[seg.file] = pq.ParquetFile(self.files[seg.file])
+        table = pf.read_row_group(seg.row_group, columns=PROJECTED_COLUMNS, use_threads=False).slice(seg.lo, seg.hi - seg.lo)
+        pairs = np.empty((table.num_rows, 2), dtype=np.int32)
+        pairs[:, 0] = table.column(0).to_numpy()
+        pairs[:, 1] = table.column(1).to_numpy()
+        return pairs
+
+    def _read_window(self, epoch: int, w: int, segments: list[_Segment]) -> np.ndarray:
+        pairs = np.concatenate([self._read_segment(s) for s in segments])
+        return pairs[_rng(self.seed, STREAM_WINDOW_SHUFFLE, epoch, self.rank, w).permutation(len(pairs))]
+
+    def iter_batches(self, epoch: int, start_step: int = 0) -> Iterator[tuple[int, np.ndarray]]:
+        """Yields (step, [n, 2] int32 (user_id, item_id)) from ``start_step`` to the epoch's end."""
+        windows = self._windows(epoch)
+        window_ends = np.cumsum([sum(s.hi - s.lo for s in win) for win in windows])
+        if start_step >= self.num_batches:
+            return
+        first_row = int(self._bounds[start_step])
+        w = int(np.searchsorted(window_ends, first_row, side="right"))
+        buffer = np.empty((0, 2), dtype=np.int32)
+        buffer_start = int(window_ends[w - 1]) if w > 0 else 0
+        for step in range(start_step, self.num_batches):
+            lo, hi = int(self._bounds[step]), int(self._bounds[step + 1])
+            while buffer_start + len(buffer) < hi:
+                buffer = np.concatenate([buffer, self._read_window(epoch, w, windows[w])])
+                w += 1
+            yield step, buffer[lo - buffer_start : hi - buffer_start]
+            buffer, buffer_start = buffer[hi - buffer_start :], hi  # drop the rows served
+
+
+# ------------------------------------------------------------------ weighted draws
+
+
+@dataclass(frozen=True)
+class ProbabilitySnapshot:
+    version: int
+    probabilities: tuple[np.ndarray, ...]  # one normalised p per objective, objective order
+
+
+def validate_probabilities(name: str, group_column: str, p: Any, counts: np.ndarray) -> np.ndarray:
+    """A clean, normalised copy of ``p`` for an objective, or a ValueError naming the problem."""
+    where = f"objective {name!r} (group column {group_column!r})"
+    try:
+        arr = np.asarray(p, dtype=np.float64)
+    except (TypeError, ValueError):
+        raise ValueError(f"{where}: probabilities must be numbers, got {p!r}") from None
+    if arr.ndim != 1 or arr.shape[0] != len(counts):
+        raise ValueError(f"{where}: expected {len(counts)} probabilities (one per group), got shape {arr.shape}")
+    if not np.isfinite(arr).all():
+        raise ValueError(f"{where}: probabilities must be finite; NaN/inf at groups {(np.flatnonzero(~np.isfinite(arr)) + 1).tolist()}")
+    if (arr < 0).any():
+        raise ValueError(f"{where}: probabilities must be >= 0; negative at groups {(np.flatnonzero(arr < 0) + 1).tolist()}")
+    total = arr.sum()
+    if total <= 0:
+        raise ValueError(f"{where}: probabilities are all zero")
+    empty = np.flatnonzero((arr > 0) & (counts == 0))
+    if empty.size:
+        raise ValueError(f"{where}: positive probability on groups {(empty + 1).tolist()}, which have no train rows")
+    out = arr / total
+    out.flags.writeable = False
+    return out
+
+
+# ------------------------------------------------------------------ the reader
+
+
+@dataclass
+class _Prefetched:
+    step: int
+    uniform: np.ndarray
+    batch: Batch
+    version: int
+
+
+class _Failure:
+    def __init__(self, exc: BaseException):
+        self.exc = exc
+
+
+class Reader:
+    """One rank's batches: uniform single-block batches, or MoRec batches of K+1 blocks.
+
+    ``objectives`` are (name, group_column) pairs in block order (block k = objective k-1);
+    none means uniform mode (pretraining): single-block batches with version -1. Iterating
+    yields the rest of the current epoch and then moves to the next one, so
+    ``for epoch ...: for batch in reader: ...`` and resuming mid-epoch both just work.
+    """
+
+    def __init__(
+        self,
+        dataset: PreparedDataset | str | Path,
+        *,
+        batch_size: int,
+        num_negatives: int,
+        negative_alpha: float = 1.0,
+        seed: int = 0,
+        rank: int = 0,
+        world_size: int = 1,
+        features: FeatureBuilder | None = None,
+        objectives: Sequence[tuple[str, str]] = (),
+        probabilities: Mapping[str, Sequence[float]] | None = None,
+        version: int = 0,
+        prefetch_batches: int = 4,
+        window_row_groups: int = 4,
+        exclude_positive_negatives: bool = True,
+        index_dir: str | Path | None = None,
+        resident_budget_mb: float = DEFAULT_RESIDENT_BUDGET_MB,
+    ):
+        if not isinstance(dataset, PreparedDataset):
+            # Cheap open: the trainer validates the dataset once; a reader per rank need not rehash it.
+            dataset = PreparedDataset.open(dataset, verify_checksums=False, verify_values=False)
+        if batch_size < 1:
+            raise ValueError(f"batch_size: expected >= 1, got {batch_size}")
+        if num_negatives < 0:
+            raise ValueError(f"num_negatives: expected >= 0, got {num_negatives}")
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} is outside world_size {world_size}")
+        if prefetch_batches < 1:
+            raise ValueError(f"prefetch_batches: expected >= 1, got {prefetch_batches}")
+        names = [name for name, _ in objectives]
+        if len(set(names)) != len(names):
+            raise ValueError(f"objectives: duplicate names in {names}")
+        self.dataset = dataset
+        self.batch_size, self.num_negatives = batch_size, num_negatives
+        self.seed, self.rank, self.world_size = seed, rank, world_size
+        self.prefetch_batches = prefetch_batches
+        self.objectives = [(str(n), str(c)) for n, c in objectives]
+        self.features = features or FeatureBuilder(dataset.path, dataset.num_users, dataset.num_items, "ids")
+        self.negatives = NegativeSampler.from_dataset(dataset, negative_alpha, exclude_positive=exclude_positive_negatives)
+        self.uniform = UniformStream(
+            dataset.split_files("train"),
+            batch_size=batch_size,
+            seed=seed,
+            rank=rank,
+            world_size=world_size,
+            window_row_groups=window_row_groups,
+        )
+        indexes: dict[str, GroupIndex] = {}
+        columns = list(dict.fromkeys(column for _, column in self.objectives))
+        for column in columns:  # the resident budget is the reader's, shared by its indexes
+            indexes[column] = open_group_index(
+                dataset, column, cache_dir=index_dir, resident_budget_mb=resident_budget_mb / len(columns)
+            )
+        self._indexes = indexes
+        self.samplers = [GroupSampler(indexes[column]) for _, column in self.objectives]
+        self._lock = threading.Lock()
+        initial = {name: s.counts / max(1, s.counts.sum()) for (name, _), s in zip(self.objectives, self.samplers)}
+        initial.update(probabilities or {})
+        self._snapshot = ProbabilitySnapshot(version, self._validated(version, initial))
+        self._epoch, self._step = 0, 0
+        self._prefetcher: _PrefetchThread | None = None
+
+    # ---------------------------------------------------------------- properties
+    @property
+    def morec(self) -> bool:
+        return bool(self.objectives)
+
+    @property
+    def num_batches(self) -> int:
+        """Batches per epoch on this rank: the same on every rank."""
+        return self.uniform.num_batches
+
+    @property
+    def epoch(self) -> int:
+        return self._epoch
+
+    @property
+    def step(self) -> int:
+        return self._step
+
+    @property
+    def version(self) -> int:
+        return self.snapshot().version if self.morec else UNIFORM_VERSION
+
+    def snapshot(self) -> ProbabilitySnapshot:
+        with self._lock:
+            return self._snapshot
+
+    def probabilities(self) -> dict[str, np.ndarray]:
+        snap = self.snapshot()
+        return {name: p.copy() for (name, _), p in zip(self.objectives, snap.probabilities)}
+
+    # ---------------------------------------------------------------- probabilities
+    def _validated(self, version: int, probabilities: Mapping[str, Any]) -> tuple[np.ndarray, ...]:
+        known = [name for name, _ in self.objectives]
+        unknown = sorted(set(probabilities) - set(known))
+        if unknown:
+            raise ValueError(f"set_probabilities(version={version}): unknown objective(s) {unknown}; expected some of {known}")
+        return tuple(
+            validate_probabilities(name, column, probabilities[name], sampler.counts)
+            for (name, column), sampler in zip(self.objectives, self.samplers)
+        )
+
+    def set_probabilities(self, version: int, probabilities: Mapping[str, Sequence[float]]) -> None:
+        """Installs a new probabilities version (objectives not named keep their p).
+
+        Takes effect for the next batch the consumer requests. On any validation failure a
+        ValueError names the objective and the problem and the previous version stays.
+        """
+        if isinstance(version, bool) or not isinstance(version, (int, np.integer)):
+            raise ValueError(f"set_probabilities: version must be an integer, got {version!r}")
+        with self._lock:
+            current = self._snapshot
+        merged = {name: p for (name, _), p in zip(self.objectives, current.probabilities)}
+        merged.update(probabilities)
+        new = self._validated(int(version), merged)
+        with self._lock:
+            current = self._snapshot
+            if version < current.version:
+                raise ValueError(f"set_probabilities: version {version} is older than the version in force ({current.version})")
+            if version == current.version:
+                if all(np.array_equal(a, b) for a, b in zip(new, current.probabilities)):
+                    return
+                raise ValueError(f"set_probabilities: version {version} is already in force with other probabilities")
+            self._snapshot = ProbabilitySnapshot(int(version), new)
+
+    # ---------------------------------------------------------------- batches
+    def assemble(self, epoch: int, step: int, uniform: np.ndarray, snapshot: ProbabilitySnapshot) -> Batch:
+        """The batch of (epoch, step) from its uniform rows and a probabilities snapshot."""
+        blocks = [uniform]
+        for k, (sampler, p) in enumerate(zip(self.samplers, snapshot.probabilities), start=1):
+            blocks.append(sampler.draw(_rng(self.seed, STREAM_WEIGHTED, self.rank, epoch, step, k), p, self.batch_size))
+        pairs = np.concatenate(blocks) if len(blocks) > 1 else uniform
+        users = pairs[:, 0].astype(np.int64)
+        positives = pairs[:, 1].astype(np.int64)
+        block_ids = np.repeat(np.arange(len(blocks), dtype=np.int64), [len(b) for b in blocks])
+        negatives = self.negatives.sample(_rng(self.seed, STREAM_NEGATIVES, self.rank, epoch, step), positives, self.num_negatives)
+        item_ids = np.concatenate([positives[:, None], negatives], axis=1)
+        return Batch(
+            user_ids=torch.from_numpy(users),
+            item_ids=torch.from_numpy(item_ids),
+            block_ids=torch.from_numpy(block_ids),
+            user_kjt=self.features.user_kjt(users),
+            item_kjt=self.features.item_kjt(item_ids),
+            version=snapshot.version if self.morec else UNIFORM_VERSION,
+        )
+
+    def __iter__(self) -> Iterator[Batch]:
+        self._stop_prefetch()
+        self._epoch, self._step = self._position()  # a finished epoch not yet rolled over
+        epoch = self._epoch
+        prefetcher = _PrefetchThread(self, epoch, self._step)
+        self._prefetcher = prefetcher
+        prefetcher.start()
+        try:
+            while self._step < self.num_batches:
+                item = prefetcher.get()
+                if isinstance(item, _Failure):
+                    raise item.exc
+                assert item.step == self._step, (item.step, self._step)
+                snapshot = self.snapshot()
+                batch = item.batch
+                if self.morec and item.version != snapshot.version:  # drawn before the newest set
+                    batch = self.assemble(epoch, item.step, item.uniform, snapshot)
+                self._step += 1
+                yield batch
+            self._epoch, self._step = epoch + 1, 0
+        finally:
+            prefetcher.stop()
+            if self._prefetcher is prefetcher:
+                self._prefetcher = None
+
+    def set_epoch(self, epoch: int) -> None:
+        """Positions the reader at ``epoch`` (like DistributedSampler.set_epoch).
+
+        The current epoch keeps its position, so ``load_state_dict`` then ``set_epoch`` of the
+        same epoch resumes mid-epoch; another epoch starts at its first batch.
+        """
+        epoch = int(epoch)
+        if epoch == self._epoch and self._step < self.num_batches:
+            return
+        self._stop_prefetch()
+        self._epoch, self._step = (epoch, 0) if (epoch, 0) != self._position() else self._position()
+
+    def _stop_prefetch(self) -> None:
+        if self._prefetcher is not None:
+            self._prefetcher.stop()
+            self._prefetcher = None
+
+    # ---------------------------------------------------------------- checkpointing
+    def _position(self) -> tuple[int, int]:
+        if self._step >= self.num_batches:
+            return self._epoch + 1, 0
+        return self._epoch, self._step
+
+    def state_dict(self) -> dict[str, Any]:
+        epoch, step = self._position()
+        snap = self.snapshot()
+        return {
+            "format": STATE_FORMAT,
+            "epoch": epoch,
+            "step": step,
+            "version": snap.version,
+            "probabilities": {name: p.tolist() for (name, _), p in zip(self.objectives, snap.probabilities)},
+            "seed": self.seed,
+            "rank": self.rank,
+            "world_size": self.world_size,
+            "batch_size": self.batch_size,
+            "num_negatives": self.num_negatives,
+            "objectives": [list(o) for o in self.objectives],
+            "num_batches": self.num_batches,
+        }
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Continues exactly where the reader that wrote ``state`` stopped."""
+        if state.get("format") != STATE_FORMAT:
+            raise ValueError(f"reader state: format {state.get('format')!r} != {STATE_FORMAT}")
+        mine = self.state_dict()
+        for key in ("seed", "rank", "world_size", "batch_size", "num_negatives", "objectives", "num_batches"):
+            if state[key] != mine[key]:
+                raise ValueError(f"reader state: {key} = {state[key]!r} but this reader has {mine[key]!r}")
+        probabilities = self._validated(int(state["version"]), state["probabilities"])
+        self._stop_prefetch()
+        with self._lock:
+            self._snapshot = ProbabilitySnapshot(int(state["version"]), probabilities)
+        self._epoch, self._step = int(state["epoch"]), int(state["step"])
+
+    def close(self) -> None:
+        self._stop_prefetch()
+        for index in self._indexes.values():
+            index.close()
+        self._indexes = {}
+
+    def __enter__(self) -> "Reader":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class _PrefetchThread(threading.Thread):
+    """Reads and assembles the next batches of one epoch ahead of the consumer."""
+
+    def __init__(self, reader: Reader, epoch: int, start_step: int):
+        super().__init__(name=f"reader-prefetch-r{reader.rank}", daemon=True)
+        self.reader, self.epoch, self.start_step = reader, epoch, start_step
+        self._queue: queue.Queue = queue.Queue(maxsize=reader.prefetch_batches)
+        self._stopping = threading.Event()
+
+    def run(self) -> None:
+        try:
+            for step, uniform in self.reader.uniform.iter_batches(self.epoch, self.start_step):
+                snapshot = self.reader.snapshot()
+                batch = self.reader.assemble(self.epoch, step, uniform, snapshot)
+                if not self._put(_Prefetched(step, uniform, batch, batch.version)):
+                    return
+        except BaseException as exc:  # noqa: BLE001 - handed to the consumer, which re-raises
+            self._put(_Failure(exc))
+
+    def _put(self, item: object) -> bool:
+        while not self._stopping.is_set():
+            try:
+                self._queue.put(item, timeout=0.05)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def get(self) -> _Prefetched | _Failure:
+        while True:
+            try:
+                return self._queue.get(timeout=1.0)
+            except queue.Empty:
+                if not self.is_alive() and self._queue.empty():
+                    return _Failure(RuntimeError("reader prefetch thread ended without a batch"))
+
+    def stop(self) -> None:
+        self._stopping.set()
+        self.join(timeout=10)
