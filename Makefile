@@ -29,6 +29,7 @@ run: venv
 	$(BIN)/morec run --config configs/quickstart.toml
 
 test: venv
+	bash tests/tools/install_prometheus.sh
 	bash tests/run.sh
 
 bench: venv

@@ -1,0 +1,85 @@
+#!/usr/bin/env bash
+# Start `morec <args>` as torchrun ranks: one machine (standalone) or one node of many (c10d).
+#
+#   launch/train.sh [--nproc N] [--nnodes N] [--node-rank R] [--rdzv HOST:PORT]
+#                   [--rdzv-id ID] [--max-restarts N] [--dry-run] -- <morec args>
+#
+#   launch/train.sh --nproc 2 -- train --config configs/ml1m_mf_pretrain.toml
+#   launch/train.sh --nproc 1 --nnodes 2 --node-rank 0 --rdzv 10.0.0.1:29400 -- train --config c.toml
+#
+# --nproc      ranks on this machine (torchrun --nproc_per_node; also "gpu" / "cpu" / "auto").
+#              Default $NPROC_PER_NODE, else 1.
+# --nnodes     machines in the job. Default $NNODES, else 1. With 1 the job is --standalone
+#              (a private rendezvous on a free local port) unless --rdzv is given.
+# --node-rank  this machine's index, default $NODE_RANK, else 0. With c10d, torchrun assigns
+#              global ranks itself; the node rank decides which node hosts the rendezvous
+#              store (node 0, which must be the --rdzv host) and is exported as NODE_RANK.
+# --rdzv       HOST:PORT of the c10d rendezvous (required when --nnodes > 1). Default $RDZV_ENDPOINT.
+# --rdzv-id    the job id every node passes (default $RDZV_ID, else "morec").
+# --dry-run    print the command instead of running it.
+#
+# The interpreter is .venv/bin/python when the repository has one, else python3.
+set -euo pipefail
+
+usage() { awk 'NR > 1 && /^#/ { sub(/^# ?/, ""); print; next } NR > 1 { exit }' "$0"; }
+die() { echo "launch/train.sh: $*" >&2; exit 2; }
+
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+nproc="${NPROC_PER_NODE:-1}"
+nnodes="${NNODES:-1}"
+node_rank="${NODE_RANK:-0}"
+rdzv="${RDZV_ENDPOINT:-}"
+rdzv_id="${RDZV_ID:-morec}"
+max_restarts=0
+dry_run=0
+
+while [[ $# -gt 0 ]]; do
+    case "$1" in
+        --nproc) [[ $# -ge 2 ]] || die "--nproc needs a value"; nproc="$2"; shift 2 ;;
+        --nnodes) [[ $# -ge 2 ]] || die "--nnodes needs a value"; nnodes="$2"; shift 2 ;;
+        --node-rank) [[ $# -ge 2 ]] || die "--node-rank needs a value"; node_rank="$2"; shift 2 ;;
+        --rdzv) [[ $# -ge 2 ]] || die "--rdzv needs HOST:PORT"; rdzv="$2"; shift 2 ;;
+        --rdzv-id) [[ $# -ge 2 ]] || die "--rdzv-id needs a value"; rdzv_id="$2"; shift 2 ;;
+        --max-restarts) [[ $# -ge 2 ]] || die "--max-restarts needs a value"; max_restarts="$2"; shift 2 ;;
+        --dry-run) dry_run=1; shift ;;
+        -h|--help) usage; exit 0 ;;
+        --) shift; break ;;
+        *) break ;;  # the first word that is not ours starts the morec arguments
+    esac
+done
+[[ $# -gt 0 ]] || die "no morec arguments; e.g. launch/train.sh --nproc 2 -- train --config configs/ml1m_mf_pretrain.toml"
+
+[[ "$nproc" =~ ^([1-9][0-9]*|gpu|cpu|auto)$ ]] || die "--nproc: expected a positive integer, gpu, cpu or auto, got '$nproc'"
+[[ "$nnodes" =~ ^[1-9][0-9]*$ ]] || die "--nnodes: expected a positive integer, got '$nnodes'"
+[[ "$node_rank" =~ ^[0-9]+$ ]] || die "--node-rank (or NODE_RANK): expected an integer >= 0, got '$node_rank'"
+(( node_rank < nnodes )) || die "--node-rank $node_rank: expected < --nnodes $nnodes"
+[[ "$max_restarts" =~ ^[0-9]+$ ]] || die "--max-restarts: expected an integer >= 0, got '$max_restarts'"
+
+if [[ -x "$ROOT/.venv/bin/python" ]]; then
+    python="$ROOT/.venv/bin/python"
+else
+    python="$(command -v python3)" || die "no .venv/bin/python and no python3 on PATH"
+fi
+
+torchrun=("$python" -m torch.distributed.run --nproc_per_node="$nproc" --max_restarts="$max_restarts")
+if [[ -z "$rdzv" ]]; then
+    (( nnodes == 1 )) || die "--nnodes $nnodes needs --rdzv HOST:PORT (or RDZV_ENDPOINT): the c10d rendezvous every node reaches"
+    torchrun+=(--standalone)
+else
+    [[ "$rdzv" =~ ^[^:]+:[0-9]+$ || "$rdzv" =~ ^\[.+\]:[0-9]+$ ]] || die "--rdzv: expected HOST:PORT, got '$rdzv'"
+    # Node 0 hosts the c10d store; saying so explicitly avoids torchrun guessing from hostnames.
+    is_host=$(( node_rank == 0 ? 1 : 0 ))
+    torchrun+=(--nnodes="$nnodes" --rdzv_backend=c10d --rdzv_endpoint="$rdzv" --rdzv_id="$rdzv_id"
+               --rdzv_conf="is_host=$is_host")
+fi
+torchrun+=(-m morec_dist.cli "$@")
+
+export NODE_RANK="$node_rank" NNODES="$nnodes"
+export RAY_USAGE_STATS_ENABLED="${RAY_USAGE_STATS_ENABLED:-0}"
+# The package is importable from a checkout even when it is not installed into $python.
+export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
+if (( dry_run )); then
+    printf '%q ' "${torchrun[@]}"; echo
+    exit 0
+fi
+exec "${torchrun[@]}"
