@@ -25,7 +25,7 @@ from morec_dist.coordinator.service import connect_ray, open_coordinator
 from morec_dist.eval.signals import compute_signals
 from morec_dist.model.sharding import init_distributed
 from morec_dist.train.checkpoint import check_compatible, load_checkpoint, read_meta, save_checkpoint
-from morec_dist.train.loop import progress, train_epoch
+from morec_dist.train.loop import open_rank_observer, progress, train_epoch
 from morec_dist.train.pretrain import evaluation, make_reader, open_dataset_for_job
 from morec_dist.train.run_dir import provenance, write_json_atomic
 from morec_dist.train.strategies import MGDAStrategy, MorecStrategy, StaticWeighting
@@ -86,13 +86,14 @@ def run_finetune(config: Config, from_checkpoint: str | Path, method: str = "mor
         reader = make_reader(config, ctx, dataset, trainer)
         objectives = config.morec.objectives
         strategy = StaticWeighting(dataset, objectives, static_weights(config)) if method == "static" else MGDAStrategy(dataset, objectives)
+    metrics, exporter = open_rank_observer(config, ctx)
     before = evaluation(trainer, "valid")
     history = []
     train_seconds, train_rows = 0.0, 0
     for epoch in range(config.morec.epochs):
         reader.set_epoch(epoch)
         trainer.epoch = epoch
-        stats = train_epoch(trainer, reader, strategy, epoch=epoch, log_every=config.train.log_every, max_steps=config.train.max_steps)
+        stats = train_epoch(trainer, reader, strategy, epoch=epoch, log_every=config.train.log_every, max_steps=config.train.max_steps, metrics=metrics)
         train_seconds += stats.seconds
         train_rows += stats.rows
         valid = evaluation(trainer, "valid")
@@ -101,6 +102,8 @@ def run_finetune(config: Config, from_checkpoint: str | Path, method: str = "mor
         if config.train.max_steps and trainer.step >= config.train.max_steps:
             break
     reader.close()
+    if exporter is not None:
+        exporter.stop()
     coordinator: dict[str, Any] = {}
     if client is not None:
         client.flush()

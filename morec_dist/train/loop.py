@@ -59,7 +59,35 @@ def progress(rank: int, message: str) -> None:
         print(message, file=sys.stderr, flush=True)
 
 
-def train_epoch(trainer: Trainer, reader: Any, strategy: Strategy, *, epoch: int, log_every: int, max_steps: int = 0) -> EpochStats:
+def open_rank_observer(config: Any, ctx: Any) -> tuple[Any, Any]:
+    """(RankMetrics, exporter) when ``metrics.enabled``, else (None, None)."""
+    if not config.metrics.enabled:
+        return None, None
+    from morec_dist.observe.metrics import open_rank_metrics
+
+    return open_rank_metrics(config.metrics, ctx.rank, ctx.local_rank)
+
+
+def observe(metrics: Any, strategy: Any, step: int, batch: Batch, per_row: torch.Tensor, duration: float, wait: float) -> None:
+    """One step into the rank's Prometheus metrics (block losses read by block name)."""
+    names = getattr(strategy, "block_names", ["accuracy"])
+    sums = torch.zeros(len(names), dtype=torch.float64).index_add_(0, batch.block_ids.cpu(), per_row.detach().cpu().to(torch.float64))
+    counts = torch.bincount(batch.block_ids.cpu(), minlength=len(names)).clamp_min(1)
+    metrics.observe_step(
+        step=step,
+        rows=batch.num_rows,
+        duration_s=duration,
+        reader_wait_s=wait,
+        block_losses=dict(zip(names, (sums / counts).tolist())),
+        staleness=getattr(strategy, "staleness_steps", 0),
+        report_latency_s=getattr(strategy, "last_report_s", 0.0),
+        waited=getattr(strategy, "last_waited", False),
+    )
+
+
+def train_epoch(
+    trainer: Trainer, reader: Any, strategy: Strategy, *, epoch: int, log_every: int, max_steps: int = 0, metrics: Any = None
+) -> EpochStats:
     """One pass of ``reader`` (already positioned at ``epoch``); returns all-rank stats."""
     ctx = trainer.ctx
     trainer.model.train()
@@ -73,7 +101,8 @@ def train_epoch(trainer: Trainer, reader: Any, strategy: Strategy, *, epoch: int
         strategy.before_step(trainer.step)
         t0 = time.perf_counter()
         batch = next(batches, None)
-        wait += time.perf_counter() - t0
+        step_wait = time.perf_counter() - t0
+        wait += step_wait
         if batch is None:
             break
         batch = batch.to(ctx.device)
@@ -82,6 +111,8 @@ def train_epoch(trainer: Trainer, reader: Any, strategy: Strategy, *, epoch: int
         loss = strategy.step_loss(scores, per_row, batch, trainer.step)
         trainer.apply(loss)
         strategy.after_step(per_row.detach(), batch, trainer.step - 1)
+        if metrics is not None:
+            observe(metrics, strategy, trainer.step - 1, batch, per_row, time.perf_counter() - t0, step_wait)
         loss_sum += float(per_row.detach().sum())
         rows += batch.num_rows
         steps += 1

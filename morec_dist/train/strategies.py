@@ -17,6 +17,7 @@
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 import numpy as np
@@ -40,11 +41,18 @@ class MorecStrategy:
         self.measure_signals = measure_signals  # step -> {objective: signal}; a collective
         self.submits = submits  # one rank submits the (identical) reduced signals
         self.sampler_updates: list[dict[str, Any]] = []
+        self.block_names = ["accuracy"] + [name for name, _ in reader.objectives]
+        self.staleness_steps = 0
+        self.last_report_s = 0.0
+        self.last_waited = False
         self.decision = None
         self.trace: list[tuple[int, float, int]] = []  # (step, beta used, p version used)
 
     def before_step(self, step: int) -> None:
+        waits = self.client.waits
         decision = self.client.decision_for_step(step)
+        self.last_waited = self.client.waits > waits
+        self.staleness_steps = step - decision.pid_through if decision.pid_through >= 0 else step + 1
         if decision.p_version != self.reader.version:
             self.reader.set_probabilities(decision.p_version, decision.probabilities)
         self.decision = decision
@@ -59,7 +67,9 @@ class MorecStrategy:
 
     def after_step(self, per_row: torch.Tensor, batch: Batch, step: int) -> None:
         sums, counts = block_sums(per_row, batch.block_ids, self.num_blocks)
+        started = time.perf_counter()
         self.client.report(step, sums.tolist(), counts.tolist())
+        self.last_report_s = time.perf_counter() - started
         if self.sampler_every and (step + 1) % self.sampler_every == 0:
             signals = self.measure_signals(step)
             if self.submits:
