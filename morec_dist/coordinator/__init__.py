@@ -1,0 +1,58 @@
+"""The MoRec coordinator: PID on the global accuracy loss, adaptive group samplers, the
+objective registry, the combined loss and MGDA; a Ray-free core, its Ray actor and the
+rank-side client with the bounded-staleness protocol (see docs/coordinator.md)."""
+
+from morec_dist.coordinator.combined_loss import block_means, block_sums, combined_loss, static_weighted_loss
+from morec_dist.coordinator.core import (
+    CoordinatorCore,
+    CoordinatorError,
+    CoordinatorSpec,
+    Decision,
+    DecisionNotReady,
+    PreferenceChange,
+    build_spec,
+)
+from morec_dist.coordinator.mgda import mgda_weights, min_norm_weights
+from morec_dist.coordinator.objectives import (
+    ACCURACY,
+    Objective,
+    ObjectiveError,
+    ObjectiveKind,
+    ObjectiveRegistry,
+    ObjectiveSet,
+    SignalRequest,
+    build_objectives,
+    default_registry,
+)
+from morec_dist.coordinator.pid import PIDController, PIDGains
+from morec_dist.coordinator.sampler import GroupStats, SamplerState, sign_gradient_step
+
+__all__ = [
+    "ACCURACY",
+    "CoordinatorCore",
+    "CoordinatorError",
+    "CoordinatorSpec",
+    "Decision",
+    "DecisionNotReady",
+    "GroupStats",
+    "Objective",
+    "ObjectiveError",
+    "ObjectiveKind",
+    "ObjectiveRegistry",
+    "ObjectiveSet",
+    "PIDController",
+    "PIDGains",
+    "PreferenceChange",
+    "SamplerState",
+    "SignalRequest",
+    "block_means",
+    "block_sums",
+    "build_objectives",
+    "build_spec",
+    "combined_loss",
+    "default_registry",
+    "mgda_weights",
+    "min_norm_weights",
+    "sign_gradient_step",
+    "static_weighted_loss",
+]

@@ -1,0 +1,156 @@
+"""The Ray actor that owns the job's one ``CoordinatorCore``.
+
+An asyncio actor: every method runs on the actor's single event loop, so the core is never
+touched concurrently, and ``report`` / ``decision`` can *wait* for a decision without
+blocking other callers: they await a condition that is notified after every state change.
+``report(rank, t, ...)`` records the step and returns ``decision(t + staleness)`` once it
+exists, so a rank gets the decision it will need s steps later from the call it already
+makes, and never pays a separate round trip.
+
+The actor is named, lives in a namespace, takes no CPU slot, and is detached where asked
+(it then outlives the job, e.g. one started by ``morec coordinator start``). It starts
+unconfigured; ``configure(spec, state, run_id)`` installs a fresh core (or one restored
+from a checkpoint) and is idempotent per ``run_id``, so every rank may call it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import asdict
+from typing import Any, Mapping, Sequence
+
+from morec_dist.coordinator.core import CoordinatorCore, CoordinatorError, CoordinatorSpec, Decision
+
+
+class CoordinatorActor:
+    def __init__(self) -> None:
+        self.core: CoordinatorCore | None = None
+        self.run_id: str | None = None
+        self._changed: asyncio.Condition | None = None
+
+    def _condition(self) -> asyncio.Condition:
+        if self._changed is None:  # created inside the actor's event loop
+            self._changed = asyncio.Condition()
+        return self._changed
+
+    def _need_core(self) -> CoordinatorCore:
+        if self.core is None:
+            raise CoordinatorError("the coordinator is not configured yet (the job calls configure(spec) first)")
+        return self.core
+
+    async def _notify(self) -> None:
+        cond = self._condition()
+        async with cond:
+            cond.notify_all()
+
+    async def _wait_ready(self, step: int) -> Decision:
+        cond = self._condition()
+        async with cond:
+            await cond.wait_for(lambda: self.core is not None and self.core.ready(step))
+        return self._need_core().decision(step)
+
+    # ------------------------------------------------------------------ set-up
+    async def configure(self, spec: CoordinatorSpec, state: Mapping[str, Any] | None = None, run_id: str = "") -> dict[str, Any]:
+        if self.core is not None and run_id and run_id == self.run_id:
+            return self.core.status()
+        core = CoordinatorCore(spec)
+        if state is not None:
+            core.load_state_dict(state)
+        self.core, self.run_id = core, run_id
+        await self._notify()
+        return core.status()
+
+    async def configured(self) -> str | None:
+        return self.run_id if self.core is not None else None
+
+    # ------------------------------------------------------------ the hot path
+    async def report(self, rank: int, step: int, loss_sums: Sequence[float], row_counts: Sequence[int]) -> Decision:
+        core = self._need_core()
+        core.report(rank, step, loss_sums, row_counts)
+        await self._notify()
+        return await self._wait_ready(step + core.spec.staleness)
+
+    async def decision(self, step: int) -> Decision:
+        self._need_core()
+        return await self._wait_ready(step)
+
+    async def wait_recorded(self, rank: int, steps: Sequence[int]) -> None:
+        """Return once the core holds ``rank``'s reports of ``steps`` (aggregated or pending)."""
+        core = self._need_core()
+        cond = self._condition()
+        async with cond:
+            await cond.wait_for(lambda: all(core.has_report(rank, t) for t in steps))
+
+    async def decisions(self, first: int, stop: int) -> list[Decision]:
+        return [await self.decision(t) for t in range(first, stop)]
+
+    # ------------------------------------------------------- sampler, preferences
+    async def submit_signals(self, step: int, signals: Mapping[str, Sequence[float]]) -> int:
+        version = self._need_core().submit_signals(step, signals)
+        await self._notify()
+        return version
+
+    async def sampler_update_due(self, step: int) -> bool:
+        return self._need_core().sampler_update_due(step)
+
+    async def set_preferences(
+        self,
+        weights: Mapping[str, float] | None = None,
+        target_loss: float | None = None,
+        effective_step: int | None = None,
+        source: str = "",
+    ) -> dict[str, Any]:
+        change = self._need_core().set_preferences(weights, target_loss, effective_step, source)
+        return asdict(change)
+
+    # ---------------------------------------------------------------- inspection
+    async def status(self) -> dict[str, Any]:
+        if self.core is None:
+            return {"configured": False}
+        return {"configured": True, "run_id": self.run_id, **self.core.status()}
+
+    async def trace(self) -> dict[str, list]:
+        return self._need_core().trace_dict()
+
+    async def history(self) -> list[dict[str, Any]]:
+        return [asdict(c) for c in self._need_core().history]
+
+    async def state_dict(self) -> dict[str, Any]:
+        return self._need_core().state_dict()
+
+    async def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        self._need_core().load_state_dict(state)
+        await self._notify()
+
+
+def get_or_create(name: str, namespace: str, *, detached: bool = False) -> Any:
+    """The named coordinator actor in ``namespace``: the existing one, or a new one.
+
+    Needs ``ray.init`` done in this process. Races between ranks are safe
+    (``get_if_exists``): exactly one actor exists per (namespace, name).
+    """
+    import ray
+
+    if not ray.is_initialized():
+        raise CoordinatorError("get_or_create: Ray is not initialised in this process (call service.connect_ray first)")
+    options: dict[str, Any] = {
+        "name": name,
+        "namespace": namespace,
+        "get_if_exists": True,
+        "num_cpus": 0,
+        "max_concurrency": 1000,
+        "max_restarts": 0,
+    }
+    if detached:
+        options["lifetime"] = "detached"
+    return ray.remote(CoordinatorActor).options(**options).remote()
+
+
+def get_existing(name: str, namespace: str) -> Any:
+    """The named actor, or a clear error if no such actor runs on this cluster."""
+    import ray
+
+    try:
+        return ray.get_actor(name, namespace=namespace)
+    except ValueError:
+        raise CoordinatorError(f"no coordinator actor named {name!r} in namespace {namespace!r} on this Ray cluster") from None

@@ -1,0 +1,466 @@
+"""The coordinator state machine, with no Ray in it: aggregation, PID, sampler, preferences.
+
+One instance serves a whole job (the Ray actor in ``actor.py`` wraps exactly one).
+
+**Aggregation.** Every rank reports, for every step t, its per-block loss *sums* and row
+counts (block 0 = accuracy, block k = k-th auxiliary objective). Reports may arrive in any
+order, from any rank. Step t is aggregated once all ``world_size`` ranks reported it and
+every earlier step was aggregated; the global loss of block k is
+``fsum(sums over ranks) / sum(counts over ranks)``, and the PID runs once on the global
+accuracy loss, strictly in step order. Nothing depends on arrival order or timing.
+
+**Decisions (bounded staleness s).** ``decision(t)`` is what every rank uses at step t:
+
+- beta = the PID output after steps <= t - s were aggregated; for t - s < 0 it is the
+  controller at rest, ``beta_min + Kp / 2`` (the pretrained model starts at its target
+  loss, e = 0);
+- the sampler version in force = the newest version decided after a step u <= t - max(s, 1)
+  (a distribution decided after step u can affect at most step u + 1's batches);
+- the preferences (w, l_hat) in force at step t.
+
+``decision(t)`` is ready only when all of that is known, so its value is a pure function
+of the reports, the signals and the preference history: same inputs, same decisions.
+s = 0 is fully synchronous (each step waits for every rank's loss of that step): allowed,
+slow.
+
+**Sampler cadence.** With ``sampler_every = N > 0`` a sampler update is due after every
+step u with (u + 1) % N == 0 (the lead passes N = steps per epoch for "per epoch"). The
+signals for a due step (one vector per adaptive objective, see ``SignalRequest``) are
+submitted once (by rank 0, after the data-parallel evaluation); a decision that needs a
+due update waits for it.
+
+**Live preferences.** ``set_preferences(weights, target_loss, effective_step)`` records a
+change of w and/or l_hat effective from a stated step. It must not rewrite a decision that
+may already have been handed out, so the earliest allowed step is
+``aggregated_through + s + 1``; w applies to decisions of steps >= the stated step, l_hat to
+the PID update of steps >= the stated step. Every change is kept in ``history``.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+
+from morec_dist.coordinator.objectives import ObjectiveError, ObjectiveSet
+from morec_dist.coordinator.pid import PIDController, PIDGains
+from morec_dist.coordinator.sampler import SamplerState
+
+STATE_FORMAT = 1
+
+
+class CoordinatorError(ValueError):
+    """A report, a signal or a preference change the coordinator cannot accept."""
+
+
+class DecisionNotReady(LookupError):
+    """``decision(t)`` asked before the steps / signals it depends on arrived."""
+
+
+@dataclass(frozen=True)
+class Decision:
+    step: int
+    beta: float
+    lam: float
+    weights: dict[str, float]  # w_k of the auxiliary objectives, in block order
+    target_loss: float  # l_hat in force at this step
+    p_version: int
+    probabilities: dict[str, list[float]]  # p_k of version p_version, in block order
+    pid_through: int  # the last aggregated step behind beta (-1: controller at rest)
+
+    def block_weights(self) -> list[float]:
+        """w_k in block order 1..K (for ``combined_loss``)."""
+        return list(self.weights.values())
+
+
+@dataclass(frozen=True)
+class PreferenceChange:
+    seq: int
+    effective_step: int
+    weights: dict[str, float] | None
+    target_loss: float | None
+    received_after_step: int  # aggregated_through when it arrived
+    source: str
+
+
+@dataclass(frozen=True)
+class CoordinatorSpec:
+    """Everything that fixes a coordinator's behaviour (picklable, travels to the actor)."""
+
+    objectives: ObjectiveSet
+    gains: PIDGains
+    lam: float
+    target_loss: float
+    world_size: int
+    staleness: int
+    sampler_every: int  # steps between sampler updates; 0 = never
+    max_steps_ahead: int = 4096  # reports further ahead than this are refused (a rank ran away)
+
+    def __post_init__(self) -> None:
+        if self.world_size < 1:
+            raise CoordinatorError(f"world_size: expected >= 1, got {self.world_size}")
+        if self.staleness < 0:
+            raise CoordinatorError(f"coordinator.staleness: expected >= 0, got {self.staleness}")
+        if self.sampler_every < 0:
+            raise CoordinatorError(f"sampler_every: expected >= 0 (0 = never), got {self.sampler_every}")
+        if not (math.isfinite(self.lam) and self.lam > 0):
+            raise CoordinatorError(f"morec.lam: expected > 0, got {self.lam}")
+        if not (math.isfinite(self.target_loss) and self.target_loss > 0):
+            raise CoordinatorError(f"target loss l_hat: expected > 0 (resolve morec.pid.target_loss = 0 from the pretrained model first), got {self.target_loss}")
+
+
+@dataclass
+class StepRecord:
+    step: int
+    losses: list[float]  # global mean loss per block (NaN where a block had no rows)
+    counts: list[int]
+    beta: float
+    target_loss: float
+    integrated: bool
+
+
+@dataclass
+class _Pending:
+    sums: dict[int, list[float]] = field(default_factory=dict)
+    counts: dict[int, list[int]] = field(default_factory=dict)
+
+
+class CoordinatorCore:
+    def __init__(self, spec: CoordinatorSpec) -> None:
+        self.spec = spec
+        self.names = spec.objectives.names
+        self.pid = PIDController(spec.gains)
+        self.sampler = SamplerState(
+            spec.objectives.initial_probabilities(), {o.name: o.alpha for o in spec.objectives.objectives}
+        )
+        self.sampler_every = spec.sampler_every if spec.objectives.adaptive() else 0
+        self.next_due = self.sampler_every - 1 if self.sampler_every else -1
+        # version v: (decided after step, probabilities); version 0 is the initial one
+        self.versions: list[tuple[int, dict[str, list[float]]]] = [(-1, _as_lists(self.sampler.snapshot()))]
+        self.signals_seen: dict[int, dict[str, list[float]]] = {}
+        self.pending: dict[int, _Pending] = {}
+        self.trace: list[StepRecord] = []
+        self.history: list[PreferenceChange] = []
+        self.base_weights = spec.objectives.weights()
+        self.base_target = spec.target_loss
+
+    # ------------------------------------------------------------------ reports
+    @property
+    def aggregated_through(self) -> int:
+        return len(self.trace) - 1
+
+    @property
+    def p_lag(self) -> int:
+        return max(self.spec.staleness, 1)
+
+    def report(self, rank: int, step: int, loss_sums: Sequence[float], row_counts: Sequence[int]) -> int:
+        """Record one rank's step; aggregate every step that became complete. Returns how many."""
+        sums, counts = self._validated_report(rank, step, loss_sums, row_counts)
+        entry = self.pending.setdefault(step, _Pending())
+        if rank in entry.sums:
+            raise CoordinatorError(f"rank {rank} reported step {step} twice")
+        entry.sums[rank] = sums
+        entry.counts[rank] = counts
+        return self._aggregate_ready_steps()
+
+    def has_report(self, rank: int, step: int) -> bool:
+        """Whether ``rank``'s report of ``step`` is in (aggregated, or pending)."""
+        return step <= self.aggregated_through or (step in self.pending and rank in self.pending[step].sums)
+
+    def _validated_report(self, rank: int, step: int, loss_sums: Sequence[float], row_counts: Sequence[int]) -> tuple[list[float], list[int]]:
+        ws = self.spec.world_size
+        if isinstance(rank, bool) or not isinstance(rank, int) or not 0 <= rank < ws:
+            raise CoordinatorError(f"report: rank must be an integer in 0..{ws - 1}, got {rank!r}")
+        if isinstance(step, bool) or not isinstance(step, int) or step < 0:
+            raise CoordinatorError(f"report from rank {rank}: step must be an integer >= 0, got {step!r}")
+        if step <= self.aggregated_through:
+            raise CoordinatorError(f"report from rank {rank}: step {step} was already aggregated (through {self.aggregated_through})")
+        if step > self.aggregated_through + self.spec.max_steps_ahead:
+            raise CoordinatorError(
+                f"report from rank {rank}: step {step} is more than {self.spec.max_steps_ahead} steps ahead of the "
+                f"aggregated step {self.aggregated_through} (another rank stopped reporting?)"
+            )
+        k = len(self.names)
+        if len(loss_sums) != k or len(row_counts) != k:
+            raise CoordinatorError(
+                f"report from rank {rank}, step {step}: expected {k} loss sums and row counts (blocks {self.names}), "
+                f"got {len(loss_sums)} and {len(row_counts)}"
+            )
+        sums = [float(x) for x in loss_sums]
+        if not all(math.isfinite(x) for x in sums):
+            raise CoordinatorError(f"report from rank {rank}, step {step}: loss sums must be finite, got {sums}")
+        try:
+            counts = [int(c) for c in row_counts]
+            exact = all(c == float(r) for c, r in zip(counts, row_counts, strict=True))
+        except (TypeError, ValueError):
+            exact = False
+        if not exact or any(c < 0 for c in counts):
+            raise CoordinatorError(f"report from rank {rank}, step {step}: row counts must be integers >= 0, got {list(row_counts)}")
+        if counts[0] < 1:
+            raise CoordinatorError(f"report from rank {rank}, step {step}: the accuracy block (0) has no rows")
+        return sums, counts
+
+    def _aggregate_ready_steps(self) -> int:
+        done = 0
+        while True:
+            step = self.aggregated_through + 1
+            entry = self.pending.get(step)
+            if entry is None or len(entry.sums) < self.spec.world_size:
+                return done
+            del self.pending[step]
+            self._aggregate(step, entry)
+            done += 1
+
+    def _aggregate(self, step: int, entry: _Pending) -> None:
+        ranks = sorted(entry.sums)
+        losses, counts = [], []
+        for block in range(len(self.names)):
+            total = math.fsum(entry.sums[r][block] for r in ranks)
+            rows = sum(entry.counts[r][block] for r in ranks)
+            losses.append(total / rows if rows else float("nan"))
+            counts.append(rows)
+        target = self.target_at(step)
+        result = self.pid.update(losses[0], target)
+        self.trace.append(StepRecord(step, losses, counts, result.beta, target, result.integrated))
+
+    # ---------------------------------------------------------------- decisions
+    def beta_for(self, step: int) -> tuple[float, int]:
+        through = step - self.spec.staleness
+        if through < 0:
+            return self.spec.gains.resting_beta, -1
+        if through > self.aggregated_through:
+            raise DecisionNotReady(f"beta of step {step} needs step {through} aggregated; aggregated through {self.aggregated_through}")
+        return self.trace[through].beta, through
+
+    def version_for(self, step: int) -> int:
+        horizon = step - self.p_lag
+        if self.sampler_every and self.next_due <= horizon:
+            raise DecisionNotReady(f"sampler version of step {step} needs the signals due after step {self.next_due}")
+        version = 0
+        for v, (decided_after, _) in enumerate(self.versions):
+            if decided_after <= horizon:
+                version = v
+        return version
+
+    def ready(self, step: int) -> bool:
+        try:
+            self.beta_for(step)
+            self.version_for(step)
+        except DecisionNotReady:
+            return False
+        return True
+
+    def decision(self, step: int) -> Decision:
+        if isinstance(step, bool) or not isinstance(step, int) or step < 0:
+            raise CoordinatorError(f"decision: step must be an integer >= 0, got {step!r}")
+        beta, through = self.beta_for(step)
+        version = self.version_for(step)
+        return Decision(
+            step=step,
+            beta=beta,
+            lam=self.spec.lam,
+            weights=self.weights_at(step),
+            target_loss=self.target_at(step),
+            p_version=version,
+            probabilities={k: list(v) for k, v in self.versions[version][1].items()},
+            pid_through=through,
+        )
+
+    # ------------------------------------------------------------------ sampler
+    def sampler_update_due(self, step: int) -> bool:
+        return bool(self.sampler_every) and (step + 1) % self.sampler_every == 0
+
+    def submit_signals(self, step: int, signals: Mapping[str, Sequence[float]]) -> int:
+        """Signals measured after step ``step`` (a due step); returns the new version.
+
+        A resubmission of the same step with identical signals is a no-op (any rank may
+        send the reduced signals); different values for a step already applied are refused.
+        """
+        clean = {k: [float(x) for x in v] for k, v in signals.items()}
+        if step in self.signals_seen:
+            if _same_signals(self.signals_seen[step], clean):
+                return self._version_decided_after(step)
+            raise CoordinatorError(f"signals for step {step} were already applied with different values")
+        if not self.sampler_every:
+            raise CoordinatorError("submit_signals: no sampler update is ever due (sampler_every = 0 or no adaptive objective)")
+        if step != self.next_due:
+            raise CoordinatorError(f"submit_signals: the next sampler update is due after step {self.next_due}, got step {step}")
+        try:
+            signs = self.spec.objectives.signs(clean)
+        except ObjectiveError as exc:
+            raise CoordinatorError(f"signals after step {step}: {exc}") from None
+        self.sampler.step(signs)
+        self.versions.append((step, _as_lists(self.sampler.snapshot())))
+        self.signals_seen[step] = clean
+        self.next_due += self.sampler_every
+        return self.sampler.version
+
+    def _version_decided_after(self, step: int) -> int:
+        return next(v for v, (after, _) in enumerate(self.versions) if after == step)
+
+    # -------------------------------------------------------------- preferences
+    @property
+    def earliest_preference_step(self) -> int:
+        return self.aggregated_through + self.spec.staleness + 1
+
+    def set_preferences(
+        self,
+        weights: Mapping[str, float] | None = None,
+        target_loss: float | None = None,
+        effective_step: int | None = None,
+        source: str = "",
+    ) -> PreferenceChange:
+        if weights is None and target_loss is None:
+            raise CoordinatorError("set_preferences: give new weights, a new target loss, or both")
+        earliest = self.earliest_preference_step
+        step = earliest if effective_step is None else int(effective_step)
+        if step < earliest:
+            raise CoordinatorError(
+                f"set_preferences: step {step} may already be decided (aggregated through {self.aggregated_through}, "
+                f"staleness {self.spec.staleness}); the earliest step that can still change is {earliest}"
+            )
+        new_weights = None
+        if weights is not None:
+            new_weights = self._checked_weights(weights, step)
+        if target_loss is not None and not (math.isfinite(target_loss) and target_loss > 0):
+            raise CoordinatorError(f"set_preferences: target loss must be > 0, got {target_loss}")
+        change = PreferenceChange(len(self.history), step, new_weights, None if target_loss is None else float(target_loss), self.aggregated_through, source)
+        self.history.append(change)
+        return change
+
+    def _checked_weights(self, weights: Mapping[str, float], step: int) -> dict[str, float]:
+        unknown = sorted(set(weights) - set(self.base_weights))
+        if unknown:
+            raise CoordinatorError(f"set_preferences: unknown objectives {unknown}; have {list(self.base_weights)}")
+        merged = {**self.weights_at(step), **{k: float(v) for k, v in weights.items()}}
+        bad = {k: v for k, v in merged.items() if not (math.isfinite(v) and v >= 0)}
+        if bad:
+            raise CoordinatorError(f"set_preferences: weights must be finite and >= 0, got {bad}")
+        if sum(merged.values()) <= 0:
+            raise CoordinatorError("set_preferences: weights sum to 0; at least one objective needs a positive weight")
+        return {k: float(weights[k]) for k in self.base_weights if k in weights}
+
+    def _changes_until(self, step: int) -> list[PreferenceChange]:
+        return sorted((c for c in self.history if c.effective_step <= step), key=lambda c: (c.effective_step, c.seq))
+
+    def weights_at(self, step: int) -> dict[str, float]:
+        weights = dict(self.base_weights)
+        for change in self._changes_until(step):
+            if change.weights:
+                weights.update(change.weights)
+        return weights
+
+    def target_at(self, step: int) -> float:
+        target = self.base_target
+        for change in self._changes_until(step):
+            if change.target_loss is not None:
+                target = change.target_loss
+        return target
+
+    # ---------------------------------------------------------------- reporting
+    def status(self) -> dict[str, Any]:
+        return {
+            "world_size": self.spec.world_size,
+            "staleness": self.spec.staleness,
+            "aggregated_through": self.aggregated_through,
+            "pending": {step: sorted(e.sums) for step, e in sorted(self.pending.items())},
+            "beta": self.pid.beta,
+            "p_version": self.sampler.version,
+            "next_sampler_update_after_step": self.next_due if self.sampler_every else None,
+            "earliest_preference_step": self.earliest_preference_step,
+            "preference_changes": len(self.history),
+        }
+
+    def trace_dict(self) -> dict[str, list]:
+        return {
+            "step": [r.step for r in self.trace],
+            "beta": [r.beta for r in self.trace],
+            "accuracy_loss": [r.losses[0] for r in self.trace],
+            "target_loss": [r.target_loss for r in self.trace],
+            "losses": [list(r.losses) for r in self.trace],
+            "counts": [list(r.counts) for r in self.trace],
+        }
+
+    # -------------------------------------------------------------------- state
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "format": STATE_FORMAT,
+            "blocks": list(self.names),
+            "world_size": self.spec.world_size,
+            "staleness": self.spec.staleness,
+            "sampler_every": self.sampler_every,
+            "pid": self.pid.state_dict(),
+            "sampler": self.sampler.state_dict(),
+            "next_due": self.next_due,
+            "versions": [[after, probs] for after, probs in self.versions],
+            "signals_seen": {str(k): v for k, v in self.signals_seen.items()},
+            "pending": {str(s): {"sums": {str(r): v for r, v in e.sums.items()}, "counts": {str(r): v for r, v in e.counts.items()}} for s, e in self.pending.items()},
+            "trace": [asdict(r) for r in self.trace],
+            "history": [asdict(c) for c in self.history],
+        }
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        if state.get("format") != STATE_FORMAT:
+            raise CoordinatorError(f"coordinator state: format {state.get('format')!r}, expected {STATE_FORMAT}")
+        for key, mine in (("blocks", list(self.names)), ("world_size", self.spec.world_size), ("staleness", self.spec.staleness), ("sampler_every", self.sampler_every)):
+            if state[key] != mine:
+                raise CoordinatorError(f"coordinator state: {key} is {state[key]!r} in the checkpoint but {mine!r} in this job")
+        self.pid.load_state_dict(state["pid"])
+        self.sampler.load_state_dict(state["sampler"])
+        self.next_due = int(state["next_due"])
+        self.versions = [(int(after), {k: list(v) for k, v in probs.items()}) for after, probs in state["versions"]]
+        self.signals_seen = {int(k): v for k, v in state["signals_seen"].items()}
+        self.pending = {
+            int(s): _Pending({int(r): list(v) for r, v in e["sums"].items()}, {int(r): list(v) for r, v in e["counts"].items()})
+            for s, e in state["pending"].items()
+        }
+        self.trace = [StepRecord(**r) for r in state["trace"]]
+        self.history = [PreferenceChange(**c) for c in state["history"]]
+
+
+def _as_lists(probs: Mapping[str, np.ndarray]) -> dict[str, list[float]]:
+    return {k: [float(x) for x in v] for k, v in probs.items()}
+
+
+def _same_signals(a: Mapping[str, list[float]], b: Mapping[str, list[float]]) -> bool:
+    if set(a) != set(b):
+        return False
+    return all(np.array_equal(np.asarray(a[k]), np.asarray(b[k]), equal_nan=True) for k in a)
+
+
+def build_spec(
+    config: Any,
+    stats: Any,
+    *,
+    world_size: int,
+    target_loss: float | None = None,
+    steps_per_epoch: int | None = None,
+    registry: Any = None,
+) -> CoordinatorSpec:
+    """A ``CoordinatorSpec`` from the job ``Config`` and the dataset's ``GroupStats``.
+
+    ``target_loss`` overrides ``config.morec.pid.target_loss`` (which is 0 when l_hat must
+    come from the pretrained model). ``steps_per_epoch`` is required when
+    ``config.morec.sampler.update_every_steps`` is 0 (update once per epoch).
+    """
+    from morec_dist.coordinator.objectives import build_objectives
+
+    morec = config.morec
+    objectives = build_objectives(morec.objectives, stats, default_alpha=morec.sampler.alpha, registry=registry)
+    l_hat = target_loss if target_loss is not None else morec.pid.target_loss
+    every = morec.sampler.update_every_steps
+    if every == 0:
+        if not steps_per_epoch or steps_per_epoch < 1:
+            raise CoordinatorError("morec.sampler.update_every_steps = 0 (per epoch) needs steps_per_epoch >= 1")
+        every = steps_per_epoch
+    return CoordinatorSpec(
+        objectives=objectives,
+        gains=PIDGains.from_config(morec.pid),
+        lam=morec.lam,
+        target_loss=float(l_hat),
+        world_size=world_size,
+        staleness=config.coordinator.staleness,
+        sampler_every=every,
+    )

@@ -1,0 +1,267 @@
+"""Ray plumbing and the ``morec coordinator`` commands.
+
+- ``start_local_ray(object_store_mb)``: the embedded default when a job has no Ray address:
+  an in-process head with the object store capped, no dashboard, bound to 127.0.0.1 (Ray
+  otherwise resolves 127.0.0.1 to the host's public address and binds every interface;
+  ``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0`` makes it use loopback: set here for this process
+  and the ones Ray spawns, and applied for the ``ray.init`` call even when Ray was imported
+  earlier). Returns the GCS address that torchrun ranks pass to ``connect_ray``. The head
+  dies with the process that started it.
+- ``connect_ray(address, namespace)``: join an existing cluster (idempotent).
+- ``ensure_ray(config.coordinator)``: one of the two, by ``ray_address``.
+- ``open_coordinator(config.coordinator, spec, run_id, rank, state)``: get or create the named
+  actor, configure it for this run (idempotent per run_id), and return a started client.
+
+CLI (wired into ``morec`` by ``add_coordinator_commands``; also ``python -m
+morec_dist.coordinator.service coordinator ...``):
+
+    morec coordinator start  --address HOST:PORT [--name N] [--namespace NS] [--config FILE]
+    morec coordinator status --address HOST:PORT ...
+    morec coordinator set-preferences --address HOST:PORT [--weight NAME=W ...] [--target-loss X] [--at-step T]
+    morec coordinator stop   --address HOST:PORT ...
+
+``start`` creates the detached actor on an existing cluster (a job with
+``coordinator.ray_address`` set finds and configures it); ``set-preferences`` reaches the
+live actor and prints the recorded change (without ``--at-step``: the earliest step that
+can still change deterministically).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import logging
+import os
+import sys
+from typing import Any, Callable, Iterator, Mapping
+
+from morec_dist.coordinator.actor import get_existing, get_or_create
+from morec_dist.coordinator.client import CoordinatorClient
+from morec_dist.coordinator.core import CoordinatorError, CoordinatorSpec
+
+LOOPBACK = "127.0.0.1"
+LOOPBACK_ENV = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
+MIN_OBJECT_STORE_MB = 80  # Ray refuses smaller stores
+
+
+def start_local_ray(object_store_mb: int, *, num_cpus: int | None = None, namespace: str | None = None) -> str:
+    """Start an in-process Ray head on loopback; return its GCS address."""
+    if object_store_mb < MIN_OBJECT_STORE_MB:
+        raise CoordinatorError(f"coordinator.object_store_mb: Ray needs at least {MIN_OBJECT_STORE_MB}, got {object_store_mb}")
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    os.environ.setdefault(LOOPBACK_ENV, "0")  # read by Ray at import, here and in the processes it spawns
+    import ray
+
+    if ray.is_initialized():
+        return ray.get_runtime_context().gcs_address
+    with _loopback_node_ip():
+        ray.init(
+            address="local",  # always a new head: never attach to another `ray start` on this host
+            num_cpus=num_cpus,
+            object_store_memory=object_store_mb * 2**20,
+            include_dashboard=False,
+            _node_ip_address=LOOPBACK,
+            namespace=namespace,
+            logging_level=logging.WARNING,
+            log_to_driver=False,
+        )
+    address = ray.get_runtime_context().gcs_address
+    if not address.startswith(LOOPBACK):
+        logging.getLogger(__name__).warning("local Ray listens on %s, not on loopback", address)
+    return address
+
+
+@contextlib.contextmanager
+def _loopback_node_ip() -> Iterator[None]:
+    """Make Ray resolve this node to 127.0.0.1 even when it was imported before LOOPBACK_ENV was set.
+
+    Ray reads the variable into ``ray_constants.ENABLE_RAY_CLUSTER`` once, at import; when
+    another module imported Ray first, the head would advertise (and bind) the public
+    address. Pinned to ray 2.60; the constant is restored on exit.
+    """
+    from ray._private import ray_constants
+
+    saved = ray_constants.ENABLE_RAY_CLUSTER
+    ray_constants.ENABLE_RAY_CLUSTER = False
+    try:
+        yield
+    finally:
+        ray_constants.ENABLE_RAY_CLUSTER = saved
+
+
+def connect_ray(address: str, namespace: str | None = None) -> None:
+    """Join the cluster at ``address`` (no-op if this process already joined one)."""
+    if not address:
+        raise CoordinatorError("connect_ray: a Ray address (host:port) is required")
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    loopback = address.split(":")[0] in (LOOPBACK, "localhost")
+    if loopback:
+        os.environ.setdefault(LOOPBACK_ENV, "0")  # this node is the loopback node too
+    import ray
+
+    if ray.is_initialized():
+        return
+    # Without this Ray rewrites 127.0.0.1 to the public address and misses a loopback head.
+    with _loopback_node_ip() if loopback else contextlib.nullcontext():
+        ray.init(address=address, namespace=namespace, logging_level=logging.WARNING, log_to_driver=False)
+
+
+def ensure_ray(coordinator: Any) -> str:
+    """Connect to ``coordinator.ray_address``, or start the embedded local Ray. Returns the address."""
+    if coordinator.ray_address:
+        connect_ray(coordinator.ray_address, coordinator.namespace)
+        return coordinator.ray_address
+    return start_local_ray(coordinator.object_store_mb, namespace=coordinator.namespace)
+
+
+def open_coordinator(
+    coordinator: Any,
+    spec: CoordinatorSpec,
+    *,
+    run_id: str,
+    rank: int,
+    state: Mapping[str, Any] | None = None,
+    first_step: int = 0,
+) -> CoordinatorClient:
+    """Get/create and configure the named actor for this run; a started client for ``rank``.
+
+    Ray must be initialised in this process (``connect_ray``). Every rank may call this
+    with the same spec / state / run_id: the first configures, the rest find it configured.
+    """
+    import ray
+
+    actor = get_or_create(coordinator.name, coordinator.namespace, detached=coordinator.detached)
+    ray.get(actor.configure.remote(spec, state, run_id))
+    client = CoordinatorClient(actor, rank=rank, staleness=spec.staleness)
+    client.start(first_step)
+    return client
+
+
+# ------------------------------------------------------------------------- CLI
+
+
+def _parse_weight(text: str) -> tuple[str, float]:
+    if "=" not in text:
+        raise argparse.ArgumentTypeError(f"--weight {text!r}: expected NAME=VALUE")
+    name, value = text.split("=", 1)
+    try:
+        return name.strip(), float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--weight {text!r}: {value!r} is not a number") from None
+
+
+def _coordinator_section(args: argparse.Namespace) -> Any:
+    from morec_dist.config import load_config
+
+    section = load_config(args.config).coordinator
+    if args.address:
+        section.ray_address = args.address
+    if args.name:
+        section.name = args.name
+    if args.namespace:
+        section.namespace = args.namespace
+    if not section.ray_address:
+        raise CoordinatorError("morec coordinator: give --address HOST:PORT (or coordinator.ray_address in --config)")
+    return section
+
+
+def _common(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--address", default="", help="Ray cluster address host:port (default: coordinator.ray_address)")
+    parser.add_argument("--name", default="", help="actor name (default: coordinator.name)")
+    parser.add_argument("--namespace", default="", help="Ray namespace (default: coordinator.namespace)")
+    parser.add_argument("--config", default=None, help="job config TOML (for the coordinator section)")
+
+
+def _cmd_start(args: argparse.Namespace) -> int:
+    import ray
+
+    section = _coordinator_section(args)
+    connect_ray(section.ray_address, section.namespace)
+    actor = get_or_create(section.name, section.namespace, detached=True)
+    status = ray.get(actor.status.remote())
+    print(json.dumps({"actor": section.name, "namespace": section.namespace, "address": section.ray_address, **status}, default=str))
+    return 0
+
+
+def _cmd_status(args: argparse.Namespace) -> int:
+    import ray
+
+    section = _coordinator_section(args)
+    connect_ray(section.ray_address, section.namespace)
+    actor = get_existing(section.name, section.namespace)
+    print(json.dumps(ray.get(actor.status.remote()), default=str))
+    return 0
+
+
+def _cmd_set_preferences(args: argparse.Namespace) -> int:
+    import ray
+
+    if not args.weight and args.target_loss is None:
+        raise CoordinatorError("set-preferences: give --weight NAME=VALUE (repeatable) and/or --target-loss")
+    section = _coordinator_section(args)
+    connect_ray(section.ray_address, section.namespace)
+    actor = get_existing(section.name, section.namespace)
+    weights = dict(args.weight) if args.weight else None
+    source = f"cli pid={os.getpid()}"
+    try:
+        change = ray.get(actor.set_preferences.remote(weights, args.target_loss, args.at_step, source))
+    except ray.exceptions.RayTaskError as exc:
+        raise CoordinatorError(str(exc.cause) if getattr(exc, "cause", None) else str(exc)) from None
+    print(json.dumps(change))
+    return 0
+
+
+def _cmd_stop(args: argparse.Namespace) -> int:
+    import ray
+
+    section = _coordinator_section(args)
+    connect_ray(section.ray_address, section.namespace)
+    ray.kill(get_existing(section.name, section.namespace), no_restart=True)
+    print(json.dumps({"stopped": section.name, "namespace": section.namespace}))
+    return 0
+
+
+def _reporting_errors(command: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
+    """Expected failures (no such actor, a refused change) exit 2 with one line, no traceback."""
+
+    def run(args: argparse.Namespace) -> int:
+        try:
+            return command(args)
+        except CoordinatorError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
+
+    return run
+
+
+def add_coordinator_commands(subparsers: argparse._SubParsersAction) -> None:
+    """Add ``coordinator {start,status,set-preferences,stop}`` to a ``morec`` parser."""
+    coordinator = subparsers.add_parser("coordinator", help="the MoRec coordinator actor on a Ray cluster")
+    which = coordinator.add_subparsers(dest="coordinator_command", required=True, metavar="COMMAND")
+    start = which.add_parser("start", help="start the named, detached coordinator actor on an existing Ray cluster")
+    _common(start)
+    start.set_defaults(func=_reporting_errors(_cmd_start))
+    status = which.add_parser("status", help="print the live coordinator's status")
+    _common(status)
+    status.set_defaults(func=_reporting_errors(_cmd_status))
+    prefs = which.add_parser("set-preferences", help="change w and/or l_hat of a running job from a stated step")
+    _common(prefs)
+    prefs.add_argument("--weight", action="append", type=_parse_weight, default=[], metavar="NAME=W", help="new weight of an objective (repeatable)")
+    prefs.add_argument("--target-loss", type=float, default=None, help="new accuracy target l_hat")
+    prefs.add_argument("--at-step", type=int, default=None, help="first step the change applies to (default: the earliest possible)")
+    prefs.set_defaults(func=_reporting_errors(_cmd_set_preferences))
+    stop = which.add_parser("stop", help="kill the coordinator actor")
+    _common(stop)
+    stop.set_defaults(func=_reporting_errors(_cmd_stop))
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="morec")
+    add_coordinator_commands(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(argv)
+    return int(args.func(args))
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:] if len(sys.argv) > 1 else None))
