@@ -314,7 +314,9 @@ def validate(c: Config) -> None:
     _require(c.train.max_steps >= 0, f"train.max_steps: expected >= 0, got {c.train.max_steps}")
     _require(bool(c.eval.ks) and all(k >= 1 for k in c.eval.ks), f"eval.ks: expected positive integers, got {c.eval.ks}")
     _validate_morec(c.morec)
-    _require(c.coordinator.staleness >= 0, f"coordinator.staleness: expected >= 0, got {c.coordinator.staleness}")
+    # s = 0 would make step t's beta depend on step t's own report, which is sent after the
+    # step's loss is formed: the trainer needs at least one step of slack.
+    _require(c.coordinator.staleness >= 1, f"coordinator.staleness: expected >= 1, got {c.coordinator.staleness}")
     _require(1 <= c.metrics.base_port <= 65535 - 64, f"metrics.base_port: expected 1..65471, got {c.metrics.base_port}")
     _require(c.checkpoint.keep_last >= 1, f"checkpoint.keep_last: expected >= 1, got {c.checkpoint.keep_last}")
 

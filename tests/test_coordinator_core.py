@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import json
 import random
 
@@ -29,8 +31,11 @@ def stats() -> GroupStats:
 
 
 def make_core(*overrides: str, world_size: int = 2, staleness: int = 2, every: int = 4) -> CoordinatorCore:
-    config = load_config(None, [f"coordinator.staleness={staleness}", f"morec.sampler.update_every_steps={every}", *overrides])
-    return CoordinatorCore(build_spec(config, stats(), world_size=world_size, target_loss=L_HAT))
+    # the job config requires s >= 1 (the trainer's loop needs the slack); the core itself
+    # also supports s = 0, which is set on the spec directly
+    config = load_config(None, [f"coordinator.staleness={max(staleness, 1)}", f"morec.sampler.update_every_steps={every}", *overrides])
+    spec = build_spec(config, stats(), world_size=world_size, target_loss=L_HAT)
+    return CoordinatorCore(dataclasses.replace(spec, staleness=staleness))
 
 
 def rank_report(rank: int, step: int, blocks: int = 4) -> tuple[list[float], list[int]]:

@@ -1,0 +1,151 @@
+"""MoRec end to end: real torchrun ranks, a real Ray coordinator, real Parquet data.
+
+A tiny MF model is pretrained on a small synthetic dataset, then fine-tuned with MoRec:
+two runs with the same seed must agree bit for bit (beta sequence and weights), an extra
+objective given only in config must train, and a preference change sent from the CLI to
+the live coordinator must take effect at exactly the stated step.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+from tests.conftest import REPO
+
+CONFIG = str(REPO / "tests" / "configs" / "tiny.toml")
+pytestmark = pytest.mark.slow
+
+
+def morec(*args: str, timeout: int = 600, **env_extra: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", **env_extra}
+    proc = subprocess.run([sys.executable, "-m", "morec_dist.cli", *args], capture_output=True, text=True, timeout=timeout, env=env, cwd=REPO)
+    if proc.returncode != 0:
+        raise AssertionError(f"morec {' '.join(args)} exited {proc.returncode}:\n{proc.stderr[-4000:]}")
+    return proc
+
+
+def quoted(key: str, value: object) -> str:
+    return f'{key}="{value}"'
+
+
+@pytest.fixture(scope="module")
+def tiny_data(tmp_path_factory) -> Path:
+    from morec_dist.data.prepare.synthetic import generate
+
+    return generate(tmp_path_factory.mktemp("e2e") / "data", users=400, items=300, rows=40_000, seed=11)
+
+
+@pytest.fixture(scope="module")
+def pretrained(tiny_data, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("pretrain")
+    morec("train", "--config", CONFIG, quoted("data.path", tiny_data), quoted("run.out_dir", out))
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["train_loss"] > 0 and set(metrics) >= {"hit@10", "ndcg@10", "r_hit@10", "r_ndcg@10", "min_hit@10", "min_ndcg@10", "pop_kl@10"}
+    return out / "checkpoints" / "best"
+
+
+def finetune(pretrained: Path, data: Path, out: Path, *overrides: str) -> dict:
+    morec("finetune", "--from", str(pretrained), "--config", CONFIG, quoted("data.path", data), quoted("run.out_dir", out), *overrides)
+    return json.loads((out / "metrics.json").read_text())
+
+
+def weights(checkpoint: Path, tmp: Path) -> dict[str, torch.Tensor]:
+    target = tmp / f"{checkpoint.parent.parent.name}.pt"
+    dcp_to_torch_save(str(checkpoint), str(target))
+    state = torch.load(target, weights_only=True)
+    return {k: v for k, v in state["model"].items() if isinstance(v, torch.Tensor)}
+
+
+def test_same_seed_same_betas_and_weights(pretrained, tiny_data, tmp_path):
+    a = finetune(pretrained, tiny_data, tmp_path / "a")
+    b = finetune(pretrained, tiny_data, tmp_path / "b")
+    trace_a, trace_b = a["coordinator"]["trace"], b["coordinator"]["trace"]
+    assert len(trace_a["beta"]) == 40
+    assert trace_a["beta"] == trace_b["beta"]
+    assert trace_a["losses"] == trace_b["losses"]
+    assert len(a["coordinator"]["sampler_updates"]) == 4  # every 10 steps
+    wa, wb = weights(tmp_path / "a" / "checkpoints" / "final", tmp_path), weights(tmp_path / "b" / "checkpoints" / "final", tmp_path)
+    assert wa.keys() == wb.keys() and wa
+    for key in wa:
+        assert torch.equal(wa[key], wb[key]), key
+    # the model moved away from the pretrained weights
+    w0 = weights(pretrained, tmp_path)
+    assert any(not torch.equal(wa[k], w0[k]) for k in wa)
+    # every rank reported every step: the aggregated row counts are world_size * B per block
+    assert all(c == [128] * 4 for c in trace_a["counts"])
+
+
+def test_fifth_objective_from_config_only_trains(pretrained, tiny_data, tmp_path):
+    extra = (
+        'morec.objectives=['
+        '{name="revenue", kind="revenue", group_column="rev_group", weight=0.5},'
+        '{name="fairness", kind="fairness", group_column="fair_group", weight=0.2},'
+        '{name="alignment", kind="alignment", group_column="align_group", weight=0.2},'
+        '{name="price_mix", kind="target_share", group_column="rev_group", weight=0.1, options={k=20}}]'
+    )
+    result = finetune(pretrained, tiny_data, tmp_path / "five", extra)
+    trace = result["coordinator"]["trace"]
+    assert all(len(row) == 5 for row in trace["losses"])  # accuracy + 4 auxiliary blocks
+    updates = result["coordinator"]["sampler_updates"]
+    assert updates and "price_mix" in updates[0]["signals"] and len(updates[0]["signals"]["price_mix"]) == 10
+
+
+@pytest.fixture
+def ray_head(tmp_path):
+    """A real Ray head on loopback (launch/ray_head.sh: token auth, no dashboard), stopped after."""
+    port = 6300 + os.getpid() % 500
+    env = {**os.environ, "MOREC_RAY_STATE": str(tmp_path / "ray-state")}
+    script = str(REPO / "launch" / "ray_head.sh")
+    subprocess.run(["bash", script, "--port", str(port), "--num-cpus", "2", "--object-store-mb", "100"], check=True, env=env, timeout=120, capture_output=True)
+    try:
+        yield f"127.0.0.1:{port}"
+    finally:
+        subprocess.run(["bash", script, "--stop", "--port", str(port)], env=env, timeout=120, capture_output=True)
+
+
+def test_preference_change_from_the_cli_applies_at_the_stated_step(pretrained, tiny_data, tmp_path, ray_head):
+    out = tmp_path / "prefs"
+    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "token"}
+    job = subprocess.Popen(
+        [sys.executable, "-m", "morec_dist.cli", "finetune", "--from", str(pretrained), "--config", CONFIG,
+         quoted("data.path", tiny_data), quoted("run.out_dir", out), quoted("coordinator.ray_address", ray_head),
+         "train.max_steps=2500", "morec.epochs=3", "data.batch_size=16"],
+        cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=open(tmp_path / "job.log", "w"),
+    )
+    try:
+        status = {}
+        deadline = time.time() + 300
+        while time.time() < deadline:
+            probe = subprocess.run([sys.executable, "-m", "morec_dist.cli", "coordinator", "status", "--address", ray_head], capture_output=True, text=True, cwd=REPO, env=env, timeout=120)
+            if job.poll() is not None:
+                break
+            if probe.returncode == 0 and '"aggregated_through"' in probe.stdout:
+                status = json.loads(probe.stdout)
+                if status["aggregated_through"] >= 0:
+                    break
+            time.sleep(0.5)
+        assert status, f"the coordinator never came up:\n{(tmp_path / 'job.log').read_text()[-4000:]}"
+        at_step = status["aggregated_through"] + 600
+        morec("coordinator", "set-preferences", "--address", ray_head, "--target-loss", "0.05", "--weight", "revenue=0.1", "--at-step", str(at_step), RAY_AUTH_MODE="token")
+        job.wait(timeout=600)
+        assert job.returncode == 0, (tmp_path / "job.log").read_text()[-4000:]
+    finally:
+        if job.poll() is None:
+            job.kill()
+    result = json.loads((out / "metrics.json").read_text())
+    trace = result["coordinator"]["trace"]
+    targets = dict(zip(trace["step"], trace["target_loss"]))
+    assert targets[at_step - 1] == pytest.approx(result["target_loss"])
+    assert all(targets[s] == 0.05 for s in trace["step"] if s >= at_step)
+    assert all(targets[s] == pytest.approx(result["target_loss"]) for s in trace["step"] if s < at_step)
+    changes = [h for h in result["coordinator"]["history"] if h.get("effective_step") == at_step]
+    assert changes and changes[0]["weights"]["revenue"] == 0.1
