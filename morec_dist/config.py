@@ -118,6 +118,8 @@ class MorecConfig:
     pid: PIDConfig = field(default_factory=PIDConfig)
     sampler: SamplerConfig = field(default_factory=SamplerConfig)
     epochs: int = 5
+    # fine-tuning step size of the embedding tables; 0 = optim.embedding_lr (pretraining's)
+    embedding_lr: float = 0.0
 
 
 @dataclass
@@ -339,6 +341,7 @@ def _validate_morec(m: MorecConfig) -> None:
     _require(m.lam > 0, f"morec.lam: expected > 0, got {m.lam}")
     _require(m.sampler.alpha > 0, f"morec.sampler.alpha: expected > 0, got {m.sampler.alpha}")
     _require(m.epochs >= 1, f"morec.epochs: expected >= 1, got {m.epochs}")
+    _require(m.embedding_lr >= 0, f"morec.embedding_lr: expected >= 0, got {m.embedding_lr}")
     names = [o.name for o in m.objectives]
     _require(len(set(names)) == len(names), f"morec.objectives: duplicate names in {names}")
     for i, o in enumerate(m.objectives):

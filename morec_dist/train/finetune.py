@@ -13,6 +13,7 @@ Every method evaluates on valid after each epoch and on test at the end, writing
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import time
 from pathlib import Path
@@ -72,6 +73,8 @@ def build_morec(config: Config, trainer: Trainer, target_loss: float):
 def run_finetune(config: Config, from_checkpoint: str | Path, method: str = "morec") -> dict[str, Any]:
     if method not in METHODS:
         raise ValueError(f"--method {method!r}: expected one of {METHODS}")
+    if config.morec.embedding_lr:
+        config = dataclasses.replace(config, optim=dataclasses.replace(config.optim, embedding_lr=config.morec.embedding_lr))
     ctx = init_distributed()
     started = time.perf_counter()
     run_dir = Path(config.run.out_dir)
