@@ -16,6 +16,8 @@
 #              store (node 0, which must be the --rdzv host) and is exported as NODE_RANK.
 # --rdzv       HOST:PORT of the c10d rendezvous (required when --nnodes > 1). Default $RDZV_ENDPOINT.
 # --rdzv-id    the job id every node passes (default $RDZV_ID, else "morec").
+# LOCAL_ADDR   (environment) the address this node advertises to the others; node 0's is the
+#              MASTER_ADDR of the ranks (default: torchrun resolves the hostname).
 # --dry-run    print the command instead of running it.
 #
 # The interpreter is .venv/bin/python when the repository has one, else python3.
@@ -71,6 +73,9 @@ else
     is_host=$(( node_rank == 0 ? 1 : 0 ))
     torchrun+=(--nnodes="$nnodes" --rdzv_backend=c10d --rdzv_endpoint="$rdzv" --rdzv_id="$rdzv_id"
                --rdzv_conf="is_host=$is_host")
+    # The address this node advertises to the others (node 0's becomes MASTER_ADDR). Without
+    # it torchrun uses the hostname, which other hosts may not resolve to a reachable address.
+    [[ -z "${LOCAL_ADDR:-}" ]] || torchrun+=(--local-addr="$LOCAL_ADDR")
 fi
 torchrun+=(-m morec_dist.cli "$@")
 
