@@ -1,0 +1,339 @@
+"""Generates ``benchmarks/REPORT.md`` from the JSON files of a benchmark run.
+
+    python -m benchmarks.report                                   # benchmarks/results -> benchmarks/REPORT.md
+    python -m benchmarks.report --results DIR --out FILE.md
+
+Nothing in the report is typed by hand: every figure comes from a result file
+(``overhead.json``, ``reader.json``, ``coordinator_scale.json``, ``embedding_scale.json``,
+``quality.json``, ``sensitivity.json``, and ``run_all.json`` for the run's status), and an
+appendix lists every number of every file. A missing file is reported as missing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+from benchmarks.common import REPO, RESULTS
+
+BENCHMARKS = ("overhead", "reader", "coordinator_scale", "embedding_scale", "quality", "sensitivity")
+
+
+def load_results(results: Path) -> dict[str, dict[str, Any]]:
+    found = {}
+    for name in (*BENCHMARKS, "run_all"):
+        path = results / f"{name}.json"
+        if path.exists():
+            found[name] = json.loads(path.read_text())
+    return found
+
+
+def fmt(value: Any, digits: int = 3) -> str:
+    if isinstance(value, bool) or value is None:
+        return str(value)
+    if isinstance(value, int):
+        return f"{value:,}"
+    if isinstance(value, float):
+        if math.isnan(value):
+            return "n/a"
+        if abs(value) >= 1000:
+            return f"{value:,.0f}"
+        return f"{value:.{digits}g}" if abs(value) < 0.01 else f"{value:.{digits}f}".rstrip("0").rstrip(".")
+    return str(value)
+
+
+def pct(value: float, signed: bool = True) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "n/a"
+    return f"{100 * value:+.1f}%" if signed else f"{100 * value:.1f}%"
+
+
+def table(header: list[str], rows: list[list[Any]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(c if isinstance(c, str) else fmt(c) for c in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def _shown(path: Path) -> str:
+    path = Path(path).resolve()
+    return str(path.relative_to(REPO)) if path.is_relative_to(REPO) else str(path)
+
+
+def _staleness(value: Any) -> str:
+    return "none of those tested" if value is None else f"s={value}"
+
+
+def image(results: Path, out: Path, name: str, alt: str) -> str:
+    path = results / name
+    if not path.exists():
+        return f"*(figure {name} missing)*"
+    return f"![{alt}]({os.path.relpath(path, out.parent)})"
+
+
+# ------------------------------------------------------------------ sections
+
+
+def section_provenance(found: dict[str, dict[str, Any]]) -> str:
+    lines = ["## Machine, versions, seeds", ""]
+    rows = []
+    for name in BENCHMARKS:
+        r = found.get(name)
+        if r is None:
+            continue
+        m = r.get("machine", {})
+        load = m.get("load_average")
+        rows.append([name, r.get("mode", ""), str(r.get("seed", "")), m.get("cpu", ""), str(m.get("cores", "")),
+                     fmt(m.get("memory_gib")) if "memory_gib" in m else "", m.get("git_commit", ""),
+                     " / ".join(fmt(x, 2) for x in load) if load else "",
+                     " / ".join(fmt(x, 2) for x in m.get("load_average_end", [])), fmt(r.get("seconds"))])
+    lines.append(table(["benchmark", "mode", "seed", "cpu", "cores", "memory GiB", "commit", "load avg at start (1/5/15 min)", "at end", "seconds"], rows))
+    versions = next((r["versions"] for r in found.values() if "versions" in r), None)
+    if versions:
+        lines += ["", "Versions: " + ", ".join(f"{k} {v}" for k, v in sorted(versions.items())) + "."]
+    notes = sorted({r.get("note", "") for r in found.values() if r.get("note")})
+    if notes:
+        lines += ["", "Notes recorded with the results: " + " ".join(notes)]
+    return "\n".join(lines)
+
+
+def section_headline(found: dict[str, dict[str, Any]]) -> str:
+    lines = ["## Headline", ""]
+    o = found.get("overhead")
+    if o:
+        lines.append(f"- **MoRec overhead**: MoRec trains at {fmt(o['morec_rows_per_s'])} rows/s against {fmt(o['plain_rows_per_s'])} rows/s for plain "
+                     f"TorchRec training of the same model and rows per step: **ratio {o['ratio']:.3f}** (target >= 0.9; median of per-round ratios "
+                     f"{o.get('ratio_median_of_rounds', float('nan')):.3f}); ranks were blocked on the coordinator {pct(o['coordinator_wait_fraction'], False)} of the time.")
+    r = found.get("reader")
+    if r:
+        lines.append(f"- **Reader**: exact weighted sampling at {fmt(r['weighted_rows_per_s'])} rows/s against a raw Parquet scan at "
+                     f"{fmt(r['raw_rows_per_s'])} rows/s (**ratio {fmt(r['ratio'])}**); smallest chi-square p-value {fmt(r['chi2_pvalue_min'])}; "
+                     f"peak RSS {fmt(r['rss_mb_small'])} MB -> {fmt(r['rss_mb_large'])} MB (x{r['rss_growth']:.2f}) from {fmt(r['rows'][0])} to {fmt(r['rows'][-1])} rows.")
+    c = found.get("coordinator_scale")
+    if c:
+        done = [p for p in c["points"] if p.get("completed", True)]
+        largest = max(p["ranks"] for p in done)
+        best = max((p for p in done if p["ranks"] == largest), key=lambda p: p["steps_per_s"])
+        lines.append(f"- **Coordinator**: with {largest} simulated ranks the actor aggregates {fmt(best['steps_per_s'])} steps/s "
+                     f"({fmt(best['reports_per_s'])} reports/s, s={best['staleness']}); staleness needed for <= 10% waiting decisions: "
+                     + ", ".join(f"{k} ranks: {_staleness(v)}" for k, v in c["staleness_needed_wait_le_10pct"].items()) + ".")
+    e = found.get("embedding_scale")
+    if e:
+        parts = []
+        for sharding, s in e["summary"].items():
+            parts.append(f"{sharding}: {fmt(s['total_table_mb'][0] / 1024, 2)} -> {fmt(s['total_table_mb'][-1] / 1024, 2)} GiB of tables, step "
+                         f"{fmt(s['step_ms_median'][0])} -> {fmt(s['step_ms_median'][-1])} ms, max peak RSS per rank {fmt(max(max(x) for x in s['peak_rss_mb_per_rank']))} MB")
+        lines.append("- **Embedding scale**: " + "; ".join(parts) + ".")
+    q = found.get("quality")
+    if q:
+        ref = next((row for row in q["rows"] if row["method"] == "morec"), None)
+        if ref:
+            lines.append(f"- **Quality** ({ref['name']}): hit@10 {pct(ref['relative']['hit@10'])}, R-Hit@10 {pct(ref['relative']['r_hit@10'])}, "
+                         f"min-Hit@10 {pct(ref['relative']['min_hit@10'])}, Pop-KL@10 {pct(ref['relative']['pop_kl@10'])} against the pretrained model; "
+                         f"mean objective gain {pct(ref['mean_gain'])}.")
+    return "\n".join(lines)
+
+
+def section_overhead(o: dict[str, Any], results: Path, out: Path) -> str:
+    cfg = o["config"]
+    lines = [
+        "## 1. Overhead of MoRec", "",
+        f"Plain: uniform reader, {cfg['batch_size_per_block'] * (len(cfg['objectives']) + 1)} rows per rank per step, accuracy-only loss. "
+        f"MoRec: {len(cfg['objectives']) + 1} blocks of {cfg['batch_size_per_block']} (accuracy + {', '.join(cfg['objectives'])}), coordinator on Ray, staleness {cfg['staleness']}. "
+        f"Same sharded model, {cfg['nproc']} torchrun ranks, data: {cfg['data_kind']} ({cfg['data']}); {cfg['rounds']} alternating rounds of {cfg['window_steps']} steps after {cfg['warmup_steps']} warm-up steps each.", "",
+        table(["figure", "value"], [
+            ["plain rows/s", o["plain_rows_per_s"]],
+            ["MoRec rows/s", o["morec_rows_per_s"]],
+            ["ratio (MoRec / plain)", o["ratio"]],
+            ["median of per-round ratios", o.get("ratio_median_of_rounds")],
+            ["per-round ratios", ", ".join(fmt(x) for x in o.get("ratio_per_round", []))],
+            ["coordinator wait fraction", o["coordinator_wait_fraction"]],
+            ["reader wait fraction (plain / MoRec)", f"{fmt(o['reader_wait_fraction']['plain'])} / {fmt(o['reader_wait_fraction']['morec'])}"],
+            ["MoRec step (ms)", o["morec_step_ms"]],
+            ["one sampler-signal pass (s)", o["sampler_signal_s"]],
+            ["sampler update cadence (steps)", o.get("sampler_update_every_steps", "n/a")],
+            ["its amortised share of a step", o.get("sampler_amortised_fraction", "n/a")],
+            ["ratio including sampler updates", o.get("ratio_with_sampler_updates", "n/a")],
+        ]),
+    ]
+    return "\n".join(lines)
+
+
+def section_reader(r: dict[str, Any]) -> str:
+    keys = ["weighted_rows_per_s", "raw_rows_per_s", "ratio", "weighted_rows_per_s_bounded", "ratio_bounded", "chi2_pvalue_min", "chi2_draws",
+            "rss_mb_small", "rss_mb_large", "rss_growth", "resident_budget_mb", "speed_dataset_rows"]
+    rows = [[k, r[k]] for k in keys if k in r]
+    for size, rate in (r.get("morec_batch_rows_per_s") or {}).items():
+        rows.append([f"MoRec batches rows/s ({int(size):,} rows)", rate])
+    for size, build in (r.get("prepare") or {}).items():
+        rows.append([f"dataset / index build s ({int(size):,} rows)", f"{fmt(build.get('dataset_s'))} / {fmt(build.get('index_build_s_3_columns'))}"])
+    return "\n".join(["## 2. Reader", "", f"Datasets: {', '.join(f'{x:,}' for x in r.get('rows', []))} rows (synthetic).", "", table(["figure", "value"], rows)])
+
+
+def section_coordinator(c: dict[str, Any], results: Path, out: Path) -> str:
+    cfg = c["config"]
+    rows = []
+    for p in c["points"]:
+        if not p.get("completed", True):
+            rows.append([p["ranks"], p["staleness"], p["steps"], f"did not complete: {p['error']}"] + [""] * 9)
+            continue
+        rows.append([p["ranks"], p["staleness"], p["steps"], p["steps_per_s"], p["reports_per_s"], p["report_rtt_ms_p50"], p["report_rtt_ms_p99"],
+                     p["rpc_rtt_ms_p50"], p["rpc_rtt_ms_p99"], pct(p["wait_fraction"], False), p["wait_ms_mean"], p["wait_ms_p99"], p["decisions_consistent"]])
+    return "\n".join([
+        "## 3. Coordinator at scale", "",
+        f"Simulated ranks (asyncio tasks, one process) against the real Ray actor; simulated step time {fmt(cfg['step_ms'])} ms (lognormal jitter), "
+        f"sampler update every {cfg['sampler_every']} steps. Senders and the actor share this machine's cores, so these are lower bounds of the actor's capacity.", "",
+        table(["ranks", "s", "steps", "steps/s", "reports/s", "report RTT p50 ms", "p99 ms", "bare RPC p50 ms", "p99 ms", "decisions that waited", "wait mean ms", "wait p99 ms", "same decisions on all ranks"], rows),
+        "",
+        "Smallest staleness with at most 1% / 10% of decisions waiting: "
+        + "; ".join(f"{k} ranks: {_staleness(c['staleness_needed_wait_le_1pct'][k])} / {_staleness(c['staleness_needed_wait_le_10pct'][k])}" for k in c["staleness_needed_wait_le_10pct"]) + ".",
+        *([
+            "", f"Points that did not complete within {fmt(cfg.get('point_timeout'))} s: "
+            + "; ".join(f"{p['ranks']} ranks at s={p['staleness']} (up to {p['calls_in_flight_bound']:,} report calls waiting in the actor at once; "
+                        f"its max_concurrency is {c.get('actor_max_concurrency', 'n/a')})" for p in c.get("incomplete_points", [])) + ".",
+        ] if c.get("incomplete_points") else []),
+        "", image(results, out, "coordinator_scale.png", "coordinator scale"),
+    ])
+
+
+def section_embedding(e: dict[str, Any], results: Path, out: Path) -> str:
+    rows = []
+    for p in e["points"]:
+        for r in p["ranks"]:
+            rows.append([p["sharding"], p["total_table_mb"], r["rank"], r["local_table_mb"], r["step_ms_median"], r["step_ms_p90"], r["setup_s"],
+                         r["rss_mb_before"], r["rss_mb_after_setup"], r["peak_rss_mb"]])
+    slopes = ", ".join(f"{k}: {fmt(v['rss_per_table_gb'])}" for k, v in e["summary"].items())
+    return "\n".join([
+        "## 4. Embedding scale", "",
+        f"MF with two equal tables, dim {e['config']['dim']}, {e['config']['rows_per_rank_step']} rows per rank per step, {e['config']['negatives']} negatives, "
+        f"{e['config']['optimizer']}, {e['config']['nproc']} ranks; model built on the meta device so a rank allocates only its shards.", "",
+        table(["sharding", "tables MB (all)", "rank", "shard MB on rank", "step ms median", "p90", "set-up s", "RSS before MB", "RSS after set-up MB", "peak RSS MB"], rows),
+        "", f"Peak RSS grows by this many MB per MB of shard held (fitted slope): {slopes}.",
+        "", image(results, out, "embedding_scale.png", "embedding scale"),
+    ])
+
+
+def section_quality(q: dict[str, Any], results: Path, out: Path) -> str:
+    cfg = q["config"]
+    rows = []
+    for row in q["rows"]:
+        extra = ""
+        if row["method"] == "morec":
+            extra = f"w={row['weights']}, l_hat={fmt(row['target_loss'], 4)}"
+        elif row["method"] == "static":
+            extra = f"w={row['weights']}"
+        rows.append([row["name"], extra, pct(row.get("mean_gain", float("nan"))) if row["method"] not in ("pretrain",) else ""])
+    return "\n".join([
+        f"## 5. Quality on {Path(cfg['data']).name} (test split)", "",
+        f"Config {Path(cfg['config_file']).name}, pretrained l_hat = {fmt(q['target_loss_pretrained'], 4)} (best epoch {q['pretrain'].get('best_epoch')}); "
+        f"fine-tune overrides {cfg['finetune_overrides']}. Relative changes against the pretrained model.", "",
+        q["table_markdown"], "",
+        table(["model", "setting", "mean gain (revenue, fairness, alignment)"], rows), "",
+        image(results, out, "quality_pareto.png", "Pareto fronts"), "",
+        image(results, out, "quality_pid_trace.png", "PID traces"),
+    ])
+
+
+def section_sensitivity(s: dict[str, Any], results: Path, out: Path) -> str:
+    rows = [[p["kp"], p["ki"], pct(p["accuracy_change"]), pct(p["gains"]["revenue"]), pct(p["gains"]["fairness"]), pct(p["gains"]["alignment"]),
+             pct(p["mean_gain"]), p["beta_mean"], p["beta_final"], p["final_loss_minus_target"]] for p in s["points"]]
+    return "\n".join([
+        "## 6. PID sensitivity", "",
+        f"MoRec from the same pretrained model (l_hat {fmt(s['target_loss'], 4)}), reference preferences, fine-tune overrides {s['config']['finetune_overrides']}.", "",
+        table(["Kp", "Ki", "hit@10 change", "revenue gain", "fairness gain", "alignment gain", "mean gain", "beta mean", "beta final", "final loss - l_hat"], rows),
+        "", image(results, out, "sensitivity.png", "sensitivity"),
+    ])
+
+
+def section_status(run: dict[str, Any]) -> str:
+    rows = [[name, info["status"], info.get("seconds"), info.get("error", "")[:200]] for name, info in run.get("benchmarks", {}).items()]
+    total = sum(float(info.get("seconds") or 0) for info in run.get("benchmarks", {}).values())
+    return "\n".join(["## Run status", "", f"Last command `{run.get('command', '')}`; the benchmarks below took {fmt(total)} s in all.", "",
+                      table(["benchmark", "status", "seconds", "error"], rows)])
+
+
+def flatten(value: Any, prefix: str = "") -> list[tuple[str, Any]]:
+    if isinstance(value, dict):
+        out = []
+        for k, v in value.items():
+            out += flatten(v, f"{prefix}.{k}" if prefix else str(k))
+        return out
+    if isinstance(value, list) and value and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value):
+        if len(value) > 12:
+            return [(prefix, f"[{len(value)} values; first {fmt(value[0])}, last {fmt(value[-1])}]")]
+        return [(prefix, "[" + ", ".join(fmt(v) for v in value) + "]")]
+    if isinstance(value, list):
+        out = []
+        for i, v in enumerate(value):
+            out += flatten(v, f"{prefix}[{i}]")
+        return out
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return [(prefix, fmt(value, 6))]
+    return []
+
+
+def appendix(found: dict[str, dict[str, Any]]) -> str:
+    lines = ["## Appendix: every number", ""]
+    skip = ("config", "raw", "table_markdown")
+    for name, result in found.items():
+        values = flatten({k: v for k, v in result.items() if k not in skip})
+        lines += [f"<details><summary>{name}.json ({len(values)} numbers)</summary>", "", "| key | value |", "|---|---|"]
+        lines += [f"| {k} | {v} |" for k, v in values]
+        lines += ["", "</details>", ""]
+    return "\n".join(lines)
+
+
+SECTIONS: dict[str, Callable[..., str]] = {
+    "overhead": section_overhead,
+    "coordinator_scale": section_coordinator,
+    "embedding_scale": section_embedding,
+    "quality": section_quality,
+    "sensitivity": section_sensitivity,
+}
+
+
+def generate(results: Path, out: Path) -> str:
+    found = load_results(results)
+    parts = [
+        "# Benchmark report", "",
+        f"Generated {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())} by `python -m benchmarks.report` from `{_shown(results)}/*.json`. "
+        "Every ratio compares two measurements of the same run on the same machine.", "",
+        section_headline(found), "",
+        section_provenance(found), "",
+    ]
+    if "run_all" in found:
+        parts += [section_status(found["run_all"]), ""]
+    for name in BENCHMARKS:
+        if name not in found:
+            parts += [f"## {name}", "", f"*(no {name}.json in {results})*", ""]
+            continue
+        if name == "reader":
+            parts += [section_reader(found[name]), ""]
+            continue
+        try:
+            parts += [SECTIONS[name](found[name], results, out), ""]
+        except (KeyError, TypeError, ValueError) as exc:
+            parts += [f"## {name}", "", f"*(could not render {name}.json: {type(exc).__name__}: {exc})*", ""]
+    parts.append(appendix(found))
+    text = "\n".join(parts) + "\n"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(text)
+    return text
+
+
+def main(argv: list[str] | None = None) -> Path:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--results", type=Path, default=RESULTS)
+    parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "REPORT.md")
+    args = parser.parse_args(argv)
+    generate(args.results, args.out)
+    print(f"wrote {args.out}")
+    return args.out
+
+
+if __name__ == "__main__":
+    main()
