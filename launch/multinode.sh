@@ -61,6 +61,8 @@ export MOREC_RAY_ADDRESS
 ray_host="${MOREC_RAY_ADDRESS%:*}"
 if [[ "$ray_host" == 127.* || "$ray_host" == localhost ]]; then
     export RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0  # as launch/ray_head.sh does for a loopback head
+else
+    unset RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER  # inherited =0 would bind this node to loopback only
 fi
 export RAY_AUTH_MODE="${RAY_AUTH_MODE:-token}" RAY_USAGE_STATS_ENABLED="${RAY_USAGE_STATS_ENABLED:-0}"
 if [[ "$RAY_AUTH_MODE" == token && -z "${RAY_AUTH_TOKEN:-}" && -z "${RAY_AUTH_TOKEN_PATH:-}" && ! -s "$HOME/.ray/auth_token" ]]; then
