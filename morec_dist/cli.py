@@ -1,8 +1,11 @@
 """The ``morec`` command line: one subcommand per job, each with its own ``--help``.
 
 The CLI only parses arguments and reports errors; every subcommand delegates to the module
-that owns the job. Expected failures (bad config, broken dataset) exit with status 2 and a
-one-line message naming what is wrong, never a traceback.
+that owns the job. Expected failures (bad config, broken dataset, an incompatible
+checkpoint, an unreachable Ray address, a metrics port in use) exit with status 2 and a
+one-line message naming what is wrong, never a traceback. ``train`` / ``finetune`` check
+what they can before starting torchrun (config, dataset, ``--from`` checkpoint, Ray
+address); what only the ranks can find, they report through ``launch.report_user_error``.
 """
 
 from __future__ import annotations
@@ -13,6 +16,15 @@ import sys
 from pathlib import Path
 
 from morec_dist.config import ConfigError
+
+
+def user_errors() -> tuple[type[BaseException], ...]:
+    """Exceptions that mean bad input (exit 2, one line), not a bug."""
+    from morec_dist.coordinator.core import CoordinatorError
+    from morec_dist.data.dataset import DatasetError
+    from morec_dist.train.checkpoint import CheckpointError
+
+    return (ConfigError, DatasetError, CheckpointError, CoordinatorError, FileExistsError)
 
 
 def _add_prepare(sub: argparse._SubParsersAction) -> None:
@@ -90,6 +102,40 @@ def _add_config_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--nproc", type=int, default=None, help="local ranks when not started by torchrun (default: run.nproc)")
 
 
+def _add_fault_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--no-resume", action="store_true", help="start afresh even if <run.out_dir>/checkpoints holds a step checkpoint")
+    parser.add_argument("--max-restarts", type=int, default=None, help="torchrun restarts of the rank group after a failure (default: run.max_restarts)")
+
+
+def preflight(config, from_checkpoint: str | None = None, objectives: bool = False) -> None:
+    """Cheap checks in the parent, before any rank starts: the dataset (fully verified; the
+    ranks then skip re-verifying it), the MoRec objectives against it, the checkpoint to
+    start from, the Ray address."""
+    import os
+
+    from morec_dist.data.dataset import PreparedDataset
+    from morec_dist.train.pretrain import VERIFIED_ENV
+
+    dataset = PreparedDataset.open(config.data.path)
+    os.environ[VERIFIED_ENV] = str(dataset.path.resolve())
+    if objectives:
+        from morec_dist.coordinator.objectives import ObjectiveError, build_objectives
+        from morec_dist.coordinator.sampler import GroupStats, SamplerError
+
+        try:
+            build_objectives(config.morec.objectives, GroupStats.from_manifest(dataset.manifest, dataset.path), default_alpha=config.morec.sampler.alpha)
+        except (ObjectiveError, SamplerError) as exc:
+            raise ConfigError(f"morec.objectives: {exc}") from None
+    if from_checkpoint is not None:
+        from morec_dist.train.checkpoint import read_meta
+
+        read_meta(from_checkpoint)
+    if config.coordinator.ray_address:
+        from morec_dist.coordinator.service import probe_address
+
+        probe_address(config.coordinator.ray_address)
+
+
 def _load(args: argparse.Namespace):
     from morec_dist.config import load_config
 
@@ -102,22 +148,47 @@ def _as_ranks(args: argparse.Namespace, job, config=None) -> int:
 
     config = config or _load(args)  # validate before starting any process
     if not under_torchrun():
-        return relaunch(args.nproc or config.run.nproc, args.argv)
+        restarts = getattr(args, "max_restarts", None)
+        if restarts is not None and restarts < 0:
+            raise ConfigError(f"--max-restarts: expected >= 0, got {restarts}")
+        return relaunch(args.nproc or config.run.nproc, args.argv, config.run.max_restarts if restarts is None else restarts)
     from morec_dist.model.sharding import shutdown_distributed
 
-    job(config)
+    try:
+        job(config)
+    except user_errors() as exc:
+        _rank_user_error(args, exc)
     shutdown_distributed(exit_code=0)
     return 0
+
+
+def _rank_user_error(args: argparse.Namespace, exc: BaseException) -> None:
+    """A rank stopped on bad input: one line for the parent, exit 2 at once (the other
+    ranks may be inside a collective with this one; torchrun stops them)."""
+    import os
+
+    from morec_dist.train.launch import EXIT_USER_ERROR, report_user_error
+
+    message = f"morec {args.command}: {exc}"
+    report_user_error(message)
+    print(f"{message}", file=sys.stderr, flush=True)
+    sys.stdout.flush()
+    os._exit(EXIT_USER_ERROR)
 
 
 def _add_train(sub: argparse._SubParsersAction) -> None:
     train = sub.add_parser("train", help="pretrain an accuracy-only model (MF-BPR / two-tower) on torchrun ranks")
     _add_config_args(train)
+    _add_fault_args(train)
 
     def run(args: argparse.Namespace) -> int:
+        from morec_dist.train.launch import under_torchrun
         from morec_dist.train.pretrain import run_pretrain
 
-        return _as_ranks(args, run_pretrain)
+        config = _load(args)
+        if not under_torchrun():
+            preflight(config)
+        return _as_ranks(args, lambda c: run_pretrain(c, resume=False if args.no_resume else None), config=config)
 
     train.set_defaults(func=run)
 
@@ -127,19 +198,22 @@ def _add_finetune(sub: argparse._SubParsersAction) -> None:
     finetune.add_argument("--from", dest="from_checkpoint", required=True, help="pretrained checkpoint directory")
     finetune.add_argument("--method", choices=("morec", "static", "mgda"), default="morec")
     _add_config_args(finetune)
+    _add_fault_args(finetune)
 
     def run(args: argparse.Namespace) -> int:
         from morec_dist.train.finetune import run_finetune
         from morec_dist.train.launch import under_torchrun
 
         config = _load(args)
+        if not under_torchrun():
+            preflight(config, args.from_checkpoint, objectives=args.method == "morec")
         if args.method == "morec" and not config.coordinator.ray_address and not under_torchrun():
             # the embedded default: a local Ray head in this process, shared by the ranks
             from morec_dist.coordinator.service import start_local_ray
 
             address = start_local_ray(config.coordinator.object_store_mb, namespace=config.coordinator.namespace)
             args.argv = [*args.argv, f"coordinator.ray_address={address!r}".replace("'", '"')]
-        return _as_ranks(args, lambda c: run_finetune(c, args.from_checkpoint, args.method))
+        return _as_ranks(args, lambda c: run_finetune(c, args.from_checkpoint, args.method, resume=False if args.no_resume else None), config=config)
 
     finetune.set_defaults(func=run)
 
@@ -192,13 +266,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from morec_dist.data.dataset import DatasetError
-
     args = build_parser().parse_args(argv)
     args.argv = list(argv) if argv is not None else sys.argv[1:]
     try:
         return int(args.func(args) or 0)
-    except (ConfigError, DatasetError, FileExistsError) as exc:
+    except user_errors() as exc:
         print(f"morec {args.command}: error: {exc}", file=sys.stderr)
         return 2
 

@@ -29,6 +29,8 @@ class RunConfig:
     nproc: int = 2  # local ranks started by `morec run` / `train` / `finetune`
     # what `morec run` fine-tunes from the pretrained model, each compared in its table
     methods: list[str] = field(default_factory=lambda: ["morec"])
+    resume: bool = True  # `morec train` / `finetune` continue from the latest complete checkpoint in <out_dir>/checkpoints
+    max_restarts: int = 0  # torchrun --max-restarts: a failed rank restarts the group, which resumes from the last checkpoint
 
 
 @dataclass
@@ -141,8 +143,9 @@ class MetricsConfig:
 
 @dataclass
 class CheckpointConfig:
-    every_steps: int = 0  # 0 = only at the end of each epoch
-    keep_last: int = 2
+    every_steps: int = 0  # also every N steps (0 = only at the end of each epoch; always on SIGTERM)
+    keep_last: int = 2  # step checkpoints kept under <out_dir>/checkpoints (older ones are deleted)
+    reshard: bool = True  # resume a checkpoint written by another world size (exact only for the same one)
 
 
 @dataclass
@@ -320,6 +323,8 @@ def validate(c: Config) -> None:
     # step's loss is formed: the trainer needs at least one step of slack.
     _require(c.coordinator.staleness >= 1, f"coordinator.staleness: expected >= 1, got {c.coordinator.staleness}")
     _require(1 <= c.metrics.base_port <= 65535 - 64, f"metrics.base_port: expected 1..65471, got {c.metrics.base_port}")
+    _require(c.run.max_restarts >= 0, f"run.max_restarts: expected >= 0, got {c.run.max_restarts}")
+    _require(c.checkpoint.every_steps >= 0, f"checkpoint.every_steps: expected >= 0 (0 = end of each epoch), got {c.checkpoint.every_steps}")
     _require(c.checkpoint.keep_last >= 1, f"checkpoint.keep_last: expected >= 1, got {c.checkpoint.keep_last}")
 
 

@@ -22,6 +22,13 @@ from typing import Any, Mapping, Sequence
 from morec_dist.coordinator.core import CoordinatorCore, CoordinatorError, CoordinatorSpec, Decision
 
 
+ACTOR_MAX_RESTARTS = 5
+
+
+class CoordinatorNotConfigured(CoordinatorError):
+    """The actor holds no core: not configured yet, or restarted after a crash."""
+
+
 class CoordinatorActor:
     def __init__(self) -> None:
         self.core: CoordinatorCore | None = None
@@ -35,7 +42,7 @@ class CoordinatorActor:
 
     def _need_core(self) -> CoordinatorCore:
         if self.core is None:
-            raise CoordinatorError("the coordinator is not configured yet (the job calls configure(spec) first)")
+            raise CoordinatorNotConfigured("the coordinator is not configured yet (the job calls configure(spec) first, or the actor was restarted)")
         return self.core
 
     async def _notify(self) -> None:
@@ -59,6 +66,21 @@ class CoordinatorActor:
         self.core, self.run_id = core, run_id
         await self._notify()
         return core.status()
+
+    async def replay(self, rank: int, reports: Sequence[Sequence[Any]], signals: Sequence[Sequence[Any]] = ()) -> int:
+        """Re-apply ``rank``'s reports ``[(step, sums, counts), ...]`` and submitted signals
+        ``[(step, {objective: signal}), ...]`` made since the state ``configure`` restored;
+        reports the core already holds are skipped. Returns how many reports were applied."""
+        core = self._need_core()
+        applied = 0
+        for step, payload in signals:
+            core.submit_signals(int(step), payload)
+        for step, sums, counts in reports:
+            if not core.has_report(rank, int(step)):
+                core.report(rank, int(step), sums, counts)
+                applied += 1
+        await self._notify()
+        return applied
 
     async def configured(self) -> str | None:
         return self.run_id if self.core is not None else None
@@ -123,7 +145,7 @@ class CoordinatorActor:
         await self._notify()
 
 
-def get_or_create(name: str, namespace: str, *, detached: bool = False) -> Any:
+def get_or_create(name: str, namespace: str, *, detached: bool = False, max_restarts: int = ACTOR_MAX_RESTARTS) -> Any:
     """The named coordinator actor in ``namespace``: the existing one, or a new one.
 
     Needs ``ray.init`` done in this process. Races between ranks are safe
@@ -139,7 +161,7 @@ def get_or_create(name: str, namespace: str, *, detached: bool = False) -> Any:
         "get_if_exists": True,
         "num_cpus": 0,
         "max_concurrency": 1000,
-        "max_restarts": 0,
+        "max_restarts": max_restarts,  # a restarted actor is restored by the clients (see client.py)
     }
     if detached:
         options["lifetime"] = "detached"

@@ -14,6 +14,15 @@ The ObjectRefs held are bounded (at most ``max_in_flight`` unconsumed replies; b
 the oldest is resolved, which also surfaces its error). Errors raised by the actor (a bad
 report, an unconfigured coordinator) surface at the latest when that reply is consumed and
 at the end in ``flush()``.
+
+Coordinator failure: a client opened with a ``Recovery`` keeps the reports (and, on the
+submitting rank, the signals) it made since the last checkpoint (``mark_checkpoint``;
+bounded by ``max_log``). When a call finds the actor dead or restarted-and-unconfigured,
+the client gets the actor again (Ray restarts it; a dead one is re-created by name),
+configures it with the checkpoint's coordinator state (idempotent per restore, so the
+first rank to notice does it) and replays its own log; the restored core is then exactly
+the one that was lost, and every decision the same. Until a rank needs a decision it
+does not hold, it keeps training (the staleness bound); then it waits, with a log line.
 """
 
 from __future__ import annotations
@@ -21,7 +30,8 @@ from __future__ import annotations
 import logging
 import time
 from collections import OrderedDict
-from typing import Any, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Callable, Mapping, Sequence
 
 from morec_dist.coordinator.core import CoordinatorError, Decision
 
@@ -30,6 +40,31 @@ logger = logging.getLogger(__name__)
 # Waits logged one per line up to this many, then every LOG_EVERY-th (s = 0 waits every step).
 LOG_FIRST_WAITS = 20
 LOG_EVERY = 100
+RECOVERY_POLL_S = 0.5
+
+
+@dataclass
+class Recovery:
+    """How to bring a lost coordinator back: get the actor by name, configure it with
+    ``state`` (the checkpoint's, or None for a fresh start at ``first_step`` 0)."""
+
+    reopen: Callable[[], Any]  # () -> actor handle (existing, restarted or new)
+    spec: Any
+    run_id: str
+    state: Mapping[str, Any] | None = None
+    step: int = 0
+
+
+def _lost(exc: BaseException) -> bool:
+    """Whether a Ray error means the actor died or came back unconfigured."""
+    import ray
+
+    from morec_dist.coordinator.actor import CoordinatorNotConfigured
+
+    if isinstance(exc, ray.exceptions.RayActorError):
+        return True
+    cause = getattr(exc, "cause", None)
+    return isinstance(exc, CoordinatorNotConfigured) or isinstance(cause, CoordinatorNotConfigured)
 
 
 class CoordinatorClient:
@@ -41,6 +76,8 @@ class CoordinatorClient:
         staleness: int,
         max_in_flight: int = 64,
         wait_timeout_s: float = 600.0,
+        recovery: Recovery | None = None,
+        max_log: int = 100_000,
     ) -> None:
         if staleness < 0:
             raise CoordinatorError(f"staleness: expected >= 0, got {staleness}")
@@ -58,22 +95,84 @@ class CoordinatorClient:
         self.max_wait_seconds = 0.0
         self.decisions_served = 0
         self.reports = 0
+        self.recovery = recovery
+        self.max_log = max_log
+        self.recoveries = 0
+        self._log: list[tuple[int, list[float], list[int]]] = []  # reports since the last checkpoint
+        self._signals_log: list[tuple[int, dict[str, list[float]]]] = []
+
+    # ------------------------------------------------------------ failures
+    def mark_checkpoint(self, state: Mapping[str, Any], step: int) -> None:
+        """A checkpoint of the coordinator (``state``, holding every step < ``step``) was
+        taken after this rank's flush: it is the new base of a recovery."""
+        if self.recovery is not None:
+            self.recovery.state, self.recovery.step = state, int(step)
+        self._log.clear()
+        self._signals_log.clear()
+
+    def resync(self) -> None:
+        """Replay this rank's reports since the last checkpoint into the actor (a no-op for
+        the ones it holds): for a coordinator another rank restored without them."""
+        self._recover(None)
+
+    def _recover(self, why: BaseException | None) -> None:
+        """Bring the actor back to the state it had: checkpoint state + this rank's log."""
+        import ray
+
+        if self.recovery is None:
+            raise CoordinatorError(f"rank {self.rank}: the coordinator actor is gone ({type(why).__name__}) and this client cannot restore it") from None
+        reason = "resync requested" if why is None else f"the coordinator actor is gone ({type(why).__name__})"
+        if len(self._log) > self.max_log:
+            raise CoordinatorError(f"rank {self.rank}: coordinator lost, but {len(self._log)} reports since the last checkpoint exceed max_log {self.max_log}")
+        r = self.recovery
+        logger.warning(
+            "rank %d: %s; restoring it from the checkpoint of step %d and replaying %d reports",
+            self.rank, reason, r.step, len(self._log),
+        )
+        deadline = time.monotonic() + self.wait_timeout_s
+        run_id = f"{r.run_id}:restored@{r.step}"
+        while True:
+            try:
+                self.actor = r.reopen()
+                ray.get(self.actor.configure.remote(r.spec, r.state, run_id), timeout=self.wait_timeout_s)
+                ray.get(self.actor.replay.remote(self.rank, list(self._log), list(self._signals_log)), timeout=self.wait_timeout_s)
+                break
+            except Exception as exc:  # noqa: BLE001 - the actor may still be restarting
+                if not (_lost(exc) or isinstance(exc, ray.exceptions.GetTimeoutError)) or time.monotonic() > deadline:
+                    raise CoordinatorError(f"rank {self.rank}: could not restore the coordinator: {exc}") from None
+                time.sleep(RECOVERY_POLL_S)
+        self._replies.clear()  # their replies died with the actor; decisions are asked anew
+        self.recoveries += 1
+        logger.warning("rank %d: coordinator restored (recovery #%d); continuing", self.rank, self.recoveries)
+
+    def _call(self, method: str, *args: Any) -> Any:
+        """``ray.get(actor.method(*args))``, restoring a lost actor and retrying."""
+        import ray
+
+        while True:
+            try:
+                return ray.get(getattr(self.actor, method).remote(*args), timeout=self.wait_timeout_s)
+            except Exception as exc:  # noqa: BLE001
+                if not _lost(exc):
+                    raise
+                self._recover(exc)
 
     # ------------------------------------------------------------------ set-up
     def start(self, first_step: int = 0) -> None:
         """Fetch the decisions of the first s steps (no report of this run precedes them)."""
-        import ray
-
         if self.staleness == 0:
             return
-        decisions = ray.get(self.actor.decisions.remote(first_step, first_step + self.staleness), timeout=self.wait_timeout_s)
+        decisions = self._call("decisions", first_step, first_step + self.staleness)
         for d in decisions:
             self._keep_local(d)
 
     # ---------------------------------------------------------------- hot path
     def report(self, step: int, loss_sums: Sequence[float], row_counts: Sequence[int]) -> None:
         """Send step ``step``'s per-block loss sums and row counts; returns at once."""
-        ref = self.actor.report.remote(self.rank, int(step), [float(x) for x in loss_sums], [int(c) for c in row_counts])
+        sums, counts = [float(x) for x in loss_sums], [int(c) for c in row_counts]
+        if self.recovery is not None:
+            self._log.append((int(step), sums, counts))
+        ref = self.actor.report.remote(self.rank, int(step), sums, counts)
         self._replies[int(step) + self.staleness] = ref
         self.reports += 1
         while len(self._replies) > self.max_in_flight:
@@ -92,7 +191,7 @@ class CoordinatorClient:
             ref = self.actor.decision.remote(step)
         ready, _ = ray.wait([ref], timeout=0)
         if ready:
-            return ray.get(ref)
+            return self._resolve(step, ref)
         return self._wait(step, ref)
 
     def _wait(self, step: int, ref: Any) -> Decision:
@@ -119,6 +218,12 @@ class CoordinatorClient:
             raise CoordinatorError(
                 f"rank {self.rank}: no decision for step {step} after {self.wait_timeout_s:.0f} s; coordinator status: {status}"
             ) from None
+        except Exception as exc:  # noqa: BLE001
+            if not _lost(exc):
+                raise
+            logger.warning("rank %d: waiting for the coordinator to come back for the decision of step %d", self.rank, step)
+            self._recover(exc)
+            return self._call("decision", step)
 
     def _keep_local(self, decision: Decision) -> None:
         self._local[decision.step] = decision
@@ -132,6 +237,15 @@ class CoordinatorClient:
         Replies still waiting for a decision past the end of the run (e.g. one that needs a
         sampler update nobody will submit) are dropped, not awaited.
         """
+        while True:
+            try:
+                return self._flush_once()
+            except Exception as exc:  # noqa: BLE001
+                if not _lost(exc):
+                    raise
+                self._recover(exc)
+
+    def _flush_once(self) -> None:
         import ray
 
         steps = [t - self.staleness for t in self._replies]
@@ -157,14 +271,25 @@ class CoordinatorClient:
     def sampler_update_due(self, step: int) -> bool:
         import ray
 
-        return bool(ray.get(self.actor.sampler_update_due.remote(step), timeout=self.wait_timeout_s))
+        return bool(self._call("sampler_update_due", step))
 
     def submit_signals(self, step: int, signals: Mapping[str, Sequence[float]]) -> int:
         """Submit the reduced validation signals measured after ``step``; returns the new p version."""
         import ray
 
         payload = {k: [float(x) for x in v] for k, v in signals.items()}
-        return int(ray.get(self.actor.submit_signals.remote(step, payload), timeout=self.wait_timeout_s))
+        if self.recovery is not None:
+            self._signals_log.append((int(step), payload))
+        return int(self._call("submit_signals", step, payload))
+
+    def state_dict(self) -> dict[str, Any]:
+        return self._call("state_dict")
+
+    def trace(self) -> dict[str, list]:
+        return self._call("trace")
+
+    def history(self) -> list[dict[str, Any]]:
+        return self._call("history")
 
     def stats(self) -> dict[str, float]:
         return {
@@ -174,4 +299,5 @@ class CoordinatorClient:
             "waits": self.waits,
             "wait_seconds": self.wait_seconds,
             "max_wait_seconds": self.max_wait_seconds,
+            "recoveries": self.recoveries,
         }

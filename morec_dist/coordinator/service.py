@@ -37,12 +37,27 @@ import sys
 from typing import Any, Callable, Iterator, Mapping
 
 from morec_dist.coordinator.actor import get_existing, get_or_create
-from morec_dist.coordinator.client import CoordinatorClient
+from morec_dist.coordinator.client import CoordinatorClient, Recovery
 from morec_dist.coordinator.core import CoordinatorError, CoordinatorSpec
 
 LOOPBACK = "127.0.0.1"
 LOOPBACK_ENV = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
 MIN_OBJECT_STORE_MB = 80  # Ray refuses smaller stores
+PROBE_TIMEOUT_S = 5.0  # an unreachable address fails here, not after Ray's long retries
+
+
+def probe_address(address: str, timeout_s: float = PROBE_TIMEOUT_S) -> None:
+    """A TCP connect to the GCS at ``host:port``; a clear CoordinatorError if nothing answers."""
+    import socket
+
+    host, sep, port = address.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 1 <= int(port) <= 65535:
+        raise CoordinatorError(f"coordinator.ray_address {address!r}: expected HOST:PORT")
+    try:
+        with socket.create_connection((host, int(port)), timeout=timeout_s):
+            pass
+    except OSError as exc:
+        raise CoordinatorError(f"coordinator.ray_address {address}: no Ray head reachable there ({exc.strerror or exc}) within {timeout_s:.0f} s") from None
 
 
 def start_local_ray(object_store_mb: int, *, num_cpus: int | None = None, namespace: str | None = None) -> str:
@@ -102,6 +117,7 @@ def connect_ray(address: str, namespace: str | None = None) -> None:
 
     if ray.is_initialized():
         return
+    probe_address(address)
     # Without this Ray rewrites 127.0.0.1 to the public address and misses a loopback head.
     with _loopback_node_ip() if loopback else contextlib.nullcontext():
         ray.init(address=address, namespace=namespace, logging_level=logging.WARNING, log_to_driver=False)
@@ -128,12 +144,18 @@ def open_coordinator(
 
     Ray must be initialised in this process (``connect_ray``). Every rank may call this
     with the same spec / state / run_id: the first configures, the rest find it configured.
+    Failure: the client can restore a lost actor (``client.Recovery``): from ``state`` at
+    ``first_step`` until the job marks its first checkpoint, then from that checkpoint.
     """
     import ray
 
-    actor = get_or_create(coordinator.name, coordinator.namespace, detached=coordinator.detached)
+    def reopen() -> Any:
+        return get_or_create(coordinator.name, coordinator.namespace, detached=coordinator.detached)
+
+    actor = reopen()
     ray.get(actor.configure.remote(spec, state, run_id))
-    client = CoordinatorClient(actor, rank=rank, staleness=spec.staleness)
+    recovery = Recovery(reopen=reopen, spec=spec, run_id=run_id, state=state, step=first_step)
+    client = CoordinatorClient(actor, rank=rank, staleness=spec.staleness, recovery=recovery)
     client.start(first_step)
     return client
 

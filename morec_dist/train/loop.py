@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import sys
 import time
-from typing import Any, Protocol
+from dataclasses import dataclass
+from typing import Any, Callable, Protocol
 
 import torch
 
@@ -54,6 +55,25 @@ class AccuracyOnly:
         return {}
 
 
+@dataclass
+class EpochProgress:
+    """This rank's running sums of the epoch in progress (checkpointed, so a resumed epoch
+    reports the same statistics as an uninterrupted one)."""
+
+    loss_sum: float = 0.0
+    rows: int = 0
+    steps: int = 0
+    wait: float = 0.0
+    seconds: float = 0.0
+
+    def as_dict(self) -> dict[str, float]:
+        return {"loss_sum": self.loss_sum, "rows": self.rows, "steps": self.steps, "wait": self.wait, "seconds": self.seconds}
+
+
+# Called after every step with the epoch's progress; True = stop the epoch now (preemption).
+StepHook = Callable[[EpochProgress], bool]
+
+
 def progress(rank: int, message: str) -> None:
     if rank == 0:
         print(message, file=sys.stderr, flush=True)
@@ -86,13 +106,26 @@ def observe(metrics: Any, strategy: Any, step: int, batch: Batch, per_row: torch
 
 
 def train_epoch(
-    trainer: Trainer, reader: Any, strategy: Strategy, *, epoch: int, log_every: int, max_steps: int = 0, metrics: Any = None
+    trainer: Trainer,
+    reader: Any,
+    strategy: Strategy,
+    *,
+    epoch: int,
+    log_every: int,
+    max_steps: int = 0,
+    metrics: Any = None,
+    resumed: EpochProgress | None = None,
+    after_step: StepHook | None = None,
 ) -> EpochStats:
-    """One pass of ``reader`` (already positioned at ``epoch``); returns all-rank stats."""
+    """One pass of ``reader`` (already positioned at ``epoch``, possibly mid-epoch with the
+    ``resumed`` sums of its first part); returns all-rank stats. ``after_step`` may
+    checkpoint and may stop the epoch early (``EpochStats.interrupted``)."""
     ctx = trainer.ctx
     trainer.model.train()
-    loss_sum, rows, steps, wait = 0.0, 0, 0, 0.0
-    started = time.perf_counter()
+    done = resumed or EpochProgress()
+    loss_sum, rows, steps, wait = done.loss_sum, done.rows, done.steps, done.wait
+    interrupted = False
+    started = time.perf_counter() - done.seconds
     batches = iter(reader)
     total = getattr(reader, "num_batches", 0)
     while True:
@@ -123,6 +156,9 @@ def train_epoch(
                 f"[{strategy.name}] epoch {epoch} step {steps}/{total} loss {loss_sum / max(rows, 1):.4f} "
                 f"rows/s/rank {rows / elapsed:,.0f} reader wait {100 * wait / elapsed:.1f}%",
             )
+        if after_step is not None and after_step(EpochProgress(loss_sum, rows, steps, wait, time.perf_counter() - started)):
+            interrupted = True
+            break
     if hasattr(batches, "close"):
         batches.close()
     seconds = time.perf_counter() - started
@@ -134,4 +170,5 @@ def train_epoch(
         seconds=seconds,
         reader_wait_s=g_wait / ctx.world_size,
         extra=strategy.epoch_summary(),
+        interrupted=interrupted,
     )

@@ -38,6 +38,7 @@ class EpochStats:
     seconds: float = 0.0
     reader_wait_s: float = 0.0
     extra: dict[str, Any] = field(default_factory=dict)
+    interrupted: bool = False  # stopped mid-epoch on request (SIGTERM); the epoch is not finished
 
     @property
     def mean_loss(self) -> float:
