@@ -34,6 +34,43 @@ class CoordinatorActor:
         self.core: CoordinatorCore | None = None
         self.run_id: str | None = None
         self._changed: asyncio.Condition | None = None
+        self._metrics: Any = None  # CoordinatorMetrics when the job enabled metrics
+        self._exporter: Any = None
+        self._published_through = -1
+
+    def _start_metrics(self, spec: CoordinatorSpec) -> None:
+        """Export the global view on the job's coordinator port (once per actor process)."""
+        if spec.metrics_endpoint is None or self._exporter is not None:
+            return
+        from prometheus_client import CollectorRegistry
+
+        from morec_dist.observe.metrics import CoordinatorMetrics, start_coordinator_exporter
+
+        host, base_port = spec.metrics_endpoint
+        registry = CollectorRegistry()
+        self._metrics = CoordinatorMetrics(registry)
+        self._exporter = start_coordinator_exporter(registry, host, base_port)
+
+    def _publish(self) -> None:
+        core = self.core
+        if self._metrics is None or core is None or core.last_pid is None or not core.trace:
+            return
+        record = core.trace[-1]
+        if record.step <= self._published_through:
+            return
+        pid = core.last_pid
+        version = len(core.versions) - 1
+        self._metrics.publish(
+            step=record.step,
+            beta=record.beta,
+            pid_terms={"p": pid.p, "i": pid.i, "d": pid.d, "error": pid.error},
+            # a block with no rows in a step has no loss (NaN): not published for that step
+            global_losses={name: loss for name, loss in zip(core.names, record.losses) if loss == loss},
+            probabilities=core.versions[version][1],
+            version=version,
+            target_loss=record.target_loss,
+        )
+        self._published_through = record.step
 
     def _condition(self) -> asyncio.Condition:
         if self._changed is None:  # created inside the actor's event loop
@@ -64,6 +101,8 @@ class CoordinatorActor:
         if state is not None:
             core.load_state_dict(state)
         self.core, self.run_id = core, run_id
+        self._start_metrics(spec)
+        self._published_through = -1
         await self._notify()
         return core.status()
 
@@ -89,6 +128,7 @@ class CoordinatorActor:
     async def report(self, rank: int, step: int, loss_sums: Sequence[float], row_counts: Sequence[int]) -> Decision:
         core = self._need_core()
         core.report(rank, step, loss_sums, row_counts)
+        self._publish()
         await self._notify()
         return await self._wait_ready(step + core.spec.staleness)
 

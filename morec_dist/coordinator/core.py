@@ -97,6 +97,7 @@ class CoordinatorSpec:
     staleness: int
     sampler_every: int  # steps between sampler updates; 0 = never
     max_steps_ahead: int = 4096  # reports further ahead than this are refused (a rank ran away)
+    metrics_endpoint: tuple[str, int] | None = None  # (host, port) the actor exports Prometheus metrics on
 
     def __post_init__(self) -> None:
         if self.world_size < 1:
@@ -132,6 +133,7 @@ class CoordinatorCore:
         self.spec = spec
         self.names = spec.objectives.names
         self.pid = PIDController(spec.gains)
+        self.last_pid = None
         self.sampler = SamplerState(
             spec.objectives.initial_probabilities(), {o.name: o.alpha for o in spec.objectives.objectives}
         )
@@ -223,6 +225,7 @@ class CoordinatorCore:
             counts.append(rows)
         target = self.target_at(step)
         result = self.pid.update(losses[0], target)
+        self.last_pid = result  # the PID terms of the newest step, for metrics (not state)
         self.trace.append(StepRecord(step, losses, counts, result.beta, target, result.integrated))
 
     # ---------------------------------------------------------------- decisions
@@ -455,7 +458,9 @@ def build_spec(
         if not steps_per_epoch or steps_per_epoch < 1:
             raise CoordinatorError("morec.sampler.update_every_steps = 0 (per epoch) needs steps_per_epoch >= 1")
         every = steps_per_epoch
+    metrics = config.metrics
     return CoordinatorSpec(
+        metrics_endpoint=(metrics.host, metrics.base_port) if metrics.enabled else None,
         objectives=objectives,
         gains=PIDGains.from_config(morec.pid),
         lam=morec.lam,
