@@ -269,14 +269,10 @@ class CoordinatorClient:
 
     # ------------------------------------------------------------ rare calls
     def sampler_update_due(self, step: int) -> bool:
-        import ray
-
         return bool(self._call("sampler_update_due", step))
 
     def submit_signals(self, step: int, signals: Mapping[str, Sequence[float]]) -> int:
         """Submit the reduced validation signals measured after ``step``; returns the new p version."""
-        import ray
-
         payload = {k: [float(x) for x in v] for k, v in signals.items()}
         if self.recovery is not None:
             self._signals_log.append((int(step), payload))

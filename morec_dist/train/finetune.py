@@ -34,8 +34,8 @@ from morec_dist.data.reader import batch_sizes
 from morec_dist.eval.signals import compute_signals
 from morec_dist.model.sharding import init_distributed
 from morec_dist.train.checkpoint import check_compatible, load_checkpoint, read_meta, save_checkpoint
-from morec_dist.train.loop import EpochProgress, open_rank_observer, progress, train_epoch
-from morec_dist.train.resume import Checkpointing, ResumePoint, coordinator_state_for, join_restarted_group
+from morec_dist.train.loop import open_rank_observer, progress
+from morec_dist.train.resume import Checkpointing, ResumePoint, checkpointed_epoch, coordinator_state_for, join_restarted_group
 from morec_dist.train.pretrain import evaluation, make_reader, open_dataset_for_job
 from morec_dist.train.run_dir import provenance, write_json_atomic
 from morec_dist.train.strategies import MGDAStrategy, MorecStrategy, StaticWeighting
@@ -159,24 +159,11 @@ def run_finetune(config: Config, from_checkpoint: str | Path, method: str = "mor
     for epoch in range(start_epoch, config.morec.epochs):
         if max_steps and trainer.step >= max_steps:
             break
-        reader.set_epoch(epoch)
-        trainer.epoch = epoch
-
-        def after_step(done: EpochProgress, epoch: int = epoch) -> bool:
-            ending = reader.step >= reader.num_batches or bool(max_steps and trainer.step >= max_steps)
-            save, stop = checkpoints.due(trainer.step, ending)
-            if save:
-                checkpoints.save(reader=reader, next_epoch=epoch, job_state=job, epoch_progress=done, strategy=strategy, coordinator=coordinator)
-            return stop and not ending  # the epoch-end checkpoint handles a stop at the epoch's last step
-
-        stats = train_epoch(
-            trainer, reader, strategy, epoch=epoch, log_every=config.train.log_every, max_steps=max_steps,
-            metrics=metrics, resumed=resumed_progress if epoch == start_epoch else None, after_step=after_step,
+        stats = checkpointed_epoch(
+            trainer, reader, strategy, checkpoints, job, epoch=epoch, metrics=metrics,
+            resumed=resumed_progress if epoch == start_epoch else None,
+            save_extra={"strategy": strategy, "coordinator": coordinator},
         )
-        if stats.interrupted:
-            checkpoints.exit_preempted()
-        job["train_seconds"] += stats.seconds
-        job["train_rows"] += stats.rows
         valid = evaluation(trainer, "valid")
         job["history"].append({"epoch": epoch, "train_loss": stats.mean_loss, "rows_per_s": stats.rows_per_s, "valid": valid, **stats.extra})
         progress(ctx.rank, f"[{method}] epoch {epoch} loss {stats.mean_loss:.4f} valid hit@10 {valid['hit@10']:.4f} r_hit@10 {valid['r_hit@10']:.3f} min_hit@10 {valid['min_hit@10']:.4f} pop_kl@10 {valid['pop_kl@10']:.3f}")

@@ -25,8 +25,8 @@ from morec_dist.data.reader import Reader
 from morec_dist.eval.evaluator import evaluate, evaluate_most_popular
 from morec_dist.model.sharding import DistContext, init_distributed
 from morec_dist.train.checkpoint import load_checkpoint, save_checkpoint
-from morec_dist.train.loop import AccuracyOnly, EpochProgress, open_rank_observer, progress, train_epoch
-from morec_dist.train.resume import Checkpointing, join_restarted_group
+from morec_dist.train.loop import AccuracyOnly, open_rank_observer, progress
+from morec_dist.train.resume import Checkpointing, checkpointed_epoch, join_restarted_group
 from morec_dist.train.run_dir import provenance, write_json_atomic
 from morec_dist.train.trainer import Trainer, all_reduce_sum, build_features
 
@@ -113,24 +113,10 @@ def run_pretrain(config: Config, resume: bool | None = None) -> dict[str, Any]:
     for epoch in range(start_epoch, config.train.epochs):
         if job["stopped"] or (max_steps and trainer.step >= max_steps):
             break
-        reader.set_epoch(epoch)
-        trainer.epoch = epoch
-
-        def after_step(done: EpochProgress, epoch: int = epoch) -> bool:
-            ending = reader.step >= reader.num_batches or bool(max_steps and trainer.step >= max_steps)
-            save, stop = checkpoints.due(trainer.step, ending)
-            if save:
-                checkpoints.save(reader=reader, next_epoch=epoch, job_state=job, epoch_progress=done)
-            return stop and not ending  # the epoch-end checkpoint handles a stop at the epoch's last step
-
-        stats = train_epoch(
-            trainer, reader, strategy, epoch=epoch, log_every=config.train.log_every, max_steps=max_steps,
-            metrics=metrics, resumed=resumed_progress if epoch == start_epoch else None, after_step=after_step,
+        stats = checkpointed_epoch(
+            trainer, reader, strategy, checkpoints, job, epoch=epoch, metrics=metrics,
+            resumed=resumed_progress if epoch == start_epoch else None,
         )
-        if stats.interrupted:
-            checkpoints.exit_preempted()
-        job["train_seconds"] += stats.seconds
-        job["train_rows"] += stats.rows
         valid = evaluation(trainer, "valid")
         row = {"epoch": epoch, "train_loss": stats.mean_loss, "rows_per_s": stats.rows_per_s, "seconds": stats.seconds, "valid": valid}
         job["history"].append(row)

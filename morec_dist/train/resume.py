@@ -366,3 +366,46 @@ def load_strategy_state(strategy: Any, state: dict[str, Any], same_world: bool) 
             setattr(strategy, name, torch.tensor(state[name], dtype=torch.float64))
     if "steps" in state and hasattr(strategy, "steps"):
         strategy.steps = int(state["steps"])
+
+
+def checkpointed_epoch(
+    trainer: Any,
+    reader: Any,
+    strategy: Any,
+    checkpoints: "Checkpointing",
+    job: dict[str, Any],
+    *,
+    epoch: int,
+    metrics: Any,
+    resumed: Any,
+    save_extra: dict[str, Any] | None = None,
+) -> Any:
+    """One epoch of ``train_epoch`` with the step checkpoints (and a preemption stop) of a job.
+
+    ``save_extra`` goes to every step checkpoint (a fine-tuning job's strategy and
+    coordinator). Adds the epoch's time and rows to ``job`` and returns its stats.
+    """
+    from morec_dist.train.loop import train_epoch
+
+    config = trainer.config
+    max_steps = config.train.max_steps
+    save_extra = save_extra or {}
+    reader.set_epoch(epoch)
+    trainer.epoch = epoch
+
+    def after_step(done: Any) -> bool:
+        ending = reader.step >= reader.num_batches or bool(max_steps and trainer.step >= max_steps)
+        save, stop = checkpoints.due(trainer.step, ending)
+        if save:
+            checkpoints.save(reader=reader, next_epoch=epoch, job_state=job, epoch_progress=done, **save_extra)
+        return stop and not ending  # the epoch-end checkpoint handles a stop at the epoch's last step
+
+    stats = train_epoch(
+        trainer, reader, strategy, epoch=epoch, log_every=config.train.log_every, max_steps=max_steps,
+        metrics=metrics, resumed=resumed, after_step=after_step,
+    )
+    if stats.interrupted:
+        checkpoints.exit_preempted()
+    job["train_seconds"] += stats.seconds
+    job["train_rows"] += stats.rows
+    return stats

@@ -23,7 +23,7 @@ from morec_dist.data.dataset import PreparedDataset
 from morec_dist.data.features import FeatureBuilder
 from morec_dist.model.loss import bpr_loss
 from morec_dist.model.registry import build_model, feature_set_for
-from morec_dist.model.sharding import DistContext, shard, unwrap
+from morec_dist.model.sharding import DistContext, shard
 
 LOSSES: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {"bpr": bpr_loss}
 
