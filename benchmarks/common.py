@@ -229,3 +229,15 @@ def results_dir(quick: bool) -> Path:
 
 def default_out(name: str, quick: bool) -> Path:
     return results_dir(quick) / f"{name}.json"
+
+
+def bench_parser(doc: str) -> Any:
+    """The options every benchmark takes: --quick, --out, --seed, --note."""
+    import argparse
+
+    parser = argparse.ArgumentParser(description=doc.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="small sizes that finish in about a minute")
+    parser.add_argument("--out", type=Path, default=None, help="result JSON (default: benchmarks/results/<name>.json)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--note", default=None, help="a note recorded with the results")
+    return parser

@@ -45,7 +45,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from benchmarks.common import Recorder, default_out, note, percentile
+from benchmarks.common import Recorder, default_out, note, percentile, bench_parser
 
 RANKS = (8, 64, 256)
 STALENESS = (0, 1, 2, 4)
@@ -247,11 +247,7 @@ def plot(points: list[dict[str, Any]], path: Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true")
-    parser.add_argument("--out", type=Path, default=None)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--note", default=None)
+    parser = bench_parser(__doc__)
     parser.add_argument("--ranks", type=int, nargs="+", default=list(RANKS))
     parser.add_argument("--staleness", type=int, nargs="+", default=list(STALENESS))
     parser.add_argument("--step-ms", type=float, default=None, help="mean simulated step time per rank (lognormal jitter, sigma 0.5)")

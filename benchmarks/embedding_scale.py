@@ -15,7 +15,6 @@ shard bytes a rank holds (1.0 = no copy beyond the shards themselves).
 
 from __future__ import annotations
 
-import argparse
 import json
 import tempfile
 from pathlib import Path
@@ -23,7 +22,7 @@ from typing import Any
 
 import numpy as np
 
-from benchmarks.common import Recorder, default_out, note, torchrun
+from benchmarks.common import Recorder, default_out, note, torchrun, bench_parser
 
 QUICK_SIZES_MB = (16, 64)
 FULL_SIZES_MB = (256, 1024, 2048, 4096)
@@ -67,11 +66,7 @@ def plot(summary: dict[str, Any], path: Path) -> Path:
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true")
-    parser.add_argument("--out", type=Path, default=None)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--note", default=None)
+    parser = bench_parser(__doc__)
     parser.add_argument("--sizes-mb", type=float, nargs="+", default=None)
     parser.add_argument("--steps", type=int, default=None)
     args = parser.parse_args(argv)

@@ -19,7 +19,6 @@ machine / versions / seed / config.
 
 from __future__ import annotations
 
-import argparse
 import json
 import statistics
 import tempfile
@@ -27,7 +26,7 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-from benchmarks.common import REPO, Recorder, bench_env, default_out, note, torchrun
+from benchmarks.common import REPO, Recorder, bench_env, default_out, note, torchrun, bench_parser
 
 DEFAULT_CONFIG = REPO / "configs" / "quickstart.toml"
 DEFAULT_DATA = REPO / ".data" / "movielens-1m"
@@ -79,11 +78,7 @@ def summarise(raw: dict[str, Any]) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true")
-    parser.add_argument("--out", type=Path, default=None)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--note", default=None)
+    parser = bench_parser(__doc__)
     parser.add_argument("--config", type=Path, default=DEFAULT_CONFIG)
     parser.add_argument("--data", type=Path, default=DEFAULT_DATA)
     parser.add_argument("--nproc", type=int, default=2)

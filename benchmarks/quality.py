@@ -17,13 +17,12 @@ Every job is the CLI a user runs (each starts its own torchrun ranks; MoRec its 
 
 from __future__ import annotations
 
-import argparse
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from benchmarks.common import REPO, Recorder, default_out, morec_cli, note
+from benchmarks.common import REPO, Recorder, default_out, morec_cli, note, bench_parser
 
 DEFAULT_CONFIG = REPO / "configs" / "quickstart.toml"
 DEFAULT_DATA = REPO / ".data" / "movielens-1m"
@@ -247,11 +246,7 @@ def common_overrides(data: Path, seed: int) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true")
-    parser.add_argument("--out", type=Path, default=None)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--note", default=None)
+    parser = bench_parser(__doc__)
     parser.add_argument("--config", type=Path, default=DEFAULT_CONFIG)
     parser.add_argument("--data", type=Path, default=None, help=f"prepared dataset (default: {DEFAULT_DATA}; quick: a small synthetic one)")
     parser.add_argument("--work", type=Path, default=None, help="run directory for the jobs (default: runs/bench/quality[-quick])")

@@ -14,14 +14,13 @@ and the mean gain over the grid, and the beta traces.
 
 from __future__ import annotations
 
-import argparse
 import json
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from benchmarks.common import REPO, Recorder, default_out, note
+from benchmarks.common import REPO, Recorder, default_out, note, bench_parser
 from benchmarks.quality import DEFAULT_CONFIG, DEFAULT_DATA, METRICS, common_overrides, finetune, pretrain, quick_dataset, row_of, trace_of
 
 KP_FULL = (0.01, 0.05, 0.25)
@@ -83,11 +82,7 @@ def plot(points: list[dict[str, Any]], kps: tuple[float, ...], kis: tuple[float,
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true")
-    parser.add_argument("--out", type=Path, default=None)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--note", default=None)
+    parser = bench_parser(__doc__)
     parser.add_argument("--config", type=Path, default=DEFAULT_CONFIG)
     parser.add_argument("--data", type=Path, default=None, help=f"prepared dataset (default: {DEFAULT_DATA}; quick: a small synthetic one)")
     parser.add_argument("--from", dest="checkpoint", default=None, help="pretrained checkpoint directory (default: pretrain here)")

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import socket
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -31,3 +33,22 @@ def small_synthetic(tmp_path_factory) -> Path:
     from morec_dist.data.prepare.synthetic import generate
 
     return generate(tmp_path_factory.mktemp("syn") / "small", users=500, items=300, rows=30_000, seed=7)
+
+
+def free_tcp_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture
+def ray_head(tmp_path):
+    """A real Ray head on loopback (launch/ray_head.sh: token auth, no dashboard), stopped after."""
+    port = free_tcp_port()
+    env = {**os.environ, "MOREC_RAY_STATE": str(tmp_path / "ray-state")}
+    script = str(REPO / "launch" / "ray_head.sh")
+    subprocess.run(["bash", script, "--port", str(port), "--num-cpus", "2", "--object-store-mb", "100"], check=True, env=env, timeout=120, capture_output=True)
+    try:
+        yield f"127.0.0.1:{port}"
+    finally:
+        subprocess.run(["bash", script, "--stop", "--port", str(port)], env=env, timeout=120, capture_output=True)

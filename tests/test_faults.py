@@ -86,19 +86,6 @@ def test_killed_rank_restarts_the_group_which_resumes_and_finishes(tmp_path_fact
     assert_same_coordinator(metrics(reference), result)
 
 
-@pytest.fixture
-def ray_head(tmp_path):
-    """A real Ray head on loopback (launch/ray_head.sh: token auth, no dashboard), stopped after."""
-    port = 6900 + os.getpid() % 500
-    env = {**os.environ, "MOREC_RAY_STATE": str(tmp_path / "ray-state")}
-    script = str(REPO / "launch" / "ray_head.sh")
-    subprocess.run(["bash", script, "--port", str(port), "--num-cpus", "2", "--object-store-mb", "100"], check=True, env=env, timeout=120, capture_output=True)
-    try:
-        yield f"127.0.0.1:{port}"
-    finally:
-        subprocess.run(["bash", script, "--stop", "--port", str(port)], env=env, timeout=120, capture_output=True)
-
-
 KILL_ACTOR = """
 import sys, time, os, ray
 from pathlib import Path

@@ -99,19 +99,6 @@ def test_fifth_objective_from_config_only_trains(pretrained, tiny_data, tmp_path
     assert updates and "price_mix" in updates[0]["signals"] and len(updates[0]["signals"]["price_mix"]) == 10
 
 
-@pytest.fixture
-def ray_head(tmp_path):
-    """A real Ray head on loopback (launch/ray_head.sh: token auth, no dashboard), stopped after."""
-    port = 6300 + os.getpid() % 500
-    env = {**os.environ, "MOREC_RAY_STATE": str(tmp_path / "ray-state")}
-    script = str(REPO / "launch" / "ray_head.sh")
-    subprocess.run(["bash", script, "--port", str(port), "--num-cpus", "2", "--object-store-mb", "100"], check=True, env=env, timeout=120, capture_output=True)
-    try:
-        yield f"127.0.0.1:{port}"
-    finally:
-        subprocess.run(["bash", script, "--stop", "--port", str(port)], env=env, timeout=120, capture_output=True)
-
-
 def test_preference_change_from_the_cli_applies_at_the_stated_step(pretrained, tiny_data, tmp_path, ray_head):
     out = tmp_path / "prefs"
     env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "token"}
