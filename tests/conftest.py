@@ -52,3 +52,21 @@ def ray_head(tmp_path):
         yield f"127.0.0.1:{port}"
     finally:
         subprocess.run(["bash", script, "--stop", "--port", str(port)], env=env, timeout=120, capture_output=True)
+
+
+def toy_group_stats(**extra):
+    """Group statistics of a tiny made-up dataset for the coordinator's unit tests."""
+    import numpy as np
+
+    from morec_dist.coordinator.sampler import GroupStats
+
+    return GroupStats(
+        num_groups={"fair_group": 4, "align_group": 3, "rev_group": 2},
+        train_counts={
+            "fair_group": np.array([40.0, 30.0, 20.0, 10.0]),
+            "align_group": np.array([50.0, 30.0, 20.0]),
+            "rev_group": np.array([60.0, 40.0]),
+        },
+        mean_prices={"rev_group": np.array([30.0, 10.0])},
+        **extra,
+    )

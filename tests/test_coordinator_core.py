@@ -14,20 +14,13 @@ from morec_dist.config import load_config
 from morec_dist.coordinator.core import CoordinatorCore, CoordinatorError, DecisionNotReady, build_spec
 from morec_dist.coordinator.pid import PIDController, PIDGains
 from morec_dist.coordinator.sampler import GroupStats
+from tests.conftest import toy_group_stats
 
 L_HAT = 0.25
 
 
 def stats() -> GroupStats:
-    return GroupStats(
-        num_groups={"fair_group": 4, "align_group": 3, "rev_group": 2},
-        train_counts={
-            "fair_group": np.array([40.0, 30.0, 20.0, 10.0]),
-            "align_group": np.array([50.0, 30.0, 20.0]),
-            "rev_group": np.array([60.0, 40.0]),
-        },
-        mean_prices={"rev_group": np.array([30.0, 10.0])},
-    )
+    return toy_group_stats()
 
 
 def make_core(*overrides: str, world_size: int = 2, staleness: int = 2, every: int = 4) -> CoordinatorCore:

@@ -15,7 +15,6 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import pytest
 
 from morec_dist.config import load_config
@@ -24,6 +23,7 @@ from morec_dist.coordinator.client import CoordinatorClient
 from morec_dist.coordinator.core import CoordinatorCore, CoordinatorError, build_spec
 from morec_dist.coordinator.sampler import GroupStats
 from morec_dist.coordinator.service import start_local_ray
+from tests.conftest import toy_group_stats
 
 REPO = Path(__file__).resolve().parent.parent
 RANKS_SCRIPT = REPO / "tests" / "dist_scripts" / "coordinator_ranks.py"
@@ -42,15 +42,7 @@ RANKS = _ranks_module()
 
 
 def stats() -> GroupStats:
-    return GroupStats(
-        num_groups={"fair_group": 4, "align_group": 3, "rev_group": 2},
-        train_counts={
-            "fair_group": np.array([40.0, 30.0, 20.0, 10.0]),
-            "align_group": np.array([50.0, 30.0, 20.0]),
-            "rev_group": np.array([60.0, 40.0]),
-        },
-        mean_prices={"rev_group": np.array([30.0, 10.0])},
-    )
+    return toy_group_stats()
 
 
 def spec_for(world_size: int, staleness: int, every: int):

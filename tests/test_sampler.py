@@ -16,6 +16,7 @@ from morec_dist.coordinator.objectives import (
 )
 from morec_dist.coordinator.sampler import GroupStats, SamplerState, sign_gradient_step
 from morec_dist.data.dataset import PreparedDataset
+from tests.conftest import toy_group_stats
 
 
 def test_sign_step_adds_alpha_and_renormalises():
@@ -43,16 +44,7 @@ def test_sign_step_refuses_non_sign_values():
 
 
 def _stats() -> GroupStats:
-    return GroupStats(
-        num_groups={"fair_group": 4, "align_group": 3, "rev_group": 2},
-        train_counts={
-            "fair_group": np.array([40.0, 30.0, 20.0, 10.0]),
-            "align_group": np.array([50.0, 30.0, 20.0]),
-            "rev_group": np.array([60.0, 40.0]),
-        },
-        mean_prices={"rev_group": np.array([30.0, 10.0])},
-        price_sums={"rev_group": np.array([900.0, 100.0])},
-    )
+    return toy_group_stats(price_sums={"rev_group": np.array([900.0, 100.0])})
 
 
 def _objectives(*configs: ObjectiveConfig, alpha: float = 0.1):

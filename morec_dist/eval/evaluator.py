@@ -24,7 +24,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -227,20 +227,14 @@ def topk_band_counts(scores: torch.Tensor, candidates: torch.Tensor, k: int, ban
     return torch.bincount(picked, minlength=num_bands + 1)[1:]
 
 
-def rank_users(
-    scorer: Scorer,
-    users: UserSlice,
-    meta: ItemMeta,
-    ks: list[int],
-    batch_users: int,
-    num_batches: int,
-    device: torch.device,
-) -> tuple[np.ndarray, dict[int, torch.Tensor]]:
-    """Ranks of this slice's held-out items and the slice's top-k band counts."""
-    num_columns = meta.align_group.size
-    bands = torch.from_numpy(meta.align_group).to(device)
-    counts = {k: torch.zeros(meta.num_align_groups, dtype=torch.int64, device=device) for k in ks}
-    ranks = np.zeros(len(users), dtype=np.int64)
+def scored_batches(
+    scorer: Scorer, users: UserSlice, num_columns: int, batch_users: int, num_batches: int, device: torch.device
+) -> Iterator[tuple[int, int, torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """This slice's users in batches of ``batch_users``: (start, stop, full-catalogue scores,
+    held-out items, candidate mask with history masked) for each batch with real users.
+
+    Every rank makes exactly ``num_batches`` scorer calls (padding with user 0 past its
+    slice), as sharded lookups are collectives."""
     for b in range(num_batches):
         start, stop = min(b * batch_users, len(users)), min((b + 1) * batch_users, len(users))
         real = stop - start
@@ -256,6 +250,24 @@ def rank_users(
         hist_items = torch.from_numpy(users.history_items[lo:hi])
         targets = torch.from_numpy(users.targets[start:stop]).to(device)
         candidates = candidate_mask(real, num_columns, targets, hist_rows.to(device), hist_items.to(device))
+        yield start, stop, scores, targets, candidates
+
+
+def rank_users(
+    scorer: Scorer,
+    users: UserSlice,
+    meta: ItemMeta,
+    ks: list[int],
+    batch_users: int,
+    num_batches: int,
+    device: torch.device,
+) -> tuple[np.ndarray, dict[int, torch.Tensor]]:
+    """Ranks of this slice's held-out items and the slice's top-k band counts."""
+    num_columns = meta.align_group.size
+    bands = torch.from_numpy(meta.align_group).to(device)
+    counts = {k: torch.zeros(meta.num_align_groups, dtype=torch.int64, device=device) for k in ks}
+    ranks = np.zeros(len(users), dtype=np.int64)
+    for start, stop, scores, targets, candidates in scored_batches(scorer, users, num_columns, batch_users, num_batches, device):
         ranks[start:stop] = heldout_ranks(scores, candidates, targets).cpu().numpy()
         for k in ks:
             counts[k] += topk_band_counts(scores, candidates, k, bands, meta.num_align_groups)

@@ -27,12 +27,12 @@ from morec_dist.data.dataset import PreparedDataset
 from morec_dist.data.features import FeatureBuilder
 from morec_dist.data.negatives import NegativeSampler
 from morec_dist.eval.evaluator import (
-    candidate_mask,
     effective_batch_users,
     heldout_ranks,
     load_user_slice,
     max_over_ranks,
     model_scorer,
+    scored_batches,
     sum_over_ranks,
     topk_band_counts,
 )
@@ -101,21 +101,10 @@ def compute_signals(
     model.eval()
     try:
         scorer = model_scorer(module, features, device)
-        for b in range(num_batches):
-            start, stop = min(b * batch, len(users)), min((b + 1) * batch, len(users))
-            real = stop - start
-            user_ids = np.zeros(batch, dtype=np.int64)
-            user_ids[:real] = users.user_ids[start:stop]
-            scores = scorer(user_ids)[:real]
-            if real == 0:
-                continue
-            targets = torch.from_numpy(users.targets[start:stop]).to(device)
+        columns_all = dataset.num_items + 1
+        for start, stop, scores, targets, candidates in scored_batches(scorer, users, columns_all, batch, num_batches, device):
             columns = torch.cat([targets.unsqueeze(1), negatives[start:stop].to(device)], dim=1)
             per_row = bpr_loss(scores.gather(1, columns))
-            lo, hi = users.history_indptr[start], users.history_indptr[stop]
-            hist_rows = torch.from_numpy(np.repeat(np.arange(real), np.diff(users.history_indptr[start : stop + 1]))).to(device)
-            hist_items = torch.from_numpy(users.history_items[lo:hi]).to(device)
-            candidates = candidate_mask(real, scores.shape[1], targets, hist_rows, hist_items)
             ranks = None
             for acc in accumulators:
                 kind = acc.request.kind
