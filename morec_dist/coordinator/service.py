@@ -8,7 +8,6 @@
   earlier). Returns the GCS address that torchrun ranks pass to ``connect_ray``. The head
   dies with the process that started it.
 - ``connect_ray(address, namespace)``: join an existing cluster (idempotent).
-- ``ensure_ray(config.coordinator)``: one of the two, by ``ray_address``.
 - ``open_coordinator(config.coordinator, spec, run_id, rank, state)``: get or create the named
   actor, configure it for this run (idempotent per run_id), and return a started client.
 
@@ -121,14 +120,6 @@ def connect_ray(address: str, namespace: str | None = None) -> None:
     # Without this Ray rewrites 127.0.0.1 to the public address and misses a loopback head.
     with _loopback_node_ip() if loopback else contextlib.nullcontext():
         ray.init(address=address, namespace=namespace, logging_level=logging.WARNING, log_to_driver=False)
-
-
-def ensure_ray(coordinator: Any) -> str:
-    """Connect to ``coordinator.ray_address``, or start the embedded local Ray. Returns the address."""
-    if coordinator.ray_address:
-        connect_ray(coordinator.ray_address, coordinator.namespace)
-        return coordinator.ray_address
-    return start_local_ray(coordinator.object_store_mb, namespace=coordinator.namespace)
 
 
 def open_coordinator(

@@ -217,7 +217,3 @@ class PreparedDataset:
                         _check_values(path, batch, ranges)
                 except (pa.ArrowInvalid, OSError) as exc:
                     raise DatasetError(f"{path}: corrupt Parquet data ({exc})") from None
-
-
-def open_dataset(path: str | Path, **kwargs: Any) -> PreparedDataset:
-    return PreparedDataset.open(path, **kwargs)

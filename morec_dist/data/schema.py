@@ -74,9 +74,5 @@ USERS = pa.schema(
 )
 
 
-def split_dir(split: str) -> str:
-    return split
-
-
 def part_name(index: int) -> str:
     return f"part-{index:05d}.parquet"

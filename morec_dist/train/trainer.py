@@ -9,7 +9,6 @@ back-propagated. The model and the loss are picked by name from their registries
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -118,27 +117,3 @@ def all_reduce_sum(values: list[float], ctx: DistContext) -> list[float]:
     if ctx.pg is not None and ctx.world_size > 1:
         dist.all_reduce(tensor, group=ctx.pg)
     return tensor.tolist()
-
-
-class StepTimer:
-    """Splits wall time into waiting for data and computing, for rows/s and reader wait."""
-
-    def __init__(self) -> None:
-        self.started = time.perf_counter()
-        self.reader_wait = 0.0
-
-    def waiting(self):
-        timer = self
-
-        class _Wait:
-            def __enter__(self):
-                self.t = time.perf_counter()
-
-            def __exit__(self, *exc):
-                timer.reader_wait += time.perf_counter() - self.t
-
-        return _Wait()
-
-    @property
-    def elapsed(self) -> float:
-        return time.perf_counter() - self.started

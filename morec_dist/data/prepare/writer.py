@@ -97,7 +97,7 @@ class DatasetWriter:
         self._rows: dict[str, int] = {s: 0 for s in schema.SPLITS}
 
     def _open_part(self, split: str) -> pq.ParquetWriter:
-        rel = f"{schema.split_dir(split)}/{schema.part_name(len(self._parts[split]))}"
+        rel = f"{split}/{schema.part_name(len(self._parts[split]))}"
         (self.tmp_dir / split).mkdir(exist_ok=True)
         self._parts[split].append(rel)
         self._rows_in_part[split] = 0
