@@ -40,6 +40,7 @@ def _reader(data_dir: Path, morec: bool) -> Reader:
         objectives=OBJECTIVES if morec else (),
         prefetch_batches=3,
         window_row_groups=2,
+        in_memory_rows=600,  # big groups stream windows of row groups, small ones are held
     )
 
 

@@ -1,13 +1,15 @@
-"""Weighted (group-first) sampling: exact in distribution, versioned, validated, bounded.
+"""Weighted (group-first) blocks over per-group streams: exact group choice, each row once
+per pass, ranks' shares partition each group, thinning by price, prefetch-independent.
 
-The chi-square checks run on real draws from the real group index over real Parquet; each
-uses a fixed seed, so a pass or fail is reproducible, and a negative control shows the test
+The chi-square checks run on real blocks from real per-group Parquet streams; each uses a
+fixed seed, so a pass or fail is reproducible, and a negative control shows the test
 detects a sampler that is off by a small amount.
 """
 
 from __future__ import annotations
 
 import threading
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -16,12 +18,13 @@ from scipy import stats
 
 import reader_data
 from morec_dist.data.dataset import PreparedDataset
-from morec_dist.data.group_index import GroupIndex, GroupIndexError, GroupSampler, ensure_group_index, open_group_index
+from morec_dist.data.group_streams import GroupLayout, GroupLayoutError
 from morec_dist.data.negatives import NegativeSampler
 from morec_dist.data.reader import Reader
 
 ALPHA = 1e-3  # reject at p < 0.001
 DRAWS = 300_000
+BLOCK = 5000
 
 SKEWED = {
     "proportional": None,  # filled from the group sizes
@@ -42,13 +45,6 @@ def dataset(data_dir) -> PreparedDataset:
 
 
 @pytest.fixture(scope="module")
-def fair_index(dataset) -> GroupIndex:
-    index = open_group_index(dataset, "fair_group")
-    yield index
-    index.close()
-
-
-@pytest.fixture(scope="module")
 def train(data_dir) -> np.ndarray:
     return reader_data.train_pairs(data_dir)
 
@@ -65,83 +61,151 @@ def _group_chi2(groups: np.ndarray, p: np.ndarray) -> float:
     return stats.chisquare(observed[support], len(groups) * p[support]).pvalue
 
 
-def test_index_strata_hold_exactly_each_groups_rows(fair_index, train):
+FAIR_OF_ITEM = np.concatenate([[0], reader_data._item_groups()[0]])  # by item_id
+COUNTS = np.bincount(reader_data._item_groups()[0], weights=reader_data._item_groups()[2], minlength=9)[1:]
+
+
+def _fair_reader(data_dir, **kwargs) -> Reader:
+    args = dict(batch_size=8, num_negatives=1, seed=11, objectives=[("fairness", "fair_group")])
+    args.update(kwargs)
+    return Reader(data_dir, **args)
+
+
+def _draw_groups(reader: Reader, p: np.ndarray, draws: int = DRAWS) -> tuple[np.ndarray, np.ndarray]:
+    """(group, row key) of ``draws`` rows of objective 1's blocks, at steps 0, 1, ..."""
+    objective = reader.weighted[0]
+    pairs = np.concatenate([objective.block(0, step, p, BLOCK) for step in range(draws // BLOCK)])
+    return FAIR_OF_ITEM[pairs[:, 1]], reader_data.row_keys(pairs[:, 0], pairs[:, 1])
+
+
+def test_layout_holds_exactly_each_groups_rows(dataset, train):
+    layout = GroupLayout(dataset.path, dataset.manifest)
     counts = np.bincount(train[:, 2], minlength=reader_data.FAIR_GROUPS + 1)[1:]
-    assert fair_index.counts.tolist() == counts.tolist()
-    assert fair_index.counts[reader_data.FAIR_GROUPS - 1] == 0  # the empty group
-    assert fair_index.counts[reader_data.TINY_GROUP - 1] == 3
-    truth = reader_data.row_keys(train[:, 0], train[:, 1])
-    for g in range(1, reader_data.FAIR_GROUPS + 1):
-        lo, hi = fair_index.strata.starts[g - 1], fair_index.strata.starts[g]
-        pairs = fair_index.gather(np.arange(lo, hi))
-        expected = np.sort(truth[train[:, 2] == g])
-        assert np.array_equal(np.sort(reader_data.row_keys(pairs[:, 0], pairs[:, 1])), expected)
+    assert layout.counts("fair_group").tolist() == counts.tolist()
+    assert counts[reader_data.FAIR_GROUPS - 1] == 0 and counts[reader_data.TINY_GROUP - 1] == 3
+    with pytest.raises(GroupLayoutError, match="no column 'no_such_column'"):
+        layout.groups("no_such_column")
+    with pytest.raises(GroupLayoutError, match="no 'group_layout'"):
+        GroupLayout(dataset.path, {k: v for k, v in dataset.manifest.items() if k != "group_layout"})
 
 
 @pytest.mark.parametrize("name", list(SKEWED))
-def test_group_frequencies_match_p(fair_index, name):
-    sampler = GroupSampler(fair_index)
-    p = _p(name, fair_index.counts.astype(float))
-    groups, _ = sampler.draw_positions(np.random.default_rng(101), p, DRAWS)
+def test_group_frequencies_match_p(data_dir, name):
+    with _fair_reader(data_dir) as reader:
+        p = _p(name, COUNTS.astype(float))
+        groups, _ = _draw_groups(reader, p)
     assert _group_chi2(groups, p) > ALPHA
 
 
-def test_group_chi2_detects_a_slightly_wrong_sampler(fair_index):
-    """Negative control: draws from p perturbed by 0.005 on two groups must be rejected."""
-    sampler = GroupSampler(fair_index)
-    p = _p("tiny_heavy", fair_index.counts.astype(float))
+def test_group_chi2_detects_a_slightly_wrong_sampler(data_dir):
+    """Negative control: blocks from p perturbed by 0.005 on two groups must be rejected."""
+    p = _p("tiny_heavy", COUNTS.astype(float))
     wrong = p.copy()
     wrong[0] += 0.005
     wrong[6] -= 0.005
-    groups, _ = sampler.draw_positions(np.random.default_rng(101), wrong, DRAWS)
+    with _fair_reader(data_dir) as reader:
+        groups, _ = _draw_groups(reader, wrong)
     assert _group_chi2(groups, p) < ALPHA
 
 
-@pytest.mark.parametrize("name", ["tiny_heavy", "proportional"])
-def test_rows_are_uniform_within_each_group(fair_index, train, name):
-    """Gathered rows are real rows of the drawn group, each equally likely (incl. the tiny group)."""
-    sampler = GroupSampler(fair_index)
-    p = _p(name, fair_index.counts.astype(float))
-    rng = np.random.default_rng(202)
-    groups, positions = sampler.draw_positions(rng, p, DRAWS)
-    pairs = fair_index.gather(positions)
-    keys = reader_data.row_keys(pairs[:, 0], pairs[:, 1])
-    truth_keys = reader_data.row_keys(train[:, 0], train[:, 1])
-    group_of_key = dict(zip(truth_keys.tolist(), train[:, 2].tolist()))
-    assert [group_of_key[k] for k in keys[:5000].tolist()] == groups[:5000].tolist()
-    pvalues = []
-    for g in np.flatnonzero(p > 0) + 1:
-        members = np.sort(truth_keys[train[:, 2] == g])
-        drawn = keys[groups == g]
-        slot = np.searchsorted(members, drawn)
-        assert np.array_equal(members[slot], drawn), f"group {g}: drew a row that is not in the group"
-        observed = np.bincount(slot, minlength=len(members))
-        if len(members) > 1 and drawn.size >= 5 * len(members):
-            pvalues.append(stats.chisquare(observed).pvalue)
-    assert pvalues and min(pvalues) * len(pvalues) > ALPHA  # Bonferroni over groups
+def test_each_row_once_per_pass_of_its_group(data_dir, train):
+    """Over many steps at skewed p, every row of a group is drawn floor or ceil of
+    (drawn from the group / group size) times: no row repeats before its group's pass ends."""
+    truth = reader_data.row_keys(train[:, 0], train[:, 1])
+    for in_memory_rows in (None, 100):  # whole shares in memory; windows of one row group
+        with _fair_reader(data_dir, in_memory_rows=in_memory_rows) as reader:
+            groups, keys = _draw_groups(reader, _p("tiny_heavy", COUNTS.astype(float)), 100_000)
+        for g in range(1, reader_data.TINY_GROUP + 1):
+            members = truth[train[:, 2] == g]
+            drawn = Counter(keys[groups == g].tolist())
+            assert set(drawn) <= set(members.tolist()), f"group {g}: a drawn row is not in the group"
+            n, total = len(members), int((groups == g).sum())
+            per_row = np.asarray([drawn.get(k, 0) for k in members.tolist()])
+            assert per_row.min() == total // n and per_row.max() == -(-total // n), (g, in_memory_rows)
 
 
-def test_bounded_gather_equals_plain_gather(dataset, fair_index):
-    small = GroupIndex(fair_index.path, resident_budget_mb=0.02)  # forces region-by-region reads
-    try:
-        assert small._bounded and not fair_index._bounded
-        positions = np.random.default_rng(5).integers(0, fair_index.strata.rows, 20_000)
-        assert np.array_equal(small.gather(positions), fair_index.gather(positions))
-    finally:
-        small.close()
+def test_rank_shares_partition_each_group(data_dir, train):
+    truth = reader_data.row_keys(train[:, 0], train[:, 1])
+    for world in (1, 3):
+        shares: dict[int, list[np.ndarray]] = {}
+        for rank in range(world):
+            with _fair_reader(data_dir, rank=rank, world_size=world, in_memory_rows=300) as reader:
+                for g, stream in enumerate(reader.weighted[0].streams, start=1):
+                    pairs = stream.take(stream.rows).pairs
+                    shares.setdefault(g, []).append(reader_data.row_keys(pairs[:, 0], pairs[:, 1]))
+        for g, parts in shares.items():
+            union = np.sort(np.concatenate(parts))
+            assert np.array_equal(union, np.sort(truth[train[:, 2] == g])), (world, g)  # disjoint and complete
+            sizes = [len(x) for x in parts]
+            assert max(sizes) - min(sizes) <= 1
 
 
-def test_index_is_cached_and_keyed_by_column_and_content(dataset, tmp_path):
-    first = ensure_group_index(dataset, "rev_group", cache_dir=tmp_path)
-    stamp = (first / "rows.npy").stat().st_mtime_ns
-    assert ensure_group_index(dataset, "rev_group", cache_dir=tmp_path) == first
-    assert (first / "rows.npy").stat().st_mtime_ns == stamp  # reused, not rebuilt
-    other = ensure_group_index(dataset, "fair_group", cache_dir=tmp_path)
-    assert other != first
-    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temp dirs left behind
-    with pytest.raises(GroupIndexError, match="'no_such_column' missing"):
-        ensure_group_index(dataset, "no_such_column", cache_dir=tmp_path)
+def test_pass_order_is_uniform_and_changes_every_pass(data_dir, train):
+    """The first row of each pass of a group (held in memory) is uniform over its rows, and
+    a windowed stream permutes differently per pass too."""
+    g = 6  # 60 rows
+    members = np.sort(reader_data.row_keys(*train[train[:, 2] == g][:, :2].T))
+    with _fair_reader(data_dir) as reader:
+        stream = reader.weighted[0].streams[g - 1]
+        assert stream.in_memory and stream.rows == len(members)
+        firsts, orders = [], set()
+        for _ in range(3000):
+            pairs = stream.take(stream.rows).pairs
+            keys = reader_data.row_keys(pairs[:, 0], pairs[:, 1])
+            assert np.array_equal(np.sort(keys), members)
+            firsts.append(np.searchsorted(members, keys[0]))
+            orders.add(keys.tobytes())
+    assert len(orders) == 3000
+    assert stats.chisquare(np.bincount(firsts, minlength=len(members))).pvalue > ALPHA
+    with _fair_reader(data_dir, in_memory_rows=0) as reader:
+        stream = reader.weighted[0].streams[0]  # 10800 rows, row groups of 256
+        assert not stream.in_memory and len(stream.segments) > 10
+        a, b = stream.take(stream.rows).pairs, stream.take(stream.rows).pairs
+    assert not np.array_equal(a, b) and np.array_equal(np.sort(a[:, 0] * 41 + a[:, 1]), np.sort(b[:, 0] * 41 + b[:, 1]))
 
+
+def _stream_of_batches(data_dir, steps: int, **kwargs) -> list:
+    out = []
+    with _reader(data_dir, **kwargs) as reader:
+        it = iter(reader)
+        for step in range(steps):
+            if step % 4 == 2:  # p changes every few steps, between requests
+                reader.set_probabilities(step, {"fairness": SKEWED["tiny_heavy"] if step % 8 == 2 else SKEWED["tiny_light"]})
+            out.append(next(it))
+    return out
+
+
+def test_batches_do_not_depend_on_prefetch_depth(data_dir):
+    shallow = _stream_of_batches(data_dir, 12, prefetch_batches=1, prefetch_windows=0, in_memory_rows=300)
+    deep = _stream_of_batches(data_dir, 12, prefetch_batches=6, prefetch_windows=4, in_memory_rows=300)
+    for a, b in zip(shallow, deep):
+        assert a.version == b.version
+        assert np.array_equal(a.item_ids.numpy(), b.item_ids.numpy()) and np.array_equal(a.user_ids.numpy(), b.user_ids.numpy())
+
+
+@pytest.mark.parametrize("weighting", [None, "price"])
+def test_price_weighting_exact_thins_rows_by_price(data_dir, dataset, train, weighting):
+    """With row weight "price" (revenue's price_weighting = "exact") rows within a group are
+    kept with probability price / max price: item frequencies follow rows x price; without
+    it they follow rows. Each test rejects the other case."""
+    price = dataset.item_column("price")
+    rev = dataset.item_column("rev_group")
+    rows_per_item = np.bincount(train[:, 1], minlength=reader_data.NUM_ITEMS + 1)
+    with Reader(data_dir, batch_size=8, num_negatives=1, seed=3, objectives=[("revenue", "rev_group", weighting)]) as reader:
+        p = np.asarray([0.25, 0.25, 0.25, 0.25])
+        objective = reader.weighted[0]
+        pairs = np.concatenate([objective.block(0, s, p, 2000) for s in range(60)])
+    items = np.bincount(pairs[:, 1], minlength=reader_data.NUM_ITEMS + 1)
+    pvalues = {}
+    for g in range(1, reader_data.REV_GROUPS + 1):
+        members = np.flatnonzero(rev == g)
+        members = members[members > 0]
+        for model, weight in (("rows", rows_per_item), ("price", rows_per_item * price)):
+            expected = weight[members] / weight[members].sum() * items[members].sum()
+            pvalues.setdefault(model, []).append(stats.chisquare(items[members], expected).pvalue)
+    right, wrong = ("price", "rows") if weighting else ("rows", "price")
+    assert min(pvalues[right]) > ALPHA / 4
+    assert max(pvalues[wrong]) < ALPHA
 
 def test_negatives_follow_popularity_power(dataset):
     popularity = dataset.item_column("popularity")
@@ -266,28 +330,3 @@ def test_versions_never_mix_within_a_batch_under_concurrent_updates(data_dir):
         assert len(seen) > 1  # updates really interleaved with reading
 
 
-def test_concurrent_builders_publish_one_index(dataset, tmp_path):
-    """Several ranks may build the same index at once: all get the same, complete index."""
-    results: list[Path] = []
-    threads = [threading.Thread(target=lambda: results.append(ensure_group_index(dataset, "fair_group", cache_dir=tmp_path))) for _ in range(3)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    assert len(results) == 3 and len(set(results)) == 1
-    assert [p.name for p in tmp_path.iterdir()] == [results[0].name]  # temporary builds removed
-    index = GroupIndex(results[0])
-    try:
-        assert index.counts.sum() == dataset.split_rows("train")
-    finally:
-        index.close()
-
-
-def test_group_values_beyond_the_manifest_count_are_refused(dataset, tmp_path):
-    import copy
-
-    manifest = copy.deepcopy(dataset.manifest)
-    manifest["groups"]["fair_group"]["num_groups"] = 3
-    lying = PreparedDataset(dataset.path, manifest)
-    with pytest.raises(GroupIndexError, match="hold group 7, but the manifest says num_groups=3"):
-        ensure_group_index(lying, "fair_group", cache_dir=tmp_path)

@@ -15,8 +15,8 @@ Built-in kinds (options in brackets, defaults first):
 
 - ``revenue``: fixed p proportional to each group's mean item price; s = 0 always.
   [price_weighting = "band_mean" | "exact"]; "exact" sets p_g = S_g / S (train price sums)
-  and ``row_weight_column = "price"`` so that a reader honouring it draws every training row
-  with probability exactly price / S.
+  and ``row_weight_column = "price"``: the reader thins the group's stream by price / max
+  price, so every training row is drawn with probability exactly price / S.
 - ``worst_group`` (``fairness`` is the same kind with its reference name): least misery.
   Signal ``group_loss`` (mean training loss per group on validation rows), s = +1 on the
   worst group, 0 elsewhere. [by = "loss" | "hit" (signal ``group_hit``, worst = lowest

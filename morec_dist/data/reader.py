@@ -1,4 +1,4 @@
-"""The per-rank streaming reader: uniform epochs, exact group-first weighted blocks, MoRec batches.
+"""The per-rank streaming reader: uniform epochs, per-group weighted streams, MoRec batches.
 
 Owns how train rows reach a rank:
 
@@ -8,17 +8,24 @@ Owns how train rows reach a rank:
   rank yields exactly the same number of batches while every row is read exactly once per
   epoch across all ranks (see ``batch_sizes``). A rank reads its range a window of row
   groups at a time (projected to user_id, item_id) and shuffles each window.
-- **Weighted blocks** (one per auxiliary objective): B i.i.d. draws, each a group
-  g ~ p_k then a uniform row of that group, served from the group-stratified index
-  (``group_index``). Exact in distribution, with replacement, bounded memory.
+- **Weighted blocks** (one per auxiliary objective k): the counts
+  c ~ Multinomial(B, p_k) from the generator of (seed, rank, epoch, step, k), then the next
+  c_g rows of each group's stream (``group_streams``: the rank's share of the
+  group-partitioned layout ``by_group/``, read sequentially, each row once per pass of the
+  group). The group choice is exact; within a group, rows are drawn without replacement.
+  An objective with a row weight column (revenue's ``price_weighting = "exact"``) thins
+  its stream: a row is kept with probability w / max_g(w), so within a group the rows kept
+  are distributed as w.
 - **Probabilities** are versioned snapshots swapped atomically by ``set_probabilities``.
-  A background thread prefetches batches with the snapshot current when it built them;
-  when the consumer asks for step t and a newer version has been set since, the weighted
-  blocks are redrawn with it (same seeds), so the batch of step t always uses the newest
-  version set before step t was requested, and a batch never mixes versions.
+  Weighted blocks are assembled when the consumer asks for step t, with the newest
+  snapshot set before that request, so a change of p is never late and a batch never mixes
+  versions. Only data is prefetched: the uniform blocks (which do not depend on p) and each
+  group stream's next windows of rows (``WindowPrefetcher``); a batch never depends on how
+  far the prefetch got.
 - **Determinism and resume**: every random choice of step t is seeded from
-  (seed, rank, epoch, step, stream), so a batch is a pure function of its position, the
-  probabilities in force, and the data; ``state_dict`` is just that position and snapshot.
+  (seed, rank, epoch, step, stream); the weighted blocks also depend on the group streams'
+  cursors, so ``state_dict`` is the position, the snapshot and a cursor (pass, offset) per
+  (objective, group): resuming is bit-exact, across a change of p too.
 """
 
 from __future__ import annotations
@@ -37,10 +44,10 @@ import torch
 from morec_dist.data.batch import UNIFORM_VERSION, Batch
 from morec_dist.data.dataset import PreparedDataset
 from morec_dist.data.features import FeatureBuilder
-from morec_dist.data.group_index import DEFAULT_RESIDENT_BUDGET_MB, GroupIndex, GroupSampler, open_group_index
+from morec_dist.data.group_streams import GroupLayout, GroupStream, WindowPrefetcher, share_bounds, share_segments
 from morec_dist.data.negatives import NegativeSampler
 
-STATE_FORMAT = 1
+STATE_FORMAT = 2
 PROJECTED_COLUMNS = ["user_id", "item_id"]
 # Stream ids: each random choice draws from its own seed sequence, so changing one (e.g. a
 # new probabilities version redraws weighted blocks) never shifts another.
@@ -48,6 +55,7 @@ STREAM_EPOCH_ORDER = 0
 STREAM_WINDOW_SHUFFLE = 1
 STREAM_WEIGHTED = 2
 STREAM_NEGATIVES = 3
+STREAM_THINNING = 4
 
 
 def _rng(*key: int) -> np.random.Generator:
@@ -168,7 +176,7 @@ class UniformStream:
             buffer, buffer_start = buffer[hi - buffer_start :], hi  # drop the rows served
 
 
-# ------------------------------------------------------------------ weighted draws
+# ------------------------------------------------------------------ weighted blocks
 
 
 @dataclass(frozen=True)
@@ -201,15 +209,102 @@ def validate_probabilities(name: str, group_column: str, p: Any, counts: np.ndar
     return out
 
 
+MAX_THINNING_ROUNDS = 10_000
+
+
+class WeightedObjective:
+    """Objective k's weighted blocks: multinomial counts over its groups, rows from the streams."""
+
+    def __init__(
+        self,
+        dataset: PreparedDataset,
+        layout: GroupLayout,
+        name: str,
+        column: str,
+        k: int,
+        *,
+        seed: int,
+        rank: int,
+        world_size: int,
+        weight_column: str | None = None,
+        window_segments: int = 1,
+        in_memory_rows: int | None = None,
+    ):
+        self.name, self.column, self.k = name, column, k
+        self.seed, self.rank = seed, rank
+        self.weight_column = weight_column
+        groups = layout.groups(column)
+        self.counts = np.asarray([sum(r for _, r in files) for files in groups], dtype=np.int64)
+        extra = {} if in_memory_rows is None else {"in_memory_rows": in_memory_rows}
+        self.streams: list[GroupStream] = []
+        for g, files in enumerate(groups, start=1):
+            lo, hi = share_bounds(int(self.counts[g - 1]), rank, world_size)
+            self.streams.append(
+                GroupStream(
+                    [path for path, _ in files],
+                    share_segments(files, lo, hi),
+                    key=(seed, rank, k, g),
+                    weight_column=weight_column,
+                    window_segments=window_segments,
+                    **extra,
+                )
+            )
+        self.max_weight = self._max_weights(dataset) if weight_column else None
+
+    def _max_weights(self, dataset: PreparedDataset) -> np.ndarray:
+        """The largest row weight of each group, from the item table (weights are item columns)."""
+        try:
+            weight, group = dataset.item_column(self.weight_column), dataset.item_column(self.column)
+        except KeyError:
+            raise ValueError(
+                f"objective {self.name!r}: row weight column {self.weight_column!r} must be a column of "
+                f"{dataset.path / 'items.parquet'} with the group column {self.column!r}"
+            ) from None
+        out = np.zeros(len(self.counts))
+        np.maximum.at(out, group[1:].astype(np.int64) - 1, weight[1:].astype(np.float64))
+        return out
+
+    def block(self, epoch: int, step: int, p: np.ndarray, size: int) -> np.ndarray:
+        """The [size, 2] (user_id, item_id) rows of this objective's block at (epoch, step)."""
+        rng = _rng(self.seed, STREAM_WEIGHTED, self.rank, epoch, step, self.k)
+        counts = rng.multinomial(size, p)
+        thin = _rng(self.seed, STREAM_THINNING, self.rank, epoch, step, self.k) if self.weight_column else None
+        parts = []
+        for g in np.flatnonzero(counts).tolist():
+            stream, c = self.streams[g], int(counts[g])
+            parts.append(stream.take(c).pairs if thin is None else self._thinned(stream, c, g, thin))
+        pairs = np.concatenate(parts)
+        return pairs[rng.permutation(len(pairs))]  # no group-sorted structure inside a block
+
+    def _thinned(self, stream: GroupStream, need: int, g: int, rng: np.random.Generator) -> np.ndarray:
+        # Acceptance by w / max w walks the stream and keeps each row with probability
+        # proportional to its weight: the kept rows follow w within the group, exactly.
+        kept: list[np.ndarray] = []
+        top = self.max_weight[g]
+        for _ in range(MAX_THINNING_ROUNDS):
+            m = max(4 * need, 256)
+            chunk = stream.peek(m)
+            accepted = np.flatnonzero(rng.random(m) * top < chunk.weights)
+            if len(accepted) >= need:
+                kept.append(chunk.pairs[accepted[:need]])
+                stream.advance(int(accepted[need - 1]) + 1)
+                return np.concatenate(kept)
+            kept.append(chunk.pairs[accepted])
+            stream.advance(m)
+            need -= len(accepted)
+        raise RuntimeError(f"objective {self.name!r}: group {g + 1}: thinning by {self.weight_column!r} kept too few rows")
+
+    def cursors(self) -> list[list[int]]:
+        return [list(s.cursor()) for s in self.streams]
+
+    def seek(self, cursors: Sequence[Sequence[int]]) -> None:
+        if len(cursors) != len(self.streams):
+            raise ValueError(f"reader state: objective {self.name!r} has {len(cursors)} cursors, expected {len(self.streams)}")
+        for stream, (pass_, offset) in zip(self.streams, cursors):
+            stream.seek(int(pass_), int(offset))
+
+
 # ------------------------------------------------------------------ the reader
-
-
-@dataclass
-class _Prefetched:
-    step: int
-    uniform: np.ndarray
-    batch: Batch
-    version: int
 
 
 class _Failure:
@@ -217,13 +312,20 @@ class _Failure:
         self.exc = exc
 
 
+def _objective_spec(objective: Sequence[Any]) -> tuple[str, str, str | None]:
+    """(name, group column, row weight column or None) from a 2- or 3-tuple."""
+    name, column, *rest = objective
+    weight = rest[0] if rest else None
+    return str(name), str(column), (str(weight) if weight else None)
+
+
 class Reader:
     """One rank's batches: uniform single-block batches, or MoRec batches of K+1 blocks.
 
-    ``objectives`` are (name, group_column) pairs in block order (block k = objective k-1);
-    none means uniform mode (pretraining): single-block batches with version -1. Iterating
-    yields the rest of the current epoch and then moves to the next one, so
-    ``for epoch ...: for batch in reader: ...`` and resuming mid-epoch both just work.
+    ``objectives`` are (name, group_column[, row_weight_column]) in block order (block k =
+    objective k-1); none means uniform mode (pretraining): single-block batches with
+    version -1. Iterating yields the rest of the current epoch and then moves to the next
+    one, so ``for epoch ...: for batch in reader: ...`` and resuming mid-epoch both just work.
     """
 
     def __init__(
@@ -237,14 +339,15 @@ class Reader:
         rank: int = 0,
         world_size: int = 1,
         features: FeatureBuilder | None = None,
-        objectives: Sequence[tuple[str, str]] = (),
+        objectives: Sequence[Sequence[Any]] = (),
         probabilities: Mapping[str, Sequence[float]] | None = None,
         version: int = 0,
         prefetch_batches: int = 4,
+        prefetch_windows: int = 1,
         window_row_groups: int = 4,
+        group_window_row_groups: int = 1,
+        in_memory_rows: int | None = None,
         exclude_positive_negatives: bool = True,
-        index_dir: str | Path | None = None,
-        resident_budget_mb: float = DEFAULT_RESIDENT_BUDGET_MB,
     ):
         if not isinstance(dataset, PreparedDataset):
             # Cheap open: the trainer validates the dataset once; a reader per rank need not rehash it.
@@ -257,14 +360,17 @@ class Reader:
             raise ValueError(f"rank {rank} is outside world_size {world_size}")
         if prefetch_batches < 1:
             raise ValueError(f"prefetch_batches: expected >= 1, got {prefetch_batches}")
-        names = [name for name, _ in objectives]
+        if prefetch_windows < 0:
+            raise ValueError(f"prefetch_windows: expected >= 0, got {prefetch_windows}")
+        specs = [_objective_spec(o) for o in objectives]
+        names = [name for name, _, _ in specs]
         if len(set(names)) != len(names):
             raise ValueError(f"objectives: duplicate names in {names}")
         self.dataset = dataset
         self.batch_size, self.num_negatives = batch_size, num_negatives
         self.seed, self.rank, self.world_size = seed, rank, world_size
-        self.prefetch_batches = prefetch_batches
-        self.objectives = [(str(n), str(c)) for n, c in objectives]
+        self.prefetch_batches, self.prefetch_windows = prefetch_batches, prefetch_windows
+        self.objectives = [(n, c) for n, c, _ in specs]
         self.features = features or FeatureBuilder(dataset.path, dataset.num_users, dataset.num_items, "ids")
         self.negatives = NegativeSampler.from_dataset(dataset, negative_alpha, exclude_positive=exclude_positive_negatives)
         self.uniform = UniformStream(
@@ -275,20 +381,23 @@ class Reader:
             world_size=world_size,
             window_row_groups=window_row_groups,
         )
-        indexes: dict[str, GroupIndex] = {}
-        columns = list(dict.fromkeys(column for _, column in self.objectives))
-        for column in columns:  # the resident budget is the reader's, shared by its indexes
-            indexes[column] = open_group_index(
-                dataset, column, cache_dir=index_dir, resident_budget_mb=resident_budget_mb / len(columns)
-            )
-        self._indexes = indexes
-        self.samplers = [GroupSampler(indexes[column]) for _, column in self.objectives]
+        self.weighted: list[WeightedObjective] = []
+        if specs:
+            layout = GroupLayout(dataset.path, dataset.manifest)
+            for k, (name, column, weight) in enumerate(specs, start=1):
+                self.weighted.append(
+                    WeightedObjective(
+                        dataset, layout, name, column, k, seed=seed, rank=rank, world_size=world_size,
+                        weight_column=weight, window_segments=group_window_row_groups, in_memory_rows=in_memory_rows,
+                    )
+                )
         self._lock = threading.Lock()
-        initial = {name: s.counts / max(1, s.counts.sum()) for (name, _), s in zip(self.objectives, self.samplers)}
+        initial = {o.name: o.counts / max(1, o.counts.sum()) for o in self.weighted}
         initial.update(probabilities or {})
         self._snapshot = ProbabilitySnapshot(version, self._validated(version, initial))
         self._epoch, self._step = 0, 0
         self._prefetcher: _PrefetchThread | None = None
+        self._window_prefetcher: WindowPrefetcher | None = None
 
     # ---------------------------------------------------------------- properties
     @property
@@ -326,10 +435,7 @@ class Reader:
         unknown = sorted(set(probabilities) - set(known))
         if unknown:
             raise ValueError(f"set_probabilities(version={version}): unknown objective(s) {unknown}; expected some of {known}")
-        return tuple(
-            validate_probabilities(name, column, probabilities[name], sampler.counts)
-            for (name, column), sampler in zip(self.objectives, self.samplers)
-        )
+        return tuple(validate_probabilities(o.name, o.column, probabilities[o.name], o.counts) for o in self.weighted)
 
     def set_probabilities(self, version: int, probabilities: Mapping[str, Sequence[float]]) -> None:
         """Installs a new probabilities version (objectives not named keep their p).
@@ -356,10 +462,13 @@ class Reader:
 
     # ---------------------------------------------------------------- batches
     def assemble(self, epoch: int, step: int, uniform: np.ndarray, snapshot: ProbabilitySnapshot) -> Batch:
-        """The batch of (epoch, step) from its uniform rows and a probabilities snapshot."""
+        """The batch of (epoch, step) from its uniform rows and a probabilities snapshot.
+
+        Advances the group streams' cursors: call it once per step, in step order.
+        """
         blocks = [uniform]
-        for k, (sampler, p) in enumerate(zip(self.samplers, snapshot.probabilities), start=1):
-            blocks.append(sampler.draw(_rng(self.seed, STREAM_WEIGHTED, self.rank, epoch, step, k), p, self.batch_size))
+        for objective, p in zip(self.weighted, snapshot.probabilities):
+            blocks.append(objective.block(epoch, step, p, self.batch_size))
         pairs = np.concatenate(blocks) if len(blocks) > 1 else uniform
         users = pairs[:, 0].astype(np.int64)
         positives = pairs[:, 1].astype(np.int64)
@@ -375,6 +484,12 @@ class Reader:
             version=snapshot.version if self.morec else UNIFORM_VERSION,
         )
 
+    def _start_window_prefetch(self) -> None:
+        if self.prefetch_windows and self.weighted and self._window_prefetcher is None:
+            streams = [s for o in self.weighted for s in o.streams]
+            self._window_prefetcher = WindowPrefetcher(streams, self.prefetch_windows, name=f"group-prefetch-r{self.rank}")
+            self._window_prefetcher.start()
+
     def __iter__(self) -> Iterator[Batch]:
         self._stop_prefetch()
         self._epoch, self._step = self._position()  # a finished epoch not yet rolled over
@@ -382,17 +497,19 @@ class Reader:
         prefetcher = _PrefetchThread(self, epoch, self._step)
         self._prefetcher = prefetcher
         prefetcher.start()
+        self._start_window_prefetch()
         try:
             while self._step < self.num_batches:
                 item = prefetcher.get()
                 if isinstance(item, _Failure):
                     raise item.exc
-                assert item.step == self._step, (item.step, self._step)
-                snapshot = self.snapshot()
-                batch = item.batch
-                if self.morec and item.version != snapshot.version:  # drawn before the newest set
-                    batch = self.assemble(epoch, item.step, item.uniform, snapshot)
+                step, uniform = item
+                assert step == self._step, (step, self._step)
+                # the weighted blocks are drawn now, with the newest p set before this request
+                batch = self.assemble(epoch, step, uniform, self.snapshot())
                 self._step += 1
+                if self._window_prefetcher is not None:
+                    self._window_prefetcher.wake.set()
                 yield batch
             self._epoch, self._step = epoch + 1, 0
         finally:
@@ -404,7 +521,8 @@ class Reader:
         """Positions the reader at ``epoch`` (like DistributedSampler.set_epoch).
 
         The current epoch keeps its position, so ``load_state_dict`` then ``set_epoch`` of the
-        same epoch resumes mid-epoch; another epoch starts at its first batch.
+        same epoch resumes mid-epoch; another epoch starts at its first batch. The group
+        streams' cursors are not moved: a pass of a group is not tied to an epoch.
         """
         epoch = int(epoch)
         if epoch == self._epoch and self._step < self.num_batches:
@@ -416,6 +534,11 @@ class Reader:
         if self._prefetcher is not None:
             self._prefetcher.stop()
             self._prefetcher = None
+
+    def _stop_window_prefetch(self) -> None:
+        if self._window_prefetcher is not None:
+            self._window_prefetcher.stop()
+            self._window_prefetcher = None
 
     # ---------------------------------------------------------------- checkpointing
     def _position(self) -> tuple[int, int]:
@@ -432,6 +555,7 @@ class Reader:
             "step": step,
             "version": snap.version,
             "probabilities": {name: p.tolist() for (name, _), p in zip(self.objectives, snap.probabilities)},
+            "cursors": {o.name: o.cursors() for o in self.weighted},
             "seed": self.seed,
             "rank": self.rank,
             "world_size": self.world_size,
@@ -442,7 +566,11 @@ class Reader:
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        """Continues exactly where the reader that wrote ``state`` stopped."""
+        """Continues exactly where the reader that wrote ``state`` stopped.
+
+        A state without ``cursors`` (mapped from another world size, whose shares differ)
+        starts every group stream at a new pass.
+        """
         if state.get("format") != STATE_FORMAT:
             raise ValueError(f"reader state: format {state.get('format')!r} != {STATE_FORMAT}")
         mine = self.state_dict()
@@ -451,15 +579,20 @@ class Reader:
                 raise ValueError(f"reader state: {key} = {state[key]!r} but this reader has {mine[key]!r}")
         probabilities = self._validated(int(state["version"]), state["probabilities"])
         self._stop_prefetch()
+        self._stop_window_prefetch()
+        cursors = state.get("cursors")
+        for objective in self.weighted:
+            if cursors is None:
+                objective.seek([[0, 0]] * len(objective.streams))
+            else:
+                objective.seek(cursors[objective.name])
         with self._lock:
             self._snapshot = ProbabilitySnapshot(int(state["version"]), probabilities)
         self._epoch, self._step = int(state["epoch"]), int(state["step"])
 
     def close(self) -> None:
         self._stop_prefetch()
-        for index in self._indexes.values():
-            index.close()
-        self._indexes = {}
+        self._stop_window_prefetch()
 
     def __enter__(self) -> "Reader":
         return self
@@ -469,7 +602,7 @@ class Reader:
 
 
 class _PrefetchThread(threading.Thread):
-    """Reads and assembles the next batches of one epoch ahead of the consumer."""
+    """Reads the next uniform blocks of one epoch ahead of the consumer (data only: no p)."""
 
     def __init__(self, reader: Reader, epoch: int, start_step: int):
         super().__init__(name=f"reader-prefetch-r{reader.rank}", daemon=True)
@@ -480,9 +613,7 @@ class _PrefetchThread(threading.Thread):
     def run(self) -> None:
         try:
             for step, uniform in self.reader.uniform.iter_batches(self.epoch, self.start_step):
-                snapshot = self.reader.snapshot()
-                batch = self.reader.assemble(self.epoch, step, uniform, snapshot)
-                if not self._put(_Prefetched(step, uniform, batch, batch.version)):
+                if not self._put((step, uniform)):
                     return
         except BaseException as exc:  # noqa: BLE001 - handed to the consumer, which re-raises
             self._put(_Failure(exc))
@@ -496,7 +627,7 @@ class _PrefetchThread(threading.Thread):
                 continue
         return False
 
-    def get(self) -> _Prefetched | _Failure:
+    def get(self) -> tuple[int, np.ndarray] | _Failure:
         while True:
             try:
                 return self._queue.get(timeout=1.0)

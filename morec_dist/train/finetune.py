@@ -73,7 +73,7 @@ def build_morec(config: Config, trainer: Trainer, target_loss: float, resume: Re
     # the reader's version 0 is the coordinator's version 0 (its initial p_k)
     initial = {name: p.tolist() for name, p in spec.objectives.initial_probabilities().items()}
     try:
-        reader = make_reader(config, ctx, dataset, trainer, objectives=[(o.name, o.group_column) for o in objectives], probabilities=initial)
+        reader = make_reader(config, ctx, dataset, trainer, objectives=[(o.name, o.group_column, o.row_weight_column) for o in spec.objectives.objectives], probabilities=initial)
     except ValueError as exc:
         raise ConfigError(f"morec.objectives: {exc}") from None
     connect_ray(config.coordinator.ray_address, config.coordinator.namespace)

@@ -201,11 +201,15 @@ def coordinator_state_for(state: dict[str, Any], world_size: int) -> dict[str, A
 
 def reader_state_for(saved: dict[str, Any], reader: Any) -> dict[str, Any]:
     """Rank 0's saved reader state mapped onto ``reader`` (another rank / world size): the
-    same epoch at the same fraction of its batches, the same probabilities snapshot."""
+    same epoch at the same fraction of its batches, the same probabilities snapshot. Group
+    stream cursors are per rank share, which another world size cuts differently: they are
+    dropped, and every group stream starts a new pass."""
     mine = reader.state_dict()
     old_batches = max(int(saved["num_batches"]), 1)
     step = int(saved["step"]) * mine["num_batches"] // old_batches
-    return {**saved, "rank": mine["rank"], "world_size": mine["world_size"], "num_batches": mine["num_batches"], "step": step}
+    mapped = {**saved, "rank": mine["rank"], "world_size": mine["world_size"], "num_batches": mine["num_batches"], "step": step}
+    mapped.pop("cursors", None)
+    return mapped
 
 
 class Checkpointing:
