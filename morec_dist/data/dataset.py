@@ -24,7 +24,7 @@ import pyarrow.parquet as pq
 from morec_dist.data import schema
 from morec_dist.data.prepare.writer import sha256_file
 
-REQUIRED_MANIFEST_KEYS = ("schema_version", "num_users", "num_items", "splits", "files", "groups", "q_star")
+REQUIRED_MANIFEST_KEYS = ("schema_version", "num_users", "num_items", "splits", "files", "groups", "q_star", "group_layout", "features")
 
 
 class DatasetError(ValueError):
@@ -49,8 +49,51 @@ def _load_manifest(root: Path) -> dict[str, Any]:
         if key not in manifest:
             _fail(str(path), f"key {key!r} missing")
     if manifest["schema_version"] != schema.SCHEMA_VERSION:
-        _fail(str(path), f"schema_version {manifest['schema_version']} != supported {schema.SCHEMA_VERSION}")
+        _fail(str(path), f"schema_version {manifest['schema_version']} != supported {schema.SCHEMA_VERSION} (prepare it again)")
+    _check_features(path, manifest["features"])
+    _check_group_layout(path, manifest)
     return manifest
+
+
+def _check_features(path: Path, features: Any) -> None:
+    if not isinstance(features, dict):
+        _fail(str(path), "'features' must be an object of name -> {kind, cardinality, entity}")
+    for name, entry in features.items():
+        try:
+            schema.FeatureSpec.from_manifest(name, entry)
+        except (KeyError, TypeError, ValueError) as exc:
+            _fail(str(path), f"features[{name!r}]: {exc}")
+
+
+def _check_group_layout(path: Path, manifest: dict[str, Any]) -> None:
+    """Every group column has a layout; every gid 1..G is listed; the rows add up to the
+    manifest's train counts; the files are the ones ``files`` checks."""
+    layout = manifest["group_layout"]
+    where = f"{path}: group_layout"
+    if not isinstance(layout, dict) or not {"seed", "root", "columns"} <= set(layout):
+        _fail(str(path), "'group_layout' must hold 'seed', 'root' and 'columns'")
+    if layout["root"] != schema.GROUP_LAYOUT_ROOT:
+        _fail(where, f"root {layout['root']!r} != {schema.GROUP_LAYOUT_ROOT!r}")
+    missing = set(manifest["groups"]) - set(layout["columns"])
+    if missing:
+        _fail(where, f"no partitions for group columns {sorted(missing)}")
+    for column, entry in layout["columns"].items():
+        g = int(entry["num_groups"])
+        if column in manifest["groups"] and g != manifest["groups"][column]["num_groups"]:
+            _fail(f"{where}[{column!r}]", f"num_groups {g} != {manifest['groups'][column]['num_groups']} in 'groups'")
+        if set(entry["groups"]) != {str(gid) for gid in range(1, g + 1)}:
+            _fail(f"{where}[{column!r}]", f"must list every group id 1..{g}")
+        counts = manifest["groups"].get(column, {}).get("train_counts")
+        for gid in range(1, g + 1):
+            group = entry["groups"][str(gid)]
+            rows = sum(int(f["rows"]) for f in group["files"])
+            if rows != group["rows"]:
+                _fail(f"{where}[{column!r}][{gid}]", f"files hold {rows} rows != {group['rows']}")
+            if counts is not None and int(counts[gid - 1]) != group["rows"]:
+                _fail(f"{where}[{column!r}][{gid}]", f"{group['rows']} rows != train_counts {int(counts[gid - 1])}")
+            for f in group["files"]:
+                if not f["path"].startswith(schema.group_dir(column, gid) + "/"):
+                    _fail(f"{where}[{column!r}][{gid}]", f"file {f['path']!r} outside {schema.group_dir(column, gid)}/")
 
 
 def _check_schema(path: Path, actual: pa.Schema, expected: pa.Schema) -> None:
@@ -66,6 +109,9 @@ def _range_checks(manifest: dict[str, Any]) -> dict[str, tuple[float, float]]:
     checks = {"user_id": (1, manifest["num_users"]), "item_id": (1, manifest["num_items"])}
     for column, stats in manifest["groups"].items():
         checks[column] = (1, stats["num_groups"])
+    for name, entry in manifest["features"].items():
+        # single-hot: 0 = missing, 1..C; multi-hot: the values of the lists, 1..C
+        checks[name] = (0 if entry["kind"] == "single" else 1, entry["cardinality"])
     return checks
 
 
@@ -74,6 +120,10 @@ def _check_values(path: Path, table_or_batch: pa.RecordBatch | pa.Table, ranges:
         if column not in table_or_batch.schema.names:
             continue
         values = table_or_batch[column]
+        if pa.types.is_list(values.type):
+            if values.null_count:
+                _fail(str(path), f"column {column!r} has {values.null_count} null lists (use an empty list)")
+            values = pc.list_flatten(values)
         if values.null_count:
             _fail(str(path), f"column {column!r} has {values.null_count} null values")
         if len(values) == 0:
@@ -131,6 +181,36 @@ class PreparedDataset:
         self.num_groups(column)
         return np.asarray(self.manifest["groups"][column]["train_counts"], dtype=np.int64)
 
+    @property
+    def features(self) -> dict[str, schema.FeatureSpec]:
+        """The declared side features, in declaration order."""
+        return {n: schema.FeatureSpec.from_manifest(n, e) for n, e in self.manifest["features"].items()}
+
+    @property
+    def group_layout(self) -> dict[str, Any]:
+        return self.manifest["group_layout"]
+
+    @property
+    def layout_seed(self) -> int:
+        return int(self.group_layout["seed"])
+
+    def group_rows(self, column: str, gid: int) -> int:
+        """Train rows of group ``gid`` (1-based) of ``column``."""
+        return int(self._layout_group(column, gid)["rows"])
+
+    def group_files(self, column: str, gid: int) -> list[tuple[Path, int]]:
+        """(path, rows) of each part file of group ``gid``, in stream order (the hash order)."""
+        return [(self.path / f["path"], int(f["rows"])) for f in self._layout_group(column, gid)["files"]]
+
+    def _layout_group(self, column: str, gid: int) -> dict[str, Any]:
+        columns = self.group_layout["columns"]
+        if column not in columns:
+            raise DatasetError(f"{self.path / schema.MANIFEST}: no by_group layout for {column!r}; have {sorted(columns)}")
+        groups = columns[column]["groups"]
+        if str(gid) not in groups:
+            raise DatasetError(f"{self.path / schema.MANIFEST}: {column!r} has no group {gid} (groups 1..{columns[column]['num_groups']})")
+        return groups[str(gid)]
+
     def split_rows(self, split: str) -> int:
         return int(self.manifest["splits"][split]["rows"])
 
@@ -169,7 +249,12 @@ class PreparedDataset:
 
     # -------------------------------------------------------------- validation
     def _expected_files(self) -> dict[str, pa.Schema]:
-        expected = {schema.ITEMS_FILE: schema.ITEMS, schema.USERS_FILE: schema.USERS}
+        features = self.features
+        interactions = schema.interaction_schema(features)
+        expected = {
+            schema.ITEMS_FILE: schema.entity_schema(schema.ITEMS, features, "item"),
+            schema.USERS_FILE: schema.entity_schema(schema.USERS, features, "user"),
+        }
         for split in schema.SPLITS:
             info = self.manifest["splits"].get(split)
             if info is None:
@@ -177,8 +262,13 @@ class PreparedDataset:
             if info["rows"] <= 0:
                 _fail(str(self.path / split), f"split {split!r} is empty")
             for rel in info["files"]:
-                expected[rel] = schema.INTERACTIONS
+                expected[rel] = interactions
+        for rel in self._layout_files():
+            expected[rel] = interactions
         return expected
+
+    def _layout_files(self) -> list[str]:
+        return [f["path"] for c in self.group_layout["columns"].values() for g in c["groups"].values() for f in g["files"]]
 
     def _check_files(self, verify_checksums: bool) -> None:
         for rel, expected_schema in self._expected_files().items():
@@ -217,3 +307,10 @@ class PreparedDataset:
                         _check_values(path, batch, ranges)
                 except (pa.ArrowInvalid, OSError) as exc:
                     raise DatasetError(f"{path}: corrupt Parquet data ({exc})") from None
+        # each partition holds only its own group (the other values were checked in train)
+        for column, entry in self.group_layout["columns"].items():
+            for gid, group in entry["groups"].items():
+                for f in group["files"]:
+                    values = pq.read_table(self.path / f["path"], columns=[column])[column]
+                    if len(values) and pc.min_max(values).as_py() != {"min": int(gid), "max": int(gid)}:
+                        _fail(str(self.path / f["path"]), f"column {column!r} holds values other than its group {gid}")

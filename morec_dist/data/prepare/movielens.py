@@ -27,6 +27,8 @@ from morec_dist.data import schema
 from morec_dist.data.prepare.writer import (
     DatasetWriter,
     category_groups,
+    join_features,
+    reference_user_features,
     group_stats,
     popularity_bands,
     price_bands,
@@ -175,16 +177,22 @@ def prepare_movielens_1m(out_dir: str | Path, *, cache_dir: Path | None = None, 
             "popularity": popularity,
             "genres": pa.array(genre_lists, type=pa.list_(pa.string())),
             "genre_ids": pa.array([[genre_index[g] for g in gs] for gs in genre_lists], type=pa.list_(pa.int16())),
+            "item_genres": pa.array([[genre_index[g] + 1 for g in gs] for gs in genre_lists], type=pa.list_(pa.int32())),
         }
     )
+    gender = pc.cast(pc.equal(user["gender"], "M"), pa.int8()).to_numpy(zero_copy_only=False)
+    age = pc.cast(user["age"], pa.float64()).to_numpy().astype(np.int16)
+    occupation = pc.cast(user["occupation"], pa.float64()).to_numpy().astype(np.int16)
     users_table = pa.table(
         {
             "user_id": parse_user_ids(user["user_id"], "ml-1m.user"),
-            "gender": pc.cast(pc.equal(user["gender"], "M"), pa.int8()),
-            "age": pc.cast(user["age"], pa.float64()).to_numpy().astype(np.int16),
-            "occupation": pc.cast(user["occupation"], pa.float64()).to_numpy().astype(np.int16),
+            "gender": gender,
+            "age": age,
+            "occupation": occupation,
+            **reference_user_features(gender, age, occupation),
         }
     ).sort_by("user_id")
+    features = schema.reference_features(len(vocabulary))
 
     log("writing Parquet", started)
     item_pos = items - 1
@@ -200,6 +208,7 @@ def prepare_movielens_1m(out_dir: str | Path, *, cache_dir: Path | None = None, 
             "rev_group": rev[item_pos],
         }
     )
+    interactions = join_features(interactions, users_table, items_table, features)
     groups = {
         "fair_group": group_stats(fair, popularity, NUM_FAIR_GROUPS),
         "align_group": group_stats(align, popularity, schema.NUM_BANDS),
@@ -219,7 +228,7 @@ def prepare_movielens_1m(out_dir: str | Path, *, cache_dir: Path | None = None, 
         "q_star": [c / total_train for c in groups["align_group"]["train_counts"]],
         "genres": vocabulary,
     }
-    with DatasetWriter(out_dir, overwrite=overwrite) as writer:
+    with DatasetWriter(out_dir, overwrite=overwrite, features=features) as writer:
         split_names = {0: "train", 1: "valid", 2: "test"}
         for code, name in split_names.items():
             writer.write_interactions(name, interactions.filter(pa.array(split == code)))

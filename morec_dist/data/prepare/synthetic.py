@@ -25,6 +25,8 @@ from morec_dist.data import schema
 from morec_dist.data.prepare.writer import (
     DatasetWriter,
     category_groups,
+    join_features,
+    reference_user_features,
     group_stats,
     popularity_bands,
     price_bands,
@@ -136,16 +138,22 @@ def generate(out_dir: str | Path, *, users: int, items: int, rows: int, seed: in
             "popularity": popularity,
             "genres": pa.array([[f"genre_{g:02d}" for g in gs] for gs in cat.genre_lists], type=pa.list_(pa.string())),
             "genre_ids": pa.array(cat.genre_lists, type=pa.list_(pa.int16())),
+            "item_genres": pa.array([[g + 1 for g in gs] for gs in cat.genre_lists], type=pa.list_(pa.int32())),
         }
     )
+    gender = rng.integers(0, 2, users).astype(np.int8)
+    age = AGES[rng.integers(0, len(AGES), users)]
+    occupation = rng.integers(0, 21, users).astype(np.int16)
     users_table = pa.table(
         {
             "user_id": np.arange(1, users + 1, dtype=np.int32),
-            "gender": rng.integers(0, 2, users).astype(np.int8),
-            "age": AGES[rng.integers(0, len(AGES), users)],
-            "occupation": rng.integers(0, 21, users).astype(np.int16),
+            "gender": gender,
+            "age": age,
+            "occupation": occupation,
+            **reference_user_features(gender, age, occupation),
         }
     )
+    features = schema.reference_features(NUM_GENRES)
     groups = {
         "fair_group": group_stats(fair, popularity, NUM_FAIR_GROUPS),
         "align_group": group_stats(align, popularity, schema.NUM_BANDS),
@@ -167,7 +175,7 @@ def generate(out_dir: str | Path, *, users: int, items: int, rows: int, seed: in
     }
     say("pass 3/3: writing rows")
     names = {0: "train", 1: "valid", 2: "test"}
-    with DatasetWriter(out_dir, overwrite=overwrite) as writer:
+    with DatasetWriter(out_dir, overwrite=overwrite, features=features) as writer:
         for start, u, i in chunks(rows, seed, cat):
             code = split_codes(start, u, count, last, second)
             row_rng = np.random.default_rng([seed, 3, start])
@@ -184,12 +192,13 @@ def generate(out_dir: str | Path, *, users: int, items: int, rows: int, seed: in
                     "rev_group": rev[pos],
                 }
             )
+            table = join_features(table, users_table, items_table, features)
             for c, name in names.items():
                 writer.write_interactions(name, table.filter(pa.array(code == c)))
             if progress and start and start % (8 * CHUNK_ROWS) == 0:
                 say(f"  {start:,} / {rows:,} rows")
         writer.write_side_table(schema.ITEMS_FILE, items_table, schema.ITEMS)
         writer.write_side_table(schema.USERS_FILE, users_table, schema.USERS)
-        path = writer.commit(manifest)
+        path = writer.commit(manifest, progress=progress)
     say(f"done: {path}")
     return path

@@ -1,9 +1,10 @@
 """Writes a prepared dataset directory atomically, and the derived item groupings.
 
-Both preparers (MovieLens-1M and synthetic) produce their tables and hand them to
-``DatasetWriter``; it owns the part-file layout, the row-group size, the checksums and the
-manifest, and it publishes the directory with a rename so that a crash never leaves a
-half-written dataset where a valid one is expected.
+Every preparer (MovieLens-1M, synthetic, user Parquet) produces its tables and hands them
+to ``DatasetWriter``; it owns the part-file layout, the row-group size, the group-partitioned
+copy (``layout.write_group_layout``, run at commit), the checksums and the manifest, and it
+publishes the directory with a rename so that a crash never leaves a half-written dataset
+where a valid one is expected.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute  # noqa: F401 - pa.compute in join_features
 import pyarrow.parquet as pq
 
 from morec_dist import __version__
@@ -81,12 +83,43 @@ def group_stats(groups_by_item: np.ndarray, train_item_counts: np.ndarray, num_g
     }
 
 
+def reference_user_features(gender: np.ndarray, age: np.ndarray, occupation: np.ndarray) -> dict[str, np.ndarray]:
+    """ML-1M's user codes as the dense single-hot ids of ``schema.reference_features``
+    (indexed like the inputs): gender 0/1 -> 1/2, age code -> its rank 1..7, occupation + 1."""
+    ages = np.asarray(schema.ML1M_AGES)
+    rank = np.searchsorted(ages, age)
+    if np.any(rank >= len(ages)) or np.any(ages[rank.clip(max=len(ages) - 1)] != age):
+        raise ValueError(f"user age codes {sorted(set(age.tolist()) - set(ages.tolist()))} are not ML-1M codes {list(ages)}")
+    if occupation.min(initial=0) < 0 or occupation.max(initial=0) >= schema.ML1M_NUM_OCCUPATIONS:
+        raise ValueError(f"user occupations outside 0..{schema.ML1M_NUM_OCCUPATIONS - 1}")
+    return {
+        "user_gender": gender.astype(np.int32) + 1,
+        "user_age": rank.astype(np.int32) + 1,
+        "user_occupation": occupation.astype(np.int32) + 1,
+    }
+
+
+def join_features(interactions: pa.Table, users: pa.Table, items: pa.Table, features: dict[str, schema.FeatureSpec]) -> pa.Table:
+    """Appends each user / item feature column to interaction rows, looked up by id (the
+    side tables must hold ids 1..N in order)."""
+    user_pos = pa.compute.subtract(interactions["user_id"], 1)
+    item_pos = pa.compute.subtract(interactions["item_id"], 1)
+    for spec in features.values():
+        if spec.entity == "user":
+            interactions = interactions.append_column(spec.name, users[spec.name].take(user_pos))
+        elif spec.entity == "item":
+            interactions = interactions.append_column(spec.name, items[spec.name].take(item_pos))
+    return interactions
+
+
 class DatasetWriter:
     """Streams interaction tables into part files inside a temporary directory; ``commit``
     writes the manifest and renames the directory into place."""
 
-    def __init__(self, out_dir: str | Path, *, overwrite: bool = False):
+    def __init__(self, out_dir: str | Path, *, overwrite: bool = False, features: dict[str, schema.FeatureSpec] | None = None):
         self.out_dir = Path(out_dir).resolve()
+        self.features = dict(features or {})
+        self.interactions_schema = schema.interaction_schema(self.features)
         if self.out_dir.exists() and not overwrite:
             raise FileExistsError(f"{self.out_dir}: already exists (pass --overwrite to replace it)")
         self.out_dir.parent.mkdir(parents=True, exist_ok=True)
@@ -95,19 +128,20 @@ class DatasetWriter:
         self._rows_in_part: dict[str, int] = {}
         self._parts: dict[str, list[str]] = {s: [] for s in schema.SPLITS}
         self._rows: dict[str, int] = {s: 0 for s in schema.SPLITS}
+        self._side: list[str] = []
 
     def _open_part(self, split: str) -> pq.ParquetWriter:
         rel = f"{split}/{schema.part_name(len(self._parts[split]))}"
         (self.tmp_dir / split).mkdir(exist_ok=True)
         self._parts[split].append(rel)
         self._rows_in_part[split] = 0
-        writer = pq.ParquetWriter(self.tmp_dir / rel, schema.INTERACTIONS, compression="zstd")
+        writer = pq.ParquetWriter(self.tmp_dir / rel, self.interactions_schema, compression="zstd")
         self._writers[split] = writer
         return writer
 
     def write_interactions(self, split: str, table: pa.Table) -> None:
         """Append rows to a split; cuts a new part file every ``schema.PART_ROWS`` rows."""
-        table = table.select(schema.INTERACTIONS.names).cast(schema.INTERACTIONS)
+        table = table.select(self.interactions_schema.names).cast(self.interactions_schema)
         offset = 0
         while offset < table.num_rows:
             writer = self._writers.get(split)
@@ -122,23 +156,41 @@ class DatasetWriter:
             offset += take
 
     def write_side_table(self, name: str, table: pa.Table, table_schema: pa.Schema) -> None:
+        """items.parquet / users.parquet (their entity's feature columns are added to the
+        schema here) or an id map."""
+        entity = {schema.ITEMS_FILE: "item", schema.USERS_FILE: "user"}.get(name)
+        if entity is not None:
+            table_schema = schema.entity_schema(table_schema, self.features, entity)
+        (self.tmp_dir / name).parent.mkdir(parents=True, exist_ok=True)
         pq.write_table(table.select(table_schema.names).cast(table_schema), self.tmp_dir / name, compression="zstd")
+        if name not in self._side:
+            self._side.append(name)
 
-    def commit(self, manifest: dict[str, Any]) -> Path:
+    def commit(self, manifest: dict[str, Any], *, layout_seed: int | None = None, layout_engine: str = "auto", progress: bool = False) -> Path:
+        """Closes the splits, writes by_group/ (seed: ``layout_seed``, else the manifest's
+        ``seed``, else 0), checksums every file, writes the manifest and publishes."""
+        from morec_dist.data.prepare.layout import LayoutJob, layout_files, write_group_layout
+
         for split in schema.SPLITS:
             if self._writers.get(split) is None:
-                self.write_interactions(split, schema.INTERACTIONS.empty_table())
+                self.write_interactions(split, self.interactions_schema.empty_table())
                 if self._writers.get(split) is None:  # an empty table writes nothing: make an empty part
                     self._open_part(split)
             self._writers[split].close()
+        seed = layout_seed if layout_seed is not None else int(manifest.get("seed", 0))
+        group_columns = {c: int(g["num_groups"]) for c, g in manifest["groups"].items()}
+        layout = write_group_layout(LayoutJob(self.tmp_dir, self._parts["train"], group_columns, seed, layout_engine, progress))
         files = {}
-        for rel in [schema.ITEMS_FILE, schema.USERS_FILE] + [p for s in schema.SPLITS for p in self._parts[s]]:
+        side = [schema.ITEMS_FILE, schema.USERS_FILE] + [n for n in self._side if n not in (schema.ITEMS_FILE, schema.USERS_FILE)]
+        for rel in side + [p for s in schema.SPLITS for p in self._parts[s]] + layout_files(layout):
             path = self.tmp_dir / rel
             files[rel] = {"sha256": sha256_file(path), "bytes": path.stat().st_size, "rows": pq.ParquetFile(path).metadata.num_rows}
         manifest = {
             "schema_version": schema.SCHEMA_VERSION,
             **manifest,
             "splits": {s: {"rows": self._rows[s], "files": self._parts[s]} for s in schema.SPLITS},
+            "group_layout": layout,
+            "features": {name: spec.to_manifest() for name, spec in self.features.items()},
             "files": files,
             "written_by": {
                 "morec_dist": __version__,
