@@ -111,54 +111,7 @@ def build(out_dir: Path) -> Path:
                 },
                 "q_star": [1.0],
             }
-            path = writer.commit(manifest)
-    write_group_layout(path)
-    return path
-
-
-def _splitmix64(x: np.ndarray) -> np.ndarray:
-    x = x.astype(np.uint64)
-    with np.errstate(over="ignore"):
-        x = x + np.uint64(0x9E3779B97F4A7C15)
-        x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
-        x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
-    return x ^ (x >> np.uint64(31))
-
-
-def write_group_layout(path: Path, seed: int = 5, row_group_rows: int = 256, part_rows: int = 1024) -> None:
-    """Adds the LAYOUT12 ``by_group/`` partitions (hash-ordered within each group) and the
-    manifest's ``group_layout`` to a prepared dataset, for datasets written without them.
-    Small row groups make the reader's shares span several row groups and files."""
-    import json
-
-    import pyarrow.parquet as pq
-
-    from morec_dist.data.dataset import PreparedDataset
-
-    dataset = PreparedDataset.open(path, verify_checksums=False, verify_values=False)
-    if "group_layout" in dataset.manifest:
-        return
-    train = dataset.read_split("train")
-    index = np.arange(train.num_rows, dtype=np.uint64)
-    key = _splitmix64(index ^ _splitmix64(np.full(train.num_rows, seed, dtype=np.uint64)))
-    columns = {}
-    for column, stats in dataset.manifest["groups"].items():
-        values = train.column(column).to_numpy().astype(np.int64)
-        groups = {}
-        for g in range(1, int(stats["num_groups"]) + 1):
-            rows = np.flatnonzero(values == g)
-            rows = rows[np.lexsort((rows, key[rows]))]
-            files = []
-            for part, lo in enumerate(range(0, len(rows), part_rows)):
-                rel = f"by_group/{column}/g={g:05d}/part-{part:05d}.parquet"
-                (path / rel).parent.mkdir(parents=True, exist_ok=True)
-                chunk = train.take(rows[lo : lo + part_rows])
-                pq.write_table(chunk, path / rel, row_group_size=row_group_rows)
-                files.append({"path": rel, "rows": chunk.num_rows})
-            groups[str(g)] = {"rows": int(len(rows)), "files": files}
-        columns[column] = {"num_groups": int(stats["num_groups"]), "groups": groups}
-    manifest = dict(dataset.manifest, group_layout={"seed": seed, "root": "by_group", "columns": columns})
-    (path / "manifest.json").write_text(json.dumps(manifest, indent=1, sort_keys=True))
+            return writer.commit(manifest)  # writes by_group/ too, with the row groups above
 
 
 def train_pairs(path: Path) -> np.ndarray:
