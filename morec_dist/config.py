@@ -53,6 +53,10 @@ class ModelConfig:
     sharding: dict[str, str] = field(default_factory=dict)
     tower_dims: list[int] = field(default_factory=lambda: [128, 64])
     init_std: float = 0.1  # embedding tables start as normal(0, init_std)
+    # Declared side features (manifest "features") the model embeds besides the ids; unset =
+    # the model's default (mf: none, two_tower: every declared user / item feature).
+    user_features: list[str] | None = None
+    item_features: list[str] | None = None
 
 
 @dataclass

@@ -85,12 +85,14 @@ def test_two_tower_concatenates_side_features_by_name(data_dir):
     torch.manual_seed(0)
     model = build_model("two_tower", features, ModelConfig(name="two_tower", embedding_dim=4, tower_dims=[8, 5]))
     batch = make_batch(features)
+    assert {x.name for x in features.user_features()} == {"user_id", "user_gender", "user_age", "user_occupation"}
     tables = {name: bag.weight for name, bag in model.user_ebc.embedding_bags.items()}
     tables |= {name: bag.weight for name, bag in model.item_ebc.embedding_bags.items()}
     user_ids = batch.user_kjt.to_dict()  # one id per user and feature
-    user_in = torch.cat([tables[f"t_{f}"][user_ids[f].values()] for f in ("user_id", "gender", "age", "occupation")], dim=1)
-    genre = features.item_kjt(batch.item_ids.numpy()).to_dict()["genre"]
-    genre_sum = torch.stack([tables["t_genre"][ids].sum(0) for ids in genre.to_dense()])
+    user_in = torch.cat([tables[f"t_{f}"][user_ids[f].values()] for f in [x.name for x in features.user_features()]], dim=1)
+    genre = features.item_kjt(batch.item_ids.numpy()).to_dict()["item_genres"]
+    assert genre.lengths().max() > 1  # multi-hot: some items have several genres
+    genre_sum = torch.stack([tables["t_item_genres"][ids].sum(0) for ids in genre.to_dense()])
     item_in = torch.cat([tables["t_item_id"][batch.item_ids.reshape(-1)], genre_sum], dim=1)
     expected = torch.einsum("nd,ncd->nc", model.user_tower(user_in), model.item_tower(item_in).view(6, 4, 5))
     torch.testing.assert_close(model(batch), expected)
@@ -127,7 +129,7 @@ CASES = [
     "mf:row_wise@rowwise_adagrad", "mf:table_wise:t_item_id=data_parallel@rowwise_adagrad",
     "mf:column_wise@adagrad", "mf:data_parallel@adagrad",
     # two-tower: one sharding type per table, MLPs under DDP
-    "two_tower:table_wise:t_user_id=row_wise,t_item_id=column_wise,t_gender=data_parallel,t_genre=table_row_wise",
+    "two_tower:table_wise:t_user_id=row_wise,t_item_id=column_wise,t_user_gender=data_parallel,t_item_genres=table_row_wise",
 ]  # fmt: skip
 
 

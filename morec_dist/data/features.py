@@ -1,19 +1,28 @@
 """Turns user and item ids into the sparse model inputs (KeyedJaggedTensors) of a feature set.
 
-The side tables (users.parquet, items.parquet) are catalogue-sized, so they are held in
-memory as dense lookup arrays indexed by id; the interaction data never is. A feature set
-names which sparse features each side has; the model builds one embedding table per
-feature from ``user_features`` / ``item_features``.
+The features are the ones the dataset's manifest declares (``manifest["features"]``, see
+``schema.FeatureSpec``): single-hot (one id in 0..C per entity, 0 = missing) or multi-hot
+(a list of ids in 1..C, sum-pooled by the model). A model picks which it uses
+(``model.user_features`` / ``model.item_features``); ``user_id`` / ``item_id`` always come
+first.
 
-Feature sets:
-- ``ids``: user_id | item_id (MF).
-- ``side``: user_id, gender, age, occupation | item_id, genre (multi-hot, pooled) (two-tower).
+User and item features are the entity's own: they are read once from users.parquet /
+items.parquet into catalogue-sized lookup arrays (dense by id; offsets + values for
+multi-hot) and gathered by id. The interaction rows carry the same columns, but the lookup
+is what every consumer needs anyway: sampled negatives and the full-ranking evaluator have
+item ids and no rows, so reading the rows' copies would add bytes per row and no
+information. Row-entity (context) features are not supported by the models yet.
+
+Feature sets: ``ids`` (user_id | item_id: MF) and ``side`` (every declared user / item
+feature: the two-tower default); explicit name lists override the set's choice.
 """
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Sequence
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -31,84 +40,113 @@ class SparseFeature:
     num_embeddings: int  # ids are 0..num_embeddings-1; 0 is padding / unknown
 
 
-def _dense_lookup(ids: np.ndarray, values: np.ndarray, size: int) -> np.ndarray:
-    table = np.zeros(size, dtype=np.int64)
-    table[ids] = values
-    return table
+@dataclass(frozen=True)
+class _Lookup:
+    """One declared feature by entity id: single-hot values, or multi-hot offsets + values."""
+
+    name: str
+    num_embeddings: int
+    values: np.ndarray  # single: [N + 1] int64 by id; multi: the flat list values
+    offsets: np.ndarray | None = None  # multi: [N + 2], id i's values are values[offsets[i]:offsets[i + 1]]
+
+    def gather(self, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(values, lengths) of the entities ``ids`` (int64), in order."""
+        if self.offsets is None:
+            return self.values[ids], np.ones(len(ids), dtype=np.int32)
+        starts = self.offsets[ids]
+        lengths = self.offsets[ids + 1] - starts
+        total = int(lengths.sum())
+        # position j of entity i reads values[starts[i] + j]
+        index = np.repeat(starts - np.cumsum(lengths) + lengths, lengths) + np.arange(total)
+        return self.values[index], lengths.astype(np.int32)
+
+
+def declared_features(data_dir: str | Path) -> dict[str, schema.FeatureSpec]:
+    """The manifest's declared features (empty for a dataset that declares none)."""
+    path = Path(data_dir) / schema.MANIFEST
+    if not path.exists():
+        return {}
+    entries = json.loads(path.read_text()).get("features", {}) or {}
+    return {name: schema.FeatureSpec.from_manifest(name, entry) for name, entry in entries.items()}
+
+
+def _load_lookup(table_path: Path, id_column: str, spec: schema.FeatureSpec, count: int) -> _Lookup:
+    table = pq.read_table(table_path, columns=[id_column, spec.name]).sort_by(id_column)
+    ids = table[id_column].to_numpy().astype(np.int64)
+    column = table[spec.name].combine_chunks()
+    if spec.kind == "single":
+        values = np.zeros(count + 1, dtype=np.int64)
+        values[ids] = column.to_numpy(zero_copy_only=False)
+        return _Lookup(spec.name, spec.cardinality + 1, values)
+    lengths = np.zeros(count + 1, dtype=np.int64)
+    lengths[ids] = np.diff(column.offsets.to_numpy())
+    flat = column.values.to_numpy(zero_copy_only=False).astype(np.int64)
+    # rows are in id order, so the table's flat values are already in offset order
+    return _Lookup(spec.name, spec.cardinality + 1, flat, np.concatenate([[0], np.cumsum(lengths)]))
 
 
 class FeatureBuilder:
-    """Builds user-side and item-side KJTs from id arrays, for one feature set."""
+    """Builds user-side and item-side KJTs from id arrays, for one feature selection."""
 
-    def __init__(self, data_dir: str | Path, num_users: int, num_items: int, feature_set: str = "ids"):
+    def __init__(
+        self,
+        data_dir: str | Path,
+        num_users: int,
+        num_items: int,
+        feature_set: str = "ids",
+        *,
+        user_features: Sequence[str] | None = None,
+        item_features: Sequence[str] | None = None,
+    ):
         if feature_set not in FEATURE_SETS:
             raise ValueError(f"feature set {feature_set!r}: expected one of {FEATURE_SETS}")
-        self.feature_set = feature_set
         self.num_users = num_users
         self.num_items = num_items
-        self._user_side: dict[str, np.ndarray] = {}
-        self._genre_offsets = self._genre_values = None
-        self._num_genres = 0
-        if feature_set == "side":
-            self._load_side_tables(Path(data_dir))
+        declared = declared_features(data_dir) if (feature_set == "side" or user_features or item_features) else {}
+        users = self._selection(declared, "user", user_features, feature_set, data_dir)
+        items = self._selection(declared, "item", item_features, feature_set, data_dir)
+        self.feature_set = "side" if (users or items or feature_set == "side") else "ids"
+        root = Path(data_dir)
+        self._user_side = [_load_lookup(root / schema.USERS_FILE, "user_id", declared[n], num_users) for n in users]
+        self._item_side = [_load_lookup(root / schema.ITEMS_FILE, "item_id", declared[n], num_items) for n in items]
 
-    def _load_side_tables(self, data_dir: Path) -> None:
-        users = pq.read_table(data_dir / schema.USERS_FILE, columns=["user_id", "gender", "age", "occupation"])
-        uid = users["user_id"].to_numpy()
-        size = self.num_users + 1
-        # +1 so that 0 stays "unknown" for every categorical value
-        self._user_side = {
-            "gender": _dense_lookup(uid, users["gender"].to_numpy().astype(np.int64) + 1, size),
-            "age": _dense_lookup(uid, users["age"].to_numpy().astype(np.int64) + 1, size),
-            "occupation": _dense_lookup(uid, users["occupation"].to_numpy().astype(np.int64) + 1, size),
-        }
-        items = pq.read_table(data_dir / schema.ITEMS_FILE, columns=["item_id", "genre_ids"]).sort_by("item_id")
-        genre_list = items["genre_ids"].combine_chunks()
-        lengths = np.zeros(self.num_items + 1, dtype=np.int64)
-        lengths[items["item_id"].to_numpy()] = np.diff(genre_list.offsets.to_numpy())
-        self._genre_offsets = np.concatenate([[0], np.cumsum(lengths)])
-        # genre_ids are 0-based in the table; shift by one so 0 stays padding
-        self._genre_values = genre_list.values.to_numpy().astype(np.int64) + 1
-        self._num_genres = int(self._genre_values.max()) + 1 if self._genre_values.size else 1
+    @staticmethod
+    def _selection(declared, entity: str, names: Sequence[str] | None, feature_set: str, data_dir) -> list[str]:
+        of_entity = [n for n, spec in declared.items() if spec.entity == entity]
+        if names is None:
+            return of_entity if feature_set == "side" else []
+        unknown = [n for n in names if n not in of_entity]
+        if unknown:
+            raise ValueError(
+                f"model.{entity}_features: {unknown} are not {entity} features declared in "
+                f"{Path(data_dir) / schema.MANIFEST}; declared {entity} features: {of_entity}"
+            )
+        return list(dict.fromkeys(names))
 
     def user_features(self) -> list[SparseFeature]:
-        features = [SparseFeature("user_id", self.num_users + 1)]
-        for name, table in self._user_side.items():
-            features.append(SparseFeature(name, int(table.max()) + 1))
-        return features
+        return [SparseFeature("user_id", self.num_users + 1)] + [SparseFeature(f.name, f.num_embeddings) for f in self._user_side]
 
     def item_features(self) -> list[SparseFeature]:
-        features = [SparseFeature("item_id", self.num_items + 1)]
-        if self.feature_set == "side":
-            features.append(SparseFeature("genre", self._num_genres))
-        return features
+        return [SparseFeature("item_id", self.num_items + 1)] + [SparseFeature(f.name, f.num_embeddings) for f in self._item_side]
+
+    @staticmethod
+    def _kjt(id_key: str, ids: np.ndarray, side: list[_Lookup]) -> KeyedJaggedTensor:
+        n = len(ids)
+        if not side:
+            return KeyedJaggedTensor(keys=[id_key], values=torch.from_numpy(ids), lengths=torch.ones(n, dtype=torch.int32))
+        values, lengths = [ids], [np.ones(n, dtype=np.int32)]
+        for lookup in side:
+            v, length = lookup.gather(ids)
+            values.append(v)
+            lengths.append(length)
+        return KeyedJaggedTensor(
+            keys=[id_key] + [f.name for f in side],
+            values=torch.from_numpy(np.concatenate(values)),
+            lengths=torch.from_numpy(np.concatenate(lengths)),
+        )
 
     def user_kjt(self, user_ids: np.ndarray) -> KeyedJaggedTensor:
-        user_ids = np.asarray(user_ids, dtype=np.int64)
-        columns = [user_ids] + [table[user_ids] for table in self._user_side.values()]
-        keys = ["user_id", *self._user_side]
-        n = len(user_ids)
-        return KeyedJaggedTensor(
-            keys=keys,
-            values=torch.from_numpy(np.concatenate(columns)),
-            lengths=torch.ones(n * len(keys), dtype=torch.int32),
-        )
+        return self._kjt("user_id", np.asarray(user_ids, dtype=np.int64).reshape(-1), self._user_side)
 
     def item_kjt(self, item_ids: np.ndarray) -> KeyedJaggedTensor:
-        flat = np.asarray(item_ids, dtype=np.int64).reshape(-1)
-        n = len(flat)
-        if self.feature_set != "side":
-            return KeyedJaggedTensor(
-                keys=["item_id"], values=torch.from_numpy(flat), lengths=torch.ones(n, dtype=torch.int32)
-            )
-        starts = self._genre_offsets[flat]
-        genre_lengths = self._genre_offsets[flat + 1] - starts
-        genre_index = np.repeat(starts - np.cumsum(genre_lengths) + genre_lengths, genre_lengths) + np.arange(
-            genre_lengths.sum()
-        )
-        genres = self._genre_values[genre_index]
-        return KeyedJaggedTensor(
-            keys=["item_id", "genre"],
-            values=torch.from_numpy(np.concatenate([flat, genres])),
-            lengths=torch.from_numpy(np.concatenate([np.ones(n, np.int32), genre_lengths.astype(np.int32)])),
-        )
+        return self._kjt("item_id", np.asarray(item_ids, dtype=np.int64).reshape(-1), self._item_side)

@@ -29,7 +29,7 @@ def _build_two_tower(features: FeatureBuilder, config: ModelConfig, device: torc
     if features.feature_set != "side":
         raise ValueError(
             f"model.name='two_tower' needs the 'side' feature set, got {features.feature_set!r} "
-            "(build the FeatureBuilder with feature_set='side')"
+            "(build the FeatureBuilder with feature_set='side', or name model.user_features / item_features)"
         )
     return TwoTower(
         features.user_features(),

@@ -1,7 +1,9 @@
 """The two-tower model: an MLP per side over the concatenated side-feature embeddings.
 
-User tower: [user_id, gender, age, occupation] embeddings -> MLP; item tower: [item_id,
-genre (multi-hot, sum-pooled)] -> MLP; the score is the dot product of the two outputs.
+User tower: [user_id, user side features...] embeddings -> MLP; item tower: [item_id, item
+side features...] -> MLP (multi-hot features sum-pooled; on ML-1M: user_gender, user_age,
+user_occupation | item_genres, picked by ``model.user_features`` / ``model.item_features``);
+the score is the dot product of the two outputs.
 The embeddings are sharded by TorchRec; the MLPs are the dense part, replicated under DDP.
 """
 

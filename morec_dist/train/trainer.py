@@ -49,7 +49,11 @@ class EpochStats:
 
 
 def build_features(config: Config, dataset: PreparedDataset) -> FeatureBuilder:
-    return FeatureBuilder(dataset.path, dataset.num_users, dataset.num_items, feature_set_for(config.model.name))
+    m = config.model
+    return FeatureBuilder(
+        dataset.path, dataset.num_users, dataset.num_items, feature_set_for(m.name),
+        user_features=m.user_features, item_features=m.item_features,
+    )  # fmt: skip
 
 
 def unsharded_identity(name: str, model: torch.nn.Module) -> dict[str, Any]:

@@ -4,7 +4,7 @@ one SGD step), for each sharding plan named on the command line.
 Usage: python -m torch.distributed.run --standalone --nproc_per_node=2 \
     tests/dist_scripts/sharded_vs_unsharded.py DATA_DIR CASE [CASE ...]
 with CASE = MODEL:DEFAULT_TYPE[:table=type,...][@EMBEDDING_OPTIMIZER], e.g. mf:row_wise,
-two_tower:table_wise:t_user_id=row_wise,t_genre=data_parallel or mf:row_wise@rowwise_adagrad.
+two_tower:table_wise:t_user_id=row_wise,t_item_genres=data_parallel or mf:row_wise@rowwise_adagrad.
 The reference applies the embedding optimizer's rule with the plain torch optimizer (SGD,
 Adagrad, TorchRec's RowWiseAdagrad) to the unsharded tables, and SGD to the dense part.
 Prints one line "OK <case>" per case; any mismatch ends the job with exit code 1.
