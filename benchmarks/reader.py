@@ -1,16 +1,26 @@
-"""Reader benchmark: weighted-sampling speed against a raw Parquet scan, exactness, and memory.
+"""Reader benchmark: weighted blocks from per-group streams against a raw Parquet scan, exactness, memory.
 
-    python -m benchmarks.reader --quick --out FILE.json    # 1M and 5M rows, well under a minute
-    python -m benchmarks.reader --out FILE.json            # 10M and 50M rows
+    python -m benchmarks.reader --quick --out FILE.json   # 1M and 5M rows, under a minute once generated
+    python -m benchmarks.reader --out FILE.json           # 5M, 50M and 200M rows (--max-rows to cap)
 
-Writes one JSON object with, at least: ``weighted_rows_per_s`` (exact group-first draws,
-delivered as (user_id, item_id) arrays in draw order), ``raw_rows_per_s`` (a pyarrow scan of
-the same two columns of the same train files, one thread, in the same run), ``ratio``,
-``chi2_pvalue_min`` (group frequencies at several skewed p and uniformity inside the
-smallest group), ``rss_mb_small`` / ``rss_mb_large`` (peak RSS of a process that streams
-MoRec batches from each dataset) and ``rss_growth``; plus the end-to-end MoRec batch rate,
-index build times and machine / version / seed information. Every measurement that
-involves memory runs in a fresh subprocess so that peaks do not leak between them.
+Synthetic datasets (``morec prepare synthetic``: 3 group columns of 10 groups, each with its
+``by_group/`` copy). Writes one JSON object with, at least:
+
+- ``weighted_rows_per_s``: weighted blocks (3 objectives x 512 rows a step, counts
+  ~ Multinomial(512, p_k), rows from the per-group streams), p redrawn every 200 steps among
+  skewed settings, one thread, no prefetch (the reader's own cost), on the largest dataset;
+- ``raw_rows_per_s``: a one-thread pyarrow scan of the same projected columns (user_id,
+  item_id) of the same files (the three columns' ``by_group/`` parts), in the same process;
+- ``ratio`` and per size ``ratio_by_rows``, and ``ratio_large_over_small``;
+- ``chi2_pvalue_min``: group frequencies of the rows served, at several skewed p, per column;
+- ``rss_mb_small`` / ``rss_mb_large`` (and ``rss_mb_by_rows``): peak RSS of a process that
+  streams MoRec batches end to end (negatives and KJTs included, 2-rank shares), and their
+  ``morec_batch_rows_per_s`` by size;
+- ``cgroup``: the largest dataset's MoRec run under a memory cgroup (v1) limited to a quarter
+  of that dataset's size on disk, when the machine allows creating one;
+- ``disk_bytes`` per size, machine / version / seed information.
+
+Every measurement that involves memory runs in a fresh subprocess so peaks do not leak.
 """
 
 from __future__ import annotations
@@ -27,13 +37,11 @@ from typing import Any
 import numpy as np
 
 REPO = Path(__file__).resolve().parent.parent
-BLOCK_ROWS = 512  # draws per call in the reader: one weighted block of a step
+BLOCK_ROWS = 512
 OBJECTIVES = [("fairness", "fair_group"), ("alignment", "align_group"), ("revenue", "rev_group")]
-SKEWS = {
-    "train_share": None,
-    "reversed": "reverse",
-    "one_heavy": "one_heavy",
-}
+P_EVERY = 200  # steps between redraws of p
+SKEWS = ("train_share", "reversed", "one_heavy", "dirichlet")
+CGROUP_ROOT = Path("/sys/fs/cgroup/memory")
 
 
 # ------------------------------------------------------------------ helpers
@@ -60,15 +68,13 @@ def _dataset(cache: Path, rows: int, seed: int) -> Path:
         return generate(path, users=users, items=items, rows=rows, seed=seed, overwrite=True)
 
 
-def _worker(args: list[str]) -> dict[str, Any]:
-    out = subprocess.run(
-        [sys.executable, "-m", "benchmarks.reader", "--worker", *args],
-        cwd=REPO,
-        check=True,
-        capture_output=True,
-        text=True,
-        env={**os.environ, "OMP_NUM_THREADS": "1"},
-    )
+def _disk_bytes(path: Path) -> int:
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+
+
+def _worker(args: list[str], prefix: list[str] | None = None) -> dict[str, Any]:
+    command = [*(prefix or []), sys.executable, "-m", "benchmarks.reader", "--worker", *args]
+    out = subprocess.run(command, cwd=REPO, check=True, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
@@ -81,38 +87,47 @@ def _machine(load_at_start: tuple[float, float, float]) -> dict[str, Any]:
     return info
 
 
-# ------------------------------------------------------------------ workers (subprocesses)
-
-
-def _skewed(name: str, counts: np.ndarray) -> np.ndarray:
+def skewed(name: str, counts: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     share = counts / counts.sum()
-    if SKEWS[name] == "reverse":
+    if name == "reversed":
         p = share[::-1].copy()
-    elif SKEWS[name] == "one_heavy":
+    elif name == "one_heavy":
         p = np.full(len(counts), 0.01)
         p[np.argmin(np.where(counts > 0, counts, np.inf))] = 1.0  # the smallest group gets most mass
+    elif name == "dirichlet":
+        p = rng.dirichlet(np.full(len(counts), 0.3))
     else:
         p = share
     p = np.where(counts > 0, p, 0.0)
     return p / p.sum()
 
 
-def work_speed(data: Path, draws: int, chunk: int, seed: int, budget_mb: float) -> dict[str, Any]:
-    """Raw scan and weighted draws, same columns, same files, one thread, this process.
+# ------------------------------------------------------------------ workers (subprocesses)
 
-    Weighted draws are measured twice: with the index resident (within its budget, the
-    normal case up to budget-sized indexes) and with a budget of a quarter of the index
-    (the bounded regime of datasets whose index outgrows the budget)."""
+
+def _objectives(data: Path, seed: int, rank: int = 0, world_size: int = 1):
+    from morec_dist.data.dataset import PreparedDataset
+    from morec_dist.data.group_streams import GroupLayout
+    from morec_dist.data.reader import WeightedObjective
+
+    dataset = PreparedDataset.open(data, verify_checksums=False, verify_values=False)
+    layout = GroupLayout(dataset.path, dataset.manifest)
+    objectives = [
+        WeightedObjective(dataset, layout, name, column, k, seed=seed, rank=rank, world_size=world_size)
+        for k, (name, column) in enumerate(OBJECTIVES, start=1)
+    ]
+    return dataset, layout, objectives
+
+
+def work_speed(data: Path, steps: int, seed: int) -> dict[str, Any]:
+    """Raw scan and weighted blocks: same projected columns, same files, one thread."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from morec_dist.data.dataset import PreparedDataset
-    from morec_dist.data.group_index import ROW_BYTES, GroupIndex, GroupSampler, open_group_index
-
     pa.set_cpu_count(1)
     pa.set_io_thread_count(1)
-    dataset = PreparedDataset.open(data, verify_checksums=False, verify_values=False)
-    files = dataset.split_files("train")
+    dataset, layout, objectives = _objectives(data, seed)
+    files = [path for _, column in OBJECTIVES for group in layout.groups(column) for path, _ in group]
 
     def raw_scan() -> tuple[int, float]:
         start, rows = time.perf_counter(), 0
@@ -122,128 +137,145 @@ def work_speed(data: Path, draws: int, chunk: int, seed: int, budget_mb: float) 
                 rows += len(users) + 0 * len(items)
         return rows, time.perf_counter() - start
 
-    index = open_group_index(dataset, "fair_group", resident_budget_mb=budget_mb)
-    bounded = GroupIndex(index.path, resident_budget_mb=index.strata.rows * ROW_BYTES / 4 / (1 << 20))
-    p = _skewed("train_share", index.counts.astype(float))
     rng = np.random.default_rng(seed)
-    calls = max(1, draws // chunk)
+    settings = [[skewed(SKEWS[(i + j) % len(SKEWS)], o.counts.astype(float), rng) for j, o in enumerate(objectives)] for i in range(64)]
+    first_step = [0]
 
-    def weighted(sampler: GroupSampler, n_calls: int, size: int = chunk) -> tuple[int, float]:
+    def weighted(n_steps: int) -> tuple[int, float]:
         start = time.perf_counter()
-        for _ in range(n_calls):
-            sampler.draw(rng, p, size)
-        return n_calls * size, time.perf_counter() - start
+        for s in range(first_step[0], first_step[0] + n_steps):
+            ps = settings[(s // P_EVERY) % len(settings)]
+            for objective, p in zip(objectives, ps):
+                objective.block(0, s, p, BLOCK_ROWS)
+        first_step[0] += n_steps
+        return n_steps * BLOCK_ROWS * len(objectives), time.perf_counter() - start
 
-    raw_scan()  # warm the page cache and the mapping, so both sides read from memory
-    weighted(GroupSampler(index), calls)
-    # Interleaved rounds, best of each: other processes on the machine hit both alike.
-    raw_best, weighted_best, bounded_best, block_best = (float("inf"),) * 4
-    block_calls = max(1, calls * chunk // BLOCK_ROWS // 4)
-    for _ in range(3):
+    raw_scan()  # warm the page cache, so both sides read from memory
+    weighted(max(1, steps // 10))
+    raw_best, weighted_best = float("inf"), float("inf")
+    for _ in range(3):  # interleaved rounds, best of each: other processes hit both alike
         rows, seconds = raw_scan()
         raw_best = min(raw_best, seconds)
-        weighted_best = min(weighted_best, weighted(GroupSampler(index), calls)[1])
-        bounded_best = min(bounded_best, weighted(GroupSampler(bounded), max(1, calls // 8))[1])
-        block_best = min(block_best, weighted(GroupSampler(index), block_calls, BLOCK_ROWS)[1])
+        weighted_best = min(weighted_best, weighted(steps)[1])
     raw = rows / raw_best
-    fast = calls * chunk / weighted_best
+    fast = steps * BLOCK_ROWS * len(objectives) / weighted_best
     return {
         "raw_rows_per_s": raw,
         "weighted_rows_per_s": fast,
         "ratio": fast / raw,
-        "weighted_index_resident": not index._bounded,
-        "weighted_rows_per_s_bounded": max(1, calls // 8) * chunk / bounded_best,
-        "ratio_bounded": max(1, calls // 8) * chunk / bounded_best / raw,
-        "weighted_draw_chunk": chunk,
-        "weighted_rows_per_s_block512": block_calls * BLOCK_ROWS / block_best,
-        "train_rows": rows,
+        "raw_rows_scanned": rows,
+        "weighted_steps": steps,
         "load_average": os.getloadavg(),
     }
 
 
 def work_exactness(data: Path, draws: int, seed: int) -> dict[str, Any]:
+    """Group frequencies of the rows the blocks serve, against p, at each skew and column."""
     from scipy import stats
 
-    from morec_dist.data.dataset import PreparedDataset
-    from morec_dist.data.group_index import GroupSampler, open_group_index
-
-    dataset = PreparedDataset.open(data, verify_checksums=False, verify_values=False)
+    dataset, _, objectives = _objectives(data, seed)
+    rng = np.random.default_rng(seed)
     pvalues: dict[str, float] = {}
-    for column in ("fair_group", "align_group", "rev_group"):
-        index = open_group_index(dataset, column)
-        sampler = GroupSampler(index)
-        counts = index.counts.astype(float)
-        for name in SKEWS:
-            p = _skewed(name, counts)
-            groups, positions = sampler.draw_positions(np.random.default_rng([seed, len(pvalues)]), p, draws)
-            support = p > 0
+    for objective in objectives:
+        group_of_item = dataset.item_column(objective.column).astype(np.int64)
+        for i, name in enumerate(SKEWS):
+            p = skewed(name, objective.counts.astype(float), rng)
+            pairs = np.concatenate([objective.block(1, 10_000 * i + s, p, BLOCK_ROWS) for s in range(draws // BLOCK_ROWS)])
+            groups = group_of_item[pairs[:, 1]]
             observed = np.bincount(groups - 1, minlength=len(p))
-            pvalues[f"{column}/{name}/groups"] = float(stats.chisquare(observed[support], draws * p[support]).pvalue)
-            if name == "one_heavy":  # uniformity over the rows of the smallest group, binned
-                g = int(np.argmax(p))
-                inside = positions[groups == g + 1] - index.strata.starts[g]
-                bins = int(min(counts[g], max(2, len(inside) // 50)))
-                binned = np.bincount((inside * bins // int(counts[g])).astype(np.int64), minlength=bins)
-                expected = np.bincount(np.arange(int(counts[g])) * bins // int(counts[g]), minlength=bins)
-                pvalues[f"{column}/{name}/within_group_{g + 1}"] = float(
-                    stats.chisquare(binned, len(inside) * expected / expected.sum()).pvalue
-                )
-        index.close()
-    return {"chi2_pvalues": pvalues, "chi2_pvalue_min": min(pvalues.values()), "chi2_draws": draws}
+            support = p > 0
+            pvalues[f"{objective.column}/{name}"] = float(stats.chisquare(observed[support], len(groups) * p[support]).pvalue)
+    return {"chi2_pvalues": pvalues, "chi2_pvalue_min": min(pvalues.values()), "chi2_draws": draws // BLOCK_ROWS * BLOCK_ROWS}
 
 
-def work_rss(data: Path, batches: int, batch_size: int, seed: int) -> dict[str, Any]:
-    """Peak RSS of a process that streams MoRec batches (uniform + 3 weighted blocks)."""
+def work_rss(data: Path, batches: int, seed: int) -> dict[str, Any]:
+    """Peak RSS and rows/s of a process streaming MoRec batches (uniform + 3 weighted blocks,
+    negatives, KJTs), rank 0 of 2, p redrawn every 200 steps."""
     from morec_dist.data.reader import Reader
 
-    with Reader(
-        data, batch_size=batch_size, num_negatives=10, seed=seed, rank=0, world_size=2, objectives=OBJECTIVES
-    ) as reader:
+    rng = np.random.default_rng(seed)
+    with Reader(data, batch_size=BLOCK_ROWS, num_negatives=10, seed=seed, rank=0, world_size=2, objectives=OBJECTIVES) as reader:
+        counts = {o.name: o.counts.astype(float) for o in reader.weighted}
         it = iter(reader)
         next(it)
-        start = time.perf_counter()
-        rows = 0
-        for _ in range(batches):
-            rows += next(it).num_rows
+        start, rows = time.perf_counter(), 0
+        for step in range(batches):
+            if step % P_EVERY == 0:
+                reader.set_probabilities(step + 1, {n: skewed(SKEWS[(step // P_EVERY) % len(SKEWS)], c, rng) for n, c in counts.items()})
+            try:
+                rows += next(it).num_rows
+            except StopIteration:
+                it = iter(reader)
         seconds = time.perf_counter() - start
         it.close()
     return {"rss_mb": _peak_rss_mb(), "morec_batch_rows_per_s": rows / seconds, "batches": batches}
 
 
+# ------------------------------------------------------------------ memory cgroup
+
+
+def _cgroup_run(data: Path, limit_bytes: int, batches: int, seed: int) -> dict[str, Any]:
+    """The MoRec worker in a fresh memory cgroup (v1) of ``limit_bytes``; page cache counts
+    against the limit, so the dataset cannot simply stay cached."""
+    group = CGROUP_ROOT / f"morec-bench-reader-{os.getpid()}"
+    try:
+        group.mkdir()
+        (group / "memory.limit_in_bytes").write_text(str(limit_bytes))
+    except OSError as exc:
+        return {"ran": False, "why": f"cannot create a memory cgroup under {CGROUP_ROOT}: {exc}"}
+    try:
+        prefix = ["sh", "-c", f'echo $$ > {group}/cgroup.procs && exec "$0" "$@"']
+        try:
+            result = _worker(["rss", str(data), str(batches), str(seed)], prefix)
+            completed, error = True, None
+        except subprocess.CalledProcessError as exc:
+            result, completed, error = {}, False, (exc.stderr or "")[-500:]
+        failcnt = int((group / "memory.failcnt").read_text())
+        usage_max = int((group / "memory.max_usage_in_bytes").read_text())
+        return {
+            "ran": True, "completed": completed, "limit_mb": limit_bytes / 2**20, "max_usage_mb": usage_max / 2**20,
+            "limit_hits": failcnt, "error": error, **{f"inside_{k}": v for k, v in result.items()},
+        }  # fmt: skip
+    finally:
+        try:
+            group.rmdir()
+        except OSError:
+            pass
+
+
 # ------------------------------------------------------------------ driver
 
 
-def run(quick: bool, out: Path, seed: int, cache: Path) -> dict[str, Any]:
-    from morec_dist.data.dataset import PreparedDataset
-    from morec_dist.data.group_index import DEFAULT_RESIDENT_BUDGET_MB, ensure_group_index
-
-    sizes = (1_000_000, 5_000_000) if quick else (10_000_000, 50_000_000)
+def run(quick: bool, out: Path, seed: int, cache: Path, max_rows: int | None) -> dict[str, Any]:
+    sizes = [1_000_000, 5_000_000] if quick else [5_000_000, 50_000_000, 200_000_000]
+    if max_rows:
+        sizes = [s for s in sizes if s <= max_rows]
     started, load_at_start = time.perf_counter(), os.getloadavg()
-    result: dict[str, Any] = {"benchmark": "reader", "mode": "quick" if quick else "full", "seed": seed, "rows": list(sizes)}
-    paths, build = [], {}
+    result: dict[str, Any] = {"benchmark": "reader", "mode": "quick" if quick else "full", "seed": seed, "rows": sizes}
+    paths, prepare, disk = [], {}, {}
     for rows in sizes:
         t = time.perf_counter()
-        path = _dataset(cache, rows, seed)
-        generated = time.perf_counter() - t
-        dataset = PreparedDataset.open(path, verify_checksums=False, verify_values=False)
-        t = time.perf_counter()
-        for _, column in OBJECTIVES:
-            ensure_group_index(dataset, column)
-        build[str(rows)] = {"dataset_s": round(generated, 2), "index_build_s_3_columns": round(time.perf_counter() - t, 2)}
-        paths.append(path)
-    result["prepare"] = build
-    budget = str(DEFAULT_RESIDENT_BUDGET_MB)
-    # one worker (no torch import) for speed on the large dataset and exactness on the small one
-    speed = _worker(
-        ["speed", str(paths[-1]), str(2_000_000 if quick else 10_000_000), "8192", str(seed), budget, str(paths[0]), str(500_000 if quick else 4_000_000)]
-    )
-    result.update({k: v for k, v in speed.items() if k != "train_rows"})
-    result["resident_budget_mb"] = DEFAULT_RESIDENT_BUDGET_MB
-    result["speed_dataset_rows"] = sizes[-1]
-    rss = [_worker(["rss", str(p), str(200 if quick else 1000), "512", str(seed)]) for p in paths]
-    result["rss_mb_small"], result["rss_mb_large"] = rss[0]["rss_mb"], rss[1]["rss_mb"]
-    result["rss_growth"] = rss[1]["rss_mb"] / rss[0]["rss_mb"]
+        paths.append(_dataset(cache, rows, seed))
+        prepare[str(rows)] = {"dataset_s_or_cached": round(time.perf_counter() - t, 2)}
+        disk[str(rows)] = _disk_bytes(paths[-1])
+    result["prepare"], result["disk_bytes"] = prepare, disk
+    speeds = {}
+    for rows, path in zip(sizes, paths):
+        speeds[str(rows)] = _worker(["speed", str(path), str(600 if quick else 3000), str(seed)])
+    large = speeds[str(sizes[-1])]
+    result.update({k: large[k] for k in ("weighted_rows_per_s", "raw_rows_per_s", "ratio")})
+    result["ratio_by_rows"] = {k: v["ratio"] for k, v in speeds.items()}
+    result["speed_by_rows"] = speeds
+    result["ratio_large_over_small"] = large["ratio"] / speeds[str(sizes[0])]["ratio"]
+    result.update(_worker(["exact", str(paths[0]), str(100_000 if quick else 400_000), str(seed)]))
+    batches = 300 if quick else 2000
+    rss = [_worker(["rss", str(p), str(batches), str(seed)]) for p in paths]
+    result["rss_mb_small"], result["rss_mb_large"] = rss[0]["rss_mb"], rss[-1]["rss_mb"]
+    result["rss_growth"] = rss[-1]["rss_mb"] / rss[0]["rss_mb"]
+    result["rss_mb_by_rows"] = {str(s): r["rss_mb"] for s, r in zip(sizes, rss)}
     result["morec_batch_rows_per_s"] = {str(s): r["morec_batch_rows_per_s"] for s, r in zip(sizes, rss)}
+    if not quick:
+        result["cgroup"] = _cgroup_run(paths[-1], disk[str(sizes[-1])] // 4, batches, seed)
     from benchmarks.common import versions
 
     result["machine"] = _machine(load_at_start)
@@ -256,24 +288,26 @@ def run(quick: bool, out: Path, seed: int, cache: Path) -> dict[str, Any]:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true", help="1M and 5M rows instead of 10M and 50M")
+    parser.add_argument("--quick", action="store_true", help="1M and 5M rows instead of 5M, 50M and 200M")
     parser.add_argument("--out", type=Path, default=Path("runs/bench/reader.json"))
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--cache", type=Path, default=REPO / ".data" / "bench", help="where synthetic datasets are kept")
+    parser.add_argument("--max-rows", type=int, default=None, help="skip dataset sizes above this (full mode on a small disk)")
     parser.add_argument("--worker", nargs="+", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.worker:
         kind, data, *rest = args.worker
         if kind == "speed":
-            result = work_speed(Path(data), int(rest[0]), int(rest[1]), int(rest[2]), float(rest[3]))
-            result.update(work_exactness(Path(rest[4]), int(rest[5]), int(rest[2])))
+            result = work_speed(Path(data), int(rest[0]), int(rest[1]))
+        elif kind == "exact":
+            result = work_exactness(Path(data), int(rest[0]), int(rest[1]))
         else:
-            result = work_rss(Path(data), int(rest[0]), int(rest[1]), int(rest[2]))
+            result = work_rss(Path(data), int(rest[0]), int(rest[1]))
         print(json.dumps(result))
         return
-    result = run(args.quick, args.out, args.seed, args.cache)
-    summary = {k: result[k] for k in ("weighted_rows_per_s", "raw_rows_per_s", "ratio", "chi2_pvalue_min", "rss_mb_small", "rss_mb_large", "rss_growth")}
-    print(json.dumps(summary, indent=1))
+    result = run(args.quick, args.out, args.seed, args.cache, args.max_rows)
+    keys = ("weighted_rows_per_s", "raw_rows_per_s", "ratio", "ratio_large_over_small", "chi2_pvalue_min", "rss_mb_small", "rss_mb_large", "rss_growth")
+    print(json.dumps({k: result[k] for k in keys}, indent=1))
 
 
 if __name__ == "__main__":

@@ -206,6 +206,7 @@ class GroupStream:
         self._cache: dict[tuple[int, int], Chunk] = {}
         self._plans: dict[int, tuple[np.ndarray, np.ndarray]] = {}
         self._resident: Chunk | None = None  # the whole share, when held in memory
+        self._perms: dict[int, np.ndarray] = {}  # row order per pass of a resident share
         self._local = threading.local()  # ParquetFile handles per thread
 
     # ------------------------------------------------------------ plan of a pass
@@ -265,12 +266,11 @@ class GroupStream:
 
     def read_window(self, pass_: int, w: int) -> Chunk:
         """Window ``w`` of pass ``pass_``, shuffled: a pure function of (stream, pass, w)."""
-        if self.in_memory:  # the share in segment order, permuted below
-            raw = self._load_resident()
-        else:
-            order, _ = self._plan(pass_)
-            picked = order[w * self.window_segments : (w + 1) * self.window_segments]
-            raw = Chunk.concat([self._read_segment(self.segments[i]) for i in picked], bool(self.weight_column))
+        if self.in_memory:
+            return self._load_resident().take(self._pass_permutation(pass_))
+        order, _ = self._plan(pass_)
+        picked = order[w * self.window_segments : (w + 1) * self.window_segments]
+        raw = Chunk.concat([self._read_segment(self.segments[i]) for i in picked], bool(self.weight_column))
         return raw.take(hashed_permutations(self._salts(STREAM_PASS_ROWS, [pass_], w), len(raw))[0])
 
     def cached(self, pass_: int, w: int) -> bool:
@@ -320,13 +320,48 @@ class GroupStream:
                 pass_, offset = pass_ + 1, 0
         return Chunk.concat(parts, bool(self.weight_column))
 
+    def _pass_permutation(self, pass_: int) -> np.ndarray:
+        """The row order of pass ``pass_`` of a resident share (the current and next are cached)."""
+        with self._lock:
+            perm = self._perms.get(pass_)
+        if perm is None:
+            perm = hashed_permutations(self._salts(STREAM_PASS_ROWS, [pass_]), self.rows)[0]
+            with self._lock:
+                self._perms[pass_] = perm
+                for old in [p for p in self._perms if p < self.pass_]:
+                    del self._perms[old]
+        return perm
+
     def _peek_resident(self, n: int) -> Chunk:
-        # every pass the rows cover is permuted in one vectorised call (same as read_window)
         resident = self._load_resident()
         position = self.offset + np.arange(n, dtype=np.int64)
         passes = position // self.rows
-        perms = hashed_permutations(self._salts(STREAM_PASS_ROWS, self.pass_ + np.arange(int(passes[-1]) + 1 if n else 0)), self.rows)
+        last = int(passes[-1]) if n else 0
+        if last <= 1:  # within this pass and the next: cached permutations
+            index = np.empty(n, dtype=np.int64)
+            for q in range(last + 1):
+                here = passes == q
+                index[here] = self._pass_permutation(self.pass_ + q)[position[here] - q * self.rows]
+            return resident.take(index)
+        # a share much smaller than the request: all its passes permuted in one vectorised call
+        perms = hashed_permutations(self._salts(STREAM_PASS_ROWS, self.pass_ + np.arange(last + 1)), self.rows)
         return resident.take(perms[passes, position % self.rows])
+
+    def prefetch(self, depth: int) -> bool:
+        """Reads what the next ``depth`` windows need; True if it read anything."""
+        if self.rows == 0:
+            return False
+        if self.in_memory:
+            if self._resident is not None:
+                return False
+            self._load_resident()
+            return True
+        busy = False
+        for pass_, w in self.upcoming(depth):
+            if not self.cached(pass_, w):
+                self.put(pass_, w, self.read_window(pass_, w))
+                busy = True
+        return busy
 
     def advance(self, n: int) -> None:
         """Moves the cursor ``n`` rows on and drops the windows behind it."""
@@ -387,15 +422,12 @@ class WindowPrefetcher(threading.Thread):
         while not self._halt.is_set():
             busy = False
             for stream in self.streams:
-                for pass_, w in stream.upcoming(self.depth):
-                    if self._halt.is_set():
-                        return
-                    if not stream.cached(pass_, w):
-                        try:
-                            stream.put(pass_, w, stream.read_window(pass_, w))
-                        except Exception:  # noqa: BLE001 - the consumer reads it itself and raises
-                            return
-                        busy = True
+                if self._halt.is_set():
+                    return
+                try:
+                    busy |= stream.prefetch(self.depth)
+                except Exception:  # noqa: BLE001 - the consumer reads it itself and raises
+                    return
             if not busy:
                 self.wake.wait(0.05)
                 self.wake.clear()

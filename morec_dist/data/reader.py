@@ -210,6 +210,7 @@ def validate_probabilities(name: str, group_column: str, p: Any, counts: np.ndar
 
 
 MAX_THINNING_ROUNDS = 10_000
+STAGED_ROWS = 2048  # rows staged per group stream (grown when one block needs more)
 
 
 class WeightedObjective:
@@ -250,6 +251,10 @@ class WeightedObjective:
                 )
             )
         self.max_weight = self._max_weights(dataset) if weight_column else None
+        self._keys: dict[int, np.ndarray] = {}
+        self._buffer = np.zeros((len(self.streams), STAGED_ROWS), dtype=np.int64)  # (user, item) as int64
+        self._have = np.zeros(len(self.streams), dtype=np.int64)  # staged rows not served yet
+        self._pos = np.zeros(len(self.streams), dtype=np.int64)  # where they start
 
     def _max_weights(self, dataset: PreparedDataset) -> np.ndarray:
         """The largest row weight of each group, from the item table (weights are item columns)."""
@@ -266,15 +271,47 @@ class WeightedObjective:
 
     def block(self, epoch: int, step: int, p: np.ndarray, size: int) -> np.ndarray:
         """The [size, 2] (user_id, item_id) rows of this objective's block at (epoch, step)."""
-        rng = _rng(self.seed, STREAM_WEIGHTED, self.rank, epoch, step, self.k)
+        rng = self._step_rng(STREAM_WEIGHTED, epoch, step)
         counts = rng.multinomial(size, p)
-        thin = _rng(self.seed, STREAM_THINNING, self.rank, epoch, step, self.k) if self.weight_column else None
-        parts = []
-        for g in np.flatnonzero(counts).tolist():
-            stream, c = self.streams[g], int(counts[g])
-            parts.append(stream.take(c).pairs if thin is None else self._thinned(stream, c, g, thin))
-        pairs = np.concatenate(parts)
+        if self.weight_column:
+            thin = self._step_rng(STREAM_THINNING, epoch, step)
+            parts = [self._thinned(self.streams[g], int(counts[g]), g, thin) for g in np.flatnonzero(counts).tolist()]
+            pairs = np.concatenate(parts)
+        else:
+            pairs = self._from_buffers(counts)
         return pairs[rng.permutation(len(pairs))]  # no group-sorted structure inside a block
+
+    def _step_rng(self, stream: int, epoch: int, step: int) -> np.random.Generator:
+        # Counter-based: the key is (seed, stream, rank, k), the counter (epoch, step), so a
+        # block's generator costs no seed hashing per step (it runs K times a step).
+        key = self._keys.get(stream)
+        if key is None:
+            key = self._keys[stream] = np.random.SeedSequence([self.seed, stream, self.rank, self.k]).generate_state(2, np.uint64)
+        return np.random.Generator(np.random.Philox(key=key, counter=np.array([epoch, step, 0, 0], dtype=np.uint64)))
+
+    def _from_buffers(self, counts: np.ndarray) -> np.ndarray:
+        # Each group's next rows are staged in a small buffer (the stream's own order), so a
+        # block is one vectorised gather: no Python work per group unless a buffer runs low.
+        for g in np.flatnonzero(counts > self._have).tolist():
+            self._refill(g, int(counts[g]))
+        groups = np.repeat(np.arange(len(counts)), counts)
+        within = np.arange(int(counts.sum())) - np.repeat(np.cumsum(counts) - counts, counts)
+        flat = self._buffer[groups, self._pos[groups] + within]
+        self._pos += counts
+        self._have -= counts
+        return flat.view(np.int32).reshape(-1, 2)
+
+    def _refill(self, g: int, need: int) -> None:
+        width = max(self._buffer.shape[1], need)
+        if width > self._buffer.shape[1]:
+            grown = np.zeros((len(self.streams), width), dtype=np.int64)
+            grown[:, : self._buffer.shape[1]] = self._buffer
+            self._buffer = grown
+        have, pos = int(self._have[g]), int(self._pos[g])
+        self._buffer[g, :have] = self._buffer[g, pos : pos + have]
+        fresh = np.ascontiguousarray(self.streams[g].take(width - have).pairs)
+        self._buffer[g, have:width] = fresh.view(np.int64).reshape(-1)
+        self._pos[g], self._have[g] = 0, width
 
     def _thinned(self, stream: GroupStream, need: int, g: int, rng: np.random.Generator) -> np.ndarray:
         # Acceptance by w / max w walks the stream and keeps each row with probability
@@ -295,13 +332,25 @@ class WeightedObjective:
         raise RuntimeError(f"objective {self.name!r}: group {g + 1}: thinning by {self.weight_column!r} kept too few rows")
 
     def cursors(self) -> list[list[int]]:
-        return [list(s.cursor()) for s in self.streams]
+        """Per group, the (pass, offset) of the next row a block takes (staged rows not yet
+        served count as not taken)."""
+        out = []
+        for g, stream in enumerate(self.streams):
+            pass_, offset = stream.cursor()
+            if stream.rows == 0:
+                out.append([pass_, offset])
+                continue
+            served = pass_ * stream.rows + offset - int(self._have[g])
+            out.append([served // stream.rows, served % stream.rows])
+        return out
 
     def seek(self, cursors: Sequence[Sequence[int]]) -> None:
         if len(cursors) != len(self.streams):
             raise ValueError(f"reader state: objective {self.name!r} has {len(cursors)} cursors, expected {len(self.streams)}")
         for stream, (pass_, offset) in zip(self.streams, cursors):
             stream.seek(int(pass_), int(offset))
+        self._have[:] = 0
+        self._pos[:] = 0
 
 
 # ------------------------------------------------------------------ the reader
