@@ -22,9 +22,10 @@ def user_errors() -> tuple[type[BaseException], ...]:
     """Exceptions that mean bad input (exit 2, one line), not a bug."""
     from morec_dist.coordinator.core import CoordinatorError
     from morec_dist.data.dataset import DatasetError
+    from morec_dist.data.prepare.parquet import PrepareError
     from morec_dist.train.checkpoint import CheckpointError
 
-    return (ConfigError, DatasetError, CheckpointError, CoordinatorError, FileExistsError)
+    return (ConfigError, DatasetError, CheckpointError, CoordinatorError, FileExistsError, PrepareError)
 
 
 def _add_prepare(sub: argparse._SubParsersAction) -> None:
@@ -43,6 +44,17 @@ def _add_prepare(sub: argparse._SubParsersAction) -> None:
     syn.add_argument("--out", required=True)
     syn.add_argument("--overwrite", action="store_true")
     syn.set_defaults(func=_cmd_prepare_synthetic)
+    par = which.add_parser("parquet", help="your own interactions (+ items, users) in Parquet, local or s3:// gs:// hdfs://, on Ray Data")
+    par.add_argument("--mapping", required=True, help="TOML file: [input] [columns] [features] [split] [output] (docs/data.md)")
+    par.add_argument("overrides", nargs="*", metavar="SECTION.KEY=VALUE", help="mapping overrides, e.g. split.rule=\"time\"")
+    par.add_argument("--out", required=True, help="output directory (local, or a filesystem every Ray worker sees)")
+    par.add_argument("--overwrite", action="store_true", help="replace an existing directory (atomically)")
+    par.add_argument("--ray-address", default=None, help="an existing Ray cluster (default: a local Ray in this process)")
+    par.add_argument("--num-cpus", type=int, default=None, help="CPUs of the local Ray (default: all)")
+    par.add_argument("--object-store-mb", type=int, default=None, help="object store of the local Ray (default 2048; spills beyond)")
+    par.add_argument("--layout-engine", choices=("auto", "local", "ray"), default="auto", help="by_group writer: auto = in-process up to 1M train rows (same bytes), else Ray Data")
+    par.add_argument("--progress", action="store_true", help="Ray Data's progress bars (stage log lines are always printed)")
+    par.set_defaults(func=_cmd_prepare_parquet)
 
 
 def _cmd_prepare_movielens(args: argparse.Namespace) -> int:
@@ -56,6 +68,26 @@ def _cmd_prepare_synthetic(args: argparse.Namespace) -> int:
     from morec_dist.data.prepare.synthetic import generate
 
     path = generate(args.out, users=args.users, items=args.items, rows=args.rows, seed=args.seed, overwrite=args.overwrite, progress=True)
+    return _print_stats(path)
+
+
+def _cmd_prepare_parquet(args: argparse.Namespace) -> int:
+    from morec_dist.data.prepare.parquet import ParquetMapping, prepare_parquet
+
+    mapping = ParquetMapping.from_toml(args.mapping, args.overrides)
+    for flag, value in (("--num-cpus", args.num_cpus), ("--object-store-mb", args.object_store_mb)):
+        if value is not None and value < 1:
+            raise ConfigError(f"{flag}: expected >= 1, got {value}")
+    path = prepare_parquet(
+        mapping,
+        args.out,
+        overwrite=args.overwrite,
+        ray_address=args.ray_address,
+        num_cpus=args.num_cpus,
+        object_store_mb=args.object_store_mb,
+        layout_engine=args.layout_engine,
+        progress=args.progress,
+    )
     return _print_stats(path)
 
 

@@ -83,7 +83,9 @@ def write_range(table: pa.Table, out_root: str, column: str, gid: int, j: int) -
     their name order is the stream order. Returns [{"gid", "j", "sub", "tmp", "rows"}]."""
     if table.num_rows == 0:
         return []
-    table = table.sort_by([(HASH, "ascending")])
+    hashes = table[HASH].to_numpy()
+    if np.any(hashes[1:] < hashes[:-1]):  # Ray's sort orders by the 47-bit key; ties are rare
+        table = table.sort_by([(HASH, "ascending")])
     data = table.drop_columns([c for c in (ROW, HASH, KEY) if c in table.schema.names])
     folder = Path(out_root) / schema.group_dir(column, gid)
     folder.mkdir(parents=True, exist_ok=True)
@@ -137,9 +139,12 @@ def _write_block(block: pa.Table, out_root: str, column: str, m: list[int]) -> p
     if block.num_rows:
         gid = block[column].to_numpy().astype(np.int64)
         j = range_index(block[HASH].to_numpy(), np.asarray([0] + m, dtype=np.int64)[gid])
-        for g, jj in sorted(set(zip(gid.tolist(), j.tolist()))):
-            mask = pa.array((gid == g) & (j == jj))
-            pieces += write_range(block.filter(mask), out_root, column, g, jj)
+        if gid.min() == gid.max() and j.min() == j.max():  # the usual case: one range per block
+            pieces += write_range(block, out_root, column, int(gid[0]), int(j[0]))
+        else:
+            for g, jj in sorted(set(zip(gid.tolist(), j.tolist()))):
+                mask = pa.array((gid == g) & (j == jj))
+                pieces += write_range(block.filter(mask), out_root, column, g, jj)
     return pa.table({k: [p[k] for p in pieces] for k in ("gid", "j", "sub", "tmp", "rows")}, schema=_PIECES)
 
 

@@ -129,6 +129,7 @@ class DatasetWriter:
         self._parts: dict[str, list[str]] = {s: [] for s in schema.SPLITS}
         self._rows: dict[str, int] = {s: 0 for s in schema.SPLITS}
         self._side: list[str] = []
+        self._adopted: set[str] = set()
 
     def _open_part(self, split: str) -> pq.ParquetWriter:
         rel = f"{split}/{schema.part_name(len(self._parts[split]))}"
@@ -155,6 +156,19 @@ class DatasetWriter:
             self._rows[split] += take
             offset += take
 
+    def adopt_parts(self, split: str, parts: list[tuple[str, int]]) -> None:
+        """Takes part files already written into ``tmp_dir`` (by Ray tasks), in stream order:
+        renames them to part-00000... of ``split``."""
+        if self._writers.get(split) is not None or self._parts[split]:
+            raise RuntimeError(f"split {split!r} already has parts")
+        (self.tmp_dir / split).mkdir(exist_ok=True)
+        for tmp, rows in parts:
+            rel = f"{split}/{schema.part_name(len(self._parts[split]))}"
+            os.rename(self.tmp_dir / tmp, self.tmp_dir / rel)
+            self._parts[split].append(rel)
+            self._rows[split] += int(rows)
+        self._adopted.add(split)
+
     def write_side_table(self, name: str, table: pa.Table, table_schema: pa.Schema) -> None:
         """items.parquet / users.parquet (their entity's feature columns are added to the
         schema here) or an id map."""
@@ -172,6 +186,8 @@ class DatasetWriter:
         from morec_dist.data.prepare.layout import LayoutJob, layout_files, write_group_layout
 
         for split in schema.SPLITS:
+            if split in self._adopted and self._parts[split]:
+                continue
             if self._writers.get(split) is None:
                 self.write_interactions(split, self.interactions_schema.empty_table())
                 if self._writers.get(split) is None:  # an empty table writes nothing: make an empty part
