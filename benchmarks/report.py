@@ -164,13 +164,19 @@ def section_overhead(o: dict[str, Any], results: Path, out: Path) -> str:
 
 
 def section_reader(r: dict[str, Any]) -> str:
-    keys = ["weighted_rows_per_s", "raw_rows_per_s", "ratio", "weighted_rows_per_s_bounded", "ratio_bounded", "chi2_pvalue_min", "chi2_draws",
-            "rss_mb_small", "rss_mb_large", "rss_growth", "resident_budget_mb", "speed_dataset_rows"]
+    keys = ["weighted_rows_per_s", "raw_rows_per_s", "ratio", "ratio_large_over_small", "chi2_pvalue_min", "chi2_draws",
+            "rss_mb_small", "rss_mb_large", "rss_growth"]
     rows = [[k, r[k]] for k in keys if k in r]
+    for size, ratio in (r.get("ratio_by_rows") or {}).items():
+        rows.append([f"weighted / raw ratio ({int(size):,} rows)", ratio])
     for size, rate in (r.get("morec_batch_rows_per_s") or {}).items():
-        rows.append([f"MoRec batches rows/s ({int(size):,} rows)", rate])
-    for size, build in (r.get("prepare") or {}).items():
-        rows.append([f"dataset / index build s ({int(size):,} rows)", f"{fmt(build.get('dataset_s'))} / {fmt(build.get('index_build_s_3_columns'))}"])
+        rows.append([f"MoRec batches rows/s, one rank of 2 ({int(size):,} rows)", rate])
+    for size, rss in (r.get("rss_mb_by_rows") or {}).items():
+        rows.append([f"peak RSS MB ({int(size):,} rows)", rss])
+    for size, disk in (r.get("disk_bytes") or {}).items():
+        rows.append([f"dataset on disk, GB ({int(size):,} rows)", round(disk / 1e9, 2)])
+    if r.get("cgroup"):
+        rows.append(["under a memory cgroup of 1/4 the data size", json.dumps(r["cgroup"], sort_keys=True)[:300]])
     return "\n".join(["## 2. Reader", "", f"Datasets: {', '.join(f'{x:,}' for x in r.get('rows', []))} rows (synthetic).", "", table(["figure", "value"], rows)])
 
 
