@@ -43,6 +43,7 @@ IDS = ["user_id", "item_id"]
 # seed-stream ids, disjoint from the reader's (reader.STREAM_*)
 STREAM_PASS_ORDER = 10
 STREAM_PASS_ROWS = 11
+TINY_SHARE_ROWS = 64  # shares up to this size permute by sorted hashes, vectorised over passes
 
 
 class GroupLayoutError(ValueError):
@@ -200,7 +201,8 @@ class GroupStream:
         self.rows = sum(s.rows for s in self.segments)
         self.in_memory = self.rows <= in_memory_rows
         self.window_segments = max(1, len(self.segments) if self.in_memory else window_segments)
-        self._salt = np.random.SeedSequence(list(self.key)).generate_state(1, np.uint64)[0]
+        state = np.random.SeedSequence(list(self.key)).generate_state(3, np.uint64)
+        self._salt, self._philox_key = state[0], state[1:]
         self.pass_, self.offset = 0, 0
         self._lock = threading.Lock()
         self._cache: dict[tuple[int, int], Chunk] = {}
@@ -219,7 +221,7 @@ class GroupStream:
         if self.in_memory:  # one window: the whole share
             order, ends = np.arange(len(self.segments)), np.asarray([self.rows], dtype=np.int64)
             return order, ends
-        order = hashed_permutations(self._salts(STREAM_PASS_ORDER, [pass_]), len(self.segments))[0]
+        order = self._permutation(STREAM_PASS_ORDER, pass_, 0, len(self.segments))
         sizes = np.asarray([self.segments[i].rows for i in order], dtype=np.int64)
         w = self.window_segments
         ends = np.cumsum([sizes[i : i + w].sum() for i in range(0, len(sizes), w)]).astype(np.int64)
@@ -229,6 +231,16 @@ class GroupStream:
             for old in [p for p in self._plans if p < pass_ - 1]:
                 del self._plans[old]
         return plan
+
+    def _permutation(self, tag: int, pass_: int, w: int, n: int) -> np.ndarray:
+        """The permutation (tag, pass, window) of range(n): hashed for tiny shares (so many
+        passes vectorise, see ``_peek_resident``), else a Philox generator keyed by the
+        stream with counter (tag, pass, window) — cheaper than sorting hashes for large n.
+        Which one depends only on n, so a position always maps to the same row."""
+        if n <= TINY_SHARE_ROWS:
+            return hashed_permutations(self._salts(tag, [pass_], w), n)[0]
+        counter = np.array([tag, pass_, w, 0], dtype=np.uint64)
+        return np.random.Generator(np.random.Philox(key=self._philox_key, counter=counter)).permutation(n)
 
     def _salts(self, tag: int, passes, w: int = 0) -> np.ndarray:
         with np.errstate(over="ignore"):
@@ -271,7 +283,7 @@ class GroupStream:
         order, _ = self._plan(pass_)
         picked = order[w * self.window_segments : (w + 1) * self.window_segments]
         raw = Chunk.concat([self._read_segment(self.segments[i]) for i in picked], bool(self.weight_column))
-        return raw.take(hashed_permutations(self._salts(STREAM_PASS_ROWS, [pass_], w), len(raw))[0])
+        return raw.take(self._permutation(STREAM_PASS_ROWS, pass_, w, len(raw)))
 
     def cached(self, pass_: int, w: int) -> bool:
         with self._lock:
@@ -325,7 +337,7 @@ class GroupStream:
         with self._lock:
             perm = self._perms.get(pass_)
         if perm is None:
-            perm = hashed_permutations(self._salts(STREAM_PASS_ROWS, [pass_]), self.rows)[0]
+            perm = self._permutation(STREAM_PASS_ROWS, pass_, 0, self.rows)
             with self._lock:
                 self._perms[pass_] = perm
                 for old in [p for p in self._perms if p < self.pass_]:
@@ -337,13 +349,13 @@ class GroupStream:
         position = self.offset + np.arange(n, dtype=np.int64)
         passes = position // self.rows
         last = int(passes[-1]) if n else 0
-        if last <= 1:  # within this pass and the next: cached permutations
+        if last <= 1 or self.rows > TINY_SHARE_ROWS:  # pass by pass, cached permutations
             index = np.empty(n, dtype=np.int64)
             for q in range(last + 1):
-                here = passes == q
-                index[here] = self._pass_permutation(self.pass_ + q)[position[here] - q * self.rows]
+                lo, hi = max(0, q * self.rows - self.offset), min(n, (q + 1) * self.rows - self.offset)
+                index[lo:hi] = self._pass_permutation(self.pass_ + q)[position[lo:hi] - q * self.rows]
             return resident.take(index)
-        # a share much smaller than the request: all its passes permuted in one vectorised call
+        # a tiny share, many passes in one request: all permuted in one vectorised call
         perms = hashed_permutations(self._salts(STREAM_PASS_ROWS, self.pass_ + np.arange(last + 1)), self.rows)
         return resident.take(perms[passes, position % self.rows])
 
