@@ -98,7 +98,10 @@ class Chunk:
         return Chunk(self.pairs[lo:hi], None if self.weights is None else self.weights[lo:hi])
 
     def take(self, index: np.ndarray) -> "Chunk":
-        return Chunk(self.pairs[index], None if self.weights is None else self.weights[index])
+        # one 8-byte item per (user, item) pair: a 1-d take is several times faster than
+        # fancy-indexing rows of an [n, 2] int32 array
+        pairs = np.ascontiguousarray(self.pairs).view(np.int64).reshape(-1)[index].view(np.int32).reshape(-1, 2)
+        return Chunk(pairs, None if self.weights is None else self.weights[index])
 
     @staticmethod
     def concat(parts: Sequence["Chunk"], weighted: bool) -> "Chunk":
