@@ -35,8 +35,8 @@ TRAIN = "train/part-00000.parquet"
 
 
 def fingerprint(root: Path) -> dict[str, str]:
-    """sha256 of every file under ``root``, except the reader's group-index cache
-    (``.index/``, derived data the reader may build next to a dataset)."""
+    """sha256 of every file under ``root`` (``.index/``, the cache of an older reader, is
+    ignored; the reader now writes nothing next to a dataset)."""
     return {
         str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
         for p in sorted(root.rglob("*"))
