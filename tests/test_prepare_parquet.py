@@ -117,15 +117,18 @@ def expected(tables: dict[str, pa.Table], rule: str) -> dict:
     iid = {i: k + 1 for k, i in enumerate(items)}
     rows = [(uid[r["uid"]], iid[r["sku"]], r["ts"]) for r in positives]
     split = {}
-    if rule == "time":
-        for row in rows:
-            split[row] = "test" if row[2] >= TEST_FROM else "valid" if row[2] >= VALID_FROM else "train"
-    else:
-        per_user: dict[int, list] = {}
-        for row in rows:
-            per_user.setdefault(row[0], []).append(row)
-        for user_rows in per_user.values():
-            user_rows.sort(key=lambda r: (r[2], r[1]))
+    per_user: dict[int, list] = {}
+    for row in rows:
+        per_user.setdefault(row[0], []).append(row)
+    for user_rows in per_user.values():
+        user_rows.sort(key=lambda r: (r[2], r[1]))
+        if rule == "time":  # train before the cut; the first positive of each window held out
+            seen = set()
+            for row in user_rows:
+                window = "test" if row[2] >= TEST_FROM else "valid" if row[2] >= VALID_FROM else "train"
+                split[row] = window if window == "train" or window not in seen else "dropped"
+                seen.add(window)
+        else:
             for k, row in enumerate(user_rows):
                 n = len(user_rows)
                 split[row] = "test" if n >= 3 and k == n - 1 else "valid" if n >= 3 and k == n - 2 else "train"
@@ -177,6 +180,12 @@ def test_string_ids_list_column_time_split(prepared):
     tables = raw_tables()
     check_against_raw(ds, tables, "time")
     check_group_layout(ds)
+    # one held-out row per user and split; the later positives past the cut are dropped
+    dropped = sum(1 for s in expected(tables, "time")["split"].values() if s == "dropped")
+    assert ds.manifest["split"]["dropped_after_cut"] == dropped > 0
+    for split in ("valid", "test"):
+        users = ds.read_split(split, ["user_id"])["user_id"].to_pylist()
+        assert len(users) == len(set(users))
     # features: user country (single, null -> 0), item tags (multi, a list column), item cat
     feats = ds.features
     assert (feats["user_country"].kind, feats["user_country"].cardinality) == ("single", 2)
