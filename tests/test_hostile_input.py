@@ -27,6 +27,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from morec_dist.cli import main
+from morec_dist.data.prepare.layout import rebuild_group_layout
 from morec_dist.data.prepare.writer import sha256_file
 from tests.conftest import REPO
 from tests.test_checkpoint_resume import CONFIG, cli_env, quoted, reference_run, shared_data, shared_pretrained
@@ -205,6 +206,7 @@ def test_empty_group_given_probability(data, tmp_path_factory, tmp_path):
     for column in ("fair_group", "align_group"):
         kept = t.filter(keep)[column].to_numpy()
         manifest["groups"][column]["train_counts"] = np.bincount(kept, minlength=manifest["groups"][column]["num_groups"] + 1)[1:].tolist()
+    rebuild_group_layout(data, manifest)  # by_group/ must match the edited train split
     (data / "manifest.json").write_text(json.dumps(manifest))
     before = fingerprint(data)
     out = tmp_path / "out"

@@ -117,15 +117,18 @@ def expected(tables: dict[str, pa.Table], rule: str) -> dict:
     iid = {i: k + 1 for k, i in enumerate(items)}
     rows = [(uid[r["uid"]], iid[r["sku"]], r["ts"]) for r in positives]
     split = {}
-    if rule == "time":
-        for row in rows:
-            split[row] = "test" if row[2] >= TEST_FROM else "valid" if row[2] >= VALID_FROM else "train"
-    else:
-        per_user: dict[int, list] = {}
-        for row in rows:
-            per_user.setdefault(row[0], []).append(row)
-        for user_rows in per_user.values():
-            user_rows.sort(key=lambda r: (r[2], r[1]))
+    per_user: dict[int, list] = {}
+    for row in rows:
+        per_user.setdefault(row[0], []).append(row)
+    for user_rows in per_user.values():
+        user_rows.sort(key=lambda r: (r[2], r[1]))
+        if rule == "time":  # train before the cut; the first positive of each window held out
+            seen = set()
+            for row in user_rows:
+                window = "test" if row[2] >= TEST_FROM else "valid" if row[2] >= VALID_FROM else "train"
+                split[row] = window if window == "train" or window not in seen else "dropped"
+                seen.add(window)
+        else:
             for k, row in enumerate(user_rows):
                 n = len(user_rows)
                 split[row] = "test" if n >= 3 and k == n - 1 else "valid" if n >= 3 and k == n - 2 else "train"
@@ -177,6 +180,12 @@ def test_string_ids_list_column_time_split(prepared):
     tables = raw_tables()
     check_against_raw(ds, tables, "time")
     check_group_layout(ds)
+    # one held-out row per user and split; the later positives past the cut are dropped
+    dropped = sum(1 for s in expected(tables, "time")["split"].values() if s == "dropped")
+    assert ds.manifest["split"]["dropped_after_cut"] == dropped > 0
+    for split in ("valid", "test"):
+        users = ds.read_split(split, ["user_id"])["user_id"].to_pylist()
+        assert len(users) == len(set(users))
     # features: user country (single, null -> 0), item tags (multi, a list column), item cat
     feats = ds.features
     assert (feats["user_country"].kind, feats["user_country"].cardinality) == ("single", 2)
@@ -206,9 +215,9 @@ def test_string_ids_list_column_time_split(prepared):
     assert sum(ds.q_star) == pytest.approx(1.0)
 
 
-def test_same_through_s3(inputs, prepared, tmp_path):
-    """The same inputs, uploaded to a real S3-compatible server on loopback, read by the
-    Ray workers through pyarrow's S3 filesystem: the same dataset, file for file."""
+def test_leave_one_out_through_s3(inputs, tmp_path):
+    """The same inputs, uploaded to a real S3-compatible server on loopback and read by the
+    Ray workers through pyarrow's S3 filesystem, split leave-one-out per user."""
     boto3 = pytest.importorskip("boto3")
     from moto.server import ThreadedMotoServer
 
@@ -221,26 +230,49 @@ def test_same_through_s3(inputs, prepared, tmp_path):
         for path in sorted(inputs.rglob("*.parquet")):
             s3.upload_file(str(path), "logs", f"raw/{path.relative_to(inputs)}")
         query = f"?endpoint_override={host}:{port}&scheme=http&region=us-east-1"
-        (tmp_path / "s3.toml").write_text(mapping_text("s3://logs/raw", query=query))
+        (tmp_path / "s3.toml").write_text(mapping_text("s3://logs/raw", rule="leave_one_out", query=query))
         out = tmp_path / "from-s3"
-        assert main(["prepare", "parquet", "--mapping", str(tmp_path / "s3.toml"), "--out", str(out), "--layout-engine", "ray"]) == 0
+        assert main(["prepare", "parquet", "--mapping", str(tmp_path / "s3.toml"), "--out", str(out)]) == 0
     finally:
         server.stop()
-    a, b = PreparedDataset.open(prepared), PreparedDataset.open(out)
-    assert a.manifest["files"] == b.manifest["files"]  # same bytes (sha256) for every file
-    assert a.group_layout == b.group_layout
-
-
-def test_leave_one_out_and_overrides(inputs, tmp_path):
-    out = tmp_path / "loo"
-    assert main(["prepare", "parquet", "--mapping", str(inputs / "mapping.toml"), 'split.rule="leave_one_out"', "split.valid_from=", "--out", str(out)]) != 0  # bad override value
-    text = mapping_text(str(inputs), rule="leave_one_out")
-    (tmp_path / "loo.toml").write_text(text)
-    assert main(["prepare", "parquet", "--mapping", str(tmp_path / "loo.toml"), "--out", str(out)]) == 0
     ds = PreparedDataset.open(out)
     check_against_raw(ds, raw_tables(), "leave_one_out")
-    # a second run refuses to overwrite, --overwrite replaces
-    assert main(["prepare", "parquet", "--mapping", str(tmp_path / "loo.toml"), "--out", str(out)]) == 2
+    check_group_layout(ds)
+    assert ds.manifest["source"]["mapping"]["interactions"] == [f"s3://logs/raw/inter{query}"]
+
+
+def test_ray_layout_engine_writes_the_same_bytes(prepared, tmp_path):
+    """The by_group writer on Ray Data (range-partitioning sort) and in-process agree byte
+    for byte, so the engine `auto` picks by size never changes a dataset."""
+    import filecmp
+    import json
+    import shutil
+
+    from morec_dist.data.prepare.layout import LayoutJob, layout_files, write_group_layout
+
+    manifest = json.loads((prepared / schema.MANIFEST).read_text())
+    root = tmp_path / "copy"
+    for rel in manifest["splits"]["train"]["files"]:
+        (root / rel).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(prepared / rel, root / rel)
+    columns = {c: g["num_groups"] for c, g in manifest["groups"].items()}
+    layout = write_group_layout(LayoutJob(root, manifest["splits"]["train"]["files"], columns, manifest["group_layout"]["seed"], "ray"))
+    assert layout == manifest["group_layout"]
+    for rel in layout_files(layout):
+        assert filecmp.cmp(prepared / rel, root / rel, shallow=False), rel
+
+
+def test_cheap_refusals(inputs, prepared, tmp_path, capsys):
+    """Refused before any work: an existing output, a bad override, a mapping typo."""
+    mapping = str(inputs / "mapping.toml")
+    assert main(["prepare", "parquet", "--mapping", mapping, "--out", str(prepared)]) == 2
+    assert "already exists" in capsys.readouterr().err
+    assert main(["prepare", "parquet", "--mapping", mapping, "split.valid_from=soon", "--out", str(tmp_path / "o")]) == 2
+    assert "valid_from" in capsys.readouterr().err
+    (tmp_path / "typo.toml").write_text(mapping_text(str(inputs)).replace("timestamp =", "timestmp ="))
+    assert main(["prepare", "parquet", "--mapping", str(tmp_path / "typo.toml"), "--out", str(tmp_path / "o")]) == 2
+    assert "timestmp" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
 
 
 # --------------------------------------------------------------------------- bad input

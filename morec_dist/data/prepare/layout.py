@@ -239,3 +239,24 @@ def order_key(table: pa.Table, column: str) -> pa.Array:
     top = (table[HASH].to_numpy() >> np.uint64(64 - HASH_BITS)).astype(np.int64)
     return pa.array((gid << HASH_BITS) | top)
 
+
+
+def rebuild_group_layout(root: Path, manifest: dict[str, Any], engine: str = "auto") -> dict[str, Any]:
+    """Rewrites by_group/ of a prepared directory from its (edited) train parts and updates
+    ``manifest``'s group_layout and file entries in place (for tools and tests that edit a
+    dataset's train split; the manifest is not written here)."""
+    import shutil
+
+    from morec_dist.data.prepare.writer import sha256_file
+
+    root = Path(root)
+    shutil.rmtree(root / schema.GROUP_LAYOUT_ROOT, ignore_errors=True)
+    for rel in [r for r in manifest["files"] if r.startswith(schema.GROUP_LAYOUT_ROOT + "/")]:
+        del manifest["files"][rel]
+    columns = {c: int(g["num_groups"]) for c, g in manifest["groups"].items()}
+    layout = write_group_layout(LayoutJob(root, manifest["splits"]["train"]["files"], columns, int(manifest["group_layout"]["seed"]), engine))
+    manifest["group_layout"] = layout
+    for rel in layout_files(layout):
+        path = root / rel
+        manifest["files"][rel] = {"sha256": sha256_file(path), "bytes": path.stat().st_size, "rows": pq.ParquetFile(path).metadata.num_rows}
+    return manifest

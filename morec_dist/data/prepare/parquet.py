@@ -328,7 +328,8 @@ def check_ids(inputs: Inputs, table: pa.Table, origin: list[str], column: str, r
     if len(unique) != len(values):
         counts = pc.value_counts(values)
         dup = counts.filter(pc.greater(counts.field("counts"), 1))[0]["values"]
-        raise PrepareError(f"{inputs.label(inputs.files[0])}: column {column!r} ({role} id) repeats id {dup} (one row per {role} expected)")
+        second = np.flatnonzero(pc.equal(values, dup).to_numpy(zero_copy_only=False))[1]
+        raise PrepareError(f"{inputs.label(origin[second])}: column {column!r} ({role} id) repeats id {dup} (one row per {role} expected)")
 
 
 def check_prices(label: str, price: pa.ChunkedArray | pa.Array, column: str) -> None:
@@ -448,7 +449,13 @@ def _split_block(block: pa.Table, m: ParquetMapping) -> pa.Table:
     block = block.take(pa.array(order))
     u, t = u[order], t[order]
     if m.split == "time":
-        code = np.where(t >= m.test_from, 2, np.where(t >= m.valid_from, 1, 0)).astype(np.int8)
+        # one held-out row per user and split (the evaluation protocol): the user's first
+        # positive in [valid_from, test_from) is valid, the first at >= test_from is test;
+        # the user's later positives past the cut are dropped (code 3), never trained on
+        window = np.where(t >= m.test_from, 2, np.where(t >= m.valid_from, 1, 0)).astype(np.int8)
+        first = np.r_[True, (u[1:] != u[:-1]) | (window[1:] != window[:-1])]
+        code = window.copy()
+        code[(window > 0) & ~first] = 3
     else:
         first = np.r_[True, u[1:] != u[:-1]]
         starts = np.flatnonzero(first)
@@ -679,6 +686,7 @@ def _run(m: ParquetMapping, inter: Inputs, items_table: pa.Table | None, users_t
             "num_users": num_users,
             "num_items": num_items,
             "num_positives": positives,
+            "split": {"rule": m.split, "valid_from": m.valid_from, "test_from": m.test_from, "dropped_after_cut": positives - sum(int(p["rows"]) for p in pieces)},
             "groups": groups,
             "q_star": [c / total_train for c in groups["align_group"]["train_counts"]],
             "genres": [n for n in fair_names],
