@@ -19,7 +19,8 @@ from pathlib import Path
 
 import pytest
 
-from morec_dist.coordinator.actor import get_or_create
+from morec_dist.config import ConfigError, load_config
+from morec_dist.coordinator.actor import ACTOR_MAX_CONCURRENCY, get_or_create
 from morec_dist.coordinator.core import CoordinatorCore
 from morec_dist.coordinator.service import start_local_ray
 from tests.test_coordinator_ray import RANKS, RANKS_SCRIPT, spec_for
@@ -28,7 +29,6 @@ REPO = Path(__file__).resolve().parent.parent
 GLOBAL_SCRIPT = REPO / "tests" / "dist_scripts" / "coordinator_global_ranks.py"
 NAMESPACE = "morec-test-global"
 
-pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
@@ -67,6 +67,36 @@ def _replay(world: int, staleness: int, every: int, used: list[dict], steps: int
     return core
 
 
+def test_a_per_rank_configuration_that_would_hang_is_refused():
+    with pytest.raises(ConfigError, match=r"1024 ranks and staleness 2: up to 3072 report calls would wait .* Use coordinator.protocol = \"global\""):
+        load_config(None, ['coordinator.protocol="per_rank"', "run.nproc=1024"])
+    load_config(None, ['coordinator.protocol="per_rank"', "run.nproc=64"])  # fits: allowed as the baseline
+    load_config(None, ["run.nproc=1024"])  # the global protocol has no such bound
+    with pytest.raises(ConfigError, match="coordinator.protocol: 'ring' is not one of"):
+        load_config(None, ['coordinator.protocol="ring"'])
+
+
+def test_status_and_set_preferences_never_queue_behind_waiting_step_calls(ray_address):
+    import ray
+
+    actor = get_or_create("coord-control", NAMESPACE)
+    ray.get(actor.configure.remote(spec_for(world_size=2, staleness=2, every=1000), None, "control"))
+    # rank 1 never reports: every one of rank 0's report calls waits in the actor, until
+    # all of the step group's slots are taken
+    held = [actor.report.remote(0, t, *RANKS.synthetic_report(0, t, 0.2)) for t in range(ACTOR_MAX_CONCURRENCY + 20)]
+    started = time.perf_counter()
+    status = ray.get(actor.status.remote(), timeout=60)
+    change = ray.get(actor.set_preferences.remote({"fairness": 0.5}, None, None, "test"), timeout=60)
+    seconds = time.perf_counter() - started
+    assert status["aggregated_through"] == -1 and change["effective_step"] == -1 + 2 + 1
+    assert not ray.wait(held, timeout=0)[0]  # the step calls are still waiting
+    with pytest.raises(ray.exceptions.GetTimeoutError):  # and a step-group call does queue: the slots are full
+        ray.get(actor.sampler_update_due.remote(0), timeout=3)
+    ray.kill(actor)
+    print(f"\nstatus + set_preferences with {len(held)} step calls waiting: {seconds:.2f} s")
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize("nproc", [2, 4])
 def test_global_sums_are_exact_one_actor_call_per_step_and_beta_matches_replay_and_per_rank(ray_address, tmp_path, nproc):
     import ray
@@ -105,6 +135,7 @@ def test_global_sums_are_exact_one_actor_call_per_step_and_beta_matches_replay_a
         assert per_rank_trace == trace
 
 
+@pytest.mark.slow
 def test_slow_rank_makes_the_others_wait_only_at_the_staleness_bound_and_live_preferences_apply_at_their_step(ray_address, tmp_path):
     import ray
 

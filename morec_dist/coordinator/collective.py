@@ -89,6 +89,7 @@ class GlobalCoordinatorClient:
         self._headers: dict[int, tuple[Any, torch.Tensor]] = {}  # step -> (recv work, buffer) (ranks > 0)
         self._known_version: int | None = None
         self._known_probs: dict[str, list[float]] = {}
+        self._last: Decision | None = None
         self._sent: list[Any] = []  # rank 0: outstanding broadcast works (kept alive until done)
         # rank 0: decisions produced by the thread, reported-through counter, errors
         self._cond = threading.Condition()
@@ -96,6 +97,7 @@ class GlobalCoordinatorClient:
         self._queue: queue.Queue = queue.Queue()
         self._reported_through = -1
         self._posted_through = -1  # last step whose reduction was posted
+        self._produced_through = -1  # rank 0: last decision the thread produced and sent
         self._error: BaseException | None = None
         self._thread: threading.Thread | None = None
         self._pending_flush: list[int] = []
@@ -112,6 +114,7 @@ class GlobalCoordinatorClient:
         precedes them): rank 0 fetches them, then a broadcast each, in step order."""
         self._posted_through = first_step - 1
         self._reported_through = first_step - 1
+        self._produced_through = first_step + self.staleness - 1
         if self.rank == 0:
             # fetched by the client's own start() (one actor call), else asked now
             for t in range(first_step, first_step + self.staleness):
@@ -151,9 +154,15 @@ class GlobalCoordinatorClient:
         self.reports += 1
 
     def decision_for_step(self, step: int) -> Decision:
+        # asked again for the same step: the loop takes the decision before drawing a batch,
+        # so an epoch whose reader is exhausted asks for a step the next epoch runs
+        if self._last is not None and self._last.step == step:
+            return self._last
         self.decisions_served += 1
-        if self.rank == 0:
-            return self._rank0_decision(step)
+        self._last = self._rank0_decision(step) if self.rank == 0 else self._received(step)
+        return self._last
+
+    def _received(self, step: int) -> Decision:
         entry = self._headers.pop(step, None)
         if entry is None:
             raise CoordinatorError(f"rank {self.rank}: no decision of step {step} was posted (reported through {self._posted_through}, staleness {self.staleness})")
@@ -205,6 +214,7 @@ class GlobalCoordinatorClient:
                 decision = self.inner.decision_for_step(step + self.staleness)
                 with self._cond:
                     self._decisions[decision.step] = decision
+                    self._produced_through = decision.step
                     self._cond.notify_all()
                 self._send(decision)
         except BaseException as exc:  # noqa: BLE001 - surfaced on the main thread
@@ -305,7 +315,7 @@ class GlobalCoordinatorClient:
             last = self._posted_through + self.staleness
             deadline = time.monotonic() + self.wait_timeout_s
             with self._cond:
-                while self._error is None and not all(t in self._decisions for t in range(self._posted_through + 1, last + 1)):
+                while self._error is None and self._produced_through < last:
                     if time.monotonic() > deadline:
                         raise CoordinatorError(f"rank 0: decisions through step {last} not produced after {self.wait_timeout_s:.0f} s")
                     self._cond.wait(timeout=1.0)
