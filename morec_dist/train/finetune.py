@@ -3,8 +3,9 @@
 Methods (``--method``):
 - ``morec``: MoRec batches (a uniform accuracy block + one block per auxiliary objective,
   drawn from the coordinator's p_k), the combined loss with the coordinator's beta,
-  per-block losses reported to the central Ray actor, sampler updates from validation
-  signals on the configured cadence;
+  per-block loss sums reduced over the ranks and reported by rank 0 to the central Ray
+  actor (``coordinator.protocol = "global"``; ``"per_rank"``: every rank reports, the
+  benchmark baseline), sampler updates from validation signals on the configured cadence;
 - ``static``: uniform batches, fixed weights over the four objective losses;
 - ``mgda``: uniform batches, MGDA's min-norm weights every step.
 Every method evaluates on valid after each epoch and on test at the end, writing
