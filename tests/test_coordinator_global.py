@@ -181,3 +181,17 @@ def test_slow_rank_makes_the_others_wait_only_at_the_staleness_bound_and_live_pr
         assert weights == [0.2] * at + [0.9] * (steps - at)
     print(f"\nslow rank: fast rank waited {ranks[0]['stats']['waits']} times ({ranks[0]['stats']['wait_seconds']:.2f} s), "
           f"ahead {ahead}/{steps - staleness} steps; set_preferences took {1000 * change['seconds']:.1f} ms, effective at {at}")
+
+
+def test_global_sums_do_not_depend_on_rank_order():
+    import itertools
+
+    import torch
+
+    from morec_dist.coordinator.collective import global_sums
+
+    # values where float addition order matters: a naive sum gives 0.0 or 2.0 by order
+    rows = [[1e16, 3.0, 7, 1], [1.0, 0.1, 5, 2], [-1e16, 0.2, 9, 3], [1.0, 0.3, 2, 4]]
+    results = {json.dumps(global_sums([torch.tensor(r, dtype=torch.float64) for r in perm], 2)) for perm in itertools.permutations(rows)}
+    assert results == {json.dumps(([2.0, math.fsum([3.0, 0.1, 0.2, 0.3])], [23, 10]))}
+    assert sum(r[0] for r in rows) != 2.0  # the naive rank-order sum is wrong here
