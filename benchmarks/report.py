@@ -189,14 +189,14 @@ def section_coordinator(c: dict[str, Any], results: Path, out: Path) -> str:
         rows.append([r["protocol"], r["ranks"], r["staleness"], r["steps"], r["steps_per_s"], r["baseline_steps_per_s"], r["ratio"],
                      pct(r["wait_fraction"], False), r["actor_calls_per_step"], r.get("beta_trace_matches_core_replay")])
     fit = c["gloo"]["fit"]
-    measured = ", ".join(f"{p} processes {fmt(m['median_ms'])} ms" for p, m in c["gloo"]["procs"].items())
+    measured = ", ".join(f"{p} processes {fmt(m['median_ms'])} ms{' (more processes than cores: not fitted)' if m.get('oversubscribed') else ''}" for p, m in c["gloo"]["procs"].items())
     t = c["targets"]
     return "\n".join([
         "## 3. Coordinator at scale", "",
         f"Synchronous steps of {fmt(cfg['step_ms'])} ms x lognormal (sigma {fmt(cfg['jitter'])}), the same draws for every protocol and for the no-coordinator baseline "
         f"(measured right before each point); sampler update every {cfg['sampler_every']} steps; the real Ray actor. Global protocol: one process emulates the N ranks; "
         f"rank 0's thread sums the N vectors (fsum) and makes one actor call per step. Reduction (gather to rank 0 + decision broadcast) measured with real gloo processes "
-        f"({measured}) and modelled for larger N as {fmt(fit['a_ms'])} + {fmt(fit['b_ms_per_log2_rank'])} x log2(N) ms. "
+        f"({measured}) and modelled for larger N as {fmt(fit['a_ms'])} + {fmt(fit['b_ms_per_log2_rank'])} x log2(N) ms ({c['gloo'].get('law', '')}). "
         "Per-rank protocol: N asyncio ranks calling the actor every step; refused where N x (s + 1) exceeds the actor's 1,000 slots (the job would hang).", "",
         table(["protocol", "ranks", "s", "steps", "steps/s", "no-coordinator steps/s", "ratio", "decisions that waited", "actor calls / step", "beta = core replay"], rows),
         "",
