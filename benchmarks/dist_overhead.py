@@ -118,7 +118,7 @@ def main() -> None:
     t = time.perf_counter()
     strategy.measure_signals(methods[1].step)
     signal_s = all_reduce_max(time.perf_counter() - t, trainer)
-    client.flush()
+    client.close()  # drains the global protocol's collectives (a flush for per_rank)
     for method in methods:
         method.reader.close()
     if ctx.rank == 0:
@@ -130,6 +130,7 @@ def main() -> None:
             "sampler_signal_s": signal_s,
             "windows": {m.name: m.windows for m in methods},
             "client": client.stats(),
+            "protocol": config.coordinator.protocol,
             "steps": {m.name: m.step for m in methods},
         }
         args.out.parent.mkdir(parents=True, exist_ok=True)

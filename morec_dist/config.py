@@ -136,6 +136,10 @@ class CoordinatorConfig:
     detached: bool = False
     staleness: int = 2  # beta / p used at step t come from steps <= t - staleness
     object_store_mb: int = 256
+    # "global": losses reduced over torch.distributed, rank 0 the actor's only per-step client;
+    # "per_rank": every rank calls the actor every step (the benchmark baseline only)
+    protocol: str = "global"
+    trace_window: int = 10_000  # newest aggregated steps the actor keeps in its trace (0 = all)
 
 
 @dataclass
@@ -288,9 +292,23 @@ def _require(ok: bool, message: str) -> None:
 
 
 FINETUNE_METHODS = ("morec", "static", "mgda")
+COORDINATOR_PROTOCOLS = ("global", "per_rank")
+# calls the coordinator actor serves at once (morec_dist.coordinator.actor.ACTOR_MAX_CONCURRENCY)
+ACTOR_STEP_SLOTS = 1000
 SHARDING_TYPES = ("table_wise", "row_wise", "column_wise", "table_row_wise", "table_column_wise", "data_parallel")
 EMBEDDING_OPTIMIZERS = ("sgd", "adagrad", "rowwise_adagrad")
 DENSE_OPTIMIZERS = ("adam", "sgd", "adagrad")
+
+
+def check_per_rank_fits(world_size: int, staleness: int) -> None:
+    """The per_rank protocol hangs when the report calls that wait inside the actor (up to
+    ranks x (staleness + 1)) exceed its slots: the first step is then never aggregated."""
+    waiting = world_size * (staleness + 1)
+    _require(
+        waiting <= ACTOR_STEP_SLOTS,
+        f"coordinator.protocol = \"per_rank\" with {world_size} ranks and staleness {staleness}: up to {waiting} report calls "
+        f"would wait in the actor, which serves {ACTOR_STEP_SLOTS}; the job would hang. Use coordinator.protocol = \"global\"",
+    )
 
 
 def validate(c: Config) -> None:
@@ -326,6 +344,10 @@ def validate(c: Config) -> None:
     # s = 0 would make step t's beta depend on step t's own report, which is sent after the
     # step's loss is formed: the trainer needs at least one step of slack.
     _require(c.coordinator.staleness >= 1, f"coordinator.staleness: expected >= 1, got {c.coordinator.staleness}")
+    _require(c.coordinator.protocol in COORDINATOR_PROTOCOLS, f"coordinator.protocol: {c.coordinator.protocol!r} is not one of {COORDINATOR_PROTOCOLS}")
+    _require(c.coordinator.trace_window >= 0, f"coordinator.trace_window: expected >= 0 (0 = keep all), got {c.coordinator.trace_window}")
+    if c.coordinator.protocol == "per_rank":
+        check_per_rank_fits(c.run.nproc, c.coordinator.staleness)
     _require(1 <= c.metrics.base_port <= 65535 - 64, f"metrics.base_port: expected 1..65471, got {c.metrics.base_port}")
     _require(c.run.max_restarts >= 0, f"run.max_restarts: expected >= 0, got {c.run.max_restarts}")
     _require(c.checkpoint.every_steps >= 0, f"checkpoint.every_steps: expected >= 0 (0 = end of each epoch), got {c.checkpoint.every_steps}")

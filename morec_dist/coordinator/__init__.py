@@ -1,6 +1,8 @@
 """The MoRec coordinator: PID on the global accuracy loss, adaptive group samplers, the
 objective registry, the combined loss and MGDA; a Ray-free core, its Ray actor and the
-rank-side client with the bounded-staleness protocol (see docs/coordinator.md)."""
+rank-side clients with the bounded-staleness protocol: the global one (losses reduced over
+torch.distributed, one actor client, ``collective.py``) and the per-rank baseline
+(``client.py``); see docs/coordinator.md."""
 
 from morec_dist.coordinator.combined_loss import block_means, block_sums, combined_loss, static_weighted_loss
 from morec_dist.coordinator.core import (

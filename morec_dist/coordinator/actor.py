@@ -16,6 +16,7 @@ from a checkpoint) and is idempotent per ``run_id``, so every rank may call it.
 from __future__ import annotations
 
 import asyncio
+import threading
 from dataclasses import asdict
 from typing import Any, Mapping, Sequence
 
@@ -23,6 +24,17 @@ from morec_dist.coordinator.core import CoordinatorCore, CoordinatorError, Coord
 
 
 ACTOR_MAX_RESTARTS = 5
+# slots of the default (step) group: per-rank reports of the per_rank baseline wait in them
+ACTOR_MAX_CONCURRENCY = 1000
+CONTROL_GROUP = "control"
+CONTROL_CONCURRENCY = 8
+
+
+def _control(method):
+    """Run ``method`` in the actor's ``control`` concurrency group (what ``@ray.method(
+    concurrency_group=...)`` sets, without importing Ray here: pinned ray 2.60 attribute)."""
+    method.__ray_concurrency_group__ = CONTROL_GROUP
+    return method
 
 
 class CoordinatorNotConfigured(CoordinatorError):
@@ -37,6 +49,7 @@ class CoordinatorActor:
         self._metrics: Any = None  # CoordinatorMetrics when the job enabled metrics
         self._exporter: Any = None
         self._published_through = -1
+        self._lock = threading.Lock()  # the core is shared by the step loop and the control loop
 
     def _start_metrics(self, spec: CoordinatorSpec) -> None:
         """Export the global view on the job's coordinator port (once per actor process)."""
@@ -90,8 +103,13 @@ class CoordinatorActor:
     async def _wait_ready(self, step: int) -> Decision:
         cond = self._condition()
         async with cond:
-            await cond.wait_for(lambda: self.core is not None and self.core.ready(step))
-        return self._need_core().decision(step)
+            await cond.wait_for(lambda: self._ready(step))
+        with self._lock:
+            return self._need_core().decision(step)
+
+    def _ready(self, step: int) -> bool:
+        with self._lock:
+            return self.core is not None and self.core.ready(step)
 
     # ------------------------------------------------------------------ set-up
     async def configure(self, spec: CoordinatorSpec, state: Mapping[str, Any] | None = None, run_id: str = "") -> dict[str, Any]:
@@ -100,7 +118,8 @@ class CoordinatorActor:
         core = CoordinatorCore(spec)
         if state is not None:
             core.load_state_dict(state)
-        self.core, self.run_id = core, run_id
+        with self._lock:
+            self.core, self.run_id = core, run_id
         self._start_metrics(spec)
         self._published_through = -1
         await self._notify()
@@ -112,23 +131,26 @@ class CoordinatorActor:
         reports the core already holds are skipped. Returns how many reports were applied."""
         core = self._need_core()
         applied = 0
-        for step, payload in signals:
-            core.submit_signals(int(step), payload)
-        for step, sums, counts in reports:
-            if not core.has_report(rank, int(step)):
-                core.report(rank, int(step), sums, counts)
-                applied += 1
+        with self._lock:
+            for step, payload in signals:
+                core.submit_signals(int(step), payload)
+            for step, sums, counts in reports:
+                if not core.has_report(rank, int(step)):
+                    core.report(rank, int(step), sums, counts)
+                    applied += 1
         await self._notify()
         return applied
 
+    @_control
     async def configured(self) -> str | None:
         return self.run_id if self.core is not None else None
 
     # ------------------------------------------------------------ the hot path
     async def report(self, rank: int, step: int, loss_sums: Sequence[float], row_counts: Sequence[int]) -> Decision:
         core = self._need_core()
-        core.report(rank, step, loss_sums, row_counts)
-        self._publish()
+        with self._lock:
+            core.report(rank, step, loss_sums, row_counts)
+            self._publish()
         await self._notify()
         return await self._wait_ready(step + core.spec.staleness)
 
@@ -141,20 +163,26 @@ class CoordinatorActor:
         core = self._need_core()
         cond = self._condition()
         async with cond:
-            await cond.wait_for(lambda: all(core.has_report(rank, t) for t in steps))
+            await cond.wait_for(lambda: self._recorded(core, rank, steps))
+
+    def _recorded(self, core: CoordinatorCore, rank: int, steps: Sequence[int]) -> bool:
+        with self._lock:
+            return all(core.has_report(rank, t) for t in steps)
 
     async def decisions(self, first: int, stop: int) -> list[Decision]:
         return [await self.decision(t) for t in range(first, stop)]
 
     # ------------------------------------------------------- sampler, preferences
     async def submit_signals(self, step: int, signals: Mapping[str, Sequence[float]]) -> int:
-        version = self._need_core().submit_signals(step, signals)
+        with self._lock:
+            version = self._need_core().submit_signals(step, signals)
         await self._notify()
         return version
 
     async def sampler_update_due(self, step: int) -> bool:
         return self._need_core().sampler_update_due(step)
 
+    @_control
     async def set_preferences(
         self,
         weights: Mapping[str, float] | None = None,
@@ -162,26 +190,37 @@ class CoordinatorActor:
         effective_step: int | None = None,
         source: str = "",
     ) -> dict[str, Any]:
-        change = self._need_core().set_preferences(weights, target_loss, effective_step, source)
+        # never makes a decision ready or unready (only steps not decided yet can change)
+        with self._lock:
+            change = self._need_core().set_preferences(weights, target_loss, effective_step, source)
         return asdict(change)
 
     # ---------------------------------------------------------------- inspection
+    @_control
     async def status(self) -> dict[str, Any]:
-        if self.core is None:
-            return {"configured": False}
-        return {"configured": True, "run_id": self.run_id, **self.core.status()}
+        with self._lock:
+            if self.core is None:
+                return {"configured": False}
+            return {"configured": True, "run_id": self.run_id, **self.core.status()}
 
+    @_control
     async def trace(self) -> dict[str, list]:
-        return self._need_core().trace_dict()
+        with self._lock:
+            return self._need_core().trace_dict()
 
+    @_control
     async def history(self) -> list[dict[str, Any]]:
-        return [asdict(c) for c in self._need_core().history]
+        with self._lock:
+            return [asdict(c) for c in self._need_core().history]
 
+    @_control
     async def state_dict(self) -> dict[str, Any]:
-        return self._need_core().state_dict()
+        with self._lock:
+            return self._need_core().state_dict()
 
     async def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        self._need_core().load_state_dict(state)
+        with self._lock:
+            self._need_core().load_state_dict(state)
         await self._notify()
 
 
@@ -200,12 +239,14 @@ def get_or_create(name: str, namespace: str, *, detached: bool = False, max_rest
         "namespace": namespace,
         "get_if_exists": True,
         "num_cpus": 0,
-        "max_concurrency": 1000,
+        "max_concurrency": ACTOR_MAX_CONCURRENCY,
         "max_restarts": max_restarts,  # a restarted actor is restored by the clients (see client.py)
     }
     if detached:
         options["lifetime"] = "detached"
-    return ray.remote(CoordinatorActor).options(**options).remote()
+    # concurrency groups are a class option (Ray refuses them in .options())
+    remote_class = ray.remote(concurrency_groups={CONTROL_GROUP: CONTROL_CONCURRENCY})(CoordinatorActor)
+    return remote_class.options(**options).remote()
 
 
 def get_existing(name: str, namespace: str) -> Any:

@@ -267,6 +267,10 @@ class CoordinatorClient:
             self._replies.pop(pending.pop(ref), None)
         self._replies.clear()
 
+    def close(self) -> None:
+        """End of training: the same as ``flush`` (nothing else is pending in this protocol)."""
+        self.flush()
+
     # ------------------------------------------------------------ rare calls
     def sampler_update_due(self, step: int) -> bool:
         return bool(self._call("sampler_update_due", step))
@@ -290,6 +294,7 @@ class CoordinatorClient:
     def stats(self) -> dict[str, float]:
         return {
             "rank": self.rank,
+            "protocol": "per_rank",
             "reports": self.reports,
             "decisions": self.decisions_served,
             "waits": self.waits,

@@ -38,7 +38,9 @@ the PID update of steps >= the stated step. Every change is kept in ``history``.
 
 from __future__ import annotations
 
+import bisect
 import math
+from collections import deque
 from dataclasses import asdict, dataclass, field
 from typing import Any, Mapping, Sequence
 
@@ -98,12 +100,17 @@ class CoordinatorSpec:
     sampler_every: int  # steps between sampler updates; 0 = never
     max_steps_ahead: int = 4096  # reports further ahead than this are refused (a rank ran away)
     metrics_endpoint: tuple[str, int] | None = None  # (host, port) the actor exports Prometheus metrics on
+    # aggregated steps kept in ``trace`` (the newest ones); 0 = all. Bounds the actor's
+    # memory and its checkpoint state for long runs (beta needs only the newest record).
+    trace_window: int = 0
 
     def __post_init__(self) -> None:
         if self.world_size < 1:
             raise CoordinatorError(f"world_size: expected >= 1, got {self.world_size}")
         if self.staleness < 0:
             raise CoordinatorError(f"coordinator.staleness: expected >= 0, got {self.staleness}")
+        if self.trace_window < 0:
+            raise CoordinatorError(f"coordinator.trace_window: expected >= 0 (0 = keep all), got {self.trace_window}")
         if self.sampler_every < 0:
             raise CoordinatorError(f"sampler_every: expected >= 0 (0 = never), got {self.sampler_every}")
         if not (math.isfinite(self.lam) and self.lam > 0):
@@ -143,15 +150,24 @@ class CoordinatorCore:
         self.versions: list[tuple[int, dict[str, list[float]]]] = [(-1, _as_lists(self.sampler.snapshot()))]
         self.signals_seen: dict[int, dict[str, list[float]]] = {}
         self.pending: dict[int, _Pending] = {}
-        self.trace: list[StepRecord] = []
+        self.trace: deque[StepRecord] = deque(maxlen=spec.trace_window or None)
+        self._aggregated_through = -1
         self.history: list[PreferenceChange] = []
+        # the history ordered by (effective step, seq), kept sorted on insert (bisect), so
+        # a decision reads a prefix instead of re-sorting the whole history
+        self._ordered: list[tuple[int, int, PreferenceChange]] = []
         self.base_weights = spec.objectives.weights()
         self.base_target = spec.target_loss
 
     # ------------------------------------------------------------------ reports
     @property
     def aggregated_through(self) -> int:
-        return len(self.trace) - 1
+        return self._aggregated_through
+
+    @property
+    def trace_start(self) -> int:
+        """The step of ``trace[0]`` (> 0 once a bounded trace dropped old records)."""
+        return self._aggregated_through + 1 - len(self.trace)
 
     @property
     def p_lag(self) -> int:
@@ -227,6 +243,7 @@ class CoordinatorCore:
         result = self.pid.update(losses[0], target)
         self.last_pid = result  # the PID terms of the newest step, for metrics (not state)
         self.trace.append(StepRecord(step, losses, counts, result.beta, target, result.integrated))
+        self._aggregated_through = step
 
     # ---------------------------------------------------------------- decisions
     def beta_for(self, step: int) -> tuple[float, int]:
@@ -235,7 +252,7 @@ class CoordinatorCore:
             return self.spec.gains.resting_beta, -1
         if through > self.aggregated_through:
             raise DecisionNotReady(f"beta of step {step} needs step {through} aggregated; aggregated through {self.aggregated_through}")
-        return self.trace[through].beta, through
+        return self.trace[through - self.trace_start].beta, through
 
     def version_for(self, step: int) -> int:
         horizon = step - self.p_lag
@@ -331,6 +348,7 @@ class CoordinatorCore:
             raise CoordinatorError(f"set_preferences: target loss must be > 0, got {target_loss}")
         change = PreferenceChange(len(self.history), step, new_weights, None if target_loss is None else float(target_loss), self.aggregated_through, source)
         self.history.append(change)
+        bisect.insort(self._ordered, (change.effective_step, change.seq, change))
         return change
 
     def _checked_weights(self, weights: Mapping[str, float], step: int) -> dict[str, float]:
@@ -346,7 +364,8 @@ class CoordinatorCore:
         return {k: float(weights[k]) for k in self.base_weights if k in weights}
 
     def _changes_until(self, step: int) -> list[PreferenceChange]:
-        return sorted((c for c in self.history if c.effective_step <= step), key=lambda c: (c.effective_step, c.seq))
+        end = bisect.bisect_right(self._ordered, (step, len(self.history)))
+        return [c for _, _, c in self._ordered[:end]]
 
     def weights_at(self, step: int) -> dict[str, float]:
         weights = dict(self.base_weights)
@@ -368,6 +387,7 @@ class CoordinatorCore:
             "world_size": self.spec.world_size,
             "staleness": self.spec.staleness,
             "aggregated_through": self.aggregated_through,
+            "trace_start": self.trace_start,
             "pending": {step: sorted(e.sums) for step, e in sorted(self.pending.items())},
             "beta": self.pid.beta,
             "p_version": self.sampler.version,
@@ -401,6 +421,7 @@ class CoordinatorCore:
             "signals_seen": {str(k): v for k, v in self.signals_seen.items()},
             "pending": {str(s): {"sums": {str(r): v for r, v in e.sums.items()}, "counts": {str(r): v for r, v in e.counts.items()}} for s, e in self.pending.items()},
             "trace": [asdict(r) for r in self.trace],
+            "aggregated_through": self.aggregated_through,
             "history": [asdict(c) for c in self.history],
         }
 
@@ -419,8 +440,11 @@ class CoordinatorCore:
             int(s): _Pending({int(r): list(v) for r, v in e["sums"].items()}, {int(r): list(v) for r, v in e["counts"].items()})
             for s, e in state["pending"].items()
         }
-        self.trace = [StepRecord(**r) for r in state["trace"]]
+        self.trace = deque((StepRecord(**r) for r in state["trace"]), maxlen=self.spec.trace_window or None)
+        saved = state["trace"]
+        self._aggregated_through = int(state.get("aggregated_through", saved[-1]["step"] if saved else -1))
         self.history = [PreferenceChange(**c) for c in state["history"]]
+        self._ordered = sorted((c.effective_step, c.seq, c) for c in self.history)
 
 
 def _as_lists(probs: Mapping[str, np.ndarray]) -> dict[str, list[float]]:
@@ -468,4 +492,5 @@ def build_spec(
         world_size=world_size,
         staleness=config.coordinator.staleness,
         sampler_every=every,
+        trace_window=getattr(config.coordinator, "trace_window", 0),
     )

@@ -3,8 +3,9 @@
 Methods (``--method``):
 - ``morec``: MoRec batches (a uniform accuracy block + one block per auxiliary objective,
   drawn from the coordinator's p_k), the combined loss with the coordinator's beta,
-  per-block losses reported to the central Ray actor, sampler updates from validation
-  signals on the configured cadence;
+  per-block loss sums reduced over the ranks and reported by rank 0 to the central Ray
+  actor (``coordinator.protocol = "global"``; ``"per_rank"``: every rank reports, the
+  benchmark baseline), sampler updates from validation signals on the configured cadence;
 - ``static``: uniform batches, fixed weights over the four objective losses;
 - ``mgda``: uniform batches, MGDA's min-norm weights every step.
 Every method evaluates on valid after each epoch and on test at the end, writing
@@ -25,7 +26,8 @@ from typing import Any
 
 import torch.distributed as dist
 
-from morec_dist.config import Config, ConfigError
+from morec_dist.config import Config, ConfigError, check_per_rank_fits
+from morec_dist.coordinator.collective import GlobalCoordinatorClient, new_groups
 from morec_dist.coordinator.core import CoordinatorError, build_spec
 from morec_dist.coordinator.objectives import ObjectiveError
 from morec_dist.coordinator.sampler import GroupStats, SamplerError
@@ -66,8 +68,13 @@ def build_morec(config: Config, trainer: Trainer, target_loss: float, resume: Re
     ctx, dataset = trainer.ctx, trainer.dataset
     objectives = config.morec.objectives
     stats = GroupStats.from_manifest(dataset.manifest, dataset.path)
+    per_rank = config.coordinator.protocol == "per_rank"
+    if per_rank:
+        check_per_rank_fits(ctx.world_size, config.coordinator.staleness)
+    # the global protocol's core has one reporter (rank 0, with the reduced sums)
+    reporters = ctx.world_size if per_rank else 1
     try:
-        spec = build_spec(config, stats, world_size=ctx.world_size, target_loss=target_loss, steps_per_epoch=steps_per_epoch(config, trainer))
+        spec = build_spec(config, stats, world_size=reporters, target_loss=target_loss, steps_per_epoch=steps_per_epoch(config, trainer))
     except (ObjectiveError, SamplerError) as exc:
         raise ConfigError(f"morec.objectives: {exc}") from None
     # the reader's version 0 is the coordinator's version 0 (its initial p_k)
@@ -76,13 +83,18 @@ def build_morec(config: Config, trainer: Trainer, target_loss: float, resume: Re
         reader = make_reader(config, ctx, dataset, trainer, objectives=[(o.name, o.group_column, o.row_weight_column) for o in spec.objectives.objectives], probabilities=initial)
     except ValueError as exc:
         raise ConfigError(f"morec.objectives: {exc}") from None
-    connect_ray(config.coordinator.ray_address, config.coordinator.namespace)
     restart = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
     run_id = f"{os.environ.get('TORCHELASTIC_RUN_ID', 'local')}:{Path(config.run.out_dir).resolve()}:restart{restart}"
     state, first_step = None, 0
     if resume is not None and resume.coordinator is not None:
-        state, first_step = coordinator_state_for(resume.coordinator, ctx.world_size), resume.step
-    client = open_coordinator(config.coordinator, spec, run_id=run_id, rank=ctx.rank, state=state, first_step=first_step)
+        first_step = resume.step
+        if per_rank or ctx.rank == 0:
+            state = coordinator_state_for(resume.coordinator, reporters)
+    if per_rank:
+        connect_ray(config.coordinator.ray_address, config.coordinator.namespace)
+        client = open_coordinator(config.coordinator, spec, run_id=run_id, rank=ctx.rank, state=state, first_step=first_step)
+    else:
+        client = open_global_coordinator(config, spec, ctx, run_id=run_id, state=state, first_step=first_step)
     requests = spec.objectives.signal_requests()
 
     def measure(step: int) -> dict[str, list[float]]:
@@ -97,6 +109,23 @@ def build_morec(config: Config, trainer: Trainer, target_loss: float, resume: Re
     return reader, strategy, client
 
 
+def open_global_coordinator(config: Config, spec: Any, ctx: Any, *, run_id: str, state: Any, first_step: int) -> GlobalCoordinatorClient:
+    """The global protocol: gloo groups on every rank (a collective); only rank 0 joins Ray."""
+    groups = new_groups()
+    inner = None
+    if ctx.rank == 0:
+        connect_ray(config.coordinator.ray_address, config.coordinator.namespace)
+        inner = open_coordinator(config.coordinator, spec, run_id=run_id, rank=0, state=state, first_step=first_step)
+    client = GlobalCoordinatorClient(
+        rank=ctx.rank, world_size=ctx.world_size, staleness=spec.staleness, num_blocks=spec.objectives.num_blocks,
+        weight_names=list(spec.objectives.weights()),
+        prob_sizes={name: len(p) for name, p in spec.objectives.initial_probabilities().items()},
+        inner=inner, groups=groups,
+    )
+    client.start(first_step)
+    return client
+
+
 COORDINATOR_CHECKPOINT_TRIES = 3
 
 
@@ -108,12 +137,14 @@ def coordinator_checkpoint(client: Any, trainer: Trainer) -> dict[str, Any]:
     another rank's reports; the ranks check that the state is complete (every step < N
     aggregated, nothing pending), and otherwise each replays its log and they retry."""
     ctx = trainer.ctx
+    # per_rank: every rank fetches (and checks) the state; global: only rank 0 does
+    fetches = not isinstance(client, GlobalCoordinatorClient) or ctx.rank == 0
     for _ in range(COORDINATOR_CHECKPOINT_TRIES):
         client.flush()
         if dist.is_initialized():
             dist.barrier(group=ctx.pg)
-        state = client.state_dict()
-        complete = len(state["trace"]) == trainer.step and not state["pending"]
+        state = client.state_dict() if fetches else None
+        complete = state is None or (state["aggregated_through"] == trainer.step - 1 and not state["pending"])
         if all_reduce_sum([0.0 if complete else 1.0], ctx)[0] == 0:  # also the barrier before step N
             client.mark_checkpoint(state, trainer.step)
             return state
@@ -175,8 +206,8 @@ def run_finetune(config: Config, from_checkpoint: str | Path, method: str = "mor
         exporter.stop()
     coordinator_out: dict[str, Any] = {}
     if client is not None:
-        client.flush()
-        coordinator_out = coordinator_record(client, strategy)
+        client.close()
+        coordinator_out = coordinator_record(client, strategy) if ctx.rank == 0 or not isinstance(client, GlobalCoordinatorClient) else {"client": client.stats()}
     final = run_dir / "checkpoints" / "final"
     save_checkpoint(final, trainer.model_state(), {"model": trainer.model_identity(), "step": trainer.step, "method": method, "from": str(from_checkpoint), **provenance(config, ctx.world_size)})
     test = evaluation(trainer, "test")
