@@ -39,5 +39,9 @@ start=$SECONDS
     --build-arg REVISION="$(git rev-parse HEAD 2>/dev/null || echo unknown)" \
     -v "$wheels:/wheels:ro" --ulimit nofile=20000:20000 --ulimit nproc=4096:4096 \
     -t "$image" . >&2
+# older test images: drop their tags (the shared dependency layer stays while in use)
+for old in $("${PODMAN[@]}" images --format '{{.Repository}}:{{.Tag}}' | grep '^localhost/morec-dist:test-' | grep -vxF "$image"); do
+    "${PODMAN[@]}" rmi "$old" >/dev/null 2>&1 || true
+done
 echo "build_image.sh: built $image in $(( SECONDS - start )) s, $("${PODMAN[@]}" image inspect --format '{{.Size}}' "$image") bytes" >&2
 echo "$image"
