@@ -30,6 +30,7 @@ run: venv
 
 test: venv
 	bash tests/tools/install_prometheus.sh
+	bash tests/tools/install_containers.sh
 	bash tests/run.sh
 
 bench: venv

@@ -8,7 +8,8 @@
 #   NODE_RANK          this node's index, 0 .. NNODES-1 (required)            [--node-rank]
 #   NNODES             number of nodes (required)                            [--nnodes]
 #   RDZV_ENDPOINT      HOST:PORT of the c10d rendezvous, on node 0 (required)[--rdzv]
-#   MOREC_RAY_ADDRESS  HOST:PORT of the Ray head (launch/ray_head.sh) (required) [--ray-address]
+#   MOREC_RAY_ADDRESS  HOST:PORT of the Ray head (launch/ray_head.sh) (required unless
+#                      RAY_JOIN=no: pretraining and evaluation need no Ray)  [--ray-address]
 #   NPROC_PER_NODE     ranks on this node (default 1)                        [--nproc]
 #   RDZV_ID            job id shared by all nodes (default "morec")          [--rdzv-id]
 #   RAY_JOIN           auto | yes | no (default auto)                        [--ray-join]
@@ -17,6 +18,12 @@
 #   RAY_JOIN_TIMEOUT_S how long to retry joining a head that is still starting (default 300)
 #   RAY_AUTH_MODE      as on the head (default token); the token is RAY_AUTH_TOKEN, the file
 #                      RAY_AUTH_TOKEN_PATH or ~/.ray/auth_token: the head's, on every node
+#   MAX_RESTARTS       torchrun --max-restarts (default: the config's run.max_restarts)
+#
+# Signals: a SIGTERM (the kubelet's, through tini as PID 1) is forwarded once to
+# launch/train.sh, which forwards it to torchrun; the ranks checkpoint at the next step
+# boundary and the node exits 143. The exit status is launch/train.sh's (2 = bad input,
+# 143 = preempted after a checkpoint; see there).
 #
 # The Ray address reaches the job twice: exported as MOREC_RAY_ADDRESS, and appended to
 # the morec arguments as the override coordinator.ray_address=HOST:PORT (a later override
@@ -54,19 +61,24 @@ done
 [[ -n "${NODE_RANK:-}" ]] || die "NODE_RANK is not set (this node's index, 0 .. NNODES-1)"
 [[ -n "${NNODES:-}" ]] || die "NNODES is not set (number of nodes)"
 [[ -n "${RDZV_ENDPOINT:-}" ]] || die "RDZV_ENDPOINT is not set (HOST:PORT of the c10d rendezvous on node 0)"
-[[ -n "${MOREC_RAY_ADDRESS:-}" ]] || die "MOREC_RAY_ADDRESS is not set (HOST:PORT of the Ray head, see launch/ray_head.sh)"
-[[ "$MOREC_RAY_ADDRESS" =~ ^[^:/]+:[0-9]+$ ]] || die "MOREC_RAY_ADDRESS: expected HOST:PORT, got '$MOREC_RAY_ADDRESS'"
 [[ "$ray_join" =~ ^(auto|yes|no)$ ]] || die "RAY_JOIN: expected auto, yes or no, got '$ray_join'"
-export MOREC_RAY_ADDRESS
-ray_host="${MOREC_RAY_ADDRESS%:*}"
-if [[ "$ray_host" == 127.* || "$ray_host" == localhost ]]; then
-    export RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0  # as launch/ray_head.sh does for a loopback head
-else
-    unset RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER  # inherited =0 would bind this node to loopback only
-fi
-export RAY_AUTH_MODE="${RAY_AUTH_MODE:-token}" RAY_USAGE_STATS_ENABLED="${RAY_USAGE_STATS_ENABLED:-0}"
-if [[ "$RAY_AUTH_MODE" == token && -z "${RAY_AUTH_TOKEN:-}" && -z "${RAY_AUTH_TOKEN_PATH:-}" && ! -s "$HOME/.ray/auth_token" ]]; then
-    die "RAY_AUTH_MODE=token but no token: set RAY_AUTH_TOKEN or RAY_AUTH_TOKEN_PATH to the head's token (launch/ray_head.sh), or copy it to ~/.ray/auth_token"
+ray_override=()
+if [[ -n "${MOREC_RAY_ADDRESS:-}" ]]; then
+    [[ "$MOREC_RAY_ADDRESS" =~ ^[^:/]+:[0-9]+$ ]] || die "MOREC_RAY_ADDRESS: expected HOST:PORT, got '$MOREC_RAY_ADDRESS'"
+    export MOREC_RAY_ADDRESS
+    ray_override=("coordinator.ray_address=$MOREC_RAY_ADDRESS")
+    ray_host="${MOREC_RAY_ADDRESS%:*}"
+    if [[ "$ray_host" == 127.* || "$ray_host" == localhost ]]; then
+        export RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0  # as launch/ray_head.sh does for a loopback head
+    else
+        unset RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER  # inherited =0 would bind this node to loopback only
+    fi
+    export RAY_AUTH_MODE="${RAY_AUTH_MODE:-token}" RAY_USAGE_STATS_ENABLED="${RAY_USAGE_STATS_ENABLED:-0}"
+    if [[ "$RAY_AUTH_MODE" == token && -z "${RAY_AUTH_TOKEN:-}" && -z "${RAY_AUTH_TOKEN_PATH:-}" && ! -s "$HOME/.ray/auth_token" ]]; then
+        die "RAY_AUTH_MODE=token but no token: set RAY_AUTH_TOKEN or RAY_AUTH_TOKEN_PATH to the head's token (launch/ray_head.sh), or copy it to ~/.ray/auth_token"
+    fi
+elif [[ "$ray_join" != no ]]; then
+    die "MOREC_RAY_ADDRESS is not set (HOST:PORT of the Ray head, see launch/ray_head.sh; RAY_JOIN=no for a job without Ray)"
 fi
 
 if [[ -x "$ROOT/.venv/bin/ray" ]]; then ray="$ROOT/.venv/bin/ray"; else ray="$(command -v ray || true)"; fi
@@ -81,7 +93,7 @@ head_is_local() {
 }
 
 should_join=0
-case "$ray_join" in
+[[ "$ray_join" == no ]] || case "$ray_join" in
     yes) should_join=1 ;;
     auto) head_is_local || should_join=1 ;;
 esac
@@ -125,8 +137,28 @@ if (( should_join )); then
     fi
 fi
 
-# not exec: the trap must leave the Ray cluster after the ranks exit
-status=0
+# not exec: the trap must leave the Ray cluster after the ranks exit. In the background, so
+# that this shell can forward a SIGTERM (bash runs no trap while a foreground child runs).
+restarts=()
+[[ -z "${MAX_RESTARTS:-}" ]] || restarts=(--max-restarts "$MAX_RESTARTS")
+got_term=0 interrupted=0 child=""
+forward() {
+    interrupted=1
+    (( got_term )) && return 0  # once: a second SIGTERM would stop the ranks without a checkpoint
+    got_term=1
+    [[ -z "$child" ]] || kill -TERM "$child" 2>/dev/null || true
+}
+trap forward TERM INT
 "$HERE/train.sh" "${extra[@]}" --nproc "${NPROC_PER_NODE:-1}" --nnodes "$NNODES" --node-rank "$NODE_RANK" \
-    --rdzv "$RDZV_ENDPOINT" --rdzv-id "${RDZV_ID:-morec}" -- "$@" "coordinator.ray_address=$MOREC_RAY_ADDRESS" || status=$?
+    --rdzv "$RDZV_ENDPOINT" --rdzv-id "${RDZV_ID:-morec}" "${restarts[@]}" -- "$@" "${ray_override[@]}" &
+child=$!
+while :; do
+    interrupted=0
+    status=0; wait "$child" || status=$?
+    if (( interrupted )) && kill -0 "$child" 2>/dev/null; then continue; fi
+    if (( interrupted && status > 128 )); then s=0; wait "$child" 2>/dev/null || s=$?; (( s == 127 )) || status=$s; fi
+    break
+done
+trap - TERM INT
+(( status == 0 || status == 2 || ! got_term )) || status=143
 exit "$status"

@@ -2,7 +2,7 @@
 # Start (or stop) the Ray head that hosts the MoRec coordinator of a multi-machine job.
 #
 #   launch/ray_head.sh [--host ADDR] [--port PORT] [--object-store-mb MB] [--num-cpus N] [--foreground]
-#                      [-- <more `ray start` options>]
+#                      [--until FILE] [-- <more `ray start` options>]
 #   launch/ray_head.sh --stop [--port PORT]
 #
 # --host             address the head binds and advertises (default 127.0.0.1: loopback only;
@@ -11,6 +11,9 @@
 # --object-store-mb  object store size in MiB (default 256; the coordinator moves small state)
 # --num-cpus         CPUs the head offers to actors (default 1: the coordinator actor)
 # --foreground       run in the foreground (containers) instead of as a background process
+# --until FILE       with --foreground: stop the head and exit 0 once FILE exists (a pod whose
+#                    lifetime is the job's: k8s/base/ray-head.yaml waits for the pipeline's
+#                    last output); exit 1 if the head dies first, 143 on SIGTERM
 # --stop             stop the head this script started for PORT; other Ray instances on the
 #                    machine are left alone (this is not `ray stop`)
 #
@@ -31,6 +34,7 @@ port=6379
 object_store_mb=256
 num_cpus=1
 foreground=0
+until_file=""
 stop=0
 while [[ $# -gt 0 ]]; do
     case "$1" in
@@ -39,6 +43,7 @@ while [[ $# -gt 0 ]]; do
         --object-store-mb) [[ $# -ge 2 ]] || die "--object-store-mb needs a value"; object_store_mb="$2"; shift 2 ;;
         --num-cpus) [[ $# -ge 2 ]] || die "--num-cpus needs a value"; num_cpus="$2"; shift 2 ;;
         --foreground) foreground=1; shift ;;
+        --until) [[ $# -ge 2 ]] || die "--until needs a file"; until_file="$2"; shift 2 ;;
         --stop) stop=1; shift ;;
         -h|--help) usage; exit 0 ;;
         --) shift; break ;;
@@ -48,6 +53,7 @@ done
 [[ "$port" =~ ^[0-9]+$ ]] && (( port >= 1 && port <= 65535 )) || die "--port: expected 1..65535, got '$port'"
 [[ "$object_store_mb" =~ ^[0-9]+$ ]] && (( object_store_mb >= 80 )) || die "--object-store-mb: Ray needs at least 80, got '$object_store_mb'"
 [[ "$num_cpus" =~ ^[0-9]+$ ]] || die "--num-cpus: expected an integer >= 0, got '$num_cpus'"
+[[ -z "$until_file" ]] || (( foreground )) || die "--until needs --foreground"
 
 state="${MOREC_RAY_STATE:-/tmp/morec-ray-head}-$port"
 
@@ -88,7 +94,26 @@ head=("$ray" start --head --block
       --include-dashboard=false --disable-usage-stats
       --num-cpus="$num_cpus" --object-store-memory="$(( object_store_mb * 1024 * 1024 ))" "$@")
 
-if (( foreground )); then exec "${head[@]}"; fi
+if (( foreground )) && [[ -z "$until_file" ]]; then exec "${head[@]}"; fi
+if (( foreground )); then
+    # `ray start --block` stops its node's processes on SIGTERM; it is this shell's child so
+    # that the shell can end it when the job's last output appears, or forward a SIGTERM.
+    "${head[@]}" &
+    child=$!
+    stop_child() { kill -TERM "$child" 2>/dev/null || true; wait "$child" 2>/dev/null || true; }
+    trap 'stop_child; exit 143' TERM INT
+    while kill -0 "$child" 2>/dev/null; do
+        if [[ -e "$until_file" ]]; then
+            echo "launch/ray_head.sh: $until_file exists: the job is done; stopping the head" >&2
+            stop_child
+            exit 0
+        fi
+        sleep 2 & wait $! || true
+    done
+    status=0; wait "$child" || status=$?
+    echo "launch/ray_head.sh: the head exited ($status) before $until_file appeared" >&2
+    exit 1
+fi
 
 mkdir -p "$state"
 if [[ -f "$state/pgid" ]] && group_alive "$(cat "$state/pgid")"; then

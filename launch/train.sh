@@ -9,8 +9,11 @@
 #
 # --nproc      ranks on this machine (torchrun --nproc_per_node; also "gpu" / "cpu" / "auto").
 #              Default $NPROC_PER_NODE, else 1.
-# --nnodes     machines in the job. Default $NNODES, else 1. With 1 the job is --standalone
-#              (a private rendezvous on a free local port) unless --rdzv is given.
+# --nnodes     machines in the job: N, or MIN:MAX for an elastic job (torchrun starts when
+#              MIN nodes have joined and admits up to MAX; a changed node count resumes
+#              through checkpoint.reshard, exact only at the saved world size, see
+#              docs/fault-tolerance.md). Default $NNODES, else 1. With 1 the job is
+#              --standalone (a private rendezvous on a free local port) unless --rdzv is given.
 # --node-rank  this machine's index, default $NODE_RANK, else 0. With c10d, torchrun assigns
 #              global ranks itself; the node rank decides which node hosts the rendezvous
 #              store (node 0, which must be the --rdzv host) and is exported as NODE_RANK.
@@ -18,7 +21,18 @@
 # --rdzv-id    the job id every node passes (default $RDZV_ID, else "morec").
 # LOCAL_ADDR   (environment) the address this node advertises to the others; node 0's is the
 #              MASTER_ADDR of the ranks (default: torchrun resolves the hostname).
+# --max-restarts  torchrun's restarts of the rank group; default $MAX_RESTARTS, else the
+#              config's run.max_restarts (or the morec command's own --max-restarts), read by
+#              `python -m morec_dist.train.launch settings`, which validates the config first:
+#              a bad config exits 2 with one line before any rank starts.
 # --dry-run    print the command instead of running it.
+#
+# Signals and exit status (this script may be PID 1's only child in a container): SIGTERM
+# and SIGINT are forwarded to torchrun once (it passes them to the ranks, which checkpoint
+# at the next step boundary). The status is torchrun's, except: 2 when a rank stopped on
+# bad input (its one line is printed), 143 when the ranks stopped after a SIGTERM
+# checkpoint (also when the SIGTERM reached a peer node and not this one) or this script
+# was sent SIGTERM.
 #
 # The interpreter is .venv/bin/python when the repository has one, else python3.
 set -euo pipefail
@@ -32,7 +46,7 @@ nnodes="${NNODES:-1}"
 node_rank="${NODE_RANK:-0}"
 rdzv="${RDZV_ENDPOINT:-}"
 rdzv_id="${RDZV_ID:-morec}"
-max_restarts=0
+max_restarts="${MAX_RESTARTS:-}"
 dry_run=0
 
 while [[ $# -gt 0 ]]; do
@@ -52,10 +66,12 @@ done
 [[ $# -gt 0 ]] || die "no morec arguments; e.g. launch/train.sh --nproc 2 -- train --config configs/ml1m_mf_pretrain.toml"
 
 [[ "$nproc" =~ ^([1-9][0-9]*|gpu|cpu|auto)$ ]] || die "--nproc: expected a positive integer, gpu, cpu or auto, got '$nproc'"
-[[ "$nnodes" =~ ^[1-9][0-9]*$ ]] || die "--nnodes: expected a positive integer, got '$nnodes'"
+[[ "$nnodes" =~ ^[1-9][0-9]*(:[1-9][0-9]*)?$ ]] || die "--nnodes: expected N or MIN:MAX (positive integers), got '$nnodes'"
+min_nodes="${nnodes%:*}" max_nodes="${nnodes#*:}"
+(( min_nodes <= max_nodes )) || die "--nnodes $nnodes: MIN must be <= MAX"
 [[ "$node_rank" =~ ^[0-9]+$ ]] || die "--node-rank (or NODE_RANK): expected an integer >= 0, got '$node_rank'"
-(( node_rank < nnodes )) || die "--node-rank $node_rank: expected < --nnodes $nnodes"
-[[ "$max_restarts" =~ ^[0-9]+$ ]] || die "--max-restarts: expected an integer >= 0, got '$max_restarts'"
+(( node_rank < max_nodes )) || die "--node-rank $node_rank: expected < --nnodes $nnodes"
+[[ -z "$max_restarts" || "$max_restarts" =~ ^[0-9]+$ ]] || die "--max-restarts: expected an integer >= 0, got '$max_restarts'"
 
 if [[ -x "$ROOT/.venv/bin/python" ]]; then
     python="$ROOT/.venv/bin/python"
@@ -63,9 +79,17 @@ else
     python="$(command -v python3)" || die "no .venv/bin/python and no python3 on PATH"
 fi
 
+# The package is importable from a checkout even when it is not installed into $python.
+export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
+if [[ -z "$max_restarts" ]]; then
+    # from the config (validated here: exit 2 with its one line before any rank starts)
+    settings="$("$python" -m morec_dist.train.launch settings -- "$@")" || exit 2
+    max_restarts="$(sed -n 's/^max_restarts=//p' <<<"$settings")"
+fi
+
 torchrun=("$python" -m torch.distributed.run --nproc_per_node="$nproc" --max_restarts="$max_restarts")
 if [[ -z "$rdzv" ]]; then
-    (( nnodes == 1 )) || die "--nnodes $nnodes needs --rdzv HOST:PORT (or RDZV_ENDPOINT): the c10d rendezvous every node reaches"
+    [[ "$nnodes" == 1 ]] || die "--nnodes $nnodes needs --rdzv HOST:PORT (or RDZV_ENDPOINT): the c10d rendezvous every node reaches"
     torchrun+=(--standalone)
 else
     [[ "$rdzv" =~ ^[^:]+:[0-9]+$ || "$rdzv" =~ ^\[.+\]:[0-9]+$ ]] || die "--rdzv: expected HOST:PORT, got '$rdzv'"
@@ -81,10 +105,37 @@ torchrun+=(-m morec_dist.cli "$@")
 
 export NODE_RANK="$node_rank" NNODES="$nnodes"
 export RAY_USAGE_STATS_ENABLED="${RAY_USAGE_STATS_ENABLED:-0}"
-# The package is importable from a checkout even when it is not installed into $python.
-export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
 if (( dry_run )); then
     printf '%q ' "${torchrun[@]}"; echo
     exit 0
 fi
-exec "${torchrun[@]}"
+
+# The ranks describe a user error / mark a preemption in these files (morec_dist.train.launch).
+marks="$(mktemp -d "${TMPDIR:-/tmp}/morec-launch.XXXXXX")"
+export MOREC_USER_ERROR_FILE="$marks/user-error" MOREC_PREEMPTED_FILE="$marks/preempted"
+child="" got_term=0 interrupted=0
+forward() {
+    interrupted=1
+    (( got_term )) && return 0  # once: a second SIGTERM would make the ranks exit without a checkpoint
+    got_term=1
+    [[ -z "$child" ]] || kill -TERM "$child" 2>/dev/null || true
+}
+trap forward TERM INT
+"${torchrun[@]}" &
+child=$!
+while :; do
+    interrupted=0
+    status=0; wait "$child" || status=$?
+    if (( interrupted )) && kill -0 "$child" 2>/dev/null; then continue; fi  # the wait was cut by the trap
+    if (( interrupted && status > 128 )); then s=0; wait "$child" 2>/dev/null || s=$?; (( s == 127 )) || status=$s; fi
+    break
+done
+trap - TERM INT
+if (( status != 0 )) && [[ -s "$MOREC_USER_ERROR_FILE" ]]; then
+    echo "morec: error: $(head -1 "$MOREC_USER_ERROR_FILE")" >&2
+    status=2
+elif (( status != 0 )) && { [[ -e "$MOREC_PREEMPTED_FILE" ]] || (( got_term )); }; then
+    status=143
+fi
+rm -rf "$marks"
+exit "$status"

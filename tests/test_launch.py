@@ -14,6 +14,7 @@ import shlex
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -22,6 +23,7 @@ REPO = Path(__file__).resolve().parent.parent
 TRAIN = REPO / "launch" / "train.sh"
 MULTINODE = REPO / "launch" / "multinode.sh"
 RAY_HEAD = REPO / "launch" / "ray_head.sh"
+CONFIG = "configs/ml1m_mf_pretrain.toml"
 
 
 def run(args: list[str], env: dict[str, str] | None = None, timeout: float = 120) -> subprocess.CompletedProcess:
@@ -67,12 +69,12 @@ def test_many_machines_use_c10d_and_node_zero_hosts_the_store():
 def test_multinode_passes_the_ray_address_and_joins_ray_unless_the_head_is_here():
     env = {"NODE_RANK": "1", "NNODES": "2", "RDZV_ENDPOINT": "10.0.0.1:29400", "MOREC_RAY_ADDRESS": "10.9.9.9:6379",
            "RAY_AUTH_TOKEN": "test-only-not-a-secret"}
-    result = run([str(MULTINODE), "--dry-run", "--", "train", "--config", "c.toml"], env)
+    result = run([str(MULTINODE), "--dry-run", "--", "train", "--config", CONFIG], env)
     assert result.returncode == 0, result.stderr
     join, torchrun = result.stdout.strip().splitlines()
     assert "ray start --address=10.9.9.9:6379 --num-cpus=0" in join
     cmd = shlex.split(torchrun)
-    assert cmd[-4:] == ["train", "--config", "c.toml", "coordinator.ray_address=10.9.9.9:6379"]
+    assert cmd[-4:] == ["train", "--config", CONFIG, "coordinator.ray_address=10.9.9.9:6379"]
     assert "--rdzv_conf=is_host=0" in cmd
     local = run([str(MULTINODE), "--dry-run", "train"], {**env, "MOREC_RAY_ADDRESS": "127.0.0.1:6379", "NODE_RANK": "0"})
     assert local.returncode == 0, local.stderr
@@ -92,6 +94,47 @@ def test_multinode_passes_the_ray_address_and_joins_ray_unless_the_head_is_here(
 def test_train_sh_refuses_bad_input_with_a_clear_message(args, env, message):
     result = run([str(TRAIN), *args], env)
     assert result.returncode == 2 and message in result.stderr, result.stderr
+
+
+def test_max_restarts_come_from_the_config_unless_given():
+    """Under torchrun there is no morec parent: train.sh reads run.max_restarts itself."""
+    assert "--max_restarts=0" in dry_run("--", "train", "--config", CONFIG)
+    assert "--max_restarts=3" in dry_run("--", "train", "--config", CONFIG, "run.max_restarts=3")
+    assert "--max_restarts=1" in dry_run("--", "finetune", "--from", "x", "--config", CONFIG, "--max-restarts", "1")
+    assert "--max_restarts=4" in dry_run("--max-restarts", "4", "--", "train", "--config", CONFIG, "run.max_restarts=3")
+    assert "--max_restarts=5" in dry_run("--", "train", "--config", CONFIG, env={"MAX_RESTARTS": "5"})
+
+
+def test_a_bad_config_exits_2_before_torchrun_starts():
+    result = run([str(TRAIN), "--nproc", "2", "--", "train", "--config", CONFIG, "run.max_restarts=-1"])
+    assert result.returncode == 2 and "run.max_restarts: expected >= 0" in result.stderr, result.stderr
+    assert "torch.distributed" not in result.stderr and len(result.stderr.strip().splitlines()) == 1, result.stderr
+
+
+def test_elastic_node_counts_reach_torchrun():
+    cmd = dry_run("--nnodes", "1:2", "--node-rank", "1", "--rdzv", "10.0.0.1:29400", "train")
+    assert "--nnodes=1:2" in cmd
+    result = run([str(TRAIN), "--nnodes", "3:2", "--rdzv", "h:1", "train"])
+    assert result.returncode == 2 and "MIN must be <= MAX" in result.stderr
+
+
+def test_multinode_needs_no_ray_for_a_job_without_it():
+    env = {"NODE_RANK": "0", "NNODES": "2", "RDZV_ENDPOINT": "10.0.0.1:29400", "RAY_JOIN": "no"}
+    result = run([str(MULTINODE), "--dry-run", "--", "train", "--config", CONFIG], env)
+    assert result.returncode == 0, result.stderr
+    (torchrun,) = result.stdout.strip().splitlines()
+    assert shlex.split(torchrun)[-3:] == ["train", "--config", CONFIG]
+
+
+def test_wait_for_sh_waits_for_a_non_empty_file(tmp_path):
+    target = tmp_path / "metrics.json"
+    waiter = subprocess.Popen([str(REPO / "launch" / "wait_for.sh"), "--every", "0.1", str(target)], stderr=subprocess.PIPE, text=True)
+    time.sleep(0.5)
+    assert waiter.poll() is None
+    target.write_text("{}")
+    assert waiter.wait(timeout=10) == 0
+    result = run([str(REPO / "launch" / "wait_for.sh"), "--timeout", "1", "--every", "0.2", str(tmp_path / "never")])
+    assert result.returncode == 1 and "did not appear within 1 s" in result.stderr
 
 
 def test_multinode_sh_names_each_missing_variable():

@@ -328,7 +328,9 @@ class Checkpointing:
     def exit_preempted(self) -> None:
         """After the SIGTERM checkpoint: leave every rank with EXIT_PREEMPTED."""
         from morec_dist.model.sharding import shutdown_distributed
+        from morec_dist.train.launch import report_preempted
 
+        report_preempted()  # for the launcher: torchrun's own exit code does not say 143
         if self.ctx.rank == 0:
             print(f"[{self.job}] preempted: checkpoint at step {self.last_saved_step} written; exiting {EXIT_PREEMPTED}", file=sys.stderr, flush=True)
         shutdown_distributed(exit_code=EXIT_PREEMPTED)
