@@ -224,6 +224,10 @@ class CoordinatorActor:
         await self._notify()
 
 
+# Ray gives this resource (amount 1) to the head node only.
+HEAD_NODE_RESOURCE = "node:__internal_head__"
+
+
 def get_or_create(name: str, namespace: str, *, detached: bool = False, max_restarts: int = ACTOR_MAX_RESTARTS) -> Any:
     """The named coordinator actor in ``namespace``: the existing one, or a new one.
 
@@ -241,6 +245,9 @@ def get_or_create(name: str, namespace: str, *, detached: bool = False, max_rest
         "num_cpus": 0,
         "max_concurrency": ACTOR_MAX_CONCURRENCY,
         "max_restarts": max_restarts,  # a restarted actor is restored by the clients (see client.py)
+        # On the head node, whatever node asks first: there it outlives any trainer pod that is
+        # stopped or replaced, and its metrics endpoint stays where the PodMonitor looks for it.
+        "resources": {HEAD_NODE_RESOURCE: 0.001},
     }
     if detached:
         options["lifetime"] = "detached"
