@@ -31,11 +31,12 @@ import logging
 import time
 from collections import OrderedDict
 from dataclasses import dataclass
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence, TypeVar
 
 from morec_dist.coordinator.core import CoordinatorError, Decision
 
 logger = logging.getLogger(__name__)
+T = TypeVar("T")
 
 # Waits logged one per line up to this many, then every LOG_EVERY-th (s = 0 waits every step).
 LOG_FIRST_WAITS = 20
@@ -66,6 +67,24 @@ def _lost(exc: BaseException) -> bool:
     cause = getattr(exc, "cause", None)
     return isinstance(exc, CoordinatorNotConfigured) or isinstance(cause, CoordinatorNotConfigured)
 
+
+
+def timed_wait(client: Any, step: int, wait: Callable[[], T]) -> T:
+    """``wait()`` for the decision of ``step``, counted and timed in the client's ``waits``,
+    ``wait_seconds`` and ``max_wait_seconds`` (both protocols' clients); the first waits and
+    then every LOG_EVERY-th are logged."""
+    client.waits += 1
+    if client.waits <= LOG_FIRST_WAITS or client.waits % LOG_EVERY == 0:
+        logger.info(
+            "rank %d: waiting on the coordinator for the decision of step %d (staleness %d; wait #%d, %.3f s waited so far)",
+            client.rank, step, client.staleness, client.waits, client.wait_seconds,
+        )
+    started = time.perf_counter()
+    result = wait()
+    waited = time.perf_counter() - started
+    client.wait_seconds += waited
+    client.max_wait_seconds = max(client.max_wait_seconds, waited)
+    return result
 
 class CoordinatorClient:
     def __init__(
@@ -195,18 +214,7 @@ class CoordinatorClient:
         return self._wait(step, ref)
 
     def _wait(self, step: int, ref: Any) -> Decision:
-        self.waits += 1
-        if self.waits <= LOG_FIRST_WAITS or self.waits % LOG_EVERY == 0:
-            logger.info(
-                "rank %d: waiting on the coordinator for the decision of step %d (staleness %d; wait #%d, %.3f s waited so far)",
-                self.rank, step, self.staleness, self.waits, self.wait_seconds,
-            )
-        started = time.perf_counter()
-        decision = self._resolve(step, ref)
-        waited = time.perf_counter() - started
-        self.wait_seconds += waited
-        self.max_wait_seconds = max(self.max_wait_seconds, waited)
-        return decision
+        return timed_wait(self, step, lambda: self._resolve(step, ref))
 
     def _resolve(self, step: int, ref: Any) -> Decision:
         import ray

@@ -45,7 +45,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from morec_dist.coordinator.client import LOG_EVERY, LOG_FIRST_WAITS, CoordinatorClient
+from morec_dist.coordinator.client import CoordinatorClient, timed_wait
 from morec_dist.coordinator.core import CoordinatorError, Decision
 
 logger = logging.getLogger(__name__)
@@ -276,17 +276,7 @@ class GlobalCoordinatorClient:
 
     # ------------------------------------------------------------------ waits
     def _count_wait(self, step: int, wait: Any) -> None:
-        self.waits += 1
-        if self.waits <= LOG_FIRST_WAITS or self.waits % LOG_EVERY == 0:
-            logger.info(
-                "rank %d: waiting on the coordinator for the decision of step %d (staleness %d; wait #%d, %.3f s waited so far)",
-                self.rank, step, self.staleness, self.waits, self.wait_seconds,
-            )
-        started = time.perf_counter()
-        wait()
-        waited = time.perf_counter() - started
-        self.wait_seconds += waited
-        self.max_wait_seconds = max(self.max_wait_seconds, waited)
+        timed_wait(self, step, wait)
 
     # --------------------------------------------------------- flush, close, state
     def flush(self) -> None:

@@ -29,7 +29,7 @@ from morec_dist.data.prepare.writer import (
     category_groups,
     join_features,
     reference_user_features,
-    group_stats,
+    reference_groups,
     popularity_bands,
     price_bands,
     sha256_file,
@@ -209,12 +209,7 @@ def prepare_movielens_1m(out_dir: str | Path, *, cache_dir: Path | None = None, 
         }
     )
     interactions = join_features(interactions, users_table, items_table, features)
-    groups = {
-        "fair_group": group_stats(fair, popularity, NUM_FAIR_GROUPS),
-        "align_group": group_stats(align, popularity, schema.NUM_BANDS),
-        "rev_group": group_stats(rev, popularity, schema.NUM_BANDS),
-    }
-    groups["fair_group"]["names"] = fair_names + ["other"]
+    groups = reference_groups(fair, align, rev, popularity, NUM_FAIR_GROUPS, fair_names)
     total_train = int(popularity.sum())
     manifest = {
         "name": "movielens-1m",

@@ -44,7 +44,7 @@ from morec_dist.data import schema
 from morec_dist.data.prepare.writer import (
     DatasetWriter,
     category_groups,
-    group_stats,
+    reference_groups,
     popularity_bands,
     price_bands,
 )
@@ -671,12 +671,7 @@ def _run(m: ParquetMapping, inter: Inputs, items_table: pa.Table | None, users_t
         writer.write_side_table(schema.USERS_FILE, _users_table(users_meta_table), schema.USERS)
         writer.write_side_table(schema.ID_MAP_USERS, pa.table({"raw_id": user_vocab, "user_id": user_meta["user_id"]}), pa.schema([("raw_id", user_vocab.type), ("user_id", pa.int32())]))
         writer.write_side_table(schema.ID_MAP_ITEMS, pa.table({"raw_id": item_vocab, "item_id": item_meta["item_id"]}), pa.schema([("raw_id", item_vocab.type), ("item_id", pa.int32())]))
-        groups = {
-            "fair_group": group_stats(fair, popularity, num_fair),
-            "align_group": group_stats(align, popularity, schema.NUM_BANDS),
-            "rev_group": group_stats(rev, popularity, schema.NUM_BANDS),
-        }
-        groups["fair_group"]["names"] = fair_names + ["other"]
+        groups = reference_groups(fair, align, rev, popularity, num_fair, fair_names)
         total_train = max(int(popularity.sum()), 1)
         manifest = {
             "name": m.name,

@@ -27,7 +27,7 @@ from morec_dist.data.prepare.writer import (
     category_groups,
     join_features,
     reference_user_features,
-    group_stats,
+    reference_groups,
     popularity_bands,
     price_bands,
 )
@@ -154,12 +154,7 @@ def generate(out_dir: str | Path, *, users: int, items: int, rows: int, seed: in
         }
     )
     features = schema.reference_features(NUM_GENRES)
-    groups = {
-        "fair_group": group_stats(fair, popularity, NUM_FAIR_GROUPS),
-        "align_group": group_stats(align, popularity, schema.NUM_BANDS),
-        "rev_group": group_stats(rev, popularity, schema.NUM_BANDS),
-    }
-    groups["fair_group"]["names"] = fair_names + ["other"]
+    groups = reference_groups(fair, align, rev, popularity, NUM_FAIR_GROUPS, fair_names)
     total_train = max(int(popularity.sum()), 1)
     manifest = {
         "name": "synthetic",

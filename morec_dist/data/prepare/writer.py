@@ -83,6 +83,20 @@ def group_stats(groups_by_item: np.ndarray, train_item_counts: np.ndarray, num_g
     }
 
 
+def reference_groups(
+    fair: np.ndarray, align: np.ndarray, rev: np.ndarray, popularity: np.ndarray, num_fair: int, fair_names: list[str]
+) -> dict[str, dict[str, Any]]:
+    """The manifest's ``groups`` of the reference objectives: category (with its names; the
+    last group is "other"), popularity band and price band, from per-item group ids."""
+    groups = {
+        "fair_group": group_stats(fair, popularity, num_fair),
+        "align_group": group_stats(align, popularity, schema.NUM_BANDS),
+        "rev_group": group_stats(rev, popularity, schema.NUM_BANDS),
+    }
+    groups["fair_group"]["names"] = fair_names + ["other"]
+    return groups
+
+
 def reference_user_features(gender: np.ndarray, age: np.ndarray, occupation: np.ndarray) -> dict[str, np.ndarray]:
     """ML-1M's user codes as the dense single-hot ids of ``schema.reference_features``
     (indexed like the inputs): gender 0/1 -> 1/2, age code -> its rank 1..7, occupation + 1."""
