@@ -275,6 +275,11 @@ class CoordinatorClient:
             self._replies.pop(pending.pop(ref), None)
         self._replies.clear()
 
+    @property
+    def holds_state(self) -> bool:
+        """Every rank of the per-rank protocol reads (and checks) the coordinator's state."""
+        return True
+
     def close(self) -> None:
         """End of training: the same as ``flush`` (nothing else is pending in this protocol)."""
         self.flush()

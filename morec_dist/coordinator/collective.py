@@ -329,13 +329,15 @@ class GlobalCoordinatorClient:
         if self.inner is not None:
             self.inner.resync()
 
+    @property
+    def holds_state(self) -> bool:
+        """Whether this rank reads the coordinator's state (checkpoints, the final record):
+        only rank 0, the protocol's one actor client."""
+        return self.rank == 0
+
     def _rank0_only(self, what: str) -> None:
         if self.rank != 0:
             raise CoordinatorError(f"rank {self.rank}: {what} is rank 0's (the only coordinator client of the global protocol)")
-
-    def sampler_update_due(self, step: int) -> bool:
-        self._rank0_only("sampler_update_due")
-        return self.inner.sampler_update_due(step)
 
     def submit_signals(self, step: int, signals: Mapping[str, Sequence[float]]) -> int:
         self._rank0_only("submit_signals")

@@ -66,7 +66,6 @@ def steps_per_epoch(config: Config, trainer: Trainer) -> int:
 
 def build_morec(config: Config, trainer: Trainer, target_loss: float, resume: ResumePoint | None = None):
     ctx, dataset = trainer.ctx, trainer.dataset
-    objectives = config.morec.objectives
     stats = GroupStats.from_manifest(dataset.manifest, dataset.path)
     per_rank = config.coordinator.protocol == "per_rank"
     if per_rank:
@@ -137,8 +136,7 @@ def coordinator_checkpoint(client: Any, trainer: Trainer) -> dict[str, Any]:
     another rank's reports; the ranks check that the state is complete (every step < N
     aggregated, nothing pending), and otherwise each replays its log and they retry."""
     ctx = trainer.ctx
-    # per_rank: every rank fetches (and checks) the state; global: only rank 0 does
-    fetches = not isinstance(client, GlobalCoordinatorClient) or ctx.rank == 0
+    fetches = client.holds_state
     for _ in range(COORDINATOR_CHECKPOINT_TRIES):
         client.flush()
         if dist.is_initialized():
@@ -207,7 +205,7 @@ def run_finetune(config: Config, from_checkpoint: str | Path, method: str = "mor
     coordinator_out: dict[str, Any] = {}
     if client is not None:
         client.close()
-        coordinator_out = coordinator_record(client, strategy) if ctx.rank == 0 or not isinstance(client, GlobalCoordinatorClient) else {"client": client.stats()}
+        coordinator_out = coordinator_record(client, strategy) if client.holds_state else {"client": client.stats()}
     final = run_dir / "checkpoints" / "final"
     save_checkpoint(final, trainer.model_state(), {"model": trainer.model_identity(), "step": trainer.step, "method": method, "from": str(from_checkpoint), **provenance(config, ctx.world_size)})
     test = evaluation(trainer, "test")
