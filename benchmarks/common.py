@@ -15,8 +15,9 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any
 
 REPO = Path(__file__).resolve().parent.parent
 RESULTS = REPO / "benchmarks" / "results"
@@ -47,7 +48,9 @@ def _memory_gib() -> float:
 
 def git_commit() -> str:
     try:
-        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True, timeout=10)
+        out = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True, timeout=10
+        )
         dirty = subprocess.run(["git", "status", "--porcelain"], cwd=REPO, capture_output=True, text=True, timeout=10)
     except (OSError, subprocess.SubprocessError):
         return "unknown"
@@ -140,13 +143,27 @@ def bench_env(**extra: str) -> dict[str, str]:
     return env
 
 
-def torchrun(module: str, args: Sequence[str], *, nproc: int = 2, log: Path | None = None, timeout_s: float | None = None, env: dict[str, str] | None = None) -> float:
+def torchrun(
+    module: str,
+    args: Sequence[str],
+    *,
+    nproc: int = 2,
+    log: Path | None = None,
+    timeout_s: float | None = None,
+    env: dict[str, str] | None = None,
+) -> float:
     """Run ``python -m module args`` as ``nproc`` local torchrun ranks; returns wall seconds.
 
     Raises with the tail of the log when the job fails."""
     command = [
-        sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-        "-m", module, *args,
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        f"--nproc_per_node={nproc}",
+        "-m",
+        module,
+        *args,
     ]
     return run_logged(command, log=log, timeout_s=timeout_s, env=env)
 
@@ -156,12 +173,20 @@ def morec_cli(args: Sequence[str], *, log: Path | None = None, timeout_s: float 
     return run_logged([sys.executable, "-m", "morec_dist.cli", *args], log=log, timeout_s=timeout_s)
 
 
-def run_logged(command: Sequence[str], *, log: Path | None = None, timeout_s: float | None = None, env: dict[str, str] | None = None) -> float:
+def run_logged(
+    command: Sequence[str],
+    *,
+    log: Path | None = None,
+    timeout_s: float | None = None,
+    env: dict[str, str] | None = None,
+) -> float:
     started = time.perf_counter()
     if log is not None:
         log.parent.mkdir(parents=True, exist_ok=True)
     with open(log, "w") if log is not None else open(os.devnull, "w") as sink:
-        proc = subprocess.run(list(command), cwd=REPO, env=env or bench_env(), stdout=sink, stderr=subprocess.STDOUT, timeout=timeout_s)
+        proc = subprocess.run(
+            list(command), cwd=REPO, env=env or bench_env(), stdout=sink, stderr=subprocess.STDOUT, timeout=timeout_s
+        )
     if proc.returncode != 0:
         tail = ""
         if log is not None and log.exists():

@@ -75,7 +75,11 @@ def make_spec(world_size: int, staleness: int, sampler_every: int) -> Any:
     config = load_config(None, ["morec.pid.kp=0.5", "morec.pid.ki=0.05"])  # beta visibly moves
     rng = np.random.default_rng(0)
     counts = {col: rng.integers(1_000, 100_000, size=g).astype(np.float64) for col, g in NUM_GROUPS.items()}
-    stats = GroupStats(num_groups=dict(NUM_GROUPS), train_counts=counts, mean_prices={"rev_group": np.linspace(1.0, 5.0, NUM_GROUPS["rev_group"])})
+    stats = GroupStats(
+        num_groups=dict(NUM_GROUPS),
+        train_counts=counts,
+        mean_prices={"rev_group": np.linspace(1.0, 5.0, NUM_GROUPS["rev_group"])},
+    )
     spec = build_spec(config, stats, world_size=world_size, target_loss=0.25, steps_per_epoch=max(sampler_every, 1))
     return dataclasses.replace(spec, staleness=staleness, sampler_every=sampler_every)
 
@@ -96,7 +100,7 @@ def signals(spec: Any, step: int) -> dict[str, list[float]]:
 
 def step_times(steps: int, step_ms: float, jitter: float, seed: int) -> np.ndarray:
     rng = np.random.default_rng([seed, 1])
-    return step_ms / 1000 * rng.lognormal(-jitter**2 / 2, jitter, size=steps)
+    return step_ms / 1000 * rng.lognormal(-(jitter**2) / 2, jitter, size=steps)
 
 
 def digest(betas: list[float]) -> str:
@@ -140,10 +144,23 @@ def measure_gloo(procs: list[int], iters: int, blocks: int, cores: int) -> dict[
     for p in procs:
         with tempfile.TemporaryDirectory(prefix="morec-gloo-") as tmp:
             out = os.path.join(tmp, "times")
-            mp.start_processes(_gloo_worker, args=(p, os.path.join(tmp, "store"), iters, blocks, out), nprocs=p, start_method="spawn", join=True)
+            mp.start_processes(
+                _gloo_worker,
+                args=(p, os.path.join(tmp, "store"), iters, blocks, out),
+                nprocs=p,
+                start_method="spawn",
+                join=True,
+            )
             times = eval(Path(out).read_text())  # noqa: S307 - our own repr of a float list
-        measured[p] = {"median_ms": 1000 * float(np.median(times)), "p90_ms": 1000 * percentile(times, 90), "oversubscribed": p > cores}
-        print(f"gloo gather + broadcast, {p:>2} processes: median {measured[p]['median_ms']:.3f} ms{' (more processes than cores)' if p > cores else ''}", flush=True)
+        measured[p] = {
+            "median_ms": 1000 * float(np.median(times)),
+            "p90_ms": 1000 * percentile(times, 90),
+            "oversubscribed": p > cores,
+        }
+        print(
+            f"gloo gather + broadcast, {p:>2} processes: median {measured[p]['median_ms']:.3f} ms{' (more processes than cores)' if p > cores else ''}",
+            flush=True,
+        )
     fitted = {p: m for p, m in measured.items() if not m["oversubscribed"]} or {min(measured): measured[min(measured)]}
     if len(fitted) >= 2:
         x = np.log2(np.array(list(fitted), dtype=np.float64))
@@ -153,8 +170,13 @@ def measure_gloo(procs: list[int], iters: int, blocks: int, cores: int) -> dict[
         p, m = next(iter(fitted.items()))
         a, b = 0.0, m["median_ms"] / math.log2(p)
         law = f"round_ms(N) = round_ms({p}) / log2({p}) * log2(N): log2(N) hops at the measured cost per hop ({p} processes, the most this machine holds)"
-    return {"procs": {str(k): v for k, v in measured.items()}, "cores": cores, "fitted_procs": sorted(fitted),
-            "fit": {"a_ms": float(a), "b_ms_per_log2_rank": max(float(b), 0.0)}, "law": law}
+    return {
+        "procs": {str(k): v for k, v in measured.items()},
+        "cores": cores,
+        "fitted_procs": sorted(fitted),
+        "fit": {"a_ms": float(a), "b_ms_per_log2_rank": max(float(b), 0.0)},
+        "law": law,
+    }
 
 
 def round_ms(gloo: dict[str, Any], ranks: int) -> float:
@@ -175,7 +197,9 @@ def run_baseline(durations: np.ndarray) -> float:
 # ------------------------------------------------------------------------- global protocol
 
 
-def run_global(new_actor: Any, ranks: int, staleness: int, durations: np.ndarray, sampler_every: int, gloo: dict[str, Any]) -> dict[str, Any]:
+def run_global(
+    new_actor: Any, ranks: int, staleness: int, durations: np.ndarray, sampler_every: int, gloo: dict[str, Any]
+) -> dict[str, Any]:
     import ray
 
     from morec_dist.coordinator.client import CoordinatorClient
@@ -264,7 +288,9 @@ def run_global(new_actor: Any, ranks: int, staleness: int, durations: np.ndarray
 # -------------------------------------------------------------------- per-rank protocol
 
 
-async def _per_rank_rank(actor: Any, spec: Any, ranks: int, rank: int, durations: np.ndarray, log: dict[str, Any], barrier: Any) -> None:
+async def _per_rank_rank(
+    actor: Any, spec: Any, ranks: int, rank: int, durations: np.ndarray, log: dict[str, Any], barrier: Any
+) -> None:
     import asyncio
 
     s = spec.staleness
@@ -288,7 +314,9 @@ async def _per_rank_rank(actor: Any, spec: Any, ranks: int, rank: int, durations
         await barrier.wait()  # synchronous data parallelism: every rank starts step t together
         await asyncio.sleep(durations[t])
         row = rank_vectors(ranks, t, decision.beta, blocks)[rank].tolist()
-        pending[t + s] = asyncio.ensure_future(actor.report.remote(rank, t, row[:blocks], [int(c) for c in row[blocks:]]))
+        pending[t + s] = asyncio.ensure_future(
+            actor.report.remote(rank, t, row[:blocks], [int(c) for c in row[blocks:]])
+        )
         log["calls"] += 1
         if rank == 0 and spec.sampler_every and (t + 1) % spec.sampler_every == 0:
             await actor.submit_signals.remote(t, signals(spec, t))
@@ -297,7 +325,9 @@ async def _per_rank_rank(actor: Any, spec: Any, ranks: int, rank: int, durations
         await f
 
 
-def run_per_rank(new_actor: Any, ranks: int, staleness: int, durations: np.ndarray, sampler_every: int, timeout_s: float) -> dict[str, Any]:
+def run_per_rank(
+    new_actor: Any, ranks: int, staleness: int, durations: np.ndarray, sampler_every: int, timeout_s: float
+) -> dict[str, Any]:
     import asyncio
 
     import ray
@@ -310,13 +340,16 @@ def run_per_rank(new_actor: Any, ranks: int, staleness: int, durations: np.ndarr
     async def main() -> float:
         barrier = asyncio.Barrier(ranks)
         started = time.perf_counter()
-        await asyncio.wait_for(asyncio.gather(*(_per_rank_rank(actor, spec, ranks, r, durations, log, barrier) for r in range(ranks))), timeout_s)
+        await asyncio.wait_for(
+            asyncio.gather(*(_per_rank_rank(actor, spec, ranks, r, durations, log, barrier) for r in range(ranks))),
+            timeout_s,
+        )
         return time.perf_counter() - started
 
     steps = len(durations)
     try:
         wall = asyncio.run(main())
-    except asyncio.TimeoutError:
+    except TimeoutError:
         ray.kill(actor, no_restart=True)
         return {"completed": False, "error": f"no completion within {timeout_s:.0f} s"}
     trace = ray.get(actor.trace.remote())
@@ -359,13 +392,22 @@ def plot(runs: list[dict[str, Any]], path: Path) -> None:
     fig, axes = plt.subplots(1, 3, figsize=(13, 3.8))
     for protocol in ("global", "per_rank"):
         for s in sorted({r["staleness"] for r in runs}):
-            rows = sorted((r for r in runs if r["protocol"] == protocol and r["staleness"] == s and r["steps_per_s"]), key=lambda r: r["ranks"])
+            rows = sorted(
+                (r for r in runs if r["protocol"] == protocol and r["staleness"] == s and r["steps_per_s"]),
+                key=lambda r: r["ranks"],
+            )
             x = [r["ranks"] for r in rows]
             style = "-" if protocol == "global" else "--"
             axes[0].plot(x, [r["steps_per_s"] for r in rows], style, marker="o", label=f"{protocol} s={s}")
             axes[1].plot(x, [r["ratio"] for r in rows], style, marker="o", label=f"{protocol} s={s}")
             axes[2].plot(x, [100 * r["wait_fraction"] for r in rows], style, marker="o", label=f"{protocol} s={s}")
-    base = sorted({(r["ranks"], r["baseline_steps_per_s"]) for r in runs if r["protocol"] == "global" and r["staleness"] == min(x["staleness"] for x in runs)})
+    base = sorted(
+        {
+            (r["ranks"], r["baseline_steps_per_s"])
+            for r in runs
+            if r["protocol"] == "global" and r["staleness"] == min(x["staleness"] for x in runs)
+        }
+    )
     axes[0].plot([b[0] for b in base], [b[1] for b in base], ":", color="gray", label="no coordinator")
     axes[0].set_yscale("log")
     for ax, title in zip(axes, ("steps/s", "steps/s / no-coordinator steps/s", "decisions that waited (%)")):
@@ -383,9 +425,19 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--step-ms", type=float, default=20.0, help="mean step time (ms)")
     parser.add_argument("--jitter", type=float, default=0.25, help="sigma of the lognormal step-time factor")
     parser.add_argument("--steps", type=int, default=None, help="steps per point (global protocol and baseline)")
-    parser.add_argument("--sampler-every", type=int, default=50, help="steps between sampler updates (rank 0 submits signals)")
-    parser.add_argument("--gloo-procs", type=int, nargs="+", default=None, help="real gloo process counts to time (2 .. what the machine holds)")
-    parser.add_argument("--per-rank-calls", type=int, default=None, help="report calls per per-rank point (its steps = this / ranks)")
+    parser.add_argument(
+        "--sampler-every", type=int, default=50, help="steps between sampler updates (rank 0 submits signals)"
+    )
+    parser.add_argument(
+        "--gloo-procs",
+        type=int,
+        nargs="+",
+        default=None,
+        help="real gloo process counts to time (2 .. what the machine holds)",
+    )
+    parser.add_argument(
+        "--per-rank-calls", type=int, default=None, help="report calls per per-rank point (its steps = this / ranks)"
+    )
     parser.add_argument("--point-timeout", type=float, default=120.0)
     parser.add_argument("--no-plot", action="store_true")
     args = parser.parse_args(argv)
@@ -394,9 +446,23 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     cores = os.cpu_count() or 2
     gloo_procs = args.gloo_procs or ([2, 4] if args.quick else [2, 4, 8, 16])
     out = args.out or default_out("coordinator_scale", args.quick)
-    config = {"ranks": args.ranks, "staleness": args.staleness, "step_ms": args.step_ms, "jitter": args.jitter, "steps": steps,
-              "sampler_every": args.sampler_every, "gloo_procs": gloo_procs, "per_rank_calls": per_rank_calls}
-    recorder = Recorder("coordinator_scale", mode="quick" if args.quick else "full", seed=args.seed, config=config, note_text=note(args.note))
+    config = {
+        "ranks": args.ranks,
+        "staleness": args.staleness,
+        "step_ms": args.step_ms,
+        "jitter": args.jitter,
+        "steps": steps,
+        "sampler_every": args.sampler_every,
+        "gloo_procs": gloo_procs,
+        "per_rank_calls": per_rank_calls,
+    }
+    recorder = Recorder(
+        "coordinator_scale",
+        mode="quick" if args.quick else "full",
+        seed=args.seed,
+        config=config,
+        note_text=note(args.note),
+    )
     gloo = measure_gloo(gloo_procs, 100 if args.quick else 500, 4, cores)
 
     from morec_dist.config import ConfigError, check_per_rank_fits
@@ -425,14 +491,38 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 try:
                     check_per_rank_fits(ranks, s)
                 except ConfigError as exc:
-                    runs.append({"protocol": "per_rank", "ranks": ranks, "staleness": s, "steps": 0, "steps_per_s": None, "baseline_steps_per_s": baseline,
-                                 "ratio": None, "wait_fraction": None, "actor_calls_per_step": ranks, "refused": str(exc)})
+                    runs.append(
+                        {
+                            "protocol": "per_rank",
+                            "ranks": ranks,
+                            "staleness": s,
+                            "steps": 0,
+                            "steps_per_s": None,
+                            "baseline_steps_per_s": baseline,
+                            "ratio": None,
+                            "wait_fraction": None,
+                            "actor_calls_per_step": ranks,
+                            "refused": str(exc),
+                        }
+                    )
                     print(f"per_rank  ranks {ranks:>4} s={s}: refused ({exc})", flush=True)
                     continue
                 p = run_per_rank(new_actor, ranks, s, durations[:pr_steps], args.sampler_every, args.point_timeout)
                 if p.get("completed") is False:
-                    runs.append({"protocol": "per_rank", "ranks": ranks, "staleness": s, "steps": pr_steps, "steps_per_s": None, "baseline_steps_per_s": baseline,
-                                 "ratio": None, "wait_fraction": None, "actor_calls_per_step": ranks, "error": p["error"]})
+                    runs.append(
+                        {
+                            "protocol": "per_rank",
+                            "ranks": ranks,
+                            "staleness": s,
+                            "steps": pr_steps,
+                            "steps_per_s": None,
+                            "baseline_steps_per_s": baseline,
+                            "ratio": None,
+                            "wait_fraction": None,
+                            "actor_calls_per_step": ranks,
+                            "error": p["error"],
+                        }
+                    )
                     continue
                 replay = core_replay_betas(ranks, s, args.sampler_every, p["betas"])
                 runs.append(_row("per_rank", ranks, s, pr_steps, baseline, p, replay))
@@ -450,49 +540,80 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     targets = _targets(runs)
     for r in runs:
         r.pop("betas", None)
-    recorder.update({
-        "runs": runs,
-        "gloo": gloo,
-        "beta_traces_identical_across_protocols": identical,
-        "targets": targets,
-        "actor_max_concurrency": 1000,
-    })
+    recorder.update(
+        {
+            "runs": runs,
+            "gloo": gloo,
+            "beta_traces_identical_across_protocols": identical,
+            "targets": targets,
+            "actor_max_concurrency": 1000,
+        }
+    )
     result = recorder.write(out)
     if not args.no_plot:
         plot(runs, out.with_suffix(".png"))
     return result
 
 
-def _row(protocol: str, ranks: int, s: int, steps: int, baseline: float, m: dict[str, Any], replay: list[float]) -> dict[str, Any]:
+def _row(
+    protocol: str, ranks: int, s: int, steps: int, baseline: float, m: dict[str, Any], replay: list[float]
+) -> dict[str, Any]:
     return {
-        "protocol": protocol, "ranks": ranks, "staleness": s, "steps": steps,
-        "steps_per_s": m["steps_per_s"], "baseline_steps_per_s": baseline, "ratio": m["steps_per_s"] / baseline,
-        "wait_fraction": m["wait_fraction"], "wait_ms_mean": m["wait_ms_mean"],
-        "actor_calls_per_step": m["actor_calls_per_step"], "actor_calls_total": m["actor_calls_total"],
-        **({"reduction_round_ms_modelled": m["reduction_round_ms_modelled"]} if "reduction_round_ms_modelled" in m else {}),
-        "beta_trace_matches_core_replay": m["trace_betas"] == replay and m["betas"][s:] == replay[: len(m["betas"]) - s],
+        "protocol": protocol,
+        "ranks": ranks,
+        "staleness": s,
+        "steps": steps,
+        "steps_per_s": m["steps_per_s"],
+        "baseline_steps_per_s": baseline,
+        "ratio": m["steps_per_s"] / baseline,
+        "wait_fraction": m["wait_fraction"],
+        "wait_ms_mean": m["wait_ms_mean"],
+        "actor_calls_per_step": m["actor_calls_per_step"],
+        "actor_calls_total": m["actor_calls_total"],
+        **(
+            {"reduction_round_ms_modelled": m["reduction_round_ms_modelled"]}
+            if "reduction_round_ms_modelled" in m
+            else {}
+        ),
+        "beta_trace_matches_core_replay": m["trace_betas"] == replay
+        and m["betas"][s:] == replay[: len(m["betas"]) - s],
         "beta_digest": digest(m["trace_betas"]),
         "betas": m["betas"],
     }
 
 
 def _line(r: dict[str, Any]) -> str:
-    return (f"{r['protocol']:<9} ranks {r['ranks']:>4} s={r['staleness']}: {r['steps_per_s']:7.1f} steps/s (no coordinator {r['baseline_steps_per_s']:.1f}, "
-            f"ratio {r['ratio']:.3f}), waited {100 * r['wait_fraction']:5.1f}%, actor calls/step {r['actor_calls_per_step']:.0f}, replay match {r['beta_trace_matches_core_replay']}")
+    return (
+        f"{r['protocol']:<9} ranks {r['ranks']:>4} s={r['staleness']}: {r['steps_per_s']:7.1f} steps/s (no coordinator {r['baseline_steps_per_s']:.1f}, "
+        f"ratio {r['ratio']:.3f}), waited {100 * r['wait_fraction']:5.1f}%, actor calls/step {r['actor_calls_per_step']:.0f}, replay match {r['beta_trace_matches_core_replay']}"
+    )
 
 
 def _targets(runs: list[dict[str, Any]]) -> dict[str, Any]:
     g = [r for r in runs if r["protocol"] == "global"]
     out: dict[str, Any] = {
-        "global_ratio_ge_0.98_at_s2": all(r["ratio"] >= 0.98 for r in g if r["staleness"] == 2) if any(r["staleness"] == 2 for r in g) else None,
-        "global_ratio_min_by_s": {str(s): min(r["ratio"] for r in g if r["staleness"] == s) for s in sorted({r["staleness"] for r in g})},
+        "global_ratio_ge_0.98_at_s2": all(r["ratio"] >= 0.98 for r in g if r["staleness"] == 2)
+        if any(r["staleness"] == 2 for r in g)
+        else None,
+        "global_ratio_min_by_s": {
+            str(s): min(r["ratio"] for r in g if r["staleness"] == s) for s in sorted({r["staleness"] for r in g})
+        },
         "global_one_actor_call_per_step": all(r["actor_calls_per_step"] == 1 for r in g),
-        "global_wait_le_1pct_at_s2": all(r["wait_fraction"] <= 0.01 for r in g if r["staleness"] == 2) if any(r["staleness"] == 2 for r in g) else None,
+        "global_wait_le_1pct_at_s2": all(r["wait_fraction"] <= 0.01 for r in g if r["staleness"] == 2)
+        if any(r["staleness"] == 2 for r in g)
+        else None,
         "beta_matches_core_replay": all(r.get("beta_trace_matches_core_replay", True) for r in runs),
     }
     speedups = {}
     for r in g:
-        p = next((x for x in runs if x["protocol"] == "per_rank" and x["ranks"] == r["ranks"] and x["staleness"] == r["staleness"]), None)
+        p = next(
+            (
+                x
+                for x in runs
+                if x["protocol"] == "per_rank" and x["ranks"] == r["ranks"] and x["staleness"] == r["staleness"]
+            ),
+            None,
+        )
         if p and p.get("steps_per_s"):
             speedups[f"{r['ranks']}/s={r['staleness']}"] = r["steps_per_s"] / p["steps_per_s"]
     out["global_over_per_rank_steps_per_s"] = speedups

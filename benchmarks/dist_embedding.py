@@ -78,7 +78,9 @@ def local_table_bytes(dmp: torch.nn.Module) -> int:
     return total
 
 
-def run_point(sharding: str, total_mb: float, dim: int, rows: int, negatives: int, warmup: int, steps: int, seed: int, ctx: Any) -> dict[str, Any]:
+def run_point(
+    sharding: str, total_mb: float, dim: int, rows: int, negatives: int, warmup: int, steps: int, seed: int, ctx: Any
+) -> dict[str, Any]:
     from torchrec.distributed.model_parallel import DistributedModelParallel
     from torchrec.distributed.types import ShardingEnv
 
@@ -86,14 +88,25 @@ def run_point(sharding: str, total_mb: float, dim: int, rows: int, negatives: in
     reset_peak_rss()
     before = rss_mb()
     per_table_rows = max(1024, int(total_mb * 2**20 / 2 / (dim * 4)))
-    config = load_config(None, [f"model.default_sharding={sharding}", f"model.embedding_dim={dim}", "optim.embedding_optimizer=rowwise_adagrad"])
+    config = load_config(
+        None,
+        [
+            f"model.default_sharding={sharding}",
+            f"model.embedding_dim={dim}",
+            "optim.embedding_optimizer=rowwise_adagrad",
+        ],
+    )
     features = FeatureBuilder(".", per_table_rows - 1, per_table_rows - 1, "ids")
     torch.manual_seed(seed)
-    model = MatrixFactorization(features.user_features(), features.item_features(), dim, config.model.init_std, torch.device("meta"))
+    model = MatrixFactorization(
+        features.user_features(), features.item_features(), dim, config.model.init_std, torch.device("meta")
+    )
     sharders = make_sharders(config.optim)
     t = time.perf_counter()
     plan, types = make_plan(model, config.model, sharders, ctx.device, ctx.pg)
-    dmp = DistributedModelParallel(module=model, env=ShardingEnv.from_process_group(ctx.pg), device=ctx.device, plan=plan, sharders=sharders)
+    dmp = DistributedModelParallel(
+        module=model, env=ShardingEnv.from_process_group(ctx.pg), device=ctx.device, plan=plan, sharders=sharders
+    )
     optimizer = build_optimizer(dmp, types, config.optim)
     setup_s = time.perf_counter() - t
     after_setup = rss_mb()
@@ -147,7 +160,9 @@ def main() -> None:
     points = []
     for sharding in args.sharding:
         for size in sorted(args.sizes_mb):
-            mine = run_point(sharding, size, args.dim, args.rows, args.negatives, args.warmup, args.steps, args.seed, ctx)
+            mine = run_point(
+                sharding, size, args.dim, args.rows, args.negatives, args.warmup, args.steps, args.seed, ctx
+            )
             everyone: list[Any] = [None] * ctx.world_size
             dist.all_gather_object(everyone, mine)
             points.append({"sharding": sharding, "total_table_mb": mine["total_table_mb"], "ranks": everyone})

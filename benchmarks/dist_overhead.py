@@ -52,7 +52,14 @@ class Method:
         coordinator_wait = self.wait_seconds()
         while done < steps:
             trainer.step = self.step
-            stats = train_epoch(trainer, self.reader, self.strategy, epoch=self.reader.epoch, log_every=0, max_steps=self.step + steps - done)
+            stats = train_epoch(
+                trainer,
+                self.reader,
+                self.strategy,
+                epoch=self.reader.epoch,
+                log_every=0,
+                max_steps=self.step + steps - done,
+            )
             self.step = trainer.step
             if stats.steps == 0:
                 raise RuntimeError(f"{self.name}: the reader yielded no batch at step {self.step}")
@@ -64,14 +71,16 @@ class Method:
         seconds = all_reduce_max(seconds, trainer)
         coordinator_wait = all_reduce_max(self.wait_seconds() - coordinator_wait, trainer)
         if record:
-            self.windows.append({
-                "steps": done,
-                "rows": rows,
-                "seconds": seconds,
-                "rows_per_s": rows / seconds,
-                "reader_wait_s": reader_wait,
-                "coordinator_wait_s": coordinator_wait,
-            })
+            self.windows.append(
+                {
+                    "steps": done,
+                    "rows": rows,
+                    "seconds": seconds,
+                    "rows_per_s": rows / seconds,
+                    "reader_wait_s": reader_wait,
+                    "coordinator_wait_s": coordinator_wait,
+                }
+            )
 
 
 def all_reduce_max(value: float, trainer: Trainer) -> float:

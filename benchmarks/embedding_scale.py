@@ -22,7 +22,7 @@ from typing import Any
 
 import numpy as np
 
-from benchmarks.common import Recorder, default_out, note, torchrun, bench_parser
+from benchmarks.common import Recorder, bench_parser, default_out, note, torchrun
 
 QUICK_SIZES_MB = (16, 64)
 FULL_SIZES_MB = (256, 1024, 2048, 4096)
@@ -54,7 +54,13 @@ def plot(summary: dict[str, Any], path: Path) -> Path:
         x = [mb / 1024 for mb in s["total_table_mb"]]
         axes[0].plot(x, s["step_ms_median"], marker="o", label=sharding)
         for rank in range(len(s["peak_rss_mb_per_rank"][0])):
-            axes[1].plot(x, [peaks[rank] / 1024 for peaks in s["peak_rss_mb_per_rank"]], marker="o", ls="-" if rank == 0 else "--", label=f"{sharding} rank {rank}")
+            axes[1].plot(
+                x,
+                [peaks[rank] / 1024 for peaks in s["peak_rss_mb_per_rank"]],
+                marker="o",
+                ls="-" if rank == 0 else "--",
+                label=f"{sharding} rank {rank}",
+            )
     axes[0].set_title("step time (slowest rank, median)")
     axes[0].set_ylabel("ms")
     axes[1].set_title("peak RSS per rank")
@@ -73,9 +79,24 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     sizes = args.sizes_mb or (QUICK_SIZES_MB if args.quick else FULL_SIZES_MB)
     steps = args.steps or (10 if args.quick else 30)
     out = args.out or default_out("embedding_scale", args.quick)
-    config = {"sizes_mb": list(sizes), "sharding": ["table_wise", "row_wise"], "dim": 64, "rows_per_rank_step": 2048, "negatives": 10,
-              "warmup_steps": 3, "steps": steps, "optimizer": "rowwise_adagrad (fused)", "nproc": 2}
-    recorder = Recorder("embedding_scale", mode="quick" if args.quick else "full", seed=args.seed, config=config, note_text=note(args.note))
+    config = {
+        "sizes_mb": list(sizes),
+        "sharding": ["table_wise", "row_wise"],
+        "dim": 64,
+        "rows_per_rank_step": 2048,
+        "negatives": 10,
+        "warmup_steps": 3,
+        "steps": steps,
+        "optimizer": "rowwise_adagrad (fused)",
+        "nproc": 2,
+    }
+    recorder = Recorder(
+        "embedding_scale",
+        mode="quick" if args.quick else "full",
+        seed=args.seed,
+        config=config,
+        note_text=note(args.note),
+    )
     with tempfile.TemporaryDirectory(prefix="morec-embedding-") as tmp:
         raw_path = Path(tmp) / "points.json"
         torchrun(

@@ -28,7 +28,7 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-from benchmarks.common import REPO, Recorder, bench_env, default_out, note, torchrun, bench_parser
+from benchmarks.common import REPO, Recorder, bench_env, bench_parser, default_out, note, torchrun
 
 DEFAULT_CONFIG = REPO / "configs" / "quickstart.toml"
 DEFAULT_DATA = REPO / ".data" / "movielens-1m"
@@ -95,7 +95,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--config", type=Path, default=DEFAULT_CONFIG)
     parser.add_argument("--data", type=Path, default=DEFAULT_DATA)
     parser.add_argument("--nproc", type=int, default=2)
-    parser.add_argument("--target-loss", type=float, default=0.25, help="l_hat of the PID (does not change the work per step)")
+    parser.add_argument(
+        "--target-loss", type=float, default=0.25, help="l_hat of the PID (does not change the work per step)"
+    )
     parser.add_argument("overrides", nargs="*", help="config overrides section.key=value")
     args = parser.parse_args(argv)
     warmup, window, rounds = (10, 20, 2) if args.quick else (30, 60, 6)
@@ -117,10 +119,19 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         mode="quick" if args.quick else "full",
         seed=args.seed,
         config={
-            "config_file": str(args.config), "overrides": overrides, "data": str(data), "data_kind": data_kind,
-            "nproc": args.nproc, "warmup_steps": warmup, "window_steps": window, "rounds": rounds,
-            "batch_size_per_block": config.data.batch_size, "objectives": [o.name for o in config.morec.objectives],
-            "staleness": config.coordinator.staleness, "target_loss": args.target_loss, "job": config.to_dict(),
+            "config_file": str(args.config),
+            "overrides": overrides,
+            "data": str(data),
+            "data_kind": data_kind,
+            "nproc": args.nproc,
+            "warmup_steps": warmup,
+            "window_steps": window,
+            "rounds": rounds,
+            "batch_size_per_block": config.data.batch_size,
+            "objectives": [o.name for o in config.morec.objectives],
+            "staleness": config.coordinator.staleness,
+            "target_loss": args.target_loss,
+            "job": config.to_dict(),
         },
         note_text=note(args.note),
     )
@@ -133,9 +144,21 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         wall = torchrun(
             "benchmarks.dist_overhead",
             [
-                "--config", str(args.config), "--warmup-steps", str(warmup), "--window-steps", str(window),
-                "--rounds", str(rounds), "--target-loss", str(args.target_loss), "--out", str(raw_path),
-                *overrides, f'coordinator.ray_address="{address}"', f'coordinator.namespace="{namespace}"',
+                "--config",
+                str(args.config),
+                "--warmup-steps",
+                str(warmup),
+                "--window-steps",
+                str(window),
+                "--rounds",
+                str(rounds),
+                "--target-loss",
+                str(args.target_loss),
+                "--out",
+                str(raw_path),
+                *overrides,
+                f'coordinator.ray_address="{address}"',
+                f'coordinator.namespace="{namespace}"',
                 f'run.out_dir="{tmp}"',
             ],
             nproc=args.nproc,
@@ -149,11 +172,27 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     summary = summarise(raw)
     if cadence:
         summary["sampler_update_every_steps"] = cadence
-        summary["sampler_amortised_fraction"] = summary["sampler_signal_s"] / (cadence * summary["morec_step_ms"] / 1000)
+        summary["sampler_amortised_fraction"] = summary["sampler_signal_s"] / (
+            cadence * summary["morec_step_ms"] / 1000
+        )
         summary["ratio_with_sampler_updates"] = summary["ratio"] / (1 + summary["sampler_amortised_fraction"])
     recorder.update({**summary, "job_wall_s": wall, "raw": raw})
     result = recorder.write(out)
-    print(json.dumps({k: result[k] for k in ("ratio", "plain_rows_per_s", "morec_rows_per_s", "coordinator_wait_fraction", "actor_calls_per_step")}, indent=1))
+    print(
+        json.dumps(
+            {
+                k: result[k]
+                for k in (
+                    "ratio",
+                    "plain_rows_per_s",
+                    "morec_rows_per_s",
+                    "coordinator_wait_fraction",
+                    "actor_calls_per_step",
+                )
+            },
+            indent=1,
+        )
+    )
     return result
 
 

@@ -48,7 +48,14 @@ def write_raw(root: Path, rows: int, users: int, items: int, seed: int) -> None:
         u = np.searchsorted(user_cdf, r.random(n)).clip(max=users - 1)
         i = np.searchsorted(item_cdf, r.random(n)).clip(max=items - 1)
         pq.write_table(
-            pa.table({"uid": user_ids[u], "iid": item_ids[i], "ts": 1_600_000_000 + start + np.arange(n), "stars": r.integers(1, 6, n).astype(np.float32)}),
+            pa.table(
+                {
+                    "uid": user_ids[u],
+                    "iid": item_ids[i],
+                    "ts": 1_600_000_000 + start + np.arange(n),
+                    "stars": r.integers(1, 6, n).astype(np.float32),
+                }
+            ),
             root / "inter" / f"part-{c:05d}.parquet",
         )
     categories = np.array([f"cat-{k:03d}" for k in range(60)])
@@ -133,11 +140,27 @@ def run_one(work: Path, rows: int, seed: int, num_cpus: int, object_store_mb: in
     t0 = time.perf_counter()
     write_raw(raw, rows, users=max(1000, rows // 50), items=max(100, rows // 500), seed=seed)
     gen_s = time.perf_counter() - t0
-    cmd = ["/usr/bin/time", "-v", str(REPO / ".venv" / "bin" / "morec"), "prepare", "parquet", "--mapping", str(raw / "mapping.toml"), "--out", str(out), "--num-cpus", str(num_cpus), "--object-store-mb", str(object_store_mb)]
+    cmd = [
+        "/usr/bin/time",
+        "-v",
+        str(REPO / ".venv" / "bin" / "morec"),
+        "prepare",
+        "parquet",
+        "--mapping",
+        str(raw / "mapping.toml"),
+        "--out",
+        str(out),
+        "--num-cpus",
+        str(num_cpus),
+        "--object-store-mb",
+        str(object_store_mb),
+    ]
     log = work / f"log-{rows}.txt"
     with open(log, "w") as f:
         t0 = time.perf_counter()
-        proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env={**os.environ, "RAY_USAGE_STATS_ENABLED": "0"})
+        proc = subprocess.Popen(
+            cmd, stdout=f, stderr=subprocess.STDOUT, env={**os.environ, "RAY_USAGE_STATS_ENABLED": "0"}
+        )
         sampler = TreeSampler(proc.pid)
         sampler.start()
         rc = proc.wait()
@@ -183,7 +206,13 @@ def main() -> None:
     parser.add_argument("--object-store-mb", type=int, default=2048)
     args = parser.parse_args()
     sizes = [int(r) for r in (args.rows or ([200_000] if args.quick else [5e6, 20e6, 50e6]))]
-    rec = Recorder("prepare_parquet", mode="quick" if args.quick else "full", seed=args.seed, config={"rows": sizes, "num_cpus": args.num_cpus, "object_store_mb": args.object_store_mb}, note_text=note(args.note))
+    rec = Recorder(
+        "prepare_parquet",
+        mode="quick" if args.quick else "full",
+        seed=args.seed,
+        config={"rows": sizes, "num_cpus": args.num_cpus, "object_store_mb": args.object_store_mb},
+        note_text=note(args.note),
+    )
     results = []
     for rows in sizes:
         print(f"prepare parquet: {rows:,} rows ...", file=sys.stderr, flush=True)

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from benchmarks.common import REPO, Recorder, default_out, morec_cli, note, bench_parser
+from benchmarks.common import REPO, Recorder, bench_parser, default_out, morec_cli, note
 
 DEFAULT_CONFIG = REPO / "configs" / "quickstart.toml"
 DEFAULT_DATA = REPO / ".data" / "movielens-1m"
@@ -37,7 +37,10 @@ PREFERENCES = {
     "fairness": {"revenue": 0.2, "fairness": 0.6, "alignment": 0.2},
     "alignment": {"revenue": 0.2, "fairness": 0.2, "alignment": 0.6},
 }
-TARGET_FACTORS = (0.9, 1.0)  # l_hat = factor * pretrained training loss; at 1.0 the fine-tuning loss stays below l_hat (beta rests near beta_min), 0.9 makes the controller work
+TARGET_FACTORS = (
+    0.9,
+    1.0,
+)  # l_hat = factor * pretrained training loss; at 1.0 the fine-tuning loss stays below l_hat (beta rests near beta_min), 0.9 makes the controller work
 
 
 @dataclass
@@ -71,7 +74,12 @@ def plan_for(quick: bool) -> Plan:
     if quick:
         return Plan(
             pretrain=["train.epochs=1"],
-            finetune=["morec.epochs=1", "train.max_steps=20", "morec.sampler.update_every_steps=10", "train.log_every=0"],
+            finetune=[
+                "morec.epochs=1",
+                "train.max_steps=20",
+                "morec.sampler.update_every_steps=10",
+                "train.log_every=0",
+            ],
             preferences={"reference": PREFERENCES["reference"]},
             target_factors=(1.0,),
         )
@@ -80,23 +88,39 @@ def plan_for(quick: bool) -> Plan:
 
 def objectives_override(weights: dict[str, float]) -> str:
     tables = ", ".join(
-        f'{{name = "{name}", kind = "{name}", group_column = "{GROUP_COLUMN[name]}", weight = {w}}}' for name, w in weights.items()
+        f'{{name = "{name}", kind = "{name}", group_column = "{GROUP_COLUMN[name]}", weight = {w}}}'
+        for name, w in weights.items()
     )
     return f"morec.objectives=[{tables}]"
 
 
 def pretrain(config: Path, base: list[str], work: Path, extra: list[str]) -> dict[str, Any]:
     out = work / "pretrain"
-    morec_cli(["train", "--config", str(config), *base, *extra, f'run.out_dir="{out}"'], log=work / "logs" / "pretrain.log")
+    morec_cli(
+        ["train", "--config", str(config), *base, *extra, f'run.out_dir="{out}"'], log=work / "logs" / "pretrain.log"
+    )
     metrics = json.loads((out / "metrics.json").read_text())
     metrics["checkpoint_dir"] = str(out / "checkpoints" / "best")
     return metrics
 
 
-def finetune(config: Path, checkpoint: str, method: str, name: str, base: list[str], work: Path, extra: list[str]) -> dict[str, Any]:
+def finetune(
+    config: Path, checkpoint: str, method: str, name: str, base: list[str], work: Path, extra: list[str]
+) -> dict[str, Any]:
     out = work / name
     morec_cli(
-        ["finetune", "--from", checkpoint, "--method", method, "--config", str(config), *base, *extra, f'run.out_dir="{out}"'],
+        [
+            "finetune",
+            "--from",
+            checkpoint,
+            "--method",
+            method,
+            "--config",
+            str(config),
+            *base,
+            *extra,
+            f'run.out_dir="{out}"',
+        ],
         log=work / "logs" / f"{name}.log",
     )
     return json.loads((out / "metrics.json").read_text())
@@ -113,7 +137,15 @@ def row_of(name: str, method: str, metrics: dict[str, Any], base: dict[str, Any]
     gains = {obj: (-change[m] if m in LOWER_IS_BETTER else change[m]) for obj, m in OBJECTIVE_METRIC.items()}
     defined = [g for g in gains.values() if g == g]  # a metric at 0 before has no relative change
     mean_gain = sum(defined) / len(defined) if defined else float("nan")
-    return {"name": name, "method": method, "metrics": values, "relative": change, "gains": gains, "mean_gain": mean_gain, **info}
+    return {
+        "name": name,
+        "method": method,
+        "metrics": values,
+        "relative": change,
+        "gains": gains,
+        "mean_gain": mean_gain,
+        **info,
+    }
 
 
 def trace_of(metrics: dict[str, Any], every: int = 1) -> dict[str, list]:
@@ -125,26 +157,68 @@ def run_methods(config: Path, base: list[str], work: Path, plan: Plan, pre: dict
     checkpoint = pre["checkpoint_dir"]
     l_hat = float(pre["train_loss"])
     baseline = {m: pre[m] for m in METRICS}
-    rows = [row_of("pretrain", "pretrain", pre, baseline), row_of("most popular", "most_popular", pre["baselines"]["most_popular"], baseline)]
+    rows = [
+        row_of("pretrain", "pretrain", pre, baseline),
+        row_of("most popular", "most_popular", pre["baselines"]["most_popular"], baseline),
+    ]
     for pref_name, weights in plan.preferences.items():
         prefs = [objectives_override(weights)]
         for factor in plan.target_factors:
             target = l_hat * factor
             name = f"morec-{pref_name}-lhat{factor:g}"
-            metrics = finetune(config, checkpoint, "morec", name, base, work, [*plan.finetune, *prefs, f"morec.pid.target_loss={target}"])
-            rows.append(row_of(name, "morec", metrics, baseline, weights=weights, target_loss=target, target_factor=factor,
-                               trace=trace_of(metrics), client=metrics.get("coordinator", {}).get("client"),
-                               train_rows_per_s=metrics.get("train_rows_per_s"), wall_s=metrics.get("wall_s")))
+            metrics = finetune(
+                config,
+                checkpoint,
+                "morec",
+                name,
+                base,
+                work,
+                [*plan.finetune, *prefs, f"morec.pid.target_loss={target}"],
+            )
+            rows.append(
+                row_of(
+                    name,
+                    "morec",
+                    metrics,
+                    baseline,
+                    weights=weights,
+                    target_loss=target,
+                    target_factor=factor,
+                    trace=trace_of(metrics),
+                    client=metrics.get("coordinator", {}).get("client"),
+                    train_rows_per_s=metrics.get("train_rows_per_s"),
+                    wall_s=metrics.get("wall_s"),
+                )
+            )
             print(f"{name}: " + " ".join(f"{m} {rows[-1]['metrics'][m]:.4f}" for m in METRICS), flush=True)
         if plan.static:
             name = f"static-{pref_name}"
             metrics = finetune(config, checkpoint, "static", name, base, work, [*plan.finetune, *prefs])
-            rows.append(row_of(name, "static", metrics, baseline, weights=weights, train_rows_per_s=metrics.get("train_rows_per_s"), wall_s=metrics.get("wall_s")))
+            rows.append(
+                row_of(
+                    name,
+                    "static",
+                    metrics,
+                    baseline,
+                    weights=weights,
+                    train_rows_per_s=metrics.get("train_rows_per_s"),
+                    wall_s=metrics.get("wall_s"),
+                )
+            )
             print(f"{name}: " + " ".join(f"{m} {rows[-1]['metrics'][m]:.4f}" for m in METRICS), flush=True)
     if plan.mgda:
         metrics = finetune(config, checkpoint, "mgda", "mgda", base, work, list(plan.finetune))
-        rows.append(row_of("mgda", "mgda", metrics, baseline, train_rows_per_s=metrics.get("train_rows_per_s"), wall_s=metrics.get("wall_s"),
-                           mean_weights=[h.get("mgda_mean_weights") for h in metrics.get("history", [])]))
+        rows.append(
+            row_of(
+                "mgda",
+                "mgda",
+                metrics,
+                baseline,
+                train_rows_per_s=metrics.get("train_rows_per_s"),
+                wall_s=metrics.get("wall_s"),
+                mean_weights=[h.get("mgda_mean_weights") for h in metrics.get("history", [])],
+            )
+        )
     return rows
 
 
@@ -154,14 +228,22 @@ def table_markdown(rows: list[dict[str, Any]]) -> str:
         cells = []
         for m in METRICS:
             value = row["metrics"][m]
-            cells.append(f"{value:.4f}" if row["method"] == "pretrain" else f"{value:.4f} ({100 * row['relative'][m]:+.1f}%)")
+            cells.append(
+                f"{value:.4f}" if row["method"] == "pretrain" else f"{value:.4f} ({100 * row['relative'][m]:+.1f}%)"
+            )
         lines.append(f"| {row['name']} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
 # ------------------------------------------------------------------ plots
 
-STYLE = {"pretrain": ("k", "*"), "most_popular": ("grey", "x"), "morec": ("tab:red", "o"), "static": ("tab:blue", "s"), "mgda": ("tab:green", "^")}
+STYLE = {
+    "pretrain": ("k", "*"),
+    "most_popular": ("grey", "x"),
+    "morec": ("tab:red", "o"),
+    "static": ("tab:blue", "s"),
+    "mgda": ("tab:green", "^"),
+}
 
 
 def plot_pareto(rows: list[dict[str, Any]], path: Path) -> Path:
@@ -174,13 +256,32 @@ def plot_pareto(rows: list[dict[str, Any]], path: Path) -> Path:
             pts = [r for r in rows if r["method"] == method]
             if not pts:
                 continue
-            ax.scatter([r["metrics"][metric] for r in pts], [r["metrics"]["hit@10"] for r in pts], c=color, marker=marker, s=60, label=method)
+            ax.scatter(
+                [r["metrics"][metric] for r in pts],
+                [r["metrics"]["hit@10"] for r in pts],
+                c=color,
+                marker=marker,
+                s=60,
+                label=method,
+            )
             for r in pts:
                 if method in ("morec", "static"):
-                    ax.annotate(r["name"].split("-", 1)[1], (r["metrics"][metric], r["metrics"]["hit@10"]), fontsize=7, xytext=(3, 3), textcoords="offset points")
+                    ax.annotate(
+                        r["name"].split("-", 1)[1],
+                        (r["metrics"][metric], r["metrics"]["hit@10"]),
+                        fontsize=7,
+                        xytext=(3, 3),
+                        textcoords="offset points",
+                    )
         front = pareto_front([r for r in rows if r["method"] != "most_popular"], metric)
         if len(front) > 1:
-            ax.plot([r["metrics"][metric] for r in front], [r["metrics"]["hit@10"] for r in front], "k--", lw=0.8, label="Pareto front")
+            ax.plot(
+                [r["metrics"][metric] for r in front],
+                [r["metrics"]["hit@10"] for r in front],
+                "k--",
+                lw=0.8,
+                label="Pareto front",
+            )
         if metric in LOWER_IS_BETTER:  # Pop-KL spans orders of magnitude (most popular: ~10)
             ax.set_xscale("log")
         ax.set_xlabel(f"{metric} ({objective}{', lower is better' if metric in LOWER_IS_BETTER else ''})")
@@ -199,7 +300,10 @@ def pareto_front(rows: list[dict[str, Any]], metric: str) -> list[dict[str, Any]
             b is not a
             and b["metrics"]["hit@10"] >= a["metrics"]["hit@10"]
             and sign * b["metrics"][metric] >= sign * a["metrics"][metric]
-            and (b["metrics"]["hit@10"] > a["metrics"]["hit@10"] or sign * b["metrics"][metric] > sign * a["metrics"][metric])
+            and (
+                b["metrics"]["hit@10"] > a["metrics"]["hit@10"]
+                or sign * b["metrics"][metric] > sign * a["metrics"][metric]
+            )
             for b in rows
         )
 
@@ -226,7 +330,12 @@ def plot_traces(rows: list[dict[str, Any]], path: Path) -> Path:
         t = row["trace"]
         window = max(1, len(t["step"]) // 50)
         ax.plot(t["step"], t["accuracy_loss"], color="tab:blue", alpha=0.25, lw=0.6)
-        ax.plot(t["step"][window - 1:], smooth(t["accuracy_loss"], window), color="tab:blue", label=f"accuracy loss (global, {window}-step mean)")
+        ax.plot(
+            t["step"][window - 1 :],
+            smooth(t["accuracy_loss"], window),
+            color="tab:blue",
+            label=f"accuracy loss (global, {window}-step mean)",
+        )
         ax.plot(t["step"], t["target_loss"], "k--", lw=1, label="l_hat")
         ax.set_ylabel("loss")
         twin = ax.twinx()
@@ -248,8 +357,15 @@ def common_overrides(data: Path, seed: int) -> list[str]:
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = bench_parser(__doc__)
     parser.add_argument("--config", type=Path, default=DEFAULT_CONFIG)
-    parser.add_argument("--data", type=Path, default=None, help=f"prepared dataset (default: {DEFAULT_DATA}; quick: a small synthetic one)")
-    parser.add_argument("--work", type=Path, default=None, help="run directory for the jobs (default: runs/bench/quality[-quick])")
+    parser.add_argument(
+        "--data",
+        type=Path,
+        default=None,
+        help=f"prepared dataset (default: {DEFAULT_DATA}; quick: a small synthetic one)",
+    )
+    parser.add_argument(
+        "--work", type=Path, default=None, help="run directory for the jobs (default: runs/bench/quality[-quick])"
+    )
     parser.add_argument("--replot", type=Path, default=None, help="only redraw the figures of an existing quality JSON")
     args = parser.parse_args(argv)
     if args.replot:
@@ -263,9 +379,19 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     plan = plan_for(args.quick)
     base = common_overrides(args.data, args.seed)
     recorder = Recorder(
-        "quality", mode="quick" if args.quick else "full", seed=args.seed,
-        config={"config_file": str(args.config), "data": str(args.data), "overrides": base, "pretrain_overrides": plan.pretrain,
-                "finetune_overrides": plan.finetune, "preferences": plan.preferences, "target_factors": list(plan.target_factors), "work": str(work)},
+        "quality",
+        mode="quick" if args.quick else "full",
+        seed=args.seed,
+        config={
+            "config_file": str(args.config),
+            "data": str(args.data),
+            "overrides": base,
+            "pretrain_overrides": plan.pretrain,
+            "finetune_overrides": plan.finetune,
+            "preferences": plan.preferences,
+            "target_factors": list(plan.target_factors),
+            "work": str(work),
+        },
         note_text=note(args.note),
     )
     from morec_dist.config import load_config
@@ -276,13 +402,20 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     rows = run_methods(args.config, base, work, plan, pre)
     pareto = plot_pareto(rows, out.with_name(out.stem + "_pareto.png"))
     traces = plot_traces(rows, out.with_name(out.stem + "_pid_trace.png"))
-    recorder.update({
-        "target_loss_pretrained": float(pre["train_loss"]),
-        "pretrain": {"best_epoch": pre.get("best_epoch"), "wall_s": pre.get("wall_s"), "train_rows_per_s": pre.get("train_rows_per_s"), "checkpoint": pre["checkpoint_dir"]},
-        "rows": rows,
-        "table_markdown": table_markdown(rows),
-        "figures": [p.name for p in (pareto, traces)],
-    })
+    recorder.update(
+        {
+            "target_loss_pretrained": float(pre["train_loss"]),
+            "pretrain": {
+                "best_epoch": pre.get("best_epoch"),
+                "wall_s": pre.get("wall_s"),
+                "train_rows_per_s": pre.get("train_rows_per_s"),
+                "checkpoint": pre["checkpoint_dir"],
+            },
+            "rows": rows,
+            "table_markdown": table_markdown(rows),
+            "figures": [p.name for p in (pareto, traces)],
+        }
+    )
     result = recorder.write(out)
     print(result["table_markdown"], flush=True)
     return result

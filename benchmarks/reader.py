@@ -74,7 +74,9 @@ def _disk_bytes(path: Path) -> int:
 
 def _worker(args: list[str], prefix: list[str] | None = None) -> dict[str, Any]:
     command = [*(prefix or []), sys.executable, "-m", "benchmarks.reader", "--worker", *args]
-    out = subprocess.run(command, cwd=REPO, check=True, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    out = subprocess.run(
+        command, cwd=REPO, check=True, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}
+    )
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
@@ -132,13 +134,18 @@ def work_speed(data: Path, steps: int, seed: int) -> dict[str, Any]:
     def raw_scan() -> tuple[int, float]:
         start, rows = time.perf_counter(), 0
         for path in files:
-            for batch in pq.ParquetFile(path).iter_batches(batch_size=65536, columns=["user_id", "item_id"], use_threads=False):
+            for batch in pq.ParquetFile(path).iter_batches(
+                batch_size=65536, columns=["user_id", "item_id"], use_threads=False
+            ):
                 users, items = batch.column(0).to_numpy(), batch.column(1).to_numpy()
                 rows += len(users) + 0 * len(items)
         return rows, time.perf_counter() - start
 
     rng = np.random.default_rng(seed)
-    settings = [[skewed(SKEWS[(i + j) % len(SKEWS)], o.counts.astype(float), rng) for j, o in enumerate(objectives)] for i in range(64)]
+    settings = [
+        [skewed(SKEWS[(i + j) % len(SKEWS)], o.counts.astype(float), rng) for j, o in enumerate(objectives)]
+        for i in range(64)
+    ]
     first_step = [0]
 
     def weighted(n_steps: int) -> tuple[int, float]:
@@ -180,12 +187,20 @@ def work_exactness(data: Path, draws: int, seed: int) -> dict[str, Any]:
         group_of_item = dataset.item_column(objective.column).astype(np.int64)
         for i, name in enumerate(SKEWS):
             p = skewed(name, objective.counts.astype(float), rng)
-            pairs = np.concatenate([objective.block(1, 10_000 * i + s, p, BLOCK_ROWS) for s in range(draws // BLOCK_ROWS)])
+            pairs = np.concatenate(
+                [objective.block(1, 10_000 * i + s, p, BLOCK_ROWS) for s in range(draws // BLOCK_ROWS)]
+            )
             groups = group_of_item[pairs[:, 1]]
             observed = np.bincount(groups - 1, minlength=len(p))
             support = p > 0
-            pvalues[f"{objective.column}/{name}"] = float(stats.chisquare(observed[support], len(groups) * p[support]).pvalue)
-    return {"chi2_pvalues": pvalues, "chi2_pvalue_min": min(pvalues.values()), "chi2_draws": draws // BLOCK_ROWS * BLOCK_ROWS}
+            pvalues[f"{objective.column}/{name}"] = float(
+                stats.chisquare(observed[support], len(groups) * p[support]).pvalue
+            )
+    return {
+        "chi2_pvalues": pvalues,
+        "chi2_pvalue_min": min(pvalues.values()),
+        "chi2_draws": draws // BLOCK_ROWS * BLOCK_ROWS,
+    }
 
 
 def work_rss(data: Path, batches: int, seed: int) -> dict[str, Any]:
@@ -194,14 +209,18 @@ def work_rss(data: Path, batches: int, seed: int) -> dict[str, Any]:
     from morec_dist.data.reader import Reader
 
     rng = np.random.default_rng(seed)
-    with Reader(data, batch_size=BLOCK_ROWS, num_negatives=10, seed=seed, rank=0, world_size=2, objectives=OBJECTIVES) as reader:
+    with Reader(
+        data, batch_size=BLOCK_ROWS, num_negatives=10, seed=seed, rank=0, world_size=2, objectives=OBJECTIVES
+    ) as reader:
         counts = {o.name: o.counts.astype(float) for o in reader.weighted}
         it = iter(reader)
         next(it)
         start, rows = time.perf_counter(), 0
         for step in range(batches):
             if step % P_EVERY == 0:
-                reader.set_probabilities(step + 1, {n: skewed(SKEWS[(step // P_EVERY) % len(SKEWS)], c, rng) for n, c in counts.items()})
+                reader.set_probabilities(
+                    step + 1, {n: skewed(SKEWS[(step // P_EVERY) % len(SKEWS)], c, rng) for n, c in counts.items()}
+                )
             try:
                 rows += next(it).num_rows
             except StopIteration:
@@ -291,8 +310,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--quick", action="store_true", help="1M and 5M rows instead of 5M, 50M and 200M")
     parser.add_argument("--out", type=Path, default=Path("runs/bench/reader.json"))
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--cache", type=Path, default=REPO / ".data" / "bench", help="where synthetic datasets are kept")
-    parser.add_argument("--max-rows", type=int, default=None, help="skip dataset sizes above this (full mode on a small disk)")
+    parser.add_argument(
+        "--cache", type=Path, default=REPO / ".data" / "bench", help="where synthetic datasets are kept"
+    )
+    parser.add_argument(
+        "--max-rows", type=int, default=None, help="skip dataset sizes above this (full mode on a small disk)"
+    )
     parser.add_argument("--worker", nargs="+", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.worker:
@@ -306,7 +329,16 @@ def main(argv: list[str] | None = None) -> None:
         print(json.dumps(result))
         return
     result = run(args.quick, args.out, args.seed, args.cache, args.max_rows)
-    keys = ("weighted_rows_per_s", "raw_rows_per_s", "ratio", "ratio_large_over_small", "chi2_pvalue_min", "rss_mb_small", "rss_mb_large", "rss_growth")
+    keys = (
+        "weighted_rows_per_s",
+        "raw_rows_per_s",
+        "ratio",
+        "ratio_large_over_small",
+        "chi2_pvalue_min",
+        "rss_mb_small",
+        "rss_mb_large",
+        "rss_growth",
+    )
     print(json.dumps({k: result[k] for k in keys}, indent=1))
 
 

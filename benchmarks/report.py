@@ -16,8 +16,9 @@ import json
 import math
 import os
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from benchmarks.common import REPO, RESULTS
 
@@ -87,11 +88,37 @@ def section_provenance(found: dict[str, dict[str, Any]]) -> str:
             continue
         m = r.get("machine", {})
         load = m.get("load_average")
-        rows.append([name, r.get("mode", ""), str(r.get("seed", "")), m.get("cpu", ""), str(m.get("cores", "")),
-                     fmt(m.get("memory_gib")) if "memory_gib" in m else "", m.get("git_commit", ""),
-                     " / ".join(fmt(x, 2) for x in load) if load else "",
-                     " / ".join(fmt(x, 2) for x in m.get("load_average_end", [])), fmt(r.get("seconds"))])
-    lines.append(table(["benchmark", "mode", "seed", "cpu", "cores", "memory GiB", "commit", "load avg at start (1/5/15 min)", "at end", "seconds"], rows))
+        rows.append(
+            [
+                name,
+                r.get("mode", ""),
+                str(r.get("seed", "")),
+                m.get("cpu", ""),
+                str(m.get("cores", "")),
+                fmt(m.get("memory_gib")) if "memory_gib" in m else "",
+                m.get("git_commit", ""),
+                " / ".join(fmt(x, 2) for x in load) if load else "",
+                " / ".join(fmt(x, 2) for x in m.get("load_average_end", [])),
+                fmt(r.get("seconds")),
+            ]
+        )
+    lines.append(
+        table(
+            [
+                "benchmark",
+                "mode",
+                "seed",
+                "cpu",
+                "cores",
+                "memory GiB",
+                "commit",
+                "load avg at start (1/5/15 min)",
+                "at end",
+                "seconds",
+            ],
+            rows,
+        )
+    )
     versions = next((r["versions"] for r in found.values() if "versions" in r), None)
     if versions:
         lines += ["", "Versions: " + ", ".join(f"{k} {v}" for k, v in sorted(versions.items())) + "."]
@@ -105,69 +132,103 @@ def section_headline(found: dict[str, dict[str, Any]]) -> str:
     lines = ["## Headline", ""]
     o = found.get("overhead")
     if o:
-        lines.append(f"- **MoRec overhead**: MoRec trains at {fmt(o['morec_rows_per_s'])} rows/s against {fmt(o['plain_rows_per_s'])} rows/s for plain "
-                     f"TorchRec training of the same model and rows per step: **ratio {o['ratio']:.3f}** (target >= 0.97; median of per-round ratios "
-                     f"{o.get('ratio_median_of_rounds', float('nan')):.3f}); ranks were blocked on the coordinator {pct(o['coordinator_wait_fraction'], False)} of the time.")
+        lines.append(
+            f"- **MoRec overhead**: MoRec trains at {fmt(o['morec_rows_per_s'])} rows/s against {fmt(o['plain_rows_per_s'])} rows/s for plain "
+            f"TorchRec training of the same model and rows per step: **ratio {o['ratio']:.3f}** (target >= 0.97; median of per-round ratios "
+            f"{o.get('ratio_median_of_rounds', float('nan')):.3f}); ranks were blocked on the coordinator {pct(o['coordinator_wait_fraction'], False)} of the time."
+        )
     r = found.get("reader")
     if r:
-        lines.append(f"- **Reader**: exact weighted sampling at {fmt(r['weighted_rows_per_s'])} rows/s against a raw Parquet scan at "
-                     f"{fmt(r['raw_rows_per_s'])} rows/s (**ratio {fmt(r['ratio'])}**); smallest chi-square p-value {fmt(r['chi2_pvalue_min'])}; "
-                     f"peak RSS {fmt(r['rss_mb_small'])} MB -> {fmt(r['rss_mb_large'])} MB (x{r['rss_growth']:.2f}) from {fmt(r['rows'][0])} to {fmt(r['rows'][-1])} rows.")
+        lines.append(
+            f"- **Reader**: exact weighted sampling at {fmt(r['weighted_rows_per_s'])} rows/s against a raw Parquet scan at "
+            f"{fmt(r['raw_rows_per_s'])} rows/s (**ratio {fmt(r['ratio'])}**); smallest chi-square p-value {fmt(r['chi2_pvalue_min'])}; "
+            f"peak RSS {fmt(r['rss_mb_small'])} MB -> {fmt(r['rss_mb_large'])} MB (x{r['rss_growth']:.2f}) from {fmt(r['rows'][0])} to {fmt(r['rows'][-1])} rows."
+        )
     c = found.get("coordinator_scale")
     if c and "runs" in c:
         g = [r for r in c["runs"] if r["protocol"] == "global"]
         largest = max(r["ranks"] for r in g)
         at = [r for r in g if r["ranks"] == largest]
-        lines.append(f"- **Coordinator** (global protocol): at {largest} ranks " + ", ".join(
-            f"s={r['staleness']}: {fmt(r['steps_per_s'])} steps/s = {fmt(r['ratio'])} x no coordinator, {pct(r['wait_fraction'], False)} of decisions waited"
-            for r in at) + f"; {fmt(max(r['actor_calls_per_step'] for r in g))} actor call per step at every N; global over per-rank steps/s: "
-            + ", ".join(f"{k}: {fmt(v)}x" for k, v in c["targets"]["global_over_per_rank_steps_per_s"].items()) + ".")
+        lines.append(
+            f"- **Coordinator** (global protocol): at {largest} ranks "
+            + ", ".join(
+                f"s={r['staleness']}: {fmt(r['steps_per_s'])} steps/s = {fmt(r['ratio'])} x no coordinator, {pct(r['wait_fraction'], False)} of decisions waited"
+                for r in at
+            )
+            + f"; {fmt(max(r['actor_calls_per_step'] for r in g))} actor call per step at every N; global over per-rank steps/s: "
+            + ", ".join(f"{k}: {fmt(v)}x" for k, v in c["targets"]["global_over_per_rank_steps_per_s"].items())
+            + "."
+        )
     e = found.get("embedding_scale")
     if e:
         parts = []
         for sharding, s in e["summary"].items():
-            parts.append(f"{sharding}: {fmt(s['total_table_mb'][0] / 1024, 2)} -> {fmt(s['total_table_mb'][-1] / 1024, 2)} GiB of tables, step "
-                         f"{fmt(s['step_ms_median'][0])} -> {fmt(s['step_ms_median'][-1])} ms, max peak RSS per rank {fmt(max(max(x) for x in s['peak_rss_mb_per_rank']))} MB")
+            parts.append(
+                f"{sharding}: {fmt(s['total_table_mb'][0] / 1024, 2)} -> {fmt(s['total_table_mb'][-1] / 1024, 2)} GiB of tables, step "
+                f"{fmt(s['step_ms_median'][0])} -> {fmt(s['step_ms_median'][-1])} ms, max peak RSS per rank {fmt(max(max(x) for x in s['peak_rss_mb_per_rank']))} MB"
+            )
         lines.append("- **Embedding scale**: " + "; ".join(parts) + ".")
     q = found.get("quality")
     if q:
         ref = next((row for row in q["rows"] if row["method"] == "morec"), None)
         if ref:
-            lines.append(f"- **Quality** ({ref['name']}): hit@10 {pct(ref['relative']['hit@10'])}, R-Hit@10 {pct(ref['relative']['r_hit@10'])}, "
-                         f"min-Hit@10 {pct(ref['relative']['min_hit@10'])}, Pop-KL@10 {pct(ref['relative']['pop_kl@10'])} against the pretrained model; "
-                         f"mean objective gain {pct(ref['mean_gain'])}.")
+            lines.append(
+                f"- **Quality** ({ref['name']}): hit@10 {pct(ref['relative']['hit@10'])}, R-Hit@10 {pct(ref['relative']['r_hit@10'])}, "
+                f"min-Hit@10 {pct(ref['relative']['min_hit@10'])}, Pop-KL@10 {pct(ref['relative']['pop_kl@10'])} against the pretrained model; "
+                f"mean objective gain {pct(ref['mean_gain'])}."
+            )
     return "\n".join(lines)
 
 
 def section_overhead(o: dict[str, Any], results: Path, out: Path) -> str:
     cfg = o["config"]
     lines = [
-        "## 1. Overhead of MoRec", "",
+        "## 1. Overhead of MoRec",
+        "",
         f"Plain: uniform reader, {cfg['batch_size_per_block'] * (len(cfg['objectives']) + 1)} rows per rank per step, accuracy-only loss. "
         f"MoRec: {len(cfg['objectives']) + 1} blocks of {cfg['batch_size_per_block']} (accuracy + {', '.join(cfg['objectives'])}), coordinator on Ray, staleness {cfg['staleness']}. "
-        f"Same sharded model, {cfg['nproc']} torchrun ranks, data: {cfg['data_kind']} ({cfg['data']}); {cfg['rounds']} alternating rounds of {cfg['window_steps']} steps after {cfg['warmup_steps']} warm-up steps each.", "",
-        table(["figure", "value"], [
-            ["plain rows/s", o["plain_rows_per_s"]],
-            ["MoRec rows/s", o["morec_rows_per_s"]],
-            ["ratio (MoRec / plain)", o["ratio"]],
-            ["median of per-round ratios", o.get("ratio_median_of_rounds")],
-            ["per-round ratios", ", ".join(fmt(x) for x in o.get("ratio_per_round", []))],
-            ["coordinator wait fraction", o["coordinator_wait_fraction"]],
-            ["coordinator protocol / actor calls per step", f"{o.get('protocol', 'per_rank')} / {fmt(o.get('actor_calls_per_step', 'n/a'))}"],
-            ["reader wait fraction (plain / MoRec)", f"{fmt(o['reader_wait_fraction']['plain'])} / {fmt(o['reader_wait_fraction']['morec'])}"],
-            ["MoRec step (ms)", o["morec_step_ms"]],
-            ["one sampler-signal pass (s)", o["sampler_signal_s"]],
-            ["sampler update cadence (steps)", o.get("sampler_update_every_steps", "n/a")],
-            ["its amortised share of a step", o.get("sampler_amortised_fraction", "n/a")],
-            ["ratio including sampler updates", o.get("ratio_with_sampler_updates", "n/a")],
-        ]),
+        f"Same sharded model, {cfg['nproc']} torchrun ranks, data: {cfg['data_kind']} ({cfg['data']}); {cfg['rounds']} alternating rounds of {cfg['window_steps']} steps after {cfg['warmup_steps']} warm-up steps each.",
+        "",
+        table(
+            ["figure", "value"],
+            [
+                ["plain rows/s", o["plain_rows_per_s"]],
+                ["MoRec rows/s", o["morec_rows_per_s"]],
+                ["ratio (MoRec / plain)", o["ratio"]],
+                ["median of per-round ratios", o.get("ratio_median_of_rounds")],
+                ["per-round ratios", ", ".join(fmt(x) for x in o.get("ratio_per_round", []))],
+                ["coordinator wait fraction", o["coordinator_wait_fraction"]],
+                [
+                    "coordinator protocol / actor calls per step",
+                    f"{o.get('protocol', 'per_rank')} / {fmt(o.get('actor_calls_per_step', 'n/a'))}",
+                ],
+                [
+                    "reader wait fraction (plain / MoRec)",
+                    f"{fmt(o['reader_wait_fraction']['plain'])} / {fmt(o['reader_wait_fraction']['morec'])}",
+                ],
+                ["MoRec step (ms)", o["morec_step_ms"]],
+                ["one sampler-signal pass (s)", o["sampler_signal_s"]],
+                ["sampler update cadence (steps)", o.get("sampler_update_every_steps", "n/a")],
+                ["its amortised share of a step", o.get("sampler_amortised_fraction", "n/a")],
+                ["ratio including sampler updates", o.get("ratio_with_sampler_updates", "n/a")],
+            ],
+        ),
     ]
     return "\n".join(lines)
 
 
 def section_reader(r: dict[str, Any]) -> str:
-    keys = ["weighted_rows_per_s", "raw_rows_per_s", "ratio", "ratio_large_over_small", "chi2_pvalue_min", "chi2_draws",
-            "rss_mb_small", "rss_mb_large", "rss_growth"]
+    keys = [
+        "weighted_rows_per_s",
+        "raw_rows_per_s",
+        "ratio",
+        "ratio_large_over_small",
+        "chi2_pvalue_min",
+        "chi2_draws",
+        "rss_mb_small",
+        "rss_mb_large",
+        "rss_growth",
+    ]
     rows = [[k, r[k]] for k in keys if k in r]
     for size, ratio in (r.get("ratio_by_rows") or {}).items():
         rows.append([f"weighted / raw ratio ({int(size):,} rows)", ratio])
@@ -179,7 +240,15 @@ def section_reader(r: dict[str, Any]) -> str:
         rows.append([f"dataset on disk, GB ({int(size):,} rows)", round(disk / 1e9, 2)])
     if r.get("cgroup"):
         rows.append(["under a memory cgroup of 1/4 the data size", json.dumps(r["cgroup"], sort_keys=True)[:300]])
-    return "\n".join(["## 2. Reader", "", f"Datasets: {', '.join(f'{x:,}' for x in r.get('rows', []))} rows (synthetic).", "", table(["figure", "value"], rows)])
+    return "\n".join(
+        [
+            "## 2. Reader",
+            "",
+            f"Datasets: {', '.join(f'{x:,}' for x in r.get('rows', []))} rows (synthetic).",
+            "",
+            table(["figure", "value"], rows),
+        ]
+    )
 
 
 def section_coordinator(c: dict[str, Any], results: Path, out: Path) -> str:
@@ -190,45 +259,125 @@ def section_coordinator(c: dict[str, Any], results: Path, out: Path) -> str:
     for r in c["runs"]:
         if r.get("steps_per_s") is None:
             why = r.get("refused") or r.get("error") or "not run"
-            rows.append([r["protocol"], r["ranks"], r["staleness"], r.get("steps", 0), "", fmt(r["baseline_steps_per_s"]), "", "", fmt(r["actor_calls_per_step"]), f"refused: {why}"])
+            rows.append(
+                [
+                    r["protocol"],
+                    r["ranks"],
+                    r["staleness"],
+                    r.get("steps", 0),
+                    "",
+                    fmt(r["baseline_steps_per_s"]),
+                    "",
+                    "",
+                    fmt(r["actor_calls_per_step"]),
+                    f"refused: {why}",
+                ]
+            )
             continue
-        rows.append([r["protocol"], r["ranks"], r["staleness"], r["steps"], r["steps_per_s"], r["baseline_steps_per_s"], r["ratio"],
-                     pct(r["wait_fraction"], False), r["actor_calls_per_step"], r.get("beta_trace_matches_core_replay")])
+        rows.append(
+            [
+                r["protocol"],
+                r["ranks"],
+                r["staleness"],
+                r["steps"],
+                r["steps_per_s"],
+                r["baseline_steps_per_s"],
+                r["ratio"],
+                pct(r["wait_fraction"], False),
+                r["actor_calls_per_step"],
+                r.get("beta_trace_matches_core_replay"),
+            ]
+        )
     fit = c["gloo"]["fit"]
-    measured = ", ".join(f"{p} processes {fmt(m['median_ms'])} ms{' (more processes than cores: not fitted)' if m.get('oversubscribed') else ''}" for p, m in c["gloo"]["procs"].items())
+    measured = ", ".join(
+        f"{p} processes {fmt(m['median_ms'])} ms{' (more processes than cores: not fitted)' if m.get('oversubscribed') else ''}"
+        for p, m in c["gloo"]["procs"].items()
+    )
     t = c["targets"]
-    return "\n".join([
-        "## 3. Coordinator at scale", "",
-        f"Synchronous steps of {fmt(cfg['step_ms'])} ms x lognormal (sigma {fmt(cfg['jitter'])}), the same draws for every protocol and for the no-coordinator baseline "
-        f"(measured right before each point); sampler update every {cfg['sampler_every']} steps; the real Ray actor. Global protocol: one process emulates the N ranks; "
-        f"rank 0's thread sums the N vectors (fsum) and makes one actor call per step. Reduction (gather to rank 0 + decision broadcast) measured with real gloo processes "
-        f"({measured}) and modelled for larger N as {fmt(fit['a_ms'])} + {fmt(fit['b_ms_per_log2_rank'])} x log2(N) ms ({c['gloo'].get('law', '')}). "
-        "Per-rank protocol: N asyncio ranks calling the actor every step; refused where N x (s + 1) exceeds the actor's 1,000 slots (the job would hang).", "",
-        table(["protocol", "ranks", "s", "steps", "steps/s", "no-coordinator steps/s", "ratio", "decisions that waited", "actor calls / step", "beta = core replay"], rows),
-        "",
-        f"Targets: ratio >= 0.98 at s=2: {t['global_ratio_ge_0.98_at_s2']} (lowest ratio by s: {', '.join(f's={k}: {fmt(v)}' for k, v in t['global_ratio_min_by_s'].items())}); "
-        f"one actor call per step: {t['global_one_actor_call_per_step']}; <= 1% waits at s=2: {t['global_wait_le_1pct_at_s2']}; >= 10x per-rank at 256 ranks: {t['ge_10x_per_rank_at_256']}; "
-        f"beta traces equal to a core replay: {t['beta_matches_core_replay']}; identical across protocols: "
-        + ", ".join(f"{k}: {v}" for k, v in c["beta_traces_identical_across_protocols"].items()) + ".",
-        "", image(results, out, "coordinator_scale.png", "coordinator scale"),
-    ])
+    return "\n".join(
+        [
+            "## 3. Coordinator at scale",
+            "",
+            f"Synchronous steps of {fmt(cfg['step_ms'])} ms x lognormal (sigma {fmt(cfg['jitter'])}), the same draws for every protocol and for the no-coordinator baseline "
+            f"(measured right before each point); sampler update every {cfg['sampler_every']} steps; the real Ray actor. Global protocol: one process emulates the N ranks; "
+            f"rank 0's thread sums the N vectors (fsum) and makes one actor call per step. Reduction (gather to rank 0 + decision broadcast) measured with real gloo processes "
+            f"({measured}) and modelled for larger N as {fmt(fit['a_ms'])} + {fmt(fit['b_ms_per_log2_rank'])} x log2(N) ms ({c['gloo'].get('law', '')}). "
+            "Per-rank protocol: N asyncio ranks calling the actor every step; refused where N x (s + 1) exceeds the actor's 1,000 slots (the job would hang).",
+            "",
+            table(
+                [
+                    "protocol",
+                    "ranks",
+                    "s",
+                    "steps",
+                    "steps/s",
+                    "no-coordinator steps/s",
+                    "ratio",
+                    "decisions that waited",
+                    "actor calls / step",
+                    "beta = core replay",
+                ],
+                rows,
+            ),
+            "",
+            f"Targets: ratio >= 0.98 at s=2: {t['global_ratio_ge_0.98_at_s2']} (lowest ratio by s: {', '.join(f's={k}: {fmt(v)}' for k, v in t['global_ratio_min_by_s'].items())}); "
+            f"one actor call per step: {t['global_one_actor_call_per_step']}; <= 1% waits at s=2: {t['global_wait_le_1pct_at_s2']}; >= 10x per-rank at 256 ranks: {t['ge_10x_per_rank_at_256']}; "
+            f"beta traces equal to a core replay: {t['beta_matches_core_replay']}; identical across protocols: "
+            + ", ".join(f"{k}: {v}" for k, v in c["beta_traces_identical_across_protocols"].items())
+            + ".",
+            "",
+            image(results, out, "coordinator_scale.png", "coordinator scale"),
+        ]
+    )
 
 
 def section_embedding(e: dict[str, Any], results: Path, out: Path) -> str:
     rows = []
     for p in e["points"]:
         for r in p["ranks"]:
-            rows.append([p["sharding"], p["total_table_mb"], r["rank"], r["local_table_mb"], r["step_ms_median"], r["step_ms_p90"], r["setup_s"],
-                         r["rss_mb_before"], r["rss_mb_after_setup"], r["peak_rss_mb"]])
+            rows.append(
+                [
+                    p["sharding"],
+                    p["total_table_mb"],
+                    r["rank"],
+                    r["local_table_mb"],
+                    r["step_ms_median"],
+                    r["step_ms_p90"],
+                    r["setup_s"],
+                    r["rss_mb_before"],
+                    r["rss_mb_after_setup"],
+                    r["peak_rss_mb"],
+                ]
+            )
     slopes = ", ".join(f"{k}: {fmt(v['rss_per_table_gb'])}" for k, v in e["summary"].items())
-    return "\n".join([
-        "## 4. Embedding scale", "",
-        f"MF with two equal tables, dim {e['config']['dim']}, {e['config']['rows_per_rank_step']} rows per rank per step, {e['config']['negatives']} negatives, "
-        f"{e['config']['optimizer']}, {e['config']['nproc']} ranks; model built on the meta device so a rank allocates only its shards.", "",
-        table(["sharding", "tables MB (all)", "rank", "shard MB on rank", "step ms median", "p90", "set-up s", "RSS before MB", "RSS after set-up MB", "peak RSS MB"], rows),
-        "", f"Peak RSS grows by this many MB per MB of shard held (fitted slope): {slopes}.",
-        "", image(results, out, "embedding_scale.png", "embedding scale"),
-    ])
+    return "\n".join(
+        [
+            "## 4. Embedding scale",
+            "",
+            f"MF with two equal tables, dim {e['config']['dim']}, {e['config']['rows_per_rank_step']} rows per rank per step, {e['config']['negatives']} negatives, "
+            f"{e['config']['optimizer']}, {e['config']['nproc']} ranks; model built on the meta device so a rank allocates only its shards.",
+            "",
+            table(
+                [
+                    "sharding",
+                    "tables MB (all)",
+                    "rank",
+                    "shard MB on rank",
+                    "step ms median",
+                    "p90",
+                    "set-up s",
+                    "RSS before MB",
+                    "RSS after set-up MB",
+                    "peak RSS MB",
+                ],
+                rows,
+            ),
+            "",
+            f"Peak RSS grows by this many MB per MB of shard held (fitted slope): {slopes}.",
+            "",
+            image(results, out, "embedding_scale.png", "embedding scale"),
+        ]
+    )
 
 
 def section_quality(q: dict[str, Any], results: Path, out: Path) -> str:
@@ -240,34 +389,85 @@ def section_quality(q: dict[str, Any], results: Path, out: Path) -> str:
             extra = f"w={row['weights']}, l_hat={fmt(row['target_loss'], 4)}"
         elif row["method"] == "static":
             extra = f"w={row['weights']}"
-        rows.append([row["name"], extra, pct(row.get("mean_gain", float("nan"))) if row["method"] not in ("pretrain",) else ""])
-    return "\n".join([
-        f"## 5. Quality on {Path(cfg['data']).name} (test split)", "",
-        f"Config {Path(cfg['config_file']).name}, pretrained l_hat = {fmt(q['target_loss_pretrained'], 4)} (best epoch {q['pretrain'].get('best_epoch')}); "
-        f"fine-tune overrides {cfg['finetune_overrides']}. Relative changes against the pretrained model.", "",
-        q["table_markdown"], "",
-        table(["model", "setting", "mean gain (revenue, fairness, alignment)"], rows), "",
-        image(results, out, "quality_pareto.png", "Pareto fronts"), "",
-        image(results, out, "quality_pid_trace.png", "PID traces"),
-    ])
+        rows.append(
+            [row["name"], extra, pct(row.get("mean_gain", float("nan"))) if row["method"] not in ("pretrain",) else ""]
+        )
+    return "\n".join(
+        [
+            f"## 5. Quality on {Path(cfg['data']).name} (test split)",
+            "",
+            f"Config {Path(cfg['config_file']).name}, pretrained l_hat = {fmt(q['target_loss_pretrained'], 4)} (best epoch {q['pretrain'].get('best_epoch')}); "
+            f"fine-tune overrides {cfg['finetune_overrides']}. Relative changes against the pretrained model.",
+            "",
+            q["table_markdown"],
+            "",
+            table(["model", "setting", "mean gain (revenue, fairness, alignment)"], rows),
+            "",
+            image(results, out, "quality_pareto.png", "Pareto fronts"),
+            "",
+            image(results, out, "quality_pid_trace.png", "PID traces"),
+        ]
+    )
 
 
 def section_sensitivity(s: dict[str, Any], results: Path, out: Path) -> str:
-    rows = [[p["kp"], p["ki"], pct(p["accuracy_change"]), pct(p["gains"]["revenue"]), pct(p["gains"]["fairness"]), pct(p["gains"]["alignment"]),
-             pct(p["mean_gain"]), p["beta_mean"], p["beta_final"], p["final_loss_minus_target"]] for p in s["points"]]
-    return "\n".join([
-        "## 6. PID sensitivity", "",
-        f"MoRec from the same pretrained model (l_hat {fmt(s['target_loss'], 4)}), reference preferences, fine-tune overrides {s['config']['finetune_overrides']}.", "",
-        table(["Kp", "Ki", "hit@10 change", "revenue gain", "fairness gain", "alignment gain", "mean gain", "beta mean", "beta final", "final loss - l_hat"], rows),
-        "", image(results, out, "sensitivity.png", "sensitivity"),
-    ])
+    rows = [
+        [
+            p["kp"],
+            p["ki"],
+            pct(p["accuracy_change"]),
+            pct(p["gains"]["revenue"]),
+            pct(p["gains"]["fairness"]),
+            pct(p["gains"]["alignment"]),
+            pct(p["mean_gain"]),
+            p["beta_mean"],
+            p["beta_final"],
+            p["final_loss_minus_target"],
+        ]
+        for p in s["points"]
+    ]
+    return "\n".join(
+        [
+            "## 6. PID sensitivity",
+            "",
+            f"MoRec from the same pretrained model (l_hat {fmt(s['target_loss'], 4)}), reference preferences, fine-tune overrides {s['config']['finetune_overrides']}.",
+            "",
+            table(
+                [
+                    "Kp",
+                    "Ki",
+                    "hit@10 change",
+                    "revenue gain",
+                    "fairness gain",
+                    "alignment gain",
+                    "mean gain",
+                    "beta mean",
+                    "beta final",
+                    "final loss - l_hat",
+                ],
+                rows,
+            ),
+            "",
+            image(results, out, "sensitivity.png", "sensitivity"),
+        ]
+    )
 
 
 def section_status(run: dict[str, Any]) -> str:
-    rows = [[name, info["status"], info.get("seconds"), info.get("error", "")[:200]] for name, info in run.get("benchmarks", {}).items()]
+    rows = [
+        [name, info["status"], info.get("seconds"), info.get("error", "")[:200]]
+        for name, info in run.get("benchmarks", {}).items()
+    ]
     total = sum(float(info.get("seconds") or 0) for info in run.get("benchmarks", {}).values())
-    return "\n".join(["## Run status", "", f"Last command `{run.get('command', '')}`; the benchmarks below took {fmt(total)} s in all.", "",
-                      table(["benchmark", "status", "seconds", "error"], rows)])
+    return "\n".join(
+        [
+            "## Run status",
+            "",
+            f"Last command `{run.get('command', '')}`; the benchmarks below took {fmt(total)} s in all.",
+            "",
+            table(["benchmark", "status", "seconds", "error"], rows),
+        ]
+    )
 
 
 def flatten(value: Any, prefix: str = "") -> list[tuple[str, Any]]:
@@ -276,7 +476,11 @@ def flatten(value: Any, prefix: str = "") -> list[tuple[str, Any]]:
         for k, v in value.items():
             out += flatten(v, f"{prefix}.{k}" if prefix else str(k))
         return out
-    if isinstance(value, list) and value and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value):
+    if (
+        isinstance(value, list)
+        and value
+        and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value)
+    ):
         if len(value) > 12:
             return [(prefix, f"[{len(value)} values; first {fmt(value[0])}, last {fmt(value[-1])}]")]
         return [(prefix, "[" + ", ".join(fmt(v) for v in value) + "]")]
@@ -295,7 +499,12 @@ def appendix(found: dict[str, dict[str, Any]]) -> str:
     skip = ("config", "raw", "table_markdown")
     for name, result in found.items():
         values = flatten({k: v for k, v in result.items() if k not in skip})
-        lines += [f"<details><summary>{name}.json ({len(values)} numbers)</summary>", "", "| key | value |", "|---|---|"]
+        lines += [
+            f"<details><summary>{name}.json ({len(values)} numbers)</summary>",
+            "",
+            "| key | value |",
+            "|---|---|",
+        ]
         lines += [f"| {k} | {v} |" for k, v in values]
         lines += ["", "</details>", ""]
     return "\n".join(lines)
@@ -313,11 +522,15 @@ SECTIONS: dict[str, Callable[..., str]] = {
 def generate(results: Path, out: Path) -> str:
     found = load_results(results)
     parts = [
-        "# Benchmark report", "",
+        "# Benchmark report",
+        "",
         f"Generated {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())} by `python -m benchmarks.report` from `{_shown(results)}/*.json`. "
-        "Every ratio compares two measurements of the same run on the same machine.", "",
-        section_headline(found), "",
-        section_provenance(found), "",
+        "Every ratio compares two measurements of the same run on the same machine.",
+        "",
+        section_headline(found),
+        "",
+        section_provenance(found),
+        "",
     ]
     if "run_all" in found:
         parts += [section_status(found["run_all"]), ""]

@@ -34,7 +34,12 @@ def command_for(name: str, quick: bool, out_dir: Path, seed: int, note_text: str
     if name == "sensitivity" and ok.get("quality"):
         pretrained = REPO / "runs" / "bench" / ("quality-quick" if quick else "quality") / "pretrain"
         if (pretrained / "metrics.json").exists():
-            args += ["--from", str(pretrained / "checkpoints" / "best"), "--pretrain-metrics", str(pretrained / "metrics.json")]
+            args += [
+                "--from",
+                str(pretrained / "checkpoints" / "best"),
+                "--pretrain-metrics",
+                str(pretrained / "metrics.json"),
+            ]
             if quick:
                 from benchmarks.quality import quick_dataset
 
@@ -73,18 +78,27 @@ def main(argv: list[str] | None = None) -> int:
             status[name] = {"status": "ok", "seconds": round(time.perf_counter() - t, 1)}
             ok[name] = True
         except Exception as exc:  # recorded and reported; the other benchmarks still run
-            status[name] = {"status": "failed", "seconds": round(time.perf_counter() - t, 1), "error": str(exc).splitlines()[0]}
+            status[name] = {
+                "status": "failed",
+                "seconds": round(time.perf_counter() - t, 1),
+                "error": str(exc).splitlines()[0],
+            }
             ok[name] = False
         print(f"    {name}: {status[name]['status']} in {status[name]['seconds']} s", flush=True)
     previous = out_dir / "run_all.json"
     if args.only and previous.exists():  # a partial rerun keeps the other benchmarks' status
         status = {**read_json(previous).get("benchmarks", {}), **status}
-    write_json(out_dir / "run_all.json", {
-        "command": "python -m benchmarks.run_all" + (" --quick" if args.quick else "") + (f" --only {' '.join(args.only)}" if args.only else ""),
-        "benchmarks": status,
-        "seconds": round(time.perf_counter() - started, 1),
-        "note": note_text,
-    })
+    write_json(
+        out_dir / "run_all.json",
+        {
+            "command": "python -m benchmarks.run_all"
+            + (" --quick" if args.quick else "")
+            + (f" --only {' '.join(args.only)}" if args.only else ""),
+            "benchmarks": status,
+            "seconds": round(time.perf_counter() - started, 1),
+            "note": note_text,
+        },
+    )
     generate(out_dir, report_path)
     print(f"wrote {report_path}")
     return 0 if all(ok.values()) else 1

@@ -20,8 +20,18 @@ from typing import Any
 
 import numpy as np
 
-from benchmarks.common import REPO, Recorder, default_out, note, bench_parser
-from benchmarks.quality import DEFAULT_CONFIG, DEFAULT_DATA, METRICS, common_overrides, finetune, pretrain, quick_dataset, row_of, trace_of
+from benchmarks.common import REPO, Recorder, bench_parser, default_out, note
+from benchmarks.quality import (
+    DEFAULT_CONFIG,
+    DEFAULT_DATA,
+    METRICS,
+    common_overrides,
+    finetune,
+    pretrain,
+    quick_dataset,
+    row_of,
+    trace_of,
+)
 
 KP_FULL = (0.01, 0.05, 0.25)
 KI_FULL = (0.0, 0.001, 0.01)
@@ -57,7 +67,10 @@ def plot(points: list[dict[str, Any]], kps: tuple[float, ...], kis: tuple[float,
 
     plt = pyplot()
     fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
-    for ax, key, title in ((axes[0], "accuracy_change", "hit@10 change vs pretrained (%)"), (axes[1], "mean_gain", "mean objective gain (%)")):
+    for ax, key, title in (
+        (axes[0], "accuracy_change", "hit@10 change vs pretrained (%)"),
+        (axes[1], "mean_gain", "mean objective gain (%)"),
+    ):
         grid = np.full((len(kps), len(kis)), np.nan)
         for p in points:
             grid[kps.index(p["kp"]), kis.index(p["ki"])] = 100 * p[key]
@@ -84,9 +97,18 @@ def plot(points: list[dict[str, Any]], kps: tuple[float, ...], kis: tuple[float,
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = bench_parser(__doc__)
     parser.add_argument("--config", type=Path, default=DEFAULT_CONFIG)
-    parser.add_argument("--data", type=Path, default=None, help=f"prepared dataset (default: {DEFAULT_DATA}; quick: a small synthetic one)")
-    parser.add_argument("--from", dest="checkpoint", default=None, help="pretrained checkpoint directory (default: pretrain here)")
-    parser.add_argument("--pretrain-metrics", type=Path, default=None, help="its metrics.json (for l_hat and the baseline metrics)")
+    parser.add_argument(
+        "--data",
+        type=Path,
+        default=None,
+        help=f"prepared dataset (default: {DEFAULT_DATA}; quick: a small synthetic one)",
+    )
+    parser.add_argument(
+        "--from", dest="checkpoint", default=None, help="pretrained checkpoint directory (default: pretrain here)"
+    )
+    parser.add_argument(
+        "--pretrain-metrics", type=Path, default=None, help="its metrics.json (for l_hat and the baseline metrics)"
+    )
     parser.add_argument("--work", type=Path, default=None)
     args = parser.parse_args(argv)
     args.data = args.data or (quick_dataset(args.seed) if args.quick else DEFAULT_DATA)
@@ -95,9 +117,18 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     kps, kis, pre_overrides, ft_overrides = grid_for(args.quick)
     base = common_overrides(args.data, args.seed)
     recorder = Recorder(
-        "sensitivity", mode="quick" if args.quick else "full", seed=args.seed,
-        config={"config_file": str(args.config), "data": str(args.data), "overrides": base, "kp": list(kps), "ki": list(kis),
-                "finetune_overrides": ft_overrides, "work": str(work)},
+        "sensitivity",
+        mode="quick" if args.quick else "full",
+        seed=args.seed,
+        config={
+            "config_file": str(args.config),
+            "data": str(args.data),
+            "overrides": base,
+            "kp": list(kps),
+            "ki": list(kis),
+            "finetune_overrides": ft_overrides,
+            "work": str(work),
+        },
         note_text=note(args.note),
     )
     if args.checkpoint:
@@ -116,19 +147,31 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     for kp in kps:
         for ki in kis:
             name = f"kp{kp:g}-ki{ki:g}"
-            metrics = finetune(args.config, pre["checkpoint_dir"], "morec", name, base, work,
-                               [*ft_overrides, f"morec.pid.kp={kp}", f"morec.pid.ki={ki}", f"morec.pid.target_loss={target}"])
+            metrics = finetune(
+                args.config,
+                pre["checkpoint_dir"],
+                "morec",
+                name,
+                base,
+                work,
+                [*ft_overrides, f"morec.pid.kp={kp}", f"morec.pid.ki={ki}", f"morec.pid.target_loss={target}"],
+            )
             row = row_of(name, "morec", metrics, baseline, trace=trace_of(metrics))
             points.append(point_summary(row, kp, ki))
             p = points[-1]
-            print(f"{name}: hit@10 {100 * p['accuracy_change']:+.2f}%  mean gain {100 * p['mean_gain']:+.2f}%  beta mean {p['beta_mean']:.3f}", flush=True)
+            print(
+                f"{name}: hit@10 {100 * p['accuracy_change']:+.2f}%  mean gain {100 * p['mean_gain']:+.2f}%  beta mean {p['beta_mean']:.3f}",
+                flush=True,
+            )
     figure = plot(points, kps, kis, out.with_suffix(".png"))
-    recorder.update({
-        "target_loss": target,
-        "pretrained": {"checkpoint": pre["checkpoint_dir"], **{m: pre[m] for m in METRICS}},
-        "points": points,
-        "figures": [figure.name],
-    })
+    recorder.update(
+        {
+            "target_loss": target,
+            "pretrained": {"checkpoint": pre["checkpoint_dir"], **{m: pre[m] for m in METRICS}},
+            "points": points,
+            "figures": [figure.name],
+        }
+    )
     return recorder.write(out)
 
 

@@ -44,30 +44,57 @@ def _add_prepare(sub: argparse._SubParsersAction) -> None:
     syn.add_argument("--out", required=True)
     syn.add_argument("--overwrite", action="store_true")
     syn.set_defaults(func=_cmd_prepare_synthetic)
-    par = which.add_parser("parquet", help="your own interactions (+ items, users) in Parquet, local or s3:// gs:// hdfs://, on Ray Data")
-    par.add_argument("--mapping", required=True, help="TOML file: [input] [columns] [features] [split] [output] (docs/data.md)")
-    par.add_argument("overrides", nargs="*", metavar="SECTION.KEY=VALUE", help="mapping overrides, e.g. split.rule=\"time\"")
+    par = which.add_parser(
+        "parquet", help="your own interactions (+ items, users) in Parquet, local or s3:// gs:// hdfs://, on Ray Data"
+    )
+    par.add_argument(
+        "--mapping", required=True, help="TOML file: [input] [columns] [features] [split] [output] (docs/data.md)"
+    )
+    par.add_argument(
+        "overrides", nargs="*", metavar="SECTION.KEY=VALUE", help='mapping overrides, e.g. split.rule="time"'
+    )
     par.add_argument("--out", required=True, help="output directory (local, or a filesystem every Ray worker sees)")
     par.add_argument("--overwrite", action="store_true", help="replace an existing directory (atomically)")
-    par.add_argument("--ray-address", default=None, help="an existing Ray cluster (default: a local Ray in this process)")
+    par.add_argument(
+        "--ray-address", default=None, help="an existing Ray cluster (default: a local Ray in this process)"
+    )
     par.add_argument("--num-cpus", type=int, default=None, help="CPUs of the local Ray (default: all)")
-    par.add_argument("--object-store-mb", type=int, default=None, help="object store of the local Ray (default 2048; spills beyond)")
-    par.add_argument("--layout-engine", choices=("auto", "local", "ray"), default="auto", help="by_group writer: auto = in-process up to 1M train rows (same bytes), else Ray Data")
-    par.add_argument("--progress", action="store_true", help="Ray Data's progress bars (stage log lines are always printed)")
+    par.add_argument(
+        "--object-store-mb", type=int, default=None, help="object store of the local Ray (default 2048; spills beyond)"
+    )
+    par.add_argument(
+        "--layout-engine",
+        choices=("auto", "local", "ray"),
+        default="auto",
+        help="by_group writer: auto = in-process up to 1M train rows (same bytes), else Ray Data",
+    )
+    par.add_argument(
+        "--progress", action="store_true", help="Ray Data's progress bars (stage log lines are always printed)"
+    )
     par.set_defaults(func=_cmd_prepare_parquet)
 
 
 def _cmd_prepare_movielens(args: argparse.Namespace) -> int:
     from morec_dist.data.prepare.movielens import prepare_movielens_1m
 
-    path = prepare_movielens_1m(args.out, cache_dir=Path(args.cache_dir) if args.cache_dir else None, overwrite=args.overwrite)
+    path = prepare_movielens_1m(
+        args.out, cache_dir=Path(args.cache_dir) if args.cache_dir else None, overwrite=args.overwrite
+    )
     return _print_stats(path)
 
 
 def _cmd_prepare_synthetic(args: argparse.Namespace) -> int:
     from morec_dist.data.prepare.synthetic import generate
 
-    path = generate(args.out, users=args.users, items=args.items, rows=args.rows, seed=args.seed, overwrite=args.overwrite, progress=True)
+    path = generate(
+        args.out,
+        users=args.users,
+        items=args.items,
+        rows=args.rows,
+        seed=args.seed,
+        overwrite=args.overwrite,
+        progress=True,
+    )
     return _print_stats(path)
 
 
@@ -130,13 +157,26 @@ def _print_stats(path: Path, as_json: bool = False) -> int:
 
 def _add_config_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", default=None, help="TOML config file (defaults when omitted)")
-    parser.add_argument("overrides", nargs="*", metavar="SECTION.KEY=VALUE", help="config overrides, e.g. train.epochs=3")
-    parser.add_argument("--nproc", type=int, default=None, help="local ranks when not started by torchrun (default: run.nproc)")
+    parser.add_argument(
+        "overrides", nargs="*", metavar="SECTION.KEY=VALUE", help="config overrides, e.g. train.epochs=3"
+    )
+    parser.add_argument(
+        "--nproc", type=int, default=None, help="local ranks when not started by torchrun (default: run.nproc)"
+    )
 
 
 def _add_fault_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--no-resume", action="store_true", help="start afresh even if <run.out_dir>/checkpoints holds a step checkpoint")
-    parser.add_argument("--max-restarts", type=int, default=None, help="torchrun restarts of the rank group after a failure (default: run.max_restarts)")
+    parser.add_argument(
+        "--no-resume",
+        action="store_true",
+        help="start afresh even if <run.out_dir>/checkpoints holds a step checkpoint",
+    )
+    parser.add_argument(
+        "--max-restarts",
+        type=int,
+        default=None,
+        help="torchrun restarts of the rank group after a failure (default: run.max_restarts)",
+    )
 
 
 def preflight(config, from_checkpoint: str | None = None, objectives: bool = False) -> None:
@@ -155,7 +195,11 @@ def preflight(config, from_checkpoint: str | None = None, objectives: bool = Fal
         from morec_dist.coordinator.sampler import GroupStats, SamplerError
 
         try:
-            build_objectives(config.morec.objectives, GroupStats.from_manifest(dataset.manifest, dataset.path), default_alpha=config.morec.sampler.alpha)
+            build_objectives(
+                config.morec.objectives,
+                GroupStats.from_manifest(dataset.manifest, dataset.path),
+                default_alpha=config.morec.sampler.alpha,
+            )
         except (ObjectiveError, SamplerError) as exc:
             raise ConfigError(f"morec.objectives: {exc}") from None
     if from_checkpoint is not None:
@@ -183,7 +227,9 @@ def _as_ranks(args: argparse.Namespace, job, config=None) -> int:
         restarts = getattr(args, "max_restarts", None)
         if restarts is not None and restarts < 0:
             raise ConfigError(f"--max-restarts: expected >= 0, got {restarts}")
-        return relaunch(args.nproc or config.run.nproc, args.argv, config.run.max_restarts if restarts is None else restarts)
+        return relaunch(
+            args.nproc or config.run.nproc, args.argv, config.run.max_restarts if restarts is None else restarts
+        )
     from morec_dist.model.sharding import shutdown_distributed
 
     try:
@@ -226,7 +272,9 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
 
 
 def _add_finetune(sub: argparse._SubParsersAction) -> None:
-    finetune = sub.add_parser("finetune", help="fine-tune a pretrained checkpoint with MoRec (or a baseline) on torchrun ranks")
+    finetune = sub.add_parser(
+        "finetune", help="fine-tune a pretrained checkpoint with MoRec (or a baseline) on torchrun ranks"
+    )
     finetune.add_argument("--from", dest="from_checkpoint", required=True, help="pretrained checkpoint directory")
     finetune.add_argument("--method", choices=("morec", "static", "mgda"), default="morec")
     _add_config_args(finetune)
@@ -245,13 +293,19 @@ def _add_finetune(sub: argparse._SubParsersAction) -> None:
 
             address = start_local_ray(config.coordinator.object_store_mb, namespace=config.coordinator.namespace)
             args.argv = [*args.argv, f"coordinator.ray_address={address!r}".replace("'", '"')]
-        return _as_ranks(args, lambda c: run_finetune(c, args.from_checkpoint, args.method, resume=False if args.no_resume else None), config=config)
+        return _as_ranks(
+            args,
+            lambda c: run_finetune(c, args.from_checkpoint, args.method, resume=False if args.no_resume else None),
+            config=config,
+        )
 
     finetune.set_defaults(func=run)
 
 
 def _add_evaluate(sub: argparse._SubParsersAction) -> None:
-    ev = sub.add_parser("evaluate", help="evaluate a checkpoint (full ranking, K list) on torchrun ranks; writes metrics json")
+    ev = sub.add_parser(
+        "evaluate", help="evaluate a checkpoint (full ranking, K list) on torchrun ranks; writes metrics json"
+    )
     ev.add_argument("--checkpoint", required=True, help="checkpoint directory (its recorded config rebuilds the model)")
     ev.add_argument("--split", choices=("valid", "test"), default="test")
     ev.add_argument("--out", default=None, help="metrics file (default: <run dir>/metrics-<split>.json)")
@@ -269,7 +323,9 @@ def _add_evaluate(sub: argparse._SubParsersAction) -> None:
 
 
 def _add_run(sub: argparse._SubParsersAction) -> None:
-    run = sub.add_parser("run", help="the whole method: prepare, pretrain, fine-tune (MoRec and baselines), results table")
+    run = sub.add_parser(
+        "run", help="the whole method: prepare, pretrain, fine-tune (MoRec and baselines), results table"
+    )
     run.add_argument("--config", default=None, help="TOML config file (defaults when omitted)")
     run.add_argument("overrides", nargs="*", metavar="SECTION.KEY=VALUE")
 
@@ -283,7 +339,9 @@ def _add_run(sub: argparse._SubParsersAction) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="morec", description="MoRec multi-objective recommender training (TorchRec + Ray + Parquet)")
+    parser = argparse.ArgumentParser(
+        prog="morec", description="MoRec multi-objective recommender training (TorchRec + Ray + Parquet)"
+    )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _add_prepare(sub)
     _add_inspect(sub)

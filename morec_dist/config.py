@@ -29,8 +29,12 @@ class RunConfig:
     nproc: int = 2  # local ranks started by `morec run` / `train` / `finetune`
     # what `morec run` fine-tunes from the pretrained model, each compared in its table
     methods: list[str] = field(default_factory=lambda: ["morec"])
-    resume: bool = True  # `morec train` / `finetune` continue from the latest complete checkpoint in <out_dir>/checkpoints
-    max_restarts: int = 0  # torchrun --max-restarts: a failed rank restarts the group, which resumes from the last checkpoint
+    resume: bool = (
+        True  # `morec train` / `finetune` continue from the latest complete checkpoint in <out_dir>/checkpoints
+    )
+    max_restarts: int = (
+        0  # torchrun --max-restarts: a failed rank restarts the group, which resumes from the last checkpoint
+    )
 
 
 @dataclass
@@ -306,8 +310,8 @@ def check_per_rank_fits(world_size: int, staleness: int) -> None:
     waiting = world_size * (staleness + 1)
     _require(
         waiting <= ACTOR_STEP_SLOTS,
-        f"coordinator.protocol = \"per_rank\" with {world_size} ranks and staleness {staleness}: up to {waiting} report calls "
-        f"would wait in the actor, which serves {ACTOR_STEP_SLOTS}; the job would hang. Use coordinator.protocol = \"global\"",
+        f'coordinator.protocol = "per_rank" with {world_size} ranks and staleness {staleness}: up to {waiting} report calls '
+        f'would wait in the actor, which serves {ACTOR_STEP_SLOTS}; the job would hang. Use coordinator.protocol = "global"',
     )
 
 
@@ -339,18 +343,29 @@ def validate(c: Config) -> None:
     _require(c.optim.dense_lr > 0, f"optim.dense_lr: expected > 0, got {c.optim.dense_lr}")
     _require(c.train.epochs >= 1, f"train.epochs: expected >= 1, got {c.train.epochs}")
     _require(c.train.max_steps >= 0, f"train.max_steps: expected >= 0, got {c.train.max_steps}")
-    _require(bool(c.eval.ks) and all(k >= 1 for k in c.eval.ks), f"eval.ks: expected positive integers, got {c.eval.ks}")
+    _require(
+        bool(c.eval.ks) and all(k >= 1 for k in c.eval.ks), f"eval.ks: expected positive integers, got {c.eval.ks}"
+    )
     _validate_morec(c.morec)
     # s = 0 would make step t's beta depend on step t's own report, which is sent after the
     # step's loss is formed: the trainer needs at least one step of slack.
     _require(c.coordinator.staleness >= 1, f"coordinator.staleness: expected >= 1, got {c.coordinator.staleness}")
-    _require(c.coordinator.protocol in COORDINATOR_PROTOCOLS, f"coordinator.protocol: {c.coordinator.protocol!r} is not one of {COORDINATOR_PROTOCOLS}")
-    _require(c.coordinator.trace_window >= 0, f"coordinator.trace_window: expected >= 0 (0 = keep all), got {c.coordinator.trace_window}")
+    _require(
+        c.coordinator.protocol in COORDINATOR_PROTOCOLS,
+        f"coordinator.protocol: {c.coordinator.protocol!r} is not one of {COORDINATOR_PROTOCOLS}",
+    )
+    _require(
+        c.coordinator.trace_window >= 0,
+        f"coordinator.trace_window: expected >= 0 (0 = keep all), got {c.coordinator.trace_window}",
+    )
     if c.coordinator.protocol == "per_rank":
         check_per_rank_fits(c.run.nproc, c.coordinator.staleness)
     _require(1 <= c.metrics.base_port <= 65535 - 64, f"metrics.base_port: expected 1..65471, got {c.metrics.base_port}")
     _require(c.run.max_restarts >= 0, f"run.max_restarts: expected >= 0, got {c.run.max_restarts}")
-    _require(c.checkpoint.every_steps >= 0, f"checkpoint.every_steps: expected >= 0 (0 = end of each epoch), got {c.checkpoint.every_steps}")
+    _require(
+        c.checkpoint.every_steps >= 0,
+        f"checkpoint.every_steps: expected >= 0 (0 = end of each epoch), got {c.checkpoint.every_steps}",
+    )
     _require(c.checkpoint.keep_last >= 1, f"checkpoint.keep_last: expected >= 1, got {c.checkpoint.keep_last}")
 
 

@@ -47,7 +47,13 @@ def ray_head(tmp_path):
     port = free_tcp_port()
     env = {**os.environ, "MOREC_RAY_STATE": str(tmp_path / "ray-state")}
     script = str(REPO / "launch" / "ray_head.sh")
-    subprocess.run(["bash", script, "--port", str(port), "--num-cpus", "2", "--object-store-mb", "100"], check=True, env=env, timeout=120, capture_output=True)
+    subprocess.run(
+        ["bash", script, "--port", str(port), "--num-cpus", "2", "--object-store-mb", "100"],
+        check=True,
+        env=env,
+        timeout=120,
+        capture_output=True,
+    )
     try:
         yield f"127.0.0.1:{port}"
     finally:

@@ -18,8 +18,9 @@ import time
 import urllib.error
 import urllib.parse
 import urllib.request
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any
 
 import pytest
 
@@ -90,7 +91,7 @@ class PrometheusServer:
         self.base_url = f"http://127.0.0.1:{port}"
 
     @classmethod
-    def start(cls, targets: Mapping[str, Sequence[str]], workdir: Path, timeout_s: float = 60.0) -> "PrometheusServer":
+    def start(cls, targets: Mapping[str, Sequence[str]], workdir: Path, timeout_s: float = 60.0) -> PrometheusServer:
         ensure_installed()
         workdir.mkdir(parents=True, exist_ok=True)
         config = workdir / "prometheus.yml"
@@ -168,7 +169,9 @@ class PrometheusServer:
             raise PrometheusError(f"query {expr!r}: expected one series, got {result}")
         return float(result[0]["value"][1])
 
-    def wait_for(self, expr: str, ok: Callable[[list[dict[str, Any]]], bool], timeout_s: float = 30.0) -> list[dict[str, Any]]:
+    def wait_for(
+        self, expr: str, ok: Callable[[list[dict[str, Any]]], bool], timeout_s: float = 30.0
+    ) -> list[dict[str, Any]]:
         deadline = time.monotonic() + timeout_s
         result: list[dict[str, Any]] = []
         while time.monotonic() < deadline:

@@ -23,10 +23,33 @@ def coordinator_run(tmp_path_factory) -> tuple[Path, dict]:
     results = tmp_path_factory.mktemp("results")
     out = results / "coordinator_scale.json"
     subprocess.run(
-        [sys.executable, "-m", "benchmarks.coordinator_scale", "--quick", "--out", str(out), "--seed", "3",
-         "--ranks", *map(str, RANKS), "--staleness", *map(str, STALENESS), "--note", "test run",
-         "--steps", "30", "--gloo-procs", "2", "--per-rank-calls", "240"],
-        cwd=REPO, check=True, timeout=240, capture_output=True, text=True,
+        [
+            sys.executable,
+            "-m",
+            "benchmarks.coordinator_scale",
+            "--quick",
+            "--out",
+            str(out),
+            "--seed",
+            "3",
+            "--ranks",
+            *map(str, RANKS),
+            "--staleness",
+            *map(str, STALENESS),
+            "--note",
+            "test run",
+            "--steps",
+            "30",
+            "--gloo-procs",
+            "2",
+            "--per-rank-calls",
+            "240",
+        ],
+        cwd=REPO,
+        check=True,
+        timeout=240,
+        capture_output=True,
+        text=True,
     )
     return results, json.loads(out.read_text())
 
@@ -50,7 +73,10 @@ def test_coordinator_scale_quick_measures_every_point(coordinator_run):
         assert r["actor_calls_per_step"] == (1 if protocol == "global" else ranks)
         assert r["beta_trace_matches_core_replay"] is True
     # same losses, same beta in both protocols
-    assert all(result["beta_traces_identical_across_protocols"].values()) and len(result["beta_traces_identical_across_protocols"]) == 4
+    assert (
+        all(result["beta_traces_identical_across_protocols"].values())
+        and len(result["beta_traces_identical_across_protocols"]) == 4
+    )
     assert result["gloo"]["procs"]["2"]["median_ms"] > 0
     assert (results / "coordinator_scale.png").stat().st_size > 10_000
 
@@ -63,7 +89,11 @@ def test_report_renders_the_results_it_finds(coordinator_run, tmp_path):
     assert out.read_text() == text
     assert "## 3. Coordinator at scale" in text
     r = result["runs"][0]
-    row = next(line for line in text.splitlines() if line.startswith(f"| {r['protocol']} | {r['ranks']} | {r['staleness']} | {r['steps']} |"))
+    row = next(
+        line
+        for line in text.splitlines()
+        if line.startswith(f"| {r['protocol']} | {r['ranks']} | {r['staleness']} | {r['steps']} |")
+    )
     assert f"{r['wait_fraction'] * 100:.1f}%" in row
     assert "coordinator_scale.png" in text and "test run" in text
     # benchmarks that did not run are reported as missing, never invented

@@ -48,9 +48,18 @@ def cli_env(**extra: str) -> dict[str, str]:
 
 
 def morec(*args: str, timeout: int = 600, expect: int = 0, **env_extra: str) -> subprocess.CompletedProcess:
-    proc = subprocess.run([sys.executable, "-m", "morec_dist.cli", *args], capture_output=True, text=True, timeout=timeout, env=cli_env(**env_extra), cwd=REPO)
+    proc = subprocess.run(
+        [sys.executable, "-m", "morec_dist.cli", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=cli_env(**env_extra),
+        cwd=REPO,
+    )
     if proc.returncode != expect:
-        raise AssertionError(f"morec {' '.join(args)} exited {proc.returncode} (expected {expect}):\n{proc.stderr[-4000:]}")
+        raise AssertionError(
+            f"morec {' '.join(args)} exited {proc.returncode} (expected {expect}):\n{proc.stderr[-4000:]}"
+        )
     return proc
 
 
@@ -82,8 +91,15 @@ def shared_pretrained(tmp_path_factory) -> Path:
 
 def finetune_args(tmp_path_factory, out: Path, *extra: str) -> list[str]:
     return [
-        "finetune", "--from", str(shared_pretrained(tmp_path_factory)), "--config", CONFIG,
-        quoted("data.path", shared_data(tmp_path_factory)), quoted("run.out_dir", out), EVERY, *extra,
+        "finetune",
+        "--from",
+        str(shared_pretrained(tmp_path_factory)),
+        "--config",
+        CONFIG,
+        quoted("data.path", shared_data(tmp_path_factory)),
+        quoted("run.out_dir", out),
+        EVERY,
+        *extra,
     ]
 
 
@@ -124,8 +140,12 @@ def assert_same_tensors(a: Path, b: Path, tmp: Path) -> int:
 def start_job(args: list[str], log: Path) -> subprocess.Popen:
     """``morec <args>`` in its own process group (so the whole job can be killed at once)."""
     return subprocess.Popen(
-        [sys.executable, "-m", "morec_dist.cli", *args], cwd=REPO, env=cli_env(),
-        stdout=subprocess.DEVNULL, stderr=open(log, "w"), start_new_session=True,
+        [sys.executable, "-m", "morec_dist.cli", *args],
+        cwd=REPO,
+        env=cli_env(),
+        stdout=subprocess.DEVNULL,
+        stderr=open(log, "w"),
+        start_new_session=True,
     )
 
 
@@ -136,7 +156,9 @@ def wait_for_checkpoint(job: subprocess.Popen, root: Path, log: Path, timeout: f
         if found:
             return found[-1][0]
         if job.poll() is not None:
-            raise AssertionError(f"the job ended (rc {job.returncode}) before any checkpoint:\n{log.read_text()[-4000:]}")
+            raise AssertionError(
+                f"the job ended (rc {job.returncode}) before any checkpoint:\n{log.read_text()[-4000:]}"
+            )
         time.sleep(0.05)
     raise AssertionError(f"no checkpoint after {timeout} s:\n{log.read_text()[-4000:]}")
 
@@ -244,7 +266,9 @@ def test_two_rank_checkpoint_resumes_on_one_rank_and_back(killed, tmp_path_facto
     (one / "checkpoints").mkdir(parents=True)
     source = latest_checkpoint(snapshot / "checkpoints")
     shutil.copytree(source, one / "checkpoints" / source.name)
-    proc = morec(*finetune_args(tmp_path_factory, one, "checkpoint.every_steps=5", "checkpoint.keep_last=3"), "--nproc", "1")
+    proc = morec(
+        *finetune_args(tmp_path_factory, one, "checkpoint.every_steps=5", "checkpoint.keep_last=3"), "--nproc", "1"
+    )
     assert "resharded from 2 ranks" in proc.stderr
     m1 = metrics(one)
     assert m1["world_size"] == 1 and all(math.isfinite(m1[k]) for k in ("hit@10", "ndcg@10", "r_hit@10"))
@@ -269,7 +293,14 @@ def test_pretraining_killed_and_resumed_ends_identical(tmp_path_factory, tmp_pat
     out = tmp_path / "pretrain"
     out.mkdir()
     log = tmp_path / "job.log"
-    args = ["train", "--config", CONFIG, quoted("data.path", shared_data(tmp_path_factory)), quoted("run.out_dir", out), EVERY]
+    args = [
+        "train",
+        "--config",
+        CONFIG,
+        quoted("data.path", shared_data(tmp_path_factory)),
+        quoted("run.out_dir", out),
+        EVERY,
+    ]
     job = start_job(args, log)
     try:
         wait_for_checkpoint(job, out / "checkpoints", log)

@@ -87,10 +87,14 @@ def find(resources: list[dict[str, Any]], kind: str, name: str) -> dict[str, Any
 def expand(text: str, env: dict[str, str]) -> str:
     """Kubernetes' $(VAR) expansion: defined variables are replaced, $$ is a literal $,
     anything else is left as written."""
-    return re.sub(r"\$\$|\$\(([A-Za-z_][A-Za-z0-9_.-]*)\)", lambda m: "$" if m.group(0) == "$$" else env.get(m.group(1), m.group(0)), text)
+    return re.sub(
+        r"\$\$|\$\(([A-Za-z_][A-Za-z0-9_.-]*)\)",
+        lambda m: "$" if m.group(0) == "$$" else env.get(m.group(1), m.group(0)),
+        text,
+    )
 
 
-def field_ref(path: str, pod: "Pod") -> str:
+def field_ref(path: str, pod: Pod) -> str:
     if path == "status.podIP":
         return pod.ip
     if path == "metadata.name":
@@ -100,7 +104,7 @@ def field_ref(path: str, pod: "Pod") -> str:
     return (pod.labels if match.group(1) == "labels" else pod.annotations)[match.group(2)]
 
 
-def resolve_env(container: dict[str, Any], pod: "Pod", secrets_: dict[str, dict[str, str]]) -> dict[str, str]:
+def resolve_env(container: dict[str, Any], pod: Pod, secrets_: dict[str, dict[str, str]]) -> dict[str, str]:
     env: dict[str, str] = {}
     for e in container.get("env", []):
         if "value" in e:
@@ -171,7 +175,11 @@ class Pod:
         job_name = job["metadata"]["name"]
         self.name = f"{job_name}-{index if index is not None else 0}-a{attempt}"
         self.hostname = f"{job_name}-{index}" if index is not None else self.name
-        self.labels = {**template["metadata"].get("labels", {}), "batch.kubernetes.io/job-name": job_name, "job-name": job_name}
+        self.labels = {
+            **template["metadata"].get("labels", {}),
+            "batch.kubernetes.io/job-name": job_name,
+            "job-name": job_name,
+        }
         self.annotations = dict(template["metadata"].get("annotations", {}))
         if index is not None:
             self.annotations["batch.kubernetes.io/job-completion-index"] = str(index)
@@ -187,7 +195,11 @@ class Pod:
             hosts[f"{self.hostname}.{self.spec['subdomain']}"] = self.ip
         for svc in (r for r in self.cluster.resources if r["kind"] == "Service"):
             selector = svc["spec"].get("selector", {})
-            if selector and all(self.labels.get(k) == v for k, v in selector.items()) and svc["spec"].get("clusterIP") != "None":
+            if (
+                selector
+                and all(self.labels.get(k) == v for k, v in selector.items())
+                and svc["spec"].get("clusterIP") != "None"
+            ):
                 hosts[svc["metadata"]["name"]] = self.ip
 
     def podman_args(self, c: dict[str, Any], network: bool) -> list[str]:
@@ -196,8 +208,18 @@ class Pod:
         group = sc.get("runAsGroup", pod_sc.get("runAsGroup"))
         assert pod_sc.get("runAsNonRoot") and user not in (None, 0), f"{self.name}/{c['name']}: not a non-root pod"
         assert pod_sc.get("seccompProfile", {}).get("type") == "RuntimeDefault"  # podman's default profile
-        args = [*PODMAN, "run", "-d", "--name", f"morec-{self.cluster.tag}-{self.name}-{c['name']}", *ULIMITS,
-                "--user", f"{user}:{group}", "--group-add", str(pod_sc.get("fsGroup", group))]
+        args = [
+            *PODMAN,
+            "run",
+            "-d",
+            "--name",
+            f"morec-{self.cluster.tag}-{self.name}-{c['name']}",
+            *ULIMITS,
+            "--user",
+            f"{user}:{group}",
+            "--group-add",
+            str(pod_sc.get("fsGroup", group)),
+        ]
         if sc.get("capabilities", {}).get("drop") == ["ALL"]:
             args += ["--cap-drop", "ALL"]
         if sc.get("allowPrivilegeEscalation") is False:
@@ -223,7 +245,10 @@ class Pod:
                 args += ["-v", f"{folder}:{m['mountPath']}:ro"]
             elif "persistentVolumeClaim" in v:
                 ro = ro or v["persistentVolumeClaim"].get("readOnly", False)
-                args += ["-v", f"{self.cluster.volumes[v['persistentVolumeClaim']['claimName']]}:{m['mountPath']}:{'ro' if ro else 'rw'}"]
+                args += [
+                    "-v",
+                    f"{self.cluster.volumes[v['persistentVolumeClaim']['claimName']]}:{m['mountPath']}:{'ro' if ro else 'rw'}",
+                ]
             elif "emptyDir" in v:
                 size = v["emptyDir"].get("sizeLimit", "1Gi").replace("Gi", "g").replace("Mi", "m")
                 if m["mountPath"] == "/dev/shm":
@@ -237,7 +262,9 @@ class Pod:
             args += ["-e", f"{k}={value}"]
         command = [expand(x, env) for x in c.get("command", [])]
         rest = [expand(x, env) for x in c.get("args", [])]
-        assert command, f"{c['name']}: the manifests name the command explicitly (the image's ENTRYPOINT is not relied on)"
+        assert command, (
+            f"{c['name']}: the manifests name the command explicitly (the image's ENTRYPOINT is not relied on)"
+        )
         return [*args, "--entrypoint", json.dumps(command[:1]), self.cluster.image, *command[1:], *rest]
 
     def start(self) -> None:
@@ -303,7 +330,10 @@ class JobController:
             if "onExitCodes" in rule:
                 on = rule["onExitCodes"]
                 hit = code in on["values"] if on["operator"] == "In" else code not in on["values"]
-                if hit and on.get("containerName", pod.spec["containers"][0]["name"]) == pod.spec["containers"][0]["name"]:
+                if (
+                    hit
+                    and on.get("containerName", pod.spec["containers"][0]["name"]) == pod.spec["containers"][0]["name"]
+                ):
                     return rule["action"]
             for cond in rule.get("onPodConditions", []):
                 if cond["type"] == "DisruptionTarget" and pod.main in self.disrupted:
@@ -324,12 +354,16 @@ class JobController:
             action = self.action(pod, code)
             self.history.append((i, code, action))
             if action == "FailJob":
-                raise AssertionError(f"{self.job['metadata']['name']}: pod {pod.name} exited {code}: FailJob\n{logs(pod.main)}")
+                raise AssertionError(
+                    f"{self.job['metadata']['name']}: pod {pod.name} exited {code}: FailJob\n{logs(pod.main)}"
+                )
             if action == "Count":
                 self.failures[i] += 1
                 limit = self.job["spec"].get("backoffLimitPerIndex", self.job["spec"].get("backoffLimit", 6))
                 if self.failures[i] > limit:
-                    raise AssertionError(f"{self.job['metadata']['name']}: index {i} failed {self.failures[i]} times\n{logs(pod.main)}")
+                    raise AssertionError(
+                        f"{self.job['metadata']['name']}: index {i} failed {self.failures[i]} times\n{logs(pod.main)}"
+                    )
             # podReplacementPolicy Failed: the old pod has terminated; its replacement starts now
             self.pods[i] = self.new_pod(i)
             self.pods[i].start()
@@ -339,7 +373,10 @@ class JobController:
         deadline = time.monotonic() + timeout
         while not self.step():
             if time.monotonic() > deadline:
-                raise AssertionError(f"{self.job['metadata']['name']} did not complete in {timeout} s:\n" + "\n".join(logs(p.main) for p in self.pods))
+                raise AssertionError(
+                    f"{self.job['metadata']['name']} did not complete in {timeout} s:\n"
+                    + "\n".join(logs(p.main) for p in self.pods)
+                )
             time.sleep(every)
 
 
@@ -353,7 +390,13 @@ def image() -> str:
     if shutil.which("podman") is None or shutil.which("debootstrap") is None:
         pytest.fail("podman/debootstrap missing: run tests/tools/install_containers.sh (make test does)")
     start = time.monotonic()
-    out = subprocess.run(["bash", str(REPO / "tests" / "tools" / "build_image.sh")], capture_output=True, text=True, timeout=1500, cwd=REPO)
+    out = subprocess.run(
+        ["bash", str(REPO / "tests" / "tools" / "build_image.sh")],
+        capture_output=True,
+        text=True,
+        timeout=1500,
+        cwd=REPO,
+    )
     assert out.returncode == 0, out.stderr[-4000:]
     print(f"image {out.stdout.strip()} ready in {time.monotonic() - start:.0f} s", file=sys.stderr)
     return out.stdout.strip().splitlines()[-1]
@@ -368,7 +411,11 @@ def tiny_dataset(folder: Path) -> Path:
 def first_step_checkpoint(folder: Path, timeout: float, pods: list[Pod]) -> int:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        steps = sorted(int(p.name.split("-")[1]) for p in folder.glob("step-*") if p.is_dir() and re.fullmatch(r"step-\d+", p.name) and (p / "meta.json").exists())
+        steps = sorted(
+            int(p.name.split("-")[1])
+            for p in folder.glob("step-*")
+            if p.is_dir() and re.fullmatch(r"step-\d+", p.name) and (p / "meta.json").exists()
+        )
         if steps:
             return steps[0]
         for pod in pods:
@@ -385,12 +432,28 @@ def scrape(url: str) -> str:
 def start_host_finetune(pretrained: Path, data: Path, out: Path) -> subprocess.Popen:
     """The uninterrupted reference: the same config, checkpoint, world size and threads per
     rank (the cpu overlay's OMP_NUM_THREADS), on the host."""
-    args = ["finetune", "--method", "morec", "--from", str(pretrained), "--config", str(TINY / "job.toml"),
-            f'data.path="{data}"', f'run.out_dir="{out}"', "metrics.enabled=false"]
+    args = [
+        "finetune",
+        "--method",
+        "morec",
+        "--from",
+        str(pretrained),
+        "--config",
+        str(TINY / "job.toml"),
+        f'data.path="{data}"',
+        f'run.out_dir="{out}"',
+        "metrics.enabled=false",
+    ]
     env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "OMP_NUM_THREADS": "4"}
     out.mkdir(parents=True)
-    return subprocess.Popen([sys.executable, "-m", "morec_dist.cli", *args], stdout=subprocess.DEVNULL,
-                            stderr=open(out.parent / "reference.log", "w"), env=env, cwd=REPO, start_new_session=True)
+    return subprocess.Popen(
+        [sys.executable, "-m", "morec_dist.cli", *args],
+        stdout=subprocess.DEVNULL,
+        stderr=open(out.parent / "reference.log", "w"),
+        env=env,
+        cwd=REPO,
+        start_new_session=True,
+    )
 
 
 def finish_host_finetune(job: subprocess.Popen, out: Path) -> dict[str, Any]:
@@ -410,8 +473,16 @@ def test_pipeline_survives_a_pod_stop_in_restricted_containers(image, tmp_path):
     jobs = {j["metadata"]["name"]: j for j in resources if j["kind"] == "Job"}
     assert set(jobs) == {"morec-pretrain", "morec-finetune", "morec-evaluate", "morec-ray-head"}
     for name, job in jobs.items():  # the tiny overlay changes the config only
-        assert json.dumps(job, sort_keys=True).replace(find(resources, "ConfigMap", next(r["metadata"]["name"] for r in resources if r["metadata"]["name"].startswith("morec-job-config")))["metadata"]["name"], "CM") == \
-            json.dumps(find(cpu, "Job", name), sort_keys=True).replace(next(r["metadata"]["name"] for r in cpu if r["metadata"]["name"].startswith("morec-job-config")), "CM"), name
+        assert json.dumps(job, sort_keys=True).replace(
+            find(
+                resources,
+                "ConfigMap",
+                next(r["metadata"]["name"] for r in resources if r["metadata"]["name"].startswith("morec-job-config")),
+            )["metadata"]["name"],
+            "CM",
+        ) == json.dumps(find(cpu, "Job", name), sort_keys=True).replace(
+            next(r["metadata"]["name"] for r in cpu if r["metadata"]["name"].startswith("morec-job-config")), "CM"
+        ), name
     run_name = find(resources, "ConfigMap", "morec-run")["metadata"]["name"]
 
     root = tmp_path / "cluster"
@@ -474,7 +545,11 @@ def test_pipeline_survives_a_pod_stop_in_restricted_containers(image, tmp_path):
         while peer.exit_code() is None and time.monotonic() < deadline:
             time.sleep(0.5)
         assert peer.exit_code() == 143, logs(peer.main)
-        stopped = max(int(p.name.split("-")[1]) for p in checkpoints.glob("step-*") if re.fullmatch(r"step-\d+", p.name) and (p / "meta.json").exists())
+        stopped = max(
+            int(p.name.split("-")[1])
+            for p in checkpoints.glob("step-*")
+            if re.fullmatch(r"step-\d+", p.name) and (p / "meta.json").exists()
+        )
         assert first <= stopped < 40
         assert f"preempted: checkpoint at step {stopped} written; exiting 143" in logs(peer.main) + victim_log
 
@@ -482,7 +557,10 @@ def test_pipeline_survives_a_pod_stop_in_restricted_containers(image, tmp_path):
         finetune.wait(timeout=400)
         assert sorted(finetune.history) == [(0, 143, "Count"), (1, 143, "Ignore")], finetune.history
         resumed = logs(finetune.pods[0].main)
-        assert f"resuming from /runs/{run_name}/morec/checkpoints/step-{stopped} at step {stopped}" in resumed and "(exact)" in resumed, resumed
+        assert (
+            f"resuming from /runs/{run_name}/morec/checkpoints/step-{stopped} at step {stopped}" in resumed
+            and "(exact)" in resumed
+        ), resumed
         timings["finetune"] = time.monotonic() - t0
         assert head.pods[0].exit_code() is None, "the Ray head ended before the pipeline"
 
@@ -509,7 +587,10 @@ def test_pipeline_survives_a_pod_stop_in_restricted_containers(image, tmp_path):
         assert got["coordinator"]["trace"]["beta"] == want["coordinator"]["trace"]["beta"]
         for key in ("hit@10", "ndcg@10", "r_hit@10", "r_ndcg@10", "min_hit@10", "min_ndcg@10", "pop_kl@10"):
             assert got[key] == want[key], key
-        print(f"timings (s): {json.dumps({k: round(v, 1) for k, v in timings.items()})}; stop took {took:.1f} s", file=sys.stderr)
+        print(
+            f"timings (s): {json.dumps({k: round(v, 1) for k, v in timings.items()})}; stop took {took:.1f} s",
+            file=sys.stderr,
+        )
     finally:
         if reference is not None and reference.poll() is None:
             os.killpg(reference.pid, 9)

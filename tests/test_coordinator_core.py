@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-
 import json
 import random
 
@@ -26,7 +25,9 @@ def stats() -> GroupStats:
 def make_core(*overrides: str, world_size: int = 2, staleness: int = 2, every: int = 4) -> CoordinatorCore:
     # the job config requires s >= 1 (the trainer's loop needs the slack); the core itself
     # also supports s = 0, which is set on the spec directly
-    config = load_config(None, [f"coordinator.staleness={max(staleness, 1)}", f"morec.sampler.update_every_steps={every}", *overrides])
+    config = load_config(
+        None, [f"coordinator.staleness={max(staleness, 1)}", f"morec.sampler.update_every_steps={every}", *overrides]
+    )
     spec = build_spec(config, stats(), world_size=world_size, target_loss=L_HAT)
     return CoordinatorCore(dataclasses.replace(spec, staleness=staleness))
 
@@ -153,7 +154,11 @@ def test_a_preference_change_takes_effect_at_the_stated_step():
 
 @pytest.mark.parametrize(
     "weights, message",
-    [({"novelty": 1.0}, "unknown objectives"), ({"revenue": -1.0}, ">= 0"), ({"revenue": 0, "fairness": 0, "alignment": 0}, "sum to 0")],
+    [
+        ({"novelty": 1.0}, "unknown objectives"),
+        ({"revenue": -1.0}, ">= 0"),
+        ({"revenue": 0, "fairness": 0, "alignment": 0}, "sum to 0"),
+    ],
 )
 def test_bad_preferences_are_refused(weights, message):
     with pytest.raises(CoordinatorError, match=message):
@@ -236,7 +241,9 @@ def test_a_fifth_objective_from_config_runs_through_the_core():
     assert d.p_version == 1 and d.weights["pop_floor"] == 0.2
     # [0.5, 0.3, 0.2] + 0.5 * [0, 1, 0] = [0.5, 0.8, 0.2] / 1.5
     np.testing.assert_allclose(d.probabilities["pop_floor"], np.array([0.5, 0.8, 0.2]) / 1.5)
-    assert core.trace[1].losses == [sum(rank_report(0, 1, 5)[0][b:b + 1]) / rank_report(0, 1, 5)[1][b] for b in range(5)]
+    assert core.trace[1].losses == [
+        sum(rank_report(0, 1, 5)[0][b : b + 1]) / rank_report(0, 1, 5)[1][b] for b in range(5)
+    ]
 
 
 def test_synchronous_mode_decides_from_the_same_step():

@@ -30,7 +30,6 @@ GLOBAL_SCRIPT = REPO / "tests" / "dist_scripts" / "coordinator_global_ranks.py"
 NAMESPACE = "morec-test-global"
 
 
-
 @pytest.fixture(scope="module")
 def ray_address():
     address = start_local_ray(80, num_cpus=2, namespace=NAMESPACE)
@@ -42,17 +41,31 @@ def ray_address():
 
 def _torchrun(script: Path, nproc: int, env_extra: dict[str, str], out: Path) -> list[dict]:
     out.mkdir(parents=True, exist_ok=True)
-    env = {**os.environ, "MOREC_TEST_NAMESPACE": NAMESPACE, "MOREC_TEST_OUT": str(out), "RAY_USAGE_STATS_ENABLED": "0", "OMP_NUM_THREADS": "1", **env_extra}
+    env = {
+        **os.environ,
+        "MOREC_TEST_NAMESPACE": NAMESPACE,
+        "MOREC_TEST_OUT": str(out),
+        "RAY_USAGE_STATS_ENABLED": "0",
+        "OMP_NUM_THREADS": "1",
+        **env_extra,
+    }
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", str(script)]
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=240)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return [json.loads((out / f"rank{r}.json").read_text()) for r in range(nproc)]
 
 
-def _env(address: str, actor: str, steps: int, staleness: int, every: int, seed: int = 1, **extra: str) -> dict[str, str]:
+def _env(
+    address: str, actor: str, steps: int, staleness: int, every: int, seed: int = 1, **extra: str
+) -> dict[str, str]:
     return {
-        "MOREC_TEST_RAY_ADDRESS": address, "MOREC_TEST_ACTOR": actor, "MOREC_TEST_STEPS": str(steps),
-        "MOREC_TEST_STALENESS": str(staleness), "MOREC_TEST_EVERY": str(every), "MOREC_TEST_JITTER_SEED": str(seed), **extra,
+        "MOREC_TEST_RAY_ADDRESS": address,
+        "MOREC_TEST_ACTOR": actor,
+        "MOREC_TEST_STEPS": str(steps),
+        "MOREC_TEST_STALENESS": str(staleness),
+        "MOREC_TEST_EVERY": str(every),
+        "MOREC_TEST_JITTER_SEED": str(seed),
+        **extra,
     }
 
 
@@ -68,7 +81,10 @@ def _replay(world: int, staleness: int, every: int, used: list[dict], steps: int
 
 
 def test_a_per_rank_configuration_that_would_hang_is_refused():
-    with pytest.raises(ConfigError, match=r"1024 ranks and staleness 2: up to 3072 report calls would wait .* Use coordinator.protocol = \"global\""):
+    with pytest.raises(
+        ConfigError,
+        match=r"1024 ranks and staleness 2: up to 3072 report calls would wait .* Use coordinator.protocol = \"global\"",
+    ):
         load_config(None, ['coordinator.protocol="per_rank"', "run.nproc=1024"])
     load_config(None, ['coordinator.protocol="per_rank"', "run.nproc=64"])  # fits: allowed as the baseline
     load_config(None, ["run.nproc=1024"])  # the global protocol has no such bound
@@ -98,7 +114,9 @@ def test_status_and_set_preferences_never_queue_behind_waiting_step_calls(ray_ad
 
 @pytest.mark.slow
 @pytest.mark.parametrize("nproc", [2, 4])
-def test_global_sums_are_exact_one_actor_call_per_step_and_beta_matches_replay_and_per_rank(ray_address, tmp_path, nproc):
+def test_global_sums_are_exact_one_actor_call_per_step_and_beta_matches_replay_and_per_rank(
+    ray_address, tmp_path, nproc
+):
     import ray
 
     steps, staleness, every = 12 if nproc == 2 else 8, 2, 4
@@ -122,13 +140,17 @@ def test_global_sums_are_exact_one_actor_call_per_step_and_beta_matches_replay_a
     assert trace == replay.trace_dict()
     for t in range(steps):
         d = replay.decision(t)
-        assert (d.beta, d.weights, d.p_version, d.probabilities) == tuple(used[t][k] for k in ("beta", "weights", "p_version", "probabilities"))
+        assert (d.beta, d.weights, d.p_version, d.probabilities) == tuple(
+            used[t][k] for k in ("beta", "weights", "p_version", "probabilities")
+        )
     assert len(set(trace["beta"])) > 4 and used[-1]["p_version"] >= 1  # beta moved, p changed: not vacuous
     if nproc == 2:  # the per-rank protocol on the same losses gives the same betas
         name = "coord-per-rank-2"
         actor = get_or_create(name, NAMESPACE)
         ray.get(actor.configure.remote(spec_for(world_size=2, staleness=staleness, every=every), None, name))
-        per_rank_runs = _torchrun(RANKS_SCRIPT, 2, _env(ray_address, name, steps, staleness, every), tmp_path / "per_rank")
+        per_rank_runs = _torchrun(
+            RANKS_SCRIPT, 2, _env(ray_address, name, steps, staleness, every), tmp_path / "per_rank"
+        )
         per_rank_trace = ray.get(actor.trace.remote())
         ray.kill(actor)
         assert [d["beta"] for d in per_rank_runs[0]["decisions"]] == [d["beta"] for d in used]
@@ -136,7 +158,9 @@ def test_global_sums_are_exact_one_actor_call_per_step_and_beta_matches_replay_a
 
 
 @pytest.mark.slow
-def test_slow_rank_makes_the_others_wait_only_at_the_staleness_bound_and_live_preferences_apply_at_their_step(ray_address, tmp_path):
+def test_slow_rank_makes_the_others_wait_only_at_the_staleness_bound_and_live_preferences_apply_at_their_step(
+    ray_address, tmp_path
+):
     import ray
 
     steps, staleness, slow_ms = 40, 2, 40
@@ -162,7 +186,12 @@ def test_slow_rank_makes_the_others_wait_only_at_the_staleness_bound_and_live_pr
 
     live = threading.Thread(target=set_preferences_live)
     live.start()
-    ranks = _torchrun(GLOBAL_SCRIPT, 2, _env(ray_address, name, steps, staleness, 0, MOREC_TEST_SLOW_RANK="1", MOREC_TEST_SLOW_MS=str(slow_ms)), tmp_path)
+    ranks = _torchrun(
+        GLOBAL_SCRIPT,
+        2,
+        _env(ray_address, name, steps, staleness, 0, MOREC_TEST_SLOW_RANK="1", MOREC_TEST_SLOW_MS=str(slow_ms)),
+        tmp_path,
+    )
     live.join()
     ray.kill(actor)
     fast, slow = ranks[0]["times"], ranks[1]["times"]
@@ -179,8 +208,10 @@ def test_slow_rank_makes_the_others_wait_only_at_the_staleness_bound_and_live_pr
     for r in ranks:
         weights = [d["weights"]["fairness"] for d in r["decisions"]]
         assert weights == [0.2] * at + [0.9] * (steps - at)
-    print(f"\nslow rank: fast rank waited {ranks[0]['stats']['waits']} times ({ranks[0]['stats']['wait_seconds']:.2f} s), "
-          f"ahead {ahead}/{steps - staleness} steps; set_preferences took {1000 * change['seconds']:.1f} ms, effective at {at}")
+    print(
+        f"\nslow rank: fast rank waited {ranks[0]['stats']['waits']} times ({ranks[0]['stats']['wait_seconds']:.2f} s), "
+        f"ahead {ahead}/{steps - staleness} steps; set_preferences took {1000 * change['seconds']:.1f} ms, effective at {at}"
+    )
 
 
 def test_global_sums_do_not_depend_on_rank_order():
@@ -192,6 +223,9 @@ def test_global_sums_do_not_depend_on_rank_order():
 
     # values where float addition order matters: a naive sum gives 0.0 or 2.0 by order
     rows = [[1e16, 3.0, 7, 1], [1.0, 0.1, 5, 2], [-1e16, 0.2, 9, 3], [1.0, 0.3, 2, 4]]
-    results = {json.dumps(global_sums([torch.tensor(r, dtype=torch.float64) for r in perm], 2)) for perm in itertools.permutations(rows)}
+    results = {
+        json.dumps(global_sums([torch.tensor(r, dtype=torch.float64) for r in perm], 2))
+        for perm in itertools.permutations(rows)
+    }
     assert results == {json.dumps(([2.0, math.fsum([3.0, 0.1, 0.2, 0.3])], [23, 10]))}
     assert sum(r[0] for r in rows) != 2.0  # the naive rank-order sum is wrong here

@@ -47,7 +47,15 @@ def stats() -> GroupStats:
 
 def spec_for(world_size: int, staleness: int, every: int):
     # aggressive gains so that beta visibly moves within a dozen steps
-    config = load_config(None, [f"coordinator.staleness={staleness}", f"morec.sampler.update_every_steps={every}", "morec.pid.ki=0.05", "morec.pid.kp=0.5"])
+    config = load_config(
+        None,
+        [
+            f"coordinator.staleness={staleness}",
+            f"morec.sampler.update_every_steps={every}",
+            "morec.pid.ki=0.05",
+            "morec.pid.kp=0.5",
+        ],
+    )
     return build_spec(config, stats(), world_size=world_size, target_loss=L_HAT)
 
 
@@ -120,7 +128,9 @@ def test_flush_returns_when_the_last_reply_waits_for_signals_that_never_come(ray
     ray.kill(actor)
 
 
-def _run_ranks(address: str, actor: str, out: Path, *, steps: int, staleness: int, every: int, jitter_seed: int) -> list[dict]:
+def _run_ranks(
+    address: str, actor: str, out: Path, *, steps: int, staleness: int, every: int, jitter_seed: int
+) -> list[dict]:
     out.mkdir(parents=True, exist_ok=True)
     env = {
         **os.environ,
@@ -163,7 +173,9 @@ def test_two_torchrun_ranks_aggregate_exactly_and_deterministically(ray_address,
         actor = get_or_create(name, NAMESPACE)
         ray.get(actor.configure.remote(spec, None, name))
         started = time.perf_counter()
-        ranks = _run_ranks(ray_address, name, tmp_path / name, steps=steps, staleness=staleness, every=every, jitter_seed=jitter_seed)
+        ranks = _run_ranks(
+            ray_address, name, tmp_path / name, steps=steps, staleness=staleness, every=every, jitter_seed=jitter_seed
+        )
         wall = time.perf_counter() - started
         trace = ray.get(actor.trace.remote())
         runs.append((ranks, trace))
@@ -184,11 +196,20 @@ def test_two_torchrun_ranks_aggregate_exactly_and_deterministically(ray_address,
         assert trace == replay.trace_dict()
         for t in range(steps):
             d = replay.decision(t)
-            assert (d.beta, d.weights, d.p_version, d.probabilities) == (used[t]["beta"], used[t]["weights"], used[t]["p_version"], used[t]["probabilities"])
-        assert [u["p_version"] for u in used] == [0] * 5 + [1] * 4 + [2] * 4 + [3]  # decided after steps 3, 7, 11; in force from step + s
+            assert (d.beta, d.weights, d.p_version, d.probabilities) == (
+                used[t]["beta"],
+                used[t]["weights"],
+                used[t]["p_version"],
+                used[t]["probabilities"],
+            )
+        assert [u["p_version"] for u in used] == [0] * 5 + [1] * 4 + [2] * 4 + [
+            3
+        ]  # decided after steps 3, 7, 11; in force from step + s
         waits = [r["stats"]["waits"] for r in ranks]
-        print(f"\nrun {jitter_seed}: {steps} steps, wall {wall:.1f} s (torchrun + Ray connect), waits per rank {waits}, "
-              f"wait s {[round(r['stats']['wait_seconds'], 3) for r in ranks]}, loop s {[round(r['seconds'], 2) for r in ranks]}")
+        print(
+            f"\nrun {jitter_seed}: {steps} steps, wall {wall:.1f} s (torchrun + Ray connect), waits per rank {waits}, "
+            f"wait s {[round(r['stats']['wait_seconds'], 3) for r in ranks]}, loop s {[round(r['seconds'], 2) for r in ranks]}"
+        )
     (ranks_a, trace_a), (ranks_b, trace_b) = runs
     assert [d["beta"] for d in ranks_a[0]["decisions"]] == [d["beta"] for d in ranks_b[0]["decisions"]]
     assert trace_a == trace_b
@@ -197,7 +218,14 @@ def test_two_torchrun_ranks_aggregate_exactly_and_deterministically(ray_address,
 
 def _cli(*args: str) -> subprocess.CompletedProcess:
     env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0"}
-    return subprocess.run([sys.executable, "-m", "morec_dist.coordinator.service", "coordinator", *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+    return subprocess.run(
+        [sys.executable, "-m", "morec_dist.coordinator.service", "coordinator", *args],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
 
 
 def test_cli_starts_a_detached_actor_and_sets_preferences_live(ray_address):
@@ -214,13 +242,19 @@ def test_cli_starts_a_detached_actor_and_sets_preferences_live(ray_address):
         ray.get(actor.configure.remote(spec, None, "cli-run"))
         for t in range(3):
             ray.get(actor.report.remote(0, t, *RANKS.synthetic_report(0, t, 0.2)))
-        changed = _cli("set-preferences", *common, "--weight", "revenue=0.1", "--weight", "fairness=0.5", "--target-loss", "0.3")
+        changed = _cli(
+            "set-preferences", *common, "--weight", "revenue=0.1", "--weight", "fairness=0.5", "--target-loss", "0.3"
+        )
         assert changed.returncode == 0, changed.stderr[-3000:]
         change = json.loads(changed.stdout.strip().splitlines()[-1])
         assert change["effective_step"] == 2 + 2 + 1 and change["weights"] == {"revenue": 0.1, "fairness": 0.5}
         assert ray.get(actor.history.remote())[0]["target_loss"] == 0.3
         ray.get(actor.report.remote(0, 3, *RANKS.synthetic_report(0, 3, 0.2)))
-        assert ray.get(actor.decision.remote(5), timeout=30).weights == {"revenue": 0.1, "fairness": 0.5, "alignment": 0.2}
+        assert ray.get(actor.decision.remote(5), timeout=30).weights == {
+            "revenue": 0.1,
+            "fairness": 0.5,
+            "alignment": 0.2,
+        }
         assert ray.get(actor.decision.remote(4), timeout=30).weights["revenue"] == 0.6
         too_early = _cli("set-preferences", *common, "--target-loss", "0.3", "--at-step", "1")
         assert too_early.returncode == 2 and "earliest step that can still change is 6" in too_early.stderr

@@ -28,7 +28,11 @@ def rewrite(root: Path, rel: str, table: pa.Table) -> None:
     """Replace a file and keep the manifest consistent, so only the content is wrong."""
     pq.write_table(table, root / rel)
     manifest = json.loads((root / "manifest.json").read_text())
-    manifest["files"][rel] = {"sha256": sha256_file(root / rel), "bytes": (root / rel).stat().st_size, "rows": table.num_rows}
+    manifest["files"][rel] = {
+        "sha256": sha256_file(root / rel),
+        "bytes": (root / rel).stat().st_size,
+        "rows": table.num_rows,
+    }
     (root / "manifest.json").write_text(json.dumps(manifest))
 
 

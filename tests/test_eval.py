@@ -135,7 +135,9 @@ def in_process(data_dir: Path) -> dict:
     model = integer_mf(features)
     out = {}
     for split in ("valid", "test"):
-        out[f"mf_{split}"] = as_json(evaluate(model, data, split, KS, 0, 1, features, torch.device("cpu"), batch_users=7))
+        out[f"mf_{split}"] = as_json(
+            evaluate(model, data, split, KS, 0, 1, features, torch.device("cpu"), batch_users=7)
+        )
         out[f"popular_{split}"] = as_json(evaluate_most_popular(data, split, KS, batch_users=7))
     return out, model
 
@@ -146,7 +148,11 @@ def test_single_process_matches_brute_force(data_dir):
     for split in ("valid", "test"):
         expected = brute_force(data_dir, split, mf_scores(model), KS)
         assert_matches(results[f"mf_{split}"], expected, f"mf {split}")
-        assert_matches(results[f"popular_{split}"], brute_force(data_dir, split, popularity_scores(data_dir), KS), f"popular {split}")
+        assert_matches(
+            results[f"popular_{split}"],
+            brute_force(data_dir, split, popularity_scores(data_dir), KS),
+            f"popular {split}",
+        )
         scores = mf_scores(model)
         ties += sum(len(s) - len(set(s.tolist())) for s in (scores(u) for u in expected["users"]))
     # integer weights: the tie rule really decided ranks (otherwise this test proves less)
@@ -161,7 +167,9 @@ def test_two_ranks_sharded_match_brute_force_and_one_rank(data_dir, tmp_path):
         sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
         str(SCRIPTS / "distributed_eval.py"), str(data_dir), str(out), "row_wise", "5",
     ]  # fmt: skip
-    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=240, env={**os.environ, "PYTHONPATH": str(REPO)})
+    proc = subprocess.run(
+        cmd, cwd=REPO, capture_output=True, text=True, timeout=240, env={**os.environ, "PYTHONPATH": str(REPO)}
+    )
     assert proc.returncode == 0, proc.stderr[-4000:]
     distributed = json.loads(out.read_text())
     assert distributed["world_size"] == 2

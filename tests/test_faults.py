@@ -108,11 +108,27 @@ def test_killed_coordinator_is_restored_and_the_trace_is_unchanged(tmp_path_fact
     out = tmp_path / "actor-kill"
     (out / "checkpoints").mkdir(parents=True)
     env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "token"}
-    killer = subprocess.Popen([sys.executable, "-c", KILL_ACTOR, ray_head, str(out / "checkpoints")], cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    killer = subprocess.Popen(
+        [sys.executable, "-c", KILL_ACTOR, ray_head, str(out / "checkpoints")],
+        cwd=REPO,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     log = tmp_path / "job.log"
     job = subprocess.Popen(
-        [sys.executable, "-m", "morec_dist.cli", *finetune_args(tmp_path_factory, out, quoted("coordinator.ray_address", ray_head))],
-        cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=open(log, "w"), start_new_session=True,
+        [
+            sys.executable,
+            "-m",
+            "morec_dist.cli",
+            *finetune_args(tmp_path_factory, out, quoted("coordinator.ray_address", ray_head)),
+        ],
+        cwd=REPO,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=open(log, "w"),
+        start_new_session=True,
     )
     try:
         stdout, stderr = killer.communicate(timeout=400)
@@ -154,7 +170,14 @@ def test_sigterm_checkpoints_at_a_step_boundary_and_the_rerun_matches(tmp_path_f
     stopped = steps[-1]
     assert first in steps and first <= stopped < 40, steps
     assert f"preempted: checkpoint at step {stopped} written; exiting {EXIT_PREEMPTED}" in text
-    proc = subprocess.run([sys.executable, "-m", "morec_dist.cli", *args], cwd=REPO, capture_output=True, text=True, timeout=600, env={**os.environ, "RAY_USAGE_STATS_ENABLED": "0"})
+    proc = subprocess.run(
+        [sys.executable, "-m", "morec_dist.cli", *args],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env={**os.environ, "RAY_USAGE_STATS_ENABLED": "0"},
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert f"at step {stopped}, epoch 0 (exact)" in proc.stderr
     assert_same_tensors(reference / "checkpoints" / "step-40", out / "checkpoints" / "step-40", tmp_path)

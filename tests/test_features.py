@@ -21,7 +21,9 @@ def data_dir(tmp_path_factory) -> Path:
 def test_kjts_hold_each_entitys_declared_values(data_dir):
     declared = declared_features(data_dir)
     assert declared["item_genres"].kind == "multi" and declared["user_age"].kind == "single"
-    features = FeatureBuilder(data_dir, 40, 60, user_features=["user_age", "user_gender"], item_features=["item_genres"])
+    features = FeatureBuilder(
+        data_dir, 40, 60, user_features=["user_age", "user_gender"], item_features=["item_genres"]
+    )
     assert [f.name for f in features.user_features()] == ["user_id", "user_age", "user_gender"]
     assert features.item_features()[1].num_embeddings == declared["item_genres"].cardinality + 1
     users = pq.read_table(data_dir / "users.parquet").to_pydict()
@@ -44,5 +46,7 @@ def test_feature_sets_and_unknown_names(data_dir):
     assert [f.name for f in FeatureBuilder(data_dir, 40, 60, "ids").user_features()] == ["user_id"]
     side = FeatureBuilder(data_dir, 40, 60, "side")
     assert [f.name for f in side.item_features()] == ["item_id", "item_genres"]
-    with pytest.raises(ValueError, match=r"model.user_features: \['item_genres'\] are not user features declared in .*manifest.json"):
+    with pytest.raises(
+        ValueError, match=r"model.user_features: \['item_genres'\] are not user features declared in .*manifest.json"
+    ):
         FeatureBuilder(data_dir, 40, 60, user_features=["item_genres"])

@@ -64,7 +64,11 @@ def rewrite(root: Path, rel: str, table: pa.Table) -> None:
     """Replace a file and keep the manifest consistent, so only the content is wrong."""
     pq.write_table(table, root / rel)
     manifest = json.loads((root / "manifest.json").read_text())
-    manifest["files"][rel] = {"sha256": sha256_file(root / rel), "bytes": (root / rel).stat().st_size, "rows": table.num_rows}
+    manifest["files"][rel] = {
+        "sha256": sha256_file(root / rel),
+        "bytes": (root / rel).stat().st_size,
+        "rows": table.num_rows,
+    }
     (root / "manifest.json").write_text(json.dumps(manifest))
 
 
@@ -84,7 +88,16 @@ def train_args(data: Path, out: Path, *extra: str) -> list[str]:
 
 
 def finetune_args(tmp_path_factory, data: Path, out: Path, *extra: str) -> list[str]:
-    return ["finetune", "--from", str(shared_pretrained(tmp_path_factory)), "--config", CONFIG, quoted("data.path", data), quoted("run.out_dir", out), *extra]
+    return [
+        "finetune",
+        "--from",
+        str(shared_pretrained(tmp_path_factory)),
+        "--config",
+        CONFIG,
+        quoted("data.path", data),
+        quoted("run.out_dir", out),
+        *extra,
+    ]
 
 
 def assert_untouched(data: Path, before: dict[str, str], out: Path) -> None:
@@ -145,8 +158,14 @@ def test_item_id_out_of_range(data, tmp_path, capsys):
     [
         (["morec.pid.beta_min=2.0", "morec.pid.beta_max=1.0"], "beta_min (2.0) must not exceed beta_max (1.0)"),
         (["morec.pid.kp=-0.1"], "morec.pid.kp: gains must be >= 0"),
-        (['morec.objectives=[{name="revenue", kind="revenue", group_column="rev_group", weight=-0.5}]'], "weights must be >= 0"),
-        (['morec.objectives=[{name="revenue", kind="revenue", group_column="rev_group", weight=0.0}]'], "weights sum to 0"),
+        (
+            ['morec.objectives=[{name="revenue", kind="revenue", group_column="rev_group", weight=-0.5}]'],
+            "weights must be >= 0",
+        ),
+        (
+            ['morec.objectives=[{name="revenue", kind="revenue", group_column="rev_group", weight=0.0}]'],
+            "weights sum to 0",
+        ),
         (['morec.objectives=[{name="x", kind="no_such_kind", group_column="rev_group", weight=1.0}]'], "no_such_kind"),
         (["checkpoint.every_steps=-1"], "checkpoint.every_steps"),
     ],
@@ -165,7 +184,12 @@ def test_unreachable_ray_address(tmp_path_factory, tmp_path, capsys):
         port = s.getsockname()[1]
     started = time.monotonic()
     data = shared_data(tmp_path_factory)
-    refused(capsys, finetune_args(tmp_path_factory, data, tmp_path / "out", quoted("coordinator.ray_address", f"127.0.0.1:{port}")), f"127.0.0.1:{port}", "no Ray head reachable")
+    refused(
+        capsys,
+        finetune_args(tmp_path_factory, data, tmp_path / "out", quoted("coordinator.ray_address", f"127.0.0.1:{port}")),
+        f"127.0.0.1:{port}",
+        "no Ray head reachable",
+    )
     assert time.monotonic() - started < 30
 
 
@@ -182,7 +206,14 @@ def test_broken_from_checkpoint(tmp_path_factory, tmp_path, capsys):
 
 
 def ranks_refuse(args: list[str], *fragments: str) -> str:
-    proc = subprocess.run([sys.executable, "-m", "morec_dist.cli", *args], capture_output=True, text=True, timeout=300, env=cli_env(), cwd=REPO)
+    proc = subprocess.run(
+        [sys.executable, "-m", "morec_dist.cli", *args],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=cli_env(),
+        cwd=REPO,
+    )
     assert proc.returncode == 2, proc.stderr[-3000:]
     last = [line for line in proc.stderr.splitlines() if line.startswith("morec: error:")]
     assert len(last) == 1, proc.stderr[-3000:]
@@ -205,7 +236,9 @@ def test_empty_group_given_probability(data, tmp_path_factory, tmp_path):
     counts[9] = 0
     for column in ("fair_group", "align_group"):
         kept = t.filter(keep)[column].to_numpy()
-        manifest["groups"][column]["train_counts"] = np.bincount(kept, minlength=manifest["groups"][column]["num_groups"] + 1)[1:].tolist()
+        manifest["groups"][column]["train_counts"] = np.bincount(
+            kept, minlength=manifest["groups"][column]["num_groups"] + 1
+        )[1:].tolist()
     rebuild_group_layout(data, manifest)  # by_group/ must match the edited train split
     (data / "manifest.json").write_text(json.dumps(manifest))
     before = fingerprint(data)
@@ -222,13 +255,20 @@ def test_metrics_port_in_use(tmp_path_factory, tmp_path):
         taken = blocker.getsockname()[1]
         # rank r exports on base_port + 1 + local rank: occupy rank 0's
         out = tmp_path / "out"
-        ranks_refuse(train_args(shared_data(tmp_path_factory), out, "metrics.enabled=true", f"metrics.base_port={taken - 1}"), str(taken))
+        ranks_refuse(
+            train_args(shared_data(tmp_path_factory), out, "metrics.enabled=true", f"metrics.base_port={taken - 1}"),
+            str(taken),
+        )
     assert not list((out / "checkpoints").glob("step-*")) if (out / "checkpoints").exists() else True
 
 
 def test_from_checkpoint_of_another_model(tmp_path_factory, tmp_path):
     out = tmp_path / "out"
-    ranks_refuse(finetune_args(tmp_path_factory, shared_data(tmp_path_factory), out, "model.embedding_dim=8"), "tables", "this job builds")
+    ranks_refuse(
+        finetune_args(tmp_path_factory, shared_data(tmp_path_factory), out, "model.embedding_dim=8"),
+        "tables",
+        "this job builds",
+    )
 
 
 def test_step_checkpoint_of_another_world_size_without_resharding(tmp_path_factory, tmp_path):
@@ -238,8 +278,14 @@ def test_step_checkpoint_of_another_world_size_without_resharding(tmp_path_facto
     shutil.copytree(source, out / "checkpoints" / "step-40")
     before = fingerprint(out / "checkpoints")
     ranks_refuse(
-        [*finetune_args(tmp_path_factory, shared_data(tmp_path_factory), out, "checkpoint.reshard=false"), "--nproc", "1"],
-        "written by 2 ranks", "this job has 1", "checkpoint.reshard",
+        [
+            *finetune_args(tmp_path_factory, shared_data(tmp_path_factory), out, "checkpoint.reshard=false"),
+            "--nproc",
+            "1",
+        ],
+        "written by 2 ranks",
+        "this job has 1",
+        "checkpoint.reshard",
     )
     assert fingerprint(out / "checkpoints") == before
 
@@ -262,7 +308,10 @@ def test_a_checkpoint_with_a_pickled_object_is_refused_not_executed(tmp_path):
 
     marker = tmp_path / "code-ran"
     _RunsCodeWhenUnpickled.marker = str(marker)
-    dcp.save({"weight": torch.ones(3), "hyper": {"lr": 0.1}, "evil": _RunsCodeWhenUnpickled()}, checkpoint_id=str(tmp_path / "ckpt"))
+    dcp.save(
+        {"weight": torch.ones(3), "hyper": {"lr": 0.1}, "evil": _RunsCodeWhenUnpickled()},
+        checkpoint_id=str(tmp_path / "ckpt"),
+    )
     plain = {"weight": torch.zeros(3), "hyper": {"lr": 0.0}}
     dcp_load(plain, tmp_path / "ckpt")  # tensors and plain data load
     assert torch.equal(plain["weight"], torch.ones(3)) and plain["hyper"] == {"lr": 0.1}

@@ -99,21 +99,28 @@ def container(workload: dict[str, Any], name: str) -> dict[str, Any]:
 
 def stage(resources: list[dict[str, Any]], base_name: str) -> dict[str, Any]:
     """The Job of a pipeline stage, whatever suffix the run gave it."""
-    found = [r for r in by_kind(resources, "Job") if r["metadata"]["name"].startswith(base_name) and
-             r["metadata"]["name"][len(base_name):] in ("", suffix_of(resources))]
+    found = [
+        r
+        for r in by_kind(resources, "Job")
+        if r["metadata"]["name"].startswith(base_name)
+        and r["metadata"]["name"][len(base_name) :] in ("", suffix_of(resources))
+    ]
     assert len(found) == 1, (base_name, [r["metadata"]["name"] for r in found])
     return found[0]
 
 
 def suffix_of(resources: list[dict[str, Any]]) -> str:
     (sa,) = by_kind(resources, "ServiceAccount")
-    return sa["metadata"]["name"][len("morec"):]
+    return sa["metadata"]["name"][len("morec") :]
 
 
 def pod_templates(resources: list[dict[str, Any]]) -> list[tuple[str, dict[str, Any]]]:
     """(where, pod template) of every workload: the Jobs and a RayCluster's head."""
     out = [(f"Job/{j['metadata']['name']}", j["spec"]["template"]) for j in by_kind(resources, "Job")]
-    out += [(f"RayCluster/{r['metadata']['name']}", r["spec"]["headGroupSpec"]["template"]) for r in by_kind(resources, "RayCluster")]
+    out += [
+        (f"RayCluster/{r['metadata']['name']}", r["spec"]["headGroupSpec"]["template"])
+        for r in by_kind(resources, "RayCluster")
+    ]
     return out
 
 
@@ -123,7 +130,11 @@ def all_containers(template: dict[str, Any]) -> list[dict[str, Any]]:
 
 def expand(text: str, variables: dict[str, str]) -> str:
     """Kubernetes' $(VAR) expansion in env values, command and args."""
-    return re.sub(r"\$\$|\$\(([A-Za-z_][A-Za-z0-9_.-]*)\)", lambda m: "$" if m.group(0) == "$$" else variables.get(m.group(1), m.group(0)), text)
+    return re.sub(
+        r"\$\$|\$\(([A-Za-z_][A-Za-z0-9_.-]*)\)",
+        lambda m: "$" if m.group(0) == "$$" else variables.get(m.group(1), m.group(0)),
+        text,
+    )
 
 
 def resolved_env(c: dict[str, Any], fields: dict[str, str] | None = None) -> dict[str, str]:
@@ -150,8 +161,11 @@ def resolved_argv(c: dict[str, Any], fields: dict[str, str] | None = None) -> li
 
 def pod_fields(job: dict[str, Any], index: int = 0) -> dict[str, str]:
     name = job["metadata"]["name"]
-    return {"metadata.labels['batch.kubernetes.io/job-name']": name, "status.podIP": "10.0.0.7",
-            "metadata.annotations['batch.kubernetes.io/job-completion-index']": str(index)}
+    return {
+        "metadata.labels['batch.kubernetes.io/job-name']": name,
+        "status.podIP": "10.0.0.7",
+        "metadata.annotations['batch.kubernetes.io/job-completion-index']": str(index),
+    }
 
 
 def flag(argv: list[str], name: str) -> str:
@@ -208,7 +222,14 @@ def test_builtin_resources_validate_strictly_against_the_kubernetes_schemas(rend
     overlay, resources = rendered
     builtin = [r for r in resources if not r["apiVersion"].startswith(("monitoring.coreos.com/", "ray.io/"))]
     assert {r["kind"] for r in builtin} == BUILTIN_KINDS
-    extra = [] if overlay != "cpu" else [*rendered_once("volumes"), *[d for d in yaml.safe_load_all((K8S / "jobs" / "prepare-movielens.yaml").read_text()) if d]]
+    extra = (
+        []
+        if overlay != "cpu"
+        else [
+            *rendered_once("volumes"),
+            *[d for d in yaml.safe_load_all((K8S / "jobs" / "prepare-movielens.yaml").read_text()) if d],
+        ]
+    )
     for resource in builtin + extra:
         try:
             kubernetes_validate.validate(resource, version, strict=True)
@@ -290,7 +311,12 @@ def test_raycluster_validates_against_the_crd_schema_and_its_pod_template_strict
     cluster = one(rendered_once("kuberay"), "RayCluster")
     errors = list(raycluster_validator.iter_errors(cluster))
     assert not errors, "\n".join(f"{'.'.join(map(str, e.path))}: {e.message}" for e in errors)
-    template = {"apiVersion": "v1", "kind": "PodTemplate", "metadata": {"name": "head"}, "template": cluster["spec"]["headGroupSpec"]["template"]}
+    template = {
+        "apiVersion": "v1",
+        "kind": "PodTemplate",
+        "metadata": {"name": "head"},
+        "template": cluster["spec"]["headGroupSpec"]["template"],
+    }
     kubernetes_validate.validate(template, version, strict=True)
 
 
@@ -428,7 +454,11 @@ def test_config_map_is_mounted_and_is_a_valid_config(rendered, tmp_path):
         config = job_config(resources, tmp_path, name)
         job = stage(resources, name)
         mounts = {m["mountPath"]: m["name"] for m in container(job, "trainer")["volumeMounts"]}
-        claims = {v["name"]: v["persistentVolumeClaim"]["claimName"] for v in job["spec"]["template"]["spec"]["volumes"] if "persistentVolumeClaim" in v}
+        claims = {
+            v["name"]: v["persistentVolumeClaim"]["claimName"]
+            for v in job["spec"]["template"]["spec"]["volumes"]
+            if "persistentVolumeClaim" in v
+        }
         assert set(claims.values()) <= {p["metadata"]["name"] for p in rendered_once("volumes")}
         data_mount = next(path for path in mounts if config.data.path.startswith(path + "/"))
         runs_mount = next(path for path in mounts if run_dirs(resources)[name].startswith(path + "/"))
@@ -447,7 +477,11 @@ def test_metric_ports_and_scrape_settings_follow_the_metrics_config(rendered, tm
     endpoints = {e["port"] for e in monitor["spec"]["podMetricsEndpoints"]}
     selector = monitor["spec"]["selector"]["matchLabels"]
 
-    (head_where, head_pod), = [(w, t) for w, t in pod_templates(resources) if t["metadata"]["labels"].get("app.kubernetes.io/component") == "ray-head"]
+    ((head_where, head_pod),) = [
+        (w, t)
+        for w, t in pod_templates(resources)
+        if t["metadata"]["labels"].get("app.kubernetes.io/component") == "ray-head"
+    ]
     assert ports(head_pod["spec"]["containers"][0])["coordinator"] == base, head_where
     assert head_pod["metadata"]["annotations"]["prometheus.io/scrape"] == "true"
     assert int(head_pod["metadata"]["annotations"]["prometheus.io/port"]) == base
@@ -475,7 +509,16 @@ def test_every_pod_meets_the_restricted_pod_security_standard(rendered):
     (sa,) = by_kind(resources, "ServiceAccount")
     assert sa["automountServiceAccountToken"] is False
     prepare = [d for d in yaml.safe_load_all((K8S / "jobs" / "prepare-movielens.yaml").read_text()) if d]
-    allowed_volumes = {"configMap", "emptyDir", "persistentVolumeClaim", "secret", "projected", "downwardAPI", "csi", "ephemeral"}
+    allowed_volumes = {
+        "configMap",
+        "emptyDir",
+        "persistentVolumeClaim",
+        "secret",
+        "projected",
+        "downwardAPI",
+        "csi",
+        "ephemeral",
+    }
     for where, template in pod_templates(resources) + [("prepare", prepare[0]["spec"]["template"])]:
         spec = template["spec"]
         where = f"{overlay}: {where}"
@@ -495,7 +538,9 @@ def test_every_pod_meets_the_restricted_pod_security_standard(rendered):
             assert not any("hostPort" in p for p in c.get("ports", [])), (where, c["name"])
             mounts = {m["mountPath"]: m["name"] for m in c.get("volumeMounts", [])}
             if c in spec["containers"]:
-                assert mounts.get("/tmp") in emptydirs, f"{where}/{c['name']}: /tmp must be an emptyDir on a read-only root"
+                assert mounts.get("/tmp") in emptydirs, (
+                    f"{where}/{c['name']}: /tmp must be an emptyDir on a read-only root"
+                )
 
 
 def test_failure_policy_fails_fast_on_bad_input_and_replaces_disrupted_pods(rendered):
@@ -504,7 +549,10 @@ def test_failure_policy_fails_fast_on_bad_input_and_replaces_disrupted_pods(rend
         spec, name = job["spec"], job["metadata"]["name"]
         main = spec["template"]["spec"]["containers"][0]["name"]
         rules = spec["podFailurePolicy"]["rules"]
-        assert {"action": "FailJob", "onExitCodes": {"containerName": main, "operator": "In", "values": [2]}} in rules, name
+        assert {
+            "action": "FailJob",
+            "onExitCodes": {"containerName": main, "operator": "In", "values": [2]},
+        } in rules, name
         assert {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget", "status": "True"}]} in rules, name
         assert spec["podReplacementPolicy"] == "Failed", name  # a new pod i only after the old one is gone
         assert spec["template"]["spec"]["restartPolicy"] == "Never"
@@ -561,8 +609,13 @@ def test_a_runs_suffix_reaches_every_name_and_reference():
     variables = resolved_env(container(stage(run, "morec-finetune"), "trainer"))
     assert variables["MOREC_RAY_ADDRESS"].split(":")[0] in services
     assert run_dirs(run)["morec-pretrain"] == "/runs/morec-run-example/pretrain"
-    secrets = {e["valueFrom"]["secretKeyRef"]["name"] for _, t in pod_templates(run) for c in all_containers(t)
-               for e in c.get("env", []) if "secretKeyRef" in e.get("valueFrom", {})}
+    secrets = {
+        e["valueFrom"]["secretKeyRef"]["name"]
+        for _, t in pod_templates(run)
+        for c in all_containers(t)
+        for e in c.get("env", [])
+        if "secretKeyRef" in e.get("valueFrom", {})
+    }
     assert secrets == {"morec-ray-auth"}  # shared, made once per namespace
 
 
@@ -578,7 +631,12 @@ def test_guaranteed_qos_component_sets_requests_equal_to_limits():
     for where, template in pod_templates(rendered_once("runs/guaranteed")):
         for c in all_containers(template):
             assert c["resources"]["requests"] == c["resources"]["limits"], f"{where}/{c['name']}"
-    burstable = [c for _, t in pod_templates(rendered_once("cpu")) for c in t["spec"]["containers"] if c["resources"]["requests"] != c["resources"]["limits"]]
+    burstable = [
+        c
+        for _, t in pod_templates(rendered_once("cpu"))
+        for c in t["spec"]["containers"]
+        if c["resources"]["requests"] != c["resources"]["limits"]
+    ]
     assert burstable  # the default leaves headroom; Guaranteed is the option
 
 
@@ -591,11 +649,18 @@ def test_network_policy_admits_the_ports_in_use(rendered):
     for where, t in templates:
         assert selects(spec["podSelector"]["matchLabels"], t["metadata"]["labels"]), f"{overlay}: {where}"
     peers = [r for r in spec["ingress"] if "ports" not in r]
-    assert len(peers) == 1 and selects(peers[0]["from"][0]["podSelector"]["matchLabels"], templates[0][1]["metadata"]["labels"])
+    assert len(peers) == 1 and selects(
+        peers[0]["from"][0]["podSelector"]["matchLabels"], templates[0][1]["metadata"]["labels"]
+    )
     (scrape,) = [r for r in spec["ingress"] if "ports" in r]
     (window,) = scrape["ports"]
-    metric_ports = {p["containerPort"] for _, t in templates for c in t["spec"]["containers"] for p in c.get("ports", [])
-                    if p["name"] in ("coordinator",) or p["name"].startswith("rank")}
+    metric_ports = {
+        p["containerPort"]
+        for _, t in templates
+        for c in t["spec"]["containers"]
+        for p in c.get("ports", [])
+        if p["name"] in ("coordinator",) or p["name"].startswith("rank")
+    }
     assert all(window["port"] <= p <= window["endPort"] for p in metric_ports), metric_ports
 
 
@@ -627,11 +692,20 @@ def test_prepare_job_fills_the_data_the_trainers_read(tmp_path):
     c = container(prepare, "prepare")
     out = c["args"][c["args"].index("--out") + 1]
     assert out == job_config(resources, tmp_path).data.path
-    (claim,) = [v["persistentVolumeClaim"]["claimName"] for v in prepare["spec"]["template"]["spec"]["volumes"] if "persistentVolumeClaim" in v]
+    (claim,) = [
+        v["persistentVolumeClaim"]["claimName"]
+        for v in prepare["spec"]["template"]["spec"]["volumes"]
+        if "persistentVolumeClaim" in v
+    ]
     assert claim in {p["metadata"]["name"] for p in rendered_once("volumes")}
     trainer_job = stage(resources, "morec-pretrain")
-    trainer_claims = {v["name"]: v.get("persistentVolumeClaim", {}).get("claimName") for v in trainer_job["spec"]["template"]["spec"]["volumes"]}
-    trainer_mount = next(m for m in container(trainer_job, "trainer")["volumeMounts"] if trainer_claims.get(m["name"]) == claim)
+    trainer_claims = {
+        v["name"]: v.get("persistentVolumeClaim", {}).get("claimName")
+        for v in trainer_job["spec"]["template"]["spec"]["volumes"]
+    }
+    trainer_mount = next(
+        m for m in container(trainer_job, "trainer")["volumeMounts"] if trainer_claims.get(m["name"]) == claim
+    )
     (prepare_mount,) = [m for m in c["volumeMounts"] if m["name"] == "data"]
     assert prepare_mount["mountPath"] == trainer_mount["mountPath"]
 
@@ -659,8 +733,14 @@ def test_constraints_pin_what_pyproject_pins():
     import tomllib
 
     project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
-    pins = dict(line.split("==") for line in (REPO / "docker" / "constraints.txt").read_text().splitlines() if line and not line.startswith("#"))
-    for requirement in project["dependencies"] + project["optional-dependencies"]["cpu"] + project["optional-dependencies"]["gpu"]:
+    pins = dict(
+        line.split("==")
+        for line in (REPO / "docker" / "constraints.txt").read_text().splitlines()
+        if line and not line.startswith("#")
+    )
+    for requirement in (
+        project["dependencies"] + project["optional-dependencies"]["cpu"] + project["optional-dependencies"]["gpu"]
+    ):
         if "==" in requirement:
             name, version = requirement.split("==")
             assert pins[name.lower().replace("_", "-")] == version, requirement

@@ -27,7 +27,9 @@ CONFIG = "configs/ml1m_mf_pretrain.toml"
 
 
 def run(args: list[str], env: dict[str, str] | None = None, timeout: float = 120) -> subprocess.CompletedProcess:
-    full_env = {k: v for k, v in os.environ.items() if k not in ("NODE_RANK", "NNODES", "RDZV_ENDPOINT", "NPROC_PER_NODE")}
+    full_env = {
+        k: v for k, v in os.environ.items() if k not in ("NODE_RANK", "NNODES", "RDZV_ENDPOINT", "NPROC_PER_NODE")
+    }
     full_env.update(env or {})
     return subprocess.run(args, capture_output=True, text=True, env=full_env, timeout=timeout, cwd=REPO)
 
@@ -67,8 +69,13 @@ def test_many_machines_use_c10d_and_node_zero_hosts_the_store():
 
 
 def test_multinode_passes_the_ray_address_and_joins_ray_unless_the_head_is_here():
-    env = {"NODE_RANK": "1", "NNODES": "2", "RDZV_ENDPOINT": "10.0.0.1:29400", "MOREC_RAY_ADDRESS": "10.9.9.9:6379",
-           "RAY_AUTH_TOKEN": "test-only-not-a-secret"}
+    env = {
+        "NODE_RANK": "1",
+        "NNODES": "2",
+        "RDZV_ENDPOINT": "10.0.0.1:29400",
+        "MOREC_RAY_ADDRESS": "10.9.9.9:6379",
+        "RAY_AUTH_TOKEN": "test-only-not-a-secret",
+    }
     result = run([str(MULTINODE), "--dry-run", "--", "train", "--config", CONFIG], env)
     assert result.returncode == 0, result.stderr
     join, torchrun = result.stdout.strip().splitlines()
@@ -76,7 +83,9 @@ def test_multinode_passes_the_ray_address_and_joins_ray_unless_the_head_is_here(
     cmd = shlex.split(torchrun)
     assert cmd[-4:] == ["train", "--config", CONFIG, "coordinator.ray_address=10.9.9.9:6379"]
     assert "--rdzv_conf=is_host=0" in cmd
-    local = run([str(MULTINODE), "--dry-run", "train"], {**env, "MOREC_RAY_ADDRESS": "127.0.0.1:6379", "NODE_RANK": "0"})
+    local = run(
+        [str(MULTINODE), "--dry-run", "train"], {**env, "MOREC_RAY_ADDRESS": "127.0.0.1:6379", "NODE_RANK": "0"}
+    )
     assert local.returncode == 0, local.stderr
     assert "ray start" not in local.stdout  # the head's raylet serves this node's drivers
 
@@ -128,7 +137,9 @@ def test_multinode_needs_no_ray_for_a_job_without_it():
 
 def test_wait_for_sh_waits_for_a_non_empty_file(tmp_path):
     target = tmp_path / "metrics.json"
-    waiter = subprocess.Popen([str(REPO / "launch" / "wait_for.sh"), "--every", "0.1", str(target)], stderr=subprocess.PIPE, text=True)
+    waiter = subprocess.Popen(
+        [str(REPO / "launch" / "wait_for.sh"), "--every", "0.1", str(target)], stderr=subprocess.PIPE, text=True
+    )
     time.sleep(0.5)
     assert waiter.poll() is None
     target.write_text("{}")
@@ -164,9 +175,27 @@ def test_two_nodes_meet_through_c10d_on_loopback(small_synthetic):
     endpoint = f"127.0.0.1:{free_port()}"
     nodes = [
         subprocess.Popen(
-            [str(TRAIN), "--nproc", "1", "--nnodes", "2", "--node-rank", str(rank), "--rdzv", endpoint,
-             "--rdzv-id", "launch-test", "--", "inspect", str(small_synthetic), "--json"],
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO,
+            [
+                str(TRAIN),
+                "--nproc",
+                "1",
+                "--nnodes",
+                "2",
+                "--node-rank",
+                str(rank),
+                "--rdzv",
+                endpoint,
+                "--rdzv-id",
+                "launch-test",
+                "--",
+                "inspect",
+                str(small_synthetic),
+                "--json",
+            ],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            cwd=REPO,
         )
         for rank in (0, 1)
     ]
@@ -200,8 +229,11 @@ def test_ray_head_starts_serves_a_driver_and_stops(tmp_path):
             "f = ray.remote(lambda x: x * 2)\n"
             "print(ray.get(f.remote(21)), sorted({n['NodeManagerAddress'] for n in ray.nodes()}))\n"
         )
-        result = run([sys.executable, "-c", driver],
-                     {**env, "RAY_AUTH_MODE": "token", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}, timeout=120)
+        result = run(
+            [sys.executable, "-c", driver],
+            {**env, "RAY_AUTH_MODE": "token", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"},
+            timeout=120,
+        )
         assert result.returncode == 0, result.stderr[-3000:]
         assert result.stdout.strip() == "42 ['127.0.0.1']"  # loopback only by default
     finally:

@@ -34,12 +34,23 @@ def populated_registry() -> CollectorRegistry:
     """Both publishers in one registry, every labelled series touched once."""
     registry = CollectorRegistry()
     RankMetrics(registry, rank=3).observe_step(
-        step=7, rows=2200, duration_s=0.25, reader_wait_s=0.002, block_losses={"accuracy": 0.69, "revenue": 1.5},
-        staleness=2, report_latency_s=0.004, waited=True,
+        step=7,
+        rows=2200,
+        duration_s=0.25,
+        reader_wait_s=0.002,
+        block_losses={"accuracy": 0.69, "revenue": 1.5},
+        staleness=2,
+        report_latency_s=0.004,
+        waited=True,
     )
     CoordinatorMetrics(registry).publish(
-        step=7, beta=0.8, pid_terms=PID, global_losses={"accuracy": 0.7, "revenue": 1.4},
-        probabilities={"revenue": [0.25, 0.75], "fairness": [0.5, 0.25, 0.25]}, version=2, target_loss=0.6,
+        step=7,
+        beta=0.8,
+        pid_terms=PID,
+        global_losses={"accuracy": 0.7, "revenue": 1.4},
+        probabilities={"revenue": [0.25, 0.75], "fairness": [0.5, 0.25, 0.25]},
+        version=2,
+        target_loss=0.6,
     )
     return registry
 
@@ -62,7 +73,9 @@ def sample(families, name: str, **labels: str) -> float:
 # ----------------------------------------------------------------------- conventions
 
 TIME_WORDS = re.compile(r"(duration|latency|wait(?!s(_|$)))")  # "waits" is a count
-NON_BASE_UNITS = re.compile(r"_(ms|millis|milliseconds|microseconds|us|minutes|hours|days|kilobytes|megabytes|percent)(_|$)")
+NON_BASE_UNITS = re.compile(
+    r"_(ms|millis|milliseconds|microseconds|us|minutes|hours|days|kilobytes|megabytes|percent)(_|$)"
+)
 
 
 def test_every_family_follows_prometheus_naming_conventions():
@@ -242,10 +255,15 @@ def test_a_stopped_exporter_releases_its_port():
 
 def test_port_in_use_by_another_process_names_the_port_and_the_config_key():
     holder = subprocess.Popen(
-        [sys.executable, "-c",
-         "import socket,sys; s=socket.socket(); s.bind(('127.0.0.1',0)); s.listen(); "
-         "print(s.getsockname()[1], flush=True); sys.stdin.read()"],
-        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+        [
+            sys.executable,
+            "-c",
+            "import socket,sys; s=socket.socket(); s.bind(('127.0.0.1',0)); s.listen(); "
+            "print(s.getsockname()[1], flush=True); sys.stdin.read()",
+        ],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
     )
     try:
         port = int(holder.stdout.readline())

@@ -89,7 +89,9 @@ def test_two_tower_concatenates_side_features_by_name(data_dir):
     tables = {name: bag.weight for name, bag in model.user_ebc.embedding_bags.items()}
     tables |= {name: bag.weight for name, bag in model.item_ebc.embedding_bags.items()}
     user_ids = batch.user_kjt.to_dict()  # one id per user and feature
-    user_in = torch.cat([tables[f"t_{f}"][user_ids[f].values()] for f in [x.name for x in features.user_features()]], dim=1)
+    user_in = torch.cat(
+        [tables[f"t_{f}"][user_ids[f].values()] for f in [x.name for x in features.user_features()]], dim=1
+    )
     genre = features.item_kjt(batch.item_ids.numpy()).to_dict()["item_genres"]
     assert genre.lengths().max() > 1  # multi-hot: some items have several genres
     genre_sum = torch.stack([tables["t_item_genres"][ids].sum(0) for ids in genre.to_dense()])
@@ -138,6 +140,8 @@ def test_sharded_models_match_unsharded_copies(data_dir):
         sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
         str(SCRIPTS / "sharded_vs_unsharded.py"), str(data_dir), *CASES,
     ]  # fmt: skip
-    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300, env={**os.environ, "PYTHONPATH": str(REPO)})
+    proc = subprocess.run(
+        cmd, cwd=REPO, capture_output=True, text=True, timeout=300, env={**os.environ, "PYTHONPATH": str(REPO)}
+    )
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert proc.stdout.split() == [w for case in CASES for w in ("OK", case)]

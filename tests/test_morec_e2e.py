@@ -27,7 +27,14 @@ pytestmark = pytest.mark.slow
 
 def morec(*args: str, timeout: int = 600, **env_extra: str) -> subprocess.CompletedProcess:
     env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", **env_extra}
-    proc = subprocess.run([sys.executable, "-m", "morec_dist.cli", *args], capture_output=True, text=True, timeout=timeout, env=env, cwd=REPO)
+    proc = subprocess.run(
+        [sys.executable, "-m", "morec_dist.cli", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=env,
+        cwd=REPO,
+    )
     if proc.returncode != 0:
         raise AssertionError(f"morec {' '.join(args)} exited {proc.returncode}:\n{proc.stderr[-4000:]}")
     return proc
@@ -49,12 +56,29 @@ def pretrained(tiny_data, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("pretrain")
     morec("train", "--config", CONFIG, quoted("data.path", tiny_data), quoted("run.out_dir", out))
     metrics = json.loads((out / "metrics.json").read_text())
-    assert metrics["train_loss"] > 0 and set(metrics) >= {"hit@10", "ndcg@10", "r_hit@10", "r_ndcg@10", "min_hit@10", "min_ndcg@10", "pop_kl@10"}
+    assert metrics["train_loss"] > 0 and set(metrics) >= {
+        "hit@10",
+        "ndcg@10",
+        "r_hit@10",
+        "r_ndcg@10",
+        "min_hit@10",
+        "min_ndcg@10",
+        "pop_kl@10",
+    }
     return out / "checkpoints" / "best"
 
 
 def finetune(pretrained: Path, data: Path, out: Path, *overrides: str) -> dict:
-    morec("finetune", "--from", str(pretrained), "--config", CONFIG, quoted("data.path", data), quoted("run.out_dir", out), *overrides)
+    morec(
+        "finetune",
+        "--from",
+        str(pretrained),
+        "--config",
+        CONFIG,
+        quoted("data.path", data),
+        quoted("run.out_dir", out),
+        *overrides,
+    )
     return json.loads((out / "metrics.json").read_text())
 
 
@@ -73,7 +97,10 @@ def test_same_seed_same_betas_and_weights(pretrained, tiny_data, tmp_path):
     assert trace_a["beta"] == trace_b["beta"]
     assert trace_a["losses"] == trace_b["losses"]
     assert len(a["coordinator"]["sampler_updates"]) == 4  # every 10 steps
-    wa, wb = weights(tmp_path / "a" / "checkpoints" / "final", tmp_path), weights(tmp_path / "b" / "checkpoints" / "final", tmp_path)
+    wa, wb = (
+        weights(tmp_path / "a" / "checkpoints" / "final", tmp_path),
+        weights(tmp_path / "b" / "checkpoints" / "final", tmp_path),
+    )
     assert wa.keys() == wb.keys() and wa
     for key in wa:
         assert torch.equal(wa[key], wb[key]), key
@@ -86,7 +113,7 @@ def test_same_seed_same_betas_and_weights(pretrained, tiny_data, tmp_path):
 
 def test_fifth_objective_from_config_only_trains(pretrained, tiny_data, tmp_path):
     extra = (
-        'morec.objectives=['
+        "morec.objectives=["
         '{name="revenue", kind="revenue", group_column="rev_group", weight=0.5},'
         '{name="fairness", kind="fairness", group_column="fair_group", weight=0.2},'
         '{name="alignment", kind="alignment", group_column="align_group", weight=0.2},'
@@ -103,16 +130,39 @@ def test_preference_change_from_the_cli_applies_at_the_stated_step(pretrained, t
     out = tmp_path / "prefs"
     env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "token"}
     job = subprocess.Popen(
-        [sys.executable, "-m", "morec_dist.cli", "finetune", "--from", str(pretrained), "--config", CONFIG,
-         quoted("data.path", tiny_data), quoted("run.out_dir", out), quoted("coordinator.ray_address", ray_head),
-         "train.max_steps=2500", "morec.epochs=3", "data.batch_size=16"],
-        cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=open(tmp_path / "job.log", "w"),
+        [
+            sys.executable,
+            "-m",
+            "morec_dist.cli",
+            "finetune",
+            "--from",
+            str(pretrained),
+            "--config",
+            CONFIG,
+            quoted("data.path", tiny_data),
+            quoted("run.out_dir", out),
+            quoted("coordinator.ray_address", ray_head),
+            "train.max_steps=2500",
+            "morec.epochs=3",
+            "data.batch_size=16",
+        ],
+        cwd=REPO,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=open(tmp_path / "job.log", "w"),
     )
     try:
         status = {}
         deadline = time.time() + 300
         while time.time() < deadline:
-            probe = subprocess.run([sys.executable, "-m", "morec_dist.cli", "coordinator", "status", "--address", ray_head], capture_output=True, text=True, cwd=REPO, env=env, timeout=120)
+            probe = subprocess.run(
+                [sys.executable, "-m", "morec_dist.cli", "coordinator", "status", "--address", ray_head],
+                capture_output=True,
+                text=True,
+                cwd=REPO,
+                env=env,
+                timeout=120,
+            )
             if job.poll() is not None:
                 break
             if probe.returncode == 0 and '"aggregated_through"' in probe.stdout:
@@ -124,7 +174,19 @@ def test_preference_change_from_the_cli_applies_at_the_stated_step(pretrained, t
         # the global protocol runs this job at ~100 steps/s here and a CLI call takes seconds:
         # far enough ahead to still be undecided, early enough to be inside max_steps
         at_step = min(status["aggregated_through"] + 1500, 2400)
-        morec("coordinator", "set-preferences", "--address", ray_head, "--target-loss", "0.05", "--weight", "revenue=0.1", "--at-step", str(at_step), RAY_AUTH_MODE="token")
+        morec(
+            "coordinator",
+            "set-preferences",
+            "--address",
+            ray_head,
+            "--target-loss",
+            "0.05",
+            "--weight",
+            "revenue=0.1",
+            "--at-step",
+            str(at_step),
+            RAY_AUTH_MODE="token",
+        )
         job.wait(timeout=600)
         assert job.returncode == 0, (tmp_path / "job.log").read_text()[-4000:]
     finally:

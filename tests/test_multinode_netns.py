@@ -57,24 +57,75 @@ def test_two_hosts_match_the_single_host_run(two_hosts, pretrained, tiny_data, t
     (ns_a, dev_a), (ns_b, dev_b) = two_hosts["a"], two_hosts["b"]
     env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "MOREC_RAY_STATE": str(tmp_path / "ray-head")}
     ray_port, rdzv = 6391, f"{HOST_A}:29517"
-    head = run("ip", "netns", "exec", ns_a, "bash", str(REPO / "launch" / "ray_head.sh"), "--host", HOST_A,
-               "--port", str(ray_port), "--num-cpus", "2", "--object-store-mb", "100", check=False, timeout=180, env=env)
+    head = run(
+        "ip",
+        "netns",
+        "exec",
+        ns_a,
+        "bash",
+        str(REPO / "launch" / "ray_head.sh"),
+        "--host",
+        HOST_A,
+        "--port",
+        str(ray_port),
+        "--num-cpus",
+        "2",
+        "--object-store-mb",
+        "100",
+        check=False,
+        timeout=180,
+        env=env,
+    )
     assert head.returncode == 0, head.stderr
     out = tmp_path / "two-hosts"
-    args = ["finetune", "--from", str(pretrained), "--config", CONFIG, quoted("data.path", tiny_data), quoted("run.out_dir", out)]
+    args = [
+        "finetune",
+        "--from",
+        str(pretrained),
+        "--config",
+        CONFIG,
+        quoted("data.path", tiny_data),
+        quoted("run.out_dir", out),
+    ]
     try:
-        node_env = {**env, "NNODES": "2", "RDZV_ENDPOINT": rdzv, "MOREC_RAY_ADDRESS": f"{HOST_A}:{ray_port}", "RDZV_ID": out.name}
+        node_env = {
+            **env,
+            "NNODES": "2",
+            "RDZV_ENDPOINT": rdzv,
+            "MOREC_RAY_ADDRESS": f"{HOST_A}:{ray_port}",
+            "RDZV_ID": out.name,
+        }
         node0 = subprocess.Popen(
-            ["ip", "netns", "exec", ns_a, "env", "NODE_RANK=0", f"LOCAL_ADDR={HOST_A}", f"GLOO_SOCKET_IFNAME={dev_a}",
-             "bash", str(REPO / "launch" / "multinode.sh"), "--", *args],
-            env=node_env, cwd=REPO, stdout=subprocess.DEVNULL, stderr=open(tmp_path / "node0.log", "w"),
+            [
+                "ip",
+                "netns",
+                "exec",
+                ns_a,
+                "env",
+                "NODE_RANK=0",
+                f"LOCAL_ADDR={HOST_A}",
+                f"GLOO_SOCKET_IFNAME={dev_a}",
+                "bash",
+                str(REPO / "launch" / "multinode.sh"),
+                "--",
+                *args,
+            ],
+            env=node_env,
+            cwd=REPO,
+            stdout=subprocess.DEVNULL,
+            stderr=open(tmp_path / "node0.log", "w"),
         )
         # host B: its own /tmp/ray, as a separate machine would have
-        inner = (f"mkdir -p /tmp/ray && mount -t tmpfs tmpfs /tmp/ray && exec env NODE_RANK=1 LOCAL_ADDR={HOST_B} RAY_NODE_IP={HOST_B} "
-                 f"GLOO_SOCKET_IFNAME={dev_b} bash {REPO / 'launch' / 'multinode.sh'} -- " + " ".join(f"'{x}'" for x in args))
+        inner = (
+            f"mkdir -p /tmp/ray && mount -t tmpfs tmpfs /tmp/ray && exec env NODE_RANK=1 LOCAL_ADDR={HOST_B} RAY_NODE_IP={HOST_B} "
+            f"GLOO_SOCKET_IFNAME={dev_b} bash {REPO / 'launch' / 'multinode.sh'} -- " + " ".join(f"'{x}'" for x in args)
+        )
         node1 = subprocess.Popen(
             ["ip", "netns", "exec", ns_b, "unshare", "--mount", "--propagation", "private", "bash", "-c", inner],
-            env=node_env, cwd=REPO, stdout=subprocess.DEVNULL, stderr=open(tmp_path / "node1.log", "w"),
+            env=node_env,
+            cwd=REPO,
+            stdout=subprocess.DEVNULL,
+            stderr=open(tmp_path / "node1.log", "w"),
         )
         for node, log in ((node0, "node0.log"), (node1, "node1.log")):
             try:
@@ -84,7 +135,20 @@ def test_two_hosts_match_the_single_host_run(two_hosts, pretrained, tiny_data, t
                     node.kill()
             assert node.returncode == 0, (tmp_path / log).read_text()[-4000:]
     finally:
-        run("ip", "netns", "exec", ns_a, "bash", str(REPO / "launch" / "ray_head.sh"), "--stop", "--port", str(ray_port), check=False, timeout=120, env=env)
+        run(
+            "ip",
+            "netns",
+            "exec",
+            ns_a,
+            "bash",
+            str(REPO / "launch" / "ray_head.sh"),
+            "--stop",
+            "--port",
+            str(ray_port),
+            check=False,
+            timeout=120,
+            env=env,
+        )
     two = json.loads((out / "metrics.json").read_text())
     one = finetune(pretrained, tiny_data, tmp_path / "one-host")
     assert two["world_size"] == one["world_size"] == 2

@@ -52,7 +52,12 @@ P_POS = 0.05 / (1 + math.exp(0.2))
 def test_anti_windup_freezes_the_integral_while_saturated():
     pid = PIDController(PIDGains(**SATURATING))
     s0 = pid.update(0.5, 0.2)
-    assert (s0.integrated, s0.i, s0.raw_beta, s0.beta) == (True, pytest.approx(0.15), pytest.approx(0.15 + 0.1 + P_NEG), pytest.approx(0.15 + 0.1 + P_NEG))
+    assert (s0.integrated, s0.i, s0.raw_beta, s0.beta) == (
+        True,
+        pytest.approx(0.15),
+        pytest.approx(0.15 + 0.1 + P_NEG),
+        pytest.approx(0.15 + 0.1 + P_NEG),
+    )
     s1 = pid.update(0.5, 0.2)
     assert (s1.integrated, s1.i, s1.beta) == (True, pytest.approx(0.30), 0.3)
     assert s1.raw_beta == pytest.approx(0.4 + P_NEG)

@@ -111,6 +111,7 @@ def test_groups_follow_data_md(ds, reference):
         per_genre[gs[0]] += popularity[item]
     top = sorted(per_genre, key=lambda g: (-per_genre[g], g))[:9]
     expected_fair = {i: (top.index(gs[0]) + 1 if gs[0] in top else 10) for i, gs in genres.items()}
+
     # bands: 10 near-equal slices of the sorted catalogue
     def bands(key):
         order = sorted(range(1, 3884), key=key)

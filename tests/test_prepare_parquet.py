@@ -19,7 +19,12 @@ from morec_dist.data import schema
 from morec_dist.data.dataset import PreparedDataset
 
 # before Ray starts, so its workers inherit them (moto accepts any credentials)
-for key, value in {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1", "AWS_EC2_METADATA_DISABLED": "true"}.items():
+for key, value in {
+    "AWS_ACCESS_KEY_ID": "testing",
+    "AWS_SECRET_ACCESS_KEY": "testing",
+    "AWS_DEFAULT_REGION": "us-east-1",
+    "AWS_EC2_METADATA_DISABLED": "true",
+}.items():
     os.environ.setdefault(key, value)
 
 NUM_USERS, NUM_ITEMS, ROWS = 40, 25, 600
@@ -54,7 +59,12 @@ def raw_tables(seed: int = 0) -> dict[str, pa.Table]:
             "tags": [[f"t{j}" for j in range(i % 3)] for i in range(NUM_ITEMS)],  # a list column
         }
     )
-    users = pa.table({"uid": [f"user-{u:03d}" for u in range(NUM_USERS)], "country": [["de", "fr", None][u % 3] for u in range(NUM_USERS)]})
+    users = pa.table(
+        {
+            "uid": [f"user-{u:03d}" for u in range(NUM_USERS)],
+            "country": [["de", "fr", None][u % 3] for u in range(NUM_USERS)],
+        }
+    )
     return {"interactions": interactions, "items": items, "users": users}
 
 
@@ -146,7 +156,9 @@ def check_against_raw(ds: PreparedDataset, tables: dict[str, pa.Table], rule: st
     for split in schema.SPLITS:
         assert Counter(interaction_rows(ds, split)) == Counter(r for r, s in want["split"].items() if s == split), split
     id_users = pq.read_table(ds.path / schema.ID_MAP_USERS)
-    assert id_users["raw_id"].to_pylist() == want["users"] and id_users["user_id"].to_pylist() == list(range(1, ds.num_users + 1))
+    assert id_users["raw_id"].to_pylist() == want["users"] and id_users["user_id"].to_pylist() == list(
+        range(1, ds.num_users + 1)
+    )
     id_items = pq.read_table(ds.path / schema.ID_MAP_ITEMS)
     assert id_items["raw_id"].to_pylist() == want["items"]
 
@@ -164,7 +176,11 @@ def check_group_layout(ds: PreparedDataset) -> None:
         values = train[column].to_numpy()
         for gid in range(1, g + 1):
             files = ds.group_files(column, gid)
-            got = pa.concat_tables([pq.read_table(p) for p, _ in files]).select(columns) if files else train.slice(0, 0).select(columns)
+            got = (
+                pa.concat_tables([pq.read_table(p) for p, _ in files]).select(columns)
+                if files
+                else train.slice(0, 0).select(columns)
+            )
             mine = np.flatnonzero(values == gid)
             want = train.take(pa.array(mine[np.argsort(hashes[mine])])).select(columns)
             assert got.num_rows == ds.group_rows(column, gid) == len(mine)
@@ -256,7 +272,9 @@ def test_ray_layout_engine_writes_the_same_bytes(prepared, tmp_path):
         (root / rel).parent.mkdir(parents=True, exist_ok=True)
         shutil.copy(prepared / rel, root / rel)
     columns = {c: g["num_groups"] for c, g in manifest["groups"].items()}
-    layout = write_group_layout(LayoutJob(root, manifest["splits"]["train"]["files"], columns, manifest["group_layout"]["seed"], "ray"))
+    layout = write_group_layout(
+        LayoutJob(root, manifest["splits"]["train"]["files"], columns, manifest["group_layout"]["seed"], "ray")
+    )
     assert layout == manifest["group_layout"]
     for rel in layout_files(layout):
         assert filecmp.cmp(prepared / rel, root / rel, shallow=False), rel
@@ -267,7 +285,9 @@ def test_cheap_refusals(inputs, prepared, tmp_path, capsys):
     mapping = str(inputs / "mapping.toml")
     assert main(["prepare", "parquet", "--mapping", mapping, "--out", str(prepared)]) == 2
     assert "already exists" in capsys.readouterr().err
-    assert main(["prepare", "parquet", "--mapping", mapping, "split.valid_from=soon", "--out", str(tmp_path / "o")]) == 2
+    assert (
+        main(["prepare", "parquet", "--mapping", mapping, "split.valid_from=soon", "--out", str(tmp_path / "o")]) == 2
+    )
     assert "valid_from" in capsys.readouterr().err
     (tmp_path / "typo.toml").write_text(mapping_text(str(inputs)).replace("timestamp =", "timestmp ="))
     assert main(["prepare", "parquet", "--mapping", str(tmp_path / "typo.toml"), "--out", str(tmp_path / "o")]) == 2
@@ -277,7 +297,9 @@ def test_cheap_refusals(inputs, prepared, tmp_path, capsys):
 
 # --------------------------------------------------------------------------- bad input
 def _mutate(table: pa.Table, column: str, values: list | pa.Array) -> pa.Table:
-    return table.set_column(table.schema.get_field_index(column), column, pa.array(values) if isinstance(values, list) else values)
+    return table.set_column(
+        table.schema.get_field_index(column), column, pa.array(values) if isinstance(values, list) else values
+    )
 
 
 def _bad_cases():
@@ -288,11 +310,26 @@ def _bad_cases():
     cost = items["cost"].to_pylist()
     return {
         "missing column": ({"interactions": inter.drop_columns(["ts"])}, "inter/a.parquet", "'ts'", "missing"),
-        "wrong type": ({"interactions": _mutate(inter, "ts", [str(x) for x in inter["ts"].to_pylist()])}, "inter/a.parquet", "'ts'", "expected"),
+        "wrong type": (
+            {"interactions": _mutate(inter, "ts", [str(x) for x in inter["ts"].to_pylist()])},
+            "inter/a.parquet",
+            "'ts'",
+            "expected",
+        ),
         "null ids": ({"interactions": _mutate(inter, "uid", null_uid)}, "inter/b.parquet", "'uid'", "null"),
         "price zero": ({"items": _mutate(items, "cost", [0.0] + cost[1:])}, "items.parquet", "'cost'", "> 0"),
-        "price nan": ({"items": _mutate(items, "cost", cost[:3] + [float("nan")] + cost[4:])}, "items.parquet", "'cost'", "NaN"),
-        "all-null category": ({"items": _mutate(items, "cat", pa.nulls(NUM_ITEMS, pa.string()))}, "items.parquet", "'cat'", "entirely null"),
+        "price nan": (
+            {"items": _mutate(items, "cost", cost[:3] + [float("nan")] + cost[4:])},
+            "items.parquet",
+            "'cost'",
+            "NaN",
+        ),
+        "all-null category": (
+            {"items": _mutate(items, "cat", pa.nulls(NUM_ITEMS, pa.string()))},
+            "items.parquet",
+            "'cat'",
+            "entirely null",
+        ),
     }
 
 

@@ -15,14 +15,15 @@ import re
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import pytest
 from prometheus_client import CollectorRegistry
+from prometheus_server import PrometheusServer, free_port_range, prometheus  # noqa: F401  (fixture)
 
 from morec_dist.observe.metrics import CoordinatorMetrics, RankMetrics
-from prometheus_server import PrometheusServer, free_port_range, prometheus  # noqa: F401  (fixture)
 
 REPO = Path(__file__).resolve().parent.parent
 PUBLISHER = REPO / "tests" / "tools" / "publish_metrics.py"
@@ -57,7 +58,12 @@ def make_schedule(seed: int) -> dict[str, Any]:
             probabilities[name] = [v / sum(raw) for v in raw]
         coordinator = {
             "beta": rng.uniform(0.1, 1.5),
-            "pid_terms": {"p": rng.uniform(0, 0.05), "i": rng.uniform(-0.2, 0.2), "d": 0.0, "error": rng.uniform(-1, 1)},
+            "pid_terms": {
+                "p": rng.uniform(0, 0.05),
+                "i": rng.uniform(-0.2, 0.2),
+                "d": 0.0,
+                "error": rng.uniform(-1, 1),
+            },
             "global_losses": {n: rng.uniform(0.1, 3.0) for n in names},
             "probabilities": probabilities,
             "version": step // 3,
@@ -81,8 +87,18 @@ def publisher(schedule, tmp_path_factory) -> Iterator[dict[str, Any]]:
     ready, done = work / "ready.json", work / "done.json"
     base_port = free_port_range(1 + RANKS)
     process = subprocess.Popen(
-        [sys.executable, str(PUBLISHER), "--schedule", str(work / "schedule.json"), "--base-port", str(base_port),
-         "--ready-file", str(ready), "--done-file", str(done)],
+        [
+            sys.executable,
+            str(PUBLISHER),
+            "--schedule",
+            str(work / "schedule.json"),
+            "--base-port",
+            str(base_port),
+            "--ready-file",
+            str(ready),
+            "--done-file",
+            str(done),
+        ],
         stdin=subprocess.PIPE,
         cwd=REPO,
     )
@@ -149,13 +165,17 @@ def test_coordinator_values_match_the_published_ones(scraped, schedule):
     assert scraped.scalar("morec_coordinator_sampler_version") == final["version"]
     terms = {"p": "proportional", "i": "integral", "d": "derivative", "error": "error"}
     for key, name in terms.items():
-        assert scraped.scalar(f"morec_coordinator_pid_{name}") == pytest.approx(final["pid_terms"][key], rel=1e-12, abs=1e-15)
+        assert scraped.scalar(f"morec_coordinator_pid_{name}") == pytest.approx(
+            final["pid_terms"][key], rel=1e-12, abs=1e-15
+        )
     losses = scraped.values("morec_coordinator_objective_loss", by="objective")
     assert losses == pytest.approx(final["global_losses"], rel=1e-12)
     for name, p in final["probabilities"].items():
         got = scraped.values(f'morec_coordinator_sampling_probability{{objective="{name}"}}', by="group")
         assert got == pytest.approx({str(g + 1): v for g, v in enumerate(p)}, rel=1e-12)
-        assert scraped.scalar(f'sum(morec_coordinator_sampling_probability{{objective="{name}"}})') == pytest.approx(1.0)
+        assert scraped.scalar(f'sum(morec_coordinator_sampling_probability{{objective="{name}"}})') == pytest.approx(
+            1.0
+        )
 
 
 def test_rank_values_match_the_published_ones(scraped, schedule):
@@ -166,10 +186,16 @@ def test_rank_values_match_the_published_ones(scraped, schedule):
         final = seen[-1]
         assert scraped.scalar(f"morec_rank_step{sel}") == STEPS
         assert scraped.scalar(f"morec_rank_rows_processed_total{sel}") == sum(s["rows"] for s in seen)
-        assert scraped.scalar(f"morec_rank_rows_per_second{sel}") == pytest.approx(final["rows"] / final["duration_s"], rel=1e-12)
+        assert scraped.scalar(f"morec_rank_rows_per_second{sel}") == pytest.approx(
+            final["rows"] / final["duration_s"], rel=1e-12
+        )
         assert scraped.scalar(f"morec_rank_step_duration_seconds_count{sel}") == STEPS
-        assert scraped.scalar(f"morec_rank_step_duration_seconds_sum{sel}") == pytest.approx(sum(s["duration_s"] for s in seen), rel=1e-12)
-        assert scraped.scalar(f"morec_rank_reader_wait_seconds_sum{sel}") == pytest.approx(sum(s["reader_wait_s"] for s in seen), rel=1e-12)
+        assert scraped.scalar(f"morec_rank_step_duration_seconds_sum{sel}") == pytest.approx(
+            sum(s["duration_s"] for s in seen), rel=1e-12
+        )
+        assert scraped.scalar(f"morec_rank_reader_wait_seconds_sum{sel}") == pytest.approx(
+            sum(s["reader_wait_s"] for s in seen), rel=1e-12
+        )
         assert scraped.scalar(f"morec_rank_coordinator_report_latency_seconds_sum{sel}") == pytest.approx(
             sum(s["report_latency_s"] for s in seen), rel=1e-12
         )
@@ -183,7 +209,7 @@ def test_rank_values_match_the_published_ones(scraped, schedule):
 
 def test_rates_are_computed_over_the_scraped_history(scraped, schedule):
     """rate() needs at least two scrapes of a series: the steps spanned several."""
-    result = scraped.query('rate(morec_rank_rows_processed_total[1m])')
+    result = scraped.query("rate(morec_rank_rows_processed_total[1m])")
     assert len(result) == RANKS
     assert all(float(r["value"][1]) > 0 for r in result)
     history = scraped.query('count_over_time(morec_rank_step{rank="0"}[1m])')

@@ -15,6 +15,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from prometheus_server import PrometheusServer, free_port_range  # noqa: E402
+
 from tests.test_morec_e2e import finetune, pretrained, tiny_data  # noqa: E402,F401  (fixtures)
 
 pytestmark = pytest.mark.slow
@@ -29,12 +30,21 @@ def samples(server: PrometheusServer, expr: str) -> dict[tuple, dict[float, floa
 
 def test_prometheus_scrapes_beta_and_losses_that_match_the_trainer(pretrained, tiny_data, tmp_path):
     base = free_port_range(3)
-    targets = {"morec-coordinator": [f"127.0.0.1:{base}"], "morec-ranks": [f"127.0.0.1:{base + 1}", f"127.0.0.1:{base + 2}"]}
+    targets = {
+        "morec-coordinator": [f"127.0.0.1:{base}"],
+        "morec-ranks": [f"127.0.0.1:{base + 1}", f"127.0.0.1:{base + 2}"],
+    }
     server = PrometheusServer.start(targets, tmp_path / "prometheus")
     try:
         result = finetune(
-            pretrained, tiny_data, tmp_path / "run", "metrics.enabled=true", f"metrics.base_port={base}",
-            f"train.max_steps={STEPS}", "morec.epochs=2", f"data.batch_size={BATCH}",
+            pretrained,
+            tiny_data,
+            tmp_path / "run",
+            "metrics.enabled=true",
+            f"metrics.base_port={base}",
+            f"train.max_steps={STEPS}",
+            "morec.epochs=2",
+            f"data.batch_size={BATCH}",
         )
         trace = result["coordinator"]["trace"]
         beta_of = dict(zip(trace["step"], trace["beta"]))
@@ -42,7 +52,9 @@ def test_prometheus_scrapes_beta_and_losses_that_match_the_trainer(pretrained, t
 
         (steps,) = samples(server, "morec_coordinator_step").values()
         (betas,) = samples(server, "morec_coordinator_beta").values()
-        accuracy = next(v for k, v in samples(server, "morec_coordinator_objective_loss").items() if ("objective", "accuracy") in k)
+        accuracy = next(
+            v for k, v in samples(server, "morec_coordinator_objective_loss").items() if ("objective", "accuracy") in k
+        )
         paired = [t for t in steps if t in betas and t in accuracy]
         assert len(paired) >= 3, f"too few coordinator scrapes during the run: {len(paired)}"
         for t in paired:
@@ -53,7 +65,9 @@ def test_prometheus_scrapes_beta_and_losses_that_match_the_trainer(pretrained, t
         rows = samples(server, "morec_rank_rows_processed_total")
         assert {dict(k)["rank"] for k in rows} == {"0", "1"}
         for series in rows.values():
-            assert series and all(v % (BATCH * BLOCKS) == 0 and 0 < v <= STEPS * BATCH * BLOCKS for v in series.values())
+            assert series and all(
+                v % (BATCH * BLOCKS) == 0 and 0 < v <= STEPS * BATCH * BLOCKS for v in series.values()
+            )
         probabilities = samples(server, 'morec_coordinator_sampling_probability{objective="alignment"}')
         assert len(probabilities) == 10  # one series per popularity band
     finally:

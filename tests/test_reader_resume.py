@@ -13,9 +13,9 @@ import json
 from pathlib import Path
 
 import pytest
+import reader_data
 import torch
 
-import reader_data
 from morec_dist.data.batch import Batch
 from morec_dist.data.reader import Reader
 

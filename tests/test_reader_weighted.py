@@ -14,9 +14,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import reader_data
 from scipy import stats
 
-import reader_data
 from morec_dist.data.dataset import PreparedDataset
 from morec_dist.data.group_streams import GroupLayout, GroupLayoutError
 from morec_dist.data.negatives import NegativeSampler
@@ -170,7 +170,9 @@ def _stream_of_batches(data_dir, steps: int, **kwargs) -> list:
         it = iter(reader)
         for step in range(steps):
             if step % 4 == 2:  # p changes every few steps, between requests
-                reader.set_probabilities(step, {"fairness": SKEWED["tiny_heavy"] if step % 8 == 2 else SKEWED["tiny_light"]})
+                reader.set_probabilities(
+                    step, {"fairness": SKEWED["tiny_heavy"] if step % 8 == 2 else SKEWED["tiny_light"]}
+                )
             out.append(next(it))
     return out
 
@@ -180,7 +182,9 @@ def test_batches_do_not_depend_on_prefetch_depth(data_dir):
     deep = _stream_of_batches(data_dir, 12, prefetch_batches=6, prefetch_windows=4, in_memory_rows=300)
     for a, b in zip(shallow, deep):
         assert a.version == b.version
-        assert np.array_equal(a.item_ids.numpy(), b.item_ids.numpy()) and np.array_equal(a.user_ids.numpy(), b.user_ids.numpy())
+        assert np.array_equal(a.item_ids.numpy(), b.item_ids.numpy()) and np.array_equal(
+            a.user_ids.numpy(), b.user_ids.numpy()
+        )
 
 
 @pytest.mark.parametrize("weighting", [None, "price"])
@@ -191,7 +195,9 @@ def test_price_weighting_exact_thins_rows_by_price(data_dir, dataset, train, wei
     price = dataset.item_column("price")
     rev = dataset.item_column("rev_group")
     rows_per_item = np.bincount(train[:, 1], minlength=reader_data.NUM_ITEMS + 1)
-    with Reader(data_dir, batch_size=8, num_negatives=1, seed=3, objectives=[("revenue", "rev_group", weighting)]) as reader:
+    with Reader(
+        data_dir, batch_size=8, num_negatives=1, seed=3, objectives=[("revenue", "rev_group", weighting)]
+    ) as reader:
         p = np.asarray([0.25, 0.25, 0.25, 0.25])
         objective = reader.weighted[0]
         pairs = np.concatenate([objective.block(0, s, p, 2000) for s in range(60)])
@@ -206,6 +212,7 @@ def test_price_weighting_exact_thins_rows_by_price(data_dir, dataset, train, wei
     right, wrong = ("price", "rows") if weighting else ("rows", "price")
     assert min(pvalues[right]) > ALPHA / 4
     assert max(pvalues[wrong]) < ALPHA
+
 
 def test_negatives_follow_popularity_power(dataset):
     popularity = dataset.item_column("popularity")
@@ -328,5 +335,3 @@ def test_versions_never_mix_within_a_batch_under_concurrent_updates(data_dir):
             thread.join()
         assert not errors
         assert len(seen) > 1  # updates really interleaved with reading
-
-

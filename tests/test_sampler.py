@@ -103,7 +103,9 @@ def test_revenue_is_fixed_and_price_proportional_or_exact():
 
 
 def test_unknown_kind_option_or_column_errors_name_the_objective():
-    with pytest.raises(ObjectiveError, match=r"morec.objectives\[0\] \(novelty\).*unknown objective kind 'novel'.*registered kinds"):
+    with pytest.raises(
+        ObjectiveError, match=r"morec.objectives\[0\] \(novelty\).*unknown objective kind 'novel'.*registered kinds"
+    ):
         _objectives(ObjectiveConfig("novelty", "novel", "fair_group", 1.0))
     with pytest.raises(ObjectiveError, match=r"\(fairness\)\.options: unknown key\(s\) \['topk'\]"):
         _objectives(ObjectiveConfig("fairness", "fairness", "fair_group", 1.0, {"topk": 5}))
@@ -116,7 +118,10 @@ def test_unknown_kind_option_or_column_errors_name_the_objective():
 
 
 def test_signals_are_validated():
-    objs = _objectives(ObjectiveConfig("alignment", "alignment", "align_group", 1.0), ObjectiveConfig("revenue", "revenue", "rev_group", 1.0))
+    objs = _objectives(
+        ObjectiveConfig("alignment", "alignment", "align_group", 1.0),
+        ObjectiveConfig("revenue", "revenue", "rev_group", 1.0),
+    )
     with pytest.raises(ObjectiveError, match="missing \\['alignment'\\], unexpected \\['revenue'\\]"):
         objs.signs({"revenue": [1, 2]})
     with pytest.raises(ObjectiveError, match="expected 3 values"):
@@ -153,7 +158,9 @@ def test_price_statistics_match_the_parquet_files(dataset):
 
 def test_reference_objectives_resolve_against_the_manifest(dataset):
     config = load_config(None)
-    objs = build_objectives(config.morec.objectives, GroupStats.from_dataset(dataset), default_alpha=config.morec.sampler.alpha)
+    objs = build_objectives(
+        config.morec.objectives, GroupStats.from_dataset(dataset), default_alpha=config.morec.sampler.alpha
+    )
     assert objs.names == ["accuracy", "revenue", "fairness", "alignment"]
     assert [o.block for o in objs.objectives] == [1, 2, 3]
     fair = objs.by_name("fairness")
@@ -174,13 +181,22 @@ def test_a_fifth_objective_from_config_needs_no_code(dataset):
             ' {name="genre_mix", kind="target_share", group_column="fair_group", weight=0.1, options={target="uniform", k=20, alpha=0.02}}]'
         ],
     )
-    objs = build_objectives(config.morec.objectives, GroupStats.from_dataset(dataset), default_alpha=config.morec.sampler.alpha)
+    objs = build_objectives(
+        config.morec.objectives, GroupStats.from_dataset(dataset), default_alpha=config.morec.sampler.alpha
+    )
     assert objs.names[-2:] == ["head_floor", "genre_mix"] and objs.num_blocks == 6
     mix = objs.by_name("genre_mix")
     g = mix.num_groups
     assert mix.alpha == 0.02 and mix.target == pytest.approx(tuple([1 / g] * g))
     hist = np.arange(1, g + 1, dtype=float)  # q_rec increasing: low groups under target
-    s = objs.signs({"fairness": [0.5] * objs.by_name("fairness").num_groups, "alignment": [1.0] * 10, "head_floor": [0.2] * 9 + [0.0], "genre_mix": hist.tolist()})
+    s = objs.signs(
+        {
+            "fairness": [0.5] * objs.by_name("fairness").num_groups,
+            "alignment": [1.0] * 10,
+            "head_floor": [0.2] * 9 + [0.0],
+            "genre_mix": hist.tolist(),
+        }
+    )
     assert s["head_floor"].tolist() == [0] * 9 + [1]
     expected = np.sign(1 / g - hist / hist.sum())
     np.testing.assert_array_equal(s["genre_mix"], expected)

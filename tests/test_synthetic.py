@@ -61,7 +61,12 @@ print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024)
 
 def test_memory_stays_bounded_as_rows_grow(tmp_path):
     def peak_mb(rows: int) -> int:
-        out = subprocess.run([sys.executable, "-c", PEAK_RSS, str(tmp_path / str(rows)), str(rows)], check=True, capture_output=True, text=True)
+        out = subprocess.run(
+            [sys.executable, "-c", PEAK_RSS, str(tmp_path / str(rows)), str(rows)],
+            check=True,
+            capture_output=True,
+            text=True,
+        )
         return int(out.stdout.strip().splitlines()[-1])
 
     small, large = peak_mb(2_000_000), peak_mb(6_000_000)

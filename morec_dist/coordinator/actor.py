@@ -17,11 +17,11 @@ from __future__ import annotations
 
 import asyncio
 import threading
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 from morec_dist.coordinator.core import CoordinatorCore, CoordinatorError, CoordinatorSpec, Decision
-
 
 ACTOR_MAX_RESTARTS = 5
 # slots of the default (step) group: per-rank reports of the per_rank baseline wait in them
@@ -92,7 +92,9 @@ class CoordinatorActor:
 
     def _need_core(self) -> CoordinatorCore:
         if self.core is None:
-            raise CoordinatorNotConfigured("the coordinator is not configured yet (the job calls configure(spec) first, or the actor was restarted)")
+            raise CoordinatorNotConfigured(
+                "the coordinator is not configured yet (the job calls configure(spec) first, or the actor was restarted)"
+            )
         return self.core
 
     async def _notify(self) -> None:
@@ -112,7 +114,9 @@ class CoordinatorActor:
             return self.core is not None and self.core.ready(step)
 
     # ------------------------------------------------------------------ set-up
-    async def configure(self, spec: CoordinatorSpec, state: Mapping[str, Any] | None = None, run_id: str = "") -> dict[str, Any]:
+    async def configure(
+        self, spec: CoordinatorSpec, state: Mapping[str, Any] | None = None, run_id: str = ""
+    ) -> dict[str, Any]:
         if self.core is not None and run_id and run_id == self.run_id:
             return self.core.status()
         core = CoordinatorCore(spec)
@@ -263,4 +267,6 @@ def get_existing(name: str, namespace: str) -> Any:
     try:
         return ray.get_actor(name, namespace=namespace)
     except ValueError:
-        raise CoordinatorError(f"no coordinator actor named {name!r} in namespace {namespace!r} on this Ray cluster") from None
+        raise CoordinatorError(
+            f"no coordinator actor named {name!r} in namespace {namespace!r} on this Ray cluster"
+        ) from None

@@ -30,8 +30,9 @@ from __future__ import annotations
 import logging
 import time
 from collections import OrderedDict
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Callable, Mapping, Sequence, TypeVar
+from typing import Any, TypeVar
 
 from morec_dist.coordinator.core import CoordinatorError, Decision
 
@@ -68,7 +69,6 @@ def _lost(exc: BaseException) -> bool:
     return isinstance(exc, CoordinatorNotConfigured) or isinstance(cause, CoordinatorNotConfigured)
 
 
-
 def timed_wait(client: Any, step: int, wait: Callable[[], T]) -> T:
     """``wait()`` for the decision of ``step``, counted and timed in the client's ``waits``,
     ``wait_seconds`` and ``max_wait_seconds`` (both protocols' clients); the first waits and
@@ -77,7 +77,11 @@ def timed_wait(client: Any, step: int, wait: Callable[[], T]) -> T:
     if client.waits <= LOG_FIRST_WAITS or client.waits % LOG_EVERY == 0:
         logger.info(
             "rank %d: waiting on the coordinator for the decision of step %d (staleness %d; wait #%d, %.3f s waited so far)",
-            client.rank, step, client.staleness, client.waits, client.wait_seconds,
+            client.rank,
+            step,
+            client.staleness,
+            client.waits,
+            client.wait_seconds,
         )
     started = time.perf_counter()
     result = wait()
@@ -85,6 +89,7 @@ def timed_wait(client: Any, step: int, wait: Callable[[], T]) -> T:
     client.wait_seconds += waited
     client.max_wait_seconds = max(client.max_wait_seconds, waited)
     return result
+
 
 class CoordinatorClient:
     def __init__(
@@ -139,14 +144,21 @@ class CoordinatorClient:
         import ray
 
         if self.recovery is None:
-            raise CoordinatorError(f"rank {self.rank}: the coordinator actor is gone ({type(why).__name__}) and this client cannot restore it") from None
+            raise CoordinatorError(
+                f"rank {self.rank}: the coordinator actor is gone ({type(why).__name__}) and this client cannot restore it"
+            ) from None
         reason = "resync requested" if why is None else f"the coordinator actor is gone ({type(why).__name__})"
         if len(self._log) > self.max_log:
-            raise CoordinatorError(f"rank {self.rank}: coordinator lost, but {len(self._log)} reports since the last checkpoint exceed max_log {self.max_log}")
+            raise CoordinatorError(
+                f"rank {self.rank}: coordinator lost, but {len(self._log)} reports since the last checkpoint exceed max_log {self.max_log}"
+            )
         r = self.recovery
         logger.warning(
             "rank %d: %s; restoring it from the checkpoint of step %d and replaying %d reports",
-            self.rank, reason, r.step, len(self._log),
+            self.rank,
+            reason,
+            r.step,
+            len(self._log),
         )
         deadline = time.monotonic() + self.wait_timeout_s
         run_id = f"{r.run_id}:restored@{r.step}"
@@ -154,7 +166,10 @@ class CoordinatorClient:
             try:
                 self.actor = r.reopen()
                 ray.get(self.actor.configure.remote(r.spec, r.state, run_id), timeout=self.wait_timeout_s)
-                ray.get(self.actor.replay.remote(self.rank, list(self._log), list(self._signals_log)), timeout=self.wait_timeout_s)
+                ray.get(
+                    self.actor.replay.remote(self.rank, list(self._log), list(self._signals_log)),
+                    timeout=self.wait_timeout_s,
+                )
                 break
             except Exception as exc:  # noqa: BLE001 - the actor may still be restarting
                 if not (_lost(exc) or isinstance(exc, ray.exceptions.GetTimeoutError)) or time.monotonic() > deadline:
@@ -229,7 +244,9 @@ class CoordinatorClient:
         except Exception as exc:  # noqa: BLE001
             if not _lost(exc):
                 raise
-            logger.warning("rank %d: waiting for the coordinator to come back for the decision of step %d", self.rank, step)
+            logger.warning(
+                "rank %d: waiting for the coordinator to come back for the decision of step %d", self.rank, step
+            )
             self._recover(exc)
             return self._call("decision", step)
 
@@ -263,7 +280,9 @@ class CoordinatorClient:
         while True:
             left = deadline - time.monotonic()
             if left <= 0:
-                raise CoordinatorError(f"rank {self.rank}: reports of steps {steps} not recorded after {self.wait_timeout_s:.0f} s")
+                raise CoordinatorError(
+                    f"rank {self.rank}: reports of steps {steps} not recorded after {self.wait_timeout_s:.0f} s"
+                )
             ready, _ = ray.wait([confirm, *pending], num_returns=1, timeout=left)
             if not ready:
                 continue

@@ -39,7 +39,8 @@ import math
 import queue
 import threading
 import time
-from typing import Any, Mapping, Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -133,16 +134,22 @@ class GlobalCoordinatorClient:
         """Post step ``step``'s reduction (non-blocking) and the receive of decision(step + s)."""
         step = int(step)
         if step != self._posted_through + 1:
-            raise CoordinatorError(f"rank {self.rank}: report of step {step}, expected step {self._posted_through + 1} (steps are reported in order)")
+            raise CoordinatorError(
+                f"rank {self.rank}: report of step {step}, expected step {self._posted_through + 1} (steps are reported in order)"
+            )
         self._raise_thread_error()
         k = self.num_blocks
         if len(loss_sums) != k or len(row_counts) != k:
-            raise CoordinatorError(f"rank {self.rank}, step {step}: expected {k} loss sums and row counts, got {len(loss_sums)} and {len(row_counts)}")
+            raise CoordinatorError(
+                f"rank {self.rank}, step {step}: expected {k} loss sums and row counts, got {len(loss_sums)} and {len(row_counts)}"
+            )
         vector = torch.tensor([*map(float, loss_sums), *map(float, row_counts)], dtype=torch.float64)
         gather_group = self.groups[0]
         if self.rank == 0:
             buffers = [torch.empty(2 * k, dtype=torch.float64) for _ in range(self.world_size)]
-            work = dist.gather(vector, buffers, dst=0, group=gather_group, async_op=True) if self.world_size > 1 else None
+            work = (
+                dist.gather(vector, buffers, dst=0, group=gather_group, async_op=True) if self.world_size > 1 else None
+            )
             if work is None:
                 buffers[0].copy_(vector)
             self._queue.put((step, work, buffers))
@@ -166,7 +173,9 @@ class GlobalCoordinatorClient:
     def _received(self, step: int) -> Decision:
         entry = self._headers.pop(step, None)
         if entry is None:
-            raise CoordinatorError(f"rank {self.rank}: no decision of step {step} was posted (reported through {self._posted_through}, staleness {self.staleness})")
+            raise CoordinatorError(
+                f"rank {self.rank}: no decision of step {step} was posted (reported through {self._posted_through}, staleness {self.staleness})"
+            )
         work, buffer = entry
         if not work.is_completed():
             self._count_wait(step, lambda: work.wait())
@@ -228,7 +237,15 @@ class GlobalCoordinatorClient:
         if self.world_size == 1:
             return
         header = torch.tensor(
-            [d.step, d.beta, d.lam, d.target_loss, d.p_version, d.pid_through, *(d.weights[n] for n in self.weight_names)],
+            [
+                d.step,
+                d.beta,
+                d.lam,
+                d.target_loss,
+                d.p_version,
+                d.pid_through,
+                *(d.weights[n] for n in self.weight_names),
+            ],
             dtype=torch.float64,
         )
         # (work, buffer): the buffer must outlive the asynchronous send
@@ -254,20 +271,27 @@ class GlobalCoordinatorClient:
     def _decode(self, step: int, buffer: torch.Tensor) -> Decision:
         values = buffer.tolist()
         if int(values[0]) != step:
-            raise CoordinatorError(f"rank {self.rank}: received the decision of step {int(values[0])} for step {step} (collectives out of order)")
+            raise CoordinatorError(
+                f"rank {self.rank}: received the decision of step {int(values[0])} for step {step} (collectives out of order)"
+            )
         version = int(values[4])
         if version != self._known_version:
             probs = torch.empty(sum(self.prob_sizes.values()), dtype=torch.float64)
             dist.broadcast(probs, src=0, group=self.groups[2])
             flat, out, at = probs.tolist(), {}, 0
             for name, size in self.prob_sizes.items():
-                out[name] = flat[at:at + size]
+                out[name] = flat[at : at + size]
                 at += size
             self._known_version, self._known_probs = version, out
         return Decision(
-            step=step, beta=values[1], lam=values[2],
-            weights=dict(zip(self.weight_names, values[HEADER:])), target_loss=values[3],
-            p_version=version, probabilities={k: list(v) for k, v in self._known_probs.items()}, pid_through=int(values[5]),
+            step=step,
+            beta=values[1],
+            lam=values[2],
+            weights=dict(zip(self.weight_names, values[HEADER:])),
+            target_loss=values[3],
+            p_version=version,
+            probabilities={k: list(v) for k, v in self._known_probs.items()},
+            pid_through=int(values[5]),
         )
 
     def _reap_gathers(self) -> None:
@@ -291,7 +315,9 @@ class GlobalCoordinatorClient:
         with self._cond:
             while self._reported_through < self._posted_through and self._error is None:
                 if time.monotonic() > deadline:
-                    raise CoordinatorError(f"rank 0: global reports through step {self._posted_through} not sent after {self.wait_timeout_s:.0f} s")
+                    raise CoordinatorError(
+                        f"rank 0: global reports through step {self._posted_through} not sent after {self.wait_timeout_s:.0f} s"
+                    )
                 self._cond.wait(timeout=1.0)
             steps, self._pending_flush = self._pending_flush, []
         self._raise_thread_error()
@@ -308,7 +334,9 @@ class GlobalCoordinatorClient:
             with self._cond:
                 while self._error is None and self._produced_through < last:
                     if time.monotonic() > deadline:
-                        raise CoordinatorError(f"rank 0: decisions through step {last} not produced after {self.wait_timeout_s:.0f} s")
+                        raise CoordinatorError(
+                            f"rank 0: decisions through step {last} not produced after {self.wait_timeout_s:.0f} s"
+                        )
                     self._cond.wait(timeout=1.0)
             self._queue.put(_STOP)
             self._thread.join(timeout=self.wait_timeout_s)
@@ -337,7 +365,9 @@ class GlobalCoordinatorClient:
 
     def _rank0_only(self, what: str) -> None:
         if self.rank != 0:
-            raise CoordinatorError(f"rank {self.rank}: {what} is rank 0's (the only coordinator client of the global protocol)")
+            raise CoordinatorError(
+                f"rank {self.rank}: {what} is rank 0's (the only coordinator client of the global protocol)"
+            )
 
     def submit_signals(self, step: int, signals: Mapping[str, Sequence[float]]) -> int:
         self._rank0_only("submit_signals")
@@ -382,7 +412,7 @@ def global_sums(per_rank: Sequence[Any], num_blocks: int) -> tuple[list[float], 
         table = torch.stack([torch.as_tensor(t, dtype=torch.float64) for t in per_rank]).numpy()
     columns = table.T.tolist()
     sums = [math.fsum(columns[b]) for b in range(num_blocks)]
-    counts = [int(c) for c in table[:, num_blocks:2 * num_blocks].astype(np.int64).sum(axis=0)]
+    counts = [int(c) for c in table[:, num_blocks : 2 * num_blocks].astype(np.int64).sum(axis=0)]
     return sums, counts
 
 

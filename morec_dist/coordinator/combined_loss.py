@@ -13,15 +13,19 @@ detached per-block sums and counts a rank reports to the coordinator.
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 
 
-def block_sums(per_row_loss: torch.Tensor, block_ids: torch.Tensor, num_blocks: int) -> tuple[torch.Tensor, torch.Tensor]:
+def block_sums(
+    per_row_loss: torch.Tensor, block_ids: torch.Tensor, num_blocks: int
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-block loss sums ([num_blocks], same dtype as the loss) and row counts (int64)."""
     if per_row_loss.dim() != 1 or block_ids.shape != per_row_loss.shape:
-        raise ValueError(f"per_row_loss and block_ids must be 1-D of equal length, got {tuple(per_row_loss.shape)} and {tuple(block_ids.shape)}")
+        raise ValueError(
+            f"per_row_loss and block_ids must be 1-D of equal length, got {tuple(per_row_loss.shape)} and {tuple(block_ids.shape)}"
+        )
     ids = block_ids.to(torch.int64)
     if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= num_blocks):
         raise ValueError(f"block_ids must lie in 0..{num_blocks - 1}, found {int(ids.min())}..{int(ids.max())}")
@@ -36,7 +40,9 @@ def block_means(per_row_loss: torch.Tensor, block_ids: torch.Tensor, num_blocks:
     return sums / counts.clamp_min(1).to(sums.dtype)
 
 
-def _weights_tensor(weights: Sequence[float] | torch.Tensor, like: torch.Tensor, expected: int, what: str) -> torch.Tensor:
+def _weights_tensor(
+    weights: Sequence[float] | torch.Tensor, like: torch.Tensor, expected: int, what: str
+) -> torch.Tensor:
     w = torch.as_tensor(weights, dtype=like.dtype, device=like.device)
     if w.shape != (expected,):
         raise ValueError(f"{what}: expected {expected} weights, got shape {tuple(w.shape)}")

@@ -41,8 +41,9 @@ from __future__ import annotations
 import bisect
 import math
 from collections import deque
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -116,7 +117,9 @@ class CoordinatorSpec:
         if not (math.isfinite(self.lam) and self.lam > 0):
             raise CoordinatorError(f"morec.lam: expected > 0, got {self.lam}")
         if not (math.isfinite(self.target_loss) and self.target_loss > 0):
-            raise CoordinatorError(f"target loss l_hat: expected > 0 (resolve morec.pid.target_loss = 0 from the pretrained model first), got {self.target_loss}")
+            raise CoordinatorError(
+                f"target loss l_hat: expected > 0 (resolve morec.pid.target_loss = 0 from the pretrained model first), got {self.target_loss}"
+            )
 
 
 @dataclass
@@ -187,14 +190,18 @@ class CoordinatorCore:
         """Whether ``rank``'s report of ``step`` is in (aggregated, or pending)."""
         return step <= self.aggregated_through or (step in self.pending and rank in self.pending[step].sums)
 
-    def _validated_report(self, rank: int, step: int, loss_sums: Sequence[float], row_counts: Sequence[int]) -> tuple[list[float], list[int]]:
+    def _validated_report(
+        self, rank: int, step: int, loss_sums: Sequence[float], row_counts: Sequence[int]
+    ) -> tuple[list[float], list[int]]:
         ws = self.spec.world_size
         if isinstance(rank, bool) or not isinstance(rank, int) or not 0 <= rank < ws:
             raise CoordinatorError(f"report: rank must be an integer in 0..{ws - 1}, got {rank!r}")
         if isinstance(step, bool) or not isinstance(step, int) or step < 0:
             raise CoordinatorError(f"report from rank {rank}: step must be an integer >= 0, got {step!r}")
         if step <= self.aggregated_through:
-            raise CoordinatorError(f"report from rank {rank}: step {step} was already aggregated (through {self.aggregated_through})")
+            raise CoordinatorError(
+                f"report from rank {rank}: step {step} was already aggregated (through {self.aggregated_through})"
+            )
         if step > self.aggregated_through + self.spec.max_steps_ahead:
             raise CoordinatorError(
                 f"report from rank {rank}: step {step} is more than {self.spec.max_steps_ahead} steps ahead of the "
@@ -215,7 +222,9 @@ class CoordinatorCore:
         except (TypeError, ValueError):
             exact = False
         if not exact or any(c < 0 for c in counts):
-            raise CoordinatorError(f"report from rank {rank}, step {step}: row counts must be integers >= 0, got {list(row_counts)}")
+            raise CoordinatorError(
+                f"report from rank {rank}, step {step}: row counts must be integers >= 0, got {list(row_counts)}"
+            )
         if counts[0] < 1:
             raise CoordinatorError(f"report from rank {rank}, step {step}: the accuracy block (0) has no rows")
         return sums, counts
@@ -251,7 +260,9 @@ class CoordinatorCore:
         if through < 0:
             return self.spec.gains.resting_beta, -1
         if through > self.aggregated_through:
-            raise DecisionNotReady(f"beta of step {step} needs step {through} aggregated; aggregated through {self.aggregated_through}")
+            raise DecisionNotReady(
+                f"beta of step {step} needs step {through} aggregated; aggregated through {self.aggregated_through}"
+            )
         return self.trace[through - self.trace_start].beta, through
 
     def version_for(self, step: int) -> int:
@@ -304,9 +315,13 @@ class CoordinatorCore:
                 return self._version_decided_after(step)
             raise CoordinatorError(f"signals for step {step} were already applied with different values")
         if not self.sampler_every:
-            raise CoordinatorError("submit_signals: no sampler update is ever due (sampler_every = 0 or no adaptive objective)")
+            raise CoordinatorError(
+                "submit_signals: no sampler update is ever due (sampler_every = 0 or no adaptive objective)"
+            )
         if step != self.next_due:
-            raise CoordinatorError(f"submit_signals: the next sampler update is due after step {self.next_due}, got step {step}")
+            raise CoordinatorError(
+                f"submit_signals: the next sampler update is due after step {self.next_due}, got step {step}"
+            )
         try:
             signs = self.spec.objectives.signs(clean)
         except ObjectiveError as exc:
@@ -346,7 +361,14 @@ class CoordinatorCore:
             new_weights = self._checked_weights(weights, step)
         if target_loss is not None and not (math.isfinite(target_loss) and target_loss > 0):
             raise CoordinatorError(f"set_preferences: target loss must be > 0, got {target_loss}")
-        change = PreferenceChange(len(self.history), step, new_weights, None if target_loss is None else float(target_loss), self.aggregated_through, source)
+        change = PreferenceChange(
+            len(self.history),
+            step,
+            new_weights,
+            None if target_loss is None else float(target_loss),
+            self.aggregated_through,
+            source,
+        )
         self.history.append(change)
         bisect.insort(self._ordered, (change.effective_step, change.seq, change))
         return change
@@ -419,7 +441,13 @@ class CoordinatorCore:
             "next_due": self.next_due,
             "versions": [[after, probs] for after, probs in self.versions],
             "signals_seen": {str(k): v for k, v in self.signals_seen.items()},
-            "pending": {str(s): {"sums": {str(r): v for r, v in e.sums.items()}, "counts": {str(r): v for r, v in e.counts.items()}} for s, e in self.pending.items()},
+            "pending": {
+                str(s): {
+                    "sums": {str(r): v for r, v in e.sums.items()},
+                    "counts": {str(r): v for r, v in e.counts.items()},
+                }
+                for s, e in self.pending.items()
+            },
             "trace": [asdict(r) for r in self.trace],
             "aggregated_through": self.aggregated_through,
             "history": [asdict(c) for c in self.history],
@@ -428,16 +456,25 @@ class CoordinatorCore:
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         if state.get("format") != STATE_FORMAT:
             raise CoordinatorError(f"coordinator state: format {state.get('format')!r}, expected {STATE_FORMAT}")
-        for key, mine in (("blocks", list(self.names)), ("world_size", self.spec.world_size), ("staleness", self.spec.staleness), ("sampler_every", self.sampler_every)):
+        for key, mine in (
+            ("blocks", list(self.names)),
+            ("world_size", self.spec.world_size),
+            ("staleness", self.spec.staleness),
+            ("sampler_every", self.sampler_every),
+        ):
             if state[key] != mine:
-                raise CoordinatorError(f"coordinator state: {key} is {state[key]!r} in the checkpoint but {mine!r} in this job")
+                raise CoordinatorError(
+                    f"coordinator state: {key} is {state[key]!r} in the checkpoint but {mine!r} in this job"
+                )
         self.pid.load_state_dict(state["pid"])
         self.sampler.load_state_dict(state["sampler"])
         self.next_due = int(state["next_due"])
         self.versions = [(int(after), {k: list(v) for k, v in probs.items()}) for after, probs in state["versions"]]
         self.signals_seen = {int(k): v for k, v in state["signals_seen"].items()}
         self.pending = {
-            int(s): _Pending({int(r): list(v) for r, v in e["sums"].items()}, {int(r): list(v) for r, v in e["counts"].items()})
+            int(s): _Pending(
+                {int(r): list(v) for r, v in e["sums"].items()}, {int(r): list(v) for r, v in e["counts"].items()}
+            )
             for s, e in state["pending"].items()
         }
         self.trace = deque((StepRecord(**r) for r in state["trace"]), maxlen=self.spec.trace_window or None)

@@ -39,8 +39,9 @@ instance; the core never names a kind.
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -107,13 +108,17 @@ class ObjectiveKind:
     def resolve_options(self, options: Mapping[str, Any], where: str) -> dict[str, Any]:
         unknown = sorted(set(options) - set(self.defaults))
         if unknown:
-            raise ObjectiveError(f"{where}.options: unknown key(s) {unknown} for kind {self.name!r}; expected some of {sorted(self.defaults)}")
+            raise ObjectiveError(
+                f"{where}.options: unknown key(s) {unknown} for kind {self.name!r}; expected some of {sorted(self.defaults)}"
+            )
         return {**self.defaults, **options}
 
     def initial(self, column: str, stats: GroupStats, options: Mapping[str, Any], where: str) -> np.ndarray:
         raise NotImplementedError
 
-    def signal_request(self, name: str, column: str, num_groups: int, options: Mapping[str, Any]) -> SignalRequest | None:
+    def signal_request(
+        self, name: str, column: str, num_groups: int, options: Mapping[str, Any]
+    ) -> SignalRequest | None:
         return None
 
     def target(self, column: str, stats: GroupStats, options: Mapping[str, Any], where: str) -> np.ndarray | None:
@@ -169,7 +174,9 @@ class RevenueKind(ObjectiveKind):
     def resolve_options(self, options, where):
         resolved = super().resolve_options(options, where)
         if resolved["price_weighting"] not in self.WEIGHTINGS:
-            raise ObjectiveError(f"{where}.options.price_weighting: {resolved['price_weighting']!r} is not one of {self.WEIGHTINGS}")
+            raise ObjectiveError(
+                f"{where}.options.price_weighting: {resolved['price_weighting']!r} is not one of {self.WEIGHTINGS}"
+            )
         return resolved
 
     def initial(self, column, stats, options, where):
@@ -336,14 +343,18 @@ class ObjectiveSet:
         missing = sorted(expected - set(signals))
         extra = sorted(set(signals) - expected)
         if missing or extra:
-            raise ObjectiveError(f"signals: expected exactly the adaptive objectives {sorted(expected)}; missing {missing}, unexpected {extra}")
+            raise ObjectiveError(
+                f"signals: expected exactly the adaptive objectives {sorted(expected)}; missing {missing}, unexpected {extra}"
+            )
         signs: dict[str, np.ndarray] = {}
         for o in self.adaptive():
             vector = _check_signal(o, signals[o.name])
             kind = self.registry.get(o.kind, f"objective {o.name!r}")
             s = np.asarray(kind.sign(o, vector), dtype=np.float64)
             if s.shape != (o.num_groups,) or not np.all(np.isin(s, (-1.0, 0.0, 1.0))):
-                raise ObjectiveError(f"objective {o.name!r}: kind {o.kind!r} returned an invalid sign vector {s.tolist()}")
+                raise ObjectiveError(
+                    f"objective {o.name!r}: kind {o.kind!r} returned an invalid sign vector {s.tolist()}"
+                )
             signs[o.name] = s
         return signs
 

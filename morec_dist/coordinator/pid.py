@@ -51,10 +51,12 @@ class PIDGains:
             if not (math.isfinite(value) and value >= 0):
                 raise ValueError(f"pid.{name}: gains must be finite and >= 0, got {value}")
         if not (0 <= self.beta_min <= self.beta_max and math.isfinite(self.beta_max)):
-            raise ValueError(f"pid: need 0 <= beta_min <= beta_max, got beta_min={self.beta_min}, beta_max={self.beta_max}")
+            raise ValueError(
+                f"pid: need 0 <= beta_min <= beta_max, got beta_min={self.beta_min}, beta_max={self.beta_max}"
+            )
 
     @classmethod
-    def from_config(cls, pid: Any) -> "PIDGains":
+    def from_config(cls, pid: Any) -> PIDGains:
         """From ``config.morec.pid`` (a PIDConfig) or anything with the same attributes."""
         return cls(
             kp=pid.kp,

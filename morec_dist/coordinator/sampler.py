@@ -28,9 +28,10 @@ Group ids in the data are 1-based; every vector here is 0-based (index g - 1).
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -94,7 +95,9 @@ def train_price_sum(files: list[Path], column: str, num_groups: int) -> np.ndarr
     sums = np.zeros(num_groups, dtype=np.float64)
     for path in files:
         parquet = pq.ParquetFile(path)
-        for batch in parquet.iter_batches(columns=["price", column], batch_size=schema.ROW_GROUP_ROWS, use_threads=False):
+        for batch in parquet.iter_batches(
+            columns=["price", column], batch_size=schema.ROW_GROUP_ROWS, use_threads=False
+        ):
             groups = batch.column(column).to_numpy().astype(np.int64)
             _check_group_ids(groups, num_groups, f"{path}:{column}")
             sums += np.bincount(groups - 1, weights=batch.column("price").to_numpy(), minlength=num_groups)
@@ -122,7 +125,7 @@ class GroupStats:
     price_sums: dict[str, np.ndarray] = field(default_factory=dict)
 
     @classmethod
-    def from_manifest(cls, manifest: Mapping[str, Any], data_dir: Path | None = None) -> "GroupStats":
+    def from_manifest(cls, manifest: Mapping[str, Any], data_dir: Path | None = None) -> GroupStats:
         groups = manifest.get("groups")
         if not isinstance(groups, Mapping) or not groups:
             raise SamplerError("manifest: 'groups' missing or empty; expected {column: {num_groups, train_counts}}")
@@ -141,7 +144,7 @@ class GroupStats:
         return cls(num_groups, train_counts, Path(data_dir) if data_dir else None, files)
 
     @classmethod
-    def from_dataset(cls, dataset: Any) -> "GroupStats":
+    def from_dataset(cls, dataset: Any) -> GroupStats:
         """From a ``PreparedDataset`` (anything with ``.manifest`` and ``.path``)."""
         return cls.from_manifest(dataset.manifest, dataset.path)
 
@@ -166,7 +169,9 @@ class GroupStats:
 
     def _need_dir(self, column: str) -> Path:
         if self.data_dir is None:
-            raise SamplerError(f"price statistics of {column!r} need the dataset directory (GroupStats.data_dir is unset)")
+            raise SamplerError(
+                f"price statistics of {column!r} need the dataset directory (GroupStats.data_dir is unset)"
+            )
         return self.data_dir
 
 

@@ -33,7 +33,8 @@ import json
 import logging
 import os
 import sys
-from typing import Any, Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
+from typing import Any
 
 from morec_dist.coordinator.actor import get_existing, get_or_create
 from morec_dist.coordinator.client import CoordinatorClient, Recovery
@@ -56,13 +57,17 @@ def probe_address(address: str, timeout_s: float = PROBE_TIMEOUT_S) -> None:
         with socket.create_connection((host, int(port)), timeout=timeout_s):
             pass
     except OSError as exc:
-        raise CoordinatorError(f"coordinator.ray_address {address}: no Ray head reachable there ({exc.strerror or exc}) within {timeout_s:.0f} s") from None
+        raise CoordinatorError(
+            f"coordinator.ray_address {address}: no Ray head reachable there ({exc.strerror or exc}) within {timeout_s:.0f} s"
+        ) from None
 
 
 def start_local_ray(object_store_mb: int, *, num_cpus: int | None = None, namespace: str | None = None) -> str:
     """Start an in-process Ray head on loopback; return its GCS address."""
     if object_store_mb < MIN_OBJECT_STORE_MB:
-        raise CoordinatorError(f"coordinator.object_store_mb: Ray needs at least {MIN_OBJECT_STORE_MB}, got {object_store_mb}")
+        raise CoordinatorError(
+            f"coordinator.object_store_mb: Ray needs at least {MIN_OBJECT_STORE_MB}, got {object_store_mb}"
+        )
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     os.environ.setdefault(LOOPBACK_ENV, "0")  # read by Ray at import, here and in the processes it spawns
     import ray
@@ -180,7 +185,9 @@ def _coordinator_section(args: argparse.Namespace) -> Any:
 
 
 def _common(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--address", default="", help="Ray cluster address host:port (default: coordinator.ray_address)")
+    parser.add_argument(
+        "--address", default="", help="Ray cluster address host:port (default: coordinator.ray_address)"
+    )
     parser.add_argument("--name", default="", help="actor name (default: coordinator.name)")
     parser.add_argument("--namespace", default="", help="Ray namespace (default: coordinator.namespace)")
     parser.add_argument("--config", default=None, help="job config TOML (for the coordinator section)")
@@ -193,7 +200,12 @@ def _cmd_start(args: argparse.Namespace) -> int:
     connect_ray(section.ray_address, section.namespace)
     actor = get_or_create(section.name, section.namespace, detached=True)
     status = ray.get(actor.status.remote())
-    print(json.dumps({"actor": section.name, "namespace": section.namespace, "address": section.ray_address, **status}, default=str))
+    print(
+        json.dumps(
+            {"actor": section.name, "namespace": section.namespace, "address": section.ray_address, **status},
+            default=str,
+        )
+    )
     return 0
 
 
@@ -260,9 +272,18 @@ def add_coordinator_commands(subparsers: argparse._SubParsersAction) -> None:
     status.set_defaults(func=_reporting_errors(_cmd_status))
     prefs = which.add_parser("set-preferences", help="change w and/or l_hat of a running job from a stated step")
     _common(prefs)
-    prefs.add_argument("--weight", action="append", type=_parse_weight, default=[], metavar="NAME=W", help="new weight of an objective (repeatable)")
+    prefs.add_argument(
+        "--weight",
+        action="append",
+        type=_parse_weight,
+        default=[],
+        metavar="NAME=W",
+        help="new weight of an objective (repeatable)",
+    )
     prefs.add_argument("--target-loss", type=float, default=None, help="new accuracy target l_hat")
-    prefs.add_argument("--at-step", type=int, default=None, help="first step the change applies to (default: the earliest possible)")
+    prefs.add_argument(
+        "--at-step", type=int, default=None, help="first step the change applies to (default: the earliest possible)"
+    )
     prefs.set_defaults(func=_reporting_errors(_cmd_set_preferences))
     stop = which.add_parser("stop", help="kill the coordinator actor")
     _common(stop)

@@ -29,7 +29,7 @@ class Batch:
     def num_rows(self) -> int:
         return int(self.user_ids.shape[0])
 
-    def to(self, device: torch.device, non_blocking: bool = False) -> "Batch":
+    def to(self, device: torch.device, non_blocking: bool = False) -> Batch:
         return replace(
             self,
             user_ids=self.user_ids.to(device, non_blocking=non_blocking),
@@ -45,7 +45,7 @@ class Batch:
         self.user_kjt.record_stream(stream)
         self.item_kjt.record_stream(stream)
 
-    def pin_memory(self) -> "Batch":
+    def pin_memory(self) -> Batch:
         return replace(
             self,
             user_ids=self.user_ids.pin_memory(),

@@ -24,7 +24,17 @@ import pyarrow.parquet as pq
 from morec_dist.data import schema
 from morec_dist.data.prepare.writer import sha256_file
 
-REQUIRED_MANIFEST_KEYS = ("schema_version", "num_users", "num_items", "splits", "files", "groups", "q_star", "group_layout", "features")
+REQUIRED_MANIFEST_KEYS = (
+    "schema_version",
+    "num_users",
+    "num_items",
+    "splits",
+    "files",
+    "groups",
+    "q_star",
+    "group_layout",
+    "features",
+)
 
 
 class DatasetError(ValueError):
@@ -49,7 +59,10 @@ def _load_manifest(root: Path) -> dict[str, Any]:
         if key not in manifest:
             _fail(str(path), f"key {key!r} missing")
     if manifest["schema_version"] != schema.SCHEMA_VERSION:
-        _fail(str(path), f"schema_version {manifest['schema_version']} != supported {schema.SCHEMA_VERSION} (prepare it again)")
+        _fail(
+            str(path),
+            f"schema_version {manifest['schema_version']} != supported {schema.SCHEMA_VERSION} (prepare it again)",
+        )
     _check_features(path, manifest["features"])
     _check_group_layout(path, manifest)
     return manifest
@@ -115,7 +128,9 @@ def _range_checks(manifest: dict[str, Any]) -> dict[str, tuple[float, float]]:
     return checks
 
 
-def _check_values(path: Path, table_or_batch: pa.RecordBatch | pa.Table, ranges: dict[str, tuple[float, float]]) -> None:
+def _check_values(
+    path: Path, table_or_batch: pa.RecordBatch | pa.Table, ranges: dict[str, tuple[float, float]]
+) -> None:
     for column, (low, high) in ranges.items():
         if column not in table_or_batch.schema.names:
             continue
@@ -130,7 +145,10 @@ def _check_values(path: Path, table_or_batch: pa.RecordBatch | pa.Table, ranges:
             continue
         mm = pc.min_max(values).as_py()
         if mm["min"] < low or mm["max"] > high:
-            _fail(str(path), f"column {column!r} has values in [{mm['min']}, {mm['max']}], expected within [{low}, {high}]")
+            _fail(
+                str(path),
+                f"column {column!r} has values in [{mm['min']}, {mm['max']}], expected within [{low}, {high}]",
+            )
     if "price" in table_or_batch.schema.names and len(table_or_batch):
         price = table_or_batch["price"]
         nan = pc.sum(pc.cast(pc.is_nan(price), pa.int64())).as_py() or 0
@@ -147,7 +165,7 @@ class PreparedDataset:
     manifest: dict[str, Any]
 
     @classmethod
-    def open(cls, path: str | Path, *, verify_checksums: bool = True, verify_values: bool = True) -> "PreparedDataset":
+    def open(cls, path: str | Path, *, verify_checksums: bool = True, verify_values: bool = True) -> PreparedDataset:
         root = Path(path).resolve()
         manifest = _load_manifest(root)
         dataset = cls(root, manifest)
@@ -174,7 +192,9 @@ class PreparedDataset:
 
     def num_groups(self, column: str) -> int:
         if column not in self.manifest["groups"]:
-            raise DatasetError(f"{self.path / schema.MANIFEST}: no group column {column!r}; have {self.group_columns()}")
+            raise DatasetError(
+                f"{self.path / schema.MANIFEST}: no group column {column!r}; have {self.group_columns()}"
+            )
         return int(self.manifest["groups"][column]["num_groups"])
 
     def train_counts(self, column: str) -> np.ndarray:
@@ -205,10 +225,14 @@ class PreparedDataset:
     def _layout_group(self, column: str, gid: int) -> dict[str, Any]:
         columns = self.group_layout["columns"]
         if column not in columns:
-            raise DatasetError(f"{self.path / schema.MANIFEST}: no by_group layout for {column!r}; have {sorted(columns)}")
+            raise DatasetError(
+                f"{self.path / schema.MANIFEST}: no by_group layout for {column!r}; have {sorted(columns)}"
+            )
         groups = columns[column]["groups"]
         if str(gid) not in groups:
-            raise DatasetError(f"{self.path / schema.MANIFEST}: {column!r} has no group {gid} (groups 1..{columns[column]['num_groups']})")
+            raise DatasetError(
+                f"{self.path / schema.MANIFEST}: {column!r} has no group {gid} (groups 1..{columns[column]['num_groups']})"
+            )
         return groups[str(gid)]
 
     def split_rows(self, split: str) -> int:
@@ -268,7 +292,9 @@ class PreparedDataset:
         return expected
 
     def _layout_files(self) -> list[str]:
-        return [f["path"] for c in self.group_layout["columns"].values() for g in c["groups"].values() for f in g["files"]]
+        return [
+            f["path"] for c in self.group_layout["columns"].values() for g in c["groups"].values() for f in g["files"]
+        ]
 
     def _check_files(self, verify_checksums: bool) -> None:
         for rel, expected_schema in self._expected_files().items():
@@ -297,7 +323,10 @@ class PreparedDataset:
         items = self.items
         ids = items["item_id"].to_numpy()
         if len(ids) != self.num_items or not np.array_equal(np.sort(ids), np.arange(1, self.num_items + 1)):
-            _fail(str(self.path / schema.ITEMS_FILE), f"column 'item_id' must hold each of 1..{self.num_items} exactly once")
+            _fail(
+                str(self.path / schema.ITEMS_FILE),
+                f"column 'item_id' must hold each of 1..{self.num_items} exactly once",
+            )
         _check_values(self.path / schema.ITEMS_FILE, items, ranges)
         _check_values(self.path / schema.USERS_FILE, self.users, ranges)
         for split in schema.SPLITS:

@@ -20,9 +20,9 @@ feature: the two-tower default); explicit name lists override the set's choice.
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -124,16 +124,22 @@ class FeatureBuilder:
         return list(dict.fromkeys(names))
 
     def user_features(self) -> list[SparseFeature]:
-        return [SparseFeature("user_id", self.num_users + 1)] + [SparseFeature(f.name, f.num_embeddings) for f in self._user_side]
+        return [SparseFeature("user_id", self.num_users + 1)] + [
+            SparseFeature(f.name, f.num_embeddings) for f in self._user_side
+        ]
 
     def item_features(self) -> list[SparseFeature]:
-        return [SparseFeature("item_id", self.num_items + 1)] + [SparseFeature(f.name, f.num_embeddings) for f in self._item_side]
+        return [SparseFeature("item_id", self.num_items + 1)] + [
+            SparseFeature(f.name, f.num_embeddings) for f in self._item_side
+        ]
 
     @staticmethod
     def _kjt(id_key: str, ids: np.ndarray, side: list[_Lookup]) -> KeyedJaggedTensor:
         n = len(ids)
         if not side:
-            return KeyedJaggedTensor(keys=[id_key], values=torch.from_numpy(ids), lengths=torch.ones(n, dtype=torch.int32))
+            return KeyedJaggedTensor(
+                keys=[id_key], values=torch.from_numpy(ids), lengths=torch.ones(n, dtype=torch.int32)
+            )
         values, lengths = [ids], [np.ones(n, dtype=np.int32)]
         for lookup in side:
             v, length = lookup.gather(ids)

@@ -30,9 +30,9 @@ them:
 from __future__ import annotations
 
 import threading
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -94,17 +94,17 @@ class Chunk:
     def __len__(self) -> int:
         return len(self.pairs)
 
-    def slice(self, lo: int, hi: int) -> "Chunk":
+    def slice(self, lo: int, hi: int) -> Chunk:
         return Chunk(self.pairs[lo:hi], None if self.weights is None else self.weights[lo:hi])
 
-    def take(self, index: np.ndarray) -> "Chunk":
+    def take(self, index: np.ndarray) -> Chunk:
         # one 8-byte item per (user, item) pair: a 1-d take is several times faster than
         # fancy-indexing rows of an [n, 2] int32 array
         pairs = np.ascontiguousarray(self.pairs).view(np.int64).reshape(-1)[index].view(np.int32).reshape(-1, 2)
         return Chunk(pairs, None if self.weights is None else self.weights[index])
 
     @staticmethod
-    def concat(parts: Sequence["Chunk"], weighted: bool) -> "Chunk":
+    def concat(parts: Sequence[Chunk], weighted: bool) -> Chunk:
         if not parts:
             return Chunk(np.empty((0, 2), np.int32), np.empty(0) if weighted else None)
         pairs = np.concatenate([p.pairs for p in parts]) if len(parts) > 1 else parts[0].pairs

@@ -33,9 +33,10 @@ from __future__ import annotations
 import math
 import queue
 import threading
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -139,7 +140,9 @@ class UniformStream:
         segments = []
         for i in np.flatnonzero((ends > lo) & (starts < hi)).tolist():
             f, g, _ = groups[i].tolist()
-            segments.append(_Segment(f, g, max(lo, int(starts[i])) - int(starts[i]), min(hi, int(ends[i])) - int(starts[i])))
+            segments.append(
+                _Segment(f, g, max(lo, int(starts[i])) - int(starts[i]), min(hi, int(ends[i])) - int(starts[i]))
+            )
         w = self.window_row_groups
         return [segments[i : i + w] for i in range(0, len(segments), w)]
 
@@ -147,7 +150,9 @@ class UniformStream:
         pf = self._handles.get(seg.file)
         if pf is None:
             pf = self._handles[seg.file] = pq.ParquetFile(self.files[seg.file])
-        table = pf.read_row_group(seg.row_group, columns=PROJECTED_COLUMNS, use_threads=False).slice(seg.lo, seg.hi - seg.lo)
+        table = pf.read_row_group(seg.row_group, columns=PROJECTED_COLUMNS, use_threads=False).slice(
+            seg.lo, seg.hi - seg.lo
+        )
         pairs = np.empty((table.num_rows, 2), dtype=np.int32)
         pairs[:, 0] = table.column(0).to_numpy()
         pairs[:, 1] = table.column(1).to_numpy()
@@ -195,9 +200,13 @@ def validate_probabilities(name: str, group_column: str, p: Any, counts: np.ndar
     if arr.ndim != 1 or arr.shape[0] != len(counts):
         raise ValueError(f"{where}: expected {len(counts)} probabilities (one per group), got shape {arr.shape}")
     if not np.isfinite(arr).all():
-        raise ValueError(f"{where}: probabilities must be finite; NaN/inf at groups {(np.flatnonzero(~np.isfinite(arr)) + 1).tolist()}")
+        raise ValueError(
+            f"{where}: probabilities must be finite; NaN/inf at groups {(np.flatnonzero(~np.isfinite(arr)) + 1).tolist()}"
+        )
     if (arr < 0).any():
-        raise ValueError(f"{where}: probabilities must be >= 0; negative at groups {(np.flatnonzero(arr < 0) + 1).tolist()}")
+        raise ValueError(
+            f"{where}: probabilities must be >= 0; negative at groups {(np.flatnonzero(arr < 0) + 1).tolist()}"
+        )
     total = arr.sum()
     if total <= 0:
         raise ValueError(f"{where}: probabilities are all zero")
@@ -286,7 +295,9 @@ class WeightedObjective:
         # block's generator costs no seed hashing per step (it runs K times a step).
         key = self._keys.get(stream)
         if key is None:
-            key = self._keys[stream] = np.random.SeedSequence([self.seed, stream, self.rank, self.k]).generate_state(2, np.uint64)
+            key = self._keys[stream] = np.random.SeedSequence([self.seed, stream, self.rank, self.k]).generate_state(
+                2, np.uint64
+            )
         return np.random.Generator(np.random.Philox(key=key, counter=np.array([epoch, step, 0, 0], dtype=np.uint64)))
 
     def _from_buffers(self, counts: np.ndarray) -> np.ndarray:
@@ -329,7 +340,9 @@ class WeightedObjective:
             kept.append(chunk.pairs[accepted])
             stream.advance(m)
             need -= len(accepted)
-        raise RuntimeError(f"objective {self.name!r}: group {g + 1}: thinning by {self.weight_column!r} kept too few rows")
+        raise RuntimeError(
+            f"objective {self.name!r}: group {g + 1}: thinning by {self.weight_column!r} kept too few rows"
+        )
 
     def cursors(self) -> list[list[int]]:
         """Per group, the (pass, offset) of the next row a block takes (staged rows not yet
@@ -346,7 +359,9 @@ class WeightedObjective:
 
     def seek(self, cursors: Sequence[Sequence[int]]) -> None:
         if len(cursors) != len(self.streams):
-            raise ValueError(f"reader state: objective {self.name!r} has {len(cursors)} cursors, expected {len(self.streams)}")
+            raise ValueError(
+                f"reader state: objective {self.name!r} has {len(cursors)} cursors, expected {len(self.streams)}"
+            )
         for stream, (pass_, offset) in zip(self.streams, cursors):
             stream.seek(int(pass_), int(offset))
         self._have[:] = 0
@@ -421,7 +436,9 @@ class Reader:
         self.prefetch_batches, self.prefetch_windows = prefetch_batches, prefetch_windows
         self.objectives = [(n, c) for n, c, _ in specs]
         self.features = features or FeatureBuilder(dataset.path, dataset.num_users, dataset.num_items, "ids")
-        self.negatives = NegativeSampler.from_dataset(dataset, negative_alpha, exclude_positive=exclude_positive_negatives)
+        self.negatives = NegativeSampler.from_dataset(
+            dataset, negative_alpha, exclude_positive=exclude_positive_negatives
+        )
         self.uniform = UniformStream(
             dataset.split_files("train"),
             batch_size=batch_size,
@@ -436,8 +453,17 @@ class Reader:
             for k, (name, column, weight) in enumerate(specs, start=1):
                 self.weighted.append(
                     WeightedObjective(
-                        dataset, layout, name, column, k, seed=seed, rank=rank, world_size=world_size,
-                        weight_column=weight, window_segments=group_window_row_groups, in_memory_rows=in_memory_rows,
+                        dataset,
+                        layout,
+                        name,
+                        column,
+                        k,
+                        seed=seed,
+                        rank=rank,
+                        world_size=world_size,
+                        weight_column=weight,
+                        window_segments=group_window_row_groups,
+                        in_memory_rows=in_memory_rows,
                     )
                 )
         self._lock = threading.Lock()
@@ -483,7 +509,9 @@ class Reader:
         known = [name for name, _ in self.objectives]
         unknown = sorted(set(probabilities) - set(known))
         if unknown:
-            raise ValueError(f"set_probabilities(version={version}): unknown objective(s) {unknown}; expected some of {known}")
+            raise ValueError(
+                f"set_probabilities(version={version}): unknown objective(s) {unknown}; expected some of {known}"
+            )
         return tuple(validate_probabilities(o.name, o.column, probabilities[o.name], o.counts) for o in self.weighted)
 
     def set_probabilities(self, version: int, probabilities: Mapping[str, Sequence[float]]) -> None:
@@ -502,7 +530,9 @@ class Reader:
         with self._lock:
             current = self._snapshot
             if version < current.version:
-                raise ValueError(f"set_probabilities: version {version} is older than the version in force ({current.version})")
+                raise ValueError(
+                    f"set_probabilities: version {version} is older than the version in force ({current.version})"
+                )
             if version == current.version:
                 if all(np.array_equal(a, b) for a, b in zip(new, current.probabilities)):
                     return
@@ -522,7 +552,9 @@ class Reader:
         users = pairs[:, 0].astype(np.int64)
         positives = pairs[:, 1].astype(np.int64)
         block_ids = np.repeat(np.arange(len(blocks), dtype=np.int64), [len(b) for b in blocks])
-        negatives = self.negatives.sample(_rng(self.seed, STREAM_NEGATIVES, self.rank, epoch, step), positives, self.num_negatives)
+        negatives = self.negatives.sample(
+            _rng(self.seed, STREAM_NEGATIVES, self.rank, epoch, step), positives, self.num_negatives
+        )
         item_ids = np.concatenate([positives[:, None], negatives], axis=1)
         return Batch(
             user_ids=torch.from_numpy(users),
@@ -536,7 +568,9 @@ class Reader:
     def _start_window_prefetch(self) -> None:
         if self.prefetch_windows and self.weighted and self._window_prefetcher is None:
             streams = [s for o in self.weighted for s in o.streams]
-            self._window_prefetcher = WindowPrefetcher(streams, self.prefetch_windows, name=f"group-prefetch-r{self.rank}")
+            self._window_prefetcher = WindowPrefetcher(
+                streams, self.prefetch_windows, name=f"group-prefetch-r{self.rank}"
+            )
             self._window_prefetcher.start()
 
     def __iter__(self) -> Iterator[Batch]:
@@ -643,7 +677,7 @@ class Reader:
         self._stop_prefetch()
         self._stop_window_prefetch()
 
-    def __enter__(self) -> "Reader":
+    def __enter__(self) -> Reader:
         return self
 
     def __exit__(self, *exc: object) -> None:

@@ -158,7 +158,7 @@ class FeatureSpec:
         return {"kind": self.kind, "cardinality": self.cardinality, "entity": self.entity}
 
     @classmethod
-    def from_manifest(cls, name: str, entry: dict[str, Any]) -> "FeatureSpec":
+    def from_manifest(cls, name: str, entry: dict[str, Any]) -> FeatureSpec:
         return cls(name, entry["kind"], entry["cardinality"], entry["entity"])
 
 

@@ -22,9 +22,9 @@ sized batches (short slices are padded with user 0, whose results are dropped).
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterator
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -59,7 +59,7 @@ class ItemMeta:
     q_star: np.ndarray
 
     @classmethod
-    def from_dataset(cls, data: PreparedDataset) -> "ItemMeta":
+    def from_dataset(cls, data: PreparedDataset) -> ItemMeta:
         num_bands = data.num_groups("align_group")
         q_star = data.q_star
         if q_star.size != num_bands:
@@ -127,9 +127,7 @@ def slice_bounds(num_users: int, rank: int, world_size: int) -> tuple[int, int]:
     return start, start + base + (1 if rank < extra else 0)
 
 
-def history_csr(
-    data: PreparedDataset, splits: tuple[str, ...], user_ids: np.ndarray
-) -> tuple[np.ndarray, np.ndarray]:
+def history_csr(data: PreparedDataset, splits: tuple[str, ...], user_ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Stream ``splits`` and keep the rows of ``user_ids`` only: (indptr, items)."""
     position = np.full(data.num_users + 1, -1, dtype=np.int64)
     position[user_ids] = np.arange(user_ids.size)
@@ -170,7 +168,10 @@ def catalogue_vectors(model: nn.Module, features: FeatureBuilder, device: torch.
     """Item vectors of items 0..num_items (row 0 is padding), in fixed chunks (every rank
     makes the same calls, as sharded lookups require)."""
     ids = np.arange(features.num_items + 1, dtype=np.int64)
-    parts = [model.item_vectors(features.item_kjt(ids[s : s + ITEM_CHUNK]).to(device)) for s in range(0, ids.size, ITEM_CHUNK)]
+    parts = [
+        model.item_vectors(features.item_kjt(ids[s : s + ITEM_CHUNK]).to(device))
+        for s in range(0, ids.size, ITEM_CHUNK)
+    ]
     return torch.cat(parts)
 
 
@@ -215,7 +216,9 @@ def heldout_ranks(scores: torch.Tensor, candidates: torch.Tensor, targets: torch
     return 1 + (before & candidates).sum(dim=1)
 
 
-def topk_band_counts(scores: torch.Tensor, candidates: torch.Tensor, k: int, bands: torch.Tensor, num_bands: int) -> torch.Tensor:
+def topk_band_counts(
+    scores: torch.Tensor, candidates: torch.Tensor, k: int, bands: torch.Tensor, num_bands: int
+) -> torch.Tensor:
     """Band histogram (bands 1..G at 0..G-1) of every row's top-k candidates, ties by item id."""
     masked = scores.masked_fill(~candidates, float("-inf"))
     threshold = masked.topk(min(k, masked.shape[1]), dim=1).values[:, -1:]
@@ -267,7 +270,9 @@ def rank_users(
     bands = torch.from_numpy(meta.align_group).to(device)
     counts = {k: torch.zeros(meta.num_align_groups, dtype=torch.int64, device=device) for k in ks}
     ranks = np.zeros(len(users), dtype=np.int64)
-    for start, stop, scores, targets, candidates in scored_batches(scorer, users, num_columns, batch_users, num_batches, device):
+    for start, stop, scores, targets, candidates in scored_batches(
+        scorer, users, num_columns, batch_users, num_batches, device
+    ):
         ranks[start:stop] = heldout_ranks(scores, candidates, targets).cpu().numpy()
         for k in ks:
             counts[k] += topk_band_counts(scores, candidates, k, bands, meta.num_align_groups)

@@ -18,7 +18,8 @@ returns the same signals.
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -47,7 +48,9 @@ class _Accumulator:
 
     def __init__(self, request: Any, dataset: PreparedDataset):
         if request.kind not in SIGNAL_KINDS:
-            raise ValueError(f"objective {request.objective!r}: unknown signal kind {request.kind!r}; expected one of {SIGNAL_KINDS}")
+            raise ValueError(
+                f"objective {request.objective!r}: unknown signal kind {request.kind!r}; expected one of {SIGNAL_KINDS}"
+            )
         self.request = request
         self.groups = torch.from_numpy(dataset.item_column(request.group_column).astype(np.int64))
         self.sums = torch.zeros(request.num_groups + 1, dtype=torch.float64)
@@ -59,7 +62,9 @@ class _Accumulator:
         self.counts.index_add_(0, g, torch.ones_like(g, dtype=torch.float64))
 
     def add_topk(self, scores: torch.Tensor, candidates: torch.Tensor) -> None:
-        counts = topk_band_counts(scores, candidates, self.request.k, self.groups.to(scores.device), self.request.num_groups)
+        counts = topk_band_counts(
+            scores, candidates, self.request.k, self.groups.to(scores.device), self.request.num_groups
+        )
         self.sums[1:] += counts.cpu().to(torch.float64)
 
     def reduce(self, world_size: int) -> list[float]:
@@ -102,7 +107,9 @@ def compute_signals(
     try:
         scorer = model_scorer(module, features, device)
         columns_all = dataset.num_items + 1
-        for start, stop, scores, targets, candidates in scored_batches(scorer, users, columns_all, batch, num_batches, device):
+        for start, stop, scores, targets, candidates in scored_batches(
+            scorer, users, columns_all, batch, num_batches, device
+        ):
             columns = torch.cat([targets.unsqueeze(1), negatives[start:stop].to(device)], dim=1)
             per_row = bpr_loss(scores.gather(1, columns))
             ranks = None

@@ -24,7 +24,9 @@ def table_name(feature: str) -> str:
     return f"t_{feature}"
 
 
-def make_ebc(features: list[SparseFeature], dim: int, init_std: float, device: torch.device | None) -> EmbeddingBagCollection:
+def make_ebc(
+    features: list[SparseFeature], dim: int, init_std: float, device: torch.device | None
+) -> EmbeddingBagCollection:
     """One SUM-pooled table per sparse feature, named t_<feature>."""
     if not features:
         raise ValueError("make_ebc: a side needs at least one sparse feature")

@@ -6,7 +6,7 @@ config. New models register themselves with ``register_model``.
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 from torch import nn
@@ -60,7 +60,9 @@ def feature_set_for(name: str) -> str:
     return "side" if name == "two_tower" else "ids"
 
 
-def build_model(name: str, features: FeatureBuilder, config: ModelConfig, device: torch.device | None = None) -> nn.Module:
+def build_model(
+    name: str, features: FeatureBuilder, config: ModelConfig, device: torch.device | None = None
+) -> nn.Module:
     """The unsharded model ``name``; seed torch before calling for reproducible weights."""
     if name not in _REGISTRY:
         raise ValueError(f"model.name: {name!r} is not one of {sorted(_REGISTRY)}")

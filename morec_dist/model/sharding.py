@@ -23,8 +23,9 @@ from __future__ import annotations
 import copy
 import os
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -152,7 +153,9 @@ def table_sharding_types(model: nn.Module, config: ModelConfig) -> dict[str, str
     return {name: config.sharding.get(name, config.default_sharding) for name in tables}
 
 
-def parameter_constraints(types: dict[str, str], dims: dict[str, int], world_size: int) -> dict[str, ParameterConstraints]:
+def parameter_constraints(
+    types: dict[str, str], dims: dict[str, int], world_size: int
+) -> dict[str, ParameterConstraints]:
     """Pin each table to its sharding type and the matching kernel.
 
     Column-wise shards may be as narrow as dim / world_size (FBGEMM needs multiples of 4),

@@ -23,7 +23,7 @@ from __future__ import annotations
 import errno
 import math
 import threading
-from typing import Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from wsgiref.simple_server import WSGIServer
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
@@ -95,7 +95,10 @@ class RankMetrics:
         r = ("rank",)
         self._step = Gauge("morec_rank_step", "Last optimizer step this rank finished.", r, registry=registry)
         self._rows = Counter(
-            "morec_rank_rows_processed_total", "Training rows (all blocks) this rank has consumed.", r, registry=registry
+            "morec_rank_rows_processed_total",
+            "Training rows (all blocks) this rank has consumed.",
+            r,
+            registry=registry,
         )
         self._rows_per_second = Gauge(
             "morec_rank_rows_per_second", "Rows of the last step divided by its duration.", r, registry=registry
@@ -187,8 +190,14 @@ class CoordinatorMetrics:
             ("objective",),
             registry=registry,
         )
-        self._beta = Gauge("morec_coordinator_beta", "Weight of the accuracy loss set by the PID controller.", registry=registry)
-        self._target = Gauge("morec_coordinator_target_loss", "Accuracy loss the PID controller steers towards (l_hat).", registry=registry)
+        self._beta = Gauge(
+            "morec_coordinator_beta", "Weight of the accuracy loss set by the PID controller.", registry=registry
+        )
+        self._target = Gauge(
+            "morec_coordinator_target_loss",
+            "Accuracy loss the PID controller steers towards (l_hat).",
+            registry=registry,
+        )
         self._pid = {
             "p": Gauge("morec_coordinator_pid_proportional", "PID proportional term P_t.", registry=registry),
             "i": Gauge("morec_coordinator_pid_integral", "PID integral term I_t.", registry=registry),
@@ -202,7 +211,9 @@ class CoordinatorMetrics:
             registry=registry,
         )
         self._version = Gauge(
-            "morec_coordinator_sampler_version", "Version of the sampling distributions; bumps on every update.", registry=registry
+            "morec_coordinator_sampler_version",
+            "Version of the sampling distributions; bumps on every update.",
+            registry=registry,
         )
 
     def publish(
@@ -247,7 +258,9 @@ class CoordinatorMetrics:
 def _probability(value: float, objective: str, index: int) -> float:
     value = _finite(value, f"publish.probabilities[{objective!r}][{index}]")
     if not 0.0 <= value <= 1.0:
-        raise MetricsError(f"publish.probabilities[{objective!r}][{index}]: expected a probability in [0, 1], got {value}")
+        raise MetricsError(
+            f"publish.probabilities[{objective!r}][{index}]: expected a probability in [0, 1], got {value}"
+        )
     return value
 
 
@@ -275,7 +288,7 @@ class Exporter:
             self._thread.join(timeout=5)
         self._server.server_close()
 
-    def __enter__(self) -> "Exporter":
+    def __enter__(self) -> Exporter:
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -300,7 +313,9 @@ def start_exporter(registry: CollectorRegistry, host: str = "127.0.0.1", port: i
                 f"metrics.base_port + 1 + r)",
                 port,
             ) from None
-        raise MetricsError(f"metrics exporter: cannot listen on {host}:{port} (metrics.host, metrics.base_port): {exc}") from exc
+        raise MetricsError(
+            f"metrics exporter: cannot listen on {host}:{port} (metrics.host, metrics.base_port): {exc}"
+        ) from exc
     return Exporter(host, int(server.server_port), server, thread)
 
 

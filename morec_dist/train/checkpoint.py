@@ -17,6 +17,7 @@ reads tensors, everything else is JSON.
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import re
@@ -24,13 +25,11 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-import io
-
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
-from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
 from torch.distributed.checkpoint._traverse import set_element  # the helper DefaultLoadPlanner uses (torch 2.13)
+from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
 from torch.distributed.checkpoint.planner import ReadItem
 
 META = "meta.json"
@@ -117,9 +116,15 @@ class SafeLoadPlanner(DefaultLoadPlanner):
         try:
             obj = torch.load(value, weights_only=True)
         except Exception as exc:  # noqa: BLE001 - an unpickling error names what was refused
-            lines = [line.strip() for line in str(exc).splitlines() if "Unsupported global" in line or "WeightsUnpickler" in line]
+            lines = [
+                line.strip()
+                for line in str(exc).splitlines()
+                if "Unsupported global" in line or "WeightsUnpickler" in line
+            ]
             why = lines[0] if lines else str(exc).splitlines()[0]
-            raise CheckpointError(f"checkpoint entry {read_item.dest_index.fqn!r}: refused to unpickle anything but plain data ({why})") from None
+            raise CheckpointError(
+                f"checkpoint entry {read_item.dest_index.fqn!r}: refused to unpickle anything but plain data ({why})"
+            ) from None
         if self.flatten_state_dict:
             set_element(self.original_state_dict, self.mappings[read_item.dest_index.fqn], obj)
         else:
@@ -146,7 +151,6 @@ def load_checkpoint(path: str | Path, state: dict[str, Any]) -> dict[str, Any]:
     meta = read_meta(path)
     dcp_load(state, path)
     return meta
-
 
 
 def read_rank_state(path: str | Path, rank: int) -> dict[str, Any]:

@@ -30,13 +30,27 @@ def checkpoint_config(checkpoint: str | Path, overrides: Config | None = None) -
     return config_from_dict(recorded)
 
 
-def run_evaluate(config: Config, checkpoint: str | Path, split: str = "test", out: str | Path | None = None) -> dict[str, Any]:
+def run_evaluate(
+    config: Config, checkpoint: str | Path, split: str = "test", out: str | Path | None = None
+) -> dict[str, Any]:
     ctx = init_distributed()
     dataset = open_dataset_for_job(config, ctx)
     trainer = Trainer(config, ctx, dataset, build_features(config, dataset))
     load_pretrained(trainer, Path(checkpoint))
-    result = evaluate(trainer.model, dataset, split, config.eval.ks, ctx.rank, ctx.world_size, trainer.features, ctx.device, config.eval.batch_users)
-    popular = evaluate_most_popular(dataset, split, config.eval.ks, ctx.rank, ctx.world_size, ctx.device, config.eval.batch_users)
+    result = evaluate(
+        trainer.model,
+        dataset,
+        split,
+        config.eval.ks,
+        ctx.rank,
+        ctx.world_size,
+        trainer.features,
+        ctx.device,
+        config.eval.batch_users,
+    )
+    popular = evaluate_most_popular(
+        dataset, split, config.eval.ks, ctx.rank, ctx.world_size, ctx.device, config.eval.batch_users
+    )
     payload = {
         **result.metrics,
         "split": split,

@@ -37,8 +37,14 @@ from morec_dist.eval.signals import compute_signals
 from morec_dist.model.sharding import init_distributed
 from morec_dist.train.checkpoint import check_compatible, load_checkpoint, read_meta, save_checkpoint
 from morec_dist.train.loop import open_rank_observer, progress
-from morec_dist.train.resume import Checkpointing, ResumePoint, checkpointed_epoch, coordinator_state_for, join_restarted_group
 from morec_dist.train.pretrain import evaluation, make_reader, open_dataset_for_job
+from morec_dist.train.resume import (
+    Checkpointing,
+    ResumePoint,
+    checkpointed_epoch,
+    coordinator_state_for,
+    join_restarted_group,
+)
 from morec_dist.train.run_dir import provenance, write_json_atomic
 from morec_dist.train.strategies import MGDAStrategy, MorecStrategy, StaticWeighting
 from morec_dist.train.trainer import Trainer, all_reduce_sum, build_features
@@ -73,13 +79,26 @@ def build_morec(config: Config, trainer: Trainer, target_loss: float, resume: Re
     # the global protocol's core has one reporter (rank 0, with the reduced sums)
     reporters = ctx.world_size if per_rank else 1
     try:
-        spec = build_spec(config, stats, world_size=reporters, target_loss=target_loss, steps_per_epoch=steps_per_epoch(config, trainer))
+        spec = build_spec(
+            config,
+            stats,
+            world_size=reporters,
+            target_loss=target_loss,
+            steps_per_epoch=steps_per_epoch(config, trainer),
+        )
     except (ObjectiveError, SamplerError) as exc:
         raise ConfigError(f"morec.objectives: {exc}") from None
     # the reader's version 0 is the coordinator's version 0 (its initial p_k)
     initial = {name: p.tolist() for name, p in spec.objectives.initial_probabilities().items()}
     try:
-        reader = make_reader(config, ctx, dataset, trainer, objectives=[(o.name, o.group_column, o.row_weight_column) for o in spec.objectives.objectives], probabilities=initial)
+        reader = make_reader(
+            config,
+            ctx,
+            dataset,
+            trainer,
+            objectives=[(o.name, o.group_column, o.row_weight_column) for o in spec.objectives.objectives],
+            probabilities=initial,
+        )
     except ValueError as exc:
         raise ConfigError(f"morec.objectives: {exc}") from None
     restart = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
@@ -91,24 +110,42 @@ def build_morec(config: Config, trainer: Trainer, target_loss: float, resume: Re
             state = coordinator_state_for(resume.coordinator, reporters)
     if per_rank:
         connect_ray(config.coordinator.ray_address, config.coordinator.namespace)
-        client = open_coordinator(config.coordinator, spec, run_id=run_id, rank=ctx.rank, state=state, first_step=first_step)
+        client = open_coordinator(
+            config.coordinator, spec, run_id=run_id, rank=ctx.rank, state=state, first_step=first_step
+        )
     else:
         client = open_global_coordinator(config, spec, ctx, run_id=run_id, state=state, first_step=first_step)
     requests = spec.objectives.signal_requests()
 
     def measure(step: int) -> dict[str, list[float]]:
         return compute_signals(
-            requests, trainer.model, dataset, trainer.features,
-            rank=ctx.rank, world_size=ctx.world_size, device=ctx.device,
-            num_negatives=config.data.num_negatives, negative_alpha=config.data.negative_alpha,
-            seed=config.run.seed, batch_users=config.eval.batch_users,
+            requests,
+            trainer.model,
+            dataset,
+            trainer.features,
+            rank=ctx.rank,
+            world_size=ctx.world_size,
+            device=ctx.device,
+            num_negatives=config.data.num_negatives,
+            negative_alpha=config.data.negative_alpha,
+            seed=config.run.seed,
+            batch_users=config.eval.batch_users,
         )
 
-    strategy = MorecStrategy(client, reader, spec.objectives.num_blocks, spec.sampler_every if requests else 0, measure, submits=ctx.rank == 0)
+    strategy = MorecStrategy(
+        client,
+        reader,
+        spec.objectives.num_blocks,
+        spec.sampler_every if requests else 0,
+        measure,
+        submits=ctx.rank == 0,
+    )
     return reader, strategy, client
 
 
-def open_global_coordinator(config: Config, spec: Any, ctx: Any, *, run_id: str, state: Any, first_step: int) -> GlobalCoordinatorClient:
+def open_global_coordinator(
+    config: Config, spec: Any, ctx: Any, *, run_id: str, state: Any, first_step: int
+) -> GlobalCoordinatorClient:
     """The global protocol: gloo groups on every rank (a collective); only rank 0 joins Ray."""
     groups = new_groups()
     inner = None
@@ -116,10 +153,14 @@ def open_global_coordinator(config: Config, spec: Any, ctx: Any, *, run_id: str,
         connect_ray(config.coordinator.ray_address, config.coordinator.namespace)
         inner = open_coordinator(config.coordinator, spec, run_id=run_id, rank=0, state=state, first_step=first_step)
     client = GlobalCoordinatorClient(
-        rank=ctx.rank, world_size=ctx.world_size, staleness=spec.staleness, num_blocks=spec.objectives.num_blocks,
+        rank=ctx.rank,
+        world_size=ctx.world_size,
+        staleness=spec.staleness,
+        num_blocks=spec.objectives.num_blocks,
         weight_names=list(spec.objectives.weights()),
         prob_sizes={name: len(p) for name, p in spec.objectives.initial_probabilities().items()},
-        inner=inner, groups=groups,
+        inner=inner,
+        groups=groups,
     )
     client.start(first_step)
     return client
@@ -147,14 +188,20 @@ def coordinator_checkpoint(client: Any, trainer: Trainer) -> dict[str, Any]:
             client.mark_checkpoint(state, trainer.step)
             return state
         client.resync()
-    raise CoordinatorError(f"step {trainer.step}: the coordinator state stayed incomplete after {COORDINATOR_CHECKPOINT_TRIES} tries")
+    raise CoordinatorError(
+        f"step {trainer.step}: the coordinator state stayed incomplete after {COORDINATOR_CHECKPOINT_TRIES} tries"
+    )
 
 
-def run_finetune(config: Config, from_checkpoint: str | Path, method: str = "morec", resume: bool | None = None) -> dict[str, Any]:
+def run_finetune(
+    config: Config, from_checkpoint: str | Path, method: str = "morec", resume: bool | None = None
+) -> dict[str, Any]:
     if method not in METHODS:
         raise ValueError(f"--method {method!r}: expected one of {METHODS}")
     if config.morec.embedding_lr:
-        config = dataclasses.replace(config, optim=dataclasses.replace(config.optim, embedding_lr=config.morec.embedding_lr))
+        config = dataclasses.replace(
+            config, optim=dataclasses.replace(config.optim, embedding_lr=config.morec.embedding_lr)
+        )
     join_restarted_group()
     ctx = init_distributed()
     started = time.perf_counter()
@@ -172,7 +219,11 @@ def run_finetune(config: Config, from_checkpoint: str | Path, method: str = "mor
     else:
         reader = make_reader(config, ctx, dataset, trainer)
         objectives = config.morec.objectives
-        strategy = StaticWeighting(dataset, objectives, static_weights(config)) if method == "static" else MGDAStrategy(dataset, objectives)
+        strategy = (
+            StaticWeighting(dataset, objectives, static_weights(config))
+            if method == "static"
+            else MGDAStrategy(dataset, objectives)
+        )
     metrics, exporter = open_rank_observer(config, ctx)
     job: dict[str, Any] = {"history": [], "train_seconds": 0.0, "train_rows": 0}
     resumed_progress = None
@@ -189,13 +240,30 @@ def run_finetune(config: Config, from_checkpoint: str | Path, method: str = "mor
         if max_steps and trainer.step >= max_steps:
             break
         stats = checkpointed_epoch(
-            trainer, reader, strategy, checkpoints, job, epoch=epoch, metrics=metrics,
+            trainer,
+            reader,
+            strategy,
+            checkpoints,
+            job,
+            epoch=epoch,
+            metrics=metrics,
             resumed=resumed_progress if epoch == start_epoch else None,
             save_extra={"strategy": strategy, "coordinator": coordinator},
         )
         valid = evaluation(trainer, "valid")
-        job["history"].append({"epoch": epoch, "train_loss": stats.mean_loss, "rows_per_s": stats.rows_per_s, "valid": valid, **stats.extra})
-        progress(ctx.rank, f"[{method}] epoch {epoch} loss {stats.mean_loss:.4f} valid hit@10 {valid['hit@10']:.4f} r_hit@10 {valid['r_hit@10']:.3f} min_hit@10 {valid['min_hit@10']:.4f} pop_kl@10 {valid['pop_kl@10']:.3f}")
+        job["history"].append(
+            {
+                "epoch": epoch,
+                "train_loss": stats.mean_loss,
+                "rows_per_s": stats.rows_per_s,
+                "valid": valid,
+                **stats.extra,
+            }
+        )
+        progress(
+            ctx.rank,
+            f"[{method}] epoch {epoch} loss {stats.mean_loss:.4f} valid hit@10 {valid['hit@10']:.4f} r_hit@10 {valid['r_hit@10']:.3f} min_hit@10 {valid['min_hit@10']:.4f} pop_kl@10 {valid['pop_kl@10']:.3f}",
+        )
         checkpoints.save(reader=reader, next_epoch=epoch + 1, job_state=job, strategy=strategy, coordinator=coordinator)
         if checkpoints.preemption.agreed(ctx.pg, ctx.world_size):
             checkpoints.exit_preempted()
@@ -207,7 +275,17 @@ def run_finetune(config: Config, from_checkpoint: str | Path, method: str = "mor
         client.close()
         coordinator_out = coordinator_record(client, strategy) if client.holds_state else {"client": client.stats()}
     final = run_dir / "checkpoints" / "final"
-    save_checkpoint(final, trainer.model_state(), {"model": trainer.model_identity(), "step": trainer.step, "method": method, "from": str(from_checkpoint), **provenance(config, ctx.world_size)})
+    save_checkpoint(
+        final,
+        trainer.model_state(),
+        {
+            "model": trainer.model_identity(),
+            "step": trainer.step,
+            "method": method,
+            "from": str(from_checkpoint),
+            **provenance(config, ctx.world_size),
+        },
+    )
     test = evaluation(trainer, "test")
     result = {
         **test,
@@ -226,7 +304,10 @@ def run_finetune(config: Config, from_checkpoint: str | Path, method: str = "mor
     }
     if ctx.rank == 0:
         write_json_atomic(run_dir / "metrics.json", result)
-        progress(ctx.rank, f"[{method}] test hit@10 {test['hit@10']:.4f} r_hit@10 {test['r_hit@10']:.3f} min_hit@10 {test['min_hit@10']:.4f} pop_kl@10 {test['pop_kl@10']:.3f}; wrote {run_dir / 'metrics.json'}")
+        progress(
+            ctx.rank,
+            f"[{method}] test hit@10 {test['hit@10']:.4f} r_hit@10 {test['r_hit@10']:.3f} min_hit@10 {test['min_hit@10']:.4f} pop_kl@10 {test['pop_kl@10']:.3f}; wrote {run_dir / 'metrics.json'}",
+        )
     return result
 
 

@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable, Protocol
+from typing import Any, Protocol
 
 import torch
 
@@ -33,8 +34,7 @@ class Strategy(Protocol):
         """Called after the optimizer step (e.g. to report losses)."""
         ...
 
-    def epoch_summary(self) -> dict[str, Any]:
-        ...
+    def epoch_summary(self) -> dict[str, Any]: ...
 
 
 class AccuracyOnly:
@@ -67,7 +67,13 @@ class EpochProgress:
     seconds: float = 0.0
 
     def as_dict(self) -> dict[str, float]:
-        return {"loss_sum": self.loss_sum, "rows": self.rows, "steps": self.steps, "wait": self.wait, "seconds": self.seconds}
+        return {
+            "loss_sum": self.loss_sum,
+            "rows": self.rows,
+            "steps": self.steps,
+            "wait": self.wait,
+            "seconds": self.seconds,
+        }
 
 
 # Called after every step with the epoch's progress; True = stop the epoch now (preemption).
@@ -88,10 +94,14 @@ def open_rank_observer(config: Any, ctx: Any) -> tuple[Any, Any]:
     return open_rank_metrics(config.metrics, ctx.rank, ctx.local_rank)
 
 
-def observe(metrics: Any, strategy: Any, step: int, batch: Batch, per_row: torch.Tensor, duration: float, wait: float) -> None:
+def observe(
+    metrics: Any, strategy: Any, step: int, batch: Batch, per_row: torch.Tensor, duration: float, wait: float
+) -> None:
     """One step into the rank's Prometheus metrics (block losses read by block name)."""
     names = getattr(strategy, "block_names", ["accuracy"])
-    sums = torch.zeros(len(names), dtype=torch.float64).index_add_(0, batch.block_ids.cpu(), per_row.detach().cpu().to(torch.float64))
+    sums = torch.zeros(len(names), dtype=torch.float64).index_add_(
+        0, batch.block_ids.cpu(), per_row.detach().cpu().to(torch.float64)
+    )
     counts = torch.bincount(batch.block_ids.cpu(), minlength=len(names)).clamp_min(1)
     metrics.observe_step(
         step=step,
@@ -156,7 +166,9 @@ def train_epoch(
                 f"[{strategy.name}] epoch {epoch} step {steps}/{total} loss {loss_sum / max(rows, 1):.4f} "
                 f"rows/s/rank {rows / elapsed:,.0f} reader wait {100 * wait / elapsed:.1f}%",
             )
-        if after_step is not None and after_step(EpochProgress(loss_sum, rows, steps, wait, time.perf_counter() - started)):
+        if after_step is not None and after_step(
+            EpochProgress(loss_sum, rows, steps, wait, time.perf_counter() - started)
+        ):
             interrupted = True
             break
     if hasattr(batches, "close"):

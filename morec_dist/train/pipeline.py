@@ -82,7 +82,15 @@ def run_pipeline(config_path: str | None, overrides: list[str], config: Config) 
         method_dir = out / method
         run_stage(
             f"finetune ({method})",
-            morec_command("finetune", "--from", str(checkpoint), "--method", method, *base_args, f"run.out_dir={str(method_dir)!r}".replace("'", '"')),
+            morec_command(
+                "finetune",
+                "--from",
+                str(checkpoint),
+                "--method",
+                method,
+                *base_args,
+                f"run.out_dir={str(method_dir)!r}".replace("'", '"'),
+            ),
         )
         rows[method] = read_json(method_dir / "metrics.json")
     table_rows = {"most popular": rows_popular, **{k: v for k, v in rows.items()}}
@@ -95,6 +103,8 @@ def run_pipeline(config_path: str | None, overrides: list[str], config: Config) 
     }
     write_json_atomic(out / "results.json", summary)
     (out / "results.md").write_text(f"# Results ({config.data.path}, test split)\n\n{table}\n")
-    print(f"\nTest metrics on {config.data.path} (relative change against the pretrained model):\n\n{table}\n", flush=True)
+    print(
+        f"\nTest metrics on {config.data.path} (relative change against the pretrained model):\n\n{table}\n", flush=True
+    )
     print(f"Wrote {out / 'results.md'} and {out / 'results.json'}", flush=True)
     return summary

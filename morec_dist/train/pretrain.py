@@ -60,7 +60,17 @@ def make_reader(config: Config, ctx: DistContext, dataset: PreparedDataset, trai
 
 def evaluation(trainer: Trainer, split: str) -> dict[str, float]:
     c, ctx = trainer.config, trainer.ctx
-    result = evaluate(trainer.model, trainer.dataset, split, c.eval.ks, ctx.rank, ctx.world_size, trainer.features, ctx.device, c.eval.batch_users)
+    result = evaluate(
+        trainer.model,
+        trainer.dataset,
+        split,
+        c.eval.ks,
+        ctx.rank,
+        ctx.world_size,
+        trainer.features,
+        ctx.device,
+        c.eval.batch_users,
+    )
     return result.metrics
 
 
@@ -101,7 +111,14 @@ def run_pretrain(config: Config, resume: bool | None = None) -> dict[str, Any]:
     probe = make_reader(config, ctx, dataset, trainer, seed=config.run.seed + 1)
     metrics, exporter = open_rank_observer(config, ctx)
     best_path = run_dir / "checkpoints" / "best"
-    job: dict[str, Any] = {"best": {}, "history": [], "stale": 0, "train_seconds": 0.0, "train_rows": 0, "stopped": False}
+    job: dict[str, Any] = {
+        "best": {},
+        "history": [],
+        "stale": 0,
+        "train_seconds": 0.0,
+        "train_rows": 0,
+        "stopped": False,
+    }
     resumed_progress = None
     strategy = AccuracyOnly()
     if point is not None:
@@ -114,18 +131,41 @@ def run_pretrain(config: Config, resume: bool | None = None) -> dict[str, Any]:
         if job["stopped"] or (max_steps and trainer.step >= max_steps):
             break
         stats = checkpointed_epoch(
-            trainer, reader, strategy, checkpoints, job, epoch=epoch, metrics=metrics,
+            trainer,
+            reader,
+            strategy,
+            checkpoints,
+            job,
+            epoch=epoch,
+            metrics=metrics,
             resumed=resumed_progress if epoch == start_epoch else None,
         )
         valid = evaluation(trainer, "valid")
-        row = {"epoch": epoch, "train_loss": stats.mean_loss, "rows_per_s": stats.rows_per_s, "seconds": stats.seconds, "valid": valid}
+        row = {
+            "epoch": epoch,
+            "train_loss": stats.mean_loss,
+            "rows_per_s": stats.rows_per_s,
+            "seconds": stats.seconds,
+            "valid": valid,
+        }
         job["history"].append(row)
-        progress(ctx.rank, f"[pretrain] epoch {epoch} loss {stats.mean_loss:.4f} valid {SELECT_METRIC} {valid[SELECT_METRIC]:.4f} hit@10 {valid['hit@10']:.4f} ({stats.rows_per_s:,.0f} rows/s, {stats.seconds:.1f}s)")
+        progress(
+            ctx.rank,
+            f"[pretrain] epoch {epoch} loss {stats.mean_loss:.4f} valid {SELECT_METRIC} {valid[SELECT_METRIC]:.4f} hit@10 {valid['hit@10']:.4f} ({stats.rows_per_s:,.0f} rows/s, {stats.seconds:.1f}s)",
+        )
         best = job["best"]
         if not best or valid[SELECT_METRIC] > best["valid"][SELECT_METRIC]:
             row["final_train_loss"] = measure_train_loss(trainer, probe)
             job["best"], job["stale"] = row, 0
-            meta = {"model": trainer.model_identity(), "epoch": epoch, "step": trainer.step, "train_loss": row["final_train_loss"], "epoch_mean_train_loss": stats.mean_loss, "valid": valid, **provenance(config, ctx.world_size)}
+            meta = {
+                "model": trainer.model_identity(),
+                "epoch": epoch,
+                "step": trainer.step,
+                "train_loss": row["final_train_loss"],
+                "epoch_mean_train_loss": stats.mean_loss,
+                "valid": valid,
+                **provenance(config, ctx.world_size),
+            }
             save_checkpoint(best_path, trainer.model_state(), meta)
         else:
             job["stale"] += 1
@@ -143,7 +183,9 @@ def run_pretrain(config: Config, resume: bool | None = None) -> dict[str, Any]:
         exporter.stop()
     load_checkpoint(best_path, trainer.model_state())
     test = evaluation(trainer, "test")
-    popular = evaluate_most_popular(dataset, "test", config.eval.ks, ctx.rank, ctx.world_size, ctx.device, config.eval.batch_users).metrics
+    popular = evaluate_most_popular(
+        dataset, "test", config.eval.ks, ctx.rank, ctx.world_size, ctx.device, config.eval.batch_users
+    ).metrics
     result = {
         **test,
         "split": "test",
@@ -163,5 +205,8 @@ def run_pretrain(config: Config, resume: bool | None = None) -> dict[str, Any]:
     }
     if ctx.rank == 0:
         write_json_atomic(run_dir / "metrics.json", result)
-        progress(ctx.rank, f"[pretrain] test hit@10 {test['hit@10']:.4f} ndcg@10 {test['ndcg@10']:.4f} (most popular {popular['hit@10']:.4f} / {popular['ndcg@10']:.4f}); wrote {run_dir / 'metrics.json'}")
+        progress(
+            ctx.rank,
+            f"[pretrain] test hit@10 {test['hit@10']:.4f} ndcg@10 {test['ndcg@10']:.4f} (most popular {popular['hit@10']:.4f} / {popular['ndcg@10']:.4f}); wrote {run_dir / 'metrics.json'}",
+        )
     return result

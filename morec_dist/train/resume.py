@@ -37,9 +37,10 @@ import random
 import signal
 import sys
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import torch
@@ -88,12 +89,18 @@ def join_restarted_group() -> None:
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     agent_store = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == str(True)
     store = dist.TCPStore(
-        os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world,
-        is_master=not agent_store and rank == 0, timeout=timedelta(minutes=10),
+        os.environ["MASTER_ADDR"],
+        int(os.environ["MASTER_PORT"]),
+        world,
+        is_master=not agent_store and rank == 0,
+        timeout=timedelta(minutes=10),
     )
     device, backend = pick_device_and_backend(int(os.environ.get("LOCAL_RANK", "0")))
     dist.init_process_group(
-        backend=backend, store=dist.PrefixStore(f"/morec/attempt-{restart}", store), rank=rank, world_size=world,
+        backend=backend,
+        store=dist.PrefixStore(f"/morec/attempt-{restart}", store),
+        rank=rank,
+        world_size=world,
         device_id=device if device.type == "cuda" else None,
     )
 
@@ -131,7 +138,7 @@ class PreemptionFlag:
         self.requested = False
         self._installed = False
 
-    def install(self) -> "PreemptionFlag":
+    def install(self) -> PreemptionFlag:
         if threading.current_thread() is threading.main_thread():
             signal.signal(signal.SIGTERM, self._handle)
             self._installed = True
@@ -207,7 +214,13 @@ def reader_state_for(saved: dict[str, Any], reader: Any) -> dict[str, Any]:
     mine = reader.state_dict()
     old_batches = max(int(saved["num_batches"]), 1)
     step = int(saved["step"]) * mine["num_batches"] // old_batches
-    mapped = {**saved, "rank": mine["rank"], "world_size": mine["world_size"], "num_batches": mine["num_batches"], "step": step}
+    mapped = {
+        **saved,
+        "rank": mine["rank"],
+        "world_size": mine["world_size"],
+        "num_batches": mine["num_batches"],
+        "step": step,
+    }
     mapped.pop("cursors", None)
     return mapped
 
@@ -243,11 +256,17 @@ class Checkpointing:
             return None
         if not enabled:
             if ctx.rank == 0:
-                print(f"[{self.job}] not resuming (--no-resume / run.resume=false); {path} is ignored and will be superseded", file=sys.stderr, flush=True)
+                print(
+                    f"[{self.job}] not resuming (--no-resume / run.resume=false); {path} is ignored and will be superseded",
+                    file=sys.stderr,
+                    flush=True,
+                )
             return None
         meta = read_meta(path)
         if meta.get("job_kind") != self.job:
-            raise CheckpointError(f"{path}: a checkpoint of job {meta.get('job_kind')!r}, this is {self.job!r}; use another run.out_dir")
+            raise CheckpointError(
+                f"{path}: a checkpoint of job {meta.get('job_kind')!r}, this is {self.job!r}; use another run.out_dir"
+            )
         check_compatible(meta, self.trainer.model_identity(), path)
         saved_world = int(meta.get("world_size", 0))
         same = saved_world == ctx.world_size
@@ -274,7 +293,11 @@ class Checkpointing:
         self.last_saved_step = point.step
         mode = "exact" if point.same_world else f"resharded from {point.meta.get('world_size')} ranks (not bit-exact)"
         if ctx.rank == 0:
-            print(f"[{self.job}] resuming from {point.path} at step {point.step}, epoch {point.next_epoch} ({mode})", file=sys.stderr, flush=True)
+            print(
+                f"[{self.job}] resuming from {point.path} at step {point.step}, epoch {point.next_epoch} ({mode})",
+                file=sys.stderr,
+                flush=True,
+            )
 
     # ------------------------------------------------------------------- saving
     def due(self, step: int, epoch_ending: bool) -> tuple[bool, bool]:
@@ -332,7 +355,11 @@ class Checkpointing:
 
         report_preempted()  # for the launcher: torchrun's own exit code does not say 143
         if self.ctx.rank == 0:
-            print(f"[{self.job}] preempted: checkpoint at step {self.last_saved_step} written; exiting {EXIT_PREEMPTED}", file=sys.stderr, flush=True)
+            print(
+                f"[{self.job}] preempted: checkpoint at step {self.last_saved_step} written; exiting {EXIT_PREEMPTED}",
+                file=sys.stderr,
+                flush=True,
+            )
         shutdown_distributed(exit_code=EXIT_PREEMPTED)
 
 
@@ -378,7 +405,7 @@ def checkpointed_epoch(
     trainer: Any,
     reader: Any,
     strategy: Any,
-    checkpoints: "Checkpointing",
+    checkpoints: Checkpointing,
     job: dict[str, Any],
     *,
     epoch: int,
@@ -407,8 +434,15 @@ def checkpointed_epoch(
         return stop and not ending  # the epoch-end checkpoint handles a stop at the epoch's last step
 
     stats = train_epoch(
-        trainer, reader, strategy, epoch=epoch, log_every=config.train.log_every, max_steps=max_steps,
-        metrics=metrics, resumed=resumed, after_step=after_step,
+        trainer,
+        reader,
+        strategy,
+        epoch=epoch,
+        log_every=config.train.log_every,
+        max_steps=max_steps,
+        metrics=metrics,
+        resumed=resumed,
+        after_step=after_step,
     )
     if stats.interrupted:
         checkpoints.exit_preempted()

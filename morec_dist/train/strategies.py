@@ -33,7 +33,9 @@ from morec_dist.data.dataset import PreparedDataset
 class MorecStrategy:
     name = "morec"
 
-    def __init__(self, client: Any, reader: Any, num_blocks: int, sampler_every: int, measure_signals: Any, submits: bool):
+    def __init__(
+        self, client: Any, reader: Any, num_blocks: int, sampler_every: int, measure_signals: Any, submits: bool
+    ):
         self.client = client
         self.reader = reader
         self.num_blocks = num_blocks
@@ -128,7 +130,9 @@ class StaticWeighting:
     def __init__(self, dataset: PreparedDataset, objectives: list[Any], weights: list[float]):
         self.objective_losses = _ObjectiveLosses(dataset, objectives)
         if len(weights) != len(self.objective_losses.names):
-            raise ValueError(f"static weights: expected {len(self.objective_losses.names)} (accuracy first), got {len(weights)}")
+            raise ValueError(
+                f"static weights: expected {len(self.objective_losses.names)} (accuracy first), got {len(weights)}"
+            )
         self.weights = torch.tensor(weights, dtype=torch.float32)
         self.sums = torch.zeros(len(weights), dtype=torch.float64)
         self.steps = 0

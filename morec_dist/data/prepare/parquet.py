@@ -44,9 +44,9 @@ from morec_dist.data import schema
 from morec_dist.data.prepare.writer import (
     DatasetWriter,
     category_groups,
-    reference_groups,
     popularity_bands,
     price_bands,
+    reference_groups,
 )
 
 SPLIT_RULES = ("leave_one_out", "time")
@@ -94,7 +94,7 @@ class ParquetMapping:
     }
 
     @classmethod
-    def from_toml(cls, path: str | Path, overrides: list[str] = ()) -> "ParquetMapping":
+    def from_toml(cls, path: str | Path, overrides: list[str] = ()) -> ParquetMapping:
         path = Path(path)
         try:
             raw = tomllib.loads(path.read_text())
@@ -115,13 +115,15 @@ class ParquetMapping:
         return cls.from_dict(raw, str(path))
 
     @classmethod
-    def from_dict(cls, raw: dict[str, Any], source: str = "<mapping>") -> "ParquetMapping":
+    def from_dict(cls, raw: dict[str, Any], source: str = "<mapping>") -> ParquetMapping:
         for section, values in raw.items():
             if section not in cls.SECTIONS or not isinstance(values, dict):
                 raise PrepareError(f"{source}: unknown section [{section}] (expected {list(cls.SECTIONS)})")
             for key in values:
                 if key not in cls.SECTIONS[section]:
-                    raise PrepareError(f"{source}: [{section}] {key}: unknown key (expected one of {cls.SECTIONS[section]})")
+                    raise PrepareError(
+                        f"{source}: [{section}] {key}: unknown key (expected one of {cls.SECTIONS[section]})"
+                    )
 
         def get(section: str, key: str, kind: type | tuple, required: bool = False, default: Any = None) -> Any:
             value = raw.get(section, {}).get(key, default)
@@ -130,7 +132,9 @@ class ParquetMapping:
                     raise PrepareError(f"{source}: [{section}] {key}: required")
                 return None
             if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
-                raise PrepareError(f"{source}: [{section}] {key}: expected {getattr(kind, '__name__', kind)}, got {value!r}")
+                raise PrepareError(
+                    f"{source}: [{section}] {key}: expected {getattr(kind, '__name__', kind)}, got {value!r}"
+                )
             return value
 
         interactions = get("input", "interactions", (str, list), required=True)
@@ -167,12 +171,16 @@ class ParquetMapping:
 
     def _check(self, source: str) -> None:
         if (self.label is None) == (self.rating is None):
-            raise PrepareError(f"{source}: [columns]: set exactly one of 'label' (positive when true / non-zero) or 'rating' with 'rating_threshold'")
+            raise PrepareError(
+                f"{source}: [columns]: set exactly one of 'label' (positive when true / non-zero) or 'rating' with 'rating_threshold'"
+            )
         if self.rating is not None and self.rating_threshold is None:
             raise PrepareError(f"{source}: [columns] rating_threshold: required with 'rating'")
         if self.split == "time":
             if self.valid_from is None or self.test_from is None or not self.valid_from <= self.test_from:
-                raise PrepareError(f"{source}: [split]: rule 'time' needs integers valid_from <= test_from (train < valid_from <= valid < test_from <= test)")
+                raise PrepareError(
+                    f"{source}: [split]: rule 'time' needs integers valid_from <= test_from (train < valid_from <= valid < test_from <= test)"
+                )
         elif self.valid_from is not None or self.test_from is not None:
             raise PrepareError(f"{source}: [split]: valid_from / test_from apply only to rule 'time'")
         if self.user_features and self.users is None:
@@ -286,9 +294,13 @@ def check_schemas(inputs: Inputs, expected: dict[str, str], what: str) -> dict[s
             t = file_schema.field(index).type
             allowed = ALLOWED["feature" if role.endswith("feature") else role]
             if _kind(t) not in allowed:
-                raise PrepareError(f"{inputs.label(path)}: column {column!r} has type {t}, expected one of {allowed} for the {what} {role}")
+                raise PrepareError(
+                    f"{inputs.label(path)}: column {column!r} has type {t}, expected one of {allowed} for the {what} {role}"
+                )
             if column in types and _kind(types[column]) != _kind(t):
-                raise PrepareError(f"{inputs.label(path)}: column {column!r} has type {t}, other files have {types[column]}")
+                raise PrepareError(
+                    f"{inputs.label(path)}: column {column!r} has type {t}, other files have {types[column]}"
+                )
             types.setdefault(column, t)
     return types
 
@@ -323,13 +335,17 @@ def check_ids(inputs: Inputs, table: pa.Table, origin: list[str], column: str, r
     values = table[column]
     if values.null_count:
         bad = values.is_null().to_numpy(zero_copy_only=False)
-        raise PrepareError(f"{_first_bad_row(inputs, origin, bad)}: column {column!r} ({role} id) has {values.null_count} null values")
+        raise PrepareError(
+            f"{_first_bad_row(inputs, origin, bad)}: column {column!r} ({role} id) has {values.null_count} null values"
+        )
     unique = pc.unique(values)
     if len(unique) != len(values):
         counts = pc.value_counts(values)
         dup = counts.filter(pc.greater(counts.field("counts"), 1))[0]["values"]
         second = np.flatnonzero(pc.equal(values, dup).to_numpy(zero_copy_only=False))[1]
-        raise PrepareError(f"{inputs.label(origin[second])}: column {column!r} ({role} id) repeats id {dup} (one row per {role} expected)")
+        raise PrepareError(
+            f"{inputs.label(origin[second])}: column {column!r} ({role} id) repeats id {dup} (one row per {role} expected)"
+        )
 
 
 def check_prices(label: str, price: pa.ChunkedArray | pa.Array, column: str) -> None:
@@ -343,7 +359,9 @@ def check_prices(label: str, price: pa.ChunkedArray | pa.Array, column: str) -> 
         raise PrepareError(f"{label}: column {column!r} (price) has {nan} NaN values")
     low = pc.min(price).as_py()
     if low <= 0 or not math.isfinite(pc.max(price).as_py()):
-        raise PrepareError(f"{label}: column {column!r} (price) has values in [{low}, {pc.max(price).as_py()}], expected finite and > 0")
+        raise PrepareError(
+            f"{label}: column {column!r} (price) has values in [{low}, {pc.max(price).as_py()}], expected finite and > 0"
+        )
 
 
 def dense_vocabulary(values: pa.ChunkedArray | pa.Array) -> pa.Array:
@@ -359,9 +377,13 @@ def encode_feature(values: pa.ChunkedArray, column: str) -> tuple[pa.Array, str,
     values = values.combine_chunks() if isinstance(values, pa.ChunkedArray) else values
     if pa.types.is_list(values.type):
         rows = values.to_pylist()
-        vocab = dense_vocabulary(pa.array([v for row in rows if row for v in row if v is not None], type=values.type.value_type))
+        vocab = dense_vocabulary(
+            pa.array([v for row in rows if row for v in row if v is not None], type=values.type.value_type)
+        )
         code = {v: i + 1 for i, v in enumerate(vocab.to_pylist())}
-        lists = pa.array([[code[v] for v in row if v is not None] if row else [] for row in rows], type=pa.list_(pa.int32()))
+        lists = pa.array(
+            [[code[v] for v in row if v is not None] if row else [] for row in rows], type=pa.list_(pa.int32())
+        )
         return lists, "multi", max(len(vocab), 1)
     vocab = dense_vocabulary(values)
     codes = pc.cast(pc.add(pc.index_in(values, value_set=vocab), 1).fill_null(0), pa.int32())
@@ -396,13 +418,26 @@ def _positive_mask(batch: pa.Table, m: ParquetMapping) -> pa.Array:
 def _profile(batch: pa.Table, m: ParquetMapping, items_ref: Any) -> pa.Table:
     """Per batch: the problems, as data (the driver reports the first, naming the file)."""
     if batch.num_rows == 0:
-        return pa.table({"path": pa.array([], pa.string()), "rows": pa.array([], pa.int64()), "positives": pa.array([], pa.int64()), "nonnull_category": pa.array([], pa.int64()), "problem": pa.array([], pa.string())})
+        return pa.table(
+            {
+                "path": pa.array([], pa.string()),
+                "rows": pa.array([], pa.int64()),
+                "positives": pa.array([], pa.int64()),
+                "nonnull_category": pa.array([], pa.int64()),
+                "problem": pa.array([], pa.string()),
+            }
+        )
     paths = pc.unique(batch["path"]).to_pylist()
     if len(paths) > 1:  # a read task may combine small files: profile each on its own
         return pa.concat_tables([_profile(batch.filter(pc.equal(batch["path"], p)), m, items_ref) for p in paths])
     path = paths[0]
     problems = []
-    for column, role in ((m.user, "user id"), (m.item, "item id"), (m.timestamp, "timestamp"), (m.label or m.rating, "label" if m.label else "rating")):
+    for column, role in (
+        (m.user, "user id"),
+        (m.item, "item id"),
+        (m.timestamp, "timestamp"),
+        (m.label or m.rating, "label" if m.label else "rating"),
+    ):
         nulls = batch[column].null_count
         if nulls:
             problems.append(f"column {column!r} ({role}) has {nulls} null values")
@@ -439,7 +474,14 @@ def _to_dense(batch: pa.Table, m: ParquetMapping, users_ref: Any, items_ref: Any
     if pa.types.is_timestamp(ts.type):
         ts = pc.cast(pc.cast(ts, pa.timestamp("s")), pa.int64())
     rating = pc.cast(pos[m.rating], pa.float32()) if m.rating else pa.array(np.ones(pos.num_rows, dtype=np.float32))
-    return pa.table({"user_id": users.astype(np.int32), "item_id": items.astype(np.int32), "timestamp": pc.cast(ts, pa.int64()), "rating": rating})
+    return pa.table(
+        {
+            "user_id": users.astype(np.int32),
+            "item_id": items.astype(np.int32),
+            "timestamp": pc.cast(ts, pa.int64()),
+            "rating": rating,
+        }
+    )
 
 
 def _split_block(block: pa.Table, m: ParquetMapping) -> pa.Table:
@@ -507,11 +549,23 @@ def _write_splits(block: pa.Table, out_root: str, meta_ref: Any, interaction_sch
             rel = f"{name}/block-{first_user:010d}.parquet"
             Path(out_root, name).mkdir(parents=True, exist_ok=True)
             pq.write_table(piece, Path(out_root) / rel, row_group_size=schema.ROW_GROUP_ROWS, compression="zstd")
-            rows.append({"split": name, "tmp": rel, "rows": piece.num_rows, "first_user": first_user, "last_user": last_user})
-    return pa.table({k: [r[k] for r in rows] for k in ("split", "tmp", "rows", "first_user", "last_user")}, schema=_SPLIT_PIECES)
+            rows.append(
+                {"split": name, "tmp": rel, "rows": piece.num_rows, "first_user": first_user, "last_user": last_user}
+            )
+    return pa.table(
+        {k: [r[k] for r in rows] for k in ("split", "tmp", "rows", "first_user", "last_user")}, schema=_SPLIT_PIECES
+    )
 
 
-_SPLIT_PIECES = pa.schema([("split", pa.string()), ("tmp", pa.string()), ("rows", pa.int64()), ("first_user", pa.int64()), ("last_user", pa.int64())])
+_SPLIT_PIECES = pa.schema(
+    [
+        ("split", pa.string()),
+        ("tmp", pa.string()),
+        ("rows", pa.int64()),
+        ("first_user", pa.int64()),
+        ("last_user", pa.int64()),
+    ]
+)
 
 
 # ---------------------------------------------------------------------------- the job
@@ -545,20 +599,36 @@ def prepare_parquet(
 
     # -- the edge: every input file's schema, the side tables' values, before Ray starts
     inter = resolve(m.interactions, "interactions")
-    roles = {m.user: "user", m.item: "item", m.timestamp: "timestamp", (m.label or m.rating): "label" if m.label else "rating"}
+    roles = {
+        m.user: "user",
+        m.item: "item",
+        m.timestamp: "timestamp",
+        (m.label or m.rating): "label" if m.label else "rating",
+    }
     if m.items is None:
         roles.update({m.price: "price", m.category: "category"})
     check_schemas(inter, roles, "interactions")
     items_table = users_table = None
     if m.items is not None:
         items_in = resolve(m.items, "items")
-        item_roles = {m.item: "item", m.price: "price", m.category: "category", **{c: "item feature" for c in m.item_features}}
+        item_roles = {
+            m.item: "item",
+            m.price: "price",
+            m.category: "category",
+            **{c: "item feature" for c in m.item_features},
+        }
         check_schemas(items_in, item_roles, "items")
         items_table, origin = read_side_table(items_in, list(item_roles))
         check_ids(items_in, items_table, origin, m.item, "item")
-        check_prices(items_in.label(items_in.files[0]) if len(items_in.files) == 1 else items_in.uri, items_table[m.price], m.price)
+        check_prices(
+            items_in.label(items_in.files[0]) if len(items_in.files) == 1 else items_in.uri,
+            items_table[m.price],
+            m.price,
+        )
         if items_table[m.category].null_count == items_table.num_rows:
-            raise PrepareError(f"{items_in.label(items_in.files[0])}: column {m.category!r} (category) is entirely null")
+            raise PrepareError(
+                f"{items_in.label(items_in.files[0])}: column {m.category!r} (category) is entirely null"
+            )
     if m.users is not None:
         users_in = resolve(m.users, "users")
         user_roles = {m.user: "user", **{c: "user feature" for c in m.user_features}}
@@ -569,21 +639,36 @@ def prepare_parquet(
 
     from morec_dist.data.prepare.ray_env import DEFAULT_OBJECT_STORE_MB, ray_runtime
 
-    with ray_runtime(ray_address, num_cpus=num_cpus, object_store_mb=object_store_mb or DEFAULT_OBJECT_STORE_MB, progress=progress):
+    with ray_runtime(
+        ray_address, num_cpus=num_cpus, object_store_mb=object_store_mb or DEFAULT_OBJECT_STORE_MB, progress=progress
+    ):
         return _run(m, inter, items_table, users_table, out_dir, overwrite, log, layout_engine)
 
 
-def _run(m: ParquetMapping, inter: Inputs, items_table: pa.Table | None, users_table: pa.Table | None, out_dir: Path, overwrite: bool, log: _Log, layout_engine: str) -> Path:
+def _run(
+    m: ParquetMapping,
+    inter: Inputs,
+    items_table: pa.Table | None,
+    users_table: pa.Table | None,
+    out_dir: Path,
+    overwrite: bool,
+    log: _Log,
+    layout_engine: str,
+) -> Path:
     import ray
     import ray.data
 
-    def read() -> "ray.data.Dataset":
-        return ray.data.read_parquet(inter.files, filesystem=inter.filesystem, columns=m.interaction_columns(), include_paths=True, shuffle=None)
+    def read() -> ray.data.Dataset:
+        return ray.data.read_parquet(
+            inter.files, filesystem=inter.filesystem, columns=m.interaction_columns(), include_paths=True, shuffle=None
+        )
 
     # 1. profile
     item_vocab = dense_vocabulary(items_table[m.item]) if items_table is not None else None
     items_ref = ray.put(item_vocab.to_numpy(zero_copy_only=False)) if item_vocab is not None else None
-    profile = pa.Table.from_pylist(read().map_batches(_profile, batch_format="pyarrow", fn_kwargs={"m": m, "items_ref": items_ref}).take_all())
+    profile = pa.Table.from_pylist(
+        read().map_batches(_profile, batch_format="pyarrow", fn_kwargs={"m": m, "items_ref": items_ref}).take_all()
+    )
     for path, problem in sorted(zip(profile["path"].to_pylist(), profile["problem"].to_pylist())):
         if problem:
             raise PrepareError(f"{inter.label(path)}: {problem.split('; ')[0]}")
@@ -596,18 +681,26 @@ def _run(m: ParquetMapping, inter: Inputs, items_table: pa.Table | None, users_t
 
     # 2. dense ids
     # users: those with a positive; items: the catalogue (the items table), else those with a positive
-    user_vocab = _sorted_unique(read().map_batches(_positive_column, batch_format="pyarrow", fn_kwargs={"m": m, "column": m.user}), "v")
+    user_vocab = _sorted_unique(
+        read().map_batches(_positive_column, batch_format="pyarrow", fn_kwargs={"m": m, "column": m.user}), "v"
+    )
     if item_vocab is None:
-        item_vocab = _sorted_unique(read().map_batches(_positive_column, batch_format="pyarrow", fn_kwargs={"m": m, "column": m.item}), "v")
+        item_vocab = _sorted_unique(
+            read().map_batches(_positive_column, batch_format="pyarrow", fn_kwargs={"m": m, "column": m.item}), "v"
+        )
         items_ref = ray.put(item_vocab.to_numpy(zero_copy_only=False))
     users_ref = ray.put(user_vocab.to_numpy(zero_copy_only=False))
     num_users, num_items = len(user_vocab), len(item_vocab)
     if num_items < schema.NUM_BANDS:
-        raise PrepareError(f"{inter.uri}: column {m.item!r}: {num_items} items, need at least {schema.NUM_BANDS} (the popularity and price bands)")
+        raise PrepareError(
+            f"{inter.uri}: column {m.item!r}: {num_items} items, need at least {schema.NUM_BANDS} (the popularity and price bands)"
+        )
     log(f"ids: {num_users:,} users, {num_items:,} items")
 
     # 3. split, by user ranges (a user never straddles two blocks)
-    dense = read().map_batches(_to_dense, batch_format="pyarrow", fn_kwargs={"m": m, "users_ref": users_ref, "items_ref": items_ref})
+    dense = read().map_batches(
+        _to_dense, batch_format="pyarrow", fn_kwargs={"m": m, "users_ref": users_ref, "items_ref": items_ref}
+    )
     blocks = max(1, math.ceil(positives / BLOCK_ROWS))
     boundaries = sorted({int(1 + k * num_users // blocks) for k in range(1, blocks)} - {1})
     split = dense.sort("user_id", boundaries=boundaries) if boundaries else dense.repartition(1)
@@ -615,7 +708,9 @@ def _run(m: ParquetMapping, inter: Inputs, items_table: pa.Table | None, users_t
     log(f"split ({m.split}): {split.num_blocks()} user-range blocks")
 
     # 4. item meta on the driver: popularity, bands, categories -> groups, q*
-    counts = pa.Table.from_pylist(split.map_batches(_train_item_counts, batch_format="pyarrow").groupby("item_id").sum("n").take_all())
+    counts = pa.Table.from_pylist(
+        split.map_batches(_train_item_counts, batch_format="pyarrow").groupby("item_id").sum("n").take_all()
+    )
     popularity = np.zeros(num_items + 1, dtype=np.int64)
     if counts.num_rows:
         popularity[counts["item_id"].to_numpy()] = counts["sum(n)"].to_numpy()
@@ -658,7 +753,11 @@ def _run(m: ParquetMapping, inter: Inputs, items_table: pa.Table | None, users_t
             _write_splits,
             batch_size=None,
             batch_format="pyarrow",
-            fn_kwargs={"out_root": str(writer.tmp_dir), "meta_ref": meta_ref, "interaction_schema": writer.interactions_schema},
+            fn_kwargs={
+                "out_root": str(writer.tmp_dir),
+                "meta_ref": meta_ref,
+                "interaction_schema": writer.interactions_schema,
+            },
         ).take_all()
         _check_user_ranges(pieces)
         for name in schema.SPLITS:
@@ -667,10 +766,20 @@ def _run(m: ParquetMapping, inter: Inputs, items_table: pa.Table | None, users_t
                 raise PrepareError(f"{m.source}: [split] rule {m.split!r} leaves the {name} split empty")
             writer.adopt_parts(name, [(p["tmp"], p["rows"]) for p in mine])
         del split
-        writer.write_side_table(schema.ITEMS_FILE, _items_table(items_meta_table, item_vocab, category_names, popularity), schema.ITEMS)
+        writer.write_side_table(
+            schema.ITEMS_FILE, _items_table(items_meta_table, item_vocab, category_names, popularity), schema.ITEMS
+        )
         writer.write_side_table(schema.USERS_FILE, _users_table(users_meta_table), schema.USERS)
-        writer.write_side_table(schema.ID_MAP_USERS, pa.table({"raw_id": user_vocab, "user_id": user_meta["user_id"]}), pa.schema([("raw_id", user_vocab.type), ("user_id", pa.int32())]))
-        writer.write_side_table(schema.ID_MAP_ITEMS, pa.table({"raw_id": item_vocab, "item_id": item_meta["item_id"]}), pa.schema([("raw_id", item_vocab.type), ("item_id", pa.int32())]))
+        writer.write_side_table(
+            schema.ID_MAP_USERS,
+            pa.table({"raw_id": user_vocab, "user_id": user_meta["user_id"]}),
+            pa.schema([("raw_id", user_vocab.type), ("user_id", pa.int32())]),
+        )
+        writer.write_side_table(
+            schema.ID_MAP_ITEMS,
+            pa.table({"raw_id": item_vocab, "item_id": item_meta["item_id"]}),
+            pa.schema([("raw_id", item_vocab.type), ("item_id", pa.int32())]),
+        )
         groups = reference_groups(fair, align, rev, popularity, num_fair, fair_names)
         total_train = max(int(popularity.sum()), 1)
         manifest = {
@@ -681,7 +790,12 @@ def _run(m: ParquetMapping, inter: Inputs, items_table: pa.Table | None, users_t
             "num_users": num_users,
             "num_items": num_items,
             "num_positives": positives,
-            "split": {"rule": m.split, "valid_from": m.valid_from, "test_from": m.test_from, "dropped_after_cut": positives - sum(int(p["rows"]) for p in pieces)},
+            "split": {
+                "rule": m.split,
+                "valid_from": m.valid_from,
+                "test_from": m.test_from,
+                "dropped_after_cut": positives - sum(int(p["rows"]) for p in pieces),
+            },
             "groups": groups,
             "q_star": [c / total_train for c in groups["align_group"]["train_counts"]],
             "genres": [n for n in fair_names],
@@ -702,21 +816,29 @@ def _sorted_unique(ds: Any, column: str) -> pa.Array:
     return dense_vocabulary(pa.array(values))
 
 
-def _item_meta(m: ParquetMapping, items_table: pa.Table | None, item_vocab: pa.Array, read: Any) -> tuple[np.ndarray, pa.Array]:
+def _item_meta(
+    m: ParquetMapping, items_table: pa.Table | None, item_vocab: pa.Array, read: Any
+) -> tuple[np.ndarray, pa.Array]:
     """price (float64) and category per item_id - 1."""
     if items_table is not None:
         order = pc.index_in(item_vocab, value_set=items_table[m.item].combine_chunks())
-        return pc.cast(items_table[m.price].take(order), pa.float64()).to_numpy(), items_table[m.category].take(order).combine_chunks()
+        return pc.cast(items_table[m.price].take(order), pa.float64()).to_numpy(), items_table[m.category].take(
+            order
+        ).combine_chunks()
     # no items table: the largest price / category an item's positives carry
     import ray.data  # noqa: F401
 
     agg = pa.Table.from_pylist(
-        read().map_batches(_positive_item_columns, batch_format="pyarrow", fn_kwargs={"m": m}).groupby("item").aggregate(
-            *_max_aggs()
-        ).take_all()
+        read()
+        .map_batches(_positive_item_columns, batch_format="pyarrow", fn_kwargs={"m": m})
+        .groupby("item")
+        .aggregate(*_max_aggs())
+        .take_all()
     )
     order = pc.index_in(item_vocab, value_set=pc.cast(agg["item"], item_vocab.type).combine_chunks())
-    return pc.cast(agg["max(price)"].take(order), pa.float64()).to_numpy(), agg["max(category)"].take(order).combine_chunks()
+    return pc.cast(agg["max(price)"].take(order), pa.float64()).to_numpy(), agg["max(category)"].take(
+        order
+    ).combine_chunks()
 
 
 def _max_aggs():
@@ -775,7 +897,15 @@ def _users_table(meta: pa.Table) -> pa.Table:
     n = meta.num_rows
     zeros = np.zeros(n, dtype=np.int16)
     # gender / age / occupation are MovieLens' raw codes: 0 for user data (see docs/data.md)
-    return pa.table({"user_id": meta["user_id"], "gender": np.zeros(n, dtype=np.int8), "age": zeros, "occupation": zeros, **{c: meta[c] for c in meta.schema.names if c != "user_id"}})
+    return pa.table(
+        {
+            "user_id": meta["user_id"],
+            "gender": np.zeros(n, dtype=np.int8),
+            "age": zeros,
+            "occupation": zeros,
+            **{c: meta[c] for c in meta.schema.names if c != "user_id"},
+        }
+    )
 
 
 def _mapping_record(m: ParquetMapping) -> dict[str, Any]:

@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Iterator
 
 DEFAULT_OBJECT_STORE_MB = 2048
 # Ray Data's block target: a sorted (group, range) of the layout stays one block up to this.
@@ -18,7 +18,13 @@ TARGET_MAX_BLOCK_BYTES = 512 << 20
 
 
 @contextmanager
-def ray_runtime(address: str | None = None, *, num_cpus: int | None = None, object_store_mb: int = DEFAULT_OBJECT_STORE_MB, progress: bool = False) -> Iterator[None]:
+def ray_runtime(
+    address: str | None = None,
+    *,
+    num_cpus: int | None = None,
+    object_store_mb: int = DEFAULT_OBJECT_STORE_MB,
+    progress: bool = False,
+) -> Iterator[None]:
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     import ray
     import ray.data

@@ -14,9 +14,9 @@ from __future__ import annotations
 
 import sys
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 import pyarrow as pa
@@ -26,10 +26,10 @@ from morec_dist.data.prepare.writer import (
     DatasetWriter,
     category_groups,
     join_features,
-    reference_user_features,
-    reference_groups,
     popularity_bands,
     price_bands,
+    reference_groups,
+    reference_user_features,
 )
 
 CHUNK_ROWS = 1 << 20
@@ -59,7 +59,9 @@ def make_catalogue(users: int, items: int, seed: int) -> Catalogue:
     for g, n in zip(first.tolist(), extra_count.tolist()):
         extra = rng.choice(NUM_GENRES, size=n, replace=False).tolist()
         genre_lists.append([g] + [e for e in extra if e != g])
-    return Catalogue(np.cumsum(item_weight) / item_weight.sum(), np.cumsum(user_weight) / user_weight.sum(), price, genre_lists)
+    return Catalogue(
+        np.cumsum(item_weight) / item_weight.sum(), np.cumsum(user_weight) / user_weight.sum(), price, genre_lists
+    )
 
 
 def chunks(rows: int, seed: int, cat: Catalogue) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
@@ -103,9 +105,20 @@ def split_codes(start: int, u: np.ndarray, count: np.ndarray, last: np.ndarray, 
     return code
 
 
-def generate(out_dir: str | Path, *, users: int, items: int, rows: int, seed: int, overwrite: bool = False, progress: bool = False) -> Path:
+def generate(
+    out_dir: str | Path,
+    *,
+    users: int,
+    items: int,
+    rows: int,
+    seed: int,
+    overwrite: bool = False,
+    progress: bool = False,
+) -> Path:
     if users < 1 or items < schema.NUM_BANDS or rows < 1:
-        raise ValueError(f"synthetic: need users >= 1, items >= {schema.NUM_BANDS}, rows >= 1 (got {users}, {items}, {rows})")
+        raise ValueError(
+            f"synthetic: need users >= 1, items >= {schema.NUM_BANDS}, rows >= 1 (got {users}, {items}, {rows})"
+        )
     started = time.monotonic()
 
     def say(msg: str) -> None:

@@ -59,7 +59,9 @@ def price_bands(price: np.ndarray, num_bands: int = schema.NUM_BANDS) -> np.ndar
     return banded_groups([item_ids, -price], len(price), num_bands)
 
 
-def category_groups(first_genre: np.ndarray, train_item_counts: np.ndarray, top: int = 9) -> tuple[np.ndarray, list[str]]:
+def category_groups(
+    first_genre: np.ndarray, train_item_counts: np.ndarray, top: int = 9
+) -> tuple[np.ndarray, list[str]]:
     """Fairness groups: the ``top`` first-genres by train interactions get 1..top (ties by
     name), every other genre ``top + 1``. Inputs are by item_id - 1. Returns the group per
     item (by item_id - 1) and the genre name of each of the first ``top`` groups."""
@@ -103,7 +105,9 @@ def reference_user_features(gender: np.ndarray, age: np.ndarray, occupation: np.
     ages = np.asarray(schema.ML1M_AGES)
     rank = np.searchsorted(ages, age)
     if np.any(rank >= len(ages)) or np.any(ages[rank.clip(max=len(ages) - 1)] != age):
-        raise ValueError(f"user age codes {sorted(set(age.tolist()) - set(ages.tolist()))} are not ML-1M codes {list(ages)}")
+        raise ValueError(
+            f"user age codes {sorted(set(age.tolist()) - set(ages.tolist()))} are not ML-1M codes {list(ages)}"
+        )
     if occupation.min(initial=0) < 0 or occupation.max(initial=0) >= schema.ML1M_NUM_OCCUPATIONS:
         raise ValueError(f"user occupations outside 0..{schema.ML1M_NUM_OCCUPATIONS - 1}")
     return {
@@ -113,7 +117,9 @@ def reference_user_features(gender: np.ndarray, age: np.ndarray, occupation: np.
     }
 
 
-def join_features(interactions: pa.Table, users: pa.Table, items: pa.Table, features: dict[str, schema.FeatureSpec]) -> pa.Table:
+def join_features(
+    interactions: pa.Table, users: pa.Table, items: pa.Table, features: dict[str, schema.FeatureSpec]
+) -> pa.Table:
     """Appends each user / item feature column to interaction rows, looked up by id (the
     side tables must hold ids 1..N in order)."""
     user_pos = pa.compute.subtract(interactions["user_id"], 1)
@@ -130,7 +136,9 @@ class DatasetWriter:
     """Streams interaction tables into part files inside a temporary directory; ``commit``
     writes the manifest and renames the directory into place."""
 
-    def __init__(self, out_dir: str | Path, *, overwrite: bool = False, features: dict[str, schema.FeatureSpec] | None = None):
+    def __init__(
+        self, out_dir: str | Path, *, overwrite: bool = False, features: dict[str, schema.FeatureSpec] | None = None
+    ):
         self.out_dir = Path(out_dir).resolve()
         self.features = dict(features or {})
         self.interactions_schema = schema.interaction_schema(self.features)
@@ -194,7 +202,14 @@ class DatasetWriter:
         if name not in self._side:
             self._side.append(name)
 
-    def commit(self, manifest: dict[str, Any], *, layout_seed: int | None = None, layout_engine: str = "auto", progress: bool = False) -> Path:
+    def commit(
+        self,
+        manifest: dict[str, Any],
+        *,
+        layout_seed: int | None = None,
+        layout_engine: str = "auto",
+        progress: bool = False,
+    ) -> Path:
         """Closes the splits, writes by_group/ (seed: ``layout_seed``, else the manifest's
         ``seed``, else 0), checksums every file, writes the manifest and publishes."""
         from morec_dist.data.prepare.layout import LayoutJob, layout_files, write_group_layout
@@ -209,12 +224,20 @@ class DatasetWriter:
             self._writers[split].close()
         seed = layout_seed if layout_seed is not None else int(manifest.get("seed", 0))
         group_columns = {c: int(g["num_groups"]) for c, g in manifest["groups"].items()}
-        layout = write_group_layout(LayoutJob(self.tmp_dir, self._parts["train"], group_columns, seed, layout_engine, progress))
+        layout = write_group_layout(
+            LayoutJob(self.tmp_dir, self._parts["train"], group_columns, seed, layout_engine, progress)
+        )
         files = {}
-        side = [schema.ITEMS_FILE, schema.USERS_FILE] + [n for n in self._side if n not in (schema.ITEMS_FILE, schema.USERS_FILE)]
+        side = [schema.ITEMS_FILE, schema.USERS_FILE] + [
+            n for n in self._side if n not in (schema.ITEMS_FILE, schema.USERS_FILE)
+        ]
         for rel in side + [p for s in schema.SPLITS for p in self._parts[s]] + layout_files(layout):
             path = self.tmp_dir / rel
-            files[rel] = {"sha256": sha256_file(path), "bytes": path.stat().st_size, "rows": pq.ParquetFile(path).metadata.num_rows}
+            files[rel] = {
+                "sha256": sha256_file(path),
+                "bytes": path.stat().st_size,
+                "rows": pq.ParquetFile(path).metadata.num_rows,
+            }
         manifest = {
             "schema_version": schema.SCHEMA_VERSION,
             **manifest,
@@ -254,7 +277,7 @@ class DatasetWriter:
                 pass
         shutil.rmtree(self.tmp_dir, ignore_errors=True)
 
-    def __enter__(self) -> "DatasetWriter":
+    def __enter__(self) -> DatasetWriter:
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:
