@@ -23,9 +23,10 @@ def user_errors() -> tuple[type[BaseException], ...]:
     from morec_dist.coordinator.core import CoordinatorError
     from morec_dist.data.dataset import DatasetError
     from morec_dist.data.prepare.parquet import PrepareError
+    from morec_dist.registry import RegistryError
     from morec_dist.train.checkpoint import CheckpointError
 
-    return (ConfigError, DatasetError, CheckpointError, CoordinatorError, FileExistsError, PrepareError)
+    return (ConfigError, DatasetError, CheckpointError, CoordinatorError, FileExistsError, PrepareError, RegistryError)
 
 
 def _add_prepare(sub: argparse._SubParsersAction) -> None:
@@ -193,15 +194,17 @@ def preflight(config, from_checkpoint: str | None = None, objectives: bool = Fal
     if objectives:
         from morec_dist.coordinator.objectives import ObjectiveError, build_objectives
         from morec_dist.coordinator.sampler import GroupStats, SamplerError
+        from morec_dist.plugins import validate_signals
 
         try:
-            build_objectives(
+            objective_set = build_objectives(
                 config.morec.objectives,
                 GroupStats.from_manifest(dataset.manifest, dataset.path),
                 default_alpha=config.morec.sampler.alpha,
             )
         except (ObjectiveError, SamplerError) as exc:
             raise ConfigError(f"morec.objectives: {exc}") from None
+        validate_signals(objective_set)
     if from_checkpoint is not None:
         from morec_dist.train.checkpoint import read_meta
 
@@ -213,9 +216,12 @@ def preflight(config, from_checkpoint: str | None = None, objectives: bool = Fal
 
 
 def _load(args: argparse.Namespace):
+    """The validated config, with its ``run.plugins`` imported in this process (launcher,
+    rank or subprocess alike) and every registry name in it checked."""
     from morec_dist.config import load_config
+    from morec_dist.plugins import prepare
 
-    return load_config(args.config, args.overrides)
+    return prepare(load_config(args.config, args.overrides))
 
 
 def _as_ranks(args: argparse.Namespace, job, config=None) -> int:
@@ -315,7 +321,9 @@ def _add_evaluate(sub: argparse._SubParsersAction) -> None:
         from morec_dist.train.evaluate import checkpoint_config, run_evaluate
 
         given = _load(args) if (args.config or args.overrides) else None
-        config = checkpoint_config(args.checkpoint, given)
+        from morec_dist.plugins import prepare
+
+        config = prepare(checkpoint_config(args.checkpoint, given))  # the recorded run.plugins, too
         args.config, args.overrides = None, []
         return _as_ranks(args, lambda _: run_evaluate(config, args.checkpoint, args.split, args.out), config=config)
 

@@ -35,6 +35,9 @@ class RunConfig:
     max_restarts: int = (
         0  # torchrun --max-restarts: a failed rank restarts the group, which resumes from the last checkpoint
     )
+    # importable modules that register models, losses, objective kinds, ... (docs/extending.md);
+    # imported in the launcher, in every rank and in every subprocess before names are checked
+    plugins: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -48,7 +51,8 @@ class DataConfig:
 
 @dataclass
 class ModelConfig:
-    name: str = "mf"  # registry key: mf, two_tower
+    name: str = "mf"  # registry key (model.registry.MODELS): mf, two_tower, or a plugin's
+    loss: str = "bpr"  # registry key (model.loss.LOSSES): the per-row training loss
     embedding_dim: int = 64
     # Sharding type per embedding table ("table_wise", "row_wise", "column_wise",
     # "table_row_wise", "table_column_wise", "data_parallel"); tables not named here
@@ -299,9 +303,6 @@ FINETUNE_METHODS = ("morec", "static", "mgda")
 COORDINATOR_PROTOCOLS = ("global", "per_rank")
 # calls the coordinator actor serves at once (morec_dist.coordinator.actor.ACTOR_MAX_CONCURRENCY)
 ACTOR_STEP_SLOTS = 1000
-SHARDING_TYPES = ("table_wise", "row_wise", "column_wise", "table_row_wise", "table_column_wise", "data_parallel")
-EMBEDDING_OPTIMIZERS = ("sgd", "adagrad", "rowwise_adagrad")
-DENSE_OPTIMIZERS = ("adam", "sgd", "adagrad")
 
 
 def check_per_rank_fits(world_size: int, staleness: int) -> None:
@@ -316,7 +317,8 @@ def check_per_rank_fits(world_size: int, staleness: int) -> None:
 
 
 def validate(c: Config) -> None:
-    """Range and consistency checks that types alone cannot express."""
+    """Range and consistency checks that types alone cannot express: the only place that
+    checks them (the coordinator, its clients and the objective resolver trust them)."""
     _require(c.run.nproc >= 1, f"run.nproc: expected >= 1, got {c.run.nproc}")
     for method in c.run.methods:
         _require(method in FINETUNE_METHODS, f"run.methods: {method!r} is not one of {FINETUNE_METHODS}")
@@ -329,16 +331,10 @@ def validate(c: Config) -> None:
         bool(c.model.tower_dims) and all(d >= 1 for d in c.model.tower_dims),
         f"model.tower_dims: expected positive layer widths, got {c.model.tower_dims}",
     )
-    for table, kind in {"default": c.model.default_sharding, **c.model.sharding}.items():
-        _require(kind in SHARDING_TYPES, f"model.sharding.{table}: {kind!r} is not one of {SHARDING_TYPES}")
-    _require(
-        c.optim.embedding_optimizer in EMBEDDING_OPTIMIZERS,
-        f"optim.embedding_optimizer: {c.optim.embedding_optimizer!r} is not one of {EMBEDDING_OPTIMIZERS}",
-    )
-    _require(
-        c.optim.dense_optimizer in DENSE_OPTIMIZERS,
-        f"optim.dense_optimizer: {c.optim.dense_optimizer!r} is not one of {DENSE_OPTIMIZERS}",
-    )
+    # names of registered parts (model, loss, sharding types, optimizers, objective kinds) are
+    # checked by morec_dist.plugins.validate_names, after run.plugins are imported
+    for i, module in enumerate(c.run.plugins):
+        _require(bool(module.strip()), f"run.plugins[{i}]: expected an importable module name, got {module!r}")
     _require(c.optim.embedding_lr > 0, f"optim.embedding_lr: expected > 0, got {c.optim.embedding_lr}")
     _require(c.optim.dense_lr > 0, f"optim.dense_lr: expected > 0, got {c.optim.dense_lr}")
     _require(c.train.epochs >= 1, f"train.epochs: expected >= 1, got {c.train.epochs}")

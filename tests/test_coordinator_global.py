@@ -107,7 +107,7 @@ def test_status_and_set_preferences_never_queue_behind_waiting_step_calls(ray_ad
     assert status["aggregated_through"] == -1 and change["effective_step"] == -1 + 2 + 1
     assert not ray.wait(held, timeout=0)[0]  # the step calls are still waiting
     with pytest.raises(ray.exceptions.GetTimeoutError):  # and a step-group call does queue: the slots are full
-        ray.get(actor.sampler_update_due.remote(0), timeout=3)
+        ray.get(actor.decisions.remote(0, 1), timeout=3)
     ray.kill(actor)
     print(f"\nstatus + set_preferences with {len(held)} step calls waiting: {seconds:.2f} s")
 

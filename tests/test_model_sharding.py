@@ -101,7 +101,7 @@ def test_two_tower_concatenates_side_features_by_name(data_dir):
 
 
 def test_registry_rejects_unknown_model_and_wrong_feature_set(data_dir):
-    with pytest.raises(ValueError, match="model.name: 'nope'"):
+    with pytest.raises(ValueError, match=r"model.name: unknown model 'nope'; expected one of \['mf', 'two_tower'\]"):
         build_model("nope", features_of(data_dir, "ids"), ModelConfig())
     with pytest.raises(ValueError, match="'side' feature set"):
         build_model("two_tower", features_of(data_dir, "ids"), ModelConfig(name="two_tower"))

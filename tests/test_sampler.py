@@ -104,7 +104,7 @@ def test_revenue_is_fixed_and_price_proportional_or_exact():
 
 def test_unknown_kind_option_or_column_errors_name_the_objective():
     with pytest.raises(
-        ObjectiveError, match=r"morec.objectives\[0\] \(novelty\).*unknown objective kind 'novel'.*registered kinds"
+        ObjectiveError, match=r"morec.objectives\[0\] \(novelty\).*unknown objective kind 'novel'.*expected one of"
     ):
         _objectives(ObjectiveConfig("novelty", "novel", "fair_group", 1.0))
     with pytest.raises(ObjectiveError, match=r"\(fairness\)\.options: unknown key\(s\) \['topk'\]"):

@@ -17,14 +17,14 @@ from morec_dist.coordinator.core import (
 from morec_dist.coordinator.mgda import mgda_weights, min_norm_weights
 from morec_dist.coordinator.objectives import (
     ACCURACY,
+    OBJECTIVE_KINDS,
     Objective,
     ObjectiveError,
     ObjectiveKind,
-    ObjectiveRegistry,
     ObjectiveSet,
     SignalRequest,
     build_objectives,
-    default_registry,
+    register_objective_kind,
 )
 from morec_dist.coordinator.pid import PIDController, PIDGains
 from morec_dist.coordinator.sampler import GroupStats, SamplerState, sign_gradient_step
@@ -38,9 +38,9 @@ __all__ = [
     "DecisionNotReady",
     "GroupStats",
     "Objective",
+    "OBJECTIVE_KINDS",
     "ObjectiveError",
     "ObjectiveKind",
-    "ObjectiveRegistry",
     "ObjectiveSet",
     "PIDController",
     "PIDGains",
@@ -52,8 +52,8 @@ __all__ = [
     "build_objectives",
     "build_spec",
     "combined_loss",
-    "default_registry",
     "mgda_weights",
+    "register_objective_kind",
     "min_norm_weights",
     "sign_gradient_step",
     "static_weighted_loss",

@@ -183,9 +183,6 @@ class CoordinatorActor:
         await self._notify()
         return version
 
-    async def sampler_update_due(self, step: int) -> bool:
-        return self._need_core().sampler_update_due(step)
-
     @_control
     async def set_preferences(
         self,

@@ -103,8 +103,6 @@ class CoordinatorClient:
         recovery: Recovery | None = None,
         max_log: int = 100_000,
     ) -> None:
-        if staleness < 0:
-            raise CoordinatorError(f"staleness: expected >= 0, got {staleness}")
         if max_in_flight < staleness + 1:
             raise CoordinatorError(f"max_in_flight ({max_in_flight}) must be at least staleness + 1 ({staleness + 1})")
         self.actor = actor
@@ -304,9 +302,6 @@ class CoordinatorClient:
         self.flush()
 
     # ------------------------------------------------------------ rare calls
-    def sampler_update_due(self, step: int) -> bool:
-        return bool(self._call("sampler_update_due", step))
-
     def submit_signals(self, step: int, signals: Mapping[str, Sequence[float]]) -> int:
         """Submit the reduced validation signals measured after ``step``; returns the new p version."""
         payload = {k: [float(x) for x in v] for k, v in signals.items()}

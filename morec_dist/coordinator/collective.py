@@ -76,8 +76,6 @@ class GlobalCoordinatorClient:
         groups: tuple[Any, Any, Any] | None = None,
         wait_timeout_s: float = 600.0,
     ) -> None:
-        if staleness < 1:
-            raise CoordinatorError(f"coordinator.staleness: the global protocol needs >= 1, got {staleness}")
         if (rank == 0) != (inner is not None):
             raise CoordinatorError("GlobalCoordinatorClient: rank 0 (and only rank 0) holds the actor client")
         self.rank, self.world_size, self.staleness = rank, world_size, staleness

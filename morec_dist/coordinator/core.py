@@ -106,16 +106,13 @@ class CoordinatorSpec:
     trace_window: int = 0
 
     def __post_init__(self) -> None:
+        # staleness and lam are validated once, in config.py (a spec comes from build_spec(config))
         if self.world_size < 1:
             raise CoordinatorError(f"world_size: expected >= 1, got {self.world_size}")
-        if self.staleness < 0:
-            raise CoordinatorError(f"coordinator.staleness: expected >= 0, got {self.staleness}")
         if self.trace_window < 0:
             raise CoordinatorError(f"coordinator.trace_window: expected >= 0 (0 = keep all), got {self.trace_window}")
         if self.sampler_every < 0:
             raise CoordinatorError(f"sampler_every: expected >= 0 (0 = never), got {self.sampler_every}")
-        if not (math.isfinite(self.lam) and self.lam > 0):
-            raise CoordinatorError(f"morec.lam: expected > 0, got {self.lam}")
         if not (math.isfinite(self.target_loss) and self.target_loss > 0):
             raise CoordinatorError(
                 f"target loss l_hat: expected > 0 (resolve morec.pid.target_loss = 0 from the pretrained model first), got {self.target_loss}"
@@ -300,9 +297,6 @@ class CoordinatorCore:
         )
 
     # ------------------------------------------------------------------ sampler
-    def sampler_update_due(self, step: int) -> bool:
-        return bool(self.sampler_every) and (step + 1) % self.sampler_every == 0
-
     def submit_signals(self, step: int, signals: Mapping[str, Sequence[float]]) -> int:
         """Signals measured after step ``step`` (a due step); returns the new version.
 
@@ -501,7 +495,6 @@ def build_spec(
     world_size: int,
     target_loss: float | None = None,
     steps_per_epoch: int | None = None,
-    registry: Any = None,
 ) -> CoordinatorSpec:
     """A ``CoordinatorSpec`` from the job ``Config`` and the dataset's ``GroupStats``.
 
@@ -512,7 +505,7 @@ def build_spec(
     from morec_dist.coordinator.objectives import build_objectives
 
     morec = config.morec
-    objectives = build_objectives(morec.objectives, stats, default_alpha=morec.sampler.alpha, registry=registry)
+    objectives = build_objectives(morec.objectives, stats, default_alpha=morec.sampler.alpha)
     l_hat = target_loss if target_loss is not None else morec.pid.target_loss
     every = morec.sampler.update_every_steps
     if every == 0:

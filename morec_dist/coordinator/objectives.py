@@ -32,8 +32,12 @@ Built-in kinds (options in brackets, defaults first):
 
 Any kind works on any group column, so a fifth objective is a config entry, e.g.
 ``{name = "genre_floor", kind = "worst_group", group_column = "align_group", weight = 0.1}``.
-A new *kind* is a subclass of ``ObjectiveKind`` registered on an ``ObjectiveRegistry``
-instance; the core never names a kind.
+A new *kind* is a subclass of ``ObjectiveKind`` registered on ``OBJECTIVE_KINDS`` (the one
+list of kind names: validation, dispatch and listings read it) from one module named in
+``run.plugins``; it carries its initial distribution, its signal (a name registered on
+``morec_dist.eval.signals.SIGNALS``), its sign rule, how a signal is checked and its
+baseline target (what the static / MGDA baselines reweight uniform rows toward). The core
+never names a kind. See docs/extending.md.
 """
 
 from __future__ import annotations
@@ -46,13 +50,13 @@ from typing import Any
 import numpy as np
 
 from morec_dist.coordinator.sampler import GroupStats, SamplerError, normalise
+from morec_dist.registry import Registry
 
 ACCURACY = "accuracy"
 
 SIGNAL_GROUP_LOSS = "group_loss"
 SIGNAL_GROUP_HIT = "group_hit"
-SIGNAL_TOPK_HISTOGRAM = "topk_histogram"
-SIGNAL_KINDS = (SIGNAL_GROUP_LOSS, SIGNAL_GROUP_HIT, SIGNAL_TOPK_HISTOGRAM)
+SIGNAL_TOPK_HISTOGRAM = "topk_histogram"  # the built-in signals' names (eval.signals.SIGNALS lists them all)
 
 
 class ObjectiveError(ValueError):
@@ -131,6 +135,18 @@ class ObjectiveKind:
         """The sign vector for one validated signal (length G)."""
         return np.zeros(objective.num_groups)
 
+    def check_signal(self, objective: Objective, vector: np.ndarray, where: str) -> None:
+        """Refuse a submitted signal this kind cannot read (default: no infinities; NaN = a
+        group not measured)."""
+        if np.any(np.isinf(vector)):
+            raise ObjectiveError(f"{where}: expected finite values (NaN = group not measured), got {vector.tolist()}")
+
+    def baseline_target(self, column: str, stats: GroupStats, options: Mapping[str, Any], where: str) -> np.ndarray:
+        """The distribution over groups the static / MGDA baselines reweight uniform rows
+        toward (any scale, normalised by the caller). Default: uniform over the groups that
+        have training rows."""
+        return (np.asarray(stats.train_counts[column]) > 0).astype(np.float64)
+
 
 def _distribution_option(value: Any, column: str, stats: GroupStats, where: str) -> np.ndarray:
     g = stats.num_groups[column]
@@ -189,6 +205,12 @@ class RevenueKind(ObjectiveKind):
 
     def row_weight_column(self, options):
         return "price" if options["price_weighting"] == "exact" else None
+
+    def baseline_target(self, column, stats, options, where):
+        try:
+            return stats.item_mean_price(column)  # proportional to each group's mean item price
+        except SamplerError as exc:
+            raise ObjectiveError(f"{where}: {exc}") from None
 
 
 class WorstGroupKind(ObjectiveKind):
@@ -251,6 +273,10 @@ class TargetShareKind(ObjectiveKind):
     def signal_request(self, name, column, num_groups, options):
         return SignalRequest(name, SIGNAL_TOPK_HISTOGRAM, column, num_groups, int(options["k"]))
 
+    def check_signal(self, objective, vector, where):
+        if not np.all(np.isfinite(vector)) or np.any(vector < 0):
+            raise ObjectiveError(f"{where}: expected finite non-negative counts, got {vector.tolist()}")
+
     def sign(self, objective, signal):
         total = float(signal.sum())
         if total <= 0:
@@ -265,49 +291,48 @@ def _positive_int(value: Any, where: str) -> None:
         raise ObjectiveError(f"{where}: expected a positive integer, got {value!r}")
 
 
-class ObjectiveRegistry:
-    """Kinds by name. Build one with ``default_registry()`` and ``register`` your own."""
-
-    def __init__(self) -> None:
-        self._kinds: dict[str, ObjectiveKind] = {}
-
-    def register(self, kind: ObjectiveKind, *, replace: bool = False) -> None:
-        if not kind.name:
-            raise ObjectiveError(f"{type(kind).__name__}: a kind needs a non-empty name")
-        if kind.name in self._kinds and not replace:
-            raise ObjectiveError(f"objective kind {kind.name!r} is already registered")
-        self._kinds[kind.name] = kind
-
-    def kinds(self) -> list[str]:
-        return sorted(self._kinds)
-
-    def get(self, kind: str, where: str = "objective") -> ObjectiveKind:
-        if kind not in self._kinds:
-            raise ObjectiveError(f"{where}: unknown objective kind {kind!r}; registered kinds: {self.kinds()}")
-        return self._kinds[kind]
+OBJECTIVE_KINDS: Registry[ObjectiveKind] = Registry("objective kind", "morec.objectives[].kind")
 
 
-def default_registry() -> ObjectiveRegistry:
-    registry = ObjectiveRegistry()
-    for kind in (
-        AccuracyKind(),
-        RevenueKind(),
-        FixedKind(),
-        WorstGroupKind("worst_group"),
-        WorstGroupKind("fairness"),
-        TargetShareKind("target_share"),
-        TargetShareKind("alignment"),
-    ):
-        registry.register(kind)
-    return registry
+def register_objective_kind(kind: ObjectiveKind, *, replace: bool = False) -> ObjectiveKind:
+    """Register ``kind`` under ``kind.name`` (a plugin module calls this at import)."""
+    if not kind.name:
+        raise ObjectiveError(f"{type(kind).__name__}: a kind needs a non-empty name")
+    return OBJECTIVE_KINDS.register(kind.name, kind, replace=replace)
+
+
+for _kind in (
+    AccuracyKind(),
+    RevenueKind(),
+    FixedKind(),
+    WorstGroupKind("worst_group"),
+    WorstGroupKind("fairness"),
+    TargetShareKind("target_share"),
+    TargetShareKind("alignment"),
+):
+    register_objective_kind(_kind)
+
+
+def configurable_kinds() -> list[str]:
+    """The kind names a ``morec.objectives`` entry may use (the implicit accuracy left out)."""
+    return [name for name in OBJECTIVE_KINDS.names() if not OBJECTIVE_KINDS.get(name).implicit]
+
+
+def kind_of(kind: str, where: str) -> ObjectiveKind:
+    """The registered kind, or an ObjectiveError naming ``where`` and the configurable kinds."""
+    if kind not in OBJECTIVE_KINDS:
+        raise ObjectiveError(f"{where}.kind: unknown objective kind {kind!r}; expected one of {configurable_kinds()}")
+    return OBJECTIVE_KINDS.get(kind)
 
 
 @dataclass
 class ObjectiveSet:
-    """The auxiliary objectives of a job, in block order, with the registry that reads them."""
+    """The auxiliary objectives of a job, in block order, with the kinds that read them."""
 
     objectives: list[Objective]
-    registry: ObjectiveRegistry = field(default_factory=default_registry)
+    # the kinds this set reads, pickled with it: the coordinator actor (another process) then
+    # imports a plugin kind's module by its class, without a run.plugins of its own
+    kinds: dict[str, ObjectiveKind] = field(default_factory=dict)
 
     @property
     def names(self) -> list[str]:
@@ -348,8 +373,8 @@ class ObjectiveSet:
             )
         signs: dict[str, np.ndarray] = {}
         for o in self.adaptive():
-            vector = _check_signal(o, signals[o.name])
-            kind = self.registry.get(o.kind, f"objective {o.name!r}")
+            kind = self.kinds[o.kind] if o.kind in self.kinds else kind_of(o.kind, f"objective {o.name!r}")
+            vector = _check_signal(o, kind, signals[o.name])
             s = np.asarray(kind.sign(o, vector), dtype=np.float64)
             if s.shape != (o.num_groups,) or not np.all(np.isin(s, (-1.0, 0.0, 1.0))):
                 raise ObjectiveError(
@@ -359,17 +384,13 @@ class ObjectiveSet:
         return signs
 
 
-def _check_signal(o: Objective, values: Sequence[float]) -> np.ndarray:
+def _check_signal(o: Objective, kind: ObjectiveKind, values: Sequence[float]) -> np.ndarray:
     assert o.signal is not None
     vector = np.asarray(values, dtype=np.float64)
     where = f"signal for objective {o.name!r} ({o.signal.kind} over {o.group_column})"
     if vector.shape != (o.num_groups,):
         raise ObjectiveError(f"{where}: expected {o.num_groups} values, got shape {vector.shape}")
-    if o.signal.kind == SIGNAL_TOPK_HISTOGRAM:
-        if not np.all(np.isfinite(vector)) or np.any(vector < 0):
-            raise ObjectiveError(f"{where}: expected finite non-negative counts, got {vector.tolist()}")
-    elif np.any(np.isinf(vector)):
-        raise ObjectiveError(f"{where}: expected finite values (NaN = group not measured), got {vector.tolist()}")
+    kind.check_signal(o, vector, where)
     return vector
 
 
@@ -378,23 +399,19 @@ def build_objectives(
     stats: GroupStats,
     *,
     default_alpha: float,
-    registry: ObjectiveRegistry | None = None,
 ) -> ObjectiveSet:
-    """Resolve ``config.morec.objectives`` against the data into an ``ObjectiveSet``.
+    """Resolve ``config.morec.objectives`` (validated by config.py: names unique, weights
+    >= 0) against the data into an ``ObjectiveSet``.
 
     ``options.alpha`` of an entry overrides the sampler's step for that objective only.
     """
-    registry = registry or default_registry()
     objectives: list[Objective] = []
-    seen: set[str] = set()
+    kinds: dict[str, ObjectiveKind] = {}
     for i, cfg in enumerate(configs):
         where = f"morec.objectives[{i}] ({cfg.name or 'unnamed'})"
         if cfg.name == ACCURACY or cfg.kind == ACCURACY:
             raise ObjectiveError(f"{where}: accuracy is implicit (block 0, uniform data); do not list it")
-        if cfg.name in seen:
-            raise ObjectiveError(f"{where}: duplicate objective name {cfg.name!r}")
-        seen.add(cfg.name)
-        kind = registry.get(cfg.kind, where)
+        kind = kinds[cfg.kind] = kind_of(cfg.kind, where)
         if kind.implicit:
             raise ObjectiveError(f"{where}: kind {cfg.kind!r} is implicit and cannot be configured")
         if not (math.isfinite(cfg.weight) and cfg.weight >= 0):
@@ -429,4 +446,4 @@ def build_objectives(
                 row_weight_column=kind.row_weight_column(options),
             )
         )
-    return ObjectiveSet(objectives, registry)
+    return ObjectiveSet(objectives, kinds)

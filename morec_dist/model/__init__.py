@@ -1,10 +1,20 @@
 """Recommender models on TorchRec EmbeddingBagCollections, their loss, and their sharding.
 
-``build_model`` makes the unsharded model by registry name; ``shard`` turns it into a
-DistributedModelParallel module with its optimizer; ``bpr_loss`` is the per-row training loss.
+``build_model`` makes the unsharded model by registry name (``MODELS``); ``shard`` turns it
+into a DistributedModelParallel module with its optimizer; ``LOSSES`` holds the per-row
+training losses by name (``bpr_loss`` the default).
 """
 
-from morec_dist.model.loss import bpr_loss
-from morec_dist.model.registry import MODEL_NAMES, build_model, register_model
+from morec_dist.model.loss import LOSSES, bpr_loss, register_loss
+from morec_dist.model.registry import MODELS, ModelSpec, build_model, feature_set_for, register_model
 
-__all__ = ["MODEL_NAMES", "bpr_loss", "build_model", "register_model"]
+__all__ = [
+    "LOSSES",
+    "MODELS",
+    "ModelSpec",
+    "bpr_loss",
+    "build_model",
+    "feature_set_for",
+    "register_loss",
+    "register_model",
+]

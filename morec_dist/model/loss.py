@@ -1,13 +1,19 @@
-"""The training loss: BPR over one positive and N sampled negatives, per row.
+"""The training losses, by name (``LOSSES``, picked by ``model.loss``): default BPR over one
+positive and N sampled negatives, per row.
 
-MoRec needs the loss of every row (it averages per block), so the loss is never reduced
-here; the caller takes the mean it needs.
+MoRec needs the loss of every row (it averages per block), so a loss is never reduced
+here; the caller takes the mean it needs. A loss must stay symbolically traceable (see
+``bpr_loss``).
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
+
+from morec_dist.registry import Registry
 
 
 def bpr_loss(scores: torch.Tensor) -> torch.Tensor:
@@ -23,3 +29,16 @@ def bpr_loss(scores: torch.Tensor) -> torch.Tensor:
     positive = scores[:, :1]
     negatives = scores[:, 1:]
     return F.softplus(negatives - positive).mean(dim=1)
+
+
+LossFn = Callable[[torch.Tensor], torch.Tensor]
+
+# per-row losses by name (``model.loss``): scores [N, 1 + neg] -> [N], never reduced
+LOSSES: Registry[LossFn] = Registry("loss", "model.loss")
+
+
+def register_loss(name: str, loss: LossFn, *, replace: bool = False) -> LossFn:
+    return LOSSES.register(name, loss, replace=replace)
+
+
+register_loss("bpr", bpr_loss)

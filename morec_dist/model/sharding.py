@@ -6,11 +6,14 @@ in DistributedModelParallel (the non-embedding part goes under DDP), copies the 
 weights in (sharding re-initialises tables), and builds the optimizer:
 
 - tables with a FUSED kernel (every type but data_parallel) are updated inside backward
-  by FBGEMM with ``optim.embedding_optimizer`` (sgd, adagrad, rowwise_adagrad);
+  by FBGEMM with ``optim.embedding_optimizer`` (sgd, adagrad, rowwise_adagrad: the
+  ``EMBEDDING_OPTIMIZERS`` registry);
 - data_parallel tables (DENSE kernel, replicated, gradients all-reduced by DDP) get the
   same update rule from the equivalent torch optimizer, since fused optimizers never
   reach DENSE-kernel tables;
-- everything else (MLP towers) uses ``optim.dense_optimizer``.
+- everything else (MLP towers) uses ``optim.dense_optimizer`` (``DENSE_OPTIMIZERS``).
+
+Sharding types are the ``SHARDING_TYPES`` registry.
 
 CPU + gloo and CUDA + NCCL take the same code path; only the device and backend differ.
 The stock sharder offers ROW_WISE / TABLE_ROW_WISE only on CUDA although the FBGEMM CPU
@@ -42,25 +45,69 @@ from torchrec.optim import RowWiseAdagrad
 from torchrec.optim.keyed import CombinedOptimizer, KeyedOptimizer, KeyedOptimizerWrapper
 
 from morec_dist.config import Config, ModelConfig, OptimConfig
+from morec_dist.registry import Registry
 
 # The Adagrad epsilon of both paths (FBGEMM's fused kernel and the torch optimizers for
 # data_parallel tables), fixed so that the two apply the same update.
 ADAGRAD_EPS = 1e-8
 
-SHARDING_TYPE_OF = {
-    "table_wise": ShardingType.TABLE_WISE,
-    "row_wise": ShardingType.ROW_WISE,
-    "column_wise": ShardingType.COLUMN_WISE,
-    "table_row_wise": ShardingType.TABLE_ROW_WISE,
-    "table_column_wise": ShardingType.TABLE_COLUMN_WISE,
-    "data_parallel": ShardingType.DATA_PARALLEL,
-}
+# Sharding types by name (``model.default_sharding`` / ``model.sharding.<table>``): the only
+# list of them. data_parallel tables are replicated with a DENSE kernel; all others FUSED.
+SHARDING_TYPES: Registry[ShardingType] = Registry("sharding type", "model.default_sharding / model.sharding.<table>")
+for _name, _type in (
+    ("table_wise", ShardingType.TABLE_WISE),
+    ("row_wise", ShardingType.ROW_WISE),
+    ("column_wise", ShardingType.COLUMN_WISE),
+    ("table_row_wise", ShardingType.TABLE_ROW_WISE),
+    ("table_column_wise", ShardingType.TABLE_COLUMN_WISE),
+    ("data_parallel", ShardingType.DATA_PARALLEL),
+):
+    SHARDING_TYPES.register(_name, _type)
 
-FUSED_OPTIMIZER_OF = {
-    "sgd": EmbOptimType.EXACT_SGD,
-    "adagrad": EmbOptimType.EXACT_ADAGRAD,
-    "rowwise_adagrad": EmbOptimType.EXACT_ROWWISE_ADAGRAD,
-}
+OptimizerFactory = Callable[[list[nn.Parameter]], torch.optim.Optimizer]
+
+
+@dataclass(frozen=True)
+class EmbeddingOptimizer:
+    """One embedding update rule on both paths: FBGEMM's fused kernel (sharded tables) and
+    the equivalent torch optimizer (data_parallel tables, which fused optimizers never reach)."""
+
+    fused: EmbOptimType
+    torch_optimizer: Callable[[OptimConfig], OptimizerFactory]
+    uses_eps: bool = True  # the fused kernel takes ADAGRAD_EPS
+
+
+# ``optim.embedding_optimizer`` -> its update rule; ``optim.dense_optimizer`` -> a torch factory
+EMBEDDING_OPTIMIZERS: Registry[EmbeddingOptimizer] = Registry("embedding optimizer", "optim.embedding_optimizer")
+DENSE_OPTIMIZERS: Registry[Callable[[OptimConfig], OptimizerFactory]] = Registry(
+    "dense optimizer", "optim.dense_optimizer"
+)
+
+
+def _embedding_sgd(o: OptimConfig) -> OptimizerFactory:
+    return lambda params: torch.optim.SGD(params, lr=o.embedding_lr, weight_decay=o.embedding_weight_decay)
+
+
+def _embedding_adagrad(o: OptimConfig) -> OptimizerFactory:
+    return lambda params: torch.optim.Adagrad(
+        params, lr=o.embedding_lr, weight_decay=o.embedding_weight_decay, eps=ADAGRAD_EPS
+    )
+
+
+def _embedding_rowwise_adagrad(o: OptimConfig) -> OptimizerFactory:
+    return lambda params: RowWiseAdagrad(
+        params, lr=o.embedding_lr, weight_decay=o.embedding_weight_decay, eps=ADAGRAD_EPS
+    )
+
+
+EMBEDDING_OPTIMIZERS.register("sgd", EmbeddingOptimizer(EmbOptimType.EXACT_SGD, _embedding_sgd, uses_eps=False))
+EMBEDDING_OPTIMIZERS.register("adagrad", EmbeddingOptimizer(EmbOptimType.EXACT_ADAGRAD, _embedding_adagrad))
+EMBEDDING_OPTIMIZERS.register(
+    "rowwise_adagrad", EmbeddingOptimizer(EmbOptimType.EXACT_ROWWISE_ADAGRAD, _embedding_rowwise_adagrad)
+)
+DENSE_OPTIMIZERS.register("adam", lambda o: lambda params: torch.optim.Adam(params, lr=o.dense_lr))
+DENSE_OPTIMIZERS.register("sgd", lambda o: lambda params: torch.optim.SGD(params, lr=o.dense_lr))
+DENSE_OPTIMIZERS.register("adagrad", lambda o: lambda params: torch.optim.Adagrad(params, lr=o.dense_lr))
 
 
 @dataclass(frozen=True)
@@ -148,8 +195,7 @@ def table_sharding_types(model: nn.Module, config: ModelConfig) -> dict[str, str
     if unknown:
         raise ValueError(f"model.sharding: unknown table(s) {unknown}; the model's tables are {sorted(tables)}")
     for table, kind in {"default": config.default_sharding, **config.sharding}.items():
-        if kind not in SHARDING_TYPE_OF:
-            raise ValueError(f"model.sharding.{table}: {kind!r} is not one of {sorted(SHARDING_TYPE_OF)}")
+        SHARDING_TYPES.get(kind, "model.default_sharding" if table == "default" else f"model.sharding.{table}")
     return {name: config.sharding.get(name, config.default_sharding) for name in tables}
 
 
@@ -165,7 +211,7 @@ def parameter_constraints(
         kernel = EmbeddingComputeKernel.DENSE if kind == "data_parallel" else EmbeddingComputeKernel.FUSED
         min_partition = max(4, dims[name] // max(world_size, 1))
         constraints[name] = ParameterConstraints(
-            sharding_types=[SHARDING_TYPE_OF[kind].value],
+            sharding_types=[SHARDING_TYPES.get(kind).value],
             compute_kernels=[kernel.value],
             min_partition=min_partition,
         )
@@ -173,12 +219,13 @@ def parameter_constraints(
 
 
 def fused_params(optim: OptimConfig) -> dict[str, Any]:
+    rule = EMBEDDING_OPTIMIZERS.get(optim.embedding_optimizer)
     params: dict[str, Any] = {
-        "optimizer": FUSED_OPTIMIZER_OF[optim.embedding_optimizer],
+        "optimizer": rule.fused,
         "learning_rate": optim.embedding_lr,
         "weight_decay": optim.embedding_weight_decay,
     }
-    if optim.embedding_optimizer != "sgd":
+    if rule.uses_eps:
         params["eps"] = ADAGRAD_EPS
     return params
 
@@ -206,28 +253,13 @@ def make_plan(
 # -------------------------------------------------------------------- optimizers
 
 
-def embedding_optimizer_factory(optim: OptimConfig) -> Callable[[list[nn.Parameter]], torch.optim.Optimizer]:
+def embedding_optimizer_factory(optim: OptimConfig) -> OptimizerFactory:
     """The torch optimizer with the fused kernel's update rule, for data_parallel tables."""
-    lr, wd = optim.embedding_lr, optim.embedding_weight_decay
-    name = optim.embedding_optimizer
-    if name == "sgd":
-        return lambda params: torch.optim.SGD(params, lr=lr, weight_decay=wd)
-    if name == "adagrad":
-        return lambda params: torch.optim.Adagrad(params, lr=lr, weight_decay=wd, eps=ADAGRAD_EPS)
-    if name == "rowwise_adagrad":
-        return lambda params: RowWiseAdagrad(params, lr=lr, weight_decay=wd, eps=ADAGRAD_EPS)
-    raise ValueError(f"optim.embedding_optimizer: {name!r} is not one of {sorted(FUSED_OPTIMIZER_OF)}")
+    return EMBEDDING_OPTIMIZERS.get(optim.embedding_optimizer).torch_optimizer(optim)
 
 
-def dense_optimizer_factory(optim: OptimConfig) -> Callable[[list[nn.Parameter]], torch.optim.Optimizer]:
-    lr, name = optim.dense_lr, optim.dense_optimizer
-    if name == "adam":
-        return lambda params: torch.optim.Adam(params, lr=lr)
-    if name == "sgd":
-        return lambda params: torch.optim.SGD(params, lr=lr)
-    if name == "adagrad":
-        return lambda params: torch.optim.Adagrad(params, lr=lr)
-    raise ValueError(f"optim.dense_optimizer: {name!r} is not one of adam, sgd, adagrad")
+def dense_optimizer_factory(optim: OptimConfig) -> OptimizerFactory:
+    return DENSE_OPTIMIZERS.get(optim.dense_optimizer)(optim)
 
 
 def is_table_param(param_name: str, tables: set[str]) -> bool:

@@ -7,8 +7,9 @@
   the step it reports the per-block loss sums and row counts (non-blocking).
 - ``StaticWeighting`` and ``MGDAStrategy``: the paper's baselines on *uniform* data. Each
   auxiliary objective's loss is the batch's per-row loss importance-weighted toward that
-  objective's target distribution over its groups (revenue: proportional to each price
-  band's mean price; fairness, alignment and custom kinds: uniform over non-empty groups),
+  objective's target distribution over its groups (its kind's ``baseline_target``; revenue:
+  proportional to each price band's mean price; fairness, alignment and the default:
+  uniform over non-empty groups),
   so every method optimises the same per-objective loss vector. Static weighting combines
   them with fixed weights; MGDA with the min-norm weights of their gradients with respect
   to the batch's scores (the shared representation, MGDA-UB of Sener & Koltun 2018),
@@ -26,6 +27,8 @@ import torch.distributed as dist
 
 from morec_dist.coordinator.combined_loss import block_sums, combined_loss
 from morec_dist.coordinator.mgda import min_norm_weights
+from morec_dist.coordinator.objectives import kind_of
+from morec_dist.coordinator.sampler import GroupStats
 from morec_dist.data.batch import Batch
 from morec_dist.data.dataset import PreparedDataset
 
@@ -85,22 +88,20 @@ class MorecStrategy:
 def objective_row_weights(dataset: PreparedDataset, objectives: list[Any]) -> list[np.ndarray]:
     """Per objective, a weight per item_id turning uniform rows into that objective's target.
 
-    weight(item) = target[g] / share[g] for the item's group g, where share is the group's
-    share of training rows; the mean weight over training rows is then 1.
+    The target over groups is the objective kind's ``baseline_target`` (registry
+    ``OBJECTIVE_KINDS``). weight(item) = target[g] / share[g] for the item's group g, where
+    share is the group's share of training rows; the mean weight over training rows is then 1.
     """
+    stats = GroupStats.from_manifest(dataset.manifest, dataset.path)
     weights = []
-    for objective in objectives:
+    for i, objective in enumerate(objectives):
+        where = f"morec.objectives[{i}] ({objective.name})"
         column = objective.group_column
+        kind = kind_of(objective.kind, where)
+        options = kind.resolve_options({k: v for k, v in objective.options.items() if k != "alpha"}, where)
         counts = dataset.train_counts(column).astype(np.float64)
         share = counts / counts.sum()
-        if objective.kind == "revenue":
-            price = dataset.item_column("price")
-            group = dataset.item_column(column)
-            price_sum = np.bincount(group[1:], weights=price[1:], minlength=len(counts) + 1)[1:]
-            items = np.bincount(group[1:], minlength=len(counts) + 1)[1:]
-            target = np.where(items > 0, price_sum / np.maximum(items, 1), 0.0)
-        else:
-            target = (counts > 0).astype(np.float64)
+        target = np.asarray(kind.baseline_target(column, stats, options, where), dtype=np.float64)
         target = target / target.sum()
         per_group = np.where(share > 0, target / np.where(share > 0, share, 1.0), 0.0)
         by_item = np.zeros(dataset.num_items + 1)

@@ -9,7 +9,6 @@ back-propagated. The model and the loss are picked by name from their registries
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -21,11 +20,9 @@ from morec_dist.config import Config
 from morec_dist.data.batch import Batch
 from morec_dist.data.dataset import PreparedDataset
 from morec_dist.data.features import FeatureBuilder
-from morec_dist.model.loss import bpr_loss
+from morec_dist.model.loss import LOSSES
 from morec_dist.model.registry import build_model, feature_set_for
 from morec_dist.model.sharding import DistContext, shard
-
-LOSSES: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {"bpr": bpr_loss}
 
 
 @dataclass
@@ -80,7 +77,7 @@ class Trainer(Stateful):
         model = build_model(config.model.name, features, config.model)
         self.identity = unsharded_identity(config.model.name, model)
         self.model, self.optimizer = shard(model, config, ctx.device, ctx.pg)
-        self.loss_fn = LOSSES["bpr"]
+        self.loss_fn = LOSSES.get(config.model.loss)
         self.step = 0
         self.epoch = 0
 
