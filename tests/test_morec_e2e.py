@@ -200,3 +200,53 @@ def test_preference_change_from_the_cli_applies_at_the_stated_step(pretrained, t
     assert all(targets[s] == pytest.approx(result["target_loss"]) for s in trace["step"] if s < at_step)
     changes = [h for h in result["coordinator"]["history"] if h.get("effective_step") == at_step]
     assert changes and changes[0]["weights"]["revenue"] == 0.1
+
+
+def test_objective_kind_from_a_plugin_module_trains_in_every_rank(pretrained, tiny_data, tmp_path):
+    """run.plugins imports tests/plugins/long_tail_plugin.py (a new kind + its new signal) in
+    the launcher, both torchrun ranks and, through the pickled objective set, the Ray actor."""
+    import importlib
+
+    import numpy as np
+
+    from morec_dist.coordinator.objectives import OBJECTIVE_KINDS, Objective
+    from morec_dist.coordinator.sampler import sign_gradient_step
+    from morec_dist.data.dataset import PreparedDataset
+
+    objectives = (
+        "morec.objectives=["
+        '{name="revenue", kind="revenue", group_column="rev_group", weight=0.5},'
+        '{name="tail_lift", kind="long_tail", group_column="align_group", weight=0.5}]'
+    )
+    plugins_dir = str(REPO / "tests" / "plugins")
+    path = os.pathsep.join([plugins_dir, *filter(None, [os.environ.get("PYTHONPATH")])])
+    out = tmp_path / "plugin"
+    morec(
+        "finetune", "--from", str(pretrained), "--config", CONFIG, quoted("data.path", tiny_data),
+        quoted("run.out_dir", out), 'run.plugins=["long_tail_plugin"]', objectives, PYTHONPATH=path,
+    )  # fmt: skip
+    result = json.loads((out / "metrics.json").read_text())
+    assert result["config"]["run"]["plugins"] == ["long_tail_plugin"]
+    assert [o["kind"] for o in result["config"]["morec"]["objectives"]] == ["revenue", "long_tail"]
+    coordinator = result["coordinator"]
+    updates = coordinator["sampler_updates"]
+    assert [u["after_step"] for u in updates] == [9, 19, 29, 39]
+    assert all(set(u["signals"]) == {"tail_lift"} and len(u["signals"]["tail_lift"]) == 10 for u in updates)
+    # the coordinator's p of tail_lift is exactly the plugin's sign rule applied to the
+    # measured heldout_rank signals, from the train share of align_group
+    sys.path.insert(0, plugins_dir)
+    try:
+        importlib.import_module("long_tail_plugin")  # registers long_tail here, as in the ranks
+    finally:
+        sys.path.remove(plugins_dir)
+    kind = OBJECTIVE_KINDS.get("long_tail")
+    share = np.asarray(PreparedDataset.open(tiny_data).manifest["groups"]["align_group"]["train_counts"], float)
+    p = share / share.sum()
+    objective = Objective("tail_lift", "long_tail", 2, "align_group", 10, 0.5, 0.1, {}, tuple(p), True, None)
+    for u in updates:
+        p = sign_gradient_step(p, kind.sign(objective, np.asarray(u["signals"]["tail_lift"], float)), 0.1)
+    final = coordinator["state"]["sampler"]
+    assert final["version"] == 4
+    np.testing.assert_allclose(final["probabilities"]["tail_lift"], p, rtol=0, atol=1e-12)
+    assert np.abs(p - share / share.sum()).max() > 0.05  # the sampler moved it
+    assert all(len(row) == 3 for row in coordinator["trace"]["losses"])  # accuracy, revenue, tail_lift
