@@ -117,3 +117,18 @@ def test_baseline_row_weights_come_from_the_plugin_kind(plugins_on_path, small_s
     np.testing.assert_allclose(tail[1:] / tail[1:].max(), expected / expected.max(), rtol=1e-12)
     # fairness (default target: uniform over non-empty groups): weight ~ 1 / count
     np.testing.assert_allclose(fair[1:] / fair[1:].max(), (1 / counts)[groups - 1] / (1 / counts)[groups - 1].max())
+
+
+def test_revenue_baseline_target_is_each_groups_mean_item_price(small_synthetic):
+    from morec_dist.config import ObjectiveConfig
+    from morec_dist.data.dataset import PreparedDataset
+    from morec_dist.train.strategies import objective_row_weights
+
+    dataset = PreparedDataset.open(small_synthetic)
+    (weights,) = objective_row_weights(dataset, [ObjectiveConfig("revenue", "revenue", "rev_group", 1.0)])
+    groups, price = dataset.item_column("rev_group")[1:], dataset.item_column("price")[1:]
+    g = len(dataset.train_counts("rev_group"))
+    mean_price = np.bincount(groups - 1, weights=price, minlength=g) / np.bincount(groups - 1, minlength=g)
+    share = dataset.train_counts("rev_group") / dataset.train_counts("rev_group").sum()
+    expected = (mean_price / mean_price.sum() / share)[groups - 1]
+    np.testing.assert_allclose(weights[1:], expected, rtol=1e-9)
