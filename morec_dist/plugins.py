@@ -17,9 +17,13 @@ from __future__ import annotations
 
 import importlib
 from collections.abc import Iterable
+from typing import TYPE_CHECKING, Any
 
 from morec_dist.config import Config, ConfigError
 from morec_dist.registry import Registry, RegistryError
+
+if TYPE_CHECKING:
+    from morec_dist.coordinator.objectives import ObjectiveSet
 
 
 def load_plugins(modules: Iterable[str]) -> list[str]:
@@ -34,7 +38,7 @@ def load_plugins(modules: Iterable[str]) -> list[str]:
     return loaded
 
 
-def _check(registry: Registry, name: str, where: str) -> None:
+def _check(registry: Registry[Any], name: str, where: str) -> None:
     try:
         registry.get(name, where)
     except RegistryError as exc:
@@ -51,8 +55,8 @@ def validate_names(config: Config) -> None:
     _check(MODELS, config.model.name, "model.name")
     _check(LOSSES, config.model.loss, "model.loss")
     _check(SHARDING_TYPES, config.model.default_sharding, "model.default_sharding")
-    for table, kind in config.model.sharding.items():
-        _check(SHARDING_TYPES, kind, f"model.sharding.{table}")
+    for table, sharding in config.model.sharding.items():
+        _check(SHARDING_TYPES, sharding, f"model.sharding.{table}")
     _check(EMBEDDING_OPTIMIZERS, config.optim.embedding_optimizer, "optim.embedding_optimizer")
     _check(DENSE_OPTIMIZERS, config.optim.dense_optimizer, "optim.dense_optimizer")
     for i, o in enumerate(config.morec.objectives):
@@ -72,7 +76,7 @@ def prepare(config: Config) -> Config:
     return config
 
 
-def validate_signals(objectives) -> None:
+def validate_signals(objectives: ObjectiveSet) -> None:
     """Every signal the resolved objectives ask for is registered (``eval.signals.SIGNALS``)."""
     from morec_dist.eval.signals import SIGNALS
 
