@@ -87,3 +87,18 @@ def test_reader_batches_exclude_history_when_asked(small_synthetic):
         users = batch.user_ids.tolist()
         negatives = batch.item_ids[:, 1:].tolist()
         assert not any((u, n) in truth for u, row in zip(users, negatives, strict=True) for n in row)
+
+
+def test_the_authors_config_loads_with_their_settings():
+    from morec_dist.config import load_config
+    from tests.conftest import REPO
+
+    c = load_config(REPO / "configs" / "ml1m_unirec.toml")
+    assert (c.data.num_negatives, c.data.negative_alpha, c.data.negatives_exclude_history) == (10, 1.0, True)
+    assert (c.model.name, c.model.embedding_dim, c.morec.epochs, c.morec.sampler.update_every_steps) == (
+        "mf",
+        64,
+        30,
+        0,
+    )
+    assert (c.morec.pid.kp, c.morec.pid.ki, c.morec.lam) == (0.05, 0.001, 0.2)
