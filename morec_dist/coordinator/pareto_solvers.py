@@ -51,7 +51,11 @@ UNIREC_PREFERENCES = {
 # The augmented min-norm problems of ParetoMTL are degenerate (more vectors than dimensions
 # once the point is on the Pareto set), where Frank-Wolfe converges sublinearly: cap it as the
 # authors' solver does (MinNormSolver.MAX_ITER = 250) at a gap well below the steps' noise.
-MIN_NORM_OPTIONS = {"max_iter": 250, "tol": 1e-8}
+MIN_NORM_MAX_ITER, MIN_NORM_TOL = 250, 1e-8
+
+
+def _min_norm(gram: np.ndarray) -> np.ndarray:
+    return min_norm_weights(gram, max_iter=MIN_NORM_MAX_ITER, tol=MIN_NORM_TOL)
 
 
 def unit_rows(vectors: np.ndarray) -> np.ndarray:
@@ -124,12 +128,12 @@ def pareto_mtl_weights(
     w, active = pareto_mtl_constraints(v, preferences, pref_id)
     wa = w[active]
     if initial and active.any():
-        sol = np.ones(1) if len(wa) == 1 else min_norm_weights(wa @ g @ wa.T, **MIN_NORM_OPTIONS)
+        sol = np.ones(1) if len(wa) == 1 else _min_norm(wa @ g @ wa.T)
         return sol @ wa, False
     if not active.any():
-        return min_norm_weights(g, **MIN_NORM_OPTIONS), True
+        return _min_norm(g), True
     a = np.vstack([np.eye(m), wa])  # the m objective gradients, then the active constraints'
-    sol = min_norm_weights(a @ g @ a.T, **MIN_NORM_OPTIONS)
+    sol = _min_norm(a @ g @ a.T)
     weights = sol[:m] + sol[m:] @ wa
     return weights / (np.abs(weights).sum() + 1e-12), True
 

@@ -172,7 +172,7 @@ class NegativeSampler:
         if self.history is not None:
             if users is None or len(users) != len(positives):
                 raise ValueError("negative sampler: excluding history needs users, one per positive")
-            return self._outside_history(rng, negatives, np.asarray(users, dtype=np.int64))
+            return self._outside_history(rng, negatives, np.asarray(users, dtype=np.int64), self.history)
         if self.exclude_positive and self.num_items > 1:
             for _ in range(REDRAW_ROUNDS):
                 clash = negatives == np.asarray(positives)[:, None]
@@ -182,23 +182,25 @@ class NegativeSampler:
                 negatives[clash] = self._draw(rng, count)
         return negatives
 
-    def _outside_history(self, rng: np.random.Generator, negatives: np.ndarray, users: np.ndarray) -> np.ndarray:
+    def _outside_history(
+        self, rng: np.random.Generator, negatives: np.ndarray, users: np.ndarray, history: UserHistory
+    ) -> np.ndarray:
         row_users = np.broadcast_to(users[:, None], negatives.shape)
-        clash = self.history.contains(row_users, negatives)
+        clash = history.contains(row_users, negatives)
         for _ in range(REDRAW_ROUNDS):
             count = int(clash.sum())
             if count == 0:
                 return negatives
             negatives[clash] = self._draw(rng, count)
-            clash[clash] = self.history.contains(row_users[clash], negatives[clash])
+            clash[clash] = history.contains(row_users[clash], negatives[clash])
         # the rows still clashing (users whose history holds most of the mass): exact draws
         for row, col in zip(*np.nonzero(clash), strict=True):
-            negatives[row, col] = self._draw_outside(rng, int(users[row]))
+            negatives[row, col] = self._draw_outside(rng, int(users[row]), history)
         return negatives
 
-    def _draw_outside(self, rng: np.random.Generator, user: int) -> int:
+    def _draw_outside(self, rng: np.random.Generator, user: int, history: UserHistory) -> int:
         p = self.probabilities.copy()
-        p[self.history.user_items(user) - 1] = 0.0
+        p[history.user_items(user) - 1] = 0.0
         total = p.sum()
         if total <= 0:
             raise ValueError(
