@@ -44,6 +44,7 @@ def _add_prepare(sub: argparse._SubParsersAction) -> None:
     syn.add_argument("--seed", type=int, default=0)
     syn.add_argument("--out", required=True)
     syn.add_argument("--overwrite", action="store_true")
+    syn.add_argument("--planted-clusters", type=int, default=0, help="plant C taste clusters (0: none; docs/data.md)")
     syn.set_defaults(func=_cmd_prepare_synthetic)
     par = which.add_parser(
         "parquet", help="your own interactions (+ items, users) in Parquet, local or s3:// gs:// hdfs://, on Ray Data"
@@ -95,6 +96,7 @@ def _cmd_prepare_synthetic(args: argparse.Namespace) -> int:
         seed=args.seed,
         overwrite=args.overwrite,
         progress=True,
+        planted_clusters=args.planted_clusters,
     )
     return _print_stats(path)
 

@@ -46,6 +46,8 @@ class DataConfig:
     batch_size: int = 512  # rows per block (a MoRec batch has K+1 blocks)
     num_negatives: int = 10
     negative_alpha: float = 1.0  # negatives drawn with probability ~ popularity ** alpha
+    # negatives avoid the user's train + valid history (the authors' setup), not only the row's positive
+    negatives_exclude_history: bool = False
     prefetch_batches: int = 4
 
 

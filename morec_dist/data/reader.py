@@ -412,6 +412,7 @@ class Reader:
         group_window_row_groups: int = 1,
         in_memory_rows: int | None = None,
         exclude_positive_negatives: bool = True,
+        exclude_history_negatives: bool = False,
     ):
         if not isinstance(dataset, PreparedDataset):
             # Cheap open: the trainer validates the dataset once; a reader per rank need not rehash it.
@@ -437,7 +438,10 @@ class Reader:
         self.objectives = [(n, c) for n, c, _ in specs]
         self.features = features or FeatureBuilder(dataset.path, dataset.num_users, dataset.num_items, "ids")
         self.negatives = NegativeSampler.from_dataset(
-            dataset, negative_alpha, exclude_positive=exclude_positive_negatives
+            dataset,
+            negative_alpha,
+            exclude_positive=exclude_positive_negatives,
+            exclude_history=exclude_history_negatives,
         )
         self.uniform = UniformStream(
             dataset.split_files("train"),
@@ -553,7 +557,7 @@ class Reader:
         positives = pairs[:, 1].astype(np.int64)
         block_ids = np.repeat(np.arange(len(blocks), dtype=np.int64), [len(b) for b in blocks])
         negatives = self.negatives.sample(
-            _rng(self.seed, STREAM_NEGATIVES, self.rank, epoch, step), positives, self.num_negatives
+            _rng(self.seed, STREAM_NEGATIVES, self.rank, epoch, step), positives, self.num_negatives, users=users
         )
         item_ids = np.concatenate([positives[:, None], negatives], axis=1)
         return Batch(

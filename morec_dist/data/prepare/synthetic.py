@@ -8,6 +8,16 @@ generator can make three streaming passes over the same rows without storing the
 2. train popularity per item (which the popularity bands and fairness groups need),
 3. the rows themselves, with the item's groups joined in, written part by part.
 Memory is O(users + items + chunk), whatever the number of rows. Same seed, same bytes.
+
+``planted_clusters = C`` (``PlantedStructure``) plants a structure a recommender can learn and
+MoRec can move: every user and item belongs to one of C taste clusters, a user's row is drawn
+from their cluster's items with probability ``in_cluster`` (else from the whole catalogue),
+always Zipf by popularity. Clusters are interleaved over the popularity order and prices are
+independent of popularity, so every cluster spans every popularity band and price band: an
+accuracy-trained model recommends each cluster's head (high Pop-KL against the train
+popularity distribution, low price), while the cluster's tail and its expensive items are
+near enough in score that the alignment and revenue objectives can raise them at a small cost
+in Hit. ``planted_structure(users, items, seed, clusters)`` gives the clusters to tests.
 """
 
 from __future__ import annotations
@@ -39,17 +49,57 @@ AGES = np.array([1, 18, 25, 35, 45, 50, 56], dtype=np.int16)
 
 
 @dataclass(frozen=True)
+class PlantedStructure:
+    """Taste clusters: which cluster each user and item is in, and the per-cluster item CDFs."""
+
+    user_cluster: np.ndarray  # by user_id - 1
+    item_cluster: np.ndarray  # by item_id - 1
+    cluster_items: np.ndarray  # item_id - 1, grouped by cluster (cluster 0 first)
+    cluster_cdf: np.ndarray  # per-cluster CDF of cluster_items' weights, plus the cluster index
+    in_cluster: float
+
+
+@dataclass(frozen=True)
 class Catalogue:
     item_cdf: np.ndarray  # cumulative popularity weights, by item_id - 1
     user_cdf: np.ndarray  # cumulative activity weights, by user_id - 1
     price: np.ndarray
     genre_lists: list[list[int]]
+    planted: PlantedStructure | None = None
 
 
-def make_catalogue(users: int, items: int, seed: int) -> Catalogue:
+def planted_structure(users: int, items: int, seed: int, clusters: int, in_cluster: float = 0.85) -> PlantedStructure:
+    """Seeded clusters over the catalogue of ``make_catalogue(users, items, seed)``."""
+    if clusters < 1 or clusters > items or not 0.0 <= in_cluster <= 1.0:
+        raise ValueError(
+            f"synthetic: planted_clusters must be 1..items and in_cluster in [0, 1] (got {clusters}, {in_cluster})"
+        )
+    weight = _item_weights(items, seed)
+    rng = np.random.default_rng([seed, 4])
+    by_popularity = np.argsort(-weight, kind="stable")
+    item_cluster = np.empty(items, dtype=np.int64)
+    item_cluster[by_popularity] = np.arange(items) % clusters  # every cluster gets head and tail
+    user_cluster = rng.permutation(users) % clusters  # clusters of equal user counts
+    cluster_items = np.argsort(item_cluster, kind="stable")
+    cdf = np.empty(items)
+    for c in range(clusters):
+        members = cluster_items[item_cluster[cluster_items] == c]
+        positions = np.flatnonzero(item_cluster[cluster_items] == c)
+        cdf[positions] = c + np.cumsum(weight[members]) / weight[members].sum()
+    return PlantedStructure(user_cluster, item_cluster, cluster_items, cdf, in_cluster)
+
+
+def _item_weights(items: int, seed: int) -> np.ndarray:
     rng = np.random.default_rng([seed, 0])
     item_weight = np.empty(items)
     item_weight[rng.permutation(items)] = 1.0 / np.arange(1, items + 1) ** 1.0
+    return item_weight
+
+
+def make_catalogue(users: int, items: int, seed: int, planted: PlantedStructure | None = None) -> Catalogue:
+    rng = np.random.default_rng([seed, 0])
+    item_weight = np.empty(items)
+    item_weight[rng.permutation(items)] = 1.0 / np.arange(1, items + 1) ** 1.0  # = _item_weights
     user_weight = rng.lognormal(0.0, 1.0, users)
     price = np.round(np.clip(14.0 * np.exp(0.9 * rng.standard_normal(items)), 0.99, 999.99), 2)
     genre_weight = 1.0 / np.arange(1, NUM_GENRES + 1) ** 1.2
@@ -60,7 +110,11 @@ def make_catalogue(users: int, items: int, seed: int) -> Catalogue:
         extra = rng.choice(NUM_GENRES, size=n, replace=False).tolist()
         genre_lists.append([g] + [e for e in extra if e != g])
     return Catalogue(
-        np.cumsum(item_weight) / item_weight.sum(), np.cumsum(user_weight) / user_weight.sum(), price, genre_lists
+        np.cumsum(item_weight) / item_weight.sum(),
+        np.cumsum(user_weight) / user_weight.sum(),
+        price,
+        genre_lists,
+        planted,
     )
 
 
@@ -71,7 +125,17 @@ def chunks(rows: int, seed: int, cat: Catalogue) -> Iterator[tuple[np.ndarray, n
         rng = np.random.default_rng([seed, 1, c])
         users = np.searchsorted(cat.user_cdf, rng.random(n), side="right").clip(max=len(cat.user_cdf) - 1) + 1
         items = np.searchsorted(cat.item_cdf, rng.random(n), side="right").clip(max=len(cat.item_cdf) - 1) + 1
+        if cat.planted is not None:
+            items = _planted_items(cat.planted, users, items, np.random.default_rng([seed, 5, c]))
         yield start, users.astype(np.int32), items.astype(np.int32)
+
+
+def _planted_items(planted: PlantedStructure, users: np.ndarray, items: np.ndarray, rng) -> np.ndarray:
+    """Rows replaced, with probability in_cluster, by a Zipf draw from the user's cluster."""
+    cluster = planted.user_cluster[users - 1]
+    position = np.searchsorted(planted.cluster_cdf, cluster + rng.random(len(users)), side="right")
+    own = planted.cluster_items[position.clip(max=len(planted.cluster_items) - 1)] + 1
+    return np.where(rng.random(len(users)) < planted.in_cluster, own, items)
 
 
 def last_two_rows(rows: int, users: int, seed: int, cat: Catalogue) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -114,7 +178,10 @@ def generate(
     seed: int,
     overwrite: bool = False,
     progress: bool = False,
+    planted_clusters: int = 0,
+    in_cluster: float = 0.85,
 ) -> Path:
+    """Write the dataset to ``out_dir``; ``planted_clusters > 0`` plants taste clusters (module doc)."""
     if users < 1 or items < schema.NUM_BANDS or rows < 1:
         raise ValueError(
             f"synthetic: need users >= 1, items >= {schema.NUM_BANDS}, rows >= 1 (got {users}, {items}, {rows})"
@@ -125,7 +192,8 @@ def generate(
         if progress:
             print(f"[synthetic {time.monotonic() - started:6.1f}s] {msg}", file=sys.stderr, flush=True)
 
-    cat = make_catalogue(users, items, seed)
+    planted = planted_structure(users, items, seed, planted_clusters, in_cluster) if planted_clusters else None
+    cat = make_catalogue(users, items, seed, planted)
     say(f"pass 1/3: leave-one-out positions of {rows:,} rows")
     count, last, second = last_two_rows(rows, users, seed, cat)
     say("pass 2/3: train popularity")
@@ -171,7 +239,13 @@ def generate(
     total_train = max(int(popularity.sum()), 1)
     manifest = {
         "name": "synthetic",
-        "source": {"generator": "morec_dist.data.prepare.synthetic", "users": users, "items": items, "rows": rows},
+        "source": {
+            "generator": "morec_dist.data.prepare.synthetic",
+            "users": users,
+            "items": items,
+            "rows": rows,
+            **({"planted_clusters": planted_clusters, "in_cluster": in_cluster} if planted else {}),
+        },
         "seed": seed,
         "price_note": "synthetic: 14 * exp(0.9 * z), clipped to [0.99, 999.99]",
         "num_users": users,

@@ -1,0 +1,186 @@
+"""eval/signals.py ``compute_signals`` against a numpy brute force, on 1 rank and on 2 gloo
+ranks: the per-group validation loss (BPR against the signal's fixed-seed negatives), the
+per-group Hit@k, and the top-100 histogram with the train history masked; the reduction
+over ranks gives every rank the same vector, equal to the single-process one.
+
+The model is ``integer_mf`` (small integer weights), so scores are exact in float32 and
+full of ties, which exercises the tie rule (score descending, then item id ascending).
+Every call into signals.py goes through ``run_signals``, so a change of its signature
+touches one place.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from morec_dist.coordinator.objectives import SignalRequest
+from morec_dist.data.dataset import PreparedDataset
+from morec_dist.data.features import FeatureBuilder
+from morec_dist.data.negatives import NegativeSampler
+from morec_dist.eval.evaluator import slice_bounds
+from morec_dist.eval.signals import compute_signals
+from tests.conftest import free_tcp_port
+
+sys.path.insert(0, str(Path(__file__).parent / "dist_scripts"))
+from integer_model import integer_mf  # noqa: E402
+
+NUM_NEGATIVES, ALPHA, SEED = 3, 1.0, 11
+
+
+def requests(ds: PreparedDataset) -> list[SignalRequest]:
+    return [
+        SignalRequest("fairness", "group_loss", "fair_group", ds.num_groups("fair_group")),
+        SignalRequest("revenue", "group_loss", "rev_group", ds.num_groups("rev_group")),
+        SignalRequest("fair_hit", "group_hit", "fair_group", ds.num_groups("fair_group"), 10),
+        SignalRequest("alignment", "topk_histogram", "align_group", ds.num_groups("align_group"), 100),
+    ]
+
+
+def run_signals(ds, model, features, rank, world_size, batch_users=64) -> dict[str, list[float]]:
+    """The one call into signals.py (adapt here if its signature changes)."""
+    return compute_signals(
+        requests(ds),
+        model,
+        ds,
+        features,
+        rank=rank,
+        world_size=world_size,
+        device=torch.device("cpu"),
+        num_negatives=NUM_NEGATIVES,
+        negative_alpha=ALPHA,
+        seed=SEED,
+        batch_users=batch_users,
+    )
+
+
+def signal_negatives(ds: PreparedDataset, targets: np.ndarray, world_size: int) -> np.ndarray:
+    """The signal's negatives scheme, re-derived: each rank's contiguous slice of the valid
+    users draws from ``default_rng([seed, 7919, rank])`` (adapt here if the scheme changes)."""
+    sampler = NegativeSampler.from_dataset(ds, ALPHA)
+    parts = []
+    for rank in range(world_size):
+        start, stop = slice_bounds(len(targets), rank, world_size)
+        rng = np.random.default_rng([SEED, 7919, rank])
+        parts.append(sampler.sample(rng, targets[start:stop], NUM_NEGATIVES))
+    return np.concatenate(parts)
+
+
+def brute_force(ds: PreparedDataset, model, features, world_size: int) -> dict[str, list[float]]:
+    valid = ds.read_split("valid", ["user_id", "item_id"])
+    order = np.argsort(valid["user_id"].to_numpy(), kind="stable")
+    users = valid["user_id"].to_numpy()[order].astype(np.int64)
+    targets = valid["item_id"].to_numpy()[order].astype(np.int64)
+    train = ds.read_split("train", ["user_id", "item_id"])
+    history: dict[int, set[int]] = {}
+    for u, i in zip(train["user_id"].to_numpy().tolist(), train["item_id"].to_numpy().tolist(), strict=True):
+        history.setdefault(u, set()).add(i)
+    with torch.no_grad():
+        u_vec = model.user_vectors(features.user_kjt(users)).double().numpy()
+        i_vec = model.item_vectors(features.item_kjt(np.arange(ds.num_items + 1))).double().numpy()
+    negatives = signal_negatives(ds, targets, world_size)
+    out: dict[str, list[float]] = {}
+    for req in requests(ds):
+        group = ds.item_column(req.group_column).astype(np.int64)
+        sums, counts = np.zeros(req.num_groups + 1), np.zeros(req.num_groups + 1)
+        for row, (u, t) in enumerate(zip(users.tolist(), targets.tolist(), strict=True)):
+            scores = i_vec @ u_vec[row]
+            if req.kind == "group_loss":
+                gaps = scores[negatives[row]] - scores[t]
+                sums[group[t]] += np.mean(np.log1p(np.exp(gaps)))
+                counts[group[t]] += 1
+                continue
+            candidates = [i for i in range(1, ds.num_items + 1) if i == t or i not in history.get(u, set())]
+            ranked = sorted(candidates, key=lambda i: (-scores[i], i))
+            if req.kind == "group_hit":
+                sums[group[t]] += float(t in ranked[: req.k])
+                counts[group[t]] += 1
+            else:
+                for i in ranked[: req.k]:
+                    sums[group[i]] += 1
+        if req.kind == "topk_histogram":
+            out[req.objective] = sums[1:].tolist()
+        else:
+            out[req.objective] = [s / c if c else float("nan") for s, c in zip(sums[1:], counts[1:], strict=True)]
+    return out
+
+
+def assert_signals_equal(actual: dict, expected: dict) -> None:
+    assert sorted(actual) == sorted(expected)
+    for name in expected:
+        np.testing.assert_allclose(actual[name], expected[name], rtol=1e-6, atol=1e-9, err_msg=name)
+
+
+@pytest.fixture(scope="module")
+def setup(small_synthetic):
+    ds = PreparedDataset.open(small_synthetic)
+    features = FeatureBuilder(ds.path, ds.num_users, ds.num_items, "ids")
+    return ds, features, integer_mf(features)
+
+
+@pytest.fixture(scope="module")
+def one_rank(setup) -> dict:
+    ds, features, model = setup
+    return run_signals(ds, model, features, 0, 1)
+
+
+def test_one_rank_matches_brute_force(setup, one_rank):
+    ds, features, model = setup
+    expected = brute_force(ds, model, features, 1)
+    assert_signals_equal(one_rank, expected)
+    # the signals are not trivially flat: the checks above can fail
+    assert np.nanstd(one_rank["fairness"]) > 0 and np.nanstd(one_rank["fair_hit"]) > 0
+    assert sum(one_rank["alignment"]) == 100 * ds.split_rows("valid")
+
+
+def test_history_is_masked_in_the_histogram(setup, one_rank):
+    # without the mask the top-100 counts differ: the brute force's masking is what matches
+    ds, features, model = setup
+    valid = ds.read_split("valid", ["user_id"])["user_id"].to_numpy().astype(np.int64)
+    with torch.no_grad():
+        u_vec = model.user_vectors(features.user_kjt(valid)).double().numpy()
+        i_vec = model.item_vectors(features.item_kjt(np.arange(ds.num_items + 1))).double().numpy()
+    scores = u_vec @ i_vec[1:].T  # items 1..N
+    ids = np.arange(1, ds.num_items + 1)
+    top = np.array([ids[np.lexsort((ids, -row))[:100]] for row in scores])
+    group = ds.item_column("align_group")
+    unmasked = np.bincount(group[top.ravel()], minlength=ds.num_groups("align_group") + 1)[1:]
+    assert unmasked.sum() == sum(one_rank["alignment"])
+    assert unmasked.tolist() != one_rank["alignment"]
+    assert model.training is True  # compute_signals restores train mode
+
+
+def test_batch_size_does_not_change_the_signals(setup, one_rank):
+    ds, features, model = setup
+    assert_signals_equal(run_signals(ds, model, features, 0, 1, batch_users=7), one_rank)
+
+
+def _rank_worker(rank: int, port: int, root: str, out: dict) -> None:
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    try:
+        ds = PreparedDataset.open(root)
+        features = FeatureBuilder(ds.path, ds.num_users, ds.num_items, "ids")
+        out[rank] = run_signals(ds, integer_mf(features), features, rank, 2, batch_users=50)
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_two_ranks_reduce_to_the_brute_force(setup, one_rank):
+    ds, features, model = setup
+    port = free_tcp_port()
+    with mp.Manager() as manager:
+        out = manager.dict()
+        mp.spawn(_rank_worker, args=(port, str(ds.path), out), nprocs=2, join=True)
+        out = dict(out)
+    assert_signals_equal(out[0], out[1])  # every rank returns the same signals
+    assert_signals_equal(out[0], brute_force(ds, model, features, 2))
+    # hits and histograms do not depend on the negatives: equal to the single-process ones
+    for name in ("fair_hit", "alignment"):
+        np.testing.assert_allclose(out[0][name], one_rank[name], rtol=1e-12)
