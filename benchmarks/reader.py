@@ -278,17 +278,23 @@ def run(quick: bool, out: Path, seed: int, cache: Path, max_rows: int | None) ->
         prepare[str(rows)] = {"dataset_s_or_cached": round(time.perf_counter() - t, 2)}
         disk[str(rows)] = _disk_bytes(paths[-1])
     result["prepare"], result["disk_bytes"] = prepare, disk
-    speeds = {}
-    for rows, path in zip(sizes, paths):
-        speeds[str(rows)] = _worker(["speed", str(path), str(600 if quick else 3000), str(seed)])
+    steps, draws, batches = (600, 100_000, 300) if quick else (3000, 400_000, 2000)
+    # One fresh process per size: MoRec batches first (so its peak RSS is the reader's
+    # alone), then the speed rounds; the exactness draws ride along on the smallest size.
+    # Importing torch and torchrec costs ~10-20 s a process here: one process per size,
+    # not one per measurement, keeps --quick under a minute.
+    per_size = [
+        _worker(["size", str(path), str(batches), str(steps), str(draws if i == 0 else 0), str(seed)])
+        for i, path in enumerate(paths)
+    ]
+    speeds = {str(rows): m["speed"] for rows, m in zip(sizes, per_size)}
     large = speeds[str(sizes[-1])]
     result.update({k: large[k] for k in ("weighted_rows_per_s", "raw_rows_per_s", "ratio")})
     result["ratio_by_rows"] = {k: v["ratio"] for k, v in speeds.items()}
     result["speed_by_rows"] = speeds
     result["ratio_large_over_small"] = large["ratio"] / speeds[str(sizes[0])]["ratio"]
-    result.update(_worker(["exact", str(paths[0]), str(100_000 if quick else 400_000), str(seed)]))
-    batches = 300 if quick else 2000
-    rss = [_worker(["rss", str(p), str(batches), str(seed)]) for p in paths]
+    result.update(per_size[0]["exact"])
+    rss = [m["rss"] for m in per_size]
     result["rss_mb_small"], result["rss_mb_large"] = rss[0]["rss_mb"], rss[-1]["rss_mb"]
     result["rss_growth"] = rss[-1]["rss_mb"] / rss[0]["rss_mb"]
     result["rss_mb_by_rows"] = {str(s): r["rss_mb"] for s, r in zip(sizes, rss)}
@@ -320,7 +326,12 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     if args.worker:
         kind, data, *rest = args.worker
-        if kind == "speed":
+        if kind == "size":
+            batches, steps, draws, seed = (int(x) for x in rest)
+            result = {"rss": work_rss(Path(data), batches, seed), "speed": work_speed(Path(data), steps, seed)}
+            if draws:
+                result["exact"] = work_exactness(Path(data), draws, seed)
+        elif kind == "speed":
             result = work_speed(Path(data), int(rest[0]), int(rest[1]))
         elif kind == "exact":
             result = work_exactness(Path(data), int(rest[0]), int(rest[1]))
