@@ -210,7 +210,7 @@ def test_blocks_do_not_depend_on_draw_steps(data_dir):
         for draw_steps in (3, 64):
             many, cursors_many = _blocks_and_cursors(data_dir, draw_steps, in_memory_rows)
             assert cursors_many == cursors_one, (draw_steps, in_memory_rows)
-            for step, (a, b) in enumerate(zip(one, many)):
+            for step, (a, b) in enumerate(zip(one, many, strict=True)):
                 assert np.array_equal(a, b), (draw_steps, in_memory_rows, step)
 
 
@@ -230,7 +230,7 @@ def test_resume_mid_draw_continues_the_same_blocks(data_dir):
         objective = resumed.weighted[0]
         objective.seek(cursors)
         tail = [objective.block(0, s, p, 500) for s in range(11, 30)]
-    for step, (a, b) in enumerate(zip(expected[11:], tail), start=11):
+    for step, (a, b) in enumerate(zip(expected[11:], tail, strict=True), start=11):
         assert np.array_equal(a, b), step
 
 
