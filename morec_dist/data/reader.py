@@ -219,7 +219,7 @@ def validate_probabilities(name: str, group_column: str, p: Any, counts: np.ndar
 
 
 MAX_THINNING_ROUNDS = 10_000
-DRAW_STEPS = 32  # steps of group choices drawn and gathered at once (amortises the numpy calls)
+DRAW_STEPS = 64  # steps of group choices drawn and gathered at once (amortises the numpy calls)
 LOOKUP_BITS = 14  # the group choice looks up the top bits of each 64-bit uniform in a table
 
 
