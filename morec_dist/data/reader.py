@@ -8,11 +8,13 @@ Owns how train rows reach a rank:
   rank yields exactly the same number of batches while every row is read exactly once per
   epoch across all ranks (see ``batch_sizes``). A rank reads its range a window of row
   groups at a time (projected to user_id, item_id) and shuffles each window.
-- **Weighted blocks** (one per auxiliary objective k): the counts
-  c ~ Multinomial(B, p_k) from the generator of (seed, rank, epoch, step, k), then the next
-  c_g rows of each group's stream (``group_streams``: the rank's share of the
-  group-partitioned layout ``by_group/``, read sequentially, each row once per pass of the
-  group). The group choice is exact; within a group, rows are drawn without replacement.
+- **Weighted blocks** (one per auxiliary objective k): each row's group i.i.d. from p_k
+  (so the counts are c ~ Multinomial(B, p_k)), from uniforms that are a pure function of
+  (seed, rank, epoch, step, k), then the next c_g rows of each group's stream; the groups
+  of ``draw_steps`` steps are drawn and gathered at once, with the same result as one step
+  at a time (``WeightedObjective``). A group's stream (``group_streams``) is the rank's
+  share of the group-partitioned layout ``by_group/``, read sequentially, each row once
+  per pass of the group. The group choice is exact; within a group, rows are drawn without replacement.
   An objective with a row weight column (revenue's ``price_weighting = "exact"``) thins
   its stream: a row is kept with probability w / max_g(w), so within a group the rows kept
   are distributed as w.
