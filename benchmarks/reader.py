@@ -40,6 +40,7 @@ REPO = Path(__file__).resolve().parent.parent
 BLOCK_ROWS = 512
 OBJECTIVES = [("fairness", "fair_group"), ("alignment", "align_group"), ("revenue", "rev_group")]
 P_EVERY = 200  # steps between redraws of p
+PIECE_STEPS = P_EVERY  # weighted steps timed as one piece: each has the same p changes and draw runs
 SKEWS = ("train_share", "reversed", "one_heavy", "dirichlet")
 CGROUP_ROOT = Path("/sys/fs/cgroup/memory")
 
@@ -131,15 +132,18 @@ def work_speed(data: Path, steps: int, seed: int) -> dict[str, Any]:
     dataset, layout, objectives = _objectives(data, seed)
     files = [path for _, column in OBJECTIVES for group in layout.groups(column) for path, _ in group]
 
-    def raw_scan() -> tuple[int, float]:
-        start, rows = time.perf_counter(), 0
+    def raw_scan() -> tuple[int, list[float]]:
+        """Rows scanned and the seconds of each file."""
+        rows, seconds = 0, []
         for path in files:
+            start = time.perf_counter()
             for batch in pq.ParquetFile(path).iter_batches(
                 batch_size=65536, columns=["user_id", "item_id"], use_threads=False
             ):
                 users, items = batch.column(0).to_numpy(), batch.column(1).to_numpy()
                 rows += len(users) + 0 * len(items)
-        return rows, time.perf_counter() - start
+            seconds.append(time.perf_counter() - start)
+        return rows, seconds
 
     rng = np.random.default_rng(seed)
     settings = [
@@ -148,22 +152,31 @@ def work_speed(data: Path, steps: int, seed: int) -> dict[str, Any]:
     ]
     first_step = [0]
 
-    def weighted(n_steps: int) -> tuple[int, float]:
-        start = time.perf_counter()
-        for s in range(first_step[0], first_step[0] + n_steps):
-            ps = settings[(s // P_EVERY) % len(settings)]
-            for objective, p in zip(objectives, ps):
-                objective.block(0, s, p, BLOCK_ROWS)
+    def weighted(n_steps: int) -> list[float]:
+        """The seconds of each piece of PIECE_STEPS steps."""
+        seconds = []
+        for lo in range(first_step[0], first_step[0] + n_steps, PIECE_STEPS):
+            start = time.perf_counter()
+            for s in range(lo, min(lo + PIECE_STEPS, first_step[0] + n_steps)):
+                ps = settings[(s // P_EVERY) % len(settings)]
+                for objective, p in zip(objectives, ps):
+                    objective.block(0, s, p, BLOCK_ROWS)
+            seconds.append(time.perf_counter() - start)
         first_step[0] += n_steps
-        return n_steps * BLOCK_ROWS * len(objectives), time.perf_counter() - start
+        return seconds
 
     raw_scan()  # warm the page cache, so both sides read from memory
     weighted(max(1, steps // 10))
-    raw_best, weighted_best = float("inf"), float("inf")
-    for _ in range(3):  # interleaved rounds, best of each: other processes hit both alike
+    # Interleaved rounds; each side's time is the sum over its pieces (a file; the 200 steps
+    # between two changes of p, which all have the same runs of drawn steps) of the piece's
+    # best round, so a burst of load from other processes does not decide either total.
+    raw_rounds, weighted_rounds = [], []
+    for _ in range(3):
         rows, seconds = raw_scan()
-        raw_best = min(raw_best, seconds)
-        weighted_best = min(weighted_best, weighted(steps)[1])
+        raw_rounds.append(seconds)
+        weighted_rounds.append(weighted(steps))
+    raw_best = float(np.min(raw_rounds, axis=0).sum())
+    weighted_best = float(np.min(weighted_rounds, axis=0).sum())
     raw = rows / raw_best
     fast = steps * BLOCK_ROWS * len(objectives) / weighted_best
     return {
@@ -172,6 +185,8 @@ def work_speed(data: Path, steps: int, seed: int) -> dict[str, Any]:
         "ratio": fast / raw,
         "raw_rows_scanned": rows,
         "weighted_steps": steps,
+        "raw_seconds_by_round": [round(sum(r), 3) for r in raw_rounds],
+        "weighted_seconds_by_round": [round(sum(r), 3) for r in weighted_rounds],
         "load_average": os.getloadavg(),
     }
 
@@ -278,17 +293,23 @@ def run(quick: bool, out: Path, seed: int, cache: Path, max_rows: int | None) ->
         prepare[str(rows)] = {"dataset_s_or_cached": round(time.perf_counter() - t, 2)}
         disk[str(rows)] = _disk_bytes(paths[-1])
     result["prepare"], result["disk_bytes"] = prepare, disk
-    speeds = {}
-    for rows, path in zip(sizes, paths):
-        speeds[str(rows)] = _worker(["speed", str(path), str(600 if quick else 3000), str(seed)])
+    steps, draws, batches = (600, 100_000, 300) if quick else (3000, 400_000, 2000)
+    # One fresh process per size: MoRec batches first (so its peak RSS is the reader's
+    # alone), then the speed rounds; the exactness draws ride along on the smallest size.
+    # Importing torch and torchrec costs ~10-20 s a process here: one process per size,
+    # not one per measurement, keeps --quick under a minute.
+    per_size = [
+        _worker(["size", str(path), str(batches), str(steps), str(draws if i == 0 else 0), str(seed)])
+        for i, path in enumerate(paths)
+    ]
+    speeds = {str(rows): m["speed"] for rows, m in zip(sizes, per_size)}
     large = speeds[str(sizes[-1])]
     result.update({k: large[k] for k in ("weighted_rows_per_s", "raw_rows_per_s", "ratio")})
     result["ratio_by_rows"] = {k: v["ratio"] for k, v in speeds.items()}
     result["speed_by_rows"] = speeds
     result["ratio_large_over_small"] = large["ratio"] / speeds[str(sizes[0])]["ratio"]
-    result.update(_worker(["exact", str(paths[0]), str(100_000 if quick else 400_000), str(seed)]))
-    batches = 300 if quick else 2000
-    rss = [_worker(["rss", str(p), str(batches), str(seed)]) for p in paths]
+    result.update(per_size[0]["exact"])
+    rss = [m["rss"] for m in per_size]
     result["rss_mb_small"], result["rss_mb_large"] = rss[0]["rss_mb"], rss[-1]["rss_mb"]
     result["rss_growth"] = rss[-1]["rss_mb"] / rss[0]["rss_mb"]
     result["rss_mb_by_rows"] = {str(s): r["rss_mb"] for s, r in zip(sizes, rss)}
@@ -320,7 +341,12 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     if args.worker:
         kind, data, *rest = args.worker
-        if kind == "speed":
+        if kind == "size":
+            batches, steps, draws, seed = (int(x) for x in rest)
+            result = {"rss": work_rss(Path(data), batches, seed), "speed": work_speed(Path(data), steps, seed)}
+            if draws:
+                result["exact"] = work_exactness(Path(data), draws, seed)
+        elif kind == "speed":
             result = work_speed(Path(data), int(rest[0]), int(rest[1]))
         elif kind == "exact":
             result = work_exactness(Path(data), int(rest[0]), int(rest[1]))

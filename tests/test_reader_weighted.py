@@ -187,6 +187,73 @@ def test_batches_do_not_depend_on_prefetch_depth(data_dir):
         )
 
 
+def _blocks_and_cursors(data_dir, draw_steps: int, in_memory_rows: int | None) -> tuple[list, list]:
+    """Blocks of 40 steps of objective 1 (p changes at steps 5, 6 and 23, epoch 1 from
+    step 30), and the cursors a checkpoint would hold after each."""
+    with _fair_reader(data_dir, draw_steps=draw_steps, in_memory_rows=in_memory_rows) as reader:
+        objective = reader.weighted[0]
+        p, blocks, cursors = _p("tiny_heavy", COUNTS.astype(float)), [], []
+        for step in range(40):
+            if step in (5, 6, 23):
+                p = _p(["tiny_light", "sparse", "proportional"][(5, 6, 23).index(step)], COUNTS.astype(float))
+            epoch, at = (0, step) if step < 30 else (1, step - 30)
+            blocks.append(objective.block(epoch, at, p, 700).copy())
+            cursors.append(objective.cursors())
+    return blocks, cursors
+
+
+def test_blocks_do_not_depend_on_draw_steps(data_dir):
+    """Steps drawn one at a time or many at once give the same blocks and the same cursors,
+    across changes of p and an epoch change, for resident and windowed streams."""
+    for in_memory_rows in (None, 100):
+        one, cursors_one = _blocks_and_cursors(data_dir, 1, in_memory_rows)
+        for draw_steps in (3, 64):
+            many, cursors_many = _blocks_and_cursors(data_dir, draw_steps, in_memory_rows)
+            assert cursors_many == cursors_one, (draw_steps, in_memory_rows)
+            for step, (a, b) in enumerate(zip(one, many, strict=True)):
+                assert np.array_equal(a, b), (draw_steps, in_memory_rows, step)
+
+
+def test_resume_mid_draw_continues_the_same_blocks(data_dir):
+    """A checkpoint taken in the middle of a run of drawn steps (cursors lag the served rows
+    until the run is settled) resumes bit-exact, into a reader with another draw_steps."""
+    p = _p("tiny_heavy", COUNTS.astype(float))
+    with _fair_reader(data_dir, draw_steps=16, in_memory_rows=100) as reader:
+        objective = reader.weighted[0]
+        expected = [objective.block(0, s, p, 500).copy() for s in range(30)]
+    with _fair_reader(data_dir, draw_steps=16, in_memory_rows=100) as first:
+        objective = first.weighted[0]
+        for s in range(11):
+            objective.block(0, s, p, 500)
+        cursors = objective.cursors()
+    with _fair_reader(data_dir, draw_steps=5, in_memory_rows=100) as resumed:
+        objective = resumed.weighted[0]
+        objective.seek(cursors)
+        tail = [objective.block(0, s, p, 500) for s in range(11, 30)]
+    for step, (a, b) in enumerate(zip(expected[11:], tail, strict=True), start=11):
+        assert np.array_equal(a, b), step
+
+
+def test_group_choice_lookup_matches_binary_search():
+    """The lookup table's group of every uniform equals searchsorted(cdf, u, "right") on the
+    double numpy's random() makes, including at bucket boundaries and zero-p groups."""
+    from morec_dist.data.reader import LOOKUP_BITS, _GroupTable
+
+    rng = np.random.default_rng(5)
+    for p in (np.asarray([0.0, 0.3, 0.0, 0.7, 0.0]), rng.dirichlet(np.full(100, 0.2)), np.asarray([1.0])):
+        table = _GroupTable.build(p / p.sum())
+        raw = rng.integers(0, 2**64, 200_000, dtype=np.uint64, endpoint=False)
+        # uniforms right at and next to bucket edges and cdf values
+        edges = (np.arange(1 << LOOKUP_BITS, dtype=np.uint64) << np.uint64(64 - LOOKUP_BITS)).astype(np.uint64)
+        near = (np.clip(table.cdf, 0, 1 - 2**-53) * 2.0**53).astype(np.uint64) << np.uint64(11)
+        raw = np.concatenate([raw, edges, edges - np.uint64(1 << 11), near, near - np.uint64(1 << 11)])
+        u = (raw >> np.uint64(11)).astype(np.float64) * 2.0**-53
+        expected = np.minimum(np.searchsorted(table.cdf, u, side="right"), table.last)
+        got = table.groups(raw)
+        assert np.array_equal(got, expected)
+        assert (p[got] > 0).all()
+
+
 @pytest.mark.parametrize("weighting", [None, "price"])
 def test_price_weighting_exact_thins_rows_by_price(data_dir, dataset, train, weighting):
     """With row weight "price" (revenue's price_weighting = "exact") rows within a group are

@@ -12,11 +12,12 @@ them:
   ``r % n``: every rank can serve every non-empty group, at the price of some rows being
   shared by several ranks (only for groups smaller than the world).
 - **Passes.** A stream serves its share in passes; each pass visits every row of the share
-  exactly once. Pass e permutes the share's row-group segments and shuffles the rows within
-  each window of ``window_segments`` segments, so memory stays at a few row groups per
-  stream while the order changes every pass on top of the layout's random order. A share
-  of at most ``in_memory_rows`` rows (a group smaller than a row group) is read once, held
-  in memory, and fully permuted every pass. Permutations are the sort order of 64-bit
+  exactly once. Pass e permutes the share's row-group segments; pass 0 serves each window
+  of ``window_segments`` segments in the layout's own (already uniformly random) order and
+  later passes shuffle the rows within each window, so memory stays at a few row groups per
+  stream while the order changes every pass. A share of at most ``in_memory_rows`` rows (a
+  group smaller than a row group) is read once, held in memory, fully permuted every pass
+  and gathered once per pass, then served by slicing. Permutations are the sort order of 64-bit
   hashes of (stream, pass, window, row) (``hashed_permutations``): a pure function of the
   position, and vectorised over passes, so a tiny group drawn thousands of times a step
   costs no Python loop per pass.
@@ -212,6 +213,7 @@ class GroupStream:
         self._plans: dict[int, tuple[np.ndarray, np.ndarray]] = {}
         self._resident: Chunk | None = None  # the whole share, when held in memory
         self._perms: dict[int, np.ndarray] = {}  # row order per pass of a resident share
+        self._pass_chunks: dict[int, Chunk] = {}  # a resident share's rows in that order
         self._local = threading.local()  # ParquetFile handles per thread
 
     # ------------------------------------------------------------ plan of a pass
@@ -286,6 +288,8 @@ class GroupStream:
         order, _ = self._plan(pass_)
         picked = order[w * self.window_segments : (w + 1) * self.window_segments]
         raw = Chunk.concat([self._read_segment(self.segments[i]) for i in picked], bool(self.weight_column))
+        if pass_ == 0:  # the layout's own order is already uniformly random: no shuffle to pay
+            return raw
         return raw.take(self._permutation(STREAM_PASS_ROWS, pass_, w, len(raw)))
 
     def cached(self, pass_: int, w: int) -> bool:
@@ -343,22 +347,34 @@ class GroupStream:
             perm = self._permutation(STREAM_PASS_ROWS, pass_, 0, self.rows)
             with self._lock:
                 self._perms[pass_] = perm
-                for old in [p for p in self._perms if p < self.pass_]:
-                    del self._perms[old]
         return perm
+
+    def _pass_rows(self, pass_: int) -> Chunk:
+        """The resident share in the row order of pass ``pass_``, gathered once per pass so
+        that serving rows from it is slicing."""
+        with self._lock:
+            chunk = self._pass_chunks.get(pass_)
+        if chunk is None:
+            chunk = self._load_resident().take(self._pass_permutation(pass_))
+            with self._lock:
+                self._pass_chunks[pass_] = chunk
+        return chunk
 
     def _peek_resident(self, n: int) -> Chunk:
         resident = self._load_resident()
+        last = (self.offset + n - 1) // self.rows if n else 0
+        if last <= 1 or self.rows > TINY_SHARE_ROWS:  # pass by pass, slices of cached pass orders
+            parts: list[Chunk] = []
+            pass_, offset = self.pass_, self.offset
+            while n > 0:
+                take = min(n, self.rows - offset)
+                parts.append(self._pass_rows(pass_).slice(offset, offset + take))
+                n -= take
+                pass_, offset = pass_ + 1, 0
+            return Chunk.concat(parts, bool(self.weight_column))
+        # a tiny share, many passes in one request: all permuted in one vectorised call
         position = self.offset + np.arange(n, dtype=np.int64)
         passes = position // self.rows
-        last = int(passes[-1]) if n else 0
-        if last <= 1 or self.rows > TINY_SHARE_ROWS:  # pass by pass, cached permutations
-            index = np.empty(n, dtype=np.int64)
-            for q in range(last + 1):
-                lo, hi = max(0, q * self.rows - self.offset), min(n, (q + 1) * self.rows - self.offset)
-                index[lo:hi] = self._pass_permutation(self.pass_ + q)[position[lo:hi] - q * self.rows]
-            return resident.take(index)
-        # a tiny share, many passes in one request: all permuted in one vectorised call
         perms = hashed_permutations(self._salts(STREAM_PASS_ROWS, self.pass_ + np.arange(last + 1)), self.rows)
         return resident.take(perms[passes, position % self.rows])
 
@@ -390,6 +406,9 @@ class GroupStream:
             current = self._current_window_key()
             for key in [k for k in self._cache if k < current]:
                 del self._cache[key]
+            for cache in (self._perms, self._pass_chunks):
+                for old in [q for q in cache if q < pass_]:
+                    del cache[old]
 
     def take(self, n: int) -> Chunk:
         chunk = self.peek(n)
@@ -408,6 +427,8 @@ class GroupStream:
         with self._lock:
             self.pass_, self.offset = int(pass_), int(offset)
             self._cache.clear()
+            self._perms.clear()
+            self._pass_chunks.clear()
 
     def upcoming(self, depth: int) -> list[tuple[int, int]]:
         """The cursor's window and the ``depth`` windows after it, as (pass, w)."""

@@ -8,11 +8,13 @@ Owns how train rows reach a rank:
   rank yields exactly the same number of batches while every row is read exactly once per
   epoch across all ranks (see ``batch_sizes``). A rank reads its range a window of row
   groups at a time (projected to user_id, item_id) and shuffles each window.
-- **Weighted blocks** (one per auxiliary objective k): the counts
-  c ~ Multinomial(B, p_k) from the generator of (seed, rank, epoch, step, k), then the next
-  c_g rows of each group's stream (``group_streams``: the rank's share of the
-  group-partitioned layout ``by_group/``, read sequentially, each row once per pass of the
-  group). The group choice is exact; within a group, rows are drawn without replacement.
+- **Weighted blocks** (one per auxiliary objective k): each row's group i.i.d. from p_k
+  (so the counts are c ~ Multinomial(B, p_k)), from uniforms that are a pure function of
+  (seed, rank, epoch, step, k), then the next c_g rows of each group's stream; the groups
+  of ``draw_steps`` steps are drawn and gathered at once, with the same result as one step
+  at a time (``WeightedObjective``). A group's stream (``group_streams``) is the rank's
+  share of the group-partitioned layout ``by_group/``, read sequentially, each row once
+  per pass of the group. The group choice is exact; within a group, rows are drawn without replacement.
   An objective with a row weight column (revenue's ``price_weighting = "exact"``) thins
   its stream: a row is kept with probability w / max_g(w), so within a group the rows kept
   are distributed as w.
@@ -219,11 +221,80 @@ def validate_probabilities(name: str, group_column: str, p: Any, counts: np.ndar
 
 
 MAX_THINNING_ROUNDS = 10_000
-STAGED_ROWS = 2048  # rows staged per group stream (grown when one block needs more)
+DRAW_STEPS = 64  # steps of group choices drawn and gathered at once (amortises the numpy calls)
+LOOKUP_BITS = 14  # the group choice looks up the top bits of each 64-bit uniform in a table
+
+
+@dataclass(frozen=True)
+class _GroupTable:
+    """Inverse-CDF lookup of one p: bucket b (the top LOOKUP_BITS bits of a uniform) maps to
+    its group when no CDF boundary falls inside the bucket, else -1 (then a binary search)."""
+
+    p: np.ndarray
+    cdf: np.ndarray
+    table: np.ndarray  # [2**LOOKUP_BITS] int16
+    last: int  # the last group with p > 0 (rounding of the cdf never picks past it)
+
+    @staticmethod
+    def build(p: np.ndarray) -> _GroupTable:
+        cdf = np.cumsum(p)
+        last = int(np.flatnonzero(p > 0)[-1])
+        edges = np.arange((1 << LOOKUP_BITS) + 1, dtype=np.float64) / (1 << LOOKUP_BITS)
+        lo = np.minimum(np.searchsorted(cdf, edges[:-1], side="right"), last)
+        hi = np.minimum(np.searchsorted(cdf, np.nextafter(edges[1:], 0.0), side="right"), last)
+        return _GroupTable(p, cdf, np.where(lo == hi, lo, -1).astype(np.int16), last)
+
+    def groups(self, raw: np.ndarray) -> np.ndarray:
+        """The group (0-based, int16) of each raw 64-bit uniform: searchsorted(cdf, u, "right")
+        for u = (raw >> 11) * 2**-53, the double numpy's ``random()`` makes of it."""
+        labels = self.table[raw >> np.uint64(64 - LOOKUP_BITS)]
+        miss = np.flatnonzero(labels < 0)
+        if miss.size:
+            u = (raw[miss] >> np.uint64(11)).astype(np.float64) * 2.0**-53
+            labels[miss] = np.minimum(np.searchsorted(self.cdf, u, side="right"), self.last)
+        return labels
+
+
+@dataclass
+class _Draws:
+    """The blocks of steps [first, first + steps) at one p, gathered at once. The group
+    streams' cursors stay at ``first`` until the draws are settled; ``cum[i]`` are the rows
+    steps first..first+i-1 take from each group."""
+
+    epoch: int
+    first: int
+    size: int
+    p: np.ndarray
+    rows: np.ndarray  # [steps * size] int64: each (user_id, item_id) int32 pair as one item
+    cum: np.ndarray  # [steps + 1, groups] int64
+    used: int = 0
+
+    @property
+    def steps(self) -> int:
+        return len(self.cum) - 1
+
+    def serves(self, epoch: int, step: int, p: np.ndarray, size: int) -> bool:
+        return (
+            self.used < self.steps
+            and step == self.first + self.used
+            and epoch == self.epoch
+            and size == self.size
+            and (p is self.p or np.array_equal(p, self.p))
+        )
 
 
 class WeightedObjective:
-    """Objective k's weighted blocks: multinomial counts over its groups, rows from the streams."""
+    """Objective k's weighted blocks: a group per row drawn from p, rows from the streams.
+
+    Row i of step t's block is from group G_ti, where the G_ti are i.i.d. categorical(p_k)
+    (so the counts are Multinomial(B, p_k) and the groups are in a uniformly random order
+    within the block), computed from the 64-bit uniforms of a counter-based generator at
+    counter (epoch, t): a pure function of (seed, rank, epoch, step, k) and p. The j-th row
+    of group g in step t is the next row of g's stream. So a run of ``draw_steps`` steps is
+    drawn and gathered at once (one vectorised sort and one gather instead of numpy calls
+    per group and block), and the blocks are the same whatever ``draw_steps`` is; a new p,
+    epoch or an out-of-order step drops the rest of a run and draws again from that step.
+    """
 
     def __init__(
         self,
@@ -239,10 +310,14 @@ class WeightedObjective:
         weight_column: str | None = None,
         window_segments: int = 1,
         in_memory_rows: int | None = None,
+        draw_steps: int = DRAW_STEPS,
     ):
+        if draw_steps < 1:
+            raise ValueError(f"draw_steps: expected >= 1, got {draw_steps}")
         self.name, self.column, self.k = name, column, k
         self.seed, self.rank = seed, rank
         self.weight_column = weight_column
+        self.draw_steps = draw_steps
         groups = layout.groups(column)
         self.counts = np.asarray([sum(r for _, r in files) for files in groups], dtype=np.int64)
         extra = {} if in_memory_rows is None else {"in_memory_rows": in_memory_rows}
@@ -261,9 +336,10 @@ class WeightedObjective:
             )
         self.max_weight = self._max_weights(dataset) if weight_column else None
         self._keys: dict[int, np.ndarray] = {}
-        self._buffer = np.zeros((len(self.streams), STAGED_ROWS), dtype=np.int64)  # (user, item) as int64
-        self._have = np.zeros(len(self.streams), dtype=np.int64)  # staged rows not served yet
-        self._pos = np.zeros(len(self.streams), dtype=np.int64)  # where they start
+        self._draws: _Draws | None = None
+        self._table: _GroupTable | None = None
+        self._bits = np.random.PCG64DXSM()
+        self._epoch_states: dict[int, dict] = {}
 
     def _max_weights(self, dataset: PreparedDataset) -> np.ndarray:
         """The largest row weight of each group, from the item table (weights are item columns)."""
@@ -280,49 +356,83 @@ class WeightedObjective:
 
     def block(self, epoch: int, step: int, p: np.ndarray, size: int) -> np.ndarray:
         """The [size, 2] (user_id, item_id) rows of this objective's block at (epoch, step)."""
+        if self.weight_column:
+            return self._thinned_block(epoch, step, p, size)
+        draws = self._draws
+        if draws is None or not draws.serves(epoch, step, p, size):
+            self._settle()
+            draws = self._draws = self._draw(epoch, step, p, size)
+        i = draws.used
+        draws.used += 1
+        return draws.rows[i * size : (i + 1) * size].view(np.int32).reshape(-1, 2)
+
+    def _thinned_block(self, epoch: int, step: int, p: np.ndarray, size: int) -> np.ndarray:
         rng = self._step_rng(STREAM_WEIGHTED, epoch, step)
         counts = rng.multinomial(size, p)
-        if self.weight_column:
-            thin = self._step_rng(STREAM_THINNING, epoch, step)
-            parts = [self._thinned(self.streams[g], int(counts[g]), g, thin) for g in np.flatnonzero(counts).tolist()]
-            pairs = np.concatenate(parts)
-        else:
-            pairs = self._from_buffers(counts)
+        thin = self._step_rng(STREAM_THINNING, epoch, step)
+        parts = [self._thinned(self.streams[g], int(counts[g]), g, thin) for g in np.flatnonzero(counts).tolist()]
+        pairs = np.concatenate(parts)
         return pairs[rng.permutation(len(pairs))]  # no group-sorted structure inside a block
 
-    def _step_rng(self, stream: int, epoch: int, step: int) -> np.random.Generator:
-        # Counter-based: the key is (seed, stream, rank, k), the counter (epoch, step), so a
-        # block's generator costs no seed hashing per step (it runs K times a step).
+    def _key(self, stream: int) -> np.ndarray:
         key = self._keys.get(stream)
         if key is None:
             key = self._keys[stream] = np.random.SeedSequence([self.seed, stream, self.rank, self.k]).generate_state(
                 2, np.uint64
             )
-        return np.random.Generator(np.random.Philox(key=key, counter=np.array([epoch, step, 0, 0], dtype=np.uint64)))
+        return key
 
-    def _from_buffers(self, counts: np.ndarray) -> np.ndarray:
-        # Each group's next rows are staged in a small buffer (the stream's own order), so a
-        # block is one vectorised gather: no Python work per group unless a buffer runs low.
-        for g in np.flatnonzero(counts > self._have).tolist():
-            self._refill(g, int(counts[g]))
-        groups = np.repeat(np.arange(len(counts)), counts)
-        within = np.arange(int(counts.sum())) - np.repeat(np.cumsum(counts) - counts, counts)
-        flat = self._buffer[groups, self._pos[groups] + within]
-        self._pos += counts
-        self._have -= counts
-        return flat.view(np.int32).reshape(-1, 2)
+    def _step_rng(self, stream: int, epoch: int, step: int) -> np.random.Generator:
+        # Counter-based: the key is (seed, stream, rank, k), the counter (epoch, step), so a
+        # block's generator costs no seed hashing per step (it runs K times a step).
+        counter = np.array([epoch, step, 0, 0], dtype=np.uint64)
+        return np.random.Generator(np.random.Philox(key=self._key(stream), counter=counter))
 
-    def _refill(self, g: int, need: int) -> None:
-        width = max(self._buffer.shape[1], need)
-        if width > self._buffer.shape[1]:
-            grown = np.zeros((len(self.streams), width), dtype=np.int64)
-            grown[:, : self._buffer.shape[1]] = self._buffer
-            self._buffer = grown
-        have, pos = int(self._have[g]), int(self._pos[g])
-        self._buffer[g, :have] = self._buffer[g, pos : pos + have]
-        fresh = np.ascontiguousarray(self.streams[g].take(width - have).pairs)
-        self._buffer[g, have:width] = fresh.view(np.int64).reshape(-1)
-        self._pos[g], self._have[g] = 0, width
+    def _uniforms(self, epoch: int, step: int, steps: int, size: int) -> np.ndarray:
+        """[steps * size] raw 64-bit uniforms of steps step..step+steps-1, ``size`` each.
+
+        One PCG64DXSM stream per (seed, rank, k, epoch); step t owns its outputs
+        [t * size, (t + 1) * size), reached with ``advance`` (O(log t)), so one call for
+        many steps returns exactly what one call per step would."""
+        state = self._epoch_states.get(epoch)
+        if state is None:
+            entropy = [self.seed, STREAM_WEIGHTED, self.rank, self.k, epoch]
+            state = np.random.PCG64DXSM(np.random.SeedSequence(entropy)).state
+            self._epoch_states = {epoch: state}  # epochs only move forward: keep one
+        self._bits.state = state
+        self._bits.advance(step * size)
+        return self._bits.random_raw(steps * size)
+
+    def _draw(self, epoch: int, step: int, p: np.ndarray, size: int) -> _Draws:
+        steps, groups = self.draw_steps, len(self.streams)
+        if self._table is None or not (p is self._table.p or np.array_equal(p, self._table.p)):
+            self._table = _GroupTable.build(np.asarray(p, dtype=np.float64))
+        labels = self._table.groups(self._uniforms(epoch, step, steps, size))
+        # A stable sort of the labels puts the j-th occurrence of group g (in step-then-row
+        # order) at g's j-th row of the run: one scatter builds every block of the run.
+        order = np.argsort(labels, kind="stable")
+        totals = np.bincount(labels, minlength=groups)
+        ends = np.cumsum(totals)
+        # cum[i, g]: rows of group g in steps before first + i (g's positions are sorted)
+        bounds = np.arange(steps + 1, dtype=np.int64) * size
+        cum = np.zeros((steps + 1, groups), dtype=np.int64)
+        present = np.flatnonzero(totals).tolist()
+        for g in present:
+            cum[:, g] = np.searchsorted(order[ends[g] - totals[g] : ends[g]], bounds)
+        parts = [self.streams[g].peek(int(totals[g])).pairs for g in present]
+        source = (np.concatenate(parts) if len(parts) > 1 else np.ascontiguousarray(parts[0])).view(np.int64)
+        rows = np.empty(steps * size, dtype=np.int64)
+        rows[order] = source.reshape(-1)
+        return _Draws(epoch, step, size, p, rows, cum)
+
+    def _settle(self) -> None:
+        """Moves the streams' cursors past the rows of the steps served from the current draws."""
+        draws, self._draws = self._draws, None
+        if draws is None:
+            return
+        taken = draws.cum[draws.used]
+        for g in np.flatnonzero(taken).tolist():
+            self.streams[g].advance(int(taken[g]))
 
     def _thinned(self, stream: GroupStream, need: int, g: int, rng: np.random.Generator) -> np.ndarray:
         # Acceptance by w / max w walks the stream and keeps each row with probability
@@ -345,15 +455,16 @@ class WeightedObjective:
         )
 
     def cursors(self) -> list[list[int]]:
-        """Per group, the (pass, offset) of the next row a block takes (staged rows not yet
-        served count as not taken)."""
+        """Per group, the (pass, offset) of the next row a block takes (rows drawn for steps
+        not yet served count as not taken)."""
+        taken = self._draws.cum[self._draws.used] if self._draws is not None else np.zeros(len(self.streams), np.int64)
         out = []
         for g, stream in enumerate(self.streams):
             pass_, offset = stream.cursor()
             if stream.rows == 0:
                 out.append([pass_, offset])
                 continue
-            served = pass_ * stream.rows + offset - int(self._have[g])
+            served = pass_ * stream.rows + offset + int(taken[g])
             out.append([served // stream.rows, served % stream.rows])
         return out
 
@@ -362,10 +473,9 @@ class WeightedObjective:
             raise ValueError(
                 f"reader state: objective {self.name!r} has {len(cursors)} cursors, expected {len(self.streams)}"
             )
+        self._draws = None
         for stream, (pass_, offset) in zip(self.streams, cursors):
             stream.seek(int(pass_), int(offset))
-        self._have[:] = 0
-        self._pos[:] = 0
 
 
 # ------------------------------------------------------------------ the reader
@@ -413,6 +523,7 @@ class Reader:
         in_memory_rows: int | None = None,
         exclude_positive_negatives: bool = True,
         exclude_history_negatives: bool = False,
+        draw_steps: int = DRAW_STEPS,
     ):
         if not isinstance(dataset, PreparedDataset):
             # Cheap open: the trainer validates the dataset once; a reader per rank need not rehash it.
@@ -468,6 +579,7 @@ class Reader:
                         weight_column=weight,
                         window_segments=group_window_row_groups,
                         in_memory_rows=in_memory_rows,
+                        draw_steps=draw_steps,
                     )
                 )
         self._lock = threading.Lock()
