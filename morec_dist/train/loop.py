@@ -12,12 +12,17 @@ import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
 
+from morec_dist.config import Config
 from morec_dist.data.batch import Batch
+from morec_dist.model.sharding import DistContext
 from morec_dist.train.trainer import EpochStats, Trainer, all_reduce_sum
+
+if TYPE_CHECKING:
+    from morec_dist.observe.metrics import Exporter, RankMetrics
 
 
 class Strategy(Protocol):
@@ -78,7 +83,7 @@ def progress(rank: int, message: str) -> None:
         print(message, file=sys.stderr, flush=True)
 
 
-def open_rank_observer(config: Any, ctx: Any) -> tuple[Any, Any]:
+def open_rank_observer(config: Config, ctx: DistContext) -> tuple[RankMetrics | None, Exporter | None]:
     """(RankMetrics, exporter) when ``metrics.enabled``, else (None, None)."""
     if not config.metrics.enabled:
         return None, None

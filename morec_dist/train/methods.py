@@ -24,6 +24,8 @@ from morec_dist.registry import Registry
 
 if TYPE_CHECKING:
     from morec_dist.coordinator.collective import GlobalCoordinatorClient
+    from morec_dist.coordinator.core import CoordinatorSpec
+    from morec_dist.model.sharding import DistContext
     from morec_dist.train.loop import Strategy
     from morec_dist.train.resume import ResumePoint
     from morec_dist.train.trainer import Trainer
@@ -145,7 +147,13 @@ def build_morec(config: Config, trainer: Trainer, target_loss: float, resume: Re
 
 
 def open_global_coordinator(
-    config: Config, spec: Any, ctx: Any, *, run_id: str, state: Any, first_step: int
+    config: Config,
+    spec: CoordinatorSpec,
+    ctx: DistContext,
+    *,
+    run_id: str,
+    state: dict[str, Any] | None,
+    first_step: int,
 ) -> GlobalCoordinatorClient:
     """The global protocol: gloo groups on every rank (a collective); only rank 0 joins Ray."""
     from morec_dist.coordinator.collective import GlobalCoordinatorClient, new_groups

@@ -44,6 +44,8 @@ from typing import Any
 import torch.distributed as dist
 
 from morec_dist.config import Config
+from morec_dist.data.reader import Reader
+from morec_dist.model.sharding import DistContext
 from morec_dist.train.checkpoint import (
     CheckpointError,
     check_compatible,
@@ -109,7 +111,7 @@ def coordinator_state_for(state: dict[str, Any], world_size: int) -> dict[str, A
     return {**state, "world_size": world_size}
 
 
-def reader_state_for(saved: dict[str, Any], reader: Any) -> dict[str, Any]:
+def reader_state_for(saved: dict[str, Any], reader: Reader) -> dict[str, Any]:
     """Rank 0's saved reader state mapped onto ``reader`` (another rank / world size): the
     same epoch at the same fraction of its batches, the same probabilities snapshot. Group
     stream cursors are per rank share, which another world size cuts differently: they are
@@ -141,7 +143,7 @@ def strategy_state_for(saved: dict[str, Any], strategy: Strategy, same_world: bo
 class Checkpointed:
     """The parts of a job a step checkpoint holds besides the trainer."""
 
-    reader: Any
+    reader: Reader
     strategy: Strategy
     job: JobState
     coordinator: Callable[[], dict[str, Any] | None] | None = None  # a collective, for MoRec
@@ -163,7 +165,7 @@ class Checkpointing:
         self.parts: Checkpointed | None = None
 
     @property
-    def ctx(self) -> Any:
+    def ctx(self) -> DistContext:
         return self.trainer.ctx
 
     def attach(self, parts: Checkpointed) -> None:

@@ -25,7 +25,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from morec_dist.config import Config
 from morec_dist.data.dataset import PreparedDataset
@@ -38,6 +38,9 @@ from morec_dist.train.loop import EpochProgress, Strategy, open_rank_observer, p
 from morec_dist.train.resume import Checkpointed, Checkpointing, ResumePoint
 from morec_dist.train.run_dir import provenance, write_json_atomic
 from morec_dist.train.trainer import EpochStats, Trainer, build_features
+
+if TYPE_CHECKING:
+    from morec_dist.observe.metrics import RankMetrics
 
 VERIFIED_ENV = "MOREC_DATASET_VERIFIED"  # set by the `morec` parent that verified this path
 
@@ -119,11 +122,11 @@ def evaluation(trainer: Trainer, split: str) -> dict[str, float]:
 class JobParts:
     """What a job trains with: built by ``Job.build``, checkpointed, closed at the end."""
 
-    reader: Any
+    reader: Reader
     strategy: Strategy
     client: Any = None  # the coordinator client (MoRec), closed by the job's ``finish``
     coordinator: Callable[[], dict[str, Any] | None] | None = None  # its state for a step checkpoint
-    extra_readers: list[Any] = field(default_factory=list)  # closed with the reader
+    extra_readers: list[Reader] = field(default_factory=list)  # closed with the reader
 
     def close(self) -> None:
         for reader in (self.reader, *self.extra_readers):
@@ -148,7 +151,6 @@ class Job(Protocol):
     """The hooks of a training job; ``run_job`` does everything else."""
 
     kind: str  # the job's name in step checkpoints and metrics.json ("pretrain", "finetune:morec")
-    tag: str  # the prefix of its progress lines
 
     def epochs(self, config: Config) -> int: ...
 
@@ -171,7 +173,9 @@ class Job(Protocol):
     def final_line(self, result: dict[str, Any]) -> str: ...
 
 
-def checkpointed_epoch(run: JobRun, epoch: int, *, metrics: Any, resumed: EpochProgress | None) -> EpochStats:
+def checkpointed_epoch(
+    run: JobRun, epoch: int, *, metrics: RankMetrics | None, resumed: EpochProgress | None
+) -> EpochStats:
     """One epoch of ``train_epoch`` with the step checkpoints (and a preemption stop) of a job;
     adds the epoch's time and rows to the job state."""
     config, trainer, checkpoints, parts = run.config, run.trainer, run.checkpoints, run.parts
