@@ -37,7 +37,7 @@ from morec_dist.train.trainer import EpochStats, Trainer, all_reduce_sum
 COORDINATOR_CHECKPOINT_TRIES = 3
 
 
-def coordinator_checkpoint(client: Any, trainer: Trainer) -> dict[str, Any]:
+def coordinator_checkpoint(client: Any, trainer: Trainer) -> dict[str, Any] | None:
     """Every rank's reports recorded (flush + barrier), then the coordinator's state: it
     holds every step < trainer.step. Each client keeps it as the base of a recovery.
 

@@ -23,6 +23,7 @@ from morec_dist.config import Config, ConfigError
 from morec_dist.registry import Registry
 
 if TYPE_CHECKING:
+    from morec_dist.coordinator.client import CoordinatorClient
     from morec_dist.coordinator.collective import GlobalCoordinatorClient
     from morec_dist.coordinator.core import CoordinatorSpec
     from morec_dist.model.sharding import DistContext
@@ -111,6 +112,7 @@ def build_morec(config: Config, trainer: Trainer, target_loss: float, resume: Re
         first_step = resume.step
         if per_rank or ctx.rank == 0:
             state = coordinator_state_for(resume.coordinator, reporters)
+    client: CoordinatorClient | GlobalCoordinatorClient
     if per_rank:
         connect_ray(config.coordinator.ray_address, config.coordinator.namespace)
         client = open_coordinator(

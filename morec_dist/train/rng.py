@@ -12,7 +12,7 @@ import torch
 
 def rng_state() -> dict[str, Any]:
     """This process's RNG states as JSON (torch CPU, numpy's legacy global, python)."""
-    np_state = np.random.get_state()
+    np_state: Any = np.random.get_state()  # the legacy tuple (name, keys, pos, has_gauss, gauss)
     py_version, py_state, py_gauss = random.getstate()
     return {
         "torch": torch.get_rng_state().tolist(),

@@ -32,6 +32,7 @@ import torch
 import torch.distributed as dist
 
 from morec_dist.coordinator.combined_loss import block_sums, combined_loss
+from morec_dist.coordinator.core import Decision
 from morec_dist.coordinator.mgda import min_norm_weights
 from morec_dist.data.batch import Batch
 from morec_dist.data.dataset import PreparedDataset
@@ -81,7 +82,7 @@ class MorecStrategy:
         self.staleness_steps = 0
         self.last_report_s = 0.0
         self.last_waited = False
-        self.decision = None
+        self.decision: Decision | None = None  # this step's, taken in before_step
         self.trace: list[tuple[int, float, int]] = []  # (step, beta used, p version used)
 
     def before_step(self, step: int) -> None:
@@ -95,6 +96,7 @@ class MorecStrategy:
 
     def step_loss(self, scores: torch.Tensor, per_row: torch.Tensor, batch: Batch, step: int) -> torch.Tensor:
         d = self.decision
+        assert d is not None, "step_loss before before_step"
         if batch.version != d.p_version:
             raise RuntimeError(f"step {step}: batch drawn with p version {batch.version}, decision says {d.p_version}")
         loss, _ = combined_loss(per_row, batch.block_ids, d.beta, d.block_weights(), d.lam)
