@@ -29,9 +29,10 @@ from typing import Any
 
 from morec_dist.config import load_config
 from morec_dist.model.sharding import init_distributed, shutdown_distributed
-from morec_dist.train.finetune import build_morec
-from morec_dist.train.loop import AccuracyOnly, train_epoch
-from morec_dist.train.pretrain import make_reader, open_dataset_for_job
+from morec_dist.train.loop import train_epoch
+from morec_dist.train.methods import build_morec
+from morec_dist.train.runner import make_reader, open_dataset_for_job
+from morec_dist.train.strategies import AccuracyOnly
 from morec_dist.train.trainer import Trainer, build_features
 
 

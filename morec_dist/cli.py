@@ -189,7 +189,7 @@ def preflight(config, from_checkpoint: str | None = None, objectives: bool = Fal
     import os
 
     from morec_dist.data.dataset import PreparedDataset
-    from morec_dist.train.pretrain import VERIFIED_ENV
+    from morec_dist.train.runner import VERIFIED_ENV
 
     dataset = PreparedDataset.open(config.data.path)
     os.environ[VERIFIED_ENV] = str(dataset.path.resolve())
@@ -284,7 +284,9 @@ def _add_finetune(sub: argparse._SubParsersAction) -> None:
         "finetune", help="fine-tune a pretrained checkpoint with MoRec (or a baseline) on torchrun ranks"
     )
     finetune.add_argument("--from", dest="from_checkpoint", required=True, help="pretrained checkpoint directory")
-    finetune.add_argument("--method", choices=("morec", "static", "mgda"), default="morec")
+    from morec_dist.train.methods import METHODS  # the one list of method names (names only, no torch)
+
+    finetune.add_argument("--method", choices=METHODS.names(), default="morec")
     _add_config_args(finetune)
     _add_fault_args(finetune)
 
@@ -293,9 +295,10 @@ def _add_finetune(sub: argparse._SubParsersAction) -> None:
         from morec_dist.train.launch import under_torchrun
 
         config = _load(args)
+        coordinated = METHODS.get(args.method, "--method").coordinated
         if not under_torchrun():
-            preflight(config, args.from_checkpoint, objectives=args.method == "morec")
-        if args.method == "morec" and not config.coordinator.ray_address and not under_torchrun():
+            preflight(config, args.from_checkpoint, objectives=coordinated)
+        if coordinated and not config.coordinator.ray_address and not under_torchrun():
             # the embedded default: a local Ray head in this process, shared by the ranks
             from morec_dist.coordinator.service import start_local_ray
 
@@ -342,7 +345,7 @@ def _add_run(sub: argparse._SubParsersAction) -> None:
     def go(args: argparse.Namespace) -> int:
         from morec_dist.train.pipeline import run_pipeline
 
-        run_pipeline(args.config, args.overrides, _load(args))
+        run_pipeline(args.config, args.overrides, _load(args))  # checks run.methods against the method registry
         return 0
 
     run.set_defaults(func=go)

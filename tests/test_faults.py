@@ -24,7 +24,7 @@ from pathlib import Path
 import pytest
 
 from morec_dist.train.checkpoint import complete_checkpoints
-from morec_dist.train.resume import EXIT_PREEMPTED
+from morec_dist.train.preemption import EXIT_PREEMPTED
 from tests.conftest import REPO
 from tests.test_checkpoint_resume import (
     assert_same_coordinator,

@@ -34,6 +34,7 @@ from torch.distributed.checkpoint.planner import ReadItem
 
 META = "meta.json"
 STEP_DIR = re.compile(r"^step-(\d+)$")
+LEFTOVER_DIR = re.compile(r"^step-(\d+)\.(tmp|old)$")  # a save cut short by a crash
 
 
 class CheckpointError(ValueError):
@@ -184,10 +185,17 @@ def latest_checkpoint(root: str | Path) -> Path | None:
 
 def prune_checkpoints(root: str | Path, keep_last: int) -> list[Path]:
     """Delete all but the newest ``keep_last`` complete step checkpoints, and crash leftovers
-    (``.tmp`` / ``.old``) of steps not being written now. Rank 0 only. Returns what went."""
+    (``step-<M>.tmp`` / ``.old``) of steps older than the newest complete one (no save of
+    those is in flight: saves only move forward). Rank 0 only. Returns what went."""
     root = Path(root)
     found = complete_checkpoints(root)
     doomed = [path for _, path in found[: max(0, len(found) - keep_last)]]
+    if found:
+        newest = found[-1][0]
+        for child in root.iterdir():
+            match = LEFTOVER_DIR.match(child.name)
+            if match and child.is_dir() and int(match.group(1)) < newest:
+                doomed.append(child)
     for path in doomed:
         shutil.rmtree(path, ignore_errors=True)
     return doomed

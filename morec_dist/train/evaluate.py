@@ -11,13 +11,10 @@ from pathlib import Path
 from typing import Any
 
 from morec_dist.config import Config, config_from_dict
-from morec_dist.eval.evaluator import evaluate, evaluate_most_popular
-from morec_dist.model.sharding import init_distributed
+from morec_dist.eval.evaluator import evaluate_most_popular
 from morec_dist.train.checkpoint import read_meta
-from morec_dist.train.finetune import load_pretrained
-from morec_dist.train.pretrain import open_dataset_for_job
 from morec_dist.train.run_dir import provenance, write_json_atomic
-from morec_dist.train.trainer import Trainer, build_features
+from morec_dist.train.runner import evaluation, load_pretrained, setup_job
 
 
 def checkpoint_config(checkpoint: str | Path, overrides: Config | None = None) -> Config:
@@ -33,26 +30,14 @@ def checkpoint_config(checkpoint: str | Path, overrides: Config | None = None) -
 def run_evaluate(
     config: Config, checkpoint: str | Path, split: str = "test", out: str | Path | None = None
 ) -> dict[str, Any]:
-    ctx = init_distributed()
-    dataset = open_dataset_for_job(config, ctx)
-    trainer = Trainer(config, ctx, dataset, build_features(config, dataset))
+    ctx, dataset, trainer = setup_job(config)  # the runner's setup; evaluation has no epochs
     load_pretrained(trainer, Path(checkpoint))
-    result = evaluate(
-        trainer.model,
-        dataset,
-        split,
-        config.eval.ks,
-        ctx.rank,
-        ctx.world_size,
-        trainer.features,
-        ctx.device,
-        config.eval.batch_users,
-    )
+    metrics = evaluation(trainer, split)
     popular = evaluate_most_popular(
         dataset, split, config.eval.ks, ctx.rank, ctx.world_size, ctx.device, config.eval.batch_users
     )
     payload = {
-        **result.metrics,
+        **metrics,
         "split": split,
         "job": "evaluate",
         "checkpoint": str(checkpoint),
@@ -62,6 +47,6 @@ def run_evaluate(
     if ctx.rank == 0:
         path = Path(out) if out else Path(checkpoint).parent.parent / f"metrics-{split}.json"
         write_json_atomic(path, payload)
-        print(" ".join(f"{k} {v:.4f}" for k, v in result.metrics.items() if "@" in k), flush=True)
+        print(" ".join(f"{k} {v:.4f}" for k, v in metrics.items() if "@" in k), flush=True)
         print(f"wrote {path}", flush=True)
     return payload

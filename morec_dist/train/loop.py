@@ -1,8 +1,9 @@
 """The epoch loop shared by every job: batches in, strategy loss, optimizer step, stats out.
 
 A ``Strategy`` decides what one step optimises from the batch's scores and per-row losses
-(pretraining: the mean; MoRec: the coordinated combination; baselines: theirs); the loop
-owns timing, progress lines and the all-rank epoch statistics.
+(pretraining: the mean; MoRec: the coordinated combination; baselines: theirs; see
+``morec_dist.train.strategies``); the loop owns timing, progress lines and the all-rank
+epoch statistics.
 """
 
 from __future__ import annotations
@@ -11,16 +12,25 @@ import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
 
+from morec_dist.config import Config
 from morec_dist.data.batch import Batch
+from morec_dist.model.sharding import DistContext
 from morec_dist.train.trainer import EpochStats, Trainer, all_reduce_sum
+
+if TYPE_CHECKING:
+    from morec_dist.observe.metrics import Exporter, RankMetrics
 
 
 class Strategy(Protocol):
+    """What one step optimises (``morec_dist.train.strategies``); a ``Stateful`` whose
+    ``state_dict`` is exactly what it exports into step checkpoints."""
+
     name: str
+    rank_local: tuple[str, ...]  # state keys a resume at another world size starts afresh
 
     def before_step(self, step: int) -> None:
         """Called before the step's batch is drawn (e.g. to apply new sampling probabilities)."""
@@ -36,23 +46,11 @@ class Strategy(Protocol):
 
     def epoch_summary(self) -> dict[str, Any]: ...
 
+    def state_dict(self) -> dict[str, Any]: ...
 
-class AccuracyOnly:
-    """Pretraining: the mean per-row loss of a uniform batch."""
-
-    name = "accuracy"
-
-    def before_step(self, step):
-        pass
-
-    def step_loss(self, scores, per_row, batch, step):
-        return per_row.mean()
-
-    def after_step(self, per_row, batch, step):
-        pass
-
-    def epoch_summary(self):
-        return {}
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Exactly the keys of ``state_dict``; a missing or unknown one is an error."""
+        ...
 
 
 @dataclass
@@ -85,7 +83,7 @@ def progress(rank: int, message: str) -> None:
         print(message, file=sys.stderr, flush=True)
 
 
-def open_rank_observer(config: Any, ctx: Any) -> tuple[Any, Any]:
+def open_rank_observer(config: Config, ctx: DistContext) -> tuple[RankMetrics | None, Exporter | None]:
     """(RankMetrics, exporter) when ``metrics.enabled``, else (None, None)."""
     if not config.metrics.enabled:
         return None, None
@@ -108,7 +106,7 @@ def observe(
         rows=batch.num_rows,
         duration_s=duration,
         reader_wait_s=wait,
-        block_losses=dict(zip(names, (sums / counts).tolist())),
+        block_losses=dict(zip(names, (sums / counts).tolist(), strict=True)),
         staleness=getattr(strategy, "staleness_steps", 0),
         report_latency_s=getattr(strategy, "last_report_s", 0.0),
         waited=getattr(strategy, "last_waited", False),

@@ -20,8 +20,12 @@ from morec_dist.config import Config
 from morec_dist.data.dataset import DatasetError, PreparedDataset
 from morec_dist.train.run_dir import provenance, read_json, write_json_atomic
 
-TABLE_METRICS = ("hit@10", "ndcg@10", "r_hit@10", "r_ndcg@10", "min_hit@10", "min_ndcg@10", "pop_kl@10")
-LOWER_IS_BETTER = {"pop_kl@10"}
+TABLE_COLUMNS = ("hit", "ndcg", "r_hit", "r_ndcg", "min_hit", "min_ndcg", "pop_kl")
+
+
+def table_metrics(k: int) -> tuple[str, ...]:
+    """The table's seven metrics at K (``eval.ks[0]``, as the jobs' progress lines)."""
+    return tuple(f"{column}@{k}" for column in TABLE_COLUMNS)
 
 
 def ensure_dataset(config: Config) -> Path:
@@ -54,12 +58,13 @@ def relative_change(before: float, after: float) -> float:
     return (after - before) / abs(before) if before else float("nan")
 
 
-def results_table(rows: dict[str, dict[str, float]], base: str = "pretrain") -> str:
-    header = "| model | " + " | ".join(TABLE_METRICS) + " |"
-    lines = [header, "|" + "---|" * (len(TABLE_METRICS) + 1)]
+def results_table(rows: dict[str, dict[str, float]], base: str = "pretrain", k: int = 10) -> str:
+    columns = table_metrics(k)
+    header = "| model | " + " | ".join(columns) + " |"
+    lines = [header, "|" + "---|" * (len(columns) + 1)]
     for name, metrics in rows.items():
         cells = []
-        for m in TABLE_METRICS:
+        for m in columns:
             value = metrics[m]
             if name == base:
                 cells.append(f"{value:.4f}")
@@ -70,6 +75,10 @@ def results_table(rows: dict[str, dict[str, float]], base: str = "pretrain") -> 
 
 
 def run_pipeline(config_path: str | None, overrides: list[str], config: Config) -> dict[str, Any]:
+    from morec_dist.train.methods import check_methods
+
+    check_methods(config.run.methods)  # before any stage runs
+    k = config.eval.ks[0]
     ensure_dataset(config)
     out = Path(config.run.out_dir)
     base_args = (["--config", config_path] if config_path else []) + list(overrides)
@@ -94,10 +103,12 @@ def run_pipeline(config_path: str | None, overrides: list[str], config: Config) 
         )
         rows[method] = read_json(method_dir / "metrics.json")
     table_rows = {"most popular": rows_popular, **{k: v for k, v in rows.items()}}
-    table = results_table({"pretrain": rows["pretrain"], **{k: v for k, v in table_rows.items() if k != "pretrain"}})
+    table = results_table(
+        {"pretrain": rows["pretrain"], **{n: v for n, v in table_rows.items() if n != "pretrain"}}, k=k
+    )
     summary = {
-        "table": {k: {m: v[m] for m in TABLE_METRICS} for k, v in table_rows.items()},
-        "wall_s": {k: v.get("wall_s") for k, v in rows.items()},
+        "table": {n: {m: v[m] for m in table_metrics(k)} for n, v in table_rows.items()},
+        "wall_s": {n: v.get("wall_s") for n, v in rows.items()},
         "target_loss": rows["pretrain"]["train_loss"],
         **provenance(config, config.run.nproc),
     }

@@ -1,78 +1,33 @@
 """``morec train``: accuracy-only pretraining (MF-BPR or two-tower), the base MoRec starts from.
 
 Streams uniform batches, validates every epoch on the valid split with early stopping on
-NDCG@10, keeps the best checkpoint, and records the best epoch's mean training loss: the
-target l_hat of MoRec's PID. At the end the best model is scored on the test split next to
-the most-popular baseline, and ``metrics.json`` is written.
+NDCG at ``eval.ks[0]`` (``runner.select_metric``), keeps the best checkpoint, and records
+the best epoch's mean training loss: the target l_hat of MoRec's PID. At the end the best
+model is scored on the test split next to the most-popular baseline, and ``metrics.json``
+is written.
 
-Step checkpoints (every ``checkpoint.every_steps``, each epoch's end, SIGTERM) and resume
-from the latest one are ``morec_dist.train.resume``'s; the job's bookkeeping (history,
-best epoch, patience) travels in them, ``checkpoints/best`` stays the best model.
+The skeleton (setup, resume, the epoch loop with its step checkpoints, the final record)
+is ``morec_dist.train.runner``'s; this module is the ``PretrainJob``'s hooks. The job's
+bookkeeping (history, best epoch, patience) is its ``JobState``; ``checkpoints/best`` stays
+the best model.
 """
 
 from __future__ import annotations
 
-import os
-import time
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from morec_dist.config import Config
-from morec_dist.data.dataset import PreparedDataset
 from morec_dist.data.reader import Reader
-from morec_dist.eval.evaluator import evaluate, evaluate_most_popular
-from morec_dist.model.sharding import DistContext, init_distributed
+from morec_dist.eval.evaluator import evaluate_most_popular
 from morec_dist.train.checkpoint import load_checkpoint, save_checkpoint
-from morec_dist.train.loop import AccuracyOnly, open_rank_observer, progress
-from morec_dist.train.resume import Checkpointing, checkpointed_epoch, join_restarted_group
-from morec_dist.train.run_dir import provenance, write_json_atomic
-from morec_dist.train.trainer import Trainer, all_reduce_sum, build_features
-
-SELECT_METRIC = "ndcg@10"
-
-
-VERIFIED_ENV = "MOREC_DATASET_VERIFIED"  # set by the `morec` parent that verified this path
-
-
-def open_dataset_for_job(config: Config, ctx: DistContext) -> PreparedDataset:
-    # rank 0 verifies checksums and values (unless the parent just did); the others trust the same files
-    verified = os.environ.get(VERIFIED_ENV) == str(Path(config.data.path).resolve())
-    full = ctx.rank == 0 and not verified
-    return PreparedDataset.open(config.data.path, verify_checksums=full, verify_values=full)
-
-
-def make_reader(config: Config, ctx: DistContext, dataset: PreparedDataset, trainer: Trainer, **kwargs: Any) -> Reader:
-    return Reader(
-        dataset,
-        batch_size=config.data.batch_size,
-        num_negatives=config.data.num_negatives,
-        negative_alpha=config.data.negative_alpha,
-        seed=kwargs.pop("seed", config.run.seed),
-        rank=ctx.rank,
-        world_size=ctx.world_size,
-        features=trainer.features,
-        prefetch_batches=config.data.prefetch_batches,
-        **kwargs,
-    )
-
-
-def evaluation(trainer: Trainer, split: str) -> dict[str, float]:
-    c, ctx = trainer.config, trainer.ctx
-    result = evaluate(
-        trainer.model,
-        trainer.dataset,
-        split,
-        c.eval.ks,
-        ctx.rank,
-        ctx.world_size,
-        trainer.features,
-        ctx.device,
-        c.eval.batch_users,
-    )
-    return result.metrics
-
+from morec_dist.train.loop import progress
+from morec_dist.train.run_dir import provenance
+from morec_dist.train.runner import JobParts, JobRun, evaluation, make_reader, report_k, run_job, select_metric
+from morec_dist.train.strategies import AccuracyOnly
+from morec_dist.train.trainer import EpochStats, Trainer, all_reduce_sum
 
 L_HAT_BATCHES = 64
 
@@ -98,65 +53,48 @@ def measure_train_loss(trainer: Trainer, reader: Reader, batches: int = L_HAT_BA
     return total / max(count, 1.0)
 
 
-def run_pretrain(config: Config, resume: bool | None = None) -> dict[str, Any]:
-    join_restarted_group()
-    ctx = init_distributed()
-    started = time.perf_counter()
-    run_dir = Path(config.run.out_dir)
-    dataset = open_dataset_for_job(config, ctx)
-    trainer = Trainer(config, ctx, dataset, build_features(config, dataset))
-    checkpoints = Checkpointing(config, trainer, "pretrain")
-    point = checkpoints.resume_point(config.run.resume if resume is None else resume)
-    reader = make_reader(config, ctx, dataset, trainer)
-    probe = make_reader(config, ctx, dataset, trainer, seed=config.run.seed + 1)
-    metrics, exporter = open_rank_observer(config, ctx)
-    best_path = run_dir / "checkpoints" / "best"
-    job: dict[str, Any] = {
-        "best": {},
-        "history": [],
-        "stale": 0,
-        "train_seconds": 0.0,
-        "train_rows": 0,
-        "stopped": False,
-    }
-    resumed_progress = None
-    strategy = AccuracyOnly()
-    if point is not None:
-        checkpoints.restore(point, reader)
-        job.update({k: v for k, v in point.job.items() if k != "next_epoch"})
-        resumed_progress = point.epoch_progress
-    start_epoch = point.next_epoch if point is not None else 0
-    max_steps = config.train.max_steps
-    for epoch in range(start_epoch, config.train.epochs):
-        if job["stopped"] or (max_steps and trainer.step >= max_steps):
-            break
-        stats = checkpointed_epoch(
-            trainer,
-            reader,
-            strategy,
-            checkpoints,
-            job,
-            epoch=epoch,
-            metrics=metrics,
-            resumed=resumed_progress if epoch == start_epoch else None,
-        )
-        valid = evaluation(trainer, "valid")
-        row = {
+class PretrainJob:
+    kind = "pretrain"
+    tag = "[pretrain]"
+
+    def __init__(self, config: Config):
+        self.config = config
+        self.best_path = Path(config.run.out_dir) / "checkpoints" / "best"
+        self.probe: Reader | None = None  # the fixed stream l_hat is measured on
+        self.k = report_k(config)
+
+    def epochs(self, config: Config) -> int:
+        return config.train.epochs
+
+    def build(self, run: JobRun) -> JobParts:
+        c = run.config
+        reader = make_reader(c, run.ctx, run.dataset, run.trainer)
+        self.probe = make_reader(c, run.ctx, run.dataset, run.trainer, seed=c.run.seed + 1)
+        return JobParts(reader, AccuracyOnly(), extra_readers=[self.probe])
+
+    def before_training(self, run: JobRun) -> None:
+        pass
+
+    def end_epoch(self, run: JobRun, epoch: int, stats: EpochStats, valid: dict[str, float]) -> None:
+        c, ctx, state, trainer = run.config, run.ctx, run.state, run.trainer
+        metric, k = select_metric(c), report_k(c)
+        row: dict[str, Any] = {
             "epoch": epoch,
             "train_loss": stats.mean_loss,
             "rows_per_s": stats.rows_per_s,
             "seconds": stats.seconds,
             "valid": valid,
         }
-        job["history"].append(row)
+        state.history.append(row)
         progress(
             ctx.rank,
-            f"[pretrain] epoch {epoch} loss {stats.mean_loss:.4f} valid {SELECT_METRIC} {valid[SELECT_METRIC]:.4f} hit@10 {valid['hit@10']:.4f} ({stats.rows_per_s:,.0f} rows/s, {stats.seconds:.1f}s)",
+            f"{self.tag} epoch {epoch} loss {stats.mean_loss:.4f} valid {metric} {valid[metric]:.4f} "
+            f"hit@{k} {valid[f'hit@{k}']:.4f} ({stats.rows_per_s:,.0f} rows/s, {stats.seconds:.1f}s)",
         )
-        best = job["best"]
-        if not best or valid[SELECT_METRIC] > best["valid"][SELECT_METRIC]:
-            row["final_train_loss"] = measure_train_loss(trainer, probe)
-            job["best"], job["stale"] = row, 0
+        if not state.best or valid[metric] > state.best["valid"][metric]:
+            assert self.probe is not None
+            row["final_train_loss"] = measure_train_loss(trainer, self.probe)
+            state.best, state.stale = row, 0
             meta = {
                 "model": trainer.model_identity(),
                 "epoch": epoch,
@@ -164,49 +102,42 @@ def run_pretrain(config: Config, resume: bool | None = None) -> dict[str, Any]:
                 "train_loss": row["final_train_loss"],
                 "epoch_mean_train_loss": stats.mean_loss,
                 "valid": valid,
-                **provenance(config, ctx.world_size),
+                **provenance(c, ctx.world_size),
             }
-            save_checkpoint(best_path, trainer.model_state(), meta)
+            save_checkpoint(self.best_path, trainer.model_state(), meta)
         else:
-            job["stale"] += 1
-            if job["stale"] >= config.train.early_stopping_patience:
-                progress(ctx.rank, f"[pretrain] early stop: no {SELECT_METRIC} gain for {job['stale']} epochs")
-                job["stopped"] = True
-        checkpoints.save(reader=reader, next_epoch=epoch + 1, job_state=job)
-        if checkpoints.preemption.agreed(ctx.pg, ctx.world_size):
-            checkpoints.exit_preempted()
-    best = job["best"]
-    history, train_seconds, train_rows = job["history"], job["train_seconds"], job["train_rows"]
-    reader.close()
-    probe.close()
-    if exporter is not None:
-        exporter.stop()
-    load_checkpoint(best_path, trainer.model_state())
-    test = evaluation(trainer, "test")
-    popular = evaluate_most_popular(
-        dataset, "test", config.eval.ks, ctx.rank, ctx.world_size, ctx.device, config.eval.batch_users
-    ).metrics
-    result = {
-        **test,
-        "split": "test",
-        "job": "pretrain",
-        "checkpoint": str(best_path),
-        "best_epoch": best["epoch"],
-        "train_loss": best["final_train_loss"],  # l_hat for MoRec
-        "epoch_mean_train_loss": best["train_loss"],
-        "valid": best["valid"],
-        "baselines": {"most_popular": popular},
-        "history": history,
-        "resumed_from": str(point.path) if point is not None else None,
-        "checkpoints_written": checkpoints.saved,
-        "wall_s": time.perf_counter() - started,
-        "train_rows_per_s": train_rows / max(train_seconds, 1e-9),
-        **provenance(config, ctx.world_size),
-    }
-    if ctx.rank == 0:
-        write_json_atomic(run_dir / "metrics.json", result)
-        progress(
-            ctx.rank,
-            f"[pretrain] test hit@10 {test['hit@10']:.4f} ndcg@10 {test['ndcg@10']:.4f} (most popular {popular['hit@10']:.4f} / {popular['ndcg@10']:.4f}); wrote {run_dir / 'metrics.json'}",
+            state.stale += 1
+            if state.stale >= c.train.early_stopping_patience:
+                progress(ctx.rank, f"{self.tag} early stop: no {metric} gain for {state.stale} epochs")
+                state.stopped = True
+
+    def finish(self, run: JobRun) -> dict[str, Any]:
+        c, ctx, trainer, best = run.config, run.ctx, run.trainer, run.state.best
+        load_checkpoint(self.best_path, trainer.model_state())
+        test = evaluation(trainer, "test")
+        popular = evaluate_most_popular(
+            run.dataset, "test", c.eval.ks, ctx.rank, ctx.world_size, ctx.device, c.eval.batch_users
+        ).metrics
+        return {
+            **test,
+            "split": "test",
+            "job": self.kind,
+            "checkpoint": str(self.best_path),
+            "best_epoch": best["epoch"],
+            "train_loss": best["final_train_loss"],  # l_hat for MoRec
+            "epoch_mean_train_loss": best["train_loss"],
+            "valid": best["valid"],
+            "baselines": {"most_popular": popular},
+            "history": run.state.history,
+        }
+
+    def final_line(self, result: dict[str, Any]) -> str:
+        k, popular = self.k, result["baselines"]["most_popular"]
+        return (
+            f"{self.tag} test hit@{k} {result[f'hit@{k}']:.4f} ndcg@{k} {result[f'ndcg@{k}']:.4f} "
+            f"(most popular {popular[f'hit@{k}']:.4f} / {popular[f'ndcg@{k}']:.4f})"
         )
-    return result
+
+
+def run_pretrain(config: Config, resume: bool | None = None) -> dict[str, Any]:
+    return run_job(config, PretrainJob(config), resume)

@@ -1,6 +1,13 @@
 """What one training step optimises: the strategies the trainer can be run with.
 
-- ``AccuracyOnly`` (in loop.py): pretraining, the mean per-row loss of a uniform batch.
+Every strategy is a ``Stateful``: ``state_dict()`` is exactly what it exports into the
+per-rank part of a step checkpoint (its bookkeeping lists and running sums; nothing else in
+it is state), ``load_state_dict`` takes exactly those keys back (a missing or unknown key is
+an error, so a renamed field can never silently drop out of checkpoints), and
+``rank_local`` names the keys that only mean something for the rank layout that wrote them
+(running sums), which a resharded resume starts afresh.
+
+- ``AccuracyOnly``: pretraining, the mean per-row loss of a uniform batch.
 - ``MorecStrategy``: MoRec. Before each step it takes the coordinator's decision for that
   step (beta, w, lambda, p_k version; bounded staleness) and hands new p_k to the reader;
   the step's loss is ``lambda * sum_k w_k L_k + beta * L_acc`` over the batch's blocks; after
@@ -26,15 +33,43 @@ import torch
 import torch.distributed as dist
 
 from morec_dist.coordinator.combined_loss import block_sums, combined_loss
+from morec_dist.coordinator.core import Decision
 from morec_dist.coordinator.mgda import min_norm_weights
 from morec_dist.coordinator.objectives import kind_of
 from morec_dist.coordinator.sampler import GroupStats
 from morec_dist.data.batch import Batch
 from morec_dist.data.dataset import PreparedDataset
+from morec_dist.train.job_state import check_state_keys
+
+
+class AccuracyOnly:
+    """Pretraining: the mean per-row loss of a uniform batch."""
+
+    name = "accuracy"
+    rank_local: tuple[str, ...] = ()
+
+    def before_step(self, step: int) -> None:
+        pass
+
+    def step_loss(self, scores: torch.Tensor, per_row: torch.Tensor, batch: Batch, step: int) -> torch.Tensor:
+        return per_row.mean()
+
+    def after_step(self, per_row: torch.Tensor, batch: Batch, step: int) -> None:
+        pass
+
+    def epoch_summary(self) -> dict[str, Any]:
+        return {}
+
+    def state_dict(self) -> dict[str, Any]:
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        check_state_keys(self.name, state, ())
 
 
 class MorecStrategy:
     name = "morec"
+    rank_local: tuple[str, ...] = ()  # rank 0's lists are the job's, whatever the world size
 
     def __init__(
         self, client: Any, reader: Any, num_blocks: int, sampler_every: int, measure_signals: Any, submits: bool
@@ -50,7 +85,7 @@ class MorecStrategy:
         self.staleness_steps = 0
         self.last_report_s = 0.0
         self.last_waited = False
-        self.decision = None
+        self.decision: Decision | None = None  # this step's, taken in before_step
         self.trace: list[tuple[int, float, int]] = []  # (step, beta used, p version used)
 
     def before_step(self, step: int) -> None:
@@ -64,6 +99,7 @@ class MorecStrategy:
 
     def step_loss(self, scores: torch.Tensor, per_row: torch.Tensor, batch: Batch, step: int) -> torch.Tensor:
         d = self.decision
+        assert d is not None, "step_loss before before_step"
         if batch.version != d.p_version:
             raise RuntimeError(f"step {step}: batch drawn with p version {batch.version}, decision says {d.p_version}")
         loss, _ = combined_loss(per_row, batch.block_ids, d.beta, d.block_weights(), d.lam)
@@ -83,6 +119,14 @@ class MorecStrategy:
 
     def epoch_summary(self) -> dict[str, Any]:
         return {"coordinator": self.client.stats()}
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"sampler_updates": list(self.sampler_updates), "trace": [list(t) for t in self.trace]}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        check_state_keys(self.name, state, ("sampler_updates", "trace"))
+        self.sampler_updates = list(state["sampler_updates"])
+        self.trace = [(int(s), float(b), int(v)) for s, b, v in state["trace"]]
 
 
 def objective_row_weights(dataset: PreparedDataset, objectives: list[Any]) -> list[np.ndarray]:
@@ -125,8 +169,14 @@ class _ObjectiveLosses:
         return torch.stack(rows)
 
 
+def _load_sums(owner: str, state: dict[str, Any], sums: str) -> tuple[torch.Tensor, int]:
+    check_state_keys(owner, state, (sums, "steps"))
+    return torch.tensor(state[sums], dtype=torch.float64), int(state["steps"])
+
+
 class StaticWeighting:
     name = "static"
+    rank_local: tuple[str, ...] = ("sums", "steps")  # this rank's running sums of the epoch
 
     def __init__(self, dataset: PreparedDataset, objectives: list[Any], weights: list[float]):
         self.objective_losses = _ObjectiveLosses(dataset, objectives)
@@ -154,11 +204,18 @@ class StaticWeighting:
         means = (self.sums / max(self.steps, 1)).tolist()
         self.sums.zero_()
         self.steps = 0
-        return {"objective_losses": dict(zip(self.objective_losses.names, means))}
+        return {"objective_losses": dict(zip(self.objective_losses.names, means, strict=True))}
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"sums": self.sums.tolist(), "steps": self.steps}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.sums, self.steps = _load_sums(self.name, state, "sums")
 
 
 class MGDAStrategy:
     name = "mgda"
+    rank_local: tuple[str, ...] = ("alpha_sums", "steps")  # this rank's running sums of the epoch
 
     def __init__(self, dataset: PreparedDataset, objectives: list[Any]):
         self.objective_losses = _ObjectiveLosses(dataset, objectives)
@@ -190,4 +247,10 @@ class MGDAStrategy:
         means = (self.alpha_sums / max(self.steps, 1)).tolist()
         self.alpha_sums.zero_()
         self.steps = 0
-        return {"mgda_mean_weights": dict(zip(self.objective_losses.names, means))}
+        return {"mgda_mean_weights": dict(zip(self.objective_losses.names, means, strict=True))}
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"alpha_sums": self.alpha_sums.tolist(), "steps": self.steps}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.alpha_sums, self.steps = _load_sums(self.name, state, "alpha_sums")

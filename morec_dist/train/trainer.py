@@ -17,7 +17,6 @@ import torch.distributed as dist
 from torch.distributed.checkpoint.stateful import Stateful
 
 from morec_dist.config import Config
-from morec_dist.data.batch import Batch
 from morec_dist.data.dataset import PreparedDataset
 from morec_dist.data.features import FeatureBuilder
 from morec_dist.model.loss import LOSSES
@@ -86,10 +85,6 @@ class Trainer(Stateful):
         return self.identity
 
     # ---------------------------------------------------------------------- step
-    def per_row_loss(self, batch: Batch) -> torch.Tensor:
-        scores = self.model(batch.to(self.ctx.device))
-        return self.loss_fn(scores)
-
     def apply(self, loss: torch.Tensor) -> None:
         self.optimizer.zero_grad()
         loss.backward()

@@ -1,0 +1,257 @@
+"""The one job runner (like torchtitan's ``Trainer.train``): setup, resume, the epoch loop
+with its checkpoint cadence, evaluation after every epoch, and the final record.
+
+A job (``pretrain.py``, ``finetune.py``) supplies the parts that differ as hooks of a
+``Job``: what it trains with (``build``: reader, strategy, coordinator), what it does before
+the first step of a fresh run, what it records after each epoch (and whether it stops), and
+its final fields. Everything else is here, once:
+
+1. join the process group (``distributed.py``), open the dataset, build the ``Trainer``;
+2. find the step checkpoint to resume (``resume.py``), let the job build its parts, restore
+   trainer, reader, RNG, strategy and the ``JobState`` from it;
+3. per epoch: ``train_epoch`` with step checkpoints every ``checkpoint.every_steps`` and a
+   SIGTERM stop at a step boundary, evaluation on valid, the job's epoch hook, the epoch-end
+   checkpoint, the preemption check;
+4. close the parts, the job's final record, and ``metrics.json`` (rank 0, atomically).
+
+The evaluation helpers every job uses (``evaluation``, ``select_metric``, ``report_k``) and
+the job setup (``open_dataset_for_job``, ``make_reader``, ``load_pretrained``, ``setup_job``) live here too.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Protocol
+
+from morec_dist.config import Config
+from morec_dist.data.dataset import PreparedDataset
+from morec_dist.data.reader import Reader
+from morec_dist.eval.evaluator import evaluate
+from morec_dist.train.checkpoint import check_compatible, load_checkpoint, read_meta
+from morec_dist.train.distributed import DistContext, init_job_distributed
+from morec_dist.train.job_state import JobState
+from morec_dist.train.loop import EpochProgress, Strategy, open_rank_observer, progress, train_epoch
+from morec_dist.train.resume import Checkpointed, Checkpointing, ResumePoint
+from morec_dist.train.run_dir import provenance, write_json_atomic
+from morec_dist.train.trainer import EpochStats, Trainer, build_features
+
+if TYPE_CHECKING:
+    from morec_dist.observe.metrics import RankMetrics
+
+VERIFIED_ENV = "MOREC_DATASET_VERIFIED"  # set by the `morec` parent that verified this path
+
+
+# ---------------------------------------------------------------------------- setup
+
+
+def open_dataset_for_job(config: Config, ctx: DistContext) -> PreparedDataset:
+    # rank 0 verifies checksums and values (unless the parent just did); the others trust the same files
+    verified = os.environ.get(VERIFIED_ENV) == str(Path(config.data.path).resolve())
+    full = ctx.rank == 0 and not verified
+    return PreparedDataset.open(config.data.path, verify_checksums=full, verify_values=full)
+
+
+def make_reader(config: Config, ctx: DistContext, dataset: PreparedDataset, trainer: Trainer, **kwargs: Any) -> Reader:
+    return Reader(
+        dataset,
+        batch_size=config.data.batch_size,
+        num_negatives=config.data.num_negatives,
+        negative_alpha=config.data.negative_alpha,
+        seed=kwargs.pop("seed", config.run.seed),
+        rank=ctx.rank,
+        world_size=ctx.world_size,
+        features=trainer.features,
+        prefetch_batches=config.data.prefetch_batches,
+        **kwargs,
+    )
+
+
+def load_pretrained(trainer: Trainer, checkpoint: Path) -> dict[str, Any]:
+    """Collective: a saved model (``checkpoints/best`` / ``final``) into the trainer; its meta."""
+    meta = read_meta(checkpoint)
+    check_compatible(meta, trainer.model_identity(), checkpoint)
+    load_checkpoint(checkpoint, trainer.model_state())
+    return meta
+
+
+def setup_job(config: Config) -> tuple[DistContext, PreparedDataset, Trainer]:
+    """This rank's context, the dataset and the Trainer (sharded model + optimizer)."""
+    ctx = init_job_distributed()
+    dataset = open_dataset_for_job(config, ctx)
+    return ctx, dataset, Trainer(config, ctx, dataset, build_features(config, dataset))
+
+
+# ----------------------------------------------------------------------- evaluation
+
+
+def report_k(config: Config) -> int:
+    """The K of progress lines, the selection metric and the results table: ``eval.ks[0]``."""
+    return config.eval.ks[0]
+
+
+def select_metric(config: Config) -> str:
+    """The metric early stopping and the best epoch are chosen by: NDCG at ``eval.ks[0]``."""
+    return f"ndcg@{report_k(config)}"
+
+
+def evaluation(trainer: Trainer, split: str) -> dict[str, float]:
+    """The evaluation protocol's metrics (every K of ``eval.ks``) of the trainer's model."""
+    c, ctx = trainer.config, trainer.ctx
+    result = evaluate(
+        trainer.model,
+        trainer.dataset,
+        split,
+        c.eval.ks,
+        ctx.rank,
+        ctx.world_size,
+        trainer.features,
+        ctx.device,
+        c.eval.batch_users,
+    )
+    return result.metrics
+
+
+# ------------------------------------------------------------------------- the job
+
+
+@dataclass
+class JobParts:
+    """What a job trains with: built by ``Job.build``, checkpointed, closed at the end."""
+
+    reader: Reader
+    strategy: Strategy
+    client: Any = None  # the coordinator client (MoRec), closed by the job's ``finish``
+    coordinator: Callable[[], dict[str, Any] | None] | None = None  # its state for a step checkpoint
+    extra_readers: list[Reader] = field(default_factory=list)  # closed with the reader
+
+    def close(self) -> None:
+        for reader in (self.reader, *self.extra_readers):
+            reader.close()
+
+
+@dataclass
+class JobRun:
+    """One running job, as its hooks see it."""
+
+    config: Config
+    ctx: DistContext
+    dataset: PreparedDataset
+    trainer: Trainer
+    checkpoints: Checkpointing
+    point: ResumePoint | None
+    state: JobState = field(default_factory=JobState)
+    parts: JobParts | None = None
+
+
+class Job(Protocol):
+    """The hooks of a training job; ``run_job`` does everything else."""
+
+    kind: str  # the job's name in step checkpoints and metrics.json ("pretrain", "finetune:morec")
+
+    def epochs(self, config: Config) -> int: ...
+
+    def build(self, run: JobRun) -> JobParts:
+        """After the trainer is built and the resume point found, before anything is restored."""
+        ...
+
+    def before_training(self, run: JobRun) -> None:
+        """A fresh start only (not a resume): e.g. the metrics before the first step."""
+        ...
+
+    def end_epoch(self, run: JobRun, epoch: int, stats: EpochStats, valid: dict[str, float]) -> None:
+        """Record the epoch into ``run.state`` (history, best, early stopping) and print it."""
+        ...
+
+    def finish(self, run: JobRun) -> dict[str, Any]:
+        """After the last epoch (parts closed): the job's own fields of metrics.json."""
+        ...
+
+    def final_line(self, result: dict[str, Any]) -> str: ...
+
+
+def checkpointed_epoch(
+    run: JobRun, epoch: int, *, metrics: RankMetrics | None, resumed: EpochProgress | None
+) -> EpochStats:
+    """One epoch of ``train_epoch`` with the step checkpoints (and a preemption stop) of a job;
+    adds the epoch's time and rows to the job state."""
+    config, trainer, checkpoints, parts = run.config, run.trainer, run.checkpoints, run.parts
+    assert parts is not None
+    max_steps = config.train.max_steps
+    reader = parts.reader
+    reader.set_epoch(epoch)
+    trainer.epoch = epoch
+    run.state.next_epoch = epoch  # a checkpoint inside the epoch continues it
+
+    def after_step(done: EpochProgress) -> bool:
+        ending = reader.step >= reader.num_batches or bool(max_steps and trainer.step >= max_steps)
+        save, stop = checkpoints.due(trainer.step, ending)
+        if save:
+            checkpoints.save(epoch_progress=done)
+        return stop and not ending  # the epoch-end checkpoint handles a stop at the epoch's last step
+
+    stats = train_epoch(
+        trainer,
+        reader,
+        parts.strategy,
+        epoch=epoch,
+        log_every=config.train.log_every,
+        max_steps=max_steps,
+        metrics=metrics,
+        resumed=resumed,
+        after_step=after_step,
+    )
+    if stats.interrupted:
+        checkpoints.exit_preempted()
+    run.state.train_seconds += stats.seconds
+    run.state.train_rows += stats.rows
+    return stats
+
+
+def run_job(config: Config, job: Job, resume: bool | None = None) -> dict[str, Any]:
+    """Run ``job`` on this rank from setup to ``metrics.json``; returns the record."""
+    started = time.perf_counter()
+    ctx, dataset, trainer = setup_job(config)
+    checkpoints = Checkpointing(config, trainer, job.kind)
+    point = checkpoints.resume_point(config.run.resume if resume is None else resume)
+    run = JobRun(config, ctx, dataset, trainer, checkpoints, point)
+    parts = run.parts = job.build(run)
+    metrics, exporter = open_rank_observer(config, ctx)
+    checkpoints.attach(Checkpointed(parts.reader, parts.strategy, run.state, parts.coordinator))
+    resumed = None
+    if point is not None:
+        checkpoints.restore(point)
+        resumed = point.epoch_progress
+    else:
+        job.before_training(run)
+    start_epoch = run.state.next_epoch
+    max_steps = config.train.max_steps
+    for epoch in range(start_epoch, job.epochs(config)):
+        if run.state.stopped or (max_steps and trainer.step >= max_steps):
+            break
+        stats = checkpointed_epoch(run, epoch, metrics=metrics, resumed=resumed if epoch == start_epoch else None)
+        valid = evaluation(trainer, "valid")
+        job.end_epoch(run, epoch, stats, valid)
+        run.state.next_epoch = epoch + 1
+        checkpoints.save()
+        if checkpoints.preemption.agreed(ctx):
+            checkpoints.exit_preempted()
+    parts.close()
+    if exporter is not None:
+        exporter.stop()
+    result = {
+        **job.finish(run),
+        "resumed_from": str(point.path) if point is not None else None,
+        "checkpoints_written": checkpoints.saved,
+        "wall_s": time.perf_counter() - started,
+        "train_rows_per_s": run.state.train_rows_per_s,
+        **provenance(config, ctx.world_size),
+    }
+    if ctx.rank == 0:
+        path = Path(config.run.out_dir) / "metrics.json"
+        write_json_atomic(path, result)
+        progress(ctx.rank, f"{job.final_line(result)}; wrote {path}")
+    return result
