@@ -38,7 +38,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow.parquet as pq
 
-from morec_dist.data import schema
+from morec_dist.data import kernels, schema
 
 IDS = ["user_id", "item_id"]
 # seed-stream ids, disjoint from the reader's (reader.STREAM_*)
@@ -205,8 +205,7 @@ class GroupStream:
         self.rows = sum(s.rows for s in self.segments)
         self.in_memory = self.rows <= in_memory_rows
         self.window_segments = max(1, len(self.segments) if self.in_memory else window_segments)
-        state = np.random.SeedSequence(list(self.key)).generate_state(3, np.uint64)
-        self._salt, self._philox_key = state[0], state[1:]
+        self._salt = np.random.SeedSequence(list(self.key)).generate_state(1, np.uint64)[0]
         self.pass_, self.offset = 0, 0
         self._lock = threading.Lock()
         self._cache: dict[tuple[int, int], Chunk] = {}
@@ -239,13 +238,12 @@ class GroupStream:
 
     def _permutation(self, tag: int, pass_: int, w: int, n: int) -> np.ndarray:
         """The permutation (tag, pass, window) of range(n): hashed for tiny shares (so many
-        passes vectorise, see ``_peek_resident``), else a Philox generator keyed by the
-        stream with counter (tag, pass, window) — cheaper than sorting hashes for large n.
+        passes vectorise, see ``_peek_resident``), else a compiled Fisher-Yates keyed by the
+        salt of (stream, tag, pass, window) — cheaper than sorting hashes for large n.
         Which one depends only on n, so a position always maps to the same row."""
         if n <= TINY_SHARE_ROWS:
             return hashed_permutations(self._salts(tag, [pass_], w), n)[0]
-        counter = np.array([tag, pass_, w, 0], dtype=np.uint64)
-        return np.random.Generator(np.random.Philox(key=self._philox_key, counter=counter)).permutation(n)
+        return kernels.permutation(n, self._salts(tag, [pass_], w)[0])
 
     def _salts(self, tag: int, passes, w: int = 0) -> np.ndarray:
         with np.errstate(over="ignore"):
@@ -267,7 +265,8 @@ class GroupStream:
         return len(self._plan(pass_)[1])
 
     # ------------------------------------------------------------ reading
-    def _read_segment(self, seg: Segment) -> Chunk:
+    def _read_columns(self, seg: Segment) -> list[np.ndarray]:
+        """The segment's projected columns (user_id, item_id[, weight]) as arrays."""
         handles = getattr(self._local, "handles", None)
         if handles is None:
             handles = self._local.handles = {}
@@ -275,11 +274,13 @@ class GroupStream:
         if pf is None:
             pf = handles[seg.file] = pq.ParquetFile(self.files[seg.file])
         table = pf.read_row_group(seg.row_group, columns=self.columns, use_threads=False).slice(seg.lo, seg.rows)
-        pairs = np.empty((table.num_rows, 2), dtype=np.int32)
-        pairs[:, 0] = table.column(0).to_numpy()
-        pairs[:, 1] = table.column(1).to_numpy()
-        weights = table.column(2).to_numpy().astype(np.float64) if self.weight_column else None
-        return Chunk(pairs, weights)
+        return [table.column(i).to_numpy() for i in range(len(self.columns))]
+
+    def _read_segment(self, seg: Segment) -> Chunk:
+        columns = self._read_columns(seg)
+        pairs = np.empty((len(columns[0]), 2), dtype=np.int32)
+        pairs[:, 0], pairs[:, 1] = columns[0], columns[1]
+        return Chunk(pairs, columns[2].astype(np.float64) if self.weight_column else None)
 
     def read_window(self, pass_: int, w: int) -> Chunk:
         """Window ``w`` of pass ``pass_``, shuffled: a pure function of (stream, pass, w)."""
@@ -287,10 +288,16 @@ class GroupStream:
             return self._load_resident().take(self._pass_permutation(pass_))
         order, _ = self._plan(pass_)
         picked = order[w * self.window_segments : (w + 1) * self.window_segments]
-        raw = Chunk.concat([self._read_segment(self.segments[i]) for i in picked], bool(self.weight_column))
-        if pass_ == 0:  # the layout's own order is already uniformly random: no shuffle to pay
-            return raw
-        return raw.take(self._permutation(STREAM_PASS_ROWS, pass_, w, len(raw)))
+        parts = [self._read_columns(self.segments[i]) for i in picked]
+        columns = [np.concatenate(c) if len(c) > 1 else c[0] for c in zip(*parts, strict=True)]
+        # Every pass, pass 0 included, shuffles: so the order depends on the training seed,
+        # not only on the layout's. Interleaving and permuting are one compiled pass.
+        salt = self._salts(STREAM_PASS_ROWS, [pass_], w)[0]
+        pairs = kernels.shuffle_rows(columns[0], columns[1], salt).view(np.int32).reshape(-1, 2)
+        weights = None
+        if self.weight_column:  # the same order: shuffle_rows applies permutation(n, salt)
+            weights = columns[2].astype(np.float64)[kernels.permutation(len(pairs), salt)]
+        return Chunk(pairs, weights)
 
     def cached(self, pass_: int, w: int) -> bool:
         with self._lock:

@@ -11,7 +11,8 @@ rejection rounds, then an exact draw from the restricted distribution for the fe
 clashing, so every negative is outside the history and the marginal is exactly
 ``popularity ** alpha`` restricted to the user's non-history items, renormalised.
 
-Draws use Walker's alias method (built once, O(items)): two uniforms and two lookups per
+Draws use Walker's alias method (built once, O(items), a compiled loop over arrays:
+``kernels.alias_table``): two uniforms and two lookups per
 negative, whatever the catalogue size, because negatives outnumber positives ten to one and
 a binary search per negative dominated batch assembly.
 """
@@ -22,6 +23,7 @@ import numpy as np
 import pyarrow.parquet as pq
 
 from morec_dist.data.dataset import PreparedDataset
+from morec_dist.data.kernels import alias_table
 
 REDRAW_ROUNDS = 8
 HISTORY_SPLITS = ("train", "valid")  # what the authors exclude: every interaction before test
@@ -95,24 +97,6 @@ class UserHistory:
         found = lo < self.indptr[users + 1]
         found[found] = self.items[lo[found]] == items[found]
         return found
-
-
-def alias_table(p: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Vose's alias table for ``p`` (sums to 1): column i keeps i with probability accept[i],
-    else gives alias[i]. Exact: each column carries mass 1/n, split between two outcomes."""
-    n = len(p)
-    scaled = (p * n).tolist()
-    accept = [1.0] * n
-    alias = list(range(n))
-    small = [i for i, v in enumerate(scaled) if v < 1.0]
-    large = [i for i, v in enumerate(scaled) if v >= 1.0]
-    while small and large:
-        s, g = small.pop(), large.pop()
-        accept[s], alias[s] = scaled[s], g
-        scaled[g] -= 1.0 - scaled[s]
-        (small if scaled[g] < 1.0 else large).append(g)
-    # leftovers are 1 up to rounding: they keep themselves (accept = 1)
-    return np.asarray(accept, dtype=np.float64), np.asarray(alias, dtype=np.int64)
 
 
 class NegativeSampler:

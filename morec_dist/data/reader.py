@@ -44,6 +44,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import torch
 
+from morec_dist.data import kernels
 from morec_dist.data.batch import UNIFORM_VERSION, Batch
 from morec_dist.data.dataset import PreparedDataset
 from morec_dist.data.features import FeatureBuilder
@@ -247,12 +248,13 @@ class _GroupTable:
     def groups(self, raw: np.ndarray) -> np.ndarray:
         """The group (0-based, int16) of each raw 64-bit uniform: searchsorted(cdf, u, "right")
         for u = (raw >> 11) * 2**-53, the double numpy's ``random()`` makes of it."""
-        labels = self.table[raw >> np.uint64(64 - LOOKUP_BITS)]
-        miss = np.flatnonzero(labels < 0)
-        if miss.size:
-            u = (raw[miss] >> np.uint64(11)).astype(np.float64) * 2.0**-53
-            labels[miss] = np.minimum(np.searchsorted(self.cdf, u, side="right"), self.last)
-        return labels
+        return self.labels(raw, len(raw))[0]
+
+    def labels(self, raw: np.ndarray, size: int) -> tuple[np.ndarray, np.ndarray]:
+        """(groups, cum) of ``kernels.group_labels``: the groups of steps of ``size`` uniforms
+        and the running per-group counts at each step boundary, in one compiled pass."""
+        shift = np.uint64(64 - LOOKUP_BITS)
+        return kernels.group_labels(raw, self.table, self.cdf, self.last, size, len(self.p), shift)
 
 
 @dataclass
@@ -404,25 +406,19 @@ class WeightedObjective:
         return self._bits.random_raw(steps * size)
 
     def _draw(self, epoch: int, step: int, p: np.ndarray, size: int) -> _Draws:
-        steps, groups = self.draw_steps, len(self.streams)
+        steps = self.draw_steps
         if self._table is None or not (p is self._table.p or np.array_equal(p, self._table.p)):
             self._table = _GroupTable.build(np.asarray(p, dtype=np.float64))
-        labels = self._table.groups(self._uniforms(epoch, step, steps, size))
-        # A stable sort of the labels puts the j-th occurrence of group g (in step-then-row
-        # order) at g's j-th row of the run: one scatter builds every block of the run.
-        order = np.argsort(labels, kind="stable")
-        totals = np.bincount(labels, minlength=groups)
-        ends = np.cumsum(totals)
-        # cum[i, g]: rows of group g in steps before first + i (g's positions are sorted)
-        bounds = np.arange(steps + 1, dtype=np.int64) * size
-        cum = np.zeros((steps + 1, groups), dtype=np.int64)
+        # cum[i, g]: rows of group g in steps before first + i
+        labels, cum = self._table.labels(self._uniforms(epoch, step, steps, size), size)
+        totals = cum[-1]
         present = np.flatnonzero(totals).tolist()
-        for g in present:
-            cum[:, g] = np.searchsorted(order[ends[g] - totals[g] : ends[g]], bounds)
         parts = [self.streams[g].peek(int(totals[g])).pairs for g in present]
         source = (np.concatenate(parts) if len(parts) > 1 else np.ascontiguousarray(parts[0])).view(np.int64)
-        rows = np.empty(steps * size, dtype=np.int64)
-        rows[order] = source.reshape(-1)
+        # the j-th row labelled g (in step-then-row order) is g's j-th row of the run: one
+        # compiled counting-sort pass builds every block of the run
+        starts = np.cumsum(totals) - totals
+        rows = kernels.scatter_by_group(labels, source.reshape(-1), starts)
         return _Draws(epoch, step, size, p, rows, cum)
 
     def _settle(self) -> None:

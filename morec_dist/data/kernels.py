@@ -1,0 +1,179 @@
+"""Compiled (numba) loops of the reader's hot paths, each one pass over its rows.
+
+Owns the loops that numpy could only express as several passes with temporaries:
+
+- ``shuffle_rows``: decode-side Fisher-Yates. Interleaves a row group's (user_id, item_id)
+  columns into one int64 per row (the layout of an [n, 2] int32 array viewed as int64) and
+  permutes them in the same pass ("inside-out" Fisher-Yates), from a counter-based hash
+  stream keyed by a 64-bit salt: a pure function of (salt, n).
+- ``permutation``: the same permutation of range(n), for rows that carry other columns.
+- ``group_labels``: the group of each 64-bit uniform by the inverse-CDF lookup table (a
+  binary search on the rare bucket that holds a CDF edge) and the running per-group counts
+  at each step boundary.
+- ``scatter_by_group``: the j-th row labelled g (in step-then-row order) gets group g's
+  j-th row: a counting sort, replacing a stable argsort and a scatter.
+- ``alias_table``: Vose's alias method in O(n) on arrays (no Python lists).
+
+Random integers below ``bound`` use Lemire's multiply-shift with rejection on 32-bit draws,
+so every permutation is exactly uniform (given the hash stream) for n < 2**32. Compiled
+once per machine and cached on disk (``cache=True``, next to this file in __pycache__, or
+under the temp dir where the package is read-only): ~10 s the first time, ~1 s (the numba
+import) after; ``warm_up`` compiles every signature the reader uses.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+
+import numpy as np
+
+# The on-disk cache goes next to this file; where the package is read-only (an image run
+# with readOnlyRootFilesystem) numba's own fallbacks may be too, so use the temp dir.
+if "NUMBA_CACHE_DIR" not in os.environ and not os.access(os.path.dirname(os.path.abspath(__file__)), os.W_OK):
+    os.environ["NUMBA_CACHE_DIR"] = os.path.join(tempfile.gettempdir(), "morec-numba-cache")
+
+from numba import njit  # noqa: E402 - after the cache location is settled
+
+_GOLDEN = np.uint64(0x9E3779B97F4A7C15)
+_M1 = np.uint64(0xBF58476D1CE4E5B9)
+_M2 = np.uint64(0x94D049BB133111EB)
+_LOW32 = np.uint64(0xFFFFFFFF)
+_TWO32 = np.uint64(1 << 32)
+
+
+@njit(cache=True, inline="always")
+def _mix(x):
+    x = (x ^ (x >> np.uint64(30))) * _M1
+    x = (x ^ (x >> np.uint64(27))) * _M2
+    return x ^ (x >> np.uint64(31))
+
+
+@njit(cache=True, inline="always")
+def _below(state, bound):
+    """(new state, a uniform integer in [0, bound)) for 1 <= bound < 2**32 (Lemire, exact)."""
+    state = state + _GOLDEN
+    m = (_mix(state) >> np.uint64(32)) * bound
+    low = m & _LOW32
+    if low < bound:
+        threshold = (_TWO32 - bound) % bound
+        while low < threshold:
+            state = state + _GOLDEN
+            m = (_mix(state) >> np.uint64(32)) * bound
+            low = m & _LOW32
+    return state, m >> np.uint64(32)
+
+
+@njit(cache=True, nogil=True)
+def shuffle_rows(users, items, salt):
+    """[n] int64 rows (user_id in the low, item_id in the high 32 bits), in the order of a
+    Fisher-Yates permutation keyed by ``salt`` (the order of ``permutation(n, salt)``)."""
+    n = users.shape[0]
+    out = np.empty(n, np.int64)
+    state = np.uint64(salt)
+    for i in range(n):
+        row = np.int64((np.uint64(np.uint32(items[i])) << np.uint64(32)) | np.uint64(np.uint32(users[i])))
+        state, j = _below(state, np.uint64(i + 1))
+        out[i] = out[j]
+        out[j] = row
+    return out
+
+
+@njit(cache=True, nogil=True)
+def permutation(n, salt):
+    """The permutation of range(n) that ``shuffle_rows`` applies for ``salt``."""
+    out = np.empty(n, np.int64)
+    state = np.uint64(salt)
+    for i in range(n):
+        state, j = _below(state, np.uint64(i + 1))
+        out[i] = out[j]
+        out[j] = i
+    return out
+
+
+@njit(cache=True, nogil=True)
+def group_labels(raw, table, cdf, last, size, groups, shift):
+    """(labels [n] int16, cum [n // size + 1, groups] int64): each raw uniform's group, and
+    cum[s, g] the uniforms of group g among the first s steps of ``size`` each."""
+    n = raw.shape[0]
+    steps = n // size
+    labels = np.empty(n, np.int16)
+    cum = np.zeros((steps + 1, groups), np.int64)
+    running = np.zeros(groups, np.int64)
+    scale = 2.0**-53
+    for s in range(steps):
+        for i in range(s * size, (s + 1) * size):
+            r = raw[i]
+            g = np.int64(table[r >> shift])
+            if g < 0:  # a CDF edge inside this bucket: searchsorted(cdf, u, "right")
+                u = np.float64(r >> np.uint64(11)) * scale
+                lo, hi = 0, cdf.shape[0]
+                while lo < hi:
+                    mid = (lo + hi) >> 1
+                    if cdf[mid] <= u:
+                        lo = mid + 1
+                    else:
+                        hi = mid
+                g = min(lo, last)
+            labels[i] = g
+            running[g] += 1
+        cum[s + 1, :] = running
+    return labels, cum
+
+
+@njit(cache=True, nogil=True)
+def scatter_by_group(labels, source, starts):
+    """rows[i] = source[starts[g] + j] for the j-th i (in order) with labels[i] == g."""
+    n = labels.shape[0]
+    rows = np.empty(n, np.int64)
+    position = starts.copy()
+    for i in range(n):
+        g = labels[i]
+        rows[i] = source[position[g]]
+        position[g] += 1
+    return rows
+
+
+@njit(cache=True, nogil=True)
+def alias_table(p):
+    """Vose's alias table for ``p`` (sums to 1): column i keeps i with probability accept[i],
+    else gives alias[i]. Exact: each column carries mass 1/n, split between two outcomes."""
+    n = p.shape[0]
+    scaled = p * n
+    accept = np.ones(n, np.float64)
+    alias = np.arange(n)
+    small = np.empty(n, np.int64)
+    large = np.empty(n, np.int64)
+    ns, nl = 0, 0
+    for i in range(n):
+        if scaled[i] < 1.0:
+            small[ns] = i
+            ns += 1
+        else:
+            large[nl] = i
+            nl += 1
+    while ns > 0 and nl > 0:
+        ns -= 1
+        nl -= 1
+        s, g = small[ns], large[nl]
+        accept[s], alias[s] = scaled[s], g
+        scaled[g] -= 1.0 - scaled[s]
+        if scaled[g] < 1.0:
+            small[ns] = g
+            ns += 1
+        else:
+            large[nl] = g
+            nl += 1
+    # leftovers are 1 up to rounding: they keep themselves (accept = 1)
+    return accept, alias
+
+
+def warm_up() -> None:
+    """Compiles (or loads from the on-disk cache) every signature the reader calls."""
+    ids = np.arange(4, dtype=np.int32)
+    shuffle_rows(ids, ids, np.uint64(1))
+    permutation(4, np.uint64(1))
+    raw = np.arange(8, dtype=np.uint64)
+    group_labels(raw, np.zeros(4, np.int16), np.ones(1), 0, 4, 1, np.uint64(62))
+    scatter_by_group(np.zeros(4, np.int16), np.arange(4, dtype=np.int64), np.zeros(1, np.int64))
+    alias_table(np.full(4, 0.25))
