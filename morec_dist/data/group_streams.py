@@ -274,7 +274,8 @@ class GroupStream:
         if pf is None:
             pf = handles[seg.file] = pq.ParquetFile(self.files[seg.file])
         table = pf.read_row_group(seg.row_group, columns=self.columns, use_threads=False).slice(seg.lo, seg.rows)
-        return [table.column(i).to_numpy() for i in range(len(self.columns))]
+        # one chunk (a row group): its to_numpy is zero-copy, the ChunkedArray's is not
+        return [c.chunk(0).to_numpy() if c.num_chunks == 1 else c.to_numpy() for c in table.columns]
 
     def _read_segment(self, seg: Segment) -> Chunk:
         columns = self._read_columns(seg)

@@ -7,9 +7,11 @@ Owns the loops that numpy could only express as several passes with temporaries:
   permutes them in the same pass ("inside-out" Fisher-Yates), from a counter-based hash
   stream keyed by a 64-bit salt: a pure function of (salt, n).
 - ``permutation``: the same permutation of range(n), for rows that carry other columns.
-- ``group_labels``: the group of each 64-bit uniform by the inverse-CDF lookup table (a
-  binary search on the rare bucket that holds a CDF edge) and the running per-group counts
-  at each step boundary.
+- ``draw_groups``: the weighted blocks' group choice: 64-bit uniforms of a counter-based
+  SplitMix64 stream, each mapped to its group by the inverse-CDF lookup table (a binary
+  search on the rare bucket that holds a CDF edge; ``group_labels`` on given uniforms),
+  and the running per-group counts at each step boundary.
+- ``lookup_table``: that lookup table of a new p, by two moving pointers (no searches).
 - ``scatter_by_group``: the j-th row labelled g (in step-then-row order) gets group g's
   j-th row: a counting sort, replacing a stable argsort and a scatter.
 - ``alias_table``: Vose's alias method in O(n) on arrays (no Python lists).
@@ -91,34 +93,69 @@ def permutation(n, salt):
     return out
 
 
+@njit(cache=True, inline="always")
+def _group_of(r, table, cdf, last, shift):
+    """searchsorted(cdf, u, "right") capped at ``last``, u = (r >> 11) * 2**-53 (the double
+    numpy's random() makes of r): the table's bucket, or a binary search in a mixed one."""
+    g = np.int64(table[r >> shift])
+    if g < 0:
+        u = np.float64(r >> np.uint64(11)) * 2.0**-53
+        lo, hi = 0, cdf.shape[0]
+        while lo < hi:
+            mid = (lo + hi) >> 1
+            if cdf[mid] <= u:
+                lo = mid + 1
+            else:
+                hi = mid
+        g = min(lo, last)
+    return g
+
+
 @njit(cache=True, nogil=True)
-def group_labels(raw, table, cdf, last, size, groups, shift):
-    """(labels [n] int16, cum [n // size + 1, groups] int64): each raw uniform's group, and
-    cum[s, g] the uniforms of group g among the first s steps of ``size`` each."""
-    n = raw.shape[0]
-    steps = n // size
-    labels = np.empty(n, np.int16)
+def group_labels(raw, table, cdf, last, shift):
+    """The group (int16) of each raw 64-bit uniform."""
+    labels = np.empty(raw.shape[0], np.int16)
+    for i in range(raw.shape[0]):
+        labels[i] = _group_of(raw[i], table, cdf, last, shift)
+    return labels
+
+
+@njit(cache=True, nogil=True)
+def draw_groups(seed, first, steps, size, table, cdf, last, groups, shift):
+    """(labels [steps * size] int16, cum [steps + 1, groups] int64) of steps first.., ``size``
+    rows each: row i of step t draws from output t * size + i of the SplitMix64 stream of
+    ``seed`` (a counter-based generator, so any step is reached in O(1)), and cum[s, g] counts
+    group g's rows in the first s steps."""
+    labels = np.empty(steps * size, np.int16)
     cum = np.zeros((steps + 1, groups), np.int64)
     running = np.zeros(groups, np.int64)
-    scale = 2.0**-53
+    base = np.uint64(seed) + np.uint64(first) * np.uint64(size) * _GOLDEN
     for s in range(steps):
         for i in range(s * size, (s + 1) * size):
-            r = raw[i]
-            g = np.int64(table[r >> shift])
-            if g < 0:  # a CDF edge inside this bucket: searchsorted(cdf, u, "right")
-                u = np.float64(r >> np.uint64(11)) * scale
-                lo, hi = 0, cdf.shape[0]
-                while lo < hi:
-                    mid = (lo + hi) >> 1
-                    if cdf[mid] <= u:
-                        lo = mid + 1
-                    else:
-                        hi = mid
-                g = min(lo, last)
+            g = _group_of(_mix(base + np.uint64(i + 1) * _GOLDEN), table, cdf, last, shift)
             labels[i] = g
             running[g] += 1
         cum[s + 1, :] = running
     return labels, cum
+
+
+@njit(cache=True, nogil=True)
+def lookup_table(cdf, last, lower, upper):
+    """table[b] = the group of bucket b's uniforms in [lower[b], upper[b]] when they all map
+    to one (searchsorted(cdf, u, "right") capped at ``last``), else -1: two moving pointers
+    over the sorted edges, O(buckets + groups)."""
+    buckets = lower.shape[0]
+    table = np.empty(buckets, np.int16)
+    n = cdf.shape[0]
+    lo_g, hi_g = 0, 0
+    for b in range(buckets):
+        while lo_g < n and cdf[lo_g] <= lower[b]:
+            lo_g += 1
+        while hi_g < n and cdf[hi_g] <= upper[b]:
+            hi_g += 1
+        a, c = min(lo_g, last), min(hi_g, last)
+        table[b] = a if a == c else -1
+    return table
 
 
 @njit(cache=True, nogil=True)
@@ -174,6 +211,8 @@ def warm_up() -> None:
     shuffle_rows(ids, ids, np.uint64(1))
     permutation(4, np.uint64(1))
     raw = np.arange(8, dtype=np.uint64)
-    group_labels(raw, np.zeros(4, np.int16), np.ones(1), 0, 4, 1, np.uint64(62))
+    group_labels(raw, np.zeros(4, np.int16), np.ones(1), 0, np.uint64(62))
+    draw_groups(np.uint64(1), 0, 2, 4, np.zeros(4, np.int16), np.ones(1), 0, 1, np.uint64(62))
+    lookup_table(np.ones(1), 0, np.zeros(4), np.ones(4))
     scatter_by_group(np.zeros(4, np.int16), np.arange(4, dtype=np.int64), np.zeros(1, np.int64))
     alias_table(np.full(4, 0.25))

@@ -226,6 +226,12 @@ DRAW_STEPS = 64  # steps of group choices drawn and gathered at once (amortises 
 LOOKUP_BITS = 14  # the group choice looks up the top bits of each 64-bit uniform in a table
 
 
+_EDGES = np.arange((1 << LOOKUP_BITS) + 1, dtype=np.float64) / (1 << LOOKUP_BITS)
+# bucket b holds the uniforms in [lower[b], upper[b]]
+_BUCKET_EDGES = (_EDGES[:-1], np.nextafter(_EDGES[1:], 0.0))
+_SHIFT = np.uint64(64 - LOOKUP_BITS)
+
+
 @dataclass(frozen=True)
 class _GroupTable:
     """Inverse-CDF lookup of one p: bucket b (the top LOOKUP_BITS bits of a uniform) maps to
@@ -240,21 +246,17 @@ class _GroupTable:
     def build(p: np.ndarray) -> _GroupTable:
         cdf = np.cumsum(p)
         last = int(np.flatnonzero(p > 0)[-1])
-        edges = np.arange((1 << LOOKUP_BITS) + 1, dtype=np.float64) / (1 << LOOKUP_BITS)
-        lo = np.minimum(np.searchsorted(cdf, edges[:-1], side="right"), last)
-        hi = np.minimum(np.searchsorted(cdf, np.nextafter(edges[1:], 0.0), side="right"), last)
-        return _GroupTable(p, cdf, np.where(lo == hi, lo, -1).astype(np.int16), last)
+        return _GroupTable(p, cdf, kernels.lookup_table(cdf, last, *_BUCKET_EDGES), last)
 
     def groups(self, raw: np.ndarray) -> np.ndarray:
         """The group (0-based, int16) of each raw 64-bit uniform: searchsorted(cdf, u, "right")
         for u = (raw >> 11) * 2**-53, the double numpy's ``random()`` makes of it."""
-        return self.labels(raw, len(raw))[0]
+        return kernels.group_labels(np.asarray(raw, np.uint64), self.table, self.cdf, self.last, _SHIFT)
 
-    def labels(self, raw: np.ndarray, size: int) -> tuple[np.ndarray, np.ndarray]:
-        """(groups, cum) of ``kernels.group_labels``: the groups of steps of ``size`` uniforms
-        and the running per-group counts at each step boundary, in one compiled pass."""
-        shift = np.uint64(64 - LOOKUP_BITS)
-        return kernels.group_labels(raw, self.table, self.cdf, self.last, size, len(self.p), shift)
+    def draw(self, seed: np.uint64, first: int, steps: int, size: int) -> tuple[np.ndarray, np.ndarray]:
+        """(groups, cum) of ``kernels.draw_groups``: the groups of ``steps`` steps of ``size``
+        rows from step ``first`` and the per-group counts at each step boundary, one pass."""
+        return kernels.draw_groups(seed, first, steps, size, self.table, self.cdf, self.last, len(self.p), _SHIFT)
 
 
 @dataclass
@@ -340,8 +342,7 @@ class WeightedObjective:
         self._keys: dict[int, np.ndarray] = {}
         self._draws: _Draws | None = None
         self._table: _GroupTable | None = None
-        self._bits = np.random.PCG64DXSM()
-        self._epoch_states: dict[int, dict] = {}
+        self._epoch_seeds: dict[int, np.uint64] = {}
 
     def _max_weights(self, dataset: PreparedDataset) -> np.ndarray:
         """The largest row weight of each group, from the item table (weights are item columns)."""
@@ -390,27 +391,23 @@ class WeightedObjective:
         counter = np.array([epoch, step, 0, 0], dtype=np.uint64)
         return np.random.Generator(np.random.Philox(key=self._key(stream), counter=counter))
 
-    def _uniforms(self, epoch: int, step: int, steps: int, size: int) -> np.ndarray:
-        """[steps * size] raw 64-bit uniforms of steps step..step+steps-1, ``size`` each.
-
-        One PCG64DXSM stream per (seed, rank, k, epoch); step t owns its outputs
-        [t * size, (t + 1) * size), reached with ``advance`` (O(log t)), so one call for
-        many steps returns exactly what one call per step would."""
-        state = self._epoch_states.get(epoch)
-        if state is None:
+    def _epoch_seed(self, epoch: int) -> np.uint64:
+        """The SplitMix64 seed of (seed, rank, k, epoch): step t of that epoch owns outputs
+        [t * size, (t + 1) * size) of its stream, so one run of many steps draws exactly
+        what one call per step would."""
+        seed = self._epoch_seeds.get(epoch)
+        if seed is None:
             entropy = [self.seed, STREAM_WEIGHTED, self.rank, self.k, epoch]
-            state = np.random.PCG64DXSM(np.random.SeedSequence(entropy)).state
-            self._epoch_states = {epoch: state}  # epochs only move forward: keep one
-        self._bits.state = state
-        self._bits.advance(step * size)
-        return self._bits.random_raw(steps * size)
+            seed = np.random.SeedSequence(entropy).generate_state(1, np.uint64)[0]
+            self._epoch_seeds = {epoch: seed}  # epochs only move forward: keep one
+        return seed
 
     def _draw(self, epoch: int, step: int, p: np.ndarray, size: int) -> _Draws:
         steps = self.draw_steps
         if self._table is None or not (p is self._table.p or np.array_equal(p, self._table.p)):
             self._table = _GroupTable.build(np.asarray(p, dtype=np.float64))
         # cum[i, g]: rows of group g in steps before first + i
-        labels, cum = self._table.labels(self._uniforms(epoch, step, steps, size), size)
+        labels, cum = self._table.draw(self._epoch_seed(epoch), step, steps, size)
         totals = cum[-1]
         present = np.flatnonzero(totals).tolist()
         parts = [self.streams[g].peek(int(totals[g])).pairs for g in present]
