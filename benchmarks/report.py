@@ -232,6 +232,13 @@ def section_reader(r: dict[str, Any]) -> str:
     rows = [[k, r[k]] for k in keys if k in r]
     for size, ratio in (r.get("ratio_by_rows") or {}).items():
         rows.append([f"weighted / raw ratio ({int(size):,} rows)", ratio])
+    for size, speed in (r.get("speed_by_rows") or {}).items():
+        rows.append(
+            [
+                f"weighted / raw rows/s ({int(size):,} rows)",
+                f"{speed['weighted_rows_per_s']:,.0f} / {speed['raw_rows_per_s']:,.0f}",
+            ]
+        )
     for size, rate in (r.get("morec_batch_rows_per_s") or {}).items():
         rows.append([f"MoRec batches rows/s, one rank of 2 ({int(size):,} rows)", rate])
     for size, rss in (r.get("rss_mb_by_rows") or {}).items():
