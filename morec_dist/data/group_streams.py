@@ -12,15 +12,17 @@ them:
   ``r % n``: every rank can serve every non-empty group, at the price of some rows being
   shared by several ranks (only for groups smaller than the world).
 - **Passes.** A stream serves its share in passes; each pass visits every row of the share
-  exactly once. Pass e permutes the share's row-group segments; pass 0 serves each window
-  of ``window_segments`` segments in the layout's own (already uniformly random) order and
-  later passes shuffle the rows within each window, so memory stays at a few row groups per
-  stream while the order changes every pass. A share of at most ``in_memory_rows`` rows (a
-  group smaller than a row group) is read once, held in memory, fully permuted every pass
-  and gathered once per pass, then served by slicing. Permutations are the sort order of 64-bit
-  hashes of (stream, pass, window, row) (``hashed_permutations``): a pure function of the
-  position, and vectorised over passes, so a tiny group drawn thousands of times a step
-  costs no Python loop per pass.
+  exactly once. Pass e permutes the share's row-group segments and shuffles the rows within
+  each window of ``window_segments`` segments (pass 0 too, so the order depends on the
+  training seed, not only the layout's), so memory stays at a few row groups per stream
+  while the order changes every pass; decode, interleave and shuffle are one compiled pass
+  (``kernels.shuffle_rows``). A share of at most ``in_memory_rows`` rows (a group smaller
+  than a row group) is read once, held in memory, fully permuted every pass and gathered
+  once per pass, then served by slicing. Permutations are a compiled Fisher-Yates keyed by
+  a hash of (stream, pass, window) (``kernels.permutation``), or, for shares of at most
+  ``TINY_SHARE_ROWS``, the sort order of 64-bit hashes of (stream, pass, window, row)
+  (``hashed_permutations``), vectorised over passes, so a tiny group drawn thousands of
+  times a step costs no Python loop per pass. Both are pure functions of the position.
 - **Cursors.** A stream's position is (pass, offset): the whole state. ``peek`` / ``advance``
   serve rows from the cursor, wrapping to the next pass at the end of one.
 - **Prefetch.** ``WindowPrefetcher`` reads, ahead of each stream's cursor, the next windows

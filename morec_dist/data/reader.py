@@ -292,11 +292,12 @@ class WeightedObjective:
 
     Row i of step t's block is from group G_ti, where the G_ti are i.i.d. categorical(p_k)
     (so the counts are Multinomial(B, p_k) and the groups are in a uniformly random order
-    within the block), computed from the 64-bit uniforms of a counter-based generator at
-    counter (epoch, t): a pure function of (seed, rank, epoch, step, k) and p. The j-th row
-    of group g in step t is the next row of g's stream. So a run of ``draw_steps`` steps is
-    drawn and gathered at once (one vectorised sort and one gather instead of numpy calls
-    per group and block), and the blocks are the same whatever ``draw_steps`` is; a new p,
+    within the block), computed from the 64-bit uniforms of a counter-based generator
+    (SplitMix64 of (seed, rank, k, epoch), outputs [t B, (t + 1) B)): a pure function of
+    (seed, rank, epoch, step, k) and p. The j-th row of group g in step t is the next row of
+    g's stream. So a run of ``draw_steps`` steps is drawn and gathered at once (two compiled
+    loops, ``kernels.draw_groups`` and ``kernels.scatter_by_group``, and one peek per
+    group instead of numpy calls per group and block), and the blocks are the same whatever ``draw_steps`` is; a new p,
     epoch or an out-of-order step drops the rest of a run and draws again from that step.
     """
 
