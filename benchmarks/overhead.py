@@ -69,7 +69,7 @@ def summarise(raw: dict[str, Any]) -> dict[str, Any]:
     morec_seconds = sum(w["seconds"] for w in morec)
     morec_rate = sum(w["rows"] for w in morec) / morec_seconds
     # ratio of each round's adjacent windows: robust to load that drifts over the run
-    per_round = [m["rows_per_s"] / p["rows_per_s"] for p, m in zip(plain, morec)]
+    per_round = [m["rows_per_s"] / p["rows_per_s"] for p, m in zip(plain, morec, strict=True)]
     morec_steps = sum(w["steps"] for w in morec)
     step_s = morec_seconds / morec_steps
     return {

@@ -251,7 +251,7 @@ def plot_pareto(rows: list[dict[str, Any]], path: Path) -> Path:
 
     plt = pyplot()
     fig, axes = plt.subplots(1, 3, figsize=(15, 4.4))
-    for ax, (objective, metric) in zip(axes, OBJECTIVE_METRIC.items()):
+    for ax, (objective, metric) in zip(axes, OBJECTIVE_METRIC.items(), strict=True):
         for method, (color, marker) in STYLE.items():
             pts = [r for r in rows if r["method"] == method]
             if not pts:
@@ -326,7 +326,8 @@ def plot_traces(rows: list[dict[str, Any]], path: Path) -> Path:
     plt = pyplot()
     morec = [r for r in rows if r["method"] == "morec" and r.get("trace", {}).get("step")]
     fig, axes = plt.subplots(len(morec) or 1, 1, figsize=(10, 2.6 * max(1, len(morec))), squeeze=False)
-    for ax, row in zip(axes[:, 0], morec):
+    # strict=False: with no MoRec rows there is still one (empty) axis
+    for ax, row in zip(axes[:, 0], morec, strict=False):
         t = row["trace"]
         window = max(1, len(t["step"]) // 50)
         ax.plot(t["step"], t["accuracy_loss"], color="tab:blue", alpha=0.25, lw=0.6)

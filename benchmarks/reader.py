@@ -152,7 +152,7 @@ def work_speed(data: Path, steps: int, seed: int) -> dict[str, Any]:
         start = time.perf_counter()
         for s in range(first_step[0], first_step[0] + n_steps):
             ps = settings[(s // P_EVERY) % len(settings)]
-            for objective, p in zip(objectives, ps):
+            for objective, p in zip(objectives, ps, strict=True):
                 objective.block(0, s, p, BLOCK_ROWS)
         first_step[0] += n_steps
         return n_steps * BLOCK_ROWS * len(objectives), time.perf_counter() - start
@@ -279,7 +279,7 @@ def run(quick: bool, out: Path, seed: int, cache: Path, max_rows: int | None) ->
         disk[str(rows)] = _disk_bytes(paths[-1])
     result["prepare"], result["disk_bytes"] = prepare, disk
     speeds = {}
-    for rows, path in zip(sizes, paths):
+    for rows, path in zip(sizes, paths, strict=True):
         speeds[str(rows)] = _worker(["speed", str(path), str(600 if quick else 3000), str(seed)])
     large = speeds[str(sizes[-1])]
     result.update({k: large[k] for k in ("weighted_rows_per_s", "raw_rows_per_s", "ratio")})
@@ -291,8 +291,8 @@ def run(quick: bool, out: Path, seed: int, cache: Path, max_rows: int | None) ->
     rss = [_worker(["rss", str(p), str(batches), str(seed)]) for p in paths]
     result["rss_mb_small"], result["rss_mb_large"] = rss[0]["rss_mb"], rss[-1]["rss_mb"]
     result["rss_growth"] = rss[-1]["rss_mb"] / rss[0]["rss_mb"]
-    result["rss_mb_by_rows"] = {str(s): r["rss_mb"] for s, r in zip(sizes, rss)}
-    result["morec_batch_rows_per_s"] = {str(s): r["morec_batch_rows_per_s"] for s, r in zip(sizes, rss)}
+    result["rss_mb_by_rows"] = {str(s): r["rss_mb"] for s, r in zip(sizes, rss, strict=True)}
+    result["morec_batch_rows_per_s"] = {str(s): r["morec_batch_rows_per_s"] for s, r in zip(sizes, rss, strict=True)}
     if not quick:
         result["cgroup"] = _cgroup_run(paths[-1], disk[str(sizes[-1])] // 4, batches, seed)
     from benchmarks.common import versions

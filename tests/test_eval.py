@@ -42,7 +42,7 @@ def read_rows(root: Path, split: str) -> list[tuple[int, int]]:
     rows = []
     for path in sorted((root / split).glob("*.parquet")):
         t = pq.read_table(path, columns=["user_id", "item_id"])
-        rows += list(zip(t["user_id"].to_pylist(), t["item_id"].to_pylist()))
+        rows += list(zip(t["user_id"].to_pylist(), t["item_id"].to_pylist(), strict=True))
     return rows
 
 
@@ -77,16 +77,16 @@ def brute_force(root: Path, split: str, score_of, ks: list[int]) -> dict:
         prices = [price[heldout[u]] for u in users]
         metrics[f"hit@{k}"] = sum(hit) / len(users)
         metrics[f"ndcg@{k}"] = sum(ndcg) / len(users)
-        metrics[f"r_hit@{k}"] = sum(h * p for h, p in zip(hit, prices)) / len(users)
-        metrics[f"r_ndcg@{k}"] = sum(n * p for n, p in zip(ndcg, prices)) / len(users)
+        metrics[f"r_hit@{k}"] = sum(h * p for h, p in zip(hit, prices, strict=True)) / len(users)
+        metrics[f"r_ndcg@{k}"] = sum(n * p for n, p in zip(ndcg, prices, strict=True)) / len(users)
         for name, values in (("hit", hit), ("ndcg", ndcg)):
             by_group = defaultdict(list)
-            for u, v in zip(users, values):
+            for u, v in zip(users, values, strict=True):
                 by_group[fair[heldout[u]]].append(v)
             metrics[f"min_{name}@{k}"] = min(sum(v) / len(v) for v in by_group.values())
         smoothed = [c + 1e-10 for c in counts[k]]
         q_rec = [c / sum(smoothed) for c in smoothed]
-        metrics[f"pop_kl@{k}"] = sum(q * math.log(q / r) for q, r in zip(q_star, q_rec) if q > 0)
+        metrics[f"pop_kl@{k}"] = sum(q * math.log(q / r) for q, r in zip(q_star, q_rec, strict=True) if q > 0)
     return {"metrics": metrics, "ranks": ranks, "users": users, "counts": counts}
 
 

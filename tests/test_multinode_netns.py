@@ -18,7 +18,7 @@ import uuid
 import pytest
 
 from tests.conftest import REPO
-from tests.test_morec_e2e import CONFIG, finetune, pretrained, quoted, tiny_data  # noqa: F401 (fixtures)
+from tests.e2e_fixtures import CONFIG, finetune, quoted
 
 pytestmark = pytest.mark.slow
 SUBNET = "10.213.7"

@@ -8,6 +8,7 @@ detects a sampler that is off by a small amount.
 
 from __future__ import annotations
 
+import itertools
 import threading
 from collections import Counter
 from pathlib import Path
@@ -180,7 +181,7 @@ def _stream_of_batches(data_dir, steps: int, **kwargs) -> list:
 def test_batches_do_not_depend_on_prefetch_depth(data_dir):
     shallow = _stream_of_batches(data_dir, 12, prefetch_batches=1, prefetch_windows=0, in_memory_rows=300)
     deep = _stream_of_batches(data_dir, 12, prefetch_batches=6, prefetch_windows=4, in_memory_rows=300)
-    for a, b in zip(shallow, deep):
+    for a, b in zip(shallow, deep, strict=True):
         assert a.version == b.version
         assert np.array_equal(a.item_ids.numpy(), b.item_ids.numpy()) and np.array_equal(
             a.user_ids.numpy(), b.user_ids.numpy()
@@ -326,7 +327,7 @@ def test_versions_never_mix_within_a_batch_under_concurrent_updates(data_dir):
         thread.start()
         seen = set()
         try:
-            for _, batch in zip(range(40), reader):
+            for batch in itertools.islice(reader, 40):
                 groups = set(group_of_item[batch.item_ids[256:512, 0].numpy() - 1].tolist())
                 assert groups == {batch.version % 6 + 1}, (batch.version, groups)
                 seen.add(batch.version)

@@ -287,7 +287,7 @@ class GlobalCoordinatorClient:
             step=step,
             beta=values[1],
             lam=values[2],
-            weights=dict(zip(self.weight_names, values[HEADER:])),
+            weights=dict(zip(self.weight_names, values[HEADER:], strict=True)),
             target_loss=values[3],
             p_version=version,
             probabilities={k: list(v) for k, v in self._known_probs.items()},

@@ -362,7 +362,7 @@ class WeightedObjective:
             raise ValueError(
                 f"reader state: objective {self.name!r} has {len(cursors)} cursors, expected {len(self.streams)}"
             )
-        for stream, (pass_, offset) in zip(self.streams, cursors):
+        for stream, (pass_, offset) in zip(self.streams, cursors, strict=True):
             stream.seek(int(pass_), int(offset))
         self._have[:] = 0
         self._pos[:] = 0
@@ -502,7 +502,7 @@ class Reader:
 
     def probabilities(self) -> dict[str, np.ndarray]:
         snap = self.snapshot()
-        return {name: p.copy() for (name, _), p in zip(self.objectives, snap.probabilities)}
+        return {name: p.copy() for (name, _), p in zip(self.objectives, snap.probabilities, strict=True)}
 
     # ---------------------------------------------------------------- probabilities
     def _validated(self, version: int, probabilities: Mapping[str, Any]) -> tuple[np.ndarray, ...]:
@@ -524,7 +524,7 @@ class Reader:
             raise ValueError(f"set_probabilities: version must be an integer, got {version!r}")
         with self._lock:
             current = self._snapshot
-        merged = {name: p for (name, _), p in zip(self.objectives, current.probabilities)}
+        merged = {name: p for (name, _), p in zip(self.objectives, current.probabilities, strict=True)}
         merged.update(probabilities)
         new = self._validated(int(version), merged)
         with self._lock:
@@ -534,7 +534,7 @@ class Reader:
                     f"set_probabilities: version {version} is older than the version in force ({current.version})"
                 )
             if version == current.version:
-                if all(np.array_equal(a, b) for a, b in zip(new, current.probabilities)):
+                if all(np.array_equal(a, b) for a, b in zip(new, current.probabilities, strict=True)):
                     return
                 raise ValueError(f"set_probabilities: version {version} is already in force with other probabilities")
             self._snapshot = ProbabilitySnapshot(int(version), new)
@@ -546,7 +546,7 @@ class Reader:
         Advances the group streams' cursors: call it once per step, in step order.
         """
         blocks = [uniform]
-        for objective, p in zip(self.weighted, snapshot.probabilities):
+        for objective, p in zip(self.weighted, snapshot.probabilities, strict=True):
             blocks.append(objective.block(epoch, step, p, self.batch_size))
         pairs = np.concatenate(blocks) if len(blocks) > 1 else uniform
         users = pairs[:, 0].astype(np.int64)
@@ -637,7 +637,7 @@ class Reader:
             "epoch": epoch,
             "step": step,
             "version": snap.version,
-            "probabilities": {name: p.tolist() for (name, _), p in zip(self.objectives, snap.probabilities)},
+            "probabilities": {name: p.tolist() for (name, _), p in zip(self.objectives, snap.probabilities, strict=True)},
             "cursors": {o.name: o.cursors() for o in self.weighted},
             "seed": self.seed,
             "rank": self.rank,

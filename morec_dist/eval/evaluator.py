@@ -43,6 +43,7 @@ HISTORY_SPLITS = {"valid": ("train",), "test": ("train", "valid")}
 MAX_SCORES_PER_BATCH = 1 << 26
 ITEM_CHUNK = 1 << 16
 READ_BATCH_ROWS = 1 << 20
+CPU = torch.device("cpu")  # the default device of the baselines (a device is immutable)
 
 Scorer = Callable[[np.ndarray], torch.Tensor]  # user ids [B] -> scores [B, num_items + 1]
 
@@ -306,7 +307,7 @@ def gather_concat(local: np.ndarray, world_size: int, device: torch.device) -> n
     padded[: local.size] = torch.from_numpy(local).to(device)
     parts = [torch.zeros_like(padded) for _ in range(world_size)]
     dist.all_gather(parts, padded)
-    return np.concatenate([p[: int(s.item())].cpu().numpy() for p, s in zip(parts, sizes)])
+    return np.concatenate([p[: int(s.item())].cpu().numpy() for p, s in zip(parts, sizes, strict=True)])
 
 
 def sum_over_ranks(t: torch.Tensor, world_size: int) -> np.ndarray:
@@ -390,7 +391,7 @@ def evaluate_most_popular(
     ks: list[int],
     rank: int = 0,
     world_size: int = 1,
-    device: torch.device = torch.device("cpu"),
+    device: torch.device = CPU,
     batch_users: int = 1024,
 ) -> EvalResult:
     """The most-popular baseline (score = train popularity), under the same protocol."""

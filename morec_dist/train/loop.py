@@ -108,7 +108,7 @@ def observe(
         rows=batch.num_rows,
         duration_s=duration,
         reader_wait_s=wait,
-        block_losses=dict(zip(names, (sums / counts).tolist())),
+        block_losses=dict(zip(names, (sums / counts).tolist(), strict=True)),
         staleness=getattr(strategy, "staleness_steps", 0),
         report_latency_s=getattr(strategy, "last_report_s", 0.0),
         waited=getattr(strategy, "last_waited", False),

@@ -153,7 +153,7 @@ class StaticWeighting:
         means = (self.sums / max(self.steps, 1)).tolist()
         self.sums.zero_()
         self.steps = 0
-        return {"objective_losses": dict(zip(self.objective_losses.names, means))}
+        return {"objective_losses": dict(zip(self.objective_losses.names, means, strict=True))}
 
 
 class MGDAStrategy:
@@ -189,4 +189,4 @@ class MGDAStrategy:
         means = (self.alpha_sums / max(self.steps, 1)).tolist()
         self.alpha_sums.zero_()
         self.steps = 0
-        return {"mgda_mean_weights": dict(zip(self.objective_losses.names, means))}
+        return {"mgda_mean_weights": dict(zip(self.objective_losses.names, means, strict=True))}

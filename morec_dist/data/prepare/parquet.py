@@ -26,6 +26,7 @@ Items and users tables (catalogue-sized) are read on the driver.
 
 from __future__ import annotations
 
+import itertools
 import math
 import sys
 import time
@@ -669,7 +670,7 @@ def _run(
     profile = pa.Table.from_pylist(
         read().map_batches(_profile, batch_format="pyarrow", fn_kwargs={"m": m, "items_ref": items_ref}).take_all()
     )
-    for path, problem in sorted(zip(profile["path"].to_pylist(), profile["problem"].to_pylist())):
+    for path, problem in sorted(zip(profile["path"].to_pylist(), profile["problem"].to_pylist(), strict=True)):
         if problem:
             raise PrepareError(f"{inter.label(path)}: {problem.split('; ')[0]}")
     positives = int(pc.sum(profile["positives"]).as_py() or 0)
@@ -868,7 +869,7 @@ def fairness_groups(names: np.ndarray, popularity: np.ndarray, max_groups: int) 
 
 def _check_user_ranges(pieces: list[dict[str, Any]]) -> None:
     ranges = sorted({(p["first_user"], p["last_user"]) for p in pieces})
-    for (a0, a1), (b0, b1) in zip(ranges, ranges[1:]):
+    for (a0, a1), (b0, b1) in itertools.pairwise(ranges):
         if b0 <= a1:  # Ray split a user range across blocks: leave-one-out would be wrong
             raise RuntimeError(f"internal: user ranges {a0}..{a1} and {b0}..{b1} overlap")
 

@@ -56,7 +56,7 @@ def make_catalogue(users: int, items: int, seed: int) -> Catalogue:
     first = rng.choice(NUM_GENRES, size=items, p=genre_weight / genre_weight.sum())
     extra_count = rng.integers(0, 3, size=items)
     genre_lists = []
-    for g, n in zip(first.tolist(), extra_count.tolist()):
+    for g, n in zip(first.tolist(), extra_count.tolist(), strict=True):
         extra = rng.choice(NUM_GENRES, size=n, replace=False).tolist()
         genre_lists.append([g] + [e for e in extra if e != g])
     return Catalogue(

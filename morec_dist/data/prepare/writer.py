@@ -66,7 +66,7 @@ def category_groups(
     name), every other genre ``top + 1``. Inputs are by item_id - 1. Returns the group per
     item (by item_id - 1) and the genre name of each of the first ``top`` groups."""
     totals: dict[str, int] = {}
-    for genre, count in zip(first_genre.tolist(), train_item_counts.tolist()):
+    for genre, count in zip(first_genre.tolist(), train_item_counts.tolist(), strict=True):
         totals[genre] = totals.get(genre, 0) + int(count)
     ranked = sorted(totals, key=lambda g: (-totals[g], g))[:top]
     rank_of = {g: i + 1 for i, g in enumerate(ranked)}
