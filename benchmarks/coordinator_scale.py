@@ -410,7 +410,9 @@ def plot(runs: list[dict[str, Any]], path: Path) -> None:
     )
     axes[0].plot([b[0] for b in base], [b[1] for b in base], ":", color="gray", label="no coordinator")
     axes[0].set_yscale("log")
-    for ax, title in zip(axes, ("steps/s", "steps/s / no-coordinator steps/s", "decisions that waited (%)"), strict=True):
+    for ax, title in zip(
+        axes, ("steps/s", "steps/s / no-coordinator steps/s", "decisions that waited (%)"), strict=True
+    ):
         ax.set_xscale("log", base=2)
         ax.set_xlabel("ranks")
         ax.set_title(title)

@@ -58,9 +58,7 @@ class NegativeSampler:
         self._accept, self._alias = alias_table(self.probabilities)
 
     @classmethod
-    def from_dataset(
-        cls, dataset: PreparedDataset, alpha: float, *, exclude_positive: bool = True
-    ) -> NegativeSampler:
+    def from_dataset(cls, dataset: PreparedDataset, alpha: float, *, exclude_positive: bool = True) -> NegativeSampler:
         return cls(dataset.item_column("popularity"), alpha, exclude_positive=exclude_positive)
 
     def _draw(self, rng: np.random.Generator, size: int | tuple[int, ...]) -> np.ndarray:

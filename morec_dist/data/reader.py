@@ -637,7 +637,9 @@ class Reader:
             "epoch": epoch,
             "step": step,
             "version": snap.version,
-            "probabilities": {name: p.tolist() for (name, _), p in zip(self.objectives, snap.probabilities, strict=True)},
+            "probabilities": {
+                name: p.tolist() for (name, _), p in zip(self.objectives, snap.probabilities, strict=True)
+            },
             "cursors": {o.name: o.cursors() for o in self.weighted},
             "seed": self.seed,
             "rank": self.rank,
