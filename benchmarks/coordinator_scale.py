@@ -158,7 +158,8 @@ def measure_gloo(procs: list[int], iters: int, blocks: int, cores: int) -> dict[
             "oversubscribed": p > cores,
         }
         print(
-            f"gloo gather + broadcast, {p:>2} processes: median {measured[p]['median_ms']:.3f} ms{' (more processes than cores)' if p > cores else ''}",
+            f"gloo gather + broadcast, {p:>2} processes: median {measured[p]['median_ms']:.3f} "
+            f"ms{' (more processes than cores)' if p > cores else ''}",
             flush=True,
         )
     fitted = {p: m for p, m in measured.items() if not m["oversubscribed"]} or {min(measured): measured[min(measured)]}
@@ -169,7 +170,10 @@ def measure_gloo(procs: list[int], iters: int, blocks: int, cores: int) -> dict[
     else:  # one point: both collectives as binomial trees, log2(N) hops at the measured per-hop cost
         p, m = next(iter(fitted.items()))
         a, b = 0.0, m["median_ms"] / math.log2(p)
-        law = f"round_ms(N) = round_ms({p}) / log2({p}) * log2(N): log2(N) hops at the measured cost per hop ({p} processes, the most this machine holds)"
+        law = (
+            f"round_ms(N) = round_ms({p}) / log2({p}) * log2(N): log2(N) hops at the measured cost per hop "
+            f"({p} processes, the most this machine holds)"
+        )
     return {
         "procs": {str(k): v for k, v in measured.items()},
         "cores": cores,
@@ -586,8 +590,10 @@ def _row(
 
 def _line(r: dict[str, Any]) -> str:
     return (
-        f"{r['protocol']:<9} ranks {r['ranks']:>4} s={r['staleness']}: {r['steps_per_s']:7.1f} steps/s (no coordinator {r['baseline_steps_per_s']:.1f}, "
-        f"ratio {r['ratio']:.3f}), waited {100 * r['wait_fraction']:5.1f}%, actor calls/step {r['actor_calls_per_step']:.0f}, replay match {r['beta_trace_matches_core_replay']}"
+        f"{r['protocol']:<9} ranks {r['ranks']:>4} s={r['staleness']}: {r['steps_per_s']:7.1f} steps/s (no "
+        f"coordinator {r['baseline_steps_per_s']:.1f}, "
+        f"ratio {r['ratio']:.3f}), waited {100 * r['wait_fraction']:5.1f}%, actor calls/step "
+        f"{r['actor_calls_per_step']:.0f}, replay match {r['beta_trace_matches_core_replay']}"
     )
 
 

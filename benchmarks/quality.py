@@ -37,10 +37,9 @@ PREFERENCES = {
     "fairness": {"revenue": 0.2, "fairness": 0.6, "alignment": 0.2},
     "alignment": {"revenue": 0.2, "fairness": 0.2, "alignment": 0.6},
 }
-TARGET_FACTORS = (
-    0.9,
-    1.0,
-)  # l_hat = factor * pretrained training loss; at 1.0 the fine-tuning loss stays below l_hat (beta rests near beta_min), 0.9 makes the controller work
+# l_hat = factor * pretrained training loss; at 1.0 the fine-tuning loss stays below l_hat
+# (beta rests near beta_min), 0.9 makes the controller work
+TARGET_FACTORS = (0.9, 1.0)
 
 
 @dataclass

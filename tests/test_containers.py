@@ -245,10 +245,8 @@ class Pod:
                 args += ["-v", f"{folder}:{m['mountPath']}:ro"]
             elif "persistentVolumeClaim" in v:
                 ro = ro or v["persistentVolumeClaim"].get("readOnly", False)
-                args += [
-                    "-v",
-                    f"{self.cluster.volumes[v['persistentVolumeClaim']['claimName']]}:{m['mountPath']}:{'ro' if ro else 'rw'}",
-                ]
+                volume = self.cluster.volumes[v["persistentVolumeClaim"]["claimName"]]
+                args += ["-v", f"{volume}:{m['mountPath']}:{'ro' if ro else 'rw'}"]
             elif "emptyDir" in v:
                 size = v["emptyDir"].get("sizeLimit", "1Gi").replace("Gi", "g").replace("Mi", "m")
                 if m["mountPath"] == "/dev/shm":

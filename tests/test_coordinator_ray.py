@@ -208,7 +208,8 @@ def test_two_torchrun_ranks_aggregate_exactly_and_deterministically(ray_address,
         waits = [r["stats"]["waits"] for r in ranks]
         print(
             f"\nrun {jitter_seed}: {steps} steps, wall {wall:.1f} s (torchrun + Ray connect), waits per rank {waits}, "
-            f"wait s {[round(r['stats']['wait_seconds'], 3) for r in ranks]}, loop s {[round(r['seconds'], 2) for r in ranks]}"
+            f"wait s {[round(r['stats']['wait_seconds'], 3) for r in ranks]}, loop s "
+            f"{[round(r['seconds'], 2) for r in ranks]}"
         )
     (ranks_a, trace_a), (ranks_b, trace_b) = runs
     assert [d["beta"] for d in ranks_a[0]["decisions"]] == [d["beta"] for d in ranks_b[0]["decisions"]]

@@ -117,7 +117,8 @@ def test_two_hosts_match_the_single_host_run(two_hosts, pretrained, tiny_data, t
         )
         # host B: its own /tmp/ray, as a separate machine would have
         inner = (
-            f"mkdir -p /tmp/ray && mount -t tmpfs tmpfs /tmp/ray && exec env NODE_RANK=1 LOCAL_ADDR={HOST_B} RAY_NODE_IP={HOST_B} "
+            f"mkdir -p /tmp/ray && mount -t tmpfs tmpfs /tmp/ray && exec env NODE_RANK=1 LOCAL_ADDR={HOST_B} "
+            f"RAY_NODE_IP={HOST_B} "
             f"GLOO_SOCKET_IFNAME={dev_b} bash {REPO / 'launch' / 'multinode.sh'} -- " + " ".join(f"'{x}'" for x in args)
         )
         node1 = subprocess.Popen(

@@ -93,7 +93,8 @@ class CoordinatorActor:
     def _need_core(self) -> CoordinatorCore:
         if self.core is None:
             raise CoordinatorNotConfigured(
-                "the coordinator is not configured yet (the job calls configure(spec) first, or the actor was restarted)"
+                "the coordinator is not configured yet (the job calls configure(spec) first, or the actor was "
+                "restarted)"
             )
         return self.core
 

@@ -76,7 +76,8 @@ def timed_wait(client: Any, step: int, wait: Callable[[], T]) -> T:
     client.waits += 1
     if client.waits <= LOG_FIRST_WAITS or client.waits % LOG_EVERY == 0:
         logger.info(
-            "rank %d: waiting on the coordinator for the decision of step %d (staleness %d; wait #%d, %.3f s waited so far)",
+            "rank %d: waiting on the coordinator for the decision of step %d (staleness %d; wait #%d, %.3f s waited "
+            "so far)",
             client.rank,
             step,
             client.staleness,
@@ -145,12 +146,14 @@ class CoordinatorClient:
 
         if self.recovery is None:
             raise CoordinatorError(
-                f"rank {self.rank}: the coordinator actor is gone ({type(why).__name__}) and this client cannot restore it"
+                f"rank {self.rank}: the coordinator actor is gone ({type(why).__name__}) and this client cannot "
+                "restore it"
             ) from None
         reason = "resync requested" if why is None else f"the coordinator actor is gone ({type(why).__name__})"
         if len(self._log) > self.max_log:
             raise CoordinatorError(
-                f"rank {self.rank}: coordinator lost, but {len(self._log)} reports since the last checkpoint exceed max_log {self.max_log}"
+                f"rank {self.rank}: coordinator lost, but {len(self._log)} reports since the last checkpoint exceed "
+                f"max_log {self.max_log}"
             )
         r = self.recovery
         logger.warning(
@@ -239,7 +242,8 @@ class CoordinatorClient:
         except ray.exceptions.GetTimeoutError:
             status = ray.get(self.actor.status.remote(), timeout=30)
             raise CoordinatorError(
-                f"rank {self.rank}: no decision for step {step} after {self.wait_timeout_s:.0f} s; coordinator status: {status}"
+                f"rank {self.rank}: no decision for step {step} after {self.wait_timeout_s:.0f} s; coordinator "
+                f"status: {status}"
             ) from None
         except Exception as exc:  # noqa: BLE001
             if not _lost(exc):

@@ -135,13 +135,15 @@ class GlobalCoordinatorClient:
         step = int(step)
         if step != self._posted_through + 1:
             raise CoordinatorError(
-                f"rank {self.rank}: report of step {step}, expected step {self._posted_through + 1} (steps are reported in order)"
+                f"rank {self.rank}: report of step {step}, expected step {self._posted_through + 1} (steps are "
+                "reported in order)"
             )
         self._raise_thread_error()
         k = self.num_blocks
         if len(loss_sums) != k or len(row_counts) != k:
             raise CoordinatorError(
-                f"rank {self.rank}, step {step}: expected {k} loss sums and row counts, got {len(loss_sums)} and {len(row_counts)}"
+                f"rank {self.rank}, step {step}: expected {k} loss sums and row counts, got {len(loss_sums)} and "
+                f"{len(row_counts)}"
             )
         vector = torch.tensor([*map(float, loss_sums), *map(float, row_counts)], dtype=torch.float64)
         gather_group = self.groups[0]
@@ -174,7 +176,8 @@ class GlobalCoordinatorClient:
         entry = self._headers.pop(step, None)
         if entry is None:
             raise CoordinatorError(
-                f"rank {self.rank}: no decision of step {step} was posted (reported through {self._posted_through}, staleness {self.staleness})"
+                f"rank {self.rank}: no decision of step {step} was posted (reported through {self._posted_through}, "
+                f"staleness {self.staleness})"
             )
         work, buffer = entry
         if not work.is_completed():
@@ -272,7 +275,8 @@ class GlobalCoordinatorClient:
         values = buffer.tolist()
         if int(values[0]) != step:
             raise CoordinatorError(
-                f"rank {self.rank}: received the decision of step {int(values[0])} for step {step} (collectives out of order)"
+                f"rank {self.rank}: received the decision of step {int(values[0])} for step {step} (collectives out "
+                "of order)"
             )
         version = int(values[4])
         if version != self._known_version:
@@ -316,7 +320,8 @@ class GlobalCoordinatorClient:
             while self._reported_through < self._posted_through and self._error is None:
                 if time.monotonic() > deadline:
                     raise CoordinatorError(
-                        f"rank 0: global reports through step {self._posted_through} not sent after {self.wait_timeout_s:.0f} s"
+                        f"rank 0: global reports through step {self._posted_through} not sent after "
+                        f"{self.wait_timeout_s:.0f} s"
                     )
                 self._cond.wait(timeout=1.0)
             steps, self._pending_flush = self._pending_flush, []

@@ -118,7 +118,8 @@ class CoordinatorSpec:
             raise CoordinatorError(f"morec.lam: expected > 0, got {self.lam}")
         if not (math.isfinite(self.target_loss) and self.target_loss > 0):
             raise CoordinatorError(
-                f"target loss l_hat: expected > 0 (resolve morec.pid.target_loss = 0 from the pretrained model first), got {self.target_loss}"
+                "target loss l_hat: expected > 0 (resolve morec.pid.target_loss = 0 from the pretrained model "
+                f"first), got {self.target_loss}"
             )
 
 

@@ -58,7 +58,8 @@ def probe_address(address: str, timeout_s: float = PROBE_TIMEOUT_S) -> None:
             pass
     except OSError as exc:
         raise CoordinatorError(
-            f"coordinator.ray_address {address}: no Ray head reachable there ({exc.strerror or exc}) within {timeout_s:.0f} s"
+            f"coordinator.ray_address {address}: no Ray head reachable there ({exc.strerror or exc}) within "
+            f"{timeout_s:.0f} s"
         ) from None
 
 

@@ -231,7 +231,8 @@ class PreparedDataset:
         groups = columns[column]["groups"]
         if str(gid) not in groups:
             raise DatasetError(
-                f"{self.path / schema.MANIFEST}: {column!r} has no group {gid} (groups 1..{columns[column]['num_groups']})"
+                f"{self.path / schema.MANIFEST}: {column!r} has no group {gid} (groups "
+                f"1..{columns[column]['num_groups']})"
             )
         return groups[str(gid)]
 

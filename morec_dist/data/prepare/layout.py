@@ -231,7 +231,8 @@ def write_group_layout(job: LayoutJob) -> dict[str, Any]:
             columns[column] = _finalise(job.root, column, num_groups, pieces)
             if job.progress:
                 print(
-                    f"[layout {time.monotonic() - started:6.1f}s] by_group/{column}: {num_groups} groups, {total:,} rows ({engine})",
+                    f"[layout {time.monotonic() - started:6.1f}s] by_group/{column}: {num_groups} groups, {total:,} "
+                    f"rows ({engine})",
                     file=sys.stderr,
                     flush=True,
                 )

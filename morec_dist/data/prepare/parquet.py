@@ -173,14 +173,16 @@ class ParquetMapping:
     def _check(self, source: str) -> None:
         if (self.label is None) == (self.rating is None):
             raise PrepareError(
-                f"{source}: [columns]: set exactly one of 'label' (positive when true / non-zero) or 'rating' with 'rating_threshold'"
+                f"{source}: [columns]: set exactly one of 'label' (positive when true / non-zero) or 'rating' with "
+                "'rating_threshold'"
             )
         if self.rating is not None and self.rating_threshold is None:
             raise PrepareError(f"{source}: [columns] rating_threshold: required with 'rating'")
         if self.split == "time":
             if self.valid_from is None or self.test_from is None or not self.valid_from <= self.test_from:
                 raise PrepareError(
-                    f"{source}: [split]: rule 'time' needs integers valid_from <= test_from (train < valid_from <= valid < test_from <= test)"
+                    f"{source}: [split]: rule 'time' needs integers valid_from <= test_from (train < valid_from <= "
+                    "valid < test_from <= test)"
                 )
         elif self.valid_from is not None or self.test_from is not None:
             raise PrepareError(f"{source}: [split]: valid_from / test_from apply only to rule 'time'")
@@ -296,7 +298,8 @@ def check_schemas(inputs: Inputs, expected: dict[str, str], what: str) -> dict[s
             allowed = ALLOWED["feature" if role.endswith("feature") else role]
             if _kind(t) not in allowed:
                 raise PrepareError(
-                    f"{inputs.label(path)}: column {column!r} has type {t}, expected one of {allowed} for the {what} {role}"
+                    f"{inputs.label(path)}: column {column!r} has type {t}, expected one of {allowed} for the {what} "
+                    f"{role}"
                 )
             if column in types and _kind(types[column]) != _kind(t):
                 raise PrepareError(
@@ -345,7 +348,8 @@ def check_ids(inputs: Inputs, table: pa.Table, origin: list[str], column: str, r
         dup = counts.filter(pc.greater(counts.field("counts"), 1))[0]["values"]
         second = np.flatnonzero(pc.equal(values, dup).to_numpy(zero_copy_only=False))[1]
         raise PrepareError(
-            f"{inputs.label(origin[second])}: column {column!r} ({role} id) repeats id {dup} (one row per {role} expected)"
+            f"{inputs.label(origin[second])}: column {column!r} ({role} id) repeats id {dup} (one row per {role} "
+            "expected)"
         )
 
 
@@ -361,7 +365,8 @@ def check_prices(label: str, price: pa.ChunkedArray | pa.Array, column: str) -> 
     low = pc.min(price).as_py()
     if low <= 0 or not math.isfinite(pc.max(price).as_py()):
         raise PrepareError(
-            f"{label}: column {column!r} (price) has values in [{low}, {pc.max(price).as_py()}], expected finite and > 0"
+            f"{label}: column {column!r} (price) has values in [{low}, {pc.max(price).as_py()}], expected finite and "
+            "> 0"
         )
 
 
@@ -694,7 +699,8 @@ def _run(
     num_users, num_items = len(user_vocab), len(item_vocab)
     if num_items < schema.NUM_BANDS:
         raise PrepareError(
-            f"{inter.uri}: column {m.item!r}: {num_items} items, need at least {schema.NUM_BANDS} (the popularity and price bands)"
+            f"{inter.uri}: column {m.item!r}: {num_items} items, need at least {schema.NUM_BANDS} (the popularity "
+            "and price bands)"
         )
     log(f"ids: {num_users:,} users, {num_items:,} items")
 
