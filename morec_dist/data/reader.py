@@ -201,7 +201,8 @@ def validate_probabilities(name: str, group_column: str, p: Any, counts: np.ndar
         raise ValueError(f"{where}: expected {len(counts)} probabilities (one per group), got shape {arr.shape}")
     if not np.isfinite(arr).all():
         raise ValueError(
-            f"{where}: probabilities must be finite; NaN/inf at groups {(np.flatnonzero(~np.isfinite(arr)) + 1).tolist()}"
+            f"{where}: probabilities must be finite; NaN/inf at groups "
+            f"{(np.flatnonzero(~np.isfinite(arr)) + 1).tolist()}"
         )
     if (arr < 0).any():
         raise ValueError(

@@ -262,7 +262,8 @@ def run_finetune(
         )
         progress(
             ctx.rank,
-            f"[{method}] epoch {epoch} loss {stats.mean_loss:.4f} valid hit@10 {valid['hit@10']:.4f} r_hit@10 {valid['r_hit@10']:.3f} min_hit@10 {valid['min_hit@10']:.4f} pop_kl@10 {valid['pop_kl@10']:.3f}",
+            f"[{method}] epoch {epoch} loss {stats.mean_loss:.4f} valid hit@10 {valid['hit@10']:.4f} r_hit@10 "
+            f"{valid['r_hit@10']:.3f} min_hit@10 {valid['min_hit@10']:.4f} pop_kl@10 {valid['pop_kl@10']:.3f}",
         )
         checkpoints.save(reader=reader, next_epoch=epoch + 1, job_state=job, strategy=strategy, coordinator=coordinator)
         if checkpoints.preemption.agreed(ctx.pg, ctx.world_size):
@@ -306,7 +307,8 @@ def run_finetune(
         write_json_atomic(run_dir / "metrics.json", result)
         progress(
             ctx.rank,
-            f"[{method}] test hit@10 {test['hit@10']:.4f} r_hit@10 {test['r_hit@10']:.3f} min_hit@10 {test['min_hit@10']:.4f} pop_kl@10 {test['pop_kl@10']:.3f}; wrote {run_dir / 'metrics.json'}",
+            f"[{method}] test hit@10 {test['hit@10']:.4f} r_hit@10 {test['r_hit@10']:.3f} min_hit@10 "
+            f"{test['min_hit@10']:.4f} pop_kl@10 {test['pop_kl@10']:.3f}; wrote {run_dir / 'metrics.json'}",
         )
     return result
 

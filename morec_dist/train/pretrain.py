@@ -151,7 +151,8 @@ def run_pretrain(config: Config, resume: bool | None = None) -> dict[str, Any]:
         job["history"].append(row)
         progress(
             ctx.rank,
-            f"[pretrain] epoch {epoch} loss {stats.mean_loss:.4f} valid {SELECT_METRIC} {valid[SELECT_METRIC]:.4f} hit@10 {valid['hit@10']:.4f} ({stats.rows_per_s:,.0f} rows/s, {stats.seconds:.1f}s)",
+            f"[pretrain] epoch {epoch} loss {stats.mean_loss:.4f} valid {SELECT_METRIC} {valid[SELECT_METRIC]:.4f} "
+            f"hit@10 {valid['hit@10']:.4f} ({stats.rows_per_s:,.0f} rows/s, {stats.seconds:.1f}s)",
         )
         best = job["best"]
         if not best or valid[SELECT_METRIC] > best["valid"][SELECT_METRIC]:
@@ -207,6 +208,7 @@ def run_pretrain(config: Config, resume: bool | None = None) -> dict[str, Any]:
         write_json_atomic(run_dir / "metrics.json", result)
         progress(
             ctx.rank,
-            f"[pretrain] test hit@10 {test['hit@10']:.4f} ndcg@10 {test['ndcg@10']:.4f} (most popular {popular['hit@10']:.4f} / {popular['ndcg@10']:.4f}); wrote {run_dir / 'metrics.json'}",
+            f"[pretrain] test hit@10 {test['hit@10']:.4f} ndcg@10 {test['ndcg@10']:.4f} (most popular "
+            f"{popular['hit@10']:.4f} / {popular['ndcg@10']:.4f}); wrote {run_dir / 'metrics.json'}",
         )
     return result

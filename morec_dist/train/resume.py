@@ -257,7 +257,8 @@ class Checkpointing:
         if not enabled:
             if ctx.rank == 0:
                 print(
-                    f"[{self.job}] not resuming (--no-resume / run.resume=false); {path} is ignored and will be superseded",
+                    f"[{self.job}] not resuming (--no-resume / run.resume=false); {path} is ignored and will be "
+                    "superseded",
                     file=sys.stderr,
                     flush=True,
                 )
