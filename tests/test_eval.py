@@ -24,7 +24,7 @@ from morec_dist.eval import evaluate, evaluate_most_popular
 
 SCRIPTS = Path(__file__).parent / "dist_scripts"
 sys.path.insert(0, str(SCRIPTS))
-from integer_model import integer_mf  # noqa: E402
+from integer_model import integer_mf  # noqa: E402 - found on the sys.path entry just above
 
 REPO = Path(__file__).resolve().parents[1]
 KS = [1, 3, 10]

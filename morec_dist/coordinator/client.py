@@ -174,7 +174,7 @@ class CoordinatorClient:
                     timeout=self.wait_timeout_s,
                 )
                 break
-            except Exception as exc:  # noqa: BLE001 - the actor may still be restarting
+            except Exception as exc:  # broad on purpose: the actor may still be restarting
                 if not (_lost(exc) or isinstance(exc, ray.exceptions.GetTimeoutError)) or time.monotonic() > deadline:
                     raise CoordinatorError(f"rank {self.rank}: could not restore the coordinator: {exc}") from None
                 time.sleep(RECOVERY_POLL_S)
@@ -189,7 +189,7 @@ class CoordinatorClient:
         while True:
             try:
                 return ray.get(getattr(self.actor, method).remote(*args), timeout=self.wait_timeout_s)
-            except Exception as exc:  # noqa: BLE001
+            except Exception as exc:  # any error: _lost() tells a lost actor from a real one
                 if not _lost(exc):
                     raise
                 self._recover(exc)
@@ -245,7 +245,7 @@ class CoordinatorClient:
                 f"rank {self.rank}: no decision for step {step} after {self.wait_timeout_s:.0f} s; coordinator "
                 f"status: {status}"
             ) from None
-        except Exception as exc:  # noqa: BLE001
+        except Exception as exc:  # any error: _lost() tells a lost actor from a real one
             if not _lost(exc):
                 raise
             logger.warning(
@@ -269,7 +269,7 @@ class CoordinatorClient:
         while True:
             try:
                 return self._flush_once()
-            except Exception as exc:  # noqa: BLE001
+            except Exception as exc:  # any error: _lost() tells a lost actor from a real one
                 if not _lost(exc):
                     raise
                 self._recover(exc)

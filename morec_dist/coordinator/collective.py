@@ -230,7 +230,7 @@ class GlobalCoordinatorClient:
                     self._produced_through = decision.step
                     self._cond.notify_all()
                 self._send(decision)
-        except BaseException as exc:  # noqa: BLE001 - surfaced on the main thread
+        except BaseException as exc:  # broad on purpose: surfaced on the main thread
             logger.error("rank 0: the coordinator client thread failed: %s", exc)
             with self._cond:
                 self._error = exc

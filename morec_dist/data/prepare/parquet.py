@@ -833,8 +833,6 @@ def _item_meta(
             order
         ).combine_chunks()
     # no items table: the largest price / category an item's positives carry
-    import ray.data  # noqa: F401
-
     agg = pa.Table.from_pylist(
         read()
         .map_batches(_positive_item_columns, batch_format="pyarrow", fn_kwargs={"m": m})
