@@ -339,7 +339,7 @@ def run_per_rank(
     spec = make_spec(ranks, staleness, sampler_every)
     actor = new_actor()
     ray.get(actor.configure.remote(spec, None, f"bench-{uuid.uuid4().hex}"))
-    log = {"waits": 0, "waited": [], "calls": 0, "other": ranks, "betas": []}
+    log: dict[str, Any] = {"waits": 0, "waited": [], "calls": 0, "other": ranks, "betas": []}
 
     async def main() -> float:
         barrier = asyncio.Barrier(ranks)

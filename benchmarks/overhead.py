@@ -32,7 +32,7 @@ from benchmarks.common import REPO, Recorder, bench_env, bench_parser, default_o
 
 DEFAULT_CONFIG = REPO / "configs" / "quickstart.toml"
 DEFAULT_DATA = REPO / ".data" / "movielens-1m"
-SYNTHETIC_FALLBACK = {"users": 6040, "items": 3706, "rows": 1_000_000}
+SYNTHETIC_FALLBACK: dict[str, Any] = {"users": 6040, "items": 3706, "rows": 1_000_000}
 
 
 def ensure_data(path: Path, seed: int) -> tuple[Path, str]:

@@ -53,7 +53,7 @@ class Plan:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
-QUICK_DATA = {"users": 2000, "items": 800, "rows": 80_000}
+QUICK_DATA: dict[str, Any] = {"users": 2000, "items": 800, "rows": 80_000}
 
 
 def quick_dataset(seed: int) -> Path:

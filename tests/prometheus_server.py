@@ -20,7 +20,7 @@ import time
 import urllib.error
 import urllib.parse
 import urllib.request
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -194,7 +194,7 @@ class PrometheusServer:
 
 
 @pytest.fixture(scope="module")
-def prometheus(prometheus_targets: Mapping[str, Sequence[str]], tmp_path_factory) -> PrometheusServer:
+def prometheus(prometheus_targets: Mapping[str, Sequence[str]], tmp_path_factory) -> Iterator[PrometheusServer]:
     """A real Prometheus scraping ``prometheus_targets`` (a fixture the test module defines)."""
     workdir = tmp_path_factory.mktemp("prometheus")
     server = PrometheusServer.start(prometheus_targets, workdir)

@@ -284,7 +284,7 @@ class Pod:
         out = sh(*PODMAN, "inspect", "--format", "{{.State.Status}} {{.State.ExitCode}}", self.main).stdout.split()
         return int(out[1]) if out[0] in ("exited", "stopped") else None
 
-    def stop_as_the_kubelet(self) -> tuple[int, float]:
+    def stop_as_the_kubelet(self) -> tuple[int | None, float]:
         """SIGTERM, terminationGracePeriodSeconds, then SIGKILL: the exit code and how long it took."""
         grace = int(self.spec.get("terminationGracePeriodSeconds", 30))
         start = time.monotonic()

@@ -10,7 +10,9 @@ import os
 import subprocess
 import sys
 from collections import defaultdict
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -90,14 +92,14 @@ def brute_force(root: Path, split: str, score_of, ks: list[int]) -> dict:
     return {"metrics": metrics, "ranks": ranks, "users": users, "counts": counts}
 
 
-def mf_scores(model) -> callable:
+def mf_scores(model) -> Callable[[int], np.ndarray]:
     weights = model.state_dict()
     user_table = weights["user_ebc.embedding_bags.t_user_id.weight"].double().numpy()
     item_table = weights["item_ebc.embedding_bags.t_item_id.weight"].double().numpy()
     return lambda u: item_table @ user_table[u]
 
 
-def popularity_scores(root: Path) -> callable:
+def popularity_scores(root: Path) -> Callable[[int], np.ndarray]:
     items = pq.read_table(root / "items.parquet").to_pylist()
     pop = np.zeros(len(items) + 1)
     for r in items:
@@ -129,7 +131,7 @@ def as_json(result) -> dict:
 # ------------------------------------------------------------------------ tests
 
 
-def in_process(data_dir: Path) -> dict:
+def in_process(data_dir: Path) -> tuple[dict[str, Any], torch.nn.Module]:
     data = PreparedDataset.open(data_dir)
     features = FeatureBuilder(data.path, data.num_users, data.num_items, "ids")
     model = integer_mf(features)

@@ -111,7 +111,8 @@ def publisher(schedule, tmp_path_factory) -> Iterator[dict[str, Any]]:
         ports = json.loads(ready.read_text())["ports"]
         yield {"ports": ports, "base_port": base_port, "done": done, "process": process}
     finally:
-        process.stdin.close()  # the publisher serves until its stdin closes
+        if process.stdin is not None:
+            process.stdin.close()  # the publisher serves until its stdin closes
         try:
             process.wait(timeout=10)
         except subprocess.TimeoutExpired:

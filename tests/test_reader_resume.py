@@ -13,11 +13,11 @@ import json
 from pathlib import Path
 
 import pytest
-import reader_data
 import torch
 
 from morec_dist.data.batch import Batch
 from morec_dist.data.reader import Reader
+from tests import reader_data
 
 OBJECTIVES = [("fairness", "fair_group"), ("revenue", "rev_group")]
 P_NEW = {"fairness": [0.05, 0.05, 0.1, 0.1, 0.2, 0.2, 0.3, 0.0], "revenue": [0.7, 0.1, 0.1, 0.1]}

@@ -12,22 +12,23 @@ import itertools
 import threading
 from collections import Counter
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
-import reader_data
 from scipy import stats
 
 from morec_dist.data.dataset import PreparedDataset
 from morec_dist.data.group_streams import GroupLayout, GroupLayoutError
 from morec_dist.data.negatives import NegativeSampler
 from morec_dist.data.reader import Reader
+from tests import reader_data
 
 ALPHA = 1e-3  # reject at p < 0.001
 DRAWS = 300_000
 BLOCK = 5000
 
-SKEWED = {
+SKEWED: dict[str, Any] = {
     "proportional": None,  # filled from the group sizes
     "tiny_heavy": [0.01, 0.02, 0.02, 0.05, 0.1, 0.2, 0.6, 0.0],
     "tiny_light": [0.9, 0.04, 0.03, 0.02, 0.005, 0.004, 0.001, 0.0],
@@ -67,7 +68,7 @@ COUNTS = np.bincount(reader_data._item_groups()[0], weights=reader_data._item_gr
 
 
 def _fair_reader(data_dir, **kwargs) -> Reader:
-    args = dict(batch_size=8, num_negatives=1, seed=11, objectives=[("fairness", "fair_group")])
+    args: dict[str, Any] = dict(batch_size=8, num_negatives=1, seed=11, objectives=[("fairness", "fair_group")])
     args.update(kwargs)
     return Reader(data_dir, **args)
 
@@ -234,7 +235,7 @@ OBJECTIVES = [("fairness", "fair_group"), ("revenue", "rev_group")]
 
 
 def _reader(data_dir, **kwargs) -> Reader:
-    args = dict(batch_size=256, num_negatives=3, seed=11, objectives=OBJECTIVES, prefetch_batches=3)
+    args: dict[str, Any] = dict(batch_size=256, num_negatives=3, seed=11, objectives=OBJECTIVES, prefetch_batches=3)
     args.update(kwargs)
     return Reader(data_dir, **args)
 

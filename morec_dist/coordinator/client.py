@@ -327,7 +327,7 @@ class CoordinatorClient:
     def history(self) -> list[dict[str, Any]]:
         return self._call("history")
 
-    def stats(self) -> dict[str, float]:
+    def stats(self) -> dict[str, float | str]:
         return {
             "rank": self.rank,
             "protocol": "per_rank",

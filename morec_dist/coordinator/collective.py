@@ -120,7 +120,7 @@ class GlobalCoordinatorClient:
         if self.rank == 0:
             # fetched by the client's own start() (one actor call), else asked now
             for t in range(first_step, first_step + self.staleness):
-                d = self.inner.decision_for_step(t)
+                d = self._rank0_only("start").decision_for_step(t)
                 self._decisions[d.step] = d
                 self._send(d)
             self._thread = threading.Thread(target=self._serve, name="morec-coordinator-client", daemon=True)
@@ -218,13 +218,13 @@ class GlobalCoordinatorClient:
                 if work is not None:
                     work.wait()
                 sums, counts = global_sums(buffers, self.num_blocks)
-                self.inner.report(step, sums, counts)
+                self._rank0_only("report").report(step, sums, counts)
                 self.actor_calls += 1
                 with self._cond:
                     self._reported_through = step
                     self._pending_flush.append(step)
                     self._cond.notify_all()
-                decision = self.inner.decision_for_step(step + self.staleness)
+                decision = self._rank0_only("decision_for_step").decision_for_step(step + self.staleness)
                 with self._cond:
                     self._decisions[decision.step] = decision
                     self._produced_through = decision.step
@@ -327,7 +327,7 @@ class GlobalCoordinatorClient:
             steps, self._pending_flush = self._pending_flush, []
         self._raise_thread_error()
         if steps:
-            self.inner._call("wait_recorded", 0, steps)
+            self._rank0_only("wait_recorded")._call("wait_recorded", 0, steps)
 
     def close(self) -> None:
         """End of training (every rank, same point): produce and receive the decisions
@@ -344,7 +344,8 @@ class GlobalCoordinatorClient:
                         )
                     self._cond.wait(timeout=1.0)
             self._queue.put(_STOP)
-            self._thread.join(timeout=self.wait_timeout_s)
+            if self._thread is not None:
+                self._thread.join(timeout=self.wait_timeout_s)
             self._raise_thread_error()
             for work, _ in self._sent:
                 work.wait()
@@ -368,29 +369,27 @@ class GlobalCoordinatorClient:
         only rank 0, the protocol's one actor client."""
         return self.rank == 0
 
-    def _rank0_only(self, what: str) -> None:
-        if self.rank != 0:
+    def _rank0_only(self, what: str) -> CoordinatorClient:
+        """Rank 0's actor client; ``what`` on any other rank is an error."""
+        if self.rank != 0 or self.inner is None:
             raise CoordinatorError(
                 f"rank {self.rank}: {what} is rank 0's (the only coordinator client of the global protocol)"
             )
+        return self.inner
 
     def submit_signals(self, step: int, signals: Mapping[str, Sequence[float]]) -> int:
-        self._rank0_only("submit_signals")
-        return self.inner.submit_signals(step, signals)
+        return self._rank0_only("submit_signals").submit_signals(step, signals)
 
     def state_dict(self) -> dict[str, Any]:
-        self._rank0_only("state_dict")
-        return self.inner.state_dict()
+        return self._rank0_only("state_dict").state_dict()
 
     def trace(self) -> dict[str, list]:
-        self._rank0_only("trace")
-        return self.inner.trace()
+        return self._rank0_only("trace").trace()
 
     def history(self) -> list[dict[str, Any]]:
-        self._rank0_only("history")
-        return self.inner.history()
+        return self._rank0_only("history").history()
 
-    def stats(self) -> dict[str, float]:
+    def stats(self) -> dict[str, float | str]:
         return {
             "rank": self.rank,
             "protocol": "global",
@@ -404,7 +403,7 @@ class GlobalCoordinatorClient:
         }
 
 
-def global_sums(per_rank: Sequence[Any], num_blocks: int) -> tuple[list[float], list[int]]:
+def global_sums(per_rank: Sequence[Any] | np.ndarray, num_blocks: int) -> tuple[list[float], list[int]]:
     """Rank-ordered per-rank vectors [sums.., counts..] -> exact global (sums, counts).
 
     ``math.fsum`` is correctly rounded: the result depends only on the multiset of values,
@@ -431,4 +430,4 @@ def new_groups(timeout_s: float = 600.0) -> tuple[Any, Any, Any]:
     if not dist.is_initialized():
         return (None, None, None)
     timeout = timedelta(seconds=timeout_s)
-    return tuple(dist.new_group(backend="gloo", timeout=timeout) for _ in range(3))  # type: ignore[return-value]
+    return tuple(dist.new_group(backend="gloo", timeout=timeout) for _ in range(3))

@@ -48,7 +48,7 @@ from typing import Any
 import numpy as np
 
 from morec_dist.coordinator.objectives import ObjectiveError, ObjectiveSet
-from morec_dist.coordinator.pid import PIDController, PIDGains
+from morec_dist.coordinator.pid import PIDController, PIDGains, PIDStep
 from morec_dist.coordinator.sampler import SamplerState
 
 STATE_FORMAT = 1
@@ -144,7 +144,7 @@ class CoordinatorCore:
         self.spec = spec
         self.names = spec.objectives.names
         self.pid = PIDController(spec.gains)
-        self.last_pid = None
+        self.last_pid: PIDStep | None = None
         self.sampler = SamplerState(
             spec.objectives.initial_probabilities(), {o.name: o.alpha for o in spec.objectives.objectives}
         )

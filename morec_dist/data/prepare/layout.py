@@ -116,7 +116,7 @@ def _write_column_local(train: pa.Table, out_root: Path, column: str, m: list[in
 
 
 def _write_column_ray(
-    part_paths: list[Path], offsets: list[tuple[int, int]], out_root: Path, column: str, m: list[int], seed: int
+    part_paths: list[Path], offsets: list[tuple[int, int, int]], out_root: Path, column: str, m: list[int], seed: int
 ) -> list[dict[str, Any]]:
     import ray.data
 
@@ -211,7 +211,7 @@ def write_group_layout(job: LayoutJob) -> dict[str, Any]:
     counts = _train_counts(paths, job.group_columns)
     columns = {}
     train = None
-    runtime = contextlib.nullcontext()
+    runtime: contextlib.AbstractContextManager[None] = contextlib.nullcontext()
     if engine == "ray" and total:
         from morec_dist.data.prepare.ray_env import ray_runtime
 

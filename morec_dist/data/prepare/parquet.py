@@ -31,6 +31,7 @@ import math
 import sys
 import time
 import tomllib
+from collections.abc import Sequence
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -95,7 +96,7 @@ class ParquetMapping:
     }
 
     @classmethod
-    def from_toml(cls, path: str | Path, overrides: list[str] = ()) -> ParquetMapping:
+    def from_toml(cls, path: str | Path, overrides: Sequence[str] = ()) -> ParquetMapping:
         path = Path(path)
         try:
             raw = tomllib.loads(path.read_text())
@@ -200,8 +201,15 @@ class ParquetMapping:
     def item_columns_source(self) -> str:
         return "items" if self.items is not None else "interactions"
 
+    @property
+    def positive_column(self) -> str:
+        """The label column, else the rating column (from_toml requires exactly one)."""
+        column = self.label or self.rating
+        assert column is not None, "from_toml validates [columns]"
+        return column
+
     def interaction_columns(self) -> list[str]:
-        cols = [self.user, self.item, self.timestamp, self.label or self.rating]
+        cols = [self.user, self.item, self.timestamp, self.positive_column]
         if self.items is None:
             cols += [self.price, self.category]
         return cols
@@ -418,6 +426,7 @@ def _positive_mask(batch: pa.Table, m: ParquetMapping) -> pa.Array:
     if m.label is not None:
         col = batch[m.label]
         return pc.fill_null(pc.cast(col, pa.bool_()) if not pa.types.is_boolean(col.type) else col, False)
+    assert m.rating_threshold is not None, "from_toml requires it with 'rating'"
     return pc.fill_null(pc.greater_equal(pc.cast(batch[m.rating], pa.float64()), float(m.rating_threshold)), False)
 
 
@@ -609,7 +618,7 @@ def prepare_parquet(
         m.user: "user",
         m.item: "item",
         m.timestamp: "timestamp",
-        (m.label or m.rating): "label" if m.label else "rating",
+        m.positive_column: "label" if m.label else "rating",
     }
     if m.items is None:
         roles.update({m.price: "price", m.category: "category"})

@@ -64,7 +64,7 @@ def make_catalogue(users: int, items: int, seed: int) -> Catalogue:
     )
 
 
-def chunks(rows: int, seed: int, cat: Catalogue) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+def chunks(rows: int, seed: int, cat: Catalogue) -> Iterator[tuple[int, np.ndarray, np.ndarray]]:
     """Yields (first_row_index, user_ids, item_ids) per chunk; identical on every pass."""
     for c, start in enumerate(range(0, rows, CHUNK_ROWS)):
         n = min(CHUNK_ROWS, rows - start)
