@@ -219,7 +219,8 @@ def work_rss(data: Path, batches: int, seed: int) -> dict[str, Any]:
         for step in range(batches):
             if step % P_EVERY == 0:
                 reader.set_probabilities(
-                    step + 1, {n: skewed(SKEWS[(step // P_EVERY) % len(SKEWS)], c, rng) for n, c in counts.items()}
+                    step + 1,
+                    {n: skewed(SKEWS[(step // P_EVERY) % len(SKEWS)], c, rng).tolist() for n, c in counts.items()},
                 )
             try:
                 rows += next(it).num_rows

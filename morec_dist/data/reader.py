@@ -33,7 +33,7 @@ from __future__ import annotations
 import math
 import queue
 import threading
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Generator, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -269,7 +269,7 @@ class WeightedObjective:
     def _max_weights(self, dataset: PreparedDataset) -> np.ndarray:
         """The largest row weight of each group, from the item table (weights are item columns)."""
         try:
-            weight, group = dataset.item_column(self.weight_column), dataset.item_column(self.column)
+            weight, group = dataset.item_column(str(self.weight_column)), dataset.item_column(self.column)
         except KeyError:
             raise ValueError(
                 f"objective {self.name!r}: row weight column {self.weight_column!r} must be a column of "
@@ -329,6 +329,7 @@ class WeightedObjective:
         # Acceptance by w / max w walks the stream and keeps each row with probability
         # proportional to its weight: the kept rows follow w within the group, exactly.
         kept: list[np.ndarray] = []
+        assert self.max_weight is not None, "thinning runs only with a weight column"
         top = self.max_weight[g]
         for _ in range(MAX_THINNING_ROUNDS):
             m = max(4 * need, 256)
@@ -525,7 +526,7 @@ class Reader:
             raise ValueError(f"set_probabilities: version must be an integer, got {version!r}")
         with self._lock:
             current = self._snapshot
-        merged = {name: p for (name, _), p in zip(self.objectives, current.probabilities, strict=True)}
+        merged: dict[str, Any] = {name: p for (name, _), p in zip(self.objectives, current.probabilities, strict=True)}
         merged.update(probabilities)
         new = self._validated(int(version), merged)
         with self._lock:
@@ -574,7 +575,7 @@ class Reader:
             )
             self._window_prefetcher.start()
 
-    def __iter__(self) -> Iterator[Batch]:
+    def __iter__(self) -> Generator[Batch, None, None]:
         self._stop_prefetch()
         self._epoch, self._step = self._position()  # a finished epoch not yet rolled over
         epoch = self._epoch

@@ -27,6 +27,7 @@ from typing import Any
 import torch.distributed as dist
 
 from morec_dist.config import Config, ConfigError, check_per_rank_fits
+from morec_dist.coordinator.client import CoordinatorClient
 from morec_dist.coordinator.collective import GlobalCoordinatorClient, new_groups
 from morec_dist.coordinator.core import CoordinatorError, build_spec
 from morec_dist.coordinator.objectives import ObjectiveError
@@ -110,7 +111,7 @@ def build_morec(config: Config, trainer: Trainer, target_loss: float, resume: Re
             state = coordinator_state_for(resume.coordinator, reporters)
     if per_rank:
         connect_ray(config.coordinator.ray_address, config.coordinator.namespace)
-        client = open_coordinator(
+        client: CoordinatorClient | GlobalCoordinatorClient = open_coordinator(
             config.coordinator, spec, run_id=run_id, rank=ctx.rank, state=state, first_step=first_step
         )
     else:
@@ -169,7 +170,7 @@ def open_global_coordinator(
 COORDINATOR_CHECKPOINT_TRIES = 3
 
 
-def coordinator_checkpoint(client: Any, trainer: Trainer) -> dict[str, Any]:
+def coordinator_checkpoint(client: Any, trainer: Trainer) -> dict[str, Any] | None:
     """Every rank's reports recorded (flush + barrier), then the coordinator's state: it
     holds every step < trainer.step. Each client keeps it as the base of a recovery.
 

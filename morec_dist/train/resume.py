@@ -110,7 +110,7 @@ def join_restarted_group() -> None:
 
 def rng_state() -> dict[str, Any]:
     """This process's RNG states as JSON (torch CPU, numpy's legacy global, python)."""
-    np_state = np.random.get_state()
+    np_state: Any = np.random.get_state()  # the legacy tuple (numpy types it as tuple | dict)
     py_version, py_state, py_gauss = random.getstate()
     return {
         "torch": torch.get_rng_state().tolist(),

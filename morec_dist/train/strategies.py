@@ -61,6 +61,7 @@ class MorecStrategy:
 
     def step_loss(self, scores: torch.Tensor, per_row: torch.Tensor, batch: Batch, step: int) -> torch.Tensor:
         d = self.decision
+        assert d is not None, "before_step sets the decision"
         if batch.version != d.p_version:
             raise RuntimeError(f"step {step}: batch drawn with p version {batch.version}, decision says {d.p_version}")
         loss, _ = combined_loss(per_row, batch.block_ids, d.beta, d.block_weights(), d.lam)
