@@ -13,6 +13,8 @@ import pytest
 
 from benchmarks.report import generate
 
+# real Ray, gloo processes and the benchmark CLI: minutes, not for test-fast
+pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parent.parent
 RANKS = (8, 64)
 STALENESS = (1, 2)

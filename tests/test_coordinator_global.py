@@ -93,6 +93,7 @@ def test_a_per_rank_configuration_that_would_hang_is_refused():
         load_config(None, ['coordinator.protocol="ring"'])
 
 
+@pytest.mark.slow
 def test_status_and_set_preferences_never_queue_behind_waiting_step_calls(ray_address):
     import ray
 

@@ -162,6 +162,7 @@ def _replay(spec, decisions: list[dict], steps: int, every: int) -> CoordinatorC
     return core
 
 
+@pytest.mark.slow
 def test_two_torchrun_ranks_aggregate_exactly_and_deterministically(ray_address, tmp_path):
     import ray
 
@@ -229,6 +230,7 @@ def _cli(*args: str) -> subprocess.CompletedProcess:
     )
 
 
+@pytest.mark.slow
 def test_cli_starts_a_detached_actor_and_sets_preferences_live(ray_address):
     import ray
 

@@ -163,6 +163,7 @@ def test_single_process_matches_brute_force(data_dir):
     assert 0 < results["mf_test"]["metrics"]["hit@10"] < 1
 
 
+@pytest.mark.slow
 def test_two_ranks_sharded_match_brute_force_and_one_rank(data_dir, tmp_path):
     out = tmp_path / "eval.json"
     cmd = [

@@ -235,6 +235,7 @@ def test_string_ids_list_column_time_split(prepared):
     assert sum(ds.q_star) == pytest.approx(1.0)
 
 
+@pytest.mark.slow
 def test_leave_one_out_through_s3(inputs, tmp_path):
     """The same inputs, uploaded to a real S3-compatible server on loopback and read by the
     Ray workers through pyarrow's S3 filesystem, split leave-one-out per user."""
@@ -261,6 +262,7 @@ def test_leave_one_out_through_s3(inputs, tmp_path):
     assert ds.manifest["source"]["mapping"]["interactions"] == [f"s3://logs/raw/inter{query}"]
 
 
+@pytest.mark.slow
 def test_ray_layout_engine_writes_the_same_bytes(prepared, tmp_path):
     """The by_group writer on Ray Data (range-partitioning sort) and in-process agree byte
     for byte, so the engine `auto` picks by size never changes a dataset."""
