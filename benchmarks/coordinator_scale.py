@@ -54,11 +54,16 @@ import threading
 import time
 import uuid
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from benchmarks.common import Recorder, bench_parser, default_out, note, percentile
+
+if TYPE_CHECKING:  # imported where used, after the benchmark has set up its processes
+    import asyncio
+
+    from morec_dist.coordinator.core import CoordinatorSpec
 
 RANKS = (8, 64, 256, 1024)
 STALENESS = (1, 2)
@@ -93,7 +98,7 @@ def rank_vectors(ranks: int, step: int, beta: float, blocks: int) -> np.ndarray:
     return np.concatenate([means * counts, counts], axis=1)
 
 
-def signals(spec: Any, step: int) -> dict[str, list[float]]:
+def signals(spec: CoordinatorSpec, step: int) -> dict[str, list[float]]:
     rng = np.random.default_rng([step, 7])
     return {r.objective: rng.random(r.num_groups).tolist() for r in spec.objectives.signal_requests()}
 
@@ -293,7 +298,13 @@ def run_global(
 
 
 async def _per_rank_rank(
-    actor: Any, spec: Any, ranks: int, rank: int, durations: np.ndarray, log: dict[str, Any], barrier: Any
+    actor: Any,
+    spec: CoordinatorSpec,
+    ranks: int,
+    rank: int,
+    durations: np.ndarray,
+    log: dict[str, Any],
+    barrier: asyncio.Barrier,
 ) -> None:
     import asyncio
 

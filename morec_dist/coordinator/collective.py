@@ -39,7 +39,7 @@ import math
 import queue
 import threading
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -303,7 +303,7 @@ class GlobalCoordinatorClient:
             self._gathers.pop(step)[0].wait()
 
     # ------------------------------------------------------------------ waits
-    def _count_wait(self, step: int, wait: Any) -> None:
+    def _count_wait(self, step: int, wait: Callable[[], object]) -> None:
         timed_wait(self, step, wait)
 
     # --------------------------------------------------------- flush, close, state

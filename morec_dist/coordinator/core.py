@@ -47,9 +47,10 @@ from typing import Any
 
 import numpy as np
 
+from morec_dist.config import Config
 from morec_dist.coordinator.objectives import ObjectiveError, ObjectiveSet
 from morec_dist.coordinator.pid import PIDController, PIDGains, PIDStep
-from morec_dist.coordinator.sampler import SamplerState
+from morec_dist.coordinator.sampler import GroupStats, SamplerState
 
 STATE_FORMAT = 1
 
@@ -496,8 +497,8 @@ def _same_signals(a: Mapping[str, list[float]], b: Mapping[str, list[float]]) ->
 
 
 def build_spec(
-    config: Any,
-    stats: Any,
+    config: Config,
+    stats: GroupStats,
     *,
     world_size: int,
     target_loss: float | None = None,
