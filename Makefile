@@ -8,7 +8,7 @@ EXTRA  ?= cpu
 TORCHREC := torchrec==1.8.0
 DATA   ?= .data/movielens-1m
 
-.PHONY: venv run test bench data clean
+.PHONY: venv run lint test test-fast bench data clean
 
 venv: $(STAMP)
 
@@ -28,7 +28,18 @@ data: venv
 run: venv
 	$(BIN)/morec run --config configs/quickstart.toml
 
-test: venv
+# ruff (lint + format) and mypy over the whole tree, as pyproject.toml configures them.
+lint: venv
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/mypy
+
+# the tests not marked slow: for iteration (no torchrun jobs, no containers, no Prometheus)
+test-fast: venv
+	bash tests/run.sh -m "not slow"
+
+# lint first: `.ci/run` only calls `make test`, and a lint or type error must fail it
+test: venv lint
 	bash tests/tools/install_prometheus.sh
 	bash tests/tools/install_containers.sh
 	bash tests/run.sh

@@ -54,11 +54,16 @@ import threading
 import time
 import uuid
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from benchmarks.common import Recorder, bench_parser, default_out, note, percentile
+
+if TYPE_CHECKING:  # imported where used, after the benchmark has set up its processes
+    import asyncio
+
+    from morec_dist.coordinator.core import CoordinatorSpec
 
 RANKS = (8, 64, 256, 1024)
 STALENESS = (1, 2)
@@ -93,7 +98,7 @@ def rank_vectors(ranks: int, step: int, beta: float, blocks: int) -> np.ndarray:
     return np.concatenate([means * counts, counts], axis=1)
 
 
-def signals(spec: Any, step: int) -> dict[str, list[float]]:
+def signals(spec: CoordinatorSpec, step: int) -> dict[str, list[float]]:
     rng = np.random.default_rng([step, 7])
     return {r.objective: rng.random(r.num_groups).tolist() for r in spec.objectives.signal_requests()}
 
@@ -151,14 +156,15 @@ def measure_gloo(procs: list[int], iters: int, blocks: int, cores: int) -> dict[
                 start_method="spawn",
                 join=True,
             )
-            times = eval(Path(out).read_text())  # noqa: S307 - our own repr of a float list
+            times = eval(Path(out).read_text())  # our own repr of a float list (trusted input)
         measured[p] = {
             "median_ms": 1000 * float(np.median(times)),
             "p90_ms": 1000 * percentile(times, 90),
             "oversubscribed": p > cores,
         }
         print(
-            f"gloo gather + broadcast, {p:>2} processes: median {measured[p]['median_ms']:.3f} ms{' (more processes than cores)' if p > cores else ''}",
+            f"gloo gather + broadcast, {p:>2} processes: median {measured[p]['median_ms']:.3f} "
+            f"ms{' (more processes than cores)' if p > cores else ''}",
             flush=True,
         )
     fitted = {p: m for p, m in measured.items() if not m["oversubscribed"]} or {min(measured): measured[min(measured)]}
@@ -169,7 +175,10 @@ def measure_gloo(procs: list[int], iters: int, blocks: int, cores: int) -> dict[
     else:  # one point: both collectives as binomial trees, log2(N) hops at the measured per-hop cost
         p, m = next(iter(fitted.items()))
         a, b = 0.0, m["median_ms"] / math.log2(p)
-        law = f"round_ms(N) = round_ms({p}) / log2({p}) * log2(N): log2(N) hops at the measured cost per hop ({p} processes, the most this machine holds)"
+        law = (
+            f"round_ms(N) = round_ms({p}) / log2({p}) * log2(N): log2(N) hops at the measured cost per hop "
+            f"({p} processes, the most this machine holds)"
+        )
     return {
         "procs": {str(k): v for k, v in measured.items()},
         "cores": cores,
@@ -236,7 +245,7 @@ def run_global(
                 with cond:
                     arrived[d.step] = (time.perf_counter() + half, d)  # the broadcast
                     cond.notify_all()
-        except BaseException as exc:  # noqa: BLE001
+        except BaseException as exc:  # any error: re-raised on the main thread
             errors.append(exc)
             with cond:
                 cond.notify_all()
@@ -289,7 +298,13 @@ def run_global(
 
 
 async def _per_rank_rank(
-    actor: Any, spec: Any, ranks: int, rank: int, durations: np.ndarray, log: dict[str, Any], barrier: Any
+    actor: Any,
+    spec: CoordinatorSpec,
+    ranks: int,
+    rank: int,
+    durations: np.ndarray,
+    log: dict[str, Any],
+    barrier: asyncio.Barrier,
 ) -> None:
     import asyncio
 
@@ -335,7 +350,7 @@ def run_per_rank(
     spec = make_spec(ranks, staleness, sampler_every)
     actor = new_actor()
     ray.get(actor.configure.remote(spec, None, f"bench-{uuid.uuid4().hex}"))
-    log = {"waits": 0, "waited": [], "calls": 0, "other": ranks, "betas": []}
+    log: dict[str, Any] = {"waits": 0, "waited": [], "calls": 0, "other": ranks, "betas": []}
 
     async def main() -> float:
         barrier = asyncio.Barrier(ranks)
@@ -410,7 +425,9 @@ def plot(runs: list[dict[str, Any]], path: Path) -> None:
     )
     axes[0].plot([b[0] for b in base], [b[1] for b in base], ":", color="gray", label="no coordinator")
     axes[0].set_yscale("log")
-    for ax, title in zip(axes, ("steps/s", "steps/s / no-coordinator steps/s", "decisions that waited (%)")):
+    for ax, title in zip(
+        axes, ("steps/s", "steps/s / no-coordinator steps/s", "decisions that waited (%)"), strict=True
+    ):
         ax.set_xscale("log", base=2)
         ax.set_xlabel("ranks")
         ax.set_title(title)
@@ -584,8 +601,10 @@ def _row(
 
 def _line(r: dict[str, Any]) -> str:
     return (
-        f"{r['protocol']:<9} ranks {r['ranks']:>4} s={r['staleness']}: {r['steps_per_s']:7.1f} steps/s (no coordinator {r['baseline_steps_per_s']:.1f}, "
-        f"ratio {r['ratio']:.3f}), waited {100 * r['wait_fraction']:5.1f}%, actor calls/step {r['actor_calls_per_step']:.0f}, replay match {r['beta_trace_matches_core_replay']}"
+        f"{r['protocol']:<9} ranks {r['ranks']:>4} s={r['staleness']}: {r['steps_per_s']:7.1f} steps/s (no "
+        f"coordinator {r['baseline_steps_per_s']:.1f}, "
+        f"ratio {r['ratio']:.3f}), waited {100 * r['wait_fraction']:5.1f}%, actor calls/step "
+        f"{r['actor_calls_per_step']:.0f}, replay match {r['beta_trace_matches_core_replay']}"
     )
 
 

@@ -168,8 +168,10 @@ def main() -> None:
             points.append({"sharding": sharding, "total_table_mb": mine["total_table_mb"], "ranks": everyone})
             if ctx.rank == 0:
                 print(
-                    f"{sharding:>10} {mine['total_table_mb']:9.1f} MB: step {max(r['step_ms_median'] for r in everyone):7.1f} ms, "
-                    f"peak RSS per rank {[round(r['peak_rss_mb']) for r in everyone]} MB, shards {[round(r['local_table_mb']) for r in everyone]} MB",
+                    f"{sharding:>10} {mine['total_table_mb']:9.1f} MB: step "
+                    f"{max(r['step_ms_median'] for r in everyone):7.1f} ms, "
+                    f"peak RSS per rank {[round(r['peak_rss_mb']) for r in everyone]} MB, shards "
+                    f"{[round(r['local_table_mb']) for r in everyone]} MB",
                     flush=True,
                 )
     if ctx.rank == 0:

@@ -32,7 +32,7 @@ from benchmarks.common import REPO, Recorder, bench_env, bench_parser, default_o
 
 DEFAULT_CONFIG = REPO / "configs" / "quickstart.toml"
 DEFAULT_DATA = REPO / ".data" / "movielens-1m"
-SYNTHETIC_FALLBACK = {"users": 6040, "items": 3706, "rows": 1_000_000}
+SYNTHETIC_FALLBACK: dict[str, Any] = {"users": 6040, "items": 3706, "rows": 1_000_000}
 
 
 def ensure_data(path: Path, seed: int) -> tuple[Path, str]:
@@ -69,7 +69,7 @@ def summarise(raw: dict[str, Any]) -> dict[str, Any]:
     morec_seconds = sum(w["seconds"] for w in morec)
     morec_rate = sum(w["rows"] for w in morec) / morec_seconds
     # ratio of each round's adjacent windows: robust to load that drifts over the run
-    per_round = [m["rows_per_s"] / p["rows_per_s"] for p, m in zip(plain, morec)]
+    per_round = [m["rows_per_s"] / p["rows_per_s"] for p, m in zip(plain, morec, strict=True)]
     morec_steps = sum(w["steps"] for w in morec)
     step_s = morec_seconds / morec_steps
     return {

@@ -169,7 +169,10 @@ def run_one(work: Path, rows: int, seed: int, num_cpus: int, object_store_mb: in
     text = log.read_text()
     if rc != 0:
         raise RuntimeError(f"prepare parquet failed ({rc}); see {log}:\n{text[-3000:]}")
-    driver_kb = int(re.search(r"Maximum resident set size \(kbytes\): (\d+)", text).group(1))
+    peak = re.search(r"Maximum resident set size \(kbytes\): (\d+)", text)
+    if peak is None:
+        raise RuntimeError(f"no /usr/bin/time -v peak RSS in {log}")
+    driver_kb = int(peak.group(1))
     import json
 
     manifest = json.loads((out / "manifest.json").read_text())

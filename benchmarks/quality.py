@@ -37,10 +37,9 @@ PREFERENCES = {
     "fairness": {"revenue": 0.2, "fairness": 0.6, "alignment": 0.2},
     "alignment": {"revenue": 0.2, "fairness": 0.2, "alignment": 0.6},
 }
-TARGET_FACTORS = (
-    0.9,
-    1.0,
-)  # l_hat = factor * pretrained training loss; at 1.0 the fine-tuning loss stays below l_hat (beta rests near beta_min), 0.9 makes the controller work
+# l_hat = factor * pretrained training loss; at 1.0 the fine-tuning loss stays below l_hat
+# (beta rests near beta_min), 0.9 makes the controller work
+TARGET_FACTORS = (0.9, 1.0)
 
 
 @dataclass
@@ -54,7 +53,7 @@ class Plan:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
-QUICK_DATA = {"users": 2000, "items": 800, "rows": 80_000}
+QUICK_DATA: dict[str, Any] = {"users": 2000, "items": 800, "rows": 80_000}
 
 
 def quick_dataset(seed: int) -> Path:
@@ -251,7 +250,7 @@ def plot_pareto(rows: list[dict[str, Any]], path: Path) -> Path:
 
     plt = pyplot()
     fig, axes = plt.subplots(1, 3, figsize=(15, 4.4))
-    for ax, (objective, metric) in zip(axes, OBJECTIVE_METRIC.items()):
+    for ax, (objective, metric) in zip(axes, OBJECTIVE_METRIC.items(), strict=True):
         for method, (color, marker) in STYLE.items():
             pts = [r for r in rows if r["method"] == method]
             if not pts:
@@ -326,7 +325,8 @@ def plot_traces(rows: list[dict[str, Any]], path: Path) -> Path:
     plt = pyplot()
     morec = [r for r in rows if r["method"] == "morec" and r.get("trace", {}).get("step")]
     fig, axes = plt.subplots(len(morec) or 1, 1, figsize=(10, 2.6 * max(1, len(morec))), squeeze=False)
-    for ax, row in zip(axes[:, 0], morec):
+    # strict=False: with no MoRec rows there is still one (empty) axis
+    for ax, row in zip(axes[:, 0], morec, strict=False):
         t = row["trace"]
         window = max(1, len(t["step"]) // 50)
         ax.plot(t["step"], t["accuracy_loss"], color="tab:blue", alpha=0.25, lw=0.6)

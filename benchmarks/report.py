@@ -133,16 +133,22 @@ def section_headline(found: dict[str, dict[str, Any]]) -> str:
     o = found.get("overhead")
     if o:
         lines.append(
-            f"- **MoRec overhead**: MoRec trains at {fmt(o['morec_rows_per_s'])} rows/s against {fmt(o['plain_rows_per_s'])} rows/s for plain "
-            f"TorchRec training of the same model and rows per step: **ratio {o['ratio']:.3f}** (target >= 0.97; median of per-round ratios "
-            f"{o.get('ratio_median_of_rounds', float('nan')):.3f}); ranks were blocked on the coordinator {pct(o['coordinator_wait_fraction'], False)} of the time."
+            f"- **MoRec overhead**: MoRec trains at {fmt(o['morec_rows_per_s'])} rows/s against "
+            f"{fmt(o['plain_rows_per_s'])} rows/s for plain "
+            f"TorchRec training of the same model and rows per step: **ratio {o['ratio']:.3f}** (target >= 0.97; "
+            "median of per-round ratios "
+            f"{o.get('ratio_median_of_rounds', float('nan')):.3f}); ranks were blocked on the coordinator "
+            f"{pct(o['coordinator_wait_fraction'], False)} of the time."
         )
     r = found.get("reader")
     if r:
         lines.append(
-            f"- **Reader**: exact weighted sampling at {fmt(r['weighted_rows_per_s'])} rows/s against a raw Parquet scan at "
-            f"{fmt(r['raw_rows_per_s'])} rows/s (**ratio {fmt(r['ratio'])}**); smallest chi-square p-value {fmt(r['chi2_pvalue_min'])}; "
-            f"peak RSS {fmt(r['rss_mb_small'])} MB -> {fmt(r['rss_mb_large'])} MB (x{r['rss_growth']:.2f}) from {fmt(r['rows'][0])} to {fmt(r['rows'][-1])} rows."
+            f"- **Reader**: exact weighted sampling at {fmt(r['weighted_rows_per_s'])} rows/s against a raw Parquet "
+            "scan at "
+            f"{fmt(r['raw_rows_per_s'])} rows/s (**ratio {fmt(r['ratio'])}**); smallest chi-square p-value "
+            f"{fmt(r['chi2_pvalue_min'])}; "
+            f"peak RSS {fmt(r['rss_mb_small'])} MB -> {fmt(r['rss_mb_large'])} MB (x{r['rss_growth']:.2f}) from "
+            f"{fmt(r['rows'][0])} to {fmt(r['rows'][-1])} rows."
         )
     c = found.get("coordinator_scale")
     if c and "runs" in c:
@@ -152,10 +158,12 @@ def section_headline(found: dict[str, dict[str, Any]]) -> str:
         lines.append(
             f"- **Coordinator** (global protocol): at {largest} ranks "
             + ", ".join(
-                f"s={r['staleness']}: {fmt(r['steps_per_s'])} steps/s = {fmt(r['ratio'])} x no coordinator, {pct(r['wait_fraction'], False)} of decisions waited"
+                f"s={r['staleness']}: {fmt(r['steps_per_s'])} steps/s = {fmt(r['ratio'])} x no coordinator, "
+                f"{pct(r['wait_fraction'], False)} of decisions waited"
                 for r in at
             )
-            + f"; {fmt(max(r['actor_calls_per_step'] for r in g))} actor call per step at every N; global over per-rank steps/s: "
+            + f"; {fmt(max(r['actor_calls_per_step'] for r in g))} actor call per step at every N; "
+            + "global over per-rank steps/s: "
             + ", ".join(f"{k}: {fmt(v)}x" for k, v in c["targets"]["global_over_per_rank_steps_per_s"].items())
             + "."
         )
@@ -164,8 +172,10 @@ def section_headline(found: dict[str, dict[str, Any]]) -> str:
         parts = []
         for sharding, s in e["summary"].items():
             parts.append(
-                f"{sharding}: {fmt(s['total_table_mb'][0] / 1024, 2)} -> {fmt(s['total_table_mb'][-1] / 1024, 2)} GiB of tables, step "
-                f"{fmt(s['step_ms_median'][0])} -> {fmt(s['step_ms_median'][-1])} ms, max peak RSS per rank {fmt(max(max(x) for x in s['peak_rss_mb_per_rank']))} MB"
+                f"{sharding}: {fmt(s['total_table_mb'][0] / 1024, 2)} -> {fmt(s['total_table_mb'][-1] / 1024, 2)} "
+                "GiB of tables, step "
+                f"{fmt(s['step_ms_median'][0])} -> {fmt(s['step_ms_median'][-1])} ms, max peak RSS per rank "
+                f"{fmt(max(max(x) for x in s['peak_rss_mb_per_rank']))} MB"
             )
         lines.append("- **Embedding scale**: " + "; ".join(parts) + ".")
     q = found.get("quality")
@@ -173,8 +183,10 @@ def section_headline(found: dict[str, dict[str, Any]]) -> str:
         ref = next((row for row in q["rows"] if row["method"] == "morec"), None)
         if ref:
             lines.append(
-                f"- **Quality** ({ref['name']}): hit@10 {pct(ref['relative']['hit@10'])}, R-Hit@10 {pct(ref['relative']['r_hit@10'])}, "
-                f"min-Hit@10 {pct(ref['relative']['min_hit@10'])}, Pop-KL@10 {pct(ref['relative']['pop_kl@10'])} against the pretrained model; "
+                f"- **Quality** ({ref['name']}): hit@10 {pct(ref['relative']['hit@10'])}, R-Hit@10 "
+                f"{pct(ref['relative']['r_hit@10'])}, "
+                f"min-Hit@10 {pct(ref['relative']['min_hit@10'])}, Pop-KL@10 {pct(ref['relative']['pop_kl@10'])} "
+                "against the pretrained model; "
                 f"mean objective gain {pct(ref['mean_gain'])}."
             )
     return "\n".join(lines)
@@ -185,9 +197,13 @@ def section_overhead(o: dict[str, Any], results: Path, out: Path) -> str:
     lines = [
         "## 1. Overhead of MoRec",
         "",
-        f"Plain: uniform reader, {cfg['batch_size_per_block'] * (len(cfg['objectives']) + 1)} rows per rank per step, accuracy-only loss. "
-        f"MoRec: {len(cfg['objectives']) + 1} blocks of {cfg['batch_size_per_block']} (accuracy + {', '.join(cfg['objectives'])}), coordinator on Ray, staleness {cfg['staleness']}. "
-        f"Same sharded model, {cfg['nproc']} torchrun ranks, data: {cfg['data_kind']} ({cfg['data']}); {cfg['rounds']} alternating rounds of {cfg['window_steps']} steps after {cfg['warmup_steps']} warm-up steps each.",
+        f"Plain: uniform reader, {cfg['batch_size_per_block'] * (len(cfg['objectives']) + 1)} rows per rank per "
+        "step, accuracy-only loss. "
+        f"MoRec: {len(cfg['objectives']) + 1} blocks of {cfg['batch_size_per_block']} (accuracy + "
+        f"{', '.join(cfg['objectives'])}), coordinator on Ray, staleness {cfg['staleness']}. "
+        f"Same sharded model, {cfg['nproc']} torchrun ranks, data: {cfg['data_kind']} ({cfg['data']}); "
+        f"{cfg['rounds']} alternating rounds of {cfg['window_steps']} steps after {cfg['warmup_steps']} "
+        "warm-up steps each.",
         "",
         table(
             ["figure", "value"],
@@ -261,7 +277,10 @@ def section_reader(r: dict[str, Any]) -> str:
 def section_coordinator(c: dict[str, Any], results: Path, out: Path) -> str:
     cfg = c["config"]
     if "runs" not in c:
-        return "## 3. Coordinator at scale\n\n*(coordinator_scale.json has no `runs`: written by an older version; rerun the benchmark)*"
+        return (
+            "## 3. Coordinator at scale\n\n"
+            "*(coordinator_scale.json has no `runs`: written by an older version; rerun the benchmark)*"
+        )
     rows = []
     for r in c["runs"]:
         if r.get("steps_per_s") is None:
@@ -297,7 +316,8 @@ def section_coordinator(c: dict[str, Any], results: Path, out: Path) -> str:
         )
     fit = c["gloo"]["fit"]
     measured = ", ".join(
-        f"{p} processes {fmt(m['median_ms'])} ms{' (more processes than cores: not fitted)' if m.get('oversubscribed') else ''}"
+        f"{p} processes {fmt(m['median_ms'])} "
+        f"ms{' (more processes than cores: not fitted)' if m.get('oversubscribed') else ''}"
         for p, m in c["gloo"]["procs"].items()
     )
     t = c["targets"]
@@ -305,11 +325,16 @@ def section_coordinator(c: dict[str, Any], results: Path, out: Path) -> str:
         [
             "## 3. Coordinator at scale",
             "",
-            f"Synchronous steps of {fmt(cfg['step_ms'])} ms x lognormal (sigma {fmt(cfg['jitter'])}), the same draws for every protocol and for the no-coordinator baseline "
-            f"(measured right before each point); sampler update every {cfg['sampler_every']} steps; the real Ray actor. Global protocol: one process emulates the N ranks; "
-            f"rank 0's thread sums the N vectors (fsum) and makes one actor call per step. Reduction (gather to rank 0 + decision broadcast) measured with real gloo processes "
-            f"({measured}) and modelled for larger N as {fmt(fit['a_ms'])} + {fmt(fit['b_ms_per_log2_rank'])} x log2(N) ms ({c['gloo'].get('law', '')}). "
-            "Per-rank protocol: N asyncio ranks calling the actor every step; refused where N x (s + 1) exceeds the actor's 1,000 slots (the job would hang).",
+            f"Synchronous steps of {fmt(cfg['step_ms'])} ms x lognormal (sigma {fmt(cfg['jitter'])}), the same draws "
+            "for every protocol and for the no-coordinator baseline "
+            f"(measured right before each point); sampler update every {cfg['sampler_every']} steps; the real Ray "
+            "actor. Global protocol: one process emulates the N ranks; "
+            "rank 0's thread sums the N vectors (fsum) and makes one actor call per step. Reduction (gather to rank "
+            "0 + decision broadcast) measured with real gloo processes "
+            f"({measured}) and modelled for larger N as {fmt(fit['a_ms'])} + {fmt(fit['b_ms_per_log2_rank'])} x "
+            f"log2(N) ms ({c['gloo'].get('law', '')}). "
+            "Per-rank protocol: N asyncio ranks calling the actor every step; refused where N x (s + 1) exceeds the "
+            "actor's 1,000 slots (the job would hang).",
             "",
             table(
                 [
@@ -327,8 +352,10 @@ def section_coordinator(c: dict[str, Any], results: Path, out: Path) -> str:
                 rows,
             ),
             "",
-            f"Targets: ratio >= 0.98 at s=2: {t['global_ratio_ge_0.98_at_s2']} (lowest ratio by s: {', '.join(f's={k}: {fmt(v)}' for k, v in t['global_ratio_min_by_s'].items())}); "
-            f"one actor call per step: {t['global_one_actor_call_per_step']}; <= 1% waits at s=2: {t['global_wait_le_1pct_at_s2']}; >= 10x per-rank at 256 ranks: {t['ge_10x_per_rank_at_256']}; "
+            f"Targets: ratio >= 0.98 at s=2: {t['global_ratio_ge_0.98_at_s2']} (lowest ratio by s: "
+            f"{', '.join(f's={k}: {fmt(v)}' for k, v in t['global_ratio_min_by_s'].items())}); "
+            f"one actor call per step: {t['global_one_actor_call_per_step']}; <= 1% waits at s=2: "
+            f"{t['global_wait_le_1pct_at_s2']}; >= 10x per-rank at 256 ranks: {t['ge_10x_per_rank_at_256']}; "
             f"beta traces equal to a core replay: {t['beta_matches_core_replay']}; identical across protocols: "
             + ", ".join(f"{k}: {v}" for k, v in c["beta_traces_identical_across_protocols"].items())
             + ".",
@@ -361,8 +388,10 @@ def section_embedding(e: dict[str, Any], results: Path, out: Path) -> str:
         [
             "## 4. Embedding scale",
             "",
-            f"MF with two equal tables, dim {e['config']['dim']}, {e['config']['rows_per_rank_step']} rows per rank per step, {e['config']['negatives']} negatives, "
-            f"{e['config']['optimizer']}, {e['config']['nproc']} ranks; model built on the meta device so a rank allocates only its shards.",
+            f"MF with two equal tables, dim {e['config']['dim']}, {e['config']['rows_per_rank_step']} rows per rank "
+            f"per step, {e['config']['negatives']} negatives, "
+            f"{e['config']['optimizer']}, {e['config']['nproc']} ranks; model built on the meta device so a rank "
+            "allocates only its shards.",
             "",
             table(
                 [
@@ -403,7 +432,8 @@ def section_quality(q: dict[str, Any], results: Path, out: Path) -> str:
         [
             f"## 5. Quality on {Path(cfg['data']).name} (test split)",
             "",
-            f"Config {Path(cfg['config_file']).name}, pretrained l_hat = {fmt(q['target_loss_pretrained'], 4)} (best epoch {q['pretrain'].get('best_epoch')}); "
+            f"Config {Path(cfg['config_file']).name}, pretrained l_hat = {fmt(q['target_loss_pretrained'], 4)} (best "
+            f"epoch {q['pretrain'].get('best_epoch')}); "
             f"fine-tune overrides {cfg['finetune_overrides']}. Relative changes against the pretrained model.",
             "",
             q["table_markdown"],
@@ -437,7 +467,8 @@ def section_sensitivity(s: dict[str, Any], results: Path, out: Path) -> str:
         [
             "## 6. PID sensitivity",
             "",
-            f"MoRec from the same pretrained model (l_hat {fmt(s['target_loss'], 4)}), reference preferences, fine-tune overrides {s['config']['finetune_overrides']}.",
+            f"MoRec from the same pretrained model (l_hat {fmt(s['target_loss'], 4)}), reference preferences, "
+            f"fine-tune overrides {s['config']['finetune_overrides']}.",
             "",
             table(
                 [
@@ -531,7 +562,8 @@ def generate(results: Path, out: Path) -> str:
     parts = [
         "# Benchmark report",
         "",
-        f"Generated {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())} by `python -m benchmarks.report` from `{_shown(results)}/*.json`. "
+        f"Generated {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())} by `python -m benchmarks.report` from "
+        f"`{_shown(results)}/*.json`. "
         "Every ratio compares two measurements of the same run on the same machine.",
         "",
         section_headline(found),

@@ -160,7 +160,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             points.append(point_summary(row, kp, ki))
             p = points[-1]
             print(
-                f"{name}: hit@10 {100 * p['accuracy_change']:+.2f}%  mean gain {100 * p['mean_gain']:+.2f}%  beta mean {p['beta_mean']:.3f}",
+                f"{name}: hit@10 {100 * p['accuracy_change']:+.2f}%  mean gain {100 * p['mean_gain']:+.2f}%  beta "
+                f"mean {p['beta_mean']:.3f}",
                 flush=True,
             )
     figure = plot(points, kps, kis, out.with_suffix(".png"))

@@ -369,6 +369,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from morec_dist.observe import quiet
+
+    quiet.install()  # first: the filters must be in place before torch / torchrec / ray load
     args = build_parser().parse_args(argv)
     args.argv = list(argv) if argv is not None else sys.argv[1:]
     try:

@@ -117,7 +117,9 @@ class PIDConfig:
     beta_min: float = 0.1
     beta_max: float = 1.5
     target_loss: float = 0.0  # l_hat; 0 = take the pretrained model's final training loss
-    anti_windup: str = "freeze"  # "freeze": integrate only while beta_{t-1} is inside its bounds (MOREC.md); "unwind": also when that moves it back in
+    # "freeze": integrate only while beta_{t-1} is inside its bounds (MOREC.md); "unwind": also
+    # when that moves it back in
+    anti_windup: str = "freeze"
 
 
 @dataclass
@@ -195,7 +197,7 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
     origin = typing.get_origin(tp)
     if tp is Any:
         return value
-    if dataclasses.is_dataclass(tp):
+    if isinstance(tp, type) and dataclasses.is_dataclass(tp):
         if not isinstance(value, dict):
             raise ConfigError(f"{where}: expected a table, got {value!r}")
         return _build(tp, value, where)
@@ -312,8 +314,9 @@ def check_per_rank_fits(world_size: int, staleness: int) -> None:
     waiting = world_size * (staleness + 1)
     _require(
         waiting <= ACTOR_STEP_SLOTS,
-        f'coordinator.protocol = "per_rank" with {world_size} ranks and staleness {staleness}: up to {waiting} report calls '
-        f'would wait in the actor, which serves {ACTOR_STEP_SLOTS}; the job would hang. Use coordinator.protocol = "global"',
+        f'coordinator.protocol = "per_rank" with {world_size} ranks and staleness {staleness}: '
+        f"up to {waiting} report calls would wait in the actor, which serves {ACTOR_STEP_SLOTS}; "
+        'the job would hang. Use coordinator.protocol = "global"',
     )
 
 

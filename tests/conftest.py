@@ -12,6 +12,8 @@ import pytest
 from morec_dist.data.dataset import DatasetError, PreparedDataset
 
 REPO = Path(__file__).resolve().parent.parent
+# fixtures that several test modules share, each in the module of its kind
+pytest_plugins = ["tests.e2e_fixtures", "tests.prometheus_server"]
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 
 

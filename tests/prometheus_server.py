@@ -1,11 +1,13 @@
 """A real Prometheus server for tests: started on loopback with a generated scrape config.
 
 The server is Debian's ``prometheus`` package (``tests/tools/install_prometheus.sh``, which
-``make test`` runs, and which ``start`` runs itself when the binary is missing). ``PrometheusServer.start`` writes a config that scrapes the given
-targets every second, starts the binary with its storage in a temp dir, waits until
-``/-/ready`` answers, and offers queries over the HTTP API. A test module uses the
-``prometheus`` fixture below after defining a module-scoped ``prometheus_targets`` fixture
-(job name -> ``host:port`` list); the server then runs once per module.
+``make test`` runs, and which ``start`` runs itself when the binary is missing).
+``PrometheusServer.start`` writes a config that scrapes the given targets every second,
+starts the binary with its storage in a temp dir, waits until ``/-/ready`` answers, and
+offers queries over the HTTP API. A test module uses the ``prometheus`` fixture below
+(loaded for every module by conftest.py) after defining a module-scoped
+``prometheus_targets`` fixture (job name -> ``host:port`` list); the server then runs once
+per module.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ import time
 import urllib.error
 import urllib.parse
 import urllib.request
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -192,7 +194,7 @@ class PrometheusServer:
 
 
 @pytest.fixture(scope="module")
-def prometheus(prometheus_targets: Mapping[str, Sequence[str]], tmp_path_factory) -> PrometheusServer:
+def prometheus(prometheus_targets: Mapping[str, Sequence[str]], tmp_path_factory) -> Iterator[PrometheusServer]:
     """A real Prometheus scraping ``prometheus_targets`` (a fixture the test module defines)."""
     workdir = tmp_path_factory.mktemp("prometheus")
     server = PrometheusServer.start(prometheus_targets, workdir)

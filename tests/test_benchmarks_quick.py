@@ -13,6 +13,8 @@ import pytest
 
 from benchmarks.report import generate
 
+# real Ray, gloo processes and the benchmark CLI: minutes, not for test-fast
+pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parent.parent
 RANKS = (8, 64)
 STALENESS = (1, 2)
@@ -65,7 +67,7 @@ def test_coordinator_scale_quick_measures_every_point(coordinator_run):
         assert key in result["versions"]
     runs = {(r["protocol"], r["ranks"], r["staleness"]): r for r in result["runs"]}
     assert set(runs) == {(p, n, s) for p in ("global", "per_rank") for n in RANKS for s in STALENESS}
-    for (protocol, ranks, s), r in runs.items():
+    for (protocol, ranks, _staleness), r in runs.items():
         for key in ("steps_per_s", "baseline_steps_per_s", "wait_fraction", "actor_calls_per_step"):
             assert key in r
         assert 0 < r["steps_per_s"] and 0 < r["baseline_steps_per_s"] and 0.0 <= r["wait_fraction"] <= 1.0

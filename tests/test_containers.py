@@ -245,10 +245,8 @@ class Pod:
                 args += ["-v", f"{folder}:{m['mountPath']}:ro"]
             elif "persistentVolumeClaim" in v:
                 ro = ro or v["persistentVolumeClaim"].get("readOnly", False)
-                args += [
-                    "-v",
-                    f"{self.cluster.volumes[v['persistentVolumeClaim']['claimName']]}:{m['mountPath']}:{'ro' if ro else 'rw'}",
-                ]
+                volume = self.cluster.volumes[v["persistentVolumeClaim"]["claimName"]]
+                args += ["-v", f"{volume}:{m['mountPath']}:{'ro' if ro else 'rw'}"]
             elif "emptyDir" in v:
                 size = v["emptyDir"].get("sizeLimit", "1Gi").replace("Gi", "g").replace("Mi", "m")
                 if m["mountPath"] == "/dev/shm":
@@ -286,7 +284,7 @@ class Pod:
         out = sh(*PODMAN, "inspect", "--format", "{{.State.Status}} {{.State.ExitCode}}", self.main).stdout.split()
         return int(out[1]) if out[0] in ("exited", "stopped") else None
 
-    def stop_as_the_kubelet(self) -> tuple[int, float]:
+    def stop_as_the_kubelet(self) -> tuple[int | None, float]:
         """SIGTERM, terminationGracePeriodSeconds, then SIGKILL: the exit code and how long it took."""
         grace = int(self.spec.get("terminationGracePeriodSeconds", 30))
         start = time.monotonic()

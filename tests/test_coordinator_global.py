@@ -83,7 +83,8 @@ def _replay(world: int, staleness: int, every: int, used: list[dict], steps: int
 def test_a_per_rank_configuration_that_would_hang_is_refused():
     with pytest.raises(
         ConfigError,
-        match=r"1024 ranks and staleness 2: up to 3072 report calls would wait .* Use coordinator.protocol = \"global\"",
+        match=r"1024 ranks and staleness 2: up to 3072 report calls would wait .* "
+        r"Use coordinator.protocol = \"global\"",
     ):
         load_config(None, ['coordinator.protocol="per_rank"', "run.nproc=1024"])
     load_config(None, ['coordinator.protocol="per_rank"', "run.nproc=64"])  # fits: allowed as the baseline
@@ -92,6 +93,7 @@ def test_a_per_rank_configuration_that_would_hang_is_refused():
         load_config(None, ['coordinator.protocol="ring"'])
 
 
+@pytest.mark.slow
 def test_status_and_set_preferences_never_queue_behind_waiting_step_calls(ray_address):
     import ray
 
@@ -209,8 +211,10 @@ def test_slow_rank_makes_the_others_wait_only_at_the_staleness_bound_and_live_pr
         weights = [d["weights"]["fairness"] for d in r["decisions"]]
         assert weights == [0.2] * at + [0.9] * (steps - at)
     print(
-        f"\nslow rank: fast rank waited {ranks[0]['stats']['waits']} times ({ranks[0]['stats']['wait_seconds']:.2f} s), "
-        f"ahead {ahead}/{steps - staleness} steps; set_preferences took {1000 * change['seconds']:.1f} ms, effective at {at}"
+        f"\nslow rank: fast rank waited {ranks[0]['stats']['waits']} times "
+        f"({ranks[0]['stats']['wait_seconds']:.2f} s), "
+        f"ahead {ahead}/{steps - staleness} steps; set_preferences took {1000 * change['seconds']:.1f} ms, effective "
+        f"at {at}"
     )
 
 

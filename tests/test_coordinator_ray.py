@@ -162,6 +162,7 @@ def _replay(spec, decisions: list[dict], steps: int, every: int) -> CoordinatorC
     return core
 
 
+@pytest.mark.slow
 def test_two_torchrun_ranks_aggregate_exactly_and_deterministically(ray_address, tmp_path):
     import ray
 
@@ -208,7 +209,8 @@ def test_two_torchrun_ranks_aggregate_exactly_and_deterministically(ray_address,
         waits = [r["stats"]["waits"] for r in ranks]
         print(
             f"\nrun {jitter_seed}: {steps} steps, wall {wall:.1f} s (torchrun + Ray connect), waits per rank {waits}, "
-            f"wait s {[round(r['stats']['wait_seconds'], 3) for r in ranks]}, loop s {[round(r['seconds'], 2) for r in ranks]}"
+            f"wait s {[round(r['stats']['wait_seconds'], 3) for r in ranks]}, loop s "
+            f"{[round(r['seconds'], 2) for r in ranks]}"
         )
     (ranks_a, trace_a), (ranks_b, trace_b) = runs
     assert [d["beta"] for d in ranks_a[0]["decisions"]] == [d["beta"] for d in ranks_b[0]["decisions"]]
@@ -228,6 +230,7 @@ def _cli(*args: str) -> subprocess.CompletedProcess:
     )
 
 
+@pytest.mark.slow
 def test_cli_starts_a_detached_actor_and_sets_preferences_live(ray_address):
     import ray
 

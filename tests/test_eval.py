@@ -10,7 +10,9 @@ import os
 import subprocess
 import sys
 from collections import defaultdict
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -24,7 +26,7 @@ from morec_dist.eval import evaluate, evaluate_most_popular
 
 SCRIPTS = Path(__file__).parent / "dist_scripts"
 sys.path.insert(0, str(SCRIPTS))
-from integer_model import integer_mf  # noqa: E402
+from integer_model import integer_mf  # noqa: E402 - found on the sys.path entry just above
 
 REPO = Path(__file__).resolve().parents[1]
 KS = [1, 3, 10]
@@ -42,7 +44,7 @@ def read_rows(root: Path, split: str) -> list[tuple[int, int]]:
     rows = []
     for path in sorted((root / split).glob("*.parquet")):
         t = pq.read_table(path, columns=["user_id", "item_id"])
-        rows += list(zip(t["user_id"].to_pylist(), t["item_id"].to_pylist()))
+        rows += list(zip(t["user_id"].to_pylist(), t["item_id"].to_pylist(), strict=True))
     return rows
 
 
@@ -77,27 +79,27 @@ def brute_force(root: Path, split: str, score_of, ks: list[int]) -> dict:
         prices = [price[heldout[u]] for u in users]
         metrics[f"hit@{k}"] = sum(hit) / len(users)
         metrics[f"ndcg@{k}"] = sum(ndcg) / len(users)
-        metrics[f"r_hit@{k}"] = sum(h * p for h, p in zip(hit, prices)) / len(users)
-        metrics[f"r_ndcg@{k}"] = sum(n * p for n, p in zip(ndcg, prices)) / len(users)
+        metrics[f"r_hit@{k}"] = sum(h * p for h, p in zip(hit, prices, strict=True)) / len(users)
+        metrics[f"r_ndcg@{k}"] = sum(n * p for n, p in zip(ndcg, prices, strict=True)) / len(users)
         for name, values in (("hit", hit), ("ndcg", ndcg)):
             by_group = defaultdict(list)
-            for u, v in zip(users, values):
+            for u, v in zip(users, values, strict=True):
                 by_group[fair[heldout[u]]].append(v)
             metrics[f"min_{name}@{k}"] = min(sum(v) / len(v) for v in by_group.values())
         smoothed = [c + 1e-10 for c in counts[k]]
         q_rec = [c / sum(smoothed) for c in smoothed]
-        metrics[f"pop_kl@{k}"] = sum(q * math.log(q / r) for q, r in zip(q_star, q_rec) if q > 0)
+        metrics[f"pop_kl@{k}"] = sum(q * math.log(q / r) for q, r in zip(q_star, q_rec, strict=True) if q > 0)
     return {"metrics": metrics, "ranks": ranks, "users": users, "counts": counts}
 
 
-def mf_scores(model) -> callable:
+def mf_scores(model) -> Callable[[int], np.ndarray]:
     weights = model.state_dict()
     user_table = weights["user_ebc.embedding_bags.t_user_id.weight"].double().numpy()
     item_table = weights["item_ebc.embedding_bags.t_item_id.weight"].double().numpy()
     return lambda u: item_table @ user_table[u]
 
 
-def popularity_scores(root: Path) -> callable:
+def popularity_scores(root: Path) -> Callable[[int], np.ndarray]:
     items = pq.read_table(root / "items.parquet").to_pylist()
     pop = np.zeros(len(items) + 1)
     for r in items:
@@ -129,7 +131,7 @@ def as_json(result) -> dict:
 # ------------------------------------------------------------------------ tests
 
 
-def in_process(data_dir: Path) -> dict:
+def in_process(data_dir: Path) -> tuple[dict[str, Any], torch.nn.Module]:
     data = PreparedDataset.open(data_dir)
     features = FeatureBuilder(data.path, data.num_users, data.num_items, "ids")
     model = integer_mf(features)
@@ -161,6 +163,7 @@ def test_single_process_matches_brute_force(data_dir):
     assert 0 < results["mf_test"]["metrics"]["hit@10"] < 1
 
 
+@pytest.mark.slow
 def test_two_ranks_sharded_match_brute_force_and_one_rank(data_dir, tmp_path):
     out = tmp_path / "eval.json"
     cmd = [

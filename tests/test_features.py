@@ -28,8 +28,8 @@ def test_kjts_hold_each_entitys_declared_values(data_dir):
     assert features.item_features()[1].num_embeddings == declared["item_genres"].cardinality + 1
     users = pq.read_table(data_dir / "users.parquet").to_pydict()
     items = pq.read_table(data_dir / "items.parquet").to_pydict()
-    age = dict(zip(users["user_id"], users["user_age"]))
-    genres = dict(zip(items["item_id"], items["item_genres"]))
+    age = dict(zip(users["user_id"], users["user_age"], strict=True))
+    genres = dict(zip(items["item_id"], items["item_genres"], strict=True))
     user_ids = np.array([5, 1, 40, 5])
     by_key = features.user_kjt(user_ids).to_dict()
     assert by_key["user_id"].values().tolist() == user_ids.tolist()

@@ -223,6 +223,7 @@ def ranks_refuse(args: list[str], *fragments: str) -> str:
     return last[0]
 
 
+@pytest.mark.slow
 def test_empty_group_given_probability(data, tmp_path_factory, tmp_path):
     """Remove every train row of price band 10: the revenue objective's initial p (band
     mean prices) then puts probability on a group with no rows to draw from."""
@@ -249,6 +250,7 @@ def test_empty_group_given_probability(data, tmp_path_factory, tmp_path):
     assert not list((out / "checkpoints").glob("step-*")) if (out / "checkpoints").exists() else True
 
 
+@pytest.mark.slow
 def test_metrics_port_in_use(tmp_path_factory, tmp_path):
     with socket.socket() as blocker:
         blocker.bind(("127.0.0.1", 0))
@@ -263,6 +265,7 @@ def test_metrics_port_in_use(tmp_path_factory, tmp_path):
     assert not list((out / "checkpoints").glob("step-*")) if (out / "checkpoints").exists() else True
 
 
+@pytest.mark.slow
 def test_from_checkpoint_of_another_model(tmp_path_factory, tmp_path):
     out = tmp_path / "out"
     ranks_refuse(
@@ -272,6 +275,7 @@ def test_from_checkpoint_of_another_model(tmp_path_factory, tmp_path):
     )
 
 
+@pytest.mark.slow
 def test_step_checkpoint_of_another_world_size_without_resharding(tmp_path_factory, tmp_path):
     source = reference_run(tmp_path_factory) / "checkpoints" / "step-40"
     out = tmp_path / "out"

@@ -346,7 +346,9 @@ def run_dirs(resources: list[dict[str, Any]]) -> dict[str, str]:
     for name in ("morec-pretrain", "morec-finetune"):
         job = stage(resources, name)
         argv = resolved_argv(container(job, "trainer"), pod_fields(job))
-        out[name] = override(argv, "run.out_dir")
+        out_dir = override(argv, "run.out_dir")
+        assert out_dir is not None, f"{name}: no run.out_dir override"
+        out[name] = out_dir
     return out
 
 

@@ -18,7 +18,7 @@ import uuid
 import pytest
 
 from tests.conftest import REPO
-from tests.test_morec_e2e import CONFIG, finetune, pretrained, quoted, tiny_data  # noqa: F401 (fixtures)
+from tests.e2e_fixtures import CONFIG, finetune, quoted
 
 pytestmark = pytest.mark.slow
 SUBNET = "10.213.7"
@@ -117,7 +117,8 @@ def test_two_hosts_match_the_single_host_run(two_hosts, pretrained, tiny_data, t
         )
         # host B: its own /tmp/ray, as a separate machine would have
         inner = (
-            f"mkdir -p /tmp/ray && mount -t tmpfs tmpfs /tmp/ray && exec env NODE_RANK=1 LOCAL_ADDR={HOST_B} RAY_NODE_IP={HOST_B} "
+            f"mkdir -p /tmp/ray && mount -t tmpfs tmpfs /tmp/ray && exec env NODE_RANK=1 LOCAL_ADDR={HOST_B} "
+            f"RAY_NODE_IP={HOST_B} "
             f"GLOO_SOCKET_IFNAME={dev_b} bash {REPO / 'launch' / 'multinode.sh'} -- " + " ".join(f"'{x}'" for x in args)
         )
         node1 = subprocess.Popen(

@@ -12,7 +12,7 @@ from morec_dist.data.negatives import NegativeSampler, UserHistory
 
 
 def brute_history(ds: PreparedDataset) -> set[tuple[int, int]]:
-    pairs = set()
+    pairs: set[tuple[int, int]] = set()
     for split in ("train", "valid"):
         t = ds.read_split(split, ["user_id", "item_id"])
         pairs.update(zip(t["user_id"].to_numpy().tolist(), t["item_id"].to_numpy().tolist(), strict=True))

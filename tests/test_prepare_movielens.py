@@ -66,15 +66,15 @@ def test_every_row_lands_in_its_leave_one_out_split(ds, reference):
     _, _, _, split = reference
     for name in ("train", "valid", "test"):
         t = read(ds, name)
-        got = {(u, i, ts) for u, i, ts in zip(t["user_id"], t["item_id"], t["timestamp"])}
+        got = {(u, i, ts) for u, i, ts in zip(t["user_id"], t["item_id"], t["timestamp"], strict=True)}
         assert got == {k for k, v in split.items() if v == name}
 
 
 def test_leave_one_out_for_a_few_users(ds, reference):
     _, _, per_user, _ = reference
     valid, test = read(ds, "valid"), read(ds, "test")
-    valid_of = dict(zip(valid["user_id"], valid["item_id"]))
-    test_of = dict(zip(test["user_id"], test["item_id"]))
+    valid_of = dict(zip(valid["user_id"], valid["item_id"], strict=True))
+    test_of = dict(zip(test["user_id"], test["item_id"], strict=True))
     for user in (1, 2, 100, 3000, 6040):
         rows = sorted(per_user[user])
         assert test_of[user] == rows[-1][1]
@@ -98,7 +98,7 @@ def test_prices_follow_the_formula(ds):
         expected = round(float(min(max(14.0 * np.exp(0.6 * z[i - 1]), 0.99), 199.99)), 2)
         assert price[i] == pytest.approx(expected, abs=1e-9)
     train = read(ds, "train")
-    assert all(p == price[i] for i, p in zip(train["item_id"][:1000], train["price"][:1000]))
+    assert all(p == price[i] for i, p in zip(train["item_id"][:1000], train["price"][:1000], strict=True))
 
 
 def test_groups_follow_data_md(ds, reference):
@@ -135,7 +135,7 @@ def test_groups_follow_data_md(ds, reference):
     assert ds.manifest["groups"]["fair_group"]["names"][:9] == top
     # group columns are joined into every interaction row
     train = read(ds, "train")
-    for i, g in zip(train["item_id"][::997], train["fair_group"][::997]):
+    for i, g in zip(train["item_id"][::997], train["fair_group"][::997], strict=True):
         assert g == expected_fair[i]
 
 

@@ -147,7 +147,7 @@ def expected(tables: dict[str, pa.Table], rule: str) -> dict:
 
 def interaction_rows(ds: PreparedDataset, split: str) -> list[tuple]:
     t = ds.read_split(split, ["user_id", "item_id", "timestamp"])
-    return list(zip(*(t[c].to_pylist() for c in ("user_id", "item_id", "timestamp"))))
+    return list(zip(*(t[c].to_pylist() for c in ("user_id", "item_id", "timestamp")), strict=True))
 
 
 def check_against_raw(ds: PreparedDataset, tables: dict[str, pa.Table], rule: str) -> None:
@@ -208,29 +208,34 @@ def test_string_ids_list_column_time_split(prepared):
     assert (feats["item_tags"].kind, feats["item_tags"].cardinality) == ("multi", 2)
     items = ds.items.to_pydict()
     raw_items = {r["sku"]: r for r in tables["items"].to_pylist()}
-    for item_id, title, tags, price in zip(items["item_id"], items["title"], items["item_tags"], items["price"]):
+    for item_id, title, tags, price in zip(
+        items["item_id"], items["title"], items["item_tags"], items["price"], strict=True
+    ):
         assert title == f"sku-{item_id - 1:02d}"
         assert tags == [int(t[1:]) + 1 for t in raw_items[title]["tags"]]
         assert price == raw_items[title]["cost"]
     users = ds.users.to_pydict()
     raw_country = {r["uid"]: r["country"] for r in tables["users"].to_pylist()}
     id_users = pq.read_table(ds.path / schema.ID_MAP_USERS)["raw_id"].to_pylist()
-    for user_id, country in zip(users["user_id"], users["user_country"]):
+    for user_id, country in zip(users["user_id"], users["user_country"], strict=True):
         assert country == {"de": 1, "fr": 2, None: 0}[raw_country[id_users[user_id - 1]]]
     # the rows carry the features of their user and item
     train = ds.read_split("train")
-    tags_of = dict(zip(items["item_id"], items["item_tags"]))
-    assert all(tags_of[i] == t for i, t in zip(train["item_id"].to_pylist(), train["item_tags"].to_pylist()))
+    tags_of = dict(zip(items["item_id"], items["item_tags"], strict=True))
+    assert all(
+        tags_of[i] == t for i, t in zip(train["item_id"].to_pylist(), train["item_tags"].to_pylist(), strict=True)
+    )
     # the objectives' groups: categories (null -> "other"), popularity and price bands
-    fair = dict(zip(items["item_id"], items["fair_group"]))
+    fair = dict(zip(items["item_id"], items["fair_group"], strict=True))
     names = ds.manifest["groups"]["fair_group"]["names"]
     assert ds.num_groups("fair_group") == 4 and names[-1] == "other"
-    for item_id, title in zip(items["item_id"], items["title"]):
+    for item_id, title in zip(items["item_id"], items["title"], strict=True):
         cat = raw_items[title]["cat"]
         assert fair[item_id] == (names.index(cat) + 1 if cat is not None else 4)
     assert sum(ds.q_star) == pytest.approx(1.0)
 
 
+@pytest.mark.slow
 def test_leave_one_out_through_s3(inputs, tmp_path):
     """The same inputs, uploaded to a real S3-compatible server on loopback and read by the
     Ray workers through pyarrow's S3 filesystem, split leave-one-out per user."""
@@ -257,6 +262,7 @@ def test_leave_one_out_through_s3(inputs, tmp_path):
     assert ds.manifest["source"]["mapping"]["interactions"] == [f"s3://logs/raw/inter{query}"]
 
 
+@pytest.mark.slow
 def test_ray_layout_engine_writes_the_same_bytes(prepared, tmp_path):
     """The by_group writer on Ray Data (range-partitioning sort) and in-process agree byte
     for byte, so the engine `auto` picks by size never changes a dataset."""

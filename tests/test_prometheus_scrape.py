@@ -21,9 +21,9 @@ from typing import Any
 
 import pytest
 from prometheus_client import CollectorRegistry
-from prometheus_server import PrometheusServer, free_port_range, prometheus  # noqa: F401  (fixture)
 
 from morec_dist.observe.metrics import CoordinatorMetrics, RankMetrics
+from tests.prometheus_server import PrometheusServer, free_port_range
 
 REPO = Path(__file__).resolve().parent.parent
 PUBLISHER = REPO / "tests" / "tools" / "publish_metrics.py"
@@ -111,7 +111,8 @@ def publisher(schedule, tmp_path_factory) -> Iterator[dict[str, Any]]:
         ports = json.loads(ready.read_text())["ports"]
         yield {"ports": ports, "base_port": base_port, "done": done, "process": process}
     finally:
-        process.stdin.close()  # the publisher serves until its stdin closes
+        if process.stdin is not None:
+            process.stdin.close()  # the publisher serves until its stdin closes
         try:
             process.wait(timeout=10)
         except subprocess.TimeoutExpired:
@@ -125,7 +126,7 @@ def prometheus_targets(publisher) -> dict[str, list[str]]:
 
 
 @pytest.fixture(scope="module")
-def scraped(prometheus, publisher) -> PrometheusServer:  # noqa: F811  (the imported fixture)
+def scraped(prometheus, publisher) -> PrometheusServer:
     """Prometheus once every target has been scraped after the last published step.
 
     The publisher starts its schedule only once Prometheus scrapes every target, so the

@@ -8,15 +8,10 @@ in the job's metrics.json, and the ranks' row counters must be whole steps of th
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from prometheus_server import PrometheusServer, free_port_range  # noqa: E402
-
-from tests.test_morec_e2e import finetune, pretrained, tiny_data  # noqa: E402,F401  (fixtures)
+from tests.e2e_fixtures import finetune
+from tests.prometheus_server import PrometheusServer, free_port_range
 
 pytestmark = pytest.mark.slow
 BATCH, BLOCKS, STEPS = 16, 4, 400
@@ -47,8 +42,8 @@ def test_prometheus_scrapes_beta_and_losses_that_match_the_trainer(pretrained, t
             f"data.batch_size={BATCH}",
         )
         trace = result["coordinator"]["trace"]
-        beta_of = dict(zip(trace["step"], trace["beta"]))
-        accuracy_of = dict(zip(trace["step"], (row[0] for row in trace["losses"])))
+        beta_of = dict(zip(trace["step"], trace["beta"], strict=True))
+        accuracy_of = dict(zip(trace["step"], (row[0] for row in trace["losses"]), strict=True))
 
         (steps,) = samples(server, "morec_coordinator_step").values()
         (betas,) = samples(server, "morec_coordinator_beta").values()

@@ -13,11 +13,11 @@ import json
 from pathlib import Path
 
 import pytest
-import reader_data
 import torch
 
 from morec_dist.data.batch import Batch
 from morec_dist.data.reader import Reader
+from tests import reader_data
 
 OBJECTIVES = [("fairness", "fair_group"), ("revenue", "rev_group")]
 P_NEW = {"fairness": [0.05, 0.05, 0.1, 0.1, 0.2, 0.2, 0.3, 0.0], "revenue": [0.7, 0.1, 0.1, 0.1]}
@@ -90,7 +90,7 @@ def test_resumed_reader_continues_the_same_stream(data_dir, morec, stop_at, chan
         resumed.load_state_dict(copy.deepcopy(state))
         tail = _run(resumed, total - stop_at, change_at, start=stop_at)
     assert len(head) + len(tail) == total
-    for a, b in zip(expected, head + tail):
+    for a, b in zip(expected, head + tail, strict=True):
         _assert_same(a, b)
     if morec and change_at is not None:
         assert [b.version for b in expected] == [0] * change_at + [1] * (total - change_at)
@@ -124,7 +124,7 @@ def test_set_epoch_keeps_a_resumed_position_and_starts_other_epochs(data_dir):
         resumed.set_epoch(0)  # what a trainer loop does after loading: must not rewind
         rest = list(resumed)
         assert len(rest) == 9
-        for a, b in zip(epoch0[4:], rest):
+        for a, b in zip(epoch0[4:], rest, strict=True):
             _assert_same(a, b)
         resumed.set_epoch(1)  # already positioned at epoch 1 by the finished pass
         assert resumed.step == 0 and resumed.epoch == 1

@@ -11,10 +11,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import reader_data
 
 from morec_dist.data.batch import UNIFORM_VERSION
 from morec_dist.data.reader import Reader, batch_sizes
+from tests import reader_data
 
 
 @pytest.fixture(scope="module")

@@ -86,7 +86,8 @@ def test_fairness_and_alignment_updates_follow_a_hand_computed_sequence():
     state.step(objs.signs({"fairness": [0.1, 0.2, 0.3, 0.9], "alignment": [7, 2, 1]}))
     np.testing.assert_allclose(state.probabilities["fairness"], np.array([0.4, 0.3, 0.2, 0.2]) / 1.1, atol=1e-15)
     np.testing.assert_allclose(state.probabilities["alignment"], np.array([0.3, 0.5, 0.4]) / 1.2, atol=1e-15)
-    # second step: q_rec [0.6, 0.4, 0] -> s [-1, -1, +1]: [0.25, 0.4167, 0.3333] + 0.2 * [-1, -1, +1] -> [0.05, 0.2167, 0.5333]/0.8
+    # second step: q_rec [0.6, 0.4, 0] -> s [-1, -1, +1]:
+    # [0.25, 0.4167, 0.3333] + 0.2 * [-1, -1, +1] -> [0.05, 0.2167, 0.5333]/0.8
     state.step(objs.signs({"fairness": [0.9, 0.2, 0.3, 0.1], "alignment": [6, 4, 0]}))
     a = np.array([0.3, 0.5, 0.4]) / 1.2 + 0.2 * np.array([-1, -1, 1])
     np.testing.assert_allclose(state.probabilities["alignment"], a / a.sum(), atol=1e-15)
@@ -177,8 +178,10 @@ def test_a_fifth_objective_from_config_needs_no_code(dataset):
             'morec.objectives=[{name="revenue", kind="revenue", group_column="rev_group", weight=0.4},'
             ' {name="fairness", kind="fairness", group_column="fair_group", weight=0.2},'
             ' {name="alignment", kind="alignment", group_column="align_group", weight=0.2},'
-            ' {name="head_floor", kind="worst_group", group_column="align_group", weight=0.1, options={by="hit", k=10}},'
-            ' {name="genre_mix", kind="target_share", group_column="fair_group", weight=0.1, options={target="uniform", k=20, alpha=0.02}}]'
+            ' {name="head_floor", kind="worst_group", group_column="align_group", weight=0.1,'
+            ' options={by="hit", k=10}},'
+            ' {name="genre_mix", kind="target_share", group_column="fair_group", weight=0.1,'
+            ' options={target="uniform", k=20, alpha=0.02}}]'
         ],
     )
     objs = build_objectives(

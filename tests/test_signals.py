@@ -29,7 +29,7 @@ from morec_dist.eval.signals import compute_signals
 from tests.conftest import free_tcp_port
 
 sys.path.insert(0, str(Path(__file__).parent / "dist_scripts"))
-from integer_model import integer_mf  # noqa: E402
+from integer_model import integer_mf
 
 NUM_NEGATIVES, ALPHA, SEED = 3, 1.0, 11
 

@@ -8,6 +8,7 @@ import subprocess
 import sys
 
 import numpy as np
+import pytest
 
 from morec_dist.data.dataset import PreparedDataset
 from morec_dist.data.prepare.synthetic import generate
@@ -59,6 +60,7 @@ print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024)
 """
 
 
+@pytest.mark.slow
 def test_memory_stays_bounded_as_rows_grow(tmp_path):
     def peak_mb(rows: int) -> int:
         out = subprocess.run(

@@ -10,6 +10,7 @@ import json
 import subprocess
 import sys
 from types import SimpleNamespace
+from typing import Any
 
 import pytest
 import torch
@@ -121,7 +122,8 @@ def test_method_registry_is_the_one_list_of_names() -> None:
         check_methods(["morec", "pareto"])
     with pytest.raises(ValueError, match="already registered"):
         METHODS.register("static", Method(METHODS.get("static").build))
-    finetune = build_parser()._subparsers._group_actions[0].choices["finetune"]
+    parser: Any = build_parser()  # argparse keeps subparsers in private, loosely typed fields
+    finetune = parser._subparsers._group_actions[0].choices["finetune"]
     method = next(a for a in finetune._actions if a.dest == "method")
     assert list(method.choices) == METHODS.names()
 

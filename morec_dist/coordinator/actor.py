@@ -78,7 +78,7 @@ class CoordinatorActor:
             beta=record.beta,
             pid_terms={"p": pid.p, "i": pid.i, "d": pid.d, "error": pid.error},
             # a block with no rows in a step has no loss (NaN): not published for that step
-            global_losses={name: loss for name, loss in zip(core.names, record.losses) if loss == loss},
+            global_losses={name: loss for name, loss in zip(core.names, record.losses, strict=True) if loss == loss},
             probabilities=core.versions[version][1],
             version=version,
             target_loss=record.target_loss,
@@ -93,7 +93,8 @@ class CoordinatorActor:
     def _need_core(self) -> CoordinatorCore:
         if self.core is None:
             raise CoordinatorNotConfigured(
-                "the coordinator is not configured yet (the job calls configure(spec) first, or the actor was restarted)"
+                "the coordinator is not configured yet (the job calls configure(spec) first, or the actor was "
+                "restarted)"
             )
         return self.core
 

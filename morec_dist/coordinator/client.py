@@ -76,7 +76,8 @@ def timed_wait(client: Any, step: int, wait: Callable[[], T]) -> T:
     client.waits += 1
     if client.waits <= LOG_FIRST_WAITS or client.waits % LOG_EVERY == 0:
         logger.info(
-            "rank %d: waiting on the coordinator for the decision of step %d (staleness %d; wait #%d, %.3f s waited so far)",
+            "rank %d: waiting on the coordinator for the decision of step %d (staleness %d; wait #%d, %.3f s waited "
+            "so far)",
             client.rank,
             step,
             client.staleness,
@@ -143,12 +144,14 @@ class CoordinatorClient:
 
         if self.recovery is None:
             raise CoordinatorError(
-                f"rank {self.rank}: the coordinator actor is gone ({type(why).__name__}) and this client cannot restore it"
+                f"rank {self.rank}: the coordinator actor is gone ({type(why).__name__}) and this client cannot "
+                "restore it"
             ) from None
         reason = "resync requested" if why is None else f"the coordinator actor is gone ({type(why).__name__})"
         if len(self._log) > self.max_log:
             raise CoordinatorError(
-                f"rank {self.rank}: coordinator lost, but {len(self._log)} reports since the last checkpoint exceed max_log {self.max_log}"
+                f"rank {self.rank}: coordinator lost, but {len(self._log)} reports since the last checkpoint exceed "
+                f"max_log {self.max_log}"
             )
         r = self.recovery
         logger.warning(
@@ -169,7 +172,7 @@ class CoordinatorClient:
                     timeout=self.wait_timeout_s,
                 )
                 break
-            except Exception as exc:  # noqa: BLE001 - the actor may still be restarting
+            except Exception as exc:  # broad on purpose: the actor may still be restarting
                 if not (_lost(exc) or isinstance(exc, ray.exceptions.GetTimeoutError)) or time.monotonic() > deadline:
                     raise CoordinatorError(f"rank {self.rank}: could not restore the coordinator: {exc}") from None
                 time.sleep(RECOVERY_POLL_S)
@@ -184,7 +187,7 @@ class CoordinatorClient:
         while True:
             try:
                 return ray.get(getattr(self.actor, method).remote(*args), timeout=self.wait_timeout_s)
-            except Exception as exc:  # noqa: BLE001
+            except Exception as exc:  # any error: _lost() tells a lost actor from a real one
                 if not _lost(exc):
                     raise
                 self._recover(exc)
@@ -237,9 +240,10 @@ class CoordinatorClient:
         except ray.exceptions.GetTimeoutError:
             status = ray.get(self.actor.status.remote(), timeout=30)
             raise CoordinatorError(
-                f"rank {self.rank}: no decision for step {step} after {self.wait_timeout_s:.0f} s; coordinator status: {status}"
+                f"rank {self.rank}: no decision for step {step} after {self.wait_timeout_s:.0f} s; coordinator "
+                f"status: {status}"
             ) from None
-        except Exception as exc:  # noqa: BLE001
+        except Exception as exc:  # any error: _lost() tells a lost actor from a real one
             if not _lost(exc):
                 raise
             logger.warning(
@@ -263,7 +267,7 @@ class CoordinatorClient:
         while True:
             try:
                 return self._flush_once()
-            except Exception as exc:  # noqa: BLE001
+            except Exception as exc:  # any error: _lost() tells a lost actor from a real one
                 if not _lost(exc):
                     raise
                 self._recover(exc)
@@ -318,7 +322,7 @@ class CoordinatorClient:
     def history(self) -> list[dict[str, Any]]:
         return self._call("history")
 
-    def stats(self) -> dict[str, float]:
+    def stats(self) -> dict[str, float | str]:
         return {
             "rank": self.rank,
             "protocol": "per_rank",

@@ -39,7 +39,7 @@ import math
 import queue
 import threading
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -118,7 +118,7 @@ class GlobalCoordinatorClient:
         if self.rank == 0:
             # fetched by the client's own start() (one actor call), else asked now
             for t in range(first_step, first_step + self.staleness):
-                d = self.inner.decision_for_step(t)
+                d = self._rank0_only("start").decision_for_step(t)
                 self._decisions[d.step] = d
                 self._send(d)
             self._thread = threading.Thread(target=self._serve, name="morec-coordinator-client", daemon=True)
@@ -133,13 +133,15 @@ class GlobalCoordinatorClient:
         step = int(step)
         if step != self._posted_through + 1:
             raise CoordinatorError(
-                f"rank {self.rank}: report of step {step}, expected step {self._posted_through + 1} (steps are reported in order)"
+                f"rank {self.rank}: report of step {step}, expected step {self._posted_through + 1} (steps are "
+                "reported in order)"
             )
         self._raise_thread_error()
         k = self.num_blocks
         if len(loss_sums) != k or len(row_counts) != k:
             raise CoordinatorError(
-                f"rank {self.rank}, step {step}: expected {k} loss sums and row counts, got {len(loss_sums)} and {len(row_counts)}"
+                f"rank {self.rank}, step {step}: expected {k} loss sums and row counts, got {len(loss_sums)} and "
+                f"{len(row_counts)}"
             )
         vector = torch.tensor([*map(float, loss_sums), *map(float, row_counts)], dtype=torch.float64)
         gather_group = self.groups[0]
@@ -172,7 +174,8 @@ class GlobalCoordinatorClient:
         entry = self._headers.pop(step, None)
         if entry is None:
             raise CoordinatorError(
-                f"rank {self.rank}: no decision of step {step} was posted (reported through {self._posted_through}, staleness {self.staleness})"
+                f"rank {self.rank}: no decision of step {step} was posted (reported through {self._posted_through}, "
+                f"staleness {self.staleness})"
             )
         work, buffer = entry
         if not work.is_completed():
@@ -213,19 +216,19 @@ class GlobalCoordinatorClient:
                 if work is not None:
                     work.wait()
                 sums, counts = global_sums(buffers, self.num_blocks)
-                self.inner.report(step, sums, counts)
+                self._rank0_only("report").report(step, sums, counts)
                 self.actor_calls += 1
                 with self._cond:
                     self._reported_through = step
                     self._pending_flush.append(step)
                     self._cond.notify_all()
-                decision = self.inner.decision_for_step(step + self.staleness)
+                decision = self._rank0_only("decision_for_step").decision_for_step(step + self.staleness)
                 with self._cond:
                     self._decisions[decision.step] = decision
                     self._produced_through = decision.step
                     self._cond.notify_all()
                 self._send(decision)
-        except BaseException as exc:  # noqa: BLE001 - surfaced on the main thread
+        except BaseException as exc:  # broad on purpose: surfaced on the main thread
             logger.error("rank 0: the coordinator client thread failed: %s", exc)
             with self._cond:
                 self._error = exc
@@ -270,7 +273,8 @@ class GlobalCoordinatorClient:
         values = buffer.tolist()
         if int(values[0]) != step:
             raise CoordinatorError(
-                f"rank {self.rank}: received the decision of step {int(values[0])} for step {step} (collectives out of order)"
+                f"rank {self.rank}: received the decision of step {int(values[0])} for step {step} (collectives out "
+                "of order)"
             )
         version = int(values[4])
         if version != self._known_version:
@@ -285,7 +289,7 @@ class GlobalCoordinatorClient:
             step=step,
             beta=values[1],
             lam=values[2],
-            weights=dict(zip(self.weight_names, values[HEADER:])),
+            weights=dict(zip(self.weight_names, values[HEADER:], strict=True)),
             target_loss=values[3],
             p_version=version,
             probabilities={k: list(v) for k, v in self._known_probs.items()},
@@ -297,7 +301,7 @@ class GlobalCoordinatorClient:
             self._gathers.pop(step)[0].wait()
 
     # ------------------------------------------------------------------ waits
-    def _count_wait(self, step: int, wait: Any) -> None:
+    def _count_wait(self, step: int, wait: Callable[[], object]) -> None:
         timed_wait(self, step, wait)
 
     # --------------------------------------------------------- flush, close, state
@@ -314,13 +318,14 @@ class GlobalCoordinatorClient:
             while self._reported_through < self._posted_through and self._error is None:
                 if time.monotonic() > deadline:
                     raise CoordinatorError(
-                        f"rank 0: global reports through step {self._posted_through} not sent after {self.wait_timeout_s:.0f} s"
+                        f"rank 0: global reports through step {self._posted_through} not sent after "
+                        f"{self.wait_timeout_s:.0f} s"
                     )
                 self._cond.wait(timeout=1.0)
             steps, self._pending_flush = self._pending_flush, []
         self._raise_thread_error()
         if steps:
-            self.inner._call("wait_recorded", 0, steps)
+            self._rank0_only("wait_recorded")._call("wait_recorded", 0, steps)
 
     def close(self) -> None:
         """End of training (every rank, same point): produce and receive the decisions
@@ -337,7 +342,8 @@ class GlobalCoordinatorClient:
                         )
                     self._cond.wait(timeout=1.0)
             self._queue.put(_STOP)
-            self._thread.join(timeout=self.wait_timeout_s)
+            if self._thread is not None:
+                self._thread.join(timeout=self.wait_timeout_s)
             self._raise_thread_error()
             for work, _ in self._sent:
                 work.wait()
@@ -361,29 +367,27 @@ class GlobalCoordinatorClient:
         only rank 0, the protocol's one actor client."""
         return self.rank == 0
 
-    def _rank0_only(self, what: str) -> None:
-        if self.rank != 0:
+    def _rank0_only(self, what: str) -> CoordinatorClient:
+        """Rank 0's actor client; ``what`` on any other rank is an error."""
+        if self.rank != 0 or self.inner is None:
             raise CoordinatorError(
                 f"rank {self.rank}: {what} is rank 0's (the only coordinator client of the global protocol)"
             )
+        return self.inner
 
     def submit_signals(self, step: int, signals: Mapping[str, Sequence[float]]) -> int:
-        self._rank0_only("submit_signals")
-        return self.inner.submit_signals(step, signals)
+        return self._rank0_only("submit_signals").submit_signals(step, signals)
 
     def state_dict(self) -> dict[str, Any]:
-        self._rank0_only("state_dict")
-        return self.inner.state_dict()
+        return self._rank0_only("state_dict").state_dict()
 
     def trace(self) -> dict[str, list]:
-        self._rank0_only("trace")
-        return self.inner.trace()
+        return self._rank0_only("trace").trace()
 
     def history(self) -> list[dict[str, Any]]:
-        self._rank0_only("history")
-        return self.inner.history()
+        return self._rank0_only("history").history()
 
-    def stats(self) -> dict[str, float]:
+    def stats(self) -> dict[str, float | str]:
         return {
             "rank": self.rank,
             "protocol": "global",
@@ -397,7 +401,7 @@ class GlobalCoordinatorClient:
         }
 
 
-def global_sums(per_rank: Sequence[Any], num_blocks: int) -> tuple[list[float], list[int]]:
+def global_sums(per_rank: Sequence[Any] | np.ndarray, num_blocks: int) -> tuple[list[float], list[int]]:
     """Rank-ordered per-rank vectors [sums.., counts..] -> exact global (sums, counts).
 
     ``math.fsum`` is correctly rounded: the result depends only on the multiset of values,
@@ -424,4 +428,4 @@ def new_groups(timeout_s: float = 600.0) -> tuple[Any, Any, Any]:
     if not dist.is_initialized():
         return (None, None, None)
     timeout = timedelta(seconds=timeout_s)
-    return tuple(dist.new_group(backend="gloo", timeout=timeout) for _ in range(3))  # type: ignore[return-value]
+    return tuple(dist.new_group(backend="gloo", timeout=timeout) for _ in range(3))

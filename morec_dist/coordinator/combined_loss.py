@@ -24,7 +24,8 @@ def block_sums(
     """Per-block loss sums ([num_blocks], same dtype as the loss) and row counts (int64)."""
     if per_row_loss.dim() != 1 or block_ids.shape != per_row_loss.shape:
         raise ValueError(
-            f"per_row_loss and block_ids must be 1-D of equal length, got {tuple(per_row_loss.shape)} and {tuple(block_ids.shape)}"
+            f"per_row_loss and block_ids must be 1-D of equal length, got {tuple(per_row_loss.shape)} and "
+            f"{tuple(block_ids.shape)}"
         )
     ids = block_ids.to(torch.int64)
     if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= num_blocks):

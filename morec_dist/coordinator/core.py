@@ -47,9 +47,10 @@ from typing import Any
 
 import numpy as np
 
+from morec_dist.config import Config
 from morec_dist.coordinator.objectives import ObjectiveError, ObjectiveSet
-from morec_dist.coordinator.pid import PIDController, PIDGains
-from morec_dist.coordinator.sampler import SamplerState
+from morec_dist.coordinator.pid import PIDController, PIDGains, PIDStep
+from morec_dist.coordinator.sampler import GroupStats, SamplerState
 
 STATE_FORMAT = 1
 
@@ -115,7 +116,8 @@ class CoordinatorSpec:
             raise CoordinatorError(f"sampler_every: expected >= 0 (0 = never), got {self.sampler_every}")
         if not (math.isfinite(self.target_loss) and self.target_loss > 0):
             raise CoordinatorError(
-                f"target loss l_hat: expected > 0 (resolve morec.pid.target_loss = 0 from the pretrained model first), got {self.target_loss}"
+                "target loss l_hat: expected > 0 (resolve morec.pid.target_loss = 0 from the pretrained model "
+                f"first), got {self.target_loss}"
             )
 
 
@@ -140,7 +142,7 @@ class CoordinatorCore:
         self.spec = spec
         self.names = spec.objectives.names
         self.pid = PIDController(spec.gains)
-        self.last_pid = None
+        self.last_pid: PIDStep | None = None
         self.sampler = SamplerState(
             spec.objectives.initial_probabilities(), {o.name: o.alpha for o in spec.objectives.objectives}
         )
@@ -489,8 +491,8 @@ def _same_signals(a: Mapping[str, list[float]], b: Mapping[str, list[float]]) ->
 
 
 def build_spec(
-    config: Any,
-    stats: Any,
+    config: Config,
+    stats: GroupStats,
     *,
     world_size: int,
     target_loss: float | None = None,

@@ -82,10 +82,10 @@ def min_norm_weights(gram: np.ndarray | torch.Tensor, *, max_iter: int = 2000, t
     return a
 
 
-def mgda_weights(grads: torch.Tensor, **kwargs: object) -> torch.Tensor:
+def mgda_weights(grads: torch.Tensor, *, max_iter: int = 2000, tol: float = 1e-12) -> torch.Tensor:
     """Weights a (shape [K]) from per-objective gradients stacked as [K, D]."""
     if grads.dim() != 2:
         raise ValueError(f"MGDA: expected gradients of shape [K, D], got {tuple(grads.shape)}")
     g = grads.detach().to(torch.float64)
-    a = min_norm_weights((g @ g.T).cpu().numpy(), **kwargs)
+    a = min_norm_weights((g @ g.T).cpu().numpy(), max_iter=max_iter, tol=tol)
     return torch.as_tensor(a, dtype=grads.dtype, device=grads.device)

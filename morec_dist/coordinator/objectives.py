@@ -113,7 +113,8 @@ class ObjectiveKind:
         unknown = sorted(set(options) - set(self.defaults))
         if unknown:
             raise ObjectiveError(
-                f"{where}.options: unknown key(s) {unknown} for kind {self.name!r}; expected some of {sorted(self.defaults)}"
+                f"{where}.options: unknown key(s) {unknown} for kind {self.name!r}; expected some of "
+                f"{sorted(self.defaults)}"
             )
         return {**self.defaults, **options}
 
@@ -369,7 +370,8 @@ class ObjectiveSet:
         extra = sorted(set(signals) - expected)
         if missing or extra:
             raise ObjectiveError(
-                f"signals: expected exactly the adaptive objectives {sorted(expected)}; missing {missing}, unexpected {extra}"
+                f"signals: expected exactly the adaptive objectives {sorted(expected)}; missing {missing}, "
+                f"unexpected {extra}"
             )
         signs: dict[str, np.ndarray] = {}
         for o in self.adaptive():

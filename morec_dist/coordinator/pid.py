@@ -31,6 +31,8 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
+from morec_dist.config import PIDConfig
+
 ANTI_WINDUP_MODES = ("freeze", "unwind")
 
 
@@ -56,8 +58,8 @@ class PIDGains:
             )
 
     @classmethod
-    def from_config(cls, pid: Any) -> PIDGains:
-        """From ``config.morec.pid`` (a PIDConfig) or anything with the same attributes."""
+    def from_config(cls, pid: PIDConfig) -> PIDGains:
+        """From ``config.morec.pid``."""
         return cls(
             kp=pid.kp,
             ki=pid.ki,

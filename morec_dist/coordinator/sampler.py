@@ -31,12 +31,15 @@ import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pyarrow.parquet as pq
 
 from morec_dist.data import schema
+
+if TYPE_CHECKING:  # the dataset handle is for annotations only: the coordinator reads no data
+    from morec_dist.data.dataset import PreparedDataset
 
 
 class SamplerError(ValueError):
@@ -144,8 +147,8 @@ class GroupStats:
         return cls(num_groups, train_counts, Path(data_dir) if data_dir else None, files)
 
     @classmethod
-    def from_dataset(cls, dataset: Any) -> GroupStats:
-        """From a ``PreparedDataset`` (anything with ``.manifest`` and ``.path``)."""
+    def from_dataset(cls, dataset: PreparedDataset) -> GroupStats:
+        """From a prepared dataset's manifest."""
         return cls.from_manifest(dataset.manifest, dataset.path)
 
     def require_column(self, column: str, where: str) -> int:

@@ -36,6 +36,7 @@ import sys
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
+from morec_dist.config import CoordinatorConfig
 from morec_dist.coordinator.actor import get_existing, get_or_create
 from morec_dist.coordinator.client import CoordinatorClient, Recovery
 from morec_dist.coordinator.core import CoordinatorError, CoordinatorSpec
@@ -58,7 +59,8 @@ def probe_address(address: str, timeout_s: float = PROBE_TIMEOUT_S) -> None:
             pass
     except OSError as exc:
         raise CoordinatorError(
-            f"coordinator.ray_address {address}: no Ray head reachable there ({exc.strerror or exc}) within {timeout_s:.0f} s"
+            f"coordinator.ray_address {address}: no Ray head reachable there ({exc.strerror or exc}) within "
+            f"{timeout_s:.0f} s"
         ) from None
 
 
@@ -128,7 +130,7 @@ def connect_ray(address: str, namespace: str | None = None) -> None:
 
 
 def open_coordinator(
-    coordinator: Any,
+    coordinator: CoordinatorConfig,
     spec: CoordinatorSpec,
     *,
     run_id: str,

@@ -118,7 +118,7 @@ def _check_schema(path: Path, actual: pa.Schema, expected: pa.Schema) -> None:
             _fail(str(path), f"column {field.name!r} has type {actual.field(index).type}, expected {field.type}")
 
 
-def _range_checks(manifest: dict[str, Any]) -> dict[str, tuple[float, float]]:
+def _range_checks(manifest: dict[str, Any]) -> dict[str, tuple[int, int]]:
     checks = {"user_id": (1, manifest["num_users"]), "item_id": (1, manifest["num_items"])}
     for column, stats in manifest["groups"].items():
         checks[column] = (1, stats["num_groups"])
@@ -128,9 +128,7 @@ def _range_checks(manifest: dict[str, Any]) -> dict[str, tuple[float, float]]:
     return checks
 
 
-def _check_values(
-    path: Path, table_or_batch: pa.RecordBatch | pa.Table, ranges: dict[str, tuple[float, float]]
-) -> None:
+def _check_values(path: Path, table_or_batch: pa.RecordBatch | pa.Table, ranges: dict[str, tuple[int, int]]) -> None:
     for column, (low, high) in ranges.items():
         if column not in table_or_batch.schema.names:
             continue
@@ -231,7 +229,8 @@ class PreparedDataset:
         groups = columns[column]["groups"]
         if str(gid) not in groups:
             raise DatasetError(
-                f"{self.path / schema.MANIFEST}: {column!r} has no group {gid} (groups 1..{columns[column]['num_groups']})"
+                f"{self.path / schema.MANIFEST}: {column!r} has no group {gid} (groups "
+                f"1..{columns[column]['num_groups']})"
             )
         return groups[str(gid)]
 

@@ -472,7 +472,7 @@ class WindowPrefetcher(threading.Thread):
                     return
                 try:
                     busy |= stream.prefetch(self.depth)
-                except Exception:  # noqa: BLE001 - the consumer reads it itself and raises
+                except Exception:  # broad on purpose: the consumer reads it itself and raises
                     return
             if not busy:
                 self.wake.wait(0.05)

@@ -808,7 +808,7 @@ class _PrefetchThread(threading.Thread):
             for step, uniform in self.reader.uniform.iter_batches(self.epoch, self.start_step):
                 if not self._put((step, uniform)):
                     return
-        except BaseException as exc:  # noqa: BLE001 - handed to the consumer, which re-raises
+        except BaseException as exc:
             self._put(_Failure(exc))
 
     def _put(self, item: object) -> bool:

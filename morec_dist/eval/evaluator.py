@@ -25,6 +25,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, Protocol, cast
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -43,8 +44,23 @@ HISTORY_SPLITS = {"valid": ("train",), "test": ("train", "valid")}
 MAX_SCORES_PER_BATCH = 1 << 26
 ITEM_CHUNK = 1 << 16
 READ_BATCH_ROWS = 1 << 20
+CPU = torch.device("cpu")  # the default device of the baselines (a device is immutable)
 
 Scorer = Callable[[np.ndarray], torch.Tensor]  # user ids [B] -> scores [B, num_items + 1]
+
+
+class Recommender(Protocol):
+    """What evaluation needs of a model (every model of model/registry.py has it). A model is
+    typed nn.Module elsewhere, whose __getattr__ hides these methods from the type checker,
+    so ``as_recommender`` states it once."""
+
+    def user_vectors(self, user_kjt: Any) -> torch.Tensor: ...
+
+    def item_vectors(self, item_kjt: Any) -> torch.Tensor: ...
+
+
+def as_recommender(model: nn.Module) -> Recommender:
+    return cast(Recommender, model)
 
 
 @dataclass(frozen=True)
@@ -169,7 +185,7 @@ def catalogue_vectors(model: nn.Module, features: FeatureBuilder, device: torch.
     makes the same calls, as sharded lookups require)."""
     ids = np.arange(features.num_items + 1, dtype=np.int64)
     parts = [
-        model.item_vectors(features.item_kjt(ids[s : s + ITEM_CHUNK]).to(device))
+        as_recommender(model).item_vectors(features.item_kjt(ids[s : s + ITEM_CHUNK]).to(device))
         for s in range(0, ids.size, ITEM_CHUNK)
     ]
     return torch.cat(parts)
@@ -180,7 +196,7 @@ def model_scorer(model: nn.Module, features: FeatureBuilder, device: torch.devic
 
     @torch.no_grad()
     def score(user_ids: np.ndarray) -> torch.Tensor:
-        users = model.user_vectors(features.user_kjt(user_ids).to(device))
+        users = as_recommender(model).user_vectors(features.user_kjt(user_ids).to(device))
         return users @ items_t
 
     return score
@@ -306,7 +322,7 @@ def gather_concat(local: np.ndarray, world_size: int, device: torch.device) -> n
     padded[: local.size] = torch.from_numpy(local).to(device)
     parts = [torch.zeros_like(padded) for _ in range(world_size)]
     dist.all_gather(parts, padded)
-    return np.concatenate([p[: int(s.item())].cpu().numpy() for p, s in zip(parts, sizes)])
+    return np.concatenate([p[: int(s.item())].cpu().numpy() for p, s in zip(parts, sizes, strict=True)])
 
 
 def sum_over_ranks(t: torch.Tensor, world_size: int) -> np.ndarray:
@@ -390,7 +406,7 @@ def evaluate_most_popular(
     ks: list[int],
     rank: int = 0,
     world_size: int = 1,
-    device: torch.device = torch.device("cpu"),
+    device: torch.device = CPU,
     batch_users: int = 1024,
 ) -> EvalResult:
     """The most-popular baseline (score = train popularity), under the same protocol."""

@@ -97,6 +97,8 @@ def relaunch(nproc: int, argv: list[str], max_restarts: int = 0) -> int:
     argv = without_launcher_flags(argv)
     env = dict(os.environ)
     env.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    # torchrun's own default for several local ranks; set, it skips its banner saying so
+    env.setdefault("OMP_NUM_THREADS", "1")
     with tempfile.TemporaryDirectory(prefix="morec-launch-") as tmp:
         error_file = Path(tmp) / "user-error"
         env[USER_ERROR_ENV] = str(error_file)

@@ -18,9 +18,9 @@ from pathlib import Path
 import torch.distributed as dist
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from coordinator_ranks import BLOCKS, synthetic_report, synthetic_signals  # noqa: E402
+from coordinator_ranks import BLOCKS, synthetic_report, synthetic_signals
 
-from morec_dist.coordinator.collective import GlobalCoordinatorClient  # noqa: E402
+from morec_dist.coordinator.collective import GlobalCoordinatorClient
 
 
 def main() -> int:

@@ -12,6 +12,7 @@ import json
 import os
 import sys
 import traceback
+from typing import Any
 
 from integer_model import integer_mf
 
@@ -44,7 +45,7 @@ def main() -> None:
         config.model.embedding_dim = 4
         config.model.default_sharding = sharding
         dmp, _ = shard(copy.deepcopy(model), config, ctx.device, ctx.pg)
-        out = {"world_size": ctx.world_size}
+        out: dict[str, Any] = {"world_size": ctx.world_size}
         for split in ("valid", "test"):
             result = evaluate(dmp, data, split, KS, ctx.rank, ctx.world_size, features, ctx.device, batch_users)
             out[f"mf_{split}"] = result_json(result)

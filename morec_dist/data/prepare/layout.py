@@ -108,7 +108,7 @@ def _write_column_local(train: pa.Table, out_root: Path, column: str, m: list[in
     gid_sorted, j_sorted = gid[order], j[order]
     cut = np.flatnonzero((np.diff(gid_sorted) != 0) | (np.diff(j_sorted) != 0)) + 1
     pieces = []
-    for start, stop in zip(np.r_[0, cut], np.r_[cut, len(order)]):
+    for start, stop in zip(np.r_[0, cut], np.r_[cut, len(order)], strict=True):
         if stop > start:
             rows = train.take(pa.array(order[start:stop]))
             pieces += write_range(rows, str(out_root), column, int(gid_sorted[start]), int(j_sorted[start]))
@@ -116,7 +116,7 @@ def _write_column_local(train: pa.Table, out_root: Path, column: str, m: list[in
 
 
 def _write_column_ray(
-    part_paths: list[Path], offsets: list[tuple[int, int]], out_root: Path, column: str, m: list[int], seed: int
+    part_paths: list[Path], offsets: list[tuple[int, int, int]], out_root: Path, column: str, m: list[int], seed: int
 ) -> list[dict[str, Any]]:
     import ray.data
 
@@ -142,7 +142,7 @@ def read_row_groups_with_index(items: pa.Table, seed: int, column: str, m: list[
     """Ray task: reads the listed train row groups, adds row index, hash and sort key."""
     tables = []
     for path, rg, first in zip(
-        items["path"].to_pylist(), items["row_group"].to_pylist(), items["first_row"].to_pylist()
+        items["path"].to_pylist(), items["row_group"].to_pylist(), items["first_row"].to_pylist(), strict=True
     ):
         table = with_order_columns(pq.ParquetFile(path).read_row_group(rg), first, seed)
         tables.append(table.append_column(KEY, order_key(table, column)))
@@ -158,7 +158,7 @@ def _write_block(block: pa.Table, out_root: str, column: str, m: list[int]) -> p
         if gid.min() == gid.max() and j.min() == j.max():  # the usual case: one range per block
             pieces += write_range(block, out_root, column, int(gid[0]), int(j[0]))
         else:
-            for g, jj in sorted(set(zip(gid.tolist(), j.tolist()))):
+            for g, jj in sorted(set(zip(gid.tolist(), j.tolist(), strict=True))):
                 mask = pa.array((gid == g) & (j == jj))
                 pieces += write_range(block.filter(mask), out_root, column, g, jj)
     return pa.table({k: [p[k] for p in pieces] for k in ("gid", "j", "sub", "tmp", "rows")}, schema=_PIECES)
@@ -211,7 +211,7 @@ def write_group_layout(job: LayoutJob) -> dict[str, Any]:
     counts = _train_counts(paths, job.group_columns)
     columns = {}
     train = None
-    runtime = contextlib.nullcontext()
+    runtime: contextlib.AbstractContextManager[None] = contextlib.nullcontext()
     if engine == "ray" and total:
         from morec_dist.data.prepare.ray_env import ray_runtime
 
@@ -231,7 +231,8 @@ def write_group_layout(job: LayoutJob) -> dict[str, Any]:
             columns[column] = _finalise(job.root, column, num_groups, pieces)
             if job.progress:
                 print(
-                    f"[layout {time.monotonic() - started:6.1f}s] by_group/{column}: {num_groups} groups, {total:,} rows ({engine})",
+                    f"[layout {time.monotonic() - started:6.1f}s] by_group/{column}: {num_groups} groups, {total:,} "
+                    f"rows ({engine})",
                     file=sys.stderr,
                     flush=True,
                 )

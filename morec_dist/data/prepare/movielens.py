@@ -228,7 +228,9 @@ def prepare_movielens_1m(out_dir: str | Path, *, cache_dir: Path | None = None, 
         "name": "movielens-1m",
         "source": {"package": WHEEL_REQUIREMENT, "file": WHEEL_FILE, "sha256": WHEEL_SHA256},
         "seed": PRICE_SEED,
-        "price_note": "synthetic: 14 * exp(0.6 * z), z ~ N(0,1) from numpy default_rng(20231020), clipped to [0.99, 199.99]",
+        "price_note": (
+            "synthetic: 14 * exp(0.6 * z), z ~ N(0,1) from numpy default_rng(20231020), clipped to [0.99, 199.99]"
+        ),
         "num_users": int(users_table.num_rows),
         "num_items": num_items,
         "num_positives": int(len(users)),

@@ -26,10 +26,12 @@ Items and users tables (catalogue-sized) are read on the driver.
 
 from __future__ import annotations
 
+import itertools
 import math
 import sys
 import time
 import tomllib
+from collections.abc import Sequence
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -94,7 +96,7 @@ class ParquetMapping:
     }
 
     @classmethod
-    def from_toml(cls, path: str | Path, overrides: list[str] = ()) -> ParquetMapping:
+    def from_toml(cls, path: str | Path, overrides: Sequence[str] = ()) -> ParquetMapping:
         path = Path(path)
         try:
             raw = tomllib.loads(path.read_text())
@@ -172,14 +174,16 @@ class ParquetMapping:
     def _check(self, source: str) -> None:
         if (self.label is None) == (self.rating is None):
             raise PrepareError(
-                f"{source}: [columns]: set exactly one of 'label' (positive when true / non-zero) or 'rating' with 'rating_threshold'"
+                f"{source}: [columns]: set exactly one of 'label' (positive when true / non-zero) or 'rating' with "
+                "'rating_threshold'"
             )
         if self.rating is not None and self.rating_threshold is None:
             raise PrepareError(f"{source}: [columns] rating_threshold: required with 'rating'")
         if self.split == "time":
             if self.valid_from is None or self.test_from is None or not self.valid_from <= self.test_from:
                 raise PrepareError(
-                    f"{source}: [split]: rule 'time' needs integers valid_from <= test_from (train < valid_from <= valid < test_from <= test)"
+                    f"{source}: [split]: rule 'time' needs integers valid_from <= test_from (train < valid_from <= "
+                    "valid < test_from <= test)"
                 )
         elif self.valid_from is not None or self.test_from is not None:
             raise PrepareError(f"{source}: [split]: valid_from / test_from apply only to rule 'time'")
@@ -197,8 +201,15 @@ class ParquetMapping:
     def item_columns_source(self) -> str:
         return "items" if self.items is not None else "interactions"
 
+    @property
+    def positive_column(self) -> str:
+        """The label column, else the rating column (from_toml requires exactly one)."""
+        column = self.label or self.rating
+        assert column is not None, "from_toml validates [columns]"
+        return column
+
     def interaction_columns(self) -> list[str]:
-        cols = [self.user, self.item, self.timestamp, self.label or self.rating]
+        cols = [self.user, self.item, self.timestamp, self.positive_column]
         if self.items is None:
             cols += [self.price, self.category]
         return cols
@@ -295,7 +306,8 @@ def check_schemas(inputs: Inputs, expected: dict[str, str], what: str) -> dict[s
             allowed = ALLOWED["feature" if role.endswith("feature") else role]
             if _kind(t) not in allowed:
                 raise PrepareError(
-                    f"{inputs.label(path)}: column {column!r} has type {t}, expected one of {allowed} for the {what} {role}"
+                    f"{inputs.label(path)}: column {column!r} has type {t}, expected one of {allowed} for the {what} "
+                    f"{role}"
                 )
             if column in types and _kind(types[column]) != _kind(t):
                 raise PrepareError(
@@ -344,7 +356,8 @@ def check_ids(inputs: Inputs, table: pa.Table, origin: list[str], column: str, r
         dup = counts.filter(pc.greater(counts.field("counts"), 1))[0]["values"]
         second = np.flatnonzero(pc.equal(values, dup).to_numpy(zero_copy_only=False))[1]
         raise PrepareError(
-            f"{inputs.label(origin[second])}: column {column!r} ({role} id) repeats id {dup} (one row per {role} expected)"
+            f"{inputs.label(origin[second])}: column {column!r} ({role} id) repeats id {dup} (one row per {role} "
+            "expected)"
         )
 
 
@@ -360,7 +373,8 @@ def check_prices(label: str, price: pa.ChunkedArray | pa.Array, column: str) -> 
     low = pc.min(price).as_py()
     if low <= 0 or not math.isfinite(pc.max(price).as_py()):
         raise PrepareError(
-            f"{label}: column {column!r} (price) has values in [{low}, {pc.max(price).as_py()}], expected finite and > 0"
+            f"{label}: column {column!r} (price) has values in [{low}, {pc.max(price).as_py()}], expected finite and "
+            "> 0"
         )
 
 
@@ -412,6 +426,7 @@ def _positive_mask(batch: pa.Table, m: ParquetMapping) -> pa.Array:
     if m.label is not None:
         col = batch[m.label]
         return pc.fill_null(pc.cast(col, pa.bool_()) if not pa.types.is_boolean(col.type) else col, False)
+    assert m.rating_threshold is not None, "from_toml requires it with 'rating'"
     return pc.fill_null(pc.greater_equal(pc.cast(batch[m.rating], pa.float64()), float(m.rating_threshold)), False)
 
 
@@ -603,7 +618,7 @@ def prepare_parquet(
         m.user: "user",
         m.item: "item",
         m.timestamp: "timestamp",
-        (m.label or m.rating): "label" if m.label else "rating",
+        m.positive_column: "label" if m.label else "rating",
     }
     if m.items is None:
         roles.update({m.price: "price", m.category: "category"})
@@ -669,7 +684,7 @@ def _run(
     profile = pa.Table.from_pylist(
         read().map_batches(_profile, batch_format="pyarrow", fn_kwargs={"m": m, "items_ref": items_ref}).take_all()
     )
-    for path, problem in sorted(zip(profile["path"].to_pylist(), profile["problem"].to_pylist())):
+    for path, problem in sorted(zip(profile["path"].to_pylist(), profile["problem"].to_pylist(), strict=True)):
         if problem:
             raise PrepareError(f"{inter.label(path)}: {problem.split('; ')[0]}")
     positives = int(pc.sum(profile["positives"]).as_py() or 0)
@@ -693,7 +708,8 @@ def _run(
     num_users, num_items = len(user_vocab), len(item_vocab)
     if num_items < schema.NUM_BANDS:
         raise PrepareError(
-            f"{inter.uri}: column {m.item!r}: {num_items} items, need at least {schema.NUM_BANDS} (the popularity and price bands)"
+            f"{inter.uri}: column {m.item!r}: {num_items} items, need at least {schema.NUM_BANDS} (the popularity "
+            "and price bands)"
         )
     log(f"ids: {num_users:,} users, {num_items:,} items")
 
@@ -826,8 +842,6 @@ def _item_meta(
             order
         ).combine_chunks()
     # no items table: the largest price / category an item's positives carry
-    import ray.data  # noqa: F401
-
     agg = pa.Table.from_pylist(
         read()
         .map_batches(_positive_item_columns, batch_format="pyarrow", fn_kwargs={"m": m})
@@ -868,7 +882,7 @@ def fairness_groups(names: np.ndarray, popularity: np.ndarray, max_groups: int) 
 
 def _check_user_ranges(pieces: list[dict[str, Any]]) -> None:
     ranges = sorted({(p["first_user"], p["last_user"]) for p in pieces})
-    for (a0, a1), (b0, b1) in zip(ranges, ranges[1:]):
+    for (a0, a1), (b0, b1) in itertools.pairwise(ranges):
         if b0 <= a1:  # Ray split a user range across blocks: leave-one-out would be wrong
             raise RuntimeError(f"internal: user ranges {a0}..{a1} and {b0}..{b1} overlap")
 

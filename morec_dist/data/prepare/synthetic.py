@@ -106,7 +106,7 @@ def make_catalogue(users: int, items: int, seed: int, planted: PlantedStructure 
     first = rng.choice(NUM_GENRES, size=items, p=genre_weight / genre_weight.sum())
     extra_count = rng.integers(0, 3, size=items)
     genre_lists = []
-    for g, n in zip(first.tolist(), extra_count.tolist()):
+    for g, n in zip(first.tolist(), extra_count.tolist(), strict=True):
         extra = rng.choice(NUM_GENRES, size=n, replace=False).tolist()
         genre_lists.append([g] + [e for e in extra if e != g])
     return Catalogue(
@@ -118,7 +118,7 @@ def make_catalogue(users: int, items: int, seed: int, planted: PlantedStructure 
     )
 
 
-def chunks(rows: int, seed: int, cat: Catalogue) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+def chunks(rows: int, seed: int, cat: Catalogue) -> Iterator[tuple[int, np.ndarray, np.ndarray]]:
     """Yields (first_row_index, user_ids, item_ids) per chunk; identical on every pass."""
     for c, start in enumerate(range(0, rows, CHUNK_ROWS)):
         n = min(CHUNK_ROWS, rows - start)

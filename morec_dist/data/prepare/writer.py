@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute  # noqa: F401 - pa.compute in join_features
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from morec_dist import __version__
@@ -66,7 +66,7 @@ def category_groups(
     name), every other genre ``top + 1``. Inputs are by item_id - 1. Returns the group per
     item (by item_id - 1) and the genre name of each of the first ``top`` groups."""
     totals: dict[str, int] = {}
-    for genre, count in zip(first_genre.tolist(), train_item_counts.tolist()):
+    for genre, count in zip(first_genre.tolist(), train_item_counts.tolist(), strict=True):
         totals[genre] = totals.get(genre, 0) + int(count)
     ranked = sorted(totals, key=lambda g: (-totals[g], g))[:top]
     rank_of = {g: i + 1 for i, g in enumerate(ranked)}
@@ -122,8 +122,8 @@ def join_features(
 ) -> pa.Table:
     """Appends each user / item feature column to interaction rows, looked up by id (the
     side tables must hold ids 1..N in order)."""
-    user_pos = pa.compute.subtract(interactions["user_id"], 1)
-    item_pos = pa.compute.subtract(interactions["item_id"], 1)
+    user_pos = pc.subtract(interactions["user_id"], 1)
+    item_pos = pc.subtract(interactions["item_id"], 1)
     for spec in features.values():
         if spec.entity == "user":
             interactions = interactions.append_column(spec.name, users[spec.name].take(user_pos))
@@ -273,7 +273,7 @@ class DatasetWriter:
         for writer in self._writers.values():
             try:
                 writer.close()
-            except Exception:  # noqa: BLE001 - best effort on the error path
+            except Exception:  # broad on purpose: best effort on the error path
                 pass
         shutil.rmtree(self.tmp_dir, ignore_errors=True)
 

@@ -1,0 +1,76 @@
+"""The tiny end-to-end fixtures shared by the MoRec test modules (loaded by conftest.py).
+
+``tiny_data`` is a small synthetic dataset and ``pretrained`` the best checkpoint of a real
+``morec train`` on it; ``morec``, ``quoted`` and ``finetune`` drive the CLI as a user would.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import REPO
+
+CONFIG = str(REPO / "tests" / "configs" / "tiny.toml")
+
+
+def morec(*args: str, timeout: int = 600, **env_extra: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", **env_extra}
+    proc = subprocess.run(
+        [sys.executable, "-m", "morec_dist.cli", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=env,
+        cwd=REPO,
+    )
+    if proc.returncode != 0:
+        raise AssertionError(f"morec {' '.join(args)} exited {proc.returncode}:\n{proc.stderr[-4000:]}")
+    return proc
+
+
+def quoted(key: str, value: object) -> str:
+    return f'{key}="{value}"'
+
+
+@pytest.fixture(scope="module")
+def tiny_data(tmp_path_factory) -> Path:
+    from morec_dist.data.prepare.synthetic import generate
+
+    return generate(tmp_path_factory.mktemp("e2e") / "data", users=400, items=300, rows=40_000, seed=11)
+
+
+@pytest.fixture(scope="module")
+def pretrained(tiny_data, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("pretrain")
+    morec("train", "--config", CONFIG, quoted("data.path", tiny_data), quoted("run.out_dir", out))
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["train_loss"] > 0 and set(metrics) >= {
+        "hit@10",
+        "ndcg@10",
+        "r_hit@10",
+        "r_ndcg@10",
+        "min_hit@10",
+        "min_ndcg@10",
+        "pop_kl@10",
+    }
+    return out / "checkpoints" / "best"
+
+
+def finetune(pretrained: Path, data: Path, out: Path, *overrides: str) -> dict:
+    morec(
+        "finetune",
+        "--from",
+        str(pretrained),
+        "--config",
+        CONFIG,
+        quoted("data.path", data),
+        quoted("run.out_dir", out),
+        *overrides,
+    )
+    return json.loads((out / "metrics.json").read_text())
