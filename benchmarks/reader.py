@@ -159,7 +159,7 @@ def work_speed(data: Path, steps: int, seed: int) -> dict[str, Any]:
             start = time.perf_counter()
             for s in range(lo, min(lo + PIECE_STEPS, first_step[0] + n_steps)):
                 ps = settings[(s // P_EVERY) % len(settings)]
-                for objective, p in zip(objectives, ps):
+                for objective, p in zip(objectives, ps, strict=True):
                     objective.block(0, s, p, BLOCK_ROWS)
             seconds.append(time.perf_counter() - start)
         first_step[0] += n_steps
@@ -302,7 +302,7 @@ def run(quick: bool, out: Path, seed: int, cache: Path, max_rows: int | None) ->
         _worker(["size", str(path), str(batches), str(steps), str(draws if i == 0 else 0), str(seed)])
         for i, path in enumerate(paths)
     ]
-    speeds = {str(rows): m["speed"] for rows, m in zip(sizes, per_size)}
+    speeds = {str(rows): m["speed"] for rows, m in zip(sizes, per_size, strict=True)}
     large = speeds[str(sizes[-1])]
     result.update({k: large[k] for k in ("weighted_rows_per_s", "raw_rows_per_s", "ratio")})
     result["ratio_by_rows"] = {k: v["ratio"] for k, v in speeds.items()}
@@ -312,8 +312,8 @@ def run(quick: bool, out: Path, seed: int, cache: Path, max_rows: int | None) ->
     rss = [m["rss"] for m in per_size]
     result["rss_mb_small"], result["rss_mb_large"] = rss[0]["rss_mb"], rss[-1]["rss_mb"]
     result["rss_growth"] = rss[-1]["rss_mb"] / rss[0]["rss_mb"]
-    result["rss_mb_by_rows"] = {str(s): r["rss_mb"] for s, r in zip(sizes, rss)}
-    result["morec_batch_rows_per_s"] = {str(s): r["morec_batch_rows_per_s"] for s, r in zip(sizes, rss)}
+    result["rss_mb_by_rows"] = {str(s): r["rss_mb"] for s, r in zip(sizes, rss, strict=True)}
+    result["morec_batch_rows_per_s"] = {str(s): r["morec_batch_rows_per_s"] for s, r in zip(sizes, rss, strict=True)}
     if not quick:
         result["cgroup"] = _cgroup_run(paths[-1], disk[str(sizes[-1])] // 4, batches, seed)
     from benchmarks.common import versions

@@ -35,7 +35,7 @@ import numpy as np
 if "NUMBA_CACHE_DIR" not in os.environ and not os.access(os.path.dirname(os.path.abspath(__file__)), os.W_OK):
     os.environ["NUMBA_CACHE_DIR"] = os.path.join(tempfile.gettempdir(), "morec-numba-cache")
 
-from numba import njit  # noqa: E402 - after the cache location is settled
+from numba import njit
 
 _GOLDEN = np.uint64(0x9E3779B97F4A7C15)
 _M1 = np.uint64(0xBF58476D1CE4E5B9)

@@ -35,7 +35,7 @@ from __future__ import annotations
 import math
 import queue
 import threading
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Generator, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -204,7 +204,8 @@ def validate_probabilities(name: str, group_column: str, p: Any, counts: np.ndar
         raise ValueError(f"{where}: expected {len(counts)} probabilities (one per group), got shape {arr.shape}")
     if not np.isfinite(arr).all():
         raise ValueError(
-            f"{where}: probabilities must be finite; NaN/inf at groups {(np.flatnonzero(~np.isfinite(arr)) + 1).tolist()}"
+            f"{where}: probabilities must be finite; NaN/inf at groups "
+            f"{(np.flatnonzero(~np.isfinite(arr)) + 1).tolist()}"
         )
     if (arr < 0).any():
         raise ValueError(
@@ -347,6 +348,7 @@ class WeightedObjective:
 
     def _max_weights(self, dataset: PreparedDataset) -> np.ndarray:
         """The largest row weight of each group, from the item table (weights are item columns)."""
+        assert self.weight_column is not None  # only thinned objectives have a weight column
         try:
             weight, group = dataset.item_column(self.weight_column), dataset.item_column(self.column)
         except KeyError:
@@ -432,6 +434,7 @@ class WeightedObjective:
         # Acceptance by w / max w walks the stream and keeps each row with probability
         # proportional to its weight: the kept rows follow w within the group, exactly.
         kept: list[np.ndarray] = []
+        assert self.max_weight is not None  # set with the weight column
         top = self.max_weight[g]
         for _ in range(MAX_THINNING_ROUNDS):
             m = max(4 * need, 256)
@@ -468,7 +471,7 @@ class WeightedObjective:
                 f"reader state: objective {self.name!r} has {len(cursors)} cursors, expected {len(self.streams)}"
             )
         self._draws = None
-        for stream, (pass_, offset) in zip(self.streams, cursors):
+        for stream, (pass_, offset) in zip(self.streams, cursors, strict=True):
             stream.seek(int(pass_), int(offset))
 
 
@@ -612,7 +615,7 @@ class Reader:
 
     def probabilities(self) -> dict[str, np.ndarray]:
         snap = self.snapshot()
-        return {name: p.copy() for (name, _), p in zip(self.objectives, snap.probabilities)}
+        return {name: p.copy() for (name, _), p in zip(self.objectives, snap.probabilities, strict=True)}
 
     # ---------------------------------------------------------------- probabilities
     def _validated(self, version: int, probabilities: Mapping[str, Any]) -> tuple[np.ndarray, ...]:
@@ -624,7 +627,7 @@ class Reader:
             )
         return tuple(validate_probabilities(o.name, o.column, probabilities[o.name], o.counts) for o in self.weighted)
 
-    def set_probabilities(self, version: int, probabilities: Mapping[str, Sequence[float]]) -> None:
+    def set_probabilities(self, version: int, probabilities: Mapping[str, Sequence[float] | np.ndarray]) -> None:
         """Installs a new probabilities version (objectives not named keep their p).
 
         Takes effect for the next batch the consumer requests. On any validation failure a
@@ -634,7 +637,9 @@ class Reader:
             raise ValueError(f"set_probabilities: version must be an integer, got {version!r}")
         with self._lock:
             current = self._snapshot
-        merged = {name: p for (name, _), p in zip(self.objectives, current.probabilities)}
+        merged: dict[str, Sequence[float] | np.ndarray] = {
+            name: p for (name, _), p in zip(self.objectives, current.probabilities, strict=True)
+        }
         merged.update(probabilities)
         new = self._validated(int(version), merged)
         with self._lock:
@@ -644,7 +649,7 @@ class Reader:
                     f"set_probabilities: version {version} is older than the version in force ({current.version})"
                 )
             if version == current.version:
-                if all(np.array_equal(a, b) for a, b in zip(new, current.probabilities)):
+                if all(np.array_equal(a, b) for a, b in zip(new, current.probabilities, strict=True)):
                     return
                 raise ValueError(f"set_probabilities: version {version} is already in force with other probabilities")
             self._snapshot = ProbabilitySnapshot(int(version), new)
@@ -656,7 +661,7 @@ class Reader:
         Advances the group streams' cursors: call it once per step, in step order.
         """
         blocks = [uniform]
-        for objective, p in zip(self.weighted, snapshot.probabilities):
+        for objective, p in zip(self.weighted, snapshot.probabilities, strict=True):
             blocks.append(objective.block(epoch, step, p, self.batch_size))
         pairs = np.concatenate(blocks) if len(blocks) > 1 else uniform
         users = pairs[:, 0].astype(np.int64)
@@ -683,7 +688,7 @@ class Reader:
             )
             self._window_prefetcher.start()
 
-    def __iter__(self) -> Iterator[Batch]:
+    def __iter__(self) -> Generator[Batch, None, None]:  # a generator: callers close() it
         self._stop_prefetch()
         self._epoch, self._step = self._position()  # a finished epoch not yet rolled over
         epoch = self._epoch
@@ -747,7 +752,9 @@ class Reader:
             "epoch": epoch,
             "step": step,
             "version": snap.version,
-            "probabilities": {name: p.tolist() for (name, _), p in zip(self.objectives, snap.probabilities)},
+            "probabilities": {
+                name: p.tolist() for (name, _), p in zip(self.objectives, snap.probabilities, strict=True)
+            },
             "cursors": {o.name: o.cursors() for o in self.weighted},
             "seed": self.seed,
             "rank": self.rank,
