@@ -193,7 +193,7 @@ def run_methods(config: Path, base: list[str], work: Path, plan: Plan, pre: dict
             print(f"{name}: " + " ".join(f"{m} {rows[-1]['metrics'][m]:.4f}" for m in METRICS), flush=True)
         if plan.static:
             name = f"static-{pref_name}"
-            metrics = finetune(config, checkpoint, "static", name, base, work, [*plan.finetune, *prefs])
+            metrics = finetune(config, checkpoint, "static_uniform", name, base, work, [*plan.finetune, *prefs])
             rows.append(
                 row_of(
                     name,
@@ -207,7 +207,7 @@ def run_methods(config: Path, base: list[str], work: Path, plan: Plan, pre: dict
             )
             print(f"{name}: " + " ".join(f"{m} {rows[-1]['metrics'][m]:.4f}" for m in METRICS), flush=True)
     if plan.mgda:
-        metrics = finetune(config, checkpoint, "mgda", "mgda", base, work, list(plan.finetune))
+        metrics = finetune(config, checkpoint, "mgda_uniform", "mgda", base, work, list(plan.finetune))
         rows.append(
             row_of(
                 "mgda",

@@ -57,16 +57,16 @@ def test_records_carry_the_configured_ks(tmp_path: Path) -> None:
         "--from",
         str(pre / "checkpoints" / "best"),
         "--method",
-        "static",
+        "static_uniform",
         "--config",
         CONFIG,
         f'data.path="{data}"',
         f'run.out_dir="{out}"',
         *KS,
     )
-    assert "[static] test hit@5" in proc.stderr
+    assert "[static_uniform] test hit@5" in proc.stderr
     f = json.loads((out / "metrics.json").read_text())
     has_ks(f)
     has_ks(f["valid_before"])
     has_ks(f["history"][0]["valid"])
-    assert f["job"] == "finetune:static" and f["checkpoints_written"]
+    assert f["job"] == "finetune:static_uniform" and f["checkpoints_written"]
