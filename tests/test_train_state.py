@@ -195,3 +195,31 @@ def test_unknown_methods_exit_2_with_one_line(tmp_path) -> None:
     assert run.returncode == 2
     assert run.stderr.strip() == (f"morec run: error: run.methods: 'pareto' is not one of {METHOD_NAMES}"), run.stderr
     assert not any(tmp_path.iterdir())  # nothing ran
+
+
+def test_update_at_start_is_one_sampler_step_as_version_zero(small_synthetic) -> None:
+    """``morec.sampler.update_at_start``: version 0 of the coordinator is exactly the
+    distribution its first regular update would make from the same signals; the cadence
+    after it is unchanged (per epoch: due after the epoch's last step)."""
+    import numpy as np
+
+    from morec_dist.config import Config
+    from morec_dist.coordinator.core import CoordinatorCore, build_spec
+    from morec_dist.coordinator.sampler import GroupStats
+    from morec_dist.data.dataset import PreparedDataset
+    from morec_dist.train.methods import start_probabilities
+
+    dataset = PreparedDataset.open(small_synthetic, verify_checksums=False, verify_values=False)
+    stats = GroupStats.from_manifest(dataset.manifest, dataset.path)
+    spec = build_spec(Config(), stats, world_size=1, target_loss=0.3, steps_per_epoch=25)
+    rng = np.random.default_rng(0)
+    signals = {r.objective: rng.random(r.num_groups).tolist() for r in spec.objectives.signal_requests()}
+    assert signals, "the reference objectives have adaptive ones"
+    regular = CoordinatorCore(spec)
+    assert regular.next_due == 24  # update_every_steps = 0: after the last step of each epoch
+    regular.submit_signals(24, signals)
+    started = CoordinatorCore(start_probabilities(spec, signals))
+    for name, p in regular.versions[1][1].items():  # the core renormalises an initial p: last-bit differences
+        np.testing.assert_allclose(started.versions[0][1][name], p, rtol=1e-12, atol=0)
+    assert started.versions[0][1] != regular.versions[0][1]
+    assert started.next_due == 24 and len(started.versions) == 1
