@@ -518,7 +518,8 @@ def section_pareto(p: dict[str, Any], results: Path, out: Path) -> str:
     names = {"hit": "Hit", "r_hit": "R-Hit", "min_hit": "min-Hit", "-pop_kl": "-Pop-KL"}
     objectives = ", ".join(names.get(o, o) for o in p["objectives"])
     rows = []
-    for method, m in p["methods"].items():
+    for method in cfg["methods"]:
+        m = p["methods"][method]
         lo, hi = m["hypervolume_interval"]
         rows.append(
             [
@@ -529,7 +530,7 @@ def section_pareto(p: dict[str, Any], results: Path, out: Path) -> str:
                 len(m["settings"]),
             ]
         )
-    metrics = list(p["table"][0]["metrics"]) if p["table"] else []
+    metrics = ["hit@10", "ndcg@10", "r_hit@10", "r_ndcg@10", "min_hit@10", "min_ndcg@10", "pop_kl@10"]
     cells = [
         [f"{r['method']} {r['setting']}", *[pct(r["relative"][k]) for k in metrics], r["seeds"]] for r in p["table"]
     ]
@@ -562,7 +563,8 @@ def section_pareto(p: dict[str, Any], results: Path, out: Path) -> str:
         table(["run", *metrics, "seeds"], cells),
         "",
         f"Run time: {fmt(seconds['study'], 3)} s in all; mean fine-tune job {fmt(seconds['finetune_mean'], 3)} s, "
-        f"pretraining {fmt(seconds['pretrain_mean'], 3)} s (shared machine).",
+        f"of which {fmt(seconds.get('setup_mean', float('nan')), 3)} s outside the job (imports, dataset check, "
+        f"torchrun, Ray), pretraining {fmt(seconds['pretrain_mean'], 3)} s (shared machine).",
         "",
         f"Estimated full study: {est.get('finetune_runs')} fine-tunes of {est.get('finetune_epochs')} epochs + "
         f"{est.get('pretrain_runs')} pretrainings = "
