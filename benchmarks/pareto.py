@@ -82,7 +82,14 @@ def quick_dataset(seed: int) -> Path:
     try:
         PreparedDataset.open(path, verify_checksums=False, verify_values=False)
     except DatasetError:
-        generate(path, seed=seed, overwrite=True, **QUICK_DATA)
+        generate(
+            path,
+            users=QUICK_DATA["users"],
+            items=QUICK_DATA["items"],
+            rows=QUICK_DATA["rows"],
+            seed=seed,
+            overwrite=True,
+        )
     return path
 
 
@@ -191,12 +198,12 @@ def method_summary(method: str, seeds: list[dict[str, Any]], reference: np.ndarr
     runs = np.stack([np.stack(by_setting[n]) for n in names])  # [settings, seeds, objectives]
     means = runs.mean(axis=1)
     front = non_dominated(means)
-    interval = bootstrap_hypervolume(runs, reference, samples=1000, seed=0)
+    interval = bootstrap_hypervolume(runs, reference.tolist(), samples=1000, seed=0)
     return {
         "settings": names,
         "points": {n: means[i].tolist() for i, n in enumerate(names)},
         "front": [names[i] for i in front],
-        "hypervolume": hypervolume(means, reference),
+        "hypervolume": hypervolume(means, reference.tolist()),
         "hypervolume_interval": [interval["low"], interval["high"]],
         "seeds": int(runs.shape[1]),
         "beats_reference": [n for i, n in enumerate(names) if (means[i] > reference).all()],

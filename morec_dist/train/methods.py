@@ -34,6 +34,7 @@ if TYPE_CHECKING:
     from morec_dist.model.sharding import DistContext
     from morec_dist.train.loop import Strategy
     from morec_dist.train.resume import ResumePoint
+    from morec_dist.train.strategies import MorecStrategy
     from morec_dist.train.trainer import Trainer
 
 # (config, trainer, target_loss, resume point or None) -> (reader, strategy, coordinator client or None)
@@ -92,7 +93,7 @@ def build_sampled(
     trainer: Trainer,
     target_loss: float,
     resume: ResumePoint | None,
-    make_strategy: Callable[..., Strategy],
+    make_strategy: Callable[..., MorecStrategy],
 ):
     """Reader, coordinator client and strategy of a method that trains on MoRec's sampled
     blocks; ``make_strategy(client, reader, num_blocks, sampler_every, measure, submits=...)``."""
@@ -268,7 +269,7 @@ def combined_method(name: str) -> MethodBuilder:
         except CombinerError as exc:
             raise ConfigError(f"--method {name}: {exc}") from None
 
-        def make(*args: Any, **kwargs: Any) -> Strategy:
+        def make(*args: Any, **kwargs: Any) -> MorecStrategy:
             return CombinerStrategy(combiner, *args, **kwargs)
 
         return build_sampled(config, trainer, target_loss, resume, make)
