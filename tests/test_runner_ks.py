@@ -1,4 +1,4 @@
-"""The job runner with K from config: a real 1-rank pretraining and a static fine-tune on a
+"""The job runner with K from config: a real 1-rank pretraining and a static_uniform fine-tune on a
 tiny synthetic dataset with ``eval.ks = [5, 20]``; every record (per-epoch validation,
 test, the most-popular baseline, the selected epoch) carries @5 and @20 metrics and no
 @10, and selection runs on NDCG@5 (``eval.ks[0]``)."""
