@@ -6,8 +6,8 @@
 1. pretrain once (``morec train``; its final training loss is the PID target l_hat);
 2. MoRec (``morec finetune --method morec``) at several (w, l_hat) points: preference
    vectors over (revenue, fairness, alignment) times target losses l_hat * factor;
-3. static weighting at the matching weights (accuracy 1, objective k lambda * w_k), one
-   run per preference vector; MGDA once;
+3. static weighting on uniform data (``--method static_uniform``) at the matching weights (accuracy 1,
+   objective k lambda * w_k), one run per preference vector; MGDA on uniform data (``mgda_uniform``) once;
 4. a table of the seven test metrics with relative changes against the pretrained model,
    the Pareto fronts (accuracy against each other objective) as PNG, and the PID trace
    (beta and the global accuracy loss against l_hat) of every MoRec point.
@@ -192,7 +192,7 @@ def run_methods(config: Path, base: list[str], work: Path, plan: Plan, pre: dict
             print(f"{name}: " + " ".join(f"{m} {rows[-1]['metrics'][m]:.4f}" for m in METRICS), flush=True)
         if plan.static:
             name = f"static-{pref_name}"
-            metrics = finetune(config, checkpoint, "static", name, base, work, [*plan.finetune, *prefs])
+            metrics = finetune(config, checkpoint, "static_uniform", name, base, work, [*plan.finetune, *prefs])
             rows.append(
                 row_of(
                     name,
@@ -206,7 +206,7 @@ def run_methods(config: Path, base: list[str], work: Path, plan: Plan, pre: dict
             )
             print(f"{name}: " + " ".join(f"{m} {rows[-1]['metrics'][m]:.4f}" for m in METRICS), flush=True)
     if plan.mgda:
-        metrics = finetune(config, checkpoint, "mgda", "mgda", base, work, list(plan.finetune))
+        metrics = finetune(config, checkpoint, "mgda_uniform", "mgda", base, work, list(plan.finetune))
         rows.append(
             row_of(
                 "mgda",

@@ -20,7 +20,7 @@ from typing import Any
 
 from benchmarks.common import REPO, bench_env, note, read_json, results_dir, run_logged, write_json
 
-ORDER = ("overhead", "reader", "coordinator_scale", "embedding_scale", "quality", "sensitivity")
+ORDER = ("overhead", "reader", "coordinator_scale", "embedding_scale", "quality", "sensitivity", "pareto")
 
 
 def command_for(name: str, quick: bool, out_dir: Path, seed: int, note_text: str, ok: dict[str, bool]) -> list[str]:

@@ -126,6 +126,8 @@ class PIDConfig:
 class SamplerConfig:
     alpha: float = 0.05  # sign-gradient step
     update_every_steps: int = 0  # 0 = once per epoch
+    # one p update from the pretrained model's validation signals before the first step (the authors' tempo)
+    update_at_start: bool = False
     validation_users: int = 0  # 0 = all validation users
 
 

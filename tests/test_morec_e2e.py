@@ -193,3 +193,31 @@ def test_objective_kind_from_a_plugin_module_trains_in_every_rank(pretrained, ti
     np.testing.assert_allclose(final["probabilities"]["tail_lift"], p, rtol=0, atol=1e-12)
     assert np.abs(p - share / share.sum()).max() > 0.05  # the sampler moved it
     assert all(len(row) == 3 for row in coordinator["trace"]["losses"])  # accuracy, revenue, tail_lift
+
+
+def test_baseline_on_morec_blocks_with_the_authors_tempo(pretrained, tiny_data, tmp_path):
+    """``--method pareto_mtl`` on 2 ranks: MoRec's sampled blocks and sampler with the combiner
+    in place of beta (its weights from the Gram matrix summed over the ranks), the first p
+    update before step 0 (``update_at_start``), per-epoch cadence, history-excluding negatives."""
+    import numpy as np
+
+    from morec_dist.data.dataset import PreparedDataset
+
+    out = tmp_path / "pareto_mtl"
+    morec(
+        "finetune", "--from", str(pretrained), "--method", "pareto_mtl", "--config", CONFIG,
+        quoted("data.path", tiny_data), quoted("run.out_dir", out), "morec.sampler.update_every_steps=0",
+        "morec.sampler.update_at_start=true", "data.negatives_exclude_history=true",
+    )  # fmt: skip
+    result = json.loads((out / "metrics.json").read_text())
+    assert result["job"] == "finetune:pareto_mtl" and result["world_size"] == 2
+    updates = result["coordinator"]["sampler_updates"]
+    assert updates[0]["after_step"] == -1 and updates[0]["version"] == 0
+    assert all(u["after_step"] >= 39 for u in updates[1:])  # per epoch: none inside the 40 steps
+    # version 0 is already one step away from the initial p (the train share of the groups)
+    share = np.asarray(PreparedDataset.open(tiny_data).manifest["groups"]["fair_group"]["train_counts"], float)
+    version0 = np.asarray(result["coordinator"]["state"]["versions"][0][1]["fairness"])
+    assert np.abs(version0 - share / share.sum()).max() > 1e-3
+    weights = result["history"][-1]["pareto_mtl_mean_weights"]
+    assert len(weights) == 4 and np.isfinite(weights).all()
+    assert 0 < np.abs(weights).sum() <= 1 + 1e-9  # the mean of weights of unit absolute sum

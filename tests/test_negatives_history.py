@@ -102,3 +102,5 @@ def test_the_authors_config_loads_with_their_settings():
         0,
     )
     assert (c.morec.pid.kp, c.morec.pid.ki, c.morec.lam) == (0.05, 0.001, 0.2)
+    assert c.morec.sampler.update_at_start  # the first p update before the first fine-tuning step
+    assert c.run.methods == ["morec", "static", "mgda", "pareto_mtl", "epo"]

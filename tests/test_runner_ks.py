@@ -1,4 +1,4 @@
-"""The job runner with K from config: a real 1-rank pretraining and a static fine-tune on a
+"""The job runner with K from config: a real 1-rank pretraining and a static_uniform fine-tune on a
 tiny synthetic dataset with ``eval.ks = [5, 20]``; every record (per-epoch validation,
 test, the most-popular baseline, the selected epoch) carries @5 and @20 metrics and no
 @10, and selection runs on NDCG@5 (``eval.ks[0]``)."""
@@ -57,16 +57,16 @@ def test_records_carry_the_configured_ks(tmp_path: Path) -> None:
         "--from",
         str(pre / "checkpoints" / "best"),
         "--method",
-        "static",
+        "static_uniform",
         "--config",
         CONFIG,
         f'data.path="{data}"',
         f'run.out_dir="{out}"',
         *KS,
     )
-    assert "[static] test hit@5" in proc.stderr
+    assert "[static_uniform] test hit@5" in proc.stderr
     f = json.loads((out / "metrics.json").read_text())
     has_ks(f)
     has_ks(f["valid_before"])
     has_ks(f["history"][0]["valid"])
-    assert f["job"] == "finetune:static" and f["checkpoints_written"]
+    assert f["job"] == "finetune:static_uniform" and f["checkpoints_written"]

@@ -2,8 +2,13 @@
 fine-tuning job's dispatch read.
 
 An entry (``Method``) builds what a method trains with: the reader, the strategy, and the
-coordinator client (or None). ``morec`` is MoRec with the Ray coordinator; ``static`` and
-``mgda`` are the paper's baselines on uniform batches. A new method is one
+coordinator client (or None). ``morec`` is MoRec with the Ray coordinator. ``static``,
+``mgda``, ``pareto_mtl`` and ``epo`` are the paper's baselines as the authors run them: the
+same reader, sampler, signals and coordinator as MoRec (p_k keeps adapting), with only the
+combination of the K+1 block losses swapped for a ``coordinator.baselines.COMBINERS`` entry.
+``static_uniform`` and ``mgda_uniform`` are this project's earlier baselines: loss weighting
+on uniform batches (importance weights toward each objective's target), no coordinator.
+A new method is one
 ``METHODS.register(name, Method(build))`` (a plugin module may do it too): validation, CLI
 choices and dispatch all read this registry.
 
@@ -29,6 +34,7 @@ if TYPE_CHECKING:
     from morec_dist.model.sharding import DistContext
     from morec_dist.train.loop import Strategy
     from morec_dist.train.resume import ResumePoint
+    from morec_dist.train.strategies import MorecStrategy
     from morec_dist.train.trainer import Trainer
 
 # (config, trainer, target_loss, resume point or None) -> (reader, strategy, coordinator client or None)
@@ -64,7 +70,33 @@ def steps_per_epoch(config: Config, trainer: Trainer) -> int:
     return len(batch_sizes(rows, config.data.batch_size, trainer.ctx.world_size, trainer.ctx.rank))
 
 
-def build_morec(config: Config, trainer: Trainer, target_loss: float, resume: ResumePoint | None = None):
+def start_probabilities(spec: CoordinatorSpec, signals: dict[str, list[float]]) -> CoordinatorSpec:
+    """``spec`` with one sampler step already applied to its initial p_k: the authors' first
+    p update, made from the pretrained model's validation signals before the first step
+    (``morec.sampler.update_at_start``). Version 0 is then that distribution."""
+    import dataclasses
+
+    from morec_dist.coordinator.sampler import SamplerState
+
+    objectives = spec.objectives
+    sampler = SamplerState(objectives.initial_probabilities(), {o.name: o.alpha for o in objectives.objectives})
+    updated = sampler.step(objectives.signs(signals))
+    moved = [
+        dataclasses.replace(o, initial_probabilities=tuple(float(x) for x in updated[o.name]))
+        for o in objectives.objectives
+    ]
+    return dataclasses.replace(spec, objectives=dataclasses.replace(objectives, objectives=moved))
+
+
+def build_sampled(
+    config: Config,
+    trainer: Trainer,
+    target_loss: float,
+    resume: ResumePoint | None,
+    make_strategy: Callable[..., MorecStrategy],
+):
+    """Reader, coordinator client and strategy of a method that trains on MoRec's sampled
+    blocks; ``make_strategy(client, reader, num_blocks, sampler_every, measure, submits=...)``."""
     from morec_dist.config import check_per_rank_fits
     from morec_dist.coordinator.core import build_spec
     from morec_dist.coordinator.objectives import ObjectiveError
@@ -73,7 +105,6 @@ def build_morec(config: Config, trainer: Trainer, target_loss: float, resume: Re
     from morec_dist.eval.signals import compute_signals
     from morec_dist.train.resume import coordinator_state_for
     from morec_dist.train.runner import make_reader
-    from morec_dist.train.strategies import MorecStrategy
 
     ctx, dataset = trainer.ctx, trainer.dataset
     stats = GroupStats.from_manifest(dataset.manifest, dataset.path)
@@ -92,6 +123,30 @@ def build_morec(config: Config, trainer: Trainer, target_loss: float, resume: Re
         )
     except (ObjectiveError, SamplerError) as exc:
         raise ConfigError(f"morec.objectives: {exc}") from None
+    requests = spec.objectives.signal_requests()
+
+    def measure(step: int) -> dict[str, list[float]]:
+        return compute_signals(
+            requests,
+            trainer.model,
+            dataset,
+            trainer.features,
+            rank=ctx.rank,
+            world_size=ctx.world_size,
+            device=ctx.device,
+            num_negatives=config.data.num_negatives,
+            negative_alpha=config.data.negative_alpha,
+            seed=config.run.seed,
+            batch_users=config.eval.batch_users,
+            loss_fn=trainer.loss_fn,
+        )
+
+    start_update = None
+    # a resumed job's version 0 (and every later one) comes back with the coordinator state
+    if config.morec.sampler.update_at_start and requests and resume is None:
+        signals = measure(-1)  # a collective: every rank, the pretrained model
+        spec = start_probabilities(spec, signals)
+        start_update = {"after_step": -1, "version": 0, "signals": signals}
     # the reader's version 0 is the coordinator's version 0 (its initial p_k)
     initial = {name: p.tolist() for name, p in spec.objectives.initial_probabilities().items()}
     try:
@@ -120,24 +175,8 @@ def build_morec(config: Config, trainer: Trainer, target_loss: float, resume: Re
         )
     else:
         client = open_global_coordinator(config, spec, ctx, run_id=run_id, state=state, first_step=first_step)
-    requests = spec.objectives.signal_requests()
 
-    def measure(step: int) -> dict[str, list[float]]:
-        return compute_signals(
-            requests,
-            trainer.model,
-            dataset,
-            trainer.features,
-            rank=ctx.rank,
-            world_size=ctx.world_size,
-            device=ctx.device,
-            num_negatives=config.data.num_negatives,
-            negative_alpha=config.data.negative_alpha,
-            seed=config.run.seed,
-            batch_users=config.eval.batch_users,
-        )
-
-    strategy = MorecStrategy(
+    strategy = make_strategy(
         client,
         reader,
         spec.objectives.num_blocks,
@@ -145,7 +184,15 @@ def build_morec(config: Config, trainer: Trainer, target_loss: float, resume: Re
         measure,
         submits=ctx.rank == 0,
     )
+    if start_update is not None and ctx.rank == 0:
+        strategy.sampler_updates.append(start_update)
     return reader, strategy, client
+
+
+def build_morec(config: Config, trainer: Trainer, target_loss: float, resume: ResumePoint | None = None):
+    from morec_dist.train.strategies import MorecStrategy
+
+    return build_sampled(config, trainer, target_loss, resume, MorecStrategy)
 
 
 def open_global_coordinator(
@@ -184,11 +231,53 @@ def open_global_coordinator(
 
 
 def static_weights(config: Config) -> list[float]:
-    """Matching weights for the baseline: accuracy 1, objective k lambda * w_k."""
+    """The fixed weights over [L_acc, L_1..L_K]: accuracy 1, objective k lambda * w_k.
+
+    MoRec's loss ``lam * sum w_k L_k + beta * L_acc`` with beta frozen at 1, so static and
+    MoRec at the same w and lambda differ only by the PID (beta's nominal value: it starts
+    near beta_min and the controller raises it toward 1 and above when accuracy drifts)."""
     return [1.0] + [config.morec.lam * o.weight for o in config.morec.objectives]
 
 
-def build_static(config: Config, trainer: Trainer, target_loss: float, resume: ResumePoint | None = None):
+def combiner_options(name: str, config: Config) -> dict[str, Any]:
+    """Each baseline's preference from the same weights as ``static`` (``static_weights``)."""
+    v = static_weights(config)
+    if name == "static":
+        return {"weights": v}
+    if name == "pareto_mtl":
+        # v's direction as the chosen sub-region, bounded by the default preference set
+        from morec_dist.coordinator.pareto_solvers import preference_vectors
+
+        return {"preferences": [v, *preference_vectors(len(v)).tolist()], "preference_id": 0}
+    if name == "epo":
+        # EPO's ray r * l = const: a larger r_k asks for a smaller L_k (r > 0: an objective
+        # with weight 0 gets a small positive preference)
+        return {"preference": [max(x, 1e-3) for x in v]}
+    return {}
+
+
+def combined_method(name: str) -> MethodBuilder:
+    """A baseline on MoRec's sampled blocks: the combiner ``name`` instead of the PID's beta."""
+
+    def build(config: Config, trainer: Trainer, target_loss: float, resume: ResumePoint | None = None):
+        from morec_dist.coordinator.baselines import CombinerError, build_combiner
+        from morec_dist.train.strategies import CombinerStrategy
+
+        num_blocks = len(config.morec.objectives) + 1
+        try:
+            combiner = build_combiner(name, num_blocks, combiner_options(name, config))
+        except CombinerError as exc:
+            raise ConfigError(f"--method {name}: {exc}") from None
+
+        def make(*args: Any, **kwargs: Any) -> MorecStrategy:
+            return CombinerStrategy(combiner, *args, **kwargs)
+
+        return build_sampled(config, trainer, target_loss, resume, make)
+
+    return build
+
+
+def build_static_uniform(config: Config, trainer: Trainer, target_loss: float, resume: ResumePoint | None = None):
     from morec_dist.train.runner import make_reader
     from morec_dist.train.strategies import StaticWeighting
 
@@ -196,7 +285,7 @@ def build_static(config: Config, trainer: Trainer, target_loss: float, resume: R
     return reader, StaticWeighting(trainer.dataset, config.morec.objectives, static_weights(config)), None
 
 
-def build_mgda(config: Config, trainer: Trainer, target_loss: float, resume: ResumePoint | None = None):
+def build_mgda_uniform(config: Config, trainer: Trainer, target_loss: float, resume: ResumePoint | None = None):
     from morec_dist.train.runner import make_reader
     from morec_dist.train.strategies import MGDAStrategy
 
@@ -205,5 +294,7 @@ def build_mgda(config: Config, trainer: Trainer, target_loss: float, resume: Res
 
 
 METHODS.register("morec", Method(build_morec, coordinated=True))
-METHODS.register("static", Method(build_static))
-METHODS.register("mgda", Method(build_mgda))
+for _name in ("static", "mgda", "pareto_mtl", "epo"):
+    METHODS.register(_name, Method(combined_method(_name), coordinated=True))
+METHODS.register("static_uniform", Method(build_static_uniform))
+METHODS.register("mgda_uniform", Method(build_mgda_uniform))

@@ -61,6 +61,7 @@ def make_reader(config: Config, ctx: DistContext, dataset: PreparedDataset, trai
         batch_size=config.data.batch_size,
         num_negatives=config.data.num_negatives,
         negative_alpha=config.data.negative_alpha,
+        exclude_history_negatives=config.data.negatives_exclude_history,
         seed=kwargs.pop("seed", config.run.seed),
         rank=ctx.rank,
         world_size=ctx.world_size,

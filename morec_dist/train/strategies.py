@@ -12,7 +12,13 @@ an error, so a renamed field can never silently drop out of checkpoints), and
   step (beta, w, lambda, p_k version; bounded staleness) and hands new p_k to the reader;
   the step's loss is ``lambda * sum_k w_k L_k + beta * L_acc`` over the batch's blocks; after
   the step it reports the per-block loss sums and row counts (non-blocking).
-- ``StaticWeighting`` and ``MGDAStrategy``: the paper's baselines on *uniform* data. Each
+- ``CombinerStrategy``: the paper's baselines as the authors run them (methods ``static``,
+  ``mgda``, ``pareto_mtl``, ``epo``): everything of ``MorecStrategy`` (the coordinator's p_k
+  version, the reports, the sampler updates: the data sampler keeps adapting), except that
+  the step's loss combines the K+1 block means with a ``coordinator.baselines`` combiner
+  instead of the PID's beta; the combiner's state is part of the strategy's.
+- ``StaticWeighting`` and ``MGDAStrategy`` (methods ``static_uniform``, ``mgda_uniform``):
+  loss weighting on *uniform* data, this project's earlier baselines. Each
   auxiliary objective's loss is the batch's per-row loss importance-weighted toward that
   objective's target distribution over its groups (its kind's ``baseline_target``; revenue:
   proportional to each price band's mean price; fairness, alignment and the default:
@@ -32,7 +38,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from morec_dist.coordinator.combined_loss import block_sums, combined_loss
+from morec_dist.coordinator.baselines import Combiner
+from morec_dist.coordinator.combined_loss import block_means, block_sums, combined_loss
 from morec_dist.coordinator.core import Decision
 from morec_dist.coordinator.mgda import min_norm_weights
 from morec_dist.coordinator.objectives import kind_of
@@ -127,6 +134,44 @@ class MorecStrategy:
         check_state_keys(self.name, state, ("sampler_updates", "trace"))
         self.sampler_updates = list(state["sampler_updates"])
         self.trace = [(int(s), float(b), int(v)) for s, b, v in state["trace"]]
+
+
+class CombinerStrategy(MorecStrategy):
+    """MoRec's sampled blocks and sampler updates, the K+1 block losses combined by ``combiner``.
+
+    The coordinator still aggregates the reports and runs its PID (its beta is recorded in
+    the trace, unused); only the combination of the block losses is swapped, as in the
+    authors' ``Trainer._objective_control``. Gradient-based combiners differentiate the block
+    losses with respect to the batch's scores (``coordinator/baselines.py`` says what that
+    implies); their Gram matrices are summed over the default process group, so every rank
+    uses the same weights.
+    """
+
+    def __init__(self, combiner: Combiner, *args: Any, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self.combiner = combiner
+        self.name = combiner.name
+
+    def step_loss(self, scores: torch.Tensor, per_row: torch.Tensor, batch: Batch, step: int) -> torch.Tensor:
+        d = self.decision
+        assert d is not None, "step_loss before before_step"
+        if batch.version != d.p_version:
+            raise RuntimeError(f"step {step}: batch drawn with p version {batch.version}, decision says {d.p_version}")
+        means = block_means(per_row, batch.block_ids, self.num_blocks)
+        loss, _ = self.combiner.combine(means, scores)
+        self.trace.append((step, d.beta, d.p_version))
+        return loss
+
+    def epoch_summary(self) -> dict[str, Any]:
+        return {**super().epoch_summary(), **self.combiner.epoch_summary()}
+
+    def state_dict(self) -> dict[str, Any]:
+        return {**super().state_dict(), "combiner": self.combiner.state_dict()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        check_state_keys(self.name, state, ("sampler_updates", "trace", "combiner"))
+        super().load_state_dict({k: state[k] for k in ("sampler_updates", "trace")})
+        self.combiner.load_state_dict(state["combiner"])
 
 
 def objective_row_weights(dataset: PreparedDataset, objectives: list[Any]) -> list[np.ndarray]:

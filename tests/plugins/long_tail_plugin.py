@@ -7,7 +7,7 @@ PYTHONPATH) and use it in ``morec.objectives``:
 Signal ``heldout_rank``: per group of the column, the mean full-ranking position of the
 validation users' held-out items (1 = top). The sign vector pushes sampling probability
 toward the group served worst (largest mean rank) and away from the one served best; the
-static / MGDA baselines reweight uniform rows toward the inverse of each group's train share.
+static_uniform / mgda_uniform baselines reweight uniform rows toward the inverse of each group's train share.
 """
 
 from __future__ import annotations
