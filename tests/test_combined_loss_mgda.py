@@ -7,7 +7,7 @@ import pytest
 import torch
 from scipy.optimize import minimize
 
-from morec_dist.coordinator.combined_loss import block_sums, combined_loss, static_weighted_loss
+from morec_dist.coordinator.combined_loss import block_sums, combined_loss
 from morec_dist.coordinator.mgda import line_min_norm, mgda_weights, min_norm_weights
 
 
@@ -32,17 +32,11 @@ def test_empty_block_contributes_nothing_and_reports_zero_rows():
     assert sums.tolist() == [4.0, 0.0, 5.0] and counts.tolist() == [2, 0, 1]
 
 
-def test_static_weighting_over_all_blocks():
-    per_row = torch.tensor([1.0, 3.0, 2.0, 4.0])
-    loss, _ = static_weighted_loss(per_row, torch.tensor([0, 0, 1, 2]), [0.5, 0.25, 0.25])
-    assert loss.item() == pytest.approx(0.5 * 2 + 0.25 * 2 + 0.25 * 4)
-
-
 def test_bad_block_ids_and_weights_are_refused():
     with pytest.raises(ValueError, match="block_ids must lie in 0..2"):
         combined_loss(torch.ones(2), torch.tensor([0, 3]), 1.0, [0.5, 0.5], 0.2)
     with pytest.raises(ValueError, match="block_ids must lie in 0..1"):
-        static_weighted_loss(torch.ones(3), torch.tensor([0, 1, 2]), [1.0, 1.0])
+        combined_loss(torch.ones(3), torch.tensor([0, 1, 2]), 1.0, [1.0], 0.2)
     with pytest.raises(ValueError, match="equal length"):
         combined_loss(torch.ones(3), torch.tensor([0, 1]), 1.0, [1.0], 0.2)
 

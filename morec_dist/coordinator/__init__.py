@@ -4,7 +4,7 @@ rank-side clients with the bounded-staleness protocol: the global one (losses re
 torch.distributed, one actor client, ``collective.py``) and the per-rank baseline
 (``client.py``); see docs/coordinator.md."""
 
-from morec_dist.coordinator.combined_loss import block_means, block_sums, combined_loss, static_weighted_loss
+from morec_dist.coordinator.combined_loss import block_means, block_sums, combined_loss
 from morec_dist.coordinator.core import (
     CoordinatorCore,
     CoordinatorError,
@@ -56,5 +56,4 @@ __all__ = [
     "register_objective_kind",
     "min_norm_weights",
     "sign_gradient_step",
-    "static_weighted_loss",
 ]

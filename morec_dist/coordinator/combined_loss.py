@@ -3,8 +3,9 @@
 A MoRec batch holds K+1 blocks; block 0 is the uniform accuracy block, block k the k-th
 auxiliary objective's block. With L_k the mean per-row loss of block k::
 
-    loss = lam * sum_k w_k * L_k  +  beta * L_acc                     (MoRec)
-    loss = sum_{k=0..K} v_k * L_k                                     (static weighting)
+    loss = lam * sum_k w_k * L_k  +  beta * L_acc
+
+(The baselines' combinations of the same K+1 means are ``coordinator/baselines.py``.)
 
 An empty block has mean 0 and contributes nothing (a rank's last partial batch may lack a
 block); its row count 0 tells the coordinator to ignore it. ``block_sums`` gives the
@@ -67,14 +68,3 @@ def combined_loss(
     w = _weights_tensor(weights, means, num_blocks - 1, "combined_loss weights")
     loss = lam * (w * means[1:]).sum() + beta * means[0]
     return loss, means
-
-
-def static_weighted_loss(
-    per_row_loss: torch.Tensor,
-    block_ids: torch.Tensor,
-    weights: Sequence[float] | torch.Tensor,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """The static-weighting baseline: fixed ``v_0..v_K`` over all blocks, accuracy included."""
-    means = block_means(per_row_loss, block_ids, len(weights))
-    w = _weights_tensor(weights, means, len(weights), "static_weighted_loss weights")
-    return (w * means).sum(), means
