@@ -12,7 +12,7 @@ import pytest
 
 from morec_dist.cli import main
 from morec_dist.data.dataset import DatasetError, PreparedDataset
-from morec_dist.data.prepare.writer import sha256_file
+from morec_dist.data.schema import sha256_file
 
 TRAIN = "train/part-00000.parquet"
 

@@ -28,7 +28,7 @@ import pytest
 
 from morec_dist.cli import main
 from morec_dist.data.prepare.layout import rebuild_group_layout
-from morec_dist.data.prepare.writer import sha256_file
+from morec_dist.data.schema import sha256_file
 from tests.conftest import REPO
 from tests.test_checkpoint_resume import CONFIG, cli_env, quoted, reference_run, shared_data, shared_pretrained
 

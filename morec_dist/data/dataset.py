@@ -22,7 +22,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from morec_dist.data import schema
-from morec_dist.data.prepare.writer import sha256_file
+from morec_dist.data.schema import sha256_file
 
 REQUIRED_MANIFEST_KEYS = (
     "schema_version",

@@ -23,7 +23,9 @@ Ids are 1-based; 0 is reserved for padding / "no item". Group ids are 1-based to
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -196,3 +198,12 @@ def reference_features(num_genres: int) -> dict[str, FeatureSpec]:
         FeatureSpec("item_genres", "multi", num_genres, "item"),  # genre index + 1, all genres
     ]
     return {s.name: s for s in specs}
+
+
+def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
+    """The checksum the manifest records for every file (``files.<path>.sha256``)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()

