@@ -109,9 +109,13 @@ class MorecStrategy:
         assert d is not None, "step_loss before before_step"
         if batch.version != d.p_version:
             raise RuntimeError(f"step {step}: batch drawn with p version {batch.version}, decision says {d.p_version}")
-        loss, _ = combined_loss(per_row, batch.block_ids, d.beta, d.block_weights(), d.lam)
+        loss = self.combine(scores, per_row, batch, d)
         self.trace.append((step, d.beta, d.p_version))
         return loss
+
+    def combine(self, scores: torch.Tensor, per_row: torch.Tensor, batch: Batch, d: Decision) -> torch.Tensor:
+        """The step's loss from its rows: MoRec's ``lam * sum w_k L_k + beta * L_acc``."""
+        return combined_loss(per_row, batch.block_ids, d.beta, d.block_weights(), d.lam)[0]
 
     def after_step(self, per_row: torch.Tensor, batch: Batch, step: int) -> None:
         sums, counts = block_sums(per_row, batch.block_ids, self.num_blocks)
@@ -152,15 +156,8 @@ class CombinerStrategy(MorecStrategy):
         self.combiner = combiner
         self.name = combiner.name
 
-    def step_loss(self, scores: torch.Tensor, per_row: torch.Tensor, batch: Batch, step: int) -> torch.Tensor:
-        d = self.decision
-        assert d is not None, "step_loss before before_step"
-        if batch.version != d.p_version:
-            raise RuntimeError(f"step {step}: batch drawn with p version {batch.version}, decision says {d.p_version}")
-        means = block_means(per_row, batch.block_ids, self.num_blocks)
-        loss, _ = self.combiner.combine(means, scores)
-        self.trace.append((step, d.beta, d.p_version))
-        return loss
+    def combine(self, scores: torch.Tensor, per_row: torch.Tensor, batch: Batch, d: Decision) -> torch.Tensor:
+        return self.combiner.combine(block_means(per_row, batch.block_ids, self.num_blocks), scores)[0]
 
     def epoch_summary(self) -> dict[str, Any]:
         return {**super().epoch_summary(), **self.combiner.epoch_summary()}
