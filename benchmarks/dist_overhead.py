@@ -115,7 +115,7 @@ def main() -> None:
     reader, strategy, client = build_morec(config, trainer, args.target_loss)
     morec_setup_s = time.perf_counter() - t
     methods = [
-        Method("plain", make_reader(plain_config, ctx, dataset, trainer), AccuracyOnly()),
+        Method("plain", make_reader(plain_config, trainer), AccuracyOnly()),
         Method("morec", reader, strategy, client),
     ]
     for method in methods:

@@ -152,8 +152,6 @@ def build_sampled(
     try:
         reader = make_reader(
             config,
-            ctx,
-            dataset,
             trainer,
             objectives=[(o.name, o.group_column, o.row_weight_column) for o in spec.objectives.objectives],
             probabilities=initial,
@@ -281,7 +279,7 @@ def build_static_uniform(config: Config, trainer: Trainer, target_loss: float, r
     from morec_dist.train.runner import make_reader
     from morec_dist.train.strategies import StaticWeighting
 
-    reader = make_reader(config, trainer.ctx, trainer.dataset, trainer)
+    reader = make_reader(config, trainer)
     return reader, StaticWeighting(trainer.dataset, config.morec.objectives, static_weights(config)), None
 
 
@@ -289,7 +287,7 @@ def build_mgda_uniform(config: Config, trainer: Trainer, target_loss: float, res
     from morec_dist.train.runner import make_reader
     from morec_dist.train.strategies import MGDAStrategy
 
-    reader = make_reader(config, trainer.ctx, trainer.dataset, trainer)
+    reader = make_reader(config, trainer)
     return reader, MGDAStrategy(trainer.dataset, config.morec.objectives), None
 
 

@@ -68,8 +68,8 @@ class PretrainJob:
 
     def build(self, run: JobRun) -> JobParts:
         c = run.config
-        reader = make_reader(c, run.ctx, run.dataset, run.trainer)
-        self.probe = make_reader(c, run.ctx, run.dataset, run.trainer, seed=c.run.seed + 1)
+        reader = make_reader(c, run.trainer)
+        self.probe = make_reader(c, run.trainer, seed=c.run.seed + 1)
         return JobParts(reader, AccuracyOnly(), extra_readers=[self.probe])
 
     def before_training(self, run: JobRun) -> None:

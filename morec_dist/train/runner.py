@@ -55,9 +55,11 @@ def open_dataset_for_job(config: Config, ctx: DistContext) -> PreparedDataset:
     return PreparedDataset.open(config.data.path, verify_checksums=full, verify_values=full)
 
 
-def make_reader(config: Config, ctx: DistContext, dataset: PreparedDataset, trainer: Trainer, **kwargs: Any) -> Reader:
+def make_reader(config: Config, trainer: Trainer, **kwargs: Any) -> Reader:
+    """This rank's reader of the trainer's dataset, with the trainer's features."""
+    ctx = trainer.ctx
     return Reader(
-        dataset,
+        trainer.dataset,
         batch_size=config.data.batch_size,
         num_negatives=config.data.num_negatives,
         negative_alpha=config.data.negative_alpha,
