@@ -6,8 +6,10 @@ Methods (``--method``, the registry ``morec_dist.train.methods.METHODS``):
   per-block loss sums reduced over the ranks and reported by rank 0 to the central Ray
   actor (``coordinator.protocol = "global"``; ``"per_rank"``: every rank reports, the
   benchmark baseline), sampler updates from validation signals on the configured cadence;
-- ``static``: uniform batches, fixed weights over the four objective losses;
-- ``mgda``: uniform batches, MGDA's min-norm weights every step.
+- ``static``, ``mgda``, ``pareto_mtl``, ``epo``: the paper's baselines, MoRec's sampled blocks
+  and sampler with only the combination of the K+1 block losses swapped (``CombinerStrategy``);
+- ``static_uniform``, ``mgda_uniform``: uniform batches, the objective losses importance-weighted
+  toward their targets, fixed or MGDA's min-norm weights.
 Every method evaluates on valid after each epoch and on test at the end, writing
 ``metrics.json`` (for MoRec with the beta / loss trace and the coordinator's history).
 
