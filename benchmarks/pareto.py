@@ -1,7 +1,7 @@
 """The Pareto study of issue 14: MoRec against the paper's baselines over settings and seeds.
 
     python -m benchmarks.pareto --quick            # one setting per method, one seed, a tiny schedule (< 3 min)
-    python -m benchmarks.pareto                    # 6 settings x 3 seeds, configs/ml1m_unirec.toml on MovieLens-1M
+    python -m benchmarks.pareto                    # 6 settings x 3 seeds, configs/ml1m_pareto.toml on MovieLens-1M
 
 Methods (``train/methods.py``): ``morec`` and the baselines as the authors run them,
 ``static``, ``mgda``, ``pareto_mtl``, ``epo`` (MoRec's sampled blocks and adaptive p_k; only
@@ -40,8 +40,9 @@ from benchmarks.pareto_stats import (
     objective_vector,
 )
 from benchmarks.quality import METRICS, objectives_override
+from morec_dist.train.run_dir import write_json_atomic
 
-DEFAULT_CONFIG = REPO / "configs" / "ml1m_unirec.toml"
+DEFAULT_CONFIG = REPO / "configs" / "ml1m_pareto.toml"
 DEFAULT_DATA = REPO / ".data" / "movielens-1m"
 STUDY_METHODS = ("morec", "static", "mgda", "pareto_mtl", "epo")
 SEEDS = (0, 1, 2)
@@ -98,12 +99,25 @@ def run_key(method: str, setting: Setting) -> tuple:
     return tuple(getattr(setting, f) for f in READS[method])
 
 
+def cached_cli(args: list[str], out: Path, log: Path) -> float:
+    """Run ``morec <args>`` into ``out``, or reuse ``out`` when a run with exactly these
+    arguments finished there: the study is hours long and resumes run by run. The marker
+    (``study_run.json``: args and wall seconds) appears atomically after ``metrics.json``, so
+    a run killed half-way has none and is run again (the CLI resumes it from its checkpoints)."""
+    marker = out / "study_run.json"
+    if marker.exists() and (out / "metrics.json").exists():
+        done = json.loads(marker.read_text())
+        if done.get("args") == args:
+            return float(done["wall_s"])
+    wall = morec_cli(args, log=log)
+    write_json_atomic(marker, {"args": args, "wall_s": wall})
+    return wall
+
+
 def pretrain(config: Path, base: list[str], work: Path, nproc: int) -> dict[str, Any]:
     out = work / "pretrain"
-    wall = morec_cli(
-        ["train", "--config", str(config), *base, f'run.out_dir="{out}"', "--nproc", str(nproc)],
-        log=work / "logs" / "pretrain.log",
-    )
+    args = ["train", "--config", str(config), *base, f'run.out_dir="{out}"', "--nproc", str(nproc)]
+    wall = cached_cli(args, out, work / "logs" / "pretrain.log")
     metrics = json.loads((out / "metrics.json").read_text())
     return {"metrics": metrics, "checkpoint": str(out / "checkpoints" / "best"), "wall_s": wall}
 
@@ -128,7 +142,7 @@ def finetune(
         "--nproc",
         str(nproc),
     ]
-    wall = morec_cli(args, log=work / "logs" / f"{name}.log")
+    wall = cached_cli(args, out, work / "logs" / f"{name}.log")
     metrics = json.loads((out / "metrics.json").read_text())
     history = metrics.get("history", [])
     return {
@@ -142,7 +156,14 @@ def finetune(
 
 
 def run_seed(
-    config: Path, data: Path, seed: int, settings: tuple[Setting, ...], work: Path, nproc: int, quick: bool
+    config: Path,
+    data: Path,
+    seed: int,
+    settings: tuple[Setting, ...],
+    work: Path,
+    nproc: int,
+    quick: bool,
+    finetune_overrides: list[str],
 ) -> dict[str, Any]:
     base = [f'data.path="{data}"', f"run.seed={seed}"]
     pre = pretrain(config, [*base, *(QUICK_PRETRAIN if quick else [])], work / f"seed{seed}", nproc)
@@ -162,7 +183,7 @@ def run_seed(
                 method,
                 setting,
                 l_hat,
-                [*base, *(QUICK_FINETUNE if quick else FULL_FINETUNE)],
+                [*base, *finetune_overrides],
                 work / f"seed{seed}",
                 nproc,
             )
@@ -316,6 +337,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--data", type=Path, default=None, help=f"default {DEFAULT_DATA}; quick: a small synthetic one")
     parser.add_argument("--nproc", type=int, default=None, help="ranks per job (default 2; quick 1)")
     parser.add_argument("--work", type=Path, default=None, help="run directory (default runs/bench/pareto[-quick])")
+    parser.add_argument(
+        "--finetune-set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="a config override for every fine-tune (repeatable), e.g. morec.epochs=5 for a shorter schedule",
+    )
     args = parser.parse_args(argv)
     started = time.perf_counter()
     quick = args.quick
@@ -323,6 +351,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     nproc = args.nproc or (1 if quick else 2)
     settings = SETTINGS[:1] if quick else SETTINGS
     seeds = (args.seed,) if quick else SEEDS
+    finetune_overrides = [*(QUICK_FINETUNE if quick else FULL_FINETUNE), *args.finetune_set]
     out = args.out or RESULTS / ("pareto_quick.json" if quick else "pareto.json")
     work = args.work or REPO / "runs" / "bench" / ("pareto-quick" if quick else "pareto")
     recorder = Recorder(
@@ -337,7 +366,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             "settings": [{"name": s.name, "w": s.weights(), "l_hat_factor": s.l_hat} for s in settings],
             "seeds": list(seeds),
             "pretrain_overrides": QUICK_PRETRAIN if quick else [],
-            "finetune_overrides": QUICK_FINETUNE if quick else FULL_FINETUNE,
+            "finetune_overrides": finetune_overrides,
             "work": str(work),
         },
         note_text=note(args.note),
@@ -347,7 +376,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         from morec_dist.train.pipeline import ensure_dataset
 
         ensure_dataset(load_config(args.config, [f'data.path="{data}"']))
-    per_seed = [run_seed(args.config, data, s, settings, work, nproc, quick) for s in seeds]
+    per_seed = [run_seed(args.config, data, s, settings, work, nproc, quick, finetune_overrides) for s in seeds]
     reference = np.mean([objective_vector(s["pretrained"]) for s in per_seed], axis=0)
     summaries = {m: method_summary(m, per_seed, reference) for m in STUDY_METHODS}
     figure = plot_projections(summaries, reference, out.with_name(out.stem + ".png"))
