@@ -74,6 +74,24 @@ def test_fairness_sign_vector_marks_only_the_worst_group():
     np.testing.assert_array_equal(by_hit.signs({"fairness": [0.1, 0.05, float("nan"), 0.2]})["fairness"], [0, 1, 0, 0])
 
 
+def test_fairness_worst_m_marks_the_m_worst_measured_groups():
+    m3 = _objectives(ObjectiveConfig("fairness", "fairness", "fair_group", 1.0, {"worst": 3}))
+    # losses: groups 3, 4 and 1 are the three worst; the NaN group is never marked
+    s = m3.signs({"fairness": [0.5, float("nan"), 0.7, 0.6]})["fairness"]
+    np.testing.assert_array_equal(s, [1, 0, 1, 1])
+    s = m3.signs({"fairness": [0.5, 0.1, 0.7, 0.6]})["fairness"]
+    np.testing.assert_array_equal(s, [1, 0, 1, 1])
+    # ties at the cut: the lower index first
+    np.testing.assert_array_equal(m3.signs({"fairness": [0.2, 0.2, 0.2, 0.9]})["fairness"], [1, 1, 0, 1])
+    # by hit: the lowest hits; more groups asked than measured marks every measured one
+    by_hit = _objectives(ObjectiveConfig("fairness", "fairness", "fair_group", 1.0, {"by": "hit", "worst": 2}))
+    np.testing.assert_array_equal(by_hit.signs({"fairness": [0.1, 0.05, 0.3, 0.2]})["fairness"], [1, 1, 0, 0])
+    nan_heavy = {"fairness": [float("nan"), 0.3, float("nan"), float("nan")]}
+    np.testing.assert_array_equal(m3.signs(nan_heavy)["fairness"], [0, 1, 0, 0])
+    with pytest.raises(ObjectiveError, match=r"options.worst"):
+        _objectives(ObjectiveConfig("fairness", "fairness", "fair_group", 1.0, {"worst": 0}))
+
+
 def test_fairness_and_alignment_updates_follow_a_hand_computed_sequence():
     objs = _objectives(
         ObjectiveConfig("fairness", "fairness", "fair_group", 0.5),

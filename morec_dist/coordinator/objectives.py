@@ -19,9 +19,11 @@ Built-in kinds (options in brackets, defaults first):
   price, so every training row is drawn with probability exactly price / S.
 - ``worst_group`` (``fairness`` is the same kind with its reference name): least misery.
   Signal ``group_loss`` (mean training loss per group on validation rows), s = +1 on the
-  worst group, 0 elsewhere. [by = "loss" | "hit" (signal ``group_hit``, worst = lowest
-  Hit@k), k = 10, init = "train_share" | "uniform"]. Groups with no validation rows are NaN
-  in the signal and ignored.
+  ``worst`` worst groups, 0 elsewhere. [by = "loss" | "hit" (signal ``group_hit``, worst =
+  lowest Hit@k), k = 10, worst = 1 (the paper's least misery; m > 1 lifts the m worst groups
+  together, which does not bet the whole step on one group's noisy validation mean:
+  docs/coordinator.md), init = "train_share" | "uniform"]. Groups with no validation rows are
+  NaN in the signal and ignored.
 - ``target_share`` (``alignment`` is the same kind): signal ``topk_histogram`` (how many
   top-k recommendations fall in each group); q_rec = histogram / sum;
   s_g = -1 where q_rec_g > q*_g, +1 where q_rec_g < q*_g, 0 where equal.
@@ -218,7 +220,7 @@ class WorstGroupKind(ObjectiveKind):
     """Least misery: push probability toward the group the model currently serves worst."""
 
     name = "worst_group"
-    defaults = {"by": "loss", "k": 10, "init": "train_share"}
+    defaults = {"by": "loss", "k": 10, "worst": 1, "init": "train_share"}
 
     def __init__(self, name: str = "worst_group") -> None:
         self.name = name
@@ -228,6 +230,7 @@ class WorstGroupKind(ObjectiveKind):
         if resolved["by"] not in ("loss", "hit"):
             raise ObjectiveError(f"{where}.options.by: expected 'loss' or 'hit', got {resolved['by']!r}")
         _positive_int(resolved["k"], f"{where}.options.k")
+        _positive_int(resolved["worst"], f"{where}.options.worst")
         return resolved
 
     def initial(self, column, stats, options, where):
@@ -240,13 +243,10 @@ class WorstGroupKind(ObjectiveKind):
 
     def sign(self, objective, signal):
         s = np.zeros(objective.num_groups)
-        measured = ~np.isnan(signal)
-        if not measured.any():
-            return s
-        if objective.options["by"] == "hit":
-            worst = int(np.nanargmin(signal))  # first index on ties: deterministic
-        else:
-            worst = int(np.nanargmax(signal))
+        measured = np.flatnonzero(~np.isnan(signal))
+        badness = signal[measured] if objective.options["by"] == "loss" else -signal[measured]
+        # stable sort on -badness: the worst first, the lower index first on ties (deterministic)
+        worst = measured[np.argsort(-badness, kind="stable")[: int(objective.options["worst"])]]
         s[worst] = 1.0
         return s
 
