@@ -338,6 +338,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--nproc", type=int, default=None, help="ranks per job (default 2; quick 1)")
     parser.add_argument("--work", type=Path, default=None, help="run directory (default runs/bench/pareto[-quick])")
     parser.add_argument(
+        "--seeds",
+        type=int,
+        nargs="+",
+        default=None,
+        help=f"the seeds to run (default {list(SEEDS)}; quick: --seed). Finished runs are reused, so a subset "
+        "summarises the part of the study that has run",
+    )
+    parser.add_argument(
         "--finetune-set",
         action="append",
         default=[],
@@ -350,7 +358,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     data = args.data or (quick_dataset(args.seed) if quick else DEFAULT_DATA)
     nproc = args.nproc or (1 if quick else 2)
     settings = SETTINGS[:1] if quick else SETTINGS
-    seeds = (args.seed,) if quick else SEEDS
+    seeds = tuple(args.seeds) if args.seeds else (args.seed,) if quick else SEEDS
     finetune_overrides = [*(QUICK_FINETUNE if quick else FULL_FINETUNE), *args.finetune_set]
     out = args.out or RESULTS / ("pareto_quick.json" if quick else "pareto.json")
     work = args.work or REPO / "runs" / "bench" / ("pareto-quick" if quick else "pareto")
