@@ -122,6 +122,14 @@ def pretrain(config: Path, base: list[str], work: Path, nproc: int) -> dict[str,
     return {"metrics": metrics, "checkpoint": str(out / "checkpoints" / "best"), "wall_s": wall}
 
 
+def config_objective_options(config: Path) -> dict[str, dict[str, Any]]:
+    """The study config's options per objective (e.g. fairness ``worst``): a setting replaces
+    only the weights."""
+    from morec_dist.config import load_config
+
+    return {o.name: dict(o.options) for o in load_config(config).morec.objectives}
+
+
 def finetune(
     config: Path, checkpoint: str, method: str, setting: Setting, l_hat: float, base: list[str], work: Path, nproc: int
 ) -> dict[str, Any]:
@@ -136,7 +144,7 @@ def finetune(
         "--config",
         str(config),
         *base,
-        objectives_override(setting.weights()),
+        objectives_override(setting.weights(), config_objective_options(config)),
         f"morec.pid.target_loss={l_hat * setting.l_hat}",
         f'run.out_dir="{out}"',
         "--nproc",

@@ -85,9 +85,17 @@ def plan_for(quick: bool) -> Plan:
     return Plan(pretrain=[], finetune=["train.log_every=0"], preferences=PREFERENCES, target_factors=TARGET_FACTORS)
 
 
-def objectives_override(weights: dict[str, float]) -> str:
+def objectives_override(weights: dict[str, float], options: dict[str, dict[str, Any]] | None = None) -> str:
+    """``morec.objectives=[...]``: the reference objectives at ``weights``, each with its
+    ``options`` (e.g. ``{"fairness": {"worst": 5}}``) as a TOML inline table."""
+
+    def inline(opts: dict[str, Any]) -> str:
+        return ", ".join(f"{k} = {json.dumps(v)}" for k, v in opts.items())
+
     tables = ", ".join(
-        f'{{name = "{name}", kind = "{name}", group_column = "{GROUP_COLUMN[name]}", weight = {w}}}'
+        f'{{name = "{name}", kind = "{name}", group_column = "{GROUP_COLUMN[name]}", weight = {w}'
+        + (f", options = {{{inline(options[name])}}}" if options and options.get(name) else "")
+        + "}"
         for name, w in weights.items()
     )
     return f"morec.objectives=[{tables}]"
