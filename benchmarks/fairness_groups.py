@@ -105,7 +105,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         config={"checkpoints": [str(c) for c in args.checkpoint], "k": K},
         note_text=note(args.note),
     )
-    entries = []
+    entries: list[dict[str, Any]] = []
     for checkpoint in args.checkpoint:
         part = out.with_name(f".{out.stem}-{len(entries)}.json")
         torchrun("benchmarks.fairness_groups", ["--worker", str(checkpoint), str(part)], nproc=1)

@@ -20,7 +20,7 @@ from tests.conftest import REPO
 from tests.e2e_fixtures import morec, quoted
 
 CONFIG = str(REPO / "tests" / "configs" / "planted.toml")
-DATA = {"users": 800, "items": 1500, "rows": 60_000, "planted_clusters": 8, "seed": 5}
+USERS, ITEMS, ROWS, CLUSTERS, DATA_SEED = 800, 1500, 60_000, 8, 5
 # revenue and alignment at equal weights; alignment reads the top-10 mix (the metric's K), not
 # the default top-100 one
 OBJECTIVES = (
@@ -34,7 +34,7 @@ def runs(tmp_path_factory) -> dict[str, dict]:
     from morec_dist.data.prepare.synthetic import generate
 
     root = tmp_path_factory.mktemp("moves")
-    data = generate(root / "data", **DATA)
+    data = generate(root / "data", users=USERS, items=ITEMS, rows=ROWS, seed=DATA_SEED, planted_clusters=CLUSTERS)
     base = ["--config", CONFIG, quoted("data.path", data)]
     morec("train", *base, quoted("run.out_dir", root / "pretrain"))
     out = {"pretrained": json.loads((root / "pretrain" / "metrics.json").read_text())}
