@@ -381,6 +381,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             "methods": list(STUDY_METHODS),
             "settings": [{"name": s.name, "w": s.weights(), "l_hat_factor": s.l_hat} for s in settings],
             "seeds": list(seeds),
+            "study_seeds": list(SEEDS),  # a full study's; fewer ran when --seeds named a subset
             "pretrain_overrides": QUICK_PRETRAIN if quick else [],
             "finetune_overrides": finetune_overrides,
             "work": str(work),
@@ -397,6 +398,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     summaries = {m: method_summary(m, per_seed, reference) for m in STUDY_METHODS}
     figure = plot_projections(summaries, reference, out.with_name(out.stem + ".png"))
     fine = [r["wall_s"] for s in per_seed for r in s["runs"]]
+    runs_wall = sum(fine) + sum(s["pretrain_wall_s"] for s in per_seed)  # reused runs count their first wall
     setup = statistics.fmean(r["wall_s"] - r["job_wall_s"] for s in per_seed for r in s["runs"] if r["job_wall_s"])
     recorder.update(
         {
@@ -411,6 +413,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 "setup_mean": setup,
                 "pretrain_mean": statistics.fmean(s["pretrain_wall_s"] for s in per_seed),
                 "study": time.perf_counter() - started,
+                "runs_total": runs_wall,
             },
             "full_study_estimate": full_study_estimate(SETTINGS, DEFAULT_CONFIG, setup),
         }

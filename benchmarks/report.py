@@ -586,6 +586,12 @@ def section_pareto(p: dict[str, Any], results: Path, out: Path) -> str:
             f"{cfg['finetune_overrides']}; its numbers say nothing about MovieLens-1M. The full study has not run.",
             "",
         ]
+    elif len(cfg["seeds"]) < len(cfg.get("study_seeds", cfg["seeds"])):
+        lines += [
+            f"**Partial study**: seeds {cfg['seeds']} of {cfg['study_seeds']} have run "
+            f"(`python -m benchmarks.pareto --seeds ...`: the finished runs, reused); the intervals need every seed.",
+            "",
+        ]
     lines += [
         f"Config {Path(cfg['config_file']).name}, {cfg['nproc']} rank(s) per job (the real CLI: `morec train` once per "
         f"seed, `morec finetune --method M` per run), settings {[s['name'] for s in cfg['settings']]}, seeds "
@@ -600,7 +606,8 @@ def section_pareto(p: dict[str, Any], results: Path, out: Path) -> str:
         "",
         table(["run", *metrics, "seeds"], cells),
         "",
-        f"Run time: {fmt(seconds['study'], 3)} s in all; mean fine-tune job {fmt(seconds['finetune_mean'], 3)} s, "
+        f"Run time: {fmt(seconds.get('runs_total', seconds['study']), 3)} s in all; "
+        f"mean fine-tune job {fmt(seconds['finetune_mean'], 3)} s, "
         f"of which {fmt(seconds.get('setup_mean', float('nan')), 3)} s outside the job (imports, dataset check, "
         f"torchrun, Ray), pretraining {fmt(seconds['pretrain_mean'], 3)} s (shared machine).",
         "",
