@@ -23,6 +23,7 @@ objective). The JSON also holds the estimated time of the full study.
 from __future__ import annotations
 
 import json
+import shutil
 import statistics
 import time
 from dataclasses import dataclass
@@ -99,18 +100,38 @@ def run_key(method: str, setting: Setting) -> tuple:
     return tuple(getattr(setting, f) for f in READS[method])
 
 
+def finished_run(out: Path, args: list[str]) -> float | None:
+    """The wall seconds of a run with exactly ``args`` that finished in ``out``, else None."""
+    marker = out / "study_run.json"
+    done = json.loads(marker.read_text()) if marker.exists() else {}
+    if done.get("args") == args and "wall_s" in done and (out / "metrics.json").exists():
+        return float(done["wall_s"])
+    return None
+
+
+def clear_stale_run(out: Path, args: list[str]) -> None:
+    """Remove ``out`` unless its marker names ``args``: the CLI would resume the step
+    checkpoints of other arguments under the new config."""
+    marker = out / "study_run.json"
+    if out.exists() and (not marker.exists() or json.loads(marker.read_text()).get("args") != args):
+        shutil.rmtree(out)
+
+
 def cached_cli(args: list[str], out: Path, log: Path) -> float:
     """Run ``morec <args>`` into ``out``, or reuse ``out`` when a run with exactly these
-    arguments finished there: the study is hours long and resumes run by run. The marker
-    (``study_run.json``: args and wall seconds) appears atomically after ``metrics.json``, so
-    a run killed half-way has none and is run again (the CLI resumes it from its checkpoints)."""
-    marker = out / "study_run.json"
-    if marker.exists() and (out / "metrics.json").exists():
-        done = json.loads(marker.read_text())
-        if done.get("args") == args:
-            return float(done["wall_s"])
+    arguments finished there: the study is hours long and resumes run by run.
+
+    The marker ``study_run.json`` holds the arguments, written before the run starts and again
+    with ``wall_s`` once ``metrics.json`` is there (atomically both times). A run killed
+    half-way with the same arguments is started again into its directory, so the CLI resumes
+    it from its step checkpoints; a directory of other arguments is removed first."""
+    wall = finished_run(out, args)
+    if wall is not None:
+        return wall
+    clear_stale_run(out, args)
+    write_json_atomic(out / "study_run.json", {"args": args})
     wall = morec_cli(args, log=log)
-    write_json_atomic(marker, {"args": args, "wall_s": wall})
+    write_json_atomic(out / "study_run.json", {"args": args, "wall_s": wall})
     return wall
 
 
