@@ -299,8 +299,9 @@ class _Staging:
 
     Group g's rows are ``buf[base[g] : base[g] + fill[g]]``: the rows of its stream from the
     stream's cursor on (the cursor is moved only by a refill), of which the first ``pos[g]``
-    were served by settled runs. Refilled when a run needs more than ``fill - pos``; a region
-    holds max(the largest need, STAGE_ROWS) rows, so memory is O(groups x run)."""
+    were served by settled runs. A group is refilled when a run needs more than
+    ``fill - pos``, with max(that need, STAGE_ROWS) rows, so after a run a group holds at
+    most STAGE_ROWS unserved rows; memory is about G x STAGE_ROWS x 8 bytes plus a run."""
 
     def __init__(self, streams: Sequence[GroupStream]):
         self.streams = streams
@@ -338,20 +339,28 @@ class _Staging:
             self.fill[g], self.pos[g] = want[g], 0
 
     def _grow(self, want: dict[int, int]) -> None:
-        cap = self.cap.copy()
+        """A new buffer where the groups in ``want`` get a region of that many rows. Every
+        other region is resized to its unserved rows (at least STAGE_ROWS), so a group that
+        needed many rows under an earlier p does not keep a large region: the buffer stays
+        at about G x STAGE_ROWS plus the current run's needs."""
+        live = self.fill - self.pos
+        cap = np.asarray([_pow2(max(STAGE_ROWS, int(n))) for n in live], np.int64)
         for g, n in want.items():
-            if n > cap[g]:
-                cap[g] = 1 << (n - 1).bit_length()  # powers of two: few regrowths
+            cap[g] = _pow2(max(n, int(live[g])))
         base = np.cumsum(cap) - cap
         buf = np.empty(int(cap.sum()), np.int64)
         for g in np.flatnonzero(self.fill).tolist():  # keep the unserved staged rows
-            live, served = int(self.fill[g] - self.pos[g]), int(self.pos[g])
+            rows, served = int(live[g]), int(self.pos[g])
             old = int(self.base[g]) + served
-            buf[base[g] : base[g] + live] = self.buf[old : old + live]
+            buf[base[g] : base[g] + rows] = self.buf[old : old + rows]
             if served:  # the served rows are dropped: the stream's cursor moves past them
                 self.streams[g].advance(served)
-            self.fill[g], self.pos[g] = live, 0
+            self.fill[g], self.pos[g] = rows, 0
         self.buf, self.base, self.cap = buf, base, cap
+
+
+def _pow2(n: int) -> int:
+    return 1 << (n - 1).bit_length()
 
 
 class WeightedObjective:
