@@ -317,6 +317,13 @@ class _Staging:
         self.fill[:] = 0
         self.pos[:] = 0
 
+    def settle(self, served: np.ndarray) -> None:
+        """Marks ``served[g]`` more rows of each group as served, and forgets staged rows
+        beyond STAGE_ROWS unserved ones (those of a run cut short by a new p): they are the
+        streams' next rows, staged again when needed, so the buffer never holds more."""
+        self.pos += served
+        np.minimum(self.fill, self.pos + STAGE_ROWS, out=self.fill)
+
     def starts(self, need: np.ndarray) -> np.ndarray:
         """Where each group's next unserved row is in ``buf``, after staging ``need[g]`` rows
         ahead of it for every group."""
@@ -328,7 +335,7 @@ class _Staging:
     def _refill(self, groups: list[int], need: np.ndarray) -> None:
         want = {g: max(int(need[g]), STAGE_ROWS) for g in groups}
         if any(want[g] > self.cap[g] for g in groups):
-            self._grow(want)
+            self._grow(want, int(need.sum()))
         for g in groups:
             stream = self.streams[g]
             if self.pos[g]:
@@ -338,15 +345,19 @@ class _Staging:
             self.buf[lo : lo + want[g]] = np.ascontiguousarray(rows).view(np.int64).reshape(-1)
             self.fill[g], self.pos[g] = want[g], 0
 
-    def _grow(self, want: dict[int, int]) -> None:
-        """A new buffer where the groups in ``want`` get a region of that many rows. Every
-        other region is resized to its unserved rows (at least STAGE_ROWS), so a group that
-        needed many rows under an earlier p does not keep a large region: the buffer stays
-        at about G x STAGE_ROWS plus the current run's needs."""
+    def _grow(self, want: dict[int, int], run_rows: int) -> None:
+        """A new buffer where the groups in ``want`` get a region of that many rows. The
+        other regions keep their size unless the buffer would exceed G x STAGE_ROWS plus
+        four runs; then each is cut to its unserved rows (at most STAGE_ROWS after a
+        ``settle``), so groups that needed many rows under an earlier p do not keep large
+        regions."""
         live = self.fill - self.pos
-        cap = np.asarray([_pow2(max(STAGE_ROWS, int(n))) for n in live], np.int64)
+        cap = self.cap.copy()
         for g, n in want.items():
             cap[g] = _pow2(max(n, int(live[g])))
+        if cap.sum() > len(cap) * STAGE_ROWS + 4 * run_rows:
+            shrunk = np.asarray([_pow2(max(STAGE_ROWS, int(n))) for n in live], np.int64)
+            cap = np.where(np.isin(np.arange(len(cap)), list(want)), cap, shrunk)
         base = np.cumsum(cap) - cap
         buf = np.empty(int(cap.sum()), np.int64)
         for g in np.flatnonzero(self.fill).tolist():  # keep the unserved staged rows
@@ -508,7 +519,7 @@ class WeightedObjective:
         cursors move when the staging is refilled)."""
         draws, self._draws = self._draws, None
         if draws is not None and draws.used:
-            self._staging.pos += draws.cum[draws.used]
+            self._staging.settle(draws.cum[draws.used])
 
     def _thinned(self, stream: GroupStream, need: int, g: int, rng: np.random.Generator) -> np.ndarray:
         # Acceptance by w / max w walks the stream and keeps each row with probability
