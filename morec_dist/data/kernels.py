@@ -6,7 +6,9 @@ Owns the loops that numpy could only express as several passes with temporaries:
   columns into one int64 per row (the layout of an [n, 2] int32 array viewed as int64) and
   permutes them in the same pass ("inside-out" Fisher-Yates), from a counter-based hash
   stream keyed by a 64-bit salt: a pure function of (salt, n).
-- ``permutation``: the same permutation of range(n), for rows that carry other columns.
+- ``permutation``: the same permutation of range(n), for rows that carry other columns;
+  ``shuffle_pairs``: rows[permutation(n, salt)] of int64 rows in one pass (a resident
+  share's pass order, without an index array and a second gather).
 - ``draw_groups``: the weighted blocks' group choice: 64-bit uniforms of a counter-based
   SplitMix64 stream, each mapped to its group by the inverse-CDF lookup table (a binary
   search on the rare bucket that holds a CDF edge; ``group_labels`` on given uniforms),

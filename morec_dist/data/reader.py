@@ -383,8 +383,8 @@ class WeightedObjective:
     (SplitMix64 of (seed, rank, k, epoch), outputs [t B, (t + 1) B)): a pure function of
     (seed, rank, epoch, step, k) and p. The j-th row of group g in step t is the next row of
     g's stream. So a run of ``draw_steps`` steps is drawn and gathered at once (two compiled
-    loops, ``kernels.draw_groups`` and ``kernels.scatter_by_group``, and one peek per
-    group instead of numpy calls per group and block), and the blocks are the same whatever ``draw_steps`` is; a new p,
+    loops, ``kernels.draw_groups`` and ``kernels.scatter_by_group``, from the staged next
+    rows of every group, ``_Staging``), and the blocks are the same whatever ``draw_steps`` is; a new p,
     epoch or an out-of-order step drops the rest of a run and draws again from that step.
     """
 
