@@ -55,6 +55,15 @@ class GroupLayoutError(ValueError):
 
 
 _GOLDEN = np.uint64(0x9E3779B97F4A7C15)
+_MASK64 = (1 << 64) - 1
+
+
+def _splitmix64_int(x: int) -> int:
+    """``splitmix64`` of one value on Python ints (a numpy call per op costs ~1 us)."""
+    x = (x + 0x9E3779B97F4A7C15) & _MASK64
+    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _MASK64
+    return x ^ (x >> 31)
 
 
 def splitmix64(x: np.ndarray) -> np.ndarray:
@@ -264,7 +273,13 @@ class GroupStream:
         Which one depends only on n, so a position always maps to the same row."""
         if n <= TINY_SHARE_ROWS:
             return hashed_permutations(self._salts(tag, [pass_], w), n)[0]
-        return kernels.permutation(n, self._salts(tag, [pass_], w)[0])
+        return kernels.permutation(n, self.salt(tag, pass_, w))
+
+    def salt(self, tag: int, pass_: int, w: int = 0) -> np.uint64:
+        """``_salts(tag, [pass_], w)[0]`` on Python ints: once per window read or resident
+        pass, where the numpy version's per-call overhead was a visible cost."""
+        inner = _splitmix64_int(int(self._salt) ^ tag ^ ((w * 0x9E3779B97F4A7C15) & _MASK64))
+        return np.uint64(_splitmix64_int((inner + pass_ * 0x9E3779B97F4A7C15) & _MASK64))
 
     def _salts(self, tag: int, passes, w: int = 0) -> np.ndarray:
         with np.errstate(over="ignore"):
@@ -314,7 +329,7 @@ class GroupStream:
         columns = [np.concatenate(c) if len(c) > 1 else c[0] for c in zip(*parts, strict=True)]
         # Every pass, pass 0 included, shuffles: so the order depends on the training seed,
         # not only on the layout's. Interleaving and permuting are one compiled pass.
-        salt = self._salts(STREAM_PASS_ROWS, [pass_], w)[0]
+        salt = self.salt(STREAM_PASS_ROWS, pass_, w)
         pairs = kernels.shuffle_rows(columns[0], columns[1], salt).view(np.int32).reshape(-1, 2)
         weights = None
         if self.weight_column:  # the same order: shuffle_rows applies permutation(n, salt)
@@ -390,7 +405,7 @@ class GroupStream:
             resident = self._load_resident()
             if self.rows > TINY_SHARE_ROWS and resident.weights is None:
                 # permute and gather in one compiled pass: the rows of permutation(n, salt)
-                salt = self._salts(STREAM_PASS_ROWS, [pass_], 0)[0]
+                salt = self.salt(STREAM_PASS_ROWS, pass_)
                 rows = kernels.shuffle_pairs(np.ascontiguousarray(resident.pairs).view(np.int64).reshape(-1), salt)
                 chunk = Chunk(rows.view(np.int32).reshape(-1, 2), None)
             else:

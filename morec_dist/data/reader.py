@@ -352,7 +352,7 @@ class _Staging:
         ``settle``), so groups that needed many rows under an earlier p do not keep large
         regions."""
         live = self.fill - self.pos
-        cap = self.cap.copy()
+        cap = np.maximum(self.cap, STAGE_ROWS)  # every group gets a region: fewer regrowths
         for g, n in want.items():
             cap[g] = _pow2(max(n, int(live[g])))
         if cap.sum() > len(cap) * STAGE_ROWS + 4 * run_rows:
