@@ -69,3 +69,16 @@ def test_draw_groups_equals_a_binary_search_of_its_uniforms():
     later, _ = table.draw(seed, 6, steps - 2, size)
     assert np.array_equal(later, labels[2 * size :])
     assert table.table.shape == (1 << LOOKUP_BITS,)
+
+
+def test_scalar_salt_equals_the_vectorised_salts():
+    """GroupStream.salt (Python ints, per window / resident pass) is the same hash as the
+    numpy _salts the tiny shares' vectorised permutations use."""
+    from morec_dist.data.group_streams import STREAM_PASS_ORDER, STREAM_PASS_ROWS, GroupStream
+
+    stream = GroupStream([], [], key=(11, 0, 2, 7))
+    for tag in (STREAM_PASS_ORDER, STREAM_PASS_ROWS):
+        for w in (0, 1, 5, 2**40):
+            passes = [0, 1, 2, 3, 1000, 2**33]
+            expected = stream._salts(tag, passes, w)
+            assert [stream.salt(tag, q, w) for q in passes] == expected.tolist()

@@ -236,6 +236,25 @@ def test_resume_mid_draw_continues_the_same_blocks(data_dir):
         assert np.array_equal(a, b), step
 
 
+def test_staged_rows_stay_bounded_when_p_moves_its_mass(data_dir):
+    """The staging of a run's rows gives each group a region sized to its need; when p moves
+    its mass from group to group, the regions of groups no longer heavy are cut back, so the
+    buffer stays at G x STAGE_ROWS plus a few runs instead of growing to G heavy regions."""
+    from morec_dist.data.reader import STAGE_ROWS
+
+    size, draw_steps = 1000, 64
+    run = size * draw_steps
+    with _fair_reader(data_dir, draw_steps=draw_steps) as reader:
+        objective = reader.weighted[0]
+        groups = len(objective.streams)
+        for step in range(7 * 70):
+            heavy = step // 70  # groups 1..7 in turn (group 8 is empty)
+            p = np.where(COUNTS > 0, 0.005, 0.0)
+            p[heavy] = 1.0
+            objective.block(0, step, p / p.sum(), size)
+            assert objective._staging.buf.size <= groups * STAGE_ROWS + 4 * run + 2 * run, step
+
+
 def test_group_choice_lookup_matches_binary_search():
     """The lookup table's group of every uniform equals searchsorted(cdf, u, "right") on the
     double numpy's random() makes, including at bucket boundaries and zero-p groups."""

@@ -32,6 +32,7 @@ them:
 
 from __future__ import annotations
 
+import bisect
 import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -54,6 +55,15 @@ class GroupLayoutError(ValueError):
 
 
 _GOLDEN = np.uint64(0x9E3779B97F4A7C15)
+_MASK64 = (1 << 64) - 1
+
+
+def _splitmix64_int(x: int) -> int:
+    """``splitmix64`` of one value on Python ints (a numpy call per op costs ~1 us)."""
+    x = (x + 0x9E3779B97F4A7C15) & _MASK64
+    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _MASK64
+    return x ^ (x >> 31)
 
 
 def splitmix64(x: np.ndarray) -> np.ndarray:
@@ -212,6 +222,9 @@ class GroupStream:
         self._lock = threading.Lock()
         self._cache: dict[tuple[int, int], Chunk] = {}
         self._plans: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+        # the last plan asked for, with its window ends as a list: (pass, order, ends, ends list);
+        # replaced whole (one attribute store), so the prefetch thread reads it without the lock
+        self._last_plan: tuple[int, np.ndarray, np.ndarray, list[int]] | None = None
         self._resident: Chunk | None = None  # the whole share, when held in memory
         self._perms: dict[int, np.ndarray] = {}  # row order per pass of a resident share
         self._pass_chunks: dict[int, Chunk] = {}  # a resident share's rows in that order
@@ -220,6 +233,21 @@ class GroupStream:
     # ------------------------------------------------------------ plan of a pass
     def _plan(self, pass_: int) -> tuple[np.ndarray, np.ndarray]:
         """(segment order, window row ends) of pass ``pass_``."""
+        entry = self._plan_entry(pass_)
+        return entry[1], entry[2]
+
+    def _window_ends(self, pass_: int) -> list[int]:
+        """The window row ends of pass ``pass_`` as a list (bisect is cheaper than a numpy call)."""
+        return self._plan_entry(pass_)[3]
+
+    def _plan_entry(self, pass_: int) -> tuple[int, np.ndarray, np.ndarray, list[int]]:
+        last = self._last_plan
+        if last is None or last[0] != pass_:
+            order, ends = self._compute_plan(pass_)
+            last = self._last_plan = (pass_, order, ends, ends.tolist())
+        return last
+
+    def _compute_plan(self, pass_: int) -> tuple[np.ndarray, np.ndarray]:
         with self._lock:
             plan = self._plans.get(pass_)
         if plan is not None:
@@ -245,7 +273,13 @@ class GroupStream:
         Which one depends only on n, so a position always maps to the same row."""
         if n <= TINY_SHARE_ROWS:
             return hashed_permutations(self._salts(tag, [pass_], w), n)[0]
-        return kernels.permutation(n, self._salts(tag, [pass_], w)[0])
+        return kernels.permutation(n, self.salt(tag, pass_, w))
+
+    def salt(self, tag: int, pass_: int, w: int = 0) -> np.uint64:
+        """``_salts(tag, [pass_], w)[0]`` on Python ints: once per window read or resident
+        pass, where the numpy version's per-call overhead was a visible cost."""
+        inner = _splitmix64_int(int(self._salt) ^ tag ^ ((w * 0x9E3779B97F4A7C15) & _MASK64))
+        return np.uint64(_splitmix64_int((inner + pass_ * 0x9E3779B97F4A7C15) & _MASK64))
 
     def _salts(self, tag: int, passes, w: int = 0) -> np.ndarray:
         with np.errstate(over="ignore"):
@@ -259,12 +293,12 @@ class GroupStream:
 
     def window_of(self, pass_: int, offset: int) -> tuple[int, int]:
         """(window index, first offset of that window) holding ``offset`` of ``pass_``."""
-        _, ends = self._plan(pass_)
-        w = int(np.searchsorted(ends, offset, side="right"))
-        return w, int(ends[w - 1]) if w else 0
+        ends = self._window_ends(pass_)
+        w = bisect.bisect_right(ends, offset)
+        return w, ends[w - 1] if w else 0
 
     def num_windows(self, pass_: int) -> int:
-        return len(self._plan(pass_)[1])
+        return len(self._window_ends(pass_))
 
     # ------------------------------------------------------------ reading
     def _read_columns(self, seg: Segment) -> list[np.ndarray]:
@@ -295,7 +329,7 @@ class GroupStream:
         columns = [np.concatenate(c) if len(c) > 1 else c[0] for c in zip(*parts, strict=True)]
         # Every pass, pass 0 included, shuffles: so the order depends on the training seed,
         # not only on the layout's. Interleaving and permuting are one compiled pass.
-        salt = self._salts(STREAM_PASS_ROWS, [pass_], w)[0]
+        salt = self.salt(STREAM_PASS_ROWS, pass_, w)
         pairs = kernels.shuffle_rows(columns[0], columns[1], salt).view(np.int32).reshape(-1, 2)
         weights = None
         if self.weight_column:  # the same order: shuffle_rows applies permutation(n, salt)
@@ -313,6 +347,9 @@ class GroupStream:
 
     def _current_window_key(self) -> tuple[int, int]:
         # called under the lock; the plan of the cursor's pass is always computed by then
+        last = self._last_plan
+        if last is not None and last[0] == self.pass_:
+            return (self.pass_, bisect.bisect_right(last[3], self.offset))
         order_ends = self._plans.get(self.pass_)
         if order_ends is None:
             return (self.pass_, 0)
@@ -365,7 +402,14 @@ class GroupStream:
         with self._lock:
             chunk = self._pass_chunks.get(pass_)
         if chunk is None:
-            chunk = self._load_resident().take(self._pass_permutation(pass_))
+            resident = self._load_resident()
+            if self.rows > TINY_SHARE_ROWS and resident.weights is None:
+                # permute and gather in one compiled pass: the rows of permutation(n, salt)
+                salt = self.salt(STREAM_PASS_ROWS, pass_)
+                rows = kernels.shuffle_pairs(np.ascontiguousarray(resident.pairs).view(np.int64).reshape(-1), salt)
+                chunk = Chunk(rows.view(np.int32).reshape(-1, 2), None)
+            else:
+                chunk = resident.take(self._pass_permutation(pass_))
             with self._lock:
                 self._pass_chunks[pass_] = chunk
         return chunk

@@ -6,7 +6,9 @@ Owns the loops that numpy could only express as several passes with temporaries:
   columns into one int64 per row (the layout of an [n, 2] int32 array viewed as int64) and
   permutes them in the same pass ("inside-out" Fisher-Yates), from a counter-based hash
   stream keyed by a 64-bit salt: a pure function of (salt, n).
-- ``permutation``: the same permutation of range(n), for rows that carry other columns.
+- ``permutation``: the same permutation of range(n), for rows that carry other columns;
+  ``shuffle_pairs``: rows[permutation(n, salt)] of int64 rows in one pass (a resident
+  share's pass order, without an index array and a second gather).
 - ``draw_groups``: the weighted blocks' group choice: 64-bit uniforms of a counter-based
   SplitMix64 stream, each mapped to its group by the inverse-CDF lookup table (a binary
   search on the rare bucket that holds a CDF edge; ``group_labels`` on given uniforms),
@@ -82,6 +84,20 @@ def shuffle_rows(users, items, salt):
 
 
 @njit(cache=True, nogil=True)
+def shuffle_pairs(rows, salt):
+    """``rows[permutation(n, salt)]`` (int64 rows) in one pass: the inside-out Fisher-Yates of
+    ``permutation`` applied to the values, so no index array and no second gather pass."""
+    n = rows.shape[0]
+    out = np.empty(n, np.int64)
+    state = np.uint64(salt)
+    for i in range(n):
+        state, j = _below(state, np.uint64(i + 1))
+        out[i] = out[j]
+        out[j] = rows[i]
+    return out
+
+
+@njit(cache=True, nogil=True)
 def permutation(n, salt):
     """The permutation of range(n) that ``shuffle_rows`` applies for ``salt``."""
     out = np.empty(n, np.int64)
@@ -126,14 +142,22 @@ def draw_groups(seed, first, steps, size, table, cdf, last, groups, shift):
     rows each: row i of step t draws from output t * size + i of the SplitMix64 stream of
     ``seed`` (a counter-based generator, so any step is reached in O(1)), and cum[s, g] counts
     group g's rows in the first s steps."""
-    labels = np.empty(steps * size, np.int16)
+    n = steps * size
+    labels = np.empty(n, np.int16)
+    base = np.uint64(seed) + np.uint64(first) * np.uint64(size) * _GOLDEN
+    # Pass 1, branch-free so it vectorises: the table's answer, -1 in the few buckets a cdf
+    # edge crosses (a fused loop with the binary search in it ran ~2x slower).
+    for i in range(n):
+        labels[i] = table[_mix(base + np.uint64(i + 1) * _GOLDEN) >> shift]
+    # Pass 2: resolve those by the binary search and count per step.
     cum = np.zeros((steps + 1, groups), np.int64)
     running = np.zeros(groups, np.int64)
-    base = np.uint64(seed) + np.uint64(first) * np.uint64(size) * _GOLDEN
     for s in range(steps):
         for i in range(s * size, (s + 1) * size):
-            g = _group_of(_mix(base + np.uint64(i + 1) * _GOLDEN), table, cdf, last, shift)
-            labels[i] = g
+            g = np.int64(labels[i])
+            if g < 0:
+                g = _group_of(_mix(base + np.uint64(i + 1) * _GOLDEN), table, cdf, last, shift)
+                labels[i] = g
             running[g] += 1
         cum[s + 1, :] = running
     return labels, cum
@@ -210,6 +234,7 @@ def warm_up() -> None:
     ids = np.arange(4, dtype=np.int32)
     shuffle_rows(ids, ids, np.uint64(1))
     permutation(4, np.uint64(1))
+    shuffle_pairs(np.arange(4, dtype=np.int64), np.uint64(1))
     raw = np.arange(8, dtype=np.uint64)
     group_labels(raw, np.zeros(4, np.int16), np.ones(1), 0, np.uint64(62))
     draw_groups(np.uint64(1), 0, 2, 4, np.zeros(4, np.int16), np.ones(1), 0, 1, np.uint64(62))

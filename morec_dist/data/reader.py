@@ -36,7 +36,7 @@ import math
 import queue
 import threading
 from collections.abc import Generator, Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -273,10 +273,12 @@ class _Draws:
     rows: np.ndarray  # [steps * size] int64: each (user_id, item_id) int32 pair as one item
     cum: np.ndarray  # [steps + 1, groups] int64
     used: int = 0
+    steps: int = field(init=False)
+    blocks: np.ndarray = field(init=False)  # [steps, size, 2] int32: step i's block
 
-    @property
-    def steps(self) -> int:
-        return len(self.cum) - 1
+    def __post_init__(self) -> None:
+        self.steps = len(self.cum) - 1
+        self.blocks = self.rows.view(np.int32).reshape(self.steps, self.size, 2)
 
     def serves(self, epoch: int, step: int, p: np.ndarray, size: int) -> bool:
         return (
@@ -288,6 +290,90 @@ class _Draws:
         )
 
 
+STAGE_ROWS = 8192  # rows a refill stages at least, per group
+
+
+class _Staging:
+    """The next rows of every group stream of one objective, in one int64 array, so that one
+    compiled scatter serves a run from all groups without a peek or a copy per group per run.
+
+    Group g's rows are ``buf[base[g] : base[g] + fill[g]]``: the rows of its stream from the
+    stream's cursor on (the cursor is moved only by a refill), of which the first ``pos[g]``
+    were served by settled runs. A group is refilled when a run needs more than
+    ``fill - pos``, with max(that need, STAGE_ROWS) rows, so after a run a group holds at
+    most STAGE_ROWS unserved rows; memory is about G x STAGE_ROWS x 8 bytes plus a run."""
+
+    def __init__(self, streams: Sequence[GroupStream]):
+        self.streams = streams
+        groups = len(streams)
+        self.cap = np.zeros(groups, np.int64)
+        self.base = np.zeros(groups, np.int64)
+        self.fill = np.zeros(groups, np.int64)
+        self.pos = np.zeros(groups, np.int64)
+        self.buf = np.empty(0, np.int64)
+
+    def reset(self) -> None:
+        """Forgets the staged rows (the streams' cursors are where the next rows start)."""
+        self.fill[:] = 0
+        self.pos[:] = 0
+
+    def settle(self, served: np.ndarray) -> None:
+        """Marks ``served[g]`` more rows of each group as served, and forgets staged rows
+        beyond STAGE_ROWS unserved ones (those of a run cut short by a new p): they are the
+        streams' next rows, staged again when needed, so the buffer never holds more."""
+        self.pos += served
+        np.minimum(self.fill, self.pos + STAGE_ROWS, out=self.fill)
+
+    def starts(self, need: np.ndarray) -> np.ndarray:
+        """Where each group's next unserved row is in ``buf``, after staging ``need[g]`` rows
+        ahead of it for every group."""
+        short = np.flatnonzero(self.pos + need > self.fill)
+        if short.size:
+            self._refill(short.tolist(), need)
+        return self.base + self.pos
+
+    def _refill(self, groups: list[int], need: np.ndarray) -> None:
+        want = {g: max(int(need[g]), STAGE_ROWS) for g in groups}
+        if any(want[g] > self.cap[g] for g in groups):
+            self._grow(want, int(need.sum()))
+        for g in groups:
+            stream = self.streams[g]
+            if self.pos[g]:
+                stream.advance(int(self.pos[g]))
+            rows = stream.peek(want[g]).pairs
+            lo = int(self.base[g])
+            self.buf[lo : lo + want[g]] = np.ascontiguousarray(rows).view(np.int64).reshape(-1)
+            self.fill[g], self.pos[g] = want[g], 0
+
+    def _grow(self, want: dict[int, int], run_rows: int) -> None:
+        """A new buffer where the groups in ``want`` get a region of that many rows. The
+        other regions keep their size unless the buffer would exceed G x STAGE_ROWS plus
+        four runs; then each is cut to its unserved rows (at most STAGE_ROWS after a
+        ``settle``), so groups that needed many rows under an earlier p do not keep large
+        regions."""
+        live = self.fill - self.pos
+        cap = np.maximum(self.cap, STAGE_ROWS)  # every group gets a region: fewer regrowths
+        for g, n in want.items():
+            cap[g] = _pow2(max(n, int(live[g])))
+        if cap.sum() > len(cap) * STAGE_ROWS + 4 * run_rows:
+            shrunk = np.asarray([_pow2(max(STAGE_ROWS, int(n))) for n in live], np.int64)
+            cap = np.where(np.isin(np.arange(len(cap)), list(want)), cap, shrunk)
+        base = np.cumsum(cap) - cap
+        buf = np.empty(int(cap.sum()), np.int64)
+        for g in np.flatnonzero(self.fill).tolist():  # keep the unserved staged rows
+            rows, served = int(live[g]), int(self.pos[g])
+            old = int(self.base[g]) + served
+            buf[base[g] : base[g] + rows] = self.buf[old : old + rows]
+            if served:  # the served rows are dropped: the stream's cursor moves past them
+                self.streams[g].advance(served)
+            self.fill[g], self.pos[g] = rows, 0
+        self.buf, self.base, self.cap = buf, base, cap
+
+
+def _pow2(n: int) -> int:
+    return 1 << (n - 1).bit_length()
+
+
 class WeightedObjective:
     """Objective k's weighted blocks: a group per row drawn from p, rows from the streams.
 
@@ -297,8 +383,8 @@ class WeightedObjective:
     (SplitMix64 of (seed, rank, k, epoch), outputs [t B, (t + 1) B)): a pure function of
     (seed, rank, epoch, step, k) and p. The j-th row of group g in step t is the next row of
     g's stream. So a run of ``draw_steps`` steps is drawn and gathered at once (two compiled
-    loops, ``kernels.draw_groups`` and ``kernels.scatter_by_group``, and one peek per
-    group instead of numpy calls per group and block), and the blocks are the same whatever ``draw_steps`` is; a new p,
+    loops, ``kernels.draw_groups`` and ``kernels.scatter_by_group``, from the staged next
+    rows of every group, ``_Staging``), and the blocks are the same whatever ``draw_steps`` is; a new p,
     epoch or an out-of-order step drops the rest of a run and draws again from that step.
     """
 
@@ -343,6 +429,7 @@ class WeightedObjective:
         self.max_weight = self._max_weights(dataset) if weight_column else None
         self._keys: dict[int, np.ndarray] = {}
         self._draws: _Draws | None = None
+        self._staging = _Staging(self.streams)
         self._table: _GroupTable | None = None
         self._epoch_seeds: dict[int, np.uint64] = {}
 
@@ -365,12 +452,22 @@ class WeightedObjective:
         if self.weight_column:
             return self._thinned_block(epoch, step, p, size)
         draws = self._draws
-        if draws is None or not draws.serves(epoch, step, p, size):
+        # the common case first (the run's next step at the same p object): no numpy call
+        fast = (
+            draws is not None
+            and p is draws.p
+            and step == draws.first + draws.used
+            and draws.used < draws.steps
+            and epoch == draws.epoch
+            and size == draws.size
+        )
+        if not fast and (draws is None or not draws.serves(epoch, step, p, size)):
             self._settle()
             draws = self._draws = self._draw(epoch, step, p, size)
+        assert draws is not None
         i = draws.used
-        draws.used += 1
-        return draws.rows[i * size : (i + 1) * size].view(np.int32).reshape(-1, 2)
+        draws.used = i + 1
+        return draws.blocks[i]
 
     def _thinned_block(self, epoch: int, step: int, p: np.ndarray, size: int) -> np.ndarray:
         rng = self._step_rng(STREAM_WEIGHTED, epoch, step)
@@ -411,24 +508,18 @@ class WeightedObjective:
             self._table = _GroupTable.build(np.asarray(p, dtype=np.float64))
         # cum[i, g]: rows of group g in steps before first + i
         labels, cum = self._table.draw(self._epoch_seed(epoch), step, steps, size)
-        totals = cum[-1]
-        present = np.flatnonzero(totals).tolist()
-        parts = [self.streams[g].peek(int(totals[g])).pairs for g in present]
-        source = (np.concatenate(parts) if len(parts) > 1 else np.ascontiguousarray(parts[0])).view(np.int64)
-        # the j-th row labelled g (in step-then-row order) is g's j-th row of the run: one
-        # compiled counting-sort pass builds every block of the run
-        starts = np.cumsum(totals) - totals
-        rows = kernels.scatter_by_group(labels, source.reshape(-1), starts)
+        # the j-th row labelled g (in step-then-row order) is g's j-th unserved row: one
+        # compiled counting-sort pass from the staged rows builds every block of the run
+        starts = self._staging.starts(cum[-1])  # first: it may replace the buffer
+        rows = kernels.scatter_by_group(labels, self._staging.buf, starts)
         return _Draws(epoch, step, size, p, rows, cum)
 
     def _settle(self) -> None:
-        """Moves the streams' cursors past the rows of the steps served from the current draws."""
+        """Marks the rows of the steps served from the current draws as served (the streams'
+        cursors move when the staging is refilled)."""
         draws, self._draws = self._draws, None
-        if draws is None:
-            return
-        taken = draws.cum[draws.used]
-        for g in np.flatnonzero(taken).tolist():
-            self.streams[g].advance(int(taken[g]))
+        if draws is not None and draws.used:
+            self._staging.settle(draws.cum[draws.used])
 
     def _thinned(self, stream: GroupStream, need: int, g: int, rng: np.random.Generator) -> np.ndarray:
         # Acceptance by w / max w walks the stream and keeps each row with probability
@@ -454,7 +545,9 @@ class WeightedObjective:
     def cursors(self) -> list[list[int]]:
         """Per group, the (pass, offset) of the next row a block takes (rows drawn for steps
         not yet served count as not taken)."""
-        taken = self._draws.cum[self._draws.used] if self._draws is not None else np.zeros(len(self.streams), np.int64)
+        taken = self._staging.pos.copy()
+        if self._draws is not None:
+            taken += self._draws.cum[self._draws.used]
         out = []
         for g, stream in enumerate(self.streams):
             pass_, offset = stream.cursor()
@@ -471,6 +564,7 @@ class WeightedObjective:
                 f"reader state: objective {self.name!r} has {len(cursors)} cursors, expected {len(self.streams)}"
             )
         self._draws = None
+        self._staging.reset()
         for stream, (pass_, offset) in zip(self.streams, cursors, strict=True):
             stream.seek(int(pass_), int(offset))
 
