@@ -102,3 +102,24 @@ def test_report_renders_the_results_it_finds(coordinator_run, tmp_path):
     for missing in ("overhead", "reader", "embedding_scale", "quality", "sensitivity"):
         assert f"*(no {missing}.json in {results})*" in text
     assert "<summary>coordinator_scale.json" in text
+
+
+def test_results_md_block_is_replaced_and_the_rest_kept(tmp_path):
+    """The Pareto study's block of docs/results.md is regenerated from the study's JSON; the
+    hand-written text around it stays, a second run replaces (not appends) the block."""
+    import shutil
+
+    from benchmarks.report import STUDY_BEGIN, STUDY_END, update_results_md
+
+    results = tmp_path / "results"
+    results.mkdir()
+    shutil.copy(REPO / "benchmarks" / "results" / "pareto_quick.json", results / "pareto_quick.json")
+    md = tmp_path / "results.md"
+    md.write_text("# Results\n\nhand-written\n")
+    first = update_results_md(results, md)
+    assert first.startswith("# Results\n\nhand-written\n") and first.count(STUDY_BEGIN) == 1
+    assert "## The Pareto study" in first and "| morec |" in first
+    md.write_text(first.replace(STUDY_END, STUDY_END + "\n\nafter the block\n"))
+    second = update_results_md(results, md)
+    assert second.count(STUDY_BEGIN) == 1 and second.count(STUDY_END) == 1
+    assert second.rstrip().endswith("after the block") and "hand-written" in second
