@@ -48,6 +48,9 @@ class DataConfig:
     negative_alpha: float = 1.0  # negatives drawn with probability ~ popularity ** alpha
     # negatives avoid the user's train + valid history (the authors' setup), not only the row's positive
     negatives_exclude_history: bool = False
+    # the splits that history is made of: the authors' train + valid, or ["train"], which keeps
+    # the held-out valid item a possible negative like the test item (docs/results.md)
+    negatives_history_splits: list[str] = field(default_factory=lambda: ["train", "valid"])
     prefetch_batches: int = 4
 
 
@@ -331,6 +334,11 @@ def validate(c: Config) -> None:
     _require(c.data.batch_size >= 1, f"data.batch_size: expected >= 1, got {c.data.batch_size}")
     _require(c.data.num_negatives >= 1, f"data.num_negatives: expected >= 1, got {c.data.num_negatives}")
     _require(c.data.negative_alpha >= 0, f"data.negative_alpha: expected >= 0, got {c.data.negative_alpha}")
+    splits = c.data.negatives_history_splits
+    _require(
+        bool(splits) and len(set(splits)) == len(splits) and set(splits) <= {"train", "valid"},
+        f"data.negatives_history_splits: expected distinct splits among 'train', 'valid', got {splits}",
+    )
     _require(c.model.embedding_dim >= 1, f"model.embedding_dim: expected >= 1, got {c.model.embedding_dim}")
     _require(c.model.init_std > 0, f"model.init_std: expected > 0, got {c.model.init_std}")
     _require(

@@ -11,9 +11,9 @@ from morec_dist.data.dataset import PreparedDataset
 from morec_dist.data.negatives import NegativeSampler, UserHistory
 
 
-def brute_history(ds: PreparedDataset) -> set[tuple[int, int]]:
+def brute_history(ds: PreparedDataset, splits: tuple[str, ...] = ("train", "valid")) -> set[tuple[int, int]]:
     pairs: set[tuple[int, int]] = set()
-    for split in ("train", "valid"):
+    for split in splits:
         t = ds.read_split(split, ["user_id", "item_id"])
         pairs.update(zip(t["user_id"].to_numpy().tolist(), t["item_id"].to_numpy().tolist(), strict=True))
     return pairs
@@ -87,6 +87,35 @@ def test_reader_batches_exclude_history_when_asked(small_synthetic):
         users = batch.user_ids.tolist()
         negatives = batch.item_ids[:, 1:].tolist()
         assert not any((u, n) in truth for u, row in zip(users, negatives, strict=True) for n in row)
+
+
+def test_a_train_only_history_keeps_valid_items_as_negatives(small_synthetic):
+    """``data.negatives_history_splits = ["train"]``: no negative is a train item of its user,
+    while the held-out valid item may be drawn, as the test item always may."""
+    from morec_dist.data.reader import Reader
+
+    ds = PreparedDataset.open(small_synthetic)
+    train_pairs = brute_history(ds, ("train",))
+    valid = ds.read_split("valid", ["user_id", "item_id"])
+    valid_item = dict(zip(valid["user_id"].to_pylist(), valid["item_id"].to_pylist(), strict=True))
+    hits = {"train": 0, "valid": 0}
+    for splits in (("train",), ("train", "valid")):
+        with Reader(
+            ds, batch_size=256, num_negatives=20, seed=2, exclude_history_negatives=True, history_splits=splits
+        ) as reader:
+            for _, batch in zip(range(20), reader, strict=False):
+                for u, row in zip(batch.user_ids.tolist(), batch.item_ids[:, 1:].tolist(), strict=True):
+                    assert not any((u, n) in train_pairs for n in row)
+                    hits[splits[-1]] += sum(n == valid_item.get(u) for n in row)
+    assert hits["train"] > 0 and hits["valid"] == 0, hits
+
+
+def test_history_splits_are_checked_at_the_edge():
+    from morec_dist.config import ConfigError, load_config
+
+    for bad in ('["test"]', "[]", '["train", "train"]'):
+        with pytest.raises(ConfigError, match="data.negatives_history_splits"):
+            load_config(None, [f"data.negatives_history_splits={bad}"])
 
 
 def test_the_authors_config_loads_with_their_settings():

@@ -131,9 +131,15 @@ class NegativeSampler:
 
     @classmethod
     def from_dataset(
-        cls, dataset: PreparedDataset, alpha: float, *, exclude_positive: bool = True, exclude_history: bool = False
+        cls,
+        dataset: PreparedDataset,
+        alpha: float,
+        *,
+        exclude_positive: bool = True,
+        exclude_history: bool = False,
+        history_splits: tuple[str, ...] = HISTORY_SPLITS,
     ) -> NegativeSampler:
-        history = UserHistory.from_dataset(dataset) if exclude_history else None
+        history = UserHistory.from_dataset(dataset, history_splits) if exclude_history else None
         return cls(dataset.item_column("popularity"), alpha, exclude_positive=exclude_positive, history=history)
 
     def _draw(self, rng: np.random.Generator, size: int | tuple[int, ...]) -> np.ndarray:

@@ -49,7 +49,7 @@ from morec_dist.data.batch import UNIFORM_VERSION, Batch
 from morec_dist.data.dataset import PreparedDataset
 from morec_dist.data.features import FeatureBuilder
 from morec_dist.data.group_streams import GroupLayout, GroupStream, WindowPrefetcher, share_bounds, share_segments
-from morec_dist.data.negatives import NegativeSampler
+from morec_dist.data.negatives import HISTORY_SPLITS, NegativeSampler
 
 STATE_FORMAT = 2
 PROJECTED_COLUMNS = ["user_id", "item_id"]
@@ -614,6 +614,7 @@ class Reader:
         in_memory_rows: int | None = None,
         exclude_positive_negatives: bool = True,
         exclude_history_negatives: bool = False,
+        history_splits: Sequence[str] = HISTORY_SPLITS,
         draw_steps: int = DRAW_STEPS,
     ):
         if not isinstance(dataset, PreparedDataset):
@@ -644,6 +645,7 @@ class Reader:
             negative_alpha,
             exclude_positive=exclude_positive_negatives,
             exclude_history=exclude_history_negatives,
+            history_splits=tuple(history_splits),
         )
         self.uniform = UniformStream(
             dataset.split_files("train"),

@@ -64,6 +64,7 @@ def make_reader(config: Config, trainer: Trainer, **kwargs: Any) -> Reader:
         num_negatives=config.data.num_negatives,
         negative_alpha=config.data.negative_alpha,
         exclude_history_negatives=config.data.negatives_exclude_history,
+        history_splits=tuple(config.data.negatives_history_splits),
         seed=kwargs.pop("seed", config.run.seed),
         rank=ctx.rank,
         world_size=ctx.world_size,
