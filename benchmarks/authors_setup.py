@@ -2,6 +2,7 @@
 
     python -m benchmarks.authors_setup --run-dir runs/ml1m_unirec         # run (resumes), then summarise
     python -m benchmarks.authors_setup --run-dir DIR --summarise-only     # a finished `morec run` directory
+    python -m benchmarks.authors_setup --run-dir DIR --out FILE 'data.negatives_history_splits=["train"]'
 
 Runs ``morec run --config configs/ml1m_unirec.toml 'run.methods=["morec"]'`` through the CLI
 (which resumes from its checkpoints) unless ``--summarise-only``, then writes
@@ -26,7 +27,7 @@ CONFIG = REPO / "configs" / "ml1m_unirec.toml"
 METRICS = ("hit@10", "ndcg@10", "r_hit@10", "r_ndcg@10", "min_hit@10", "min_ndcg@10", "pop_kl@10")
 
 
-def run_job(run_dir: Path, data: Path) -> None:
+def run_job(run_dir: Path, data: Path, overrides: list[str]) -> None:
     command = [
         sys.executable,
         "-m",
@@ -37,6 +38,7 @@ def run_job(run_dir: Path, data: Path) -> None:
         'run.methods=["morec"]',
         f"data.path={json.dumps(str(data))}",
         f"run.out_dir={json.dumps(str(run_dir))}",
+        *overrides,
     ]
     subprocess.run(command, cwd=REPO, check=True)
 
@@ -88,14 +90,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--summarise-only", action="store_true", help="only read a finished run directory")
     parser.add_argument("--out", type=Path, default=RESULTS / "ml1m_unirec.json")
     parser.add_argument("--note", default=None)
+    parser.add_argument("overrides", nargs="*", metavar="SECTION.KEY=VALUE", help="config overrides of the run")
     args = parser.parse_args(argv)
     run_dir = args.run_dir.resolve()
     recorder = Recorder(
         "ml1m_unirec", mode="full", seed=0, config={"config": str(CONFIG.relative_to(REPO))}, note_text=note(args.note)
     )
     if not args.summarise_only:
-        run_job(run_dir, args.data.resolve())
-    recorder.update(summarise(run_dir))
+        run_job(run_dir, args.data.resolve(), args.overrides)
+    recorder.update({**summarise(run_dir), "overrides": args.overrides})
     recorder.write(args.out)
     print(f"wrote {args.out}")
     return 0
