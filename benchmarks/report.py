@@ -32,9 +32,9 @@ def load_results(results: Path) -> dict[str, dict[str, Any]]:
         path = results / f"{name}.json"
         if path.exists():
             found[name] = json.loads(path.read_text())
-    authors = results / "ml1m_unirec.json"  # python -m benchmarks.authors_setup: not part of make bench (45 min)
-    if authors.exists():
-        found["ml1m_unirec"] = json.loads(authors.read_text())
+    # python -m benchmarks.authors_setup (not part of make bench: 45 min), and its variants
+    for authors in sorted(results.glob("ml1m_unirec*.json")):
+        found[authors.stem] = json.loads(authors.read_text())
     quick = results / "pareto_quick.json"  # the committed smoke run, until the full study has run
     if "pareto" not in found and quick.exists():
         found["pareto"] = json.loads(quick.read_text())
@@ -653,24 +653,32 @@ def section_pareto(p: dict[str, Any], results: Path, out: Path) -> str:
     return "\n".join(lines)
 
 
-def section_authors_setup(a: dict[str, Any]) -> str:
-    metrics = [k for k in QUALITY_METRICS if k in a["pretrained"]]
-    pre, ft = a["pretrain"], a["finetune"]
-    rows = [
-        ["pretrained", *[fmt(a["pretrained"][k], 4) for k in metrics], f"{round(pre['epoch_seconds_sum']):,} s"],
-        [
-            f"MoRec, {ft['epochs']} epochs",
-            *[f"{fmt(a['morec'][k], 4)} ({pct(a['relative'][k])})" for k in metrics],
-            f"{round(ft['wall_s']):,} s",
-        ],
-    ]
+def section_authors_setup(runs: dict[str, dict[str, Any]]) -> str:
+    """The authors' setup (``ml1m_unirec.json``) and its variants (``ml1m_unirec_*.json``)."""
+    metrics = list(QUALITY_METRICS)
+    rows, notes = [], []
+    for name, a in runs.items():
+        pre, ft = a["pretrain"], a["finetune"]
+        label = name if not a.get("overrides") else f"{name} ({' '.join(a['overrides'])})"
+        rows.append(
+            [f"{label}: pretrained", *[fmt(a["pretrained"][k], 4) for k in metrics], f"{round(pre['epoch_seconds_sum']):,} s"]
+        )
+        rows.append(
+            [
+                f"{label}: MoRec, {ft['epochs']} epochs",
+                *[f"{fmt(a['morec'][k], 4)} ({pct(a['relative'][k])})" for k in metrics],
+                f"{round(ft['wall_s']):,} s",
+            ]
+        )
+        notes.append(
+            f"{name}: pretraining {pre['epochs']} epochs (best valid epoch {pre['best_epoch']}, l_hat "
+            f"{fmt(pre['l_hat'], 4)}); final beta {fmt(ft['final_beta'])} after {ft['sampler_updates']} sampler updates."
+        )
     return "\n".join(
         [
             "## 7b. The authors' setup (`configs/ml1m_unirec.toml`, `python -m benchmarks.authors_setup`)",
             "",
-            f"Pretraining {pre['epochs']} epochs (best valid epoch {pre['best_epoch']}, l_hat {fmt(pre['l_hat'], 4)}); "
-            f"final beta {fmt(ft['final_beta'])} after {ft['sampler_updates']} sampler updates. "
-            "Test split; docs/results.md says why every metric falls.",
+            " ".join(notes) + " Test split; docs/results.md says why every metric falls.",
             "",
             table(["run", *metrics, "run time"], rows),
         ]
@@ -714,8 +722,9 @@ def generate(results: Path, out: Path) -> str:
             parts += [SECTIONS[name](found[name], results, out), ""]
         except (KeyError, TypeError, ValueError) as exc:
             parts += [f"## {name}", "", f"*(could not render {name}.json: {type(exc).__name__}: {exc})*", ""]
-    if "ml1m_unirec" in found:
-        parts += [section_authors_setup(found["ml1m_unirec"]), ""]
+    authors = {name: r for name, r in found.items() if name.startswith("ml1m_unirec")}
+    if authors:
+        parts += [section_authors_setup(authors), ""]
     parts.append(appendix(found))
     text = "\n".join(parts) + "\n"
     out.parent.mkdir(parents=True, exist_ok=True)
