@@ -661,7 +661,11 @@ def section_authors_setup(runs: dict[str, dict[str, Any]]) -> str:
         pre, ft = a["pretrain"], a["finetune"]
         label = name if not a.get("overrides") else f"{name} ({' '.join(a['overrides'])})"
         rows.append(
-            [f"{label}: pretrained", *[fmt(a["pretrained"][k], 4) for k in metrics], f"{round(pre['epoch_seconds_sum']):,} s"]
+            [
+                f"{label}: pretrained",
+                *[fmt(a["pretrained"][k], 4) for k in metrics],
+                f"{round(pre['epoch_seconds_sum']):,} s",
+            ]
         )
         rows.append(
             [
@@ -672,7 +676,8 @@ def section_authors_setup(runs: dict[str, dict[str, Any]]) -> str:
         )
         notes.append(
             f"{name}: pretraining {pre['epochs']} epochs (best valid epoch {pre['best_epoch']}, l_hat "
-            f"{fmt(pre['l_hat'], 4)}); final beta {fmt(ft['final_beta'])} after {ft['sampler_updates']} sampler updates."
+            f"{fmt(pre['l_hat'], 4)}); final beta {fmt(ft['final_beta'])} after {ft['sampler_updates']} sampler "
+            "updates."
         )
     return "\n".join(
         [
