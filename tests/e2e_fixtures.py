@@ -2,12 +2,15 @@
 
 ``tiny_data`` is a small synthetic dataset and ``pretrained`` the best checkpoint of a real
 ``morec train`` on it; ``morec``, ``quoted`` and ``finetune`` drive the CLI as a user would.
+Both are made once per session (``shared_data`` / ``shared_pretrained``, under the session's
+base temp dir) and read by every module: the tests copy before they change anything.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -38,18 +41,37 @@ def quoted(key: str, value: object) -> str:
     return f'{key}="{value}"'
 
 
-@pytest.fixture(scope="module")
-def tiny_data(tmp_path_factory) -> Path:
+def shared_dir(tmp_path_factory, name: str) -> Path:
+    return tmp_path_factory.getbasetemp() / f"shared-{name}"
+
+
+def shared_data(tmp_path_factory) -> Path:
     from morec_dist.data.prepare.synthetic import generate
 
-    return generate(tmp_path_factory.mktemp("e2e") / "data", users=400, items=300, rows=40_000, seed=11)
+    path = shared_dir(tmp_path_factory, "data")
+    if not (path / "manifest.json").exists():
+        generate(path, users=400, items=300, rows=40_000, seed=11, overwrite=True)
+    return path
+
+
+def shared_pretrained(tmp_path_factory) -> Path:
+    data = shared_data(tmp_path_factory)
+    out = shared_dir(tmp_path_factory, "pretrain")
+    if not (out / "metrics.json").exists():
+        shutil.rmtree(out, ignore_errors=True)
+        morec("train", "--config", CONFIG, quoted("data.path", data), quoted("run.out_dir", out))
+    return out / "checkpoints" / "best"
+
+
+@pytest.fixture(scope="module")
+def tiny_data(tmp_path_factory) -> Path:
+    return shared_data(tmp_path_factory)
 
 
 @pytest.fixture(scope="module")
 def pretrained(tiny_data, tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("pretrain")
-    morec("train", "--config", CONFIG, quoted("data.path", tiny_data), quoted("run.out_dir", out))
-    metrics = json.loads((out / "metrics.json").read_text())
+    best = shared_pretrained(tmp_path_factory)
+    metrics = json.loads((best.parent.parent / "metrics.json").read_text())
     assert metrics["train_loss"] > 0 and set(metrics) >= {
         "hit@10",
         "ndcg@10",
@@ -59,7 +81,7 @@ def pretrained(tiny_data, tmp_path_factory) -> Path:
         "min_ndcg@10",
         "pop_kl@10",
     }
-    return out / "checkpoints" / "best"
+    return best
 
 
 def finetune(pretrained: Path, data: Path, out: Path, *overrides: str) -> dict:

@@ -34,6 +34,7 @@ from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 
 from morec_dist.train.checkpoint import complete_checkpoints, latest_checkpoint, prune_checkpoints
 from tests.conftest import REPO
+from tests.e2e_fixtures import shared_data, shared_dir, shared_pretrained
 
 CONFIG = str(REPO / "tests" / "configs" / "tiny.toml")
 EVERY = "checkpoint.every_steps=10"
@@ -65,28 +66,6 @@ def morec(*args: str, timeout: int = 600, expect: int = 0, **env_extra: str) -> 
 
 def quoted(key: str, value: object) -> str:
     return f'{key}="{value}"'
-
-
-def shared_dir(tmp_path_factory, name: str) -> Path:
-    return tmp_path_factory.getbasetemp() / f"shared-{name}"
-
-
-def shared_data(tmp_path_factory) -> Path:
-    from morec_dist.data.prepare.synthetic import generate
-
-    path = shared_dir(tmp_path_factory, "data")
-    if not (path / "manifest.json").exists():
-        generate(path, users=400, items=300, rows=40_000, seed=11, overwrite=True)
-    return path
-
-
-def shared_pretrained(tmp_path_factory) -> Path:
-    data = shared_data(tmp_path_factory)
-    out = shared_dir(tmp_path_factory, "pretrain")
-    if not (out / "metrics.json").exists():
-        shutil.rmtree(out, ignore_errors=True)
-        morec("train", "--config", CONFIG, quoted("data.path", data), quoted("run.out_dir", out))
-    return out / "checkpoints" / "best"
 
 
 def finetune_args(tmp_path_factory, out: Path, *extra: str) -> list[str]:
