@@ -22,9 +22,9 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks.common import REPO, RESULTS, Recorder, note
+from benchmarks.quality import METRICS
 
 CONFIG = REPO / "configs" / "ml1m_unirec.toml"
-METRICS = ("hit@10", "ndcg@10", "r_hit@10", "r_ndcg@10", "min_hit@10", "min_ndcg@10", "pop_kl@10")
 
 
 def run_job(run_dir: Path, data: Path, overrides: list[str]) -> None:

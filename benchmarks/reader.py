@@ -105,6 +105,22 @@ def skewed(name: str, counts: np.ndarray, rng: np.random.Generator) -> np.ndarra
     return p / p.sum()
 
 
+def skewed_settings(objectives: list, seed: int, count: int = 64) -> list[list[np.ndarray]]:
+    """``count`` settings of p, one per objective, cycling through SKEWS."""
+    rng = np.random.default_rng(seed)
+    return [
+        [skewed(SKEWS[(i + j) % len(SKEWS)], o.counts.astype(float), rng) for j, o in enumerate(objectives)]
+        for i in range(count)
+    ]
+
+
+def serve_blocks(objectives: list, settings: list[list[np.ndarray]], first: int, n: int) -> None:
+    """Weighted blocks of steps [first, first + n), p changing every P_EVERY steps."""
+    for s in range(first, first + n):
+        for objective, p in zip(objectives, settings[(s // P_EVERY) % len(settings)], strict=True):
+            objective.block(0, s, p, BLOCK_ROWS)
+
+
 # ------------------------------------------------------------------ workers (subprocesses)
 
 
@@ -145,11 +161,7 @@ def work_speed(data: Path, steps: int, seed: int) -> dict[str, Any]:
             seconds.append(time.perf_counter() - start)
         return rows, seconds
 
-    rng = np.random.default_rng(seed)
-    settings = [
-        [skewed(SKEWS[(i + j) % len(SKEWS)], o.counts.astype(float), rng) for j, o in enumerate(objectives)]
-        for i in range(64)
-    ]
+    settings = skewed_settings(objectives, seed)
     first_step = [0]
 
     def weighted(n_steps: int) -> list[float]:
@@ -157,10 +169,7 @@ def work_speed(data: Path, steps: int, seed: int) -> dict[str, Any]:
         seconds = []
         for lo in range(first_step[0], first_step[0] + n_steps, PIECE_STEPS):
             start = time.perf_counter()
-            for s in range(lo, min(lo + PIECE_STEPS, first_step[0] + n_steps)):
-                ps = settings[(s // P_EVERY) % len(settings)]
-                for objective, p in zip(objectives, ps, strict=True):
-                    objective.block(0, s, p, BLOCK_ROWS)
+            serve_blocks(objectives, settings, lo, min(PIECE_STEPS, first_step[0] + n_steps - lo))
             seconds.append(time.perf_counter() - start)
         first_step[0] += n_steps
         return seconds

@@ -17,8 +17,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from benchmarks import reader as bench
 from morec_dist.data import group_streams, kernels
 from morec_dist.data import reader as data_reader
@@ -48,24 +46,11 @@ def profile(data: Path, steps: int, seed: int) -> tuple[float, dict[str, float]]
     _timed(data_reader._Staging, "_refill", "staging refills (incl. decode and shuffles)", totals)
     _timed(data_reader._Staging, "_grow", "staging growth", totals)
     _, _, objectives = bench._objectives(data, seed)
-    rng = np.random.default_rng(seed)
-    settings = [
-        [
-            bench.skewed(bench.SKEWS[(i + j) % len(bench.SKEWS)], o.counts.astype(float), rng)
-            for j, o in enumerate(objectives)
-        ]
-        for i in range(64)
-    ]
-
-    def weighted(first: int, n: int) -> None:
-        for s in range(first, first + n):
-            for objective, p in zip(objectives, settings[(s // bench.P_EVERY) % len(settings)], strict=True):
-                objective.block(0, s, p, bench.BLOCK_ROWS)
-
-    weighted(0, 300)  # compile, read the resident groups, fill the staging
+    settings = bench.skewed_settings(objectives, seed)
+    bench.serve_blocks(objectives, settings, 0, 300)  # compile, read the resident groups, fill the staging
     totals.clear()
     start = time.process_time()
-    weighted(300, steps)
+    bench.serve_blocks(objectives, settings, 300, steps)
     return time.process_time() - start, totals
 
 

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks.common import REPO, RESULTS
+from benchmarks.quality import METRICS
 
 BENCHMARKS = ("overhead", "reader", "coordinator_scale", "embedding_scale", "quality", "sensitivity", "pareto")
 
@@ -82,8 +83,6 @@ def image(results: Path, out: Path, name: str, alt: str) -> str:
         return f"*(figure {name} missing)*"
     return f"![{alt}]({os.path.relpath(path, out.parent)})"
 
-
-QUALITY_METRICS = ("hit@10", "ndcg@10", "r_hit@10", "r_ndcg@10", "min_hit@10", "min_ndcg@10", "pop_kl@10")
 
 # ------------------------------------------------------------------ sections
 
@@ -599,7 +598,7 @@ def section_pareto(p: dict[str, Any], results: Path, out: Path) -> str:
                 len(m["settings"]),
             ]
         )
-    metrics = list(QUALITY_METRICS)
+    metrics = list(METRICS)
     cells = [
         [f"{r['method']} {r['setting']}", *[pct(r["relative"][k]) for k in metrics], r["seeds"]] for r in p["table"]
     ]
@@ -655,7 +654,7 @@ def section_pareto(p: dict[str, Any], results: Path, out: Path) -> str:
 
 def section_authors_setup(runs: dict[str, dict[str, Any]]) -> str:
     """The authors' setup (``ml1m_unirec.json``) and its variants (``ml1m_unirec_*.json``)."""
-    metrics = list(QUALITY_METRICS)
+    metrics = list(METRICS)
     rows, notes = [], []
     for name, a in runs.items():
         pre, ft = a["pretrain"], a["finetune"]

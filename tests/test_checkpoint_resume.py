@@ -34,9 +34,8 @@ from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 
 from morec_dist.train.checkpoint import complete_checkpoints, latest_checkpoint, prune_checkpoints
 from tests.conftest import REPO
-from tests.e2e_fixtures import shared_data, shared_dir, shared_pretrained
+from tests.e2e_fixtures import CONFIG, quoted, shared_data, shared_dir, shared_pretrained
 
-CONFIG = str(REPO / "tests" / "configs" / "tiny.toml")
 EVERY = "checkpoint.every_steps=10"
 pytestmark = pytest.mark.slow
 
@@ -62,10 +61,6 @@ def morec(*args: str, timeout: int = 600, expect: int = 0, **env_extra: str) -> 
             f"morec {' '.join(args)} exited {proc.returncode} (expected {expect}):\n{proc.stderr[-4000:]}"
         )
     return proc
-
-
-def quoted(key: str, value: object) -> str:
-    return f'{key}="{value}"'
 
 
 def finetune_args(tmp_path_factory, out: Path, *extra: str) -> list[str]:

@@ -145,7 +145,8 @@ def leave_one_out(user: np.ndarray, item: np.ndarray, ts: np.ndarray) -> tuple[n
 @dataclass(frozen=True)
 class Source:
     """The three atomic files, checked and parsed: one entry per rating (all ratings), per
-    catalogue item in item_id order (``titles``, ``genre_lists``), and the user table."""
+    catalogue item in item_id order (``titles``, ``genre_lists``), and per row of the user
+    file (``user_ids``, ``gender``, ``age``, ``occupation``)."""
 
     user: np.ndarray  # int32, the number after "1m_"
     item: np.ndarray  # int32, 1-based rank of the title
@@ -153,7 +154,10 @@ class Source:
     rating: np.ndarray  # float32
     titles: list[str]
     genre_lists: list[list[str]]
-    users: pa.Table  # the atomic user file, as strings
+    user_ids: np.ndarray  # int32
+    gender: pa.ChunkedArray  # "F" / "M"
+    age: np.ndarray  # int16, the ML-1M age code
+    occupation: np.ndarray  # int16, 0..20
 
 
 def read_source(cache_dir: Path | None, started: float) -> Source:
@@ -179,14 +183,17 @@ def read_source(cache_dir: Path | None, started: float) -> Source:
         rating=pc.cast(inter["rating"], pa.float32()).to_numpy(),
         titles=titles,
         genre_lists=[g.split(" ") for g in genre_strings],
-        users=user,
+        user_ids=parse_user_ids(user["user_id"], "ml-1m.user"),
+        gender=user["gender"],
+        age=pc.cast(user["age"], pa.float64()).to_numpy().astype(np.int16),
+        occupation=pc.cast(user["occupation"], pa.float64()).to_numpy().astype(np.int16),
     )
 
 
 def prepare_movielens_1m(out_dir: str | Path, *, cache_dir: Path | None = None, overwrite: bool = False) -> Path:
     started = time.monotonic()
     source = read_source(cache_dir, started)
-    titles, genre_lists, user = source.titles, source.genre_lists, source.users
+    titles, genre_lists = source.titles, source.genre_lists
     num_items = len(titles)
     title_array = pa.array(titles)
 
@@ -223,12 +230,11 @@ def prepare_movielens_1m(out_dir: str | Path, *, cache_dir: Path | None = None, 
             ),
         }
     )
-    gender = pc.cast(pc.equal(user["gender"], "M"), pa.int8()).to_numpy(zero_copy_only=False)
-    age = pc.cast(user["age"], pa.float64()).to_numpy().astype(np.int16)
-    occupation = pc.cast(user["occupation"], pa.float64()).to_numpy().astype(np.int16)
+    gender = pc.cast(pc.equal(source.gender, "M"), pa.int8()).to_numpy(zero_copy_only=False)
+    age, occupation = source.age, source.occupation
     users_table = pa.table(
         {
-            "user_id": parse_user_ids(user["user_id"], "ml-1m.user"),
+            "user_id": source.user_ids,
             "gender": gender,
             "age": age,
             "occupation": occupation,
@@ -342,10 +348,10 @@ def export_raw_parquet(out_dir: str | Path, *, cache_dir: Path | None = None, ov
         ),
         "users.parquet": pa.table(
             {
-                "user": parse_user_ids(source.users["user_id"], "ml-1m.user"),
-                "gender": source.users["gender"],
-                "age": pc.cast(pc.cast(source.users["age"], pa.float64()), pa.int16()),
-                "occupation": pc.cast(pc.cast(source.users["occupation"], pa.float64()), pa.int16()),
+                "user": source.user_ids,
+                "gender": source.gender,
+                "age": source.age,
+                "occupation": source.occupation,
             }
         ),
     }
