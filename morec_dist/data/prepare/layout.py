@@ -10,10 +10,12 @@ hash bits, range j becomes part j (rows sorted by hash; a range larger than PART
 split further). So the same train rows give the same bytes whichever engine runs:
 
 - ``local``: one process, the train split in memory (small data: tests, ML-1M);
-- ``ray``: Ray Data. The train row groups are read by tasks that add the row index and the
-  hash, ``Dataset.sort`` with the range boundaries above does the range partitioning (a
-  distributed sort, memory bounded by one range per task), and each sorted range is written
-  by the task that holds it.
+- ``ray``: Ray Data, two map-only jobs for all group columns at once (no shuffle through
+  the object store): tasks read runs of train row groups once and write each (column,
+  group, range)'s rows to a spill file; then one task per range sorts its spill files by
+  hash and writes the range (``_write_layout_ray``). Memory: one run of row groups, or
+  one range, per task. The workers write under the output directory, so on a cluster it
+  must be storage every node sees (as the prepared dataset's must be anyway).
 
 Storage: one copy of the train rows per group column (3x the train split for ML-1M's three
 columns). A cross-partition by the product of the groupings would store one copy, but its
@@ -25,8 +27,10 @@ keeps every stream one sequential file list.
 from __future__ import annotations
 
 import contextlib
+import json
 import math
 import os
+import shutil
 import sys
 import time
 from dataclasses import dataclass
@@ -43,9 +47,10 @@ from morec_dist.data.schema import sha256_file
 HASH_BITS = 47  # the key is (gid << 47) | (hash >> 17): an int64 for gid < 2**15
 ROW = "__row"
 HASH = "__hash"
-KEY = "__key"
 # Rows the local engine holds in memory at most; above this, `auto` uses Ray Data.
 LOCAL_MAX_ROWS = 1_000_000
+SPILL_ROOT = "_layout_spill"  # the Ray engine's phase-1 files, under the dataset being written
+SPILL_TASK_ROWS = 16 * schema.ROW_GROUP_ROWS  # train rows one phase-1 task reads (~2M)
 
 
 def target_part_rows() -> int:
@@ -65,15 +70,6 @@ def range_index(hash_values: np.ndarray, m: np.ndarray) -> np.ndarray:
     return ((top * m.astype(np.uint64)) >> np.uint64(HASH_BITS)).astype(np.int64)
 
 
-def range_boundaries(m_per_group: list[int]) -> list[int]:
-    """Sort keys at which each (g, j) range starts, all but the first (for Dataset.sort)."""
-    starts = []
-    for gid, m in enumerate(m_per_group, start=1):
-        for j in range(m):
-            starts.append((gid << HASH_BITS) + -(-(j << HASH_BITS) // m))  # ceil(j * 2**47 / m)
-    return starts[1:]
-
-
 def with_order_columns(table: pa.Table, first_row: int, seed: int) -> pa.Table:
     rows = np.arange(first_row, first_row + table.num_rows, dtype=np.int64)
     return table.append_column(ROW, pa.array(rows)).append_column(HASH, pa.array(schema.layout_hash(rows, seed)))
@@ -85,9 +81,9 @@ def write_range(table: pa.Table, out_root: str, column: str, gid: int, j: int) -
     if table.num_rows == 0:
         return []
     hashes = table[HASH].to_numpy()
-    if np.any(hashes[1:] < hashes[:-1]):  # Ray's sort orders by the 47-bit key; ties are rare
-        table = table.sort_by([(HASH, "ascending")])
-    data = table.drop_columns([c for c in (ROW, HASH, KEY) if c in table.schema.names])
+    if np.any(hashes[1:] < hashes[:-1]):  # both engines sort first; a caller that did not
+        table = table.take(pa.array(np.argsort(hashes, kind="stable")))
+    data = table.drop_columns([c for c in (ROW, HASH) if c in table.schema.names])
     folder = Path(out_root) / schema.group_dir(column, gid)
     folder.mkdir(parents=True, exist_ok=True)
     out = []
@@ -116,58 +112,134 @@ def _write_column_local(train: pa.Table, out_root: Path, column: str, m: list[in
     return pieces
 
 
-def _write_column_ray(
-    part_paths: list[Path], offsets: list[tuple[int, int, int]], out_root: Path, column: str, m: list[int], seed: int
-) -> list[dict[str, Any]]:
+def _spill_tasks(paths: list[Path], offsets: list[tuple[int, int, int]], total: int) -> list[dict[str, Any]]:
+    """The phase-1 tasks: runs of consecutive train row groups of about SPILL_TASK_ROWS rows,
+    each as [path, row group, first row index] triples (JSON: one Ray item per task)."""
+    ends = [first for _, _, first in offsets[1:]] + [total]
+    tasks: list[dict[str, Any]] = []
+    run: list[list[Any]] = []
+    rows = 0
+    for (f, rg, first), end in zip(offsets, ends, strict=True):
+        run.append([str(paths[f]), rg, first])
+        rows += end - first
+        if rows >= SPILL_TASK_ROWS or end == total:
+            tasks.append({"task": len(tasks), "row_groups": json.dumps(run)})
+            run, rows = [], 0
+    return tasks
+
+
+def _write_layout_ray(
+    paths: list[Path], offsets: list[tuple[int, int, int]], total: int, root: Path, ms: dict[str, list[int]], seed: int
+) -> dict[str, list[dict[str, Any]]]:
+    """Every group column's by_group/ on Ray Data, in two map-only jobs (no shuffle).
+
+    1. Each task reads a run of train row groups once, adds the row index and hash, and
+       appends, for every group column, each (group, range)'s rows to its own spill file
+       (Arrow IPC, lz4) under ``_layout_spill/``: a partitioned write, memory one run.
+    2. Each task takes one (column, group, range): its spill files in row order, sorted by
+       hash (stable, so ties keep row order as the local engine's lexsort does), written
+       by ``write_range``; the spill files are removed as they are consumed.
+
+    Ray's distributed sort did the same range partitioning through the object store, one
+    sort per column; at 50M rows it spent ~17 min of 2 cores in its shuffle, where this
+    reads the train split once and moves each row through the filesystem twice.
+    """
     import ray.data
 
-    items = [{"path": str(part_paths[f]), "row_group": rg, "first_row": first} for f, rg, first in offsets]
-    ds = ray.data.from_items(items, override_num_blocks=max(1, len(items)))
-    ds = ds.map_batches(
-        read_row_groups_with_index,
-        batch_size=1,
-        batch_format="pyarrow",
-        fn_kwargs={"seed": seed, "column": column, "m": m},
-    )
-    ds = ds.sort(KEY, boundaries=range_boundaries(m)) if sum(m) > 1 else ds
-    written = ds.map_batches(
-        _write_block,
-        batch_size=None,
-        batch_format="pyarrow",
-        fn_kwargs={"out_root": str(out_root), "column": column, "m": m},
-    )
-    return written.take_all()
+    spill = root / SPILL_ROOT
+    try:
+        tasks = _spill_tasks(paths, offsets, total)
+        spilled = (
+            ray.data.from_items(tasks, override_num_blocks=max(1, len(tasks)))
+            .map_batches(
+                spill_row_groups,
+                batch_size=1,
+                batch_format="pyarrow",
+                fn_kwargs={"spill_root": str(spill), "ms": ms, "seed": seed},
+            )
+            .take_all()
+        )
+        ranges: dict[tuple[str, int, int], list[tuple[int, str]]] = {}
+        for s in spilled:
+            ranges.setdefault((s["column"], s["gid"], s["j"]), []).append((s["task"], s["path"]))
+        items = [
+            {"column": c, "gid": g, "j": j, "paths": json.dumps([p for _, p in sorted(files)])}
+            for (c, g, j), files in sorted(ranges.items())
+        ]
+        written = (
+            ray.data.from_items(items, override_num_blocks=max(1, len(items)))
+            .map_batches(write_spilled_range, batch_size=1, batch_format="pyarrow", fn_kwargs={"out_root": str(root)})
+            .take_all()
+            if items
+            else []
+        )
+    finally:
+        shutil.rmtree(spill, ignore_errors=True)
+    pieces: dict[str, list[dict[str, Any]]] = {c: [] for c in ms}
+    for w in written:
+        pieces[w["column"]].append({k: w[k] for k in ("gid", "j", "sub", "tmp", "rows")})
+    return pieces
 
 
-def read_row_groups_with_index(items: pa.Table, seed: int, column: str, m: list[int]) -> pa.Table:
-    """Ray task: reads the listed train row groups, adds row index, hash and sort key."""
+def spill_row_groups(task: pa.Table, spill_root: str, ms: dict[str, list[int]], seed: int) -> pa.Table:
+    """Ray task (phase 1): one run of train row groups -> a spill file per (column, group, range)."""
+    (t,) = task["task"].to_pylist()
+    (spec,) = task["row_groups"].to_pylist()
+    runs = json.loads(spec)
+    table = pa.concat_tables(
+        [with_order_columns(pq.ParquetFile(path).read_row_group(rg), first, seed) for path, rg, first in runs]
+    )
+    hashes = table[HASH].to_numpy()
+    out: list[dict[str, Any]] = []
+    for column, m in ms.items():
+        gid = table[column].to_numpy().astype(np.int64)
+        j = range_index(hashes, np.asarray([0] + m, dtype=np.int64)[gid])
+        key = gid * (max(m) + 1) + j
+        order = np.argsort(key, kind="stable")  # stable: each spill file stays in row order
+        ordered = table.take(pa.array(order))
+        sorted_key = key[order]
+        cuts = np.flatnonzero(np.diff(sorted_key)) + 1
+        for lo, hi in zip(np.r_[0, cuts].tolist(), np.r_[cuts, len(order)].tolist(), strict=True):
+            if hi <= lo:
+                continue
+            g, jj = int(gid[order[lo]]), int(j[order[lo]])
+            folder = Path(spill_root) / column / f"g={g:05d}" / f"j={jj:05d}"
+            folder.mkdir(parents=True, exist_ok=True)
+            path = folder / f"task-{t:07d}.arrow"
+            piece = ordered.slice(lo, hi - lo)
+            with pa.ipc.new_file(path, piece.schema, options=_SPILL_IPC) as writer:
+                writer.write_table(piece)
+            out.append({"column": column, "gid": g, "j": jj, "task": t, "path": str(path)})
+    return pa.table({k: [o[k] for o in out] for k in _SPILLED.names}, schema=_SPILLED)
+
+
+def write_spilled_range(item: pa.Table, out_root: str) -> pa.Table:
+    """Ray task (phase 2): one (column, group, range)'s spill files -> its by_group files."""
+    (column,), (gid,), (j,) = item["column"].to_pylist(), item["gid"].to_pylist(), item["j"].to_pylist()
+    spill_paths = json.loads(item["paths"].to_pylist()[0])
     tables = []
-    for path, rg, first in zip(
-        items["path"].to_pylist(), items["row_group"].to_pylist(), items["first_row"].to_pylist(), strict=True
-    ):
-        table = with_order_columns(pq.ParquetFile(path).read_row_group(rg), first, seed)
-        tables.append(table.append_column(KEY, order_key(table, column)))
-    return pa.concat_tables(tables)
+    for path in spill_paths:
+        with pa.memory_map(path) as source:
+            tables.append(pa.ipc.open_file(source).read_all())
+    table = pa.concat_tables(tables) if len(tables) > 1 else tables[0]
+    table = table.take(pa.array(np.argsort(table[HASH].to_numpy(), kind="stable")))
+    pieces = write_range(table, out_root, column, gid, j)
+    for path in spill_paths:
+        os.remove(path)
+    return pa.table(
+        {"column": [column] * len(pieces), **{k: [p[k] for p in pieces] for k in _PIECES.names}},
+        schema=_WRITTEN,
+    )
 
 
-def _write_block(block: pa.Table, out_root: str, column: str, m: list[int]) -> pa.Table:
-    """A sorted block (one (g, j) range, or several when the sort is skipped) -> files."""
-    pieces = []
-    if block.num_rows:
-        gid = block[column].to_numpy().astype(np.int64)
-        j = range_index(block[HASH].to_numpy(), np.asarray([0] + m, dtype=np.int64)[gid])
-        if gid.min() == gid.max() and j.min() == j.max():  # the usual case: one range per block
-            pieces += write_range(block, out_root, column, int(gid[0]), int(j[0]))
-        else:
-            for g, jj in sorted(set(zip(gid.tolist(), j.tolist(), strict=True))):
-                mask = pa.array((gid == g) & (j == jj))
-                pieces += write_range(block.filter(mask), out_root, column, g, jj)
-    return pa.table({k: [p[k] for p in pieces] for k in ("gid", "j", "sub", "tmp", "rows")}, schema=_PIECES)
-
-
+_SPILL_IPC = pa.ipc.IpcWriteOptions(compression="lz4")
+_SPILLED = pa.schema(
+    [("column", pa.string()), ("gid", pa.int64()), ("j", pa.int64()), ("task", pa.int64()), ("path", pa.string())]
+)
 _PIECES = pa.schema(
     [("gid", pa.int64()), ("j", pa.int64()), ("sub", pa.int64()), ("tmp", pa.string()), ("rows", pa.int64())]
 )
+_WRITTEN = pa.schema([("column", pa.string()), *_PIECES])
 
 
 def _finalise(out_root: Path, column: str, num_groups: int, pieces: list[dict[str, Any]]) -> dict[str, Any]:
@@ -220,16 +292,18 @@ def write_group_layout(job: LayoutJob) -> dict[str, Any]:
     if engine == "local":
         train = pa.concat_tables([pq.read_table(p) for p in paths]) if paths else None
         train = with_order_columns(train, 0, job.seed) if train is not None else None
+    ms = {column: ranges_per_group(counts[column]) for column in job.group_columns}
     with runtime:
+        if engine == "ray" and total:
+            pieces = _write_layout_ray(paths, offsets, total, job.root, ms, job.seed)
         for column, num_groups in job.group_columns.items():
-            m = ranges_per_group(counts[column])
             if total == 0:
-                pieces = []
+                mine = []
             elif engine == "local":
-                pieces = _write_column_local(train, job.root, column, m)
+                mine = _write_column_local(train, job.root, column, ms[column])
             else:
-                pieces = _write_column_ray(paths, offsets, job.root, column, m, job.seed)
-            columns[column] = _finalise(job.root, column, num_groups, pieces)
+                mine = pieces[column]
+            columns[column] = _finalise(job.root, column, num_groups, mine)
             if job.progress:
                 print(
                     f"[layout {time.monotonic() - started:6.1f}s] by_group/{column}: {num_groups} groups, {total:,} "
@@ -255,13 +329,6 @@ def _train_counts(paths: list[Path], group_columns: dict[str, int]) -> dict[str,
 
 def layout_files(layout: dict[str, Any]) -> list[str]:
     return [f["path"] for col in layout["columns"].values() for g in col["groups"].values() for f in g["files"]]
-
-
-def order_key(table: pa.Table, column: str) -> pa.Array:
-    """The int64 sort key (gid << 47) | top47(hash) of each row."""
-    gid = table[column].to_numpy().astype(np.int64)
-    top = (table[HASH].to_numpy() >> np.uint64(64 - HASH_BITS)).astype(np.int64)
-    return pa.array((gid << HASH_BITS) | top)
 
 
 def rebuild_group_layout(root: Path, manifest: dict[str, Any], engine: str = "auto") -> dict[str, Any]:
