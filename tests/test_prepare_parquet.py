@@ -263,20 +263,27 @@ def test_leave_one_out_through_s3(inputs, tmp_path):
 
 
 @pytest.mark.slow
-def test_ray_layout_engine_writes_the_same_bytes(prepared, tmp_path):
-    """The by_group writer on Ray Data (range-partitioning sort) and in-process agree byte
-    for byte, so the engine `auto` picks by size never changes a dataset."""
+def test_ray_layout_engine_writes_the_same_bytes(prepared, tmp_path, monkeypatch):
+    """The by_group writer on Ray Data (spill per range, then sort each range) and in-process
+    agree byte for byte, so the engine `auto` picks by size never changes a dataset. The
+    train parts are rewritten with small row groups and each spill task reads one, so a range
+    gathers several tasks' spill files; none is left behind."""
     import filecmp
     import json
-    import shutil
 
+    from morec_dist.data.prepare import layout as layout_module
     from morec_dist.data.prepare.layout import LayoutJob, layout_files, write_group_layout
 
+    monkeypatch.setattr(layout_module, "SPILL_TASK_ROWS", 1)
     manifest = json.loads((prepared / schema.MANIFEST).read_text())
     root = tmp_path / "copy"
+    row_groups = 0
     for rel in manifest["splits"]["train"]["files"]:
         (root / rel).parent.mkdir(parents=True, exist_ok=True)
-        shutil.copy(prepared / rel, root / rel)
+        table = pq.read_table(prepared / rel)
+        pq.write_table(table, root / rel, row_group_size=max(1, table.num_rows // 5))
+        row_groups += pq.ParquetFile(root / rel).num_row_groups
+    assert row_groups >= 5
     columns = {c: g["num_groups"] for c, g in manifest["groups"].items()}
     layout = write_group_layout(
         LayoutJob(root, manifest["splits"]["train"]["files"], columns, manifest["group_layout"]["seed"], "ray")
@@ -284,6 +291,7 @@ def test_ray_layout_engine_writes_the_same_bytes(prepared, tmp_path):
     assert layout == manifest["group_layout"]
     for rel in layout_files(layout):
         assert filecmp.cmp(prepared / rel, root / rel, shallow=False), rel
+    assert not (root / layout_module.SPILL_ROOT).exists()
 
 
 def test_cheap_refusals(inputs, prepared, tmp_path, capsys):
