@@ -123,11 +123,21 @@ def chunks(rows: int, seed: int, cat: Catalogue) -> Iterator[tuple[int, np.ndarr
     for c, start in enumerate(range(0, rows, CHUNK_ROWS)):
         n = min(CHUNK_ROWS, rows - start)
         rng = np.random.default_rng([seed, 1, c])
-        users = np.searchsorted(cat.user_cdf, rng.random(n), side="right").clip(max=len(cat.user_cdf) - 1) + 1
-        items = np.searchsorted(cat.item_cdf, rng.random(n), side="right").clip(max=len(cat.item_cdf) - 1) + 1
+        users = _inverse_cdf(cat.user_cdf, rng.random(n)) + 1
+        items = _inverse_cdf(cat.item_cdf, rng.random(n)) + 1
         if cat.planted is not None:
             items = _planted_items(cat.planted, users, items, np.random.default_rng([seed, 5, c]))
         yield start, users.astype(np.int32), items.astype(np.int32)
+
+
+def _inverse_cdf(cdf: np.ndarray, u: np.ndarray) -> np.ndarray:
+    """searchsorted(cdf, u, "right") capped at the last index, for sorted needles: random
+    needles into a CDF of millions of users miss the cache at every level of the search
+    (~15 min a pass at 200M rows); sorted ones walk it in order. Same values."""
+    order = np.argsort(u, kind="stable")
+    out = np.empty(len(u), dtype=np.int64)
+    out[order] = np.searchsorted(cdf, u[order], side="right")
+    return out.clip(max=len(cdf) - 1)
 
 
 def _planted_items(planted: PlantedStructure, users: np.ndarray, items: np.ndarray, rng) -> np.ndarray:
