@@ -263,6 +263,13 @@ def section_reader(r: dict[str, Any]) -> str:
                 f"{speed['weighted_rows_per_s']:,.0f} / {speed['raw_rows_per_s']:,.0f}",
             ]
         )
+        if "raw_rows_per_s_pre_buffer" in speed:
+            rows.append(
+                [
+                    f"raw scan rows/s, pre-buffered / synchronous reads ({int(size):,} rows)",
+                    f"{speed['raw_rows_per_s_pre_buffer']:,.0f} / {speed['raw_rows_per_s_no_pre_buffer']:,.0f}",
+                ]
+            )
     for size, rate in (r.get("morec_batch_rows_per_s") or {}).items():
         rows.append([f"MoRec batches rows/s, one rank of 2 ({int(size):,} rows)", rate])
     for size, rss in (r.get("rss_mb_by_rows") or {}).items():

@@ -48,7 +48,14 @@ from morec_dist.data import kernels
 from morec_dist.data.batch import UNIFORM_VERSION, Batch
 from morec_dist.data.dataset import PreparedDataset
 from morec_dist.data.features import FeatureBuilder
-from morec_dist.data.group_streams import GroupLayout, GroupStream, WindowPrefetcher, share_bounds, share_segments
+from morec_dist.data.group_streams import (
+    GroupLayout,
+    GroupStream,
+    WindowPrefetcher,
+    open_row_groups,
+    share_bounds,
+    share_segments,
+)
 from morec_dist.data.negatives import HISTORY_SPLITS, NegativeSampler
 
 STATE_FORMAT = 2
@@ -152,7 +159,7 @@ class UniformStream:
     def _read_segment(self, seg: _Segment) -> np.ndarray:
         pf = self._handles.get(seg.file)
         if pf is None:
-            pf = self._handles[seg.file] = pq.ParquetFile(self.files[seg.file])
+            pf = self._handles[seg.file] = open_row_groups(self.files[seg.file])
         table = pf.read_row_group(seg.row_group, columns=PROJECTED_COLUMNS, use_threads=False).slice(
             seg.lo, seg.hi - seg.lo
         )
