@@ -216,6 +216,24 @@ def test_blocks_do_not_depend_on_draw_steps(data_dir):
                 assert np.array_equal(a, b), (draw_steps, in_memory_rows, step)
 
 
+def test_runs_end_at_the_next_change_of_p_the_last_two_predict(data_dir):
+    """With p changing every 10 steps, runs of up to 64 steps are cut where the next change
+    is due (no drawn step is discarded), and the blocks are those of one step at a time."""
+    settings = [_p(name, COUNTS.astype(float)) for name in ("tiny_heavy", "sparse", "proportional")]
+    served = {}
+    for draw_steps in (1, 64):
+        with _fair_reader(data_dir, draw_steps=draw_steps, in_memory_rows=100) as reader:
+            objective, blocks, runs = reader.weighted[0], [], []
+            for step in range(45):
+                blocks.append(objective.block(0, step, settings[(step // 10) % 3], 300).copy())
+                runs.append(objective._draws.steps)
+            served[draw_steps] = blocks
+    assert runs[:10] == [64] * 10  # one change seen: nothing to predict from
+    assert runs[10] == 10 and runs[20] == 10 and runs[30] == 10
+    for step, (a, b) in enumerate(zip(served[1], served[64], strict=True)):
+        assert np.array_equal(a, b), step
+
+
 def test_resume_mid_draw_continues_the_same_blocks(data_dir):
     """A checkpoint taken in the middle of a run of drawn steps (cursors lag the served rows
     until the run is settled) resumes bit-exact, into a reader with another draw_steps."""

@@ -439,6 +439,8 @@ class WeightedObjective:
         self._staging = _Staging(self.streams)
         self._table: _GroupTable | None = None
         self._epoch_seeds: dict[int, np.uint64] = {}
+        self._p_changed_at: tuple[int, int] | None = None  # (epoch, step) of the last new p
+        self._p_interval = 0  # steps between the last two changes of p (0: unknown)
 
     def _max_weights(self, dataset: PreparedDataset) -> np.ndarray:
         """The largest row weight of each group, from the item table (weights are item columns)."""
@@ -510,9 +512,10 @@ class WeightedObjective:
         return seed
 
     def _draw(self, epoch: int, step: int, p: np.ndarray, size: int) -> _Draws:
-        steps = self.draw_steps
         if self._table is None or not (p is self._table.p or np.array_equal(p, self._table.p)):
             self._table = _GroupTable.build(np.asarray(p, dtype=np.float64))
+            self._note_p_change(epoch, step)
+        steps = self._run_steps(epoch, step)
         # cum[i, g]: rows of group g in steps before first + i
         labels, cum = self._table.draw(self._epoch_seed(epoch), step, steps, size)
         # the j-th row labelled g (in step-then-row order) is g's j-th unserved row: one
@@ -520,6 +523,24 @@ class WeightedObjective:
         starts = self._staging.starts(cum[-1])  # first: it may replace the buffer
         rows = kernels.scatter_by_group(labels, self._staging.buf, starts)
         return _Draws(epoch, step, size, p, rows, cum)
+
+    def _note_p_change(self, epoch: int, step: int) -> None:
+        last = self._p_changed_at
+        if last is not None and last[0] == epoch and step > last[1]:
+            self._p_interval = step - last[1]
+        self._p_changed_at = (epoch, step)
+
+    def _run_steps(self, epoch: int, step: int) -> int:
+        """Steps to draw from ``step``: ``draw_steps``, cut at the next change of p that the
+        last two changes predict (the coordinator updates p every so many steps). A change
+        drops the rest of a run, which at 64-step runs and a change every 200 steps was 28%
+        of all draws and scatters. Any run length gives the same blocks."""
+        last, interval = self._p_changed_at, self._p_interval
+        if last is not None and interval and last[0] == epoch:
+            ahead = last[1] + interval - step
+            if 0 < ahead < self.draw_steps:
+                return ahead
+        return self.draw_steps
 
     def _settle(self) -> None:
         """Marks the rows of the steps served from the current draws as served (the streams'
