@@ -42,6 +42,7 @@ BLOCK_ROWS = 512
 OBJECTIVES = [("fairness", "fair_group"), ("alignment", "align_group"), ("revenue", "rev_group")]
 P_EVERY = 200  # steps between redraws of p
 PIECE_STEPS = P_EVERY  # weighted steps timed as one piece: each has the same p changes and draw runs
+ROUNDS = 5  # interleaved rounds of both sides; each piece counts its best (3 left a ~20% spread)
 SKEWS = ("train_share", "reversed", "one_heavy", "dirichlet")
 CGROUP_ROOT = Path("/sys/fs/cgroup/memory")
 
@@ -184,7 +185,7 @@ def work_speed(data: Path, steps: int, seed: int) -> dict[str, Any]:
     # an I/O thread, the reader's row groups read synchronously): the baseline is the faster.
     raw_rounds: dict[bool, list[list[float]]] = {True: [], False: []}
     weighted_rounds = []
-    for _ in range(3):
+    for _ in range(ROUNDS):
         for pre_buffer in (True, False):
             rows, seconds = raw_scan(pre_buffer)
             raw_rounds[pre_buffer].append(seconds)
