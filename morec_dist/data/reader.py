@@ -11,9 +11,10 @@ Owns how train rows reach a rank:
 - **Weighted blocks** (one per auxiliary objective k): each row's group i.i.d. from p_k
   (so the counts are c ~ Multinomial(B, p_k)), from uniforms that are a pure function of
   (seed, rank, epoch, step, k), then the next c_g rows of each group's stream; the groups
-  of ``draw_steps`` steps are drawn and gathered at once, with the same result as one step
-  at a time (``WeightedObjective``). A group's stream (``group_streams``) is the rank's
-  share of the group-partitioned layout ``by_group/``, read sequentially, each row once
+  of up to ``draw_steps`` steps (ending where the next change of p is due) are drawn and
+  gathered at once, with the same result as one step at a time (``WeightedObjective``).
+  A group's stream (``group_streams``) is the rank's share of the group-partitioned
+  layout ``by_group/``, read sequentially, each row once
   per pass of the group. The group choice is exact; within a group, rows are drawn without replacement.
   An objective with a row weight column (revenue's ``price_weighting = "exact"``) thins
   its stream: a row is kept with probability w / max_g(w), so within a group the rows kept
