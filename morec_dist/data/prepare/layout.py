@@ -76,12 +76,14 @@ def with_order_columns(table: pa.Table, first_row: int, seed: int) -> pa.Table:
 
 
 def write_range(table: pa.Table, out_root: str, column: str, gid: int, j: int) -> list[dict[str, Any]]:
-    """Writes one (group, range) of rows, sorted by hash, as one or more files named so that
-    their name order is the stream order. Returns [{"gid", "j", "sub", "tmp", "rows"}]."""
+    """Writes one (group, range) of rows in hash order, as one or more files named so that
+    their name order is the stream order. Rows not yet in hash order are sorted here, stably,
+    so ties keep the order they came in (row order from either engine). Returns
+    [{"gid", "j", "sub", "tmp", "rows"}]."""
     if table.num_rows == 0:
         return []
     hashes = table[HASH].to_numpy()
-    if np.any(hashes[1:] < hashes[:-1]):  # both engines sort first; a caller that did not
+    if np.any(hashes[1:] < hashes[:-1]):  # the local engine's ranges come sorted; the Ray engine's in row order
         table = table.take(pa.array(np.argsort(hashes, kind="stable")))
     data = table.drop_columns([c for c in (ROW, HASH) if c in table.schema.names])
     folder = Path(out_root) / schema.group_dir(column, gid)
@@ -136,9 +138,9 @@ def _write_layout_ray(
     1. Each task reads a run of train row groups once, adds the row index and hash, and
        appends, for every group column, each (group, range)'s rows to its own spill file
        (Arrow IPC, zstd) under ``_layout_spill/``: a partitioned write, memory one run.
-    2. Each task takes one (column, group, range): its spill files in row order, sorted by
-       hash (stable, so ties keep row order as the local engine's lexsort does), written
-       by ``write_range``; the spill files are removed as they are consumed.
+    2. Each task takes one (column, group, range): its spill files in row order, which
+       ``write_range`` sorts by hash (stable, so ties keep row order as the local engine's
+       lexsort does) and writes; the spill files are removed as they are consumed.
 
     Ray's distributed sort did the same range partitioning through the object store, one
     sort per column; at 50M rows it spent ~17 min of 2 cores in its shuffle, where this
@@ -221,8 +223,7 @@ def write_spilled_range(item: pa.Table, out_root: str) -> pa.Table:
     for path in spill_paths:
         with pa.memory_map(path) as source:
             tables.append(pa.ipc.open_file(source).read_all())
-    table = pa.concat_tables(tables) if len(tables) > 1 else tables[0]
-    table = table.take(pa.array(np.argsort(table[HASH].to_numpy(), kind="stable")))
+    table = pa.concat_tables(tables) if len(tables) > 1 else tables[0]  # row order: write_range sorts
     pieces = write_range(table, out_root, column, gid, j)
     for path in spill_paths:
         os.remove(path)
