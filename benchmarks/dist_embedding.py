@@ -27,9 +27,10 @@ from benchmarks.common import peak_rss_mb, rss_mb
 from morec_dist.config import load_config
 from morec_dist.data.batch import Batch
 from morec_dist.data.features import FeatureBuilder
+from morec_dist.distributed import init_distributed, shutdown_distributed
 from morec_dist.model.loss import bpr_loss
 from morec_dist.model.mf import MatrixFactorization
-from morec_dist.model.sharding import build_optimizer, init_distributed, make_plan, make_sharders, shutdown_distributed
+from morec_dist.model.sharding import build_optimizer, make_plan, make_sharders
 
 SCATTER = 2_654_435_761  # a multiplicative hash spreads the hot ids over the whole table
 

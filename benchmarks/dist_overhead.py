@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from morec_dist.config import load_config
-from morec_dist.model.sharding import init_distributed, shutdown_distributed
+from morec_dist.distributed import init_distributed, shutdown_distributed
 from morec_dist.train.loop import train_epoch
 from morec_dist.train.methods import build_morec
 from morec_dist.train.runner import make_reader, open_dataset_for_job

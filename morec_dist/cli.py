@@ -245,7 +245,7 @@ def _as_ranks(args: argparse.Namespace, job, config=None) -> int:
         return relaunch(
             args.nproc or config.run.nproc, args.argv, config.run.max_restarts if restarts is None else restarts
         )
-    from morec_dist.model.sharding import shutdown_distributed
+    from morec_dist.distributed import shutdown_distributed
 
     try:
         job(config)

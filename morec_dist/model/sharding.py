@@ -110,58 +110,6 @@ DENSE_OPTIMIZERS.register("sgd", lambda o: lambda params: torch.optim.SGD(params
 DENSE_OPTIMIZERS.register("adagrad", lambda o: lambda params: torch.optim.Adagrad(params, lr=o.dense_lr))
 
 
-@dataclass(frozen=True)
-class DistContext:
-    rank: int
-    world_size: int
-    local_rank: int
-    device: torch.device
-    backend: str
-    pg: dist.ProcessGroup | None
-
-
-# ----------------------------------------------------------------- process group
-
-
-def pick_device_and_backend(local_rank: int) -> tuple[torch.device, str]:
-    """CUDA + NCCL where a GPU is visible, otherwise CPU + gloo."""
-    if torch.cuda.is_available():
-        device = torch.device("cuda", local_rank % torch.cuda.device_count())
-        torch.cuda.set_device(device)
-        return device, "nccl"
-    return torch.device("cpu"), "gloo"
-
-
-def init_distributed() -> DistContext:
-    """Join the process group torchrun describes (RANK, WORLD_SIZE, ...) or reuse the open one.
-
-    Without torchrun's variables this is a single process: world size 1, no process group.
-    """
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    device, backend = pick_device_and_backend(local_rank)
-    if not dist.is_initialized():
-        if "WORLD_SIZE" not in os.environ:
-            return DistContext(0, 1, 0, device, backend, None)
-        dist.init_process_group(backend=backend, device_id=device if device.type == "cuda" else None)
-    return DistContext(dist.get_rank(), dist.get_world_size(), local_rank, device, dist.get_backend(), dist.group.WORLD)
-
-
-def shutdown_distributed(exit_code: int | None = None) -> None:
-    """End a worker. torch 2.13's gloo teardown races at interpreter exit (a few percent of
-    clean runs abort), so with ``exit_code`` the process leaves through ``os._exit`` after a
-    barrier and a flush, skipping that teardown."""
-    import sys
-
-    if dist.is_initialized():
-        dist.barrier()
-    sys.stdout.flush()
-    sys.stderr.flush()
-    if exit_code is not None:
-        os._exit(exit_code)
-    if dist.is_initialized():
-        dist.destroy_process_group()
-
-
 # ---------------------------------------------------------------------- planning
 
 

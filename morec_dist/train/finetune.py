@@ -29,12 +29,13 @@ import torch.distributed as dist
 
 from morec_dist.config import Config
 from morec_dist.coordinator.core import CoordinatorError
+from morec_dist.distributed import all_reduce_sum
 from morec_dist.train.checkpoint import save_checkpoint
 from morec_dist.train.loop import progress
 from morec_dist.train.methods import METHODS
 from morec_dist.train.run_dir import provenance
 from morec_dist.train.runner import JobParts, JobRun, evaluation, load_pretrained, report_k, run_job
-from morec_dist.train.trainer import EpochStats, Trainer, all_reduce_sum
+from morec_dist.train.trainer import EpochStats, Trainer
 
 COORDINATOR_CHECKPOINT_TRIES = 3
 

@@ -18,8 +18,8 @@ import torch
 
 from morec_dist.config import Config
 from morec_dist.data.batch import Batch
-from morec_dist.model.sharding import DistContext
-from morec_dist.train.trainer import EpochStats, Trainer, all_reduce_sum
+from morec_dist.distributed import DistContext, all_reduce_sum
+from morec_dist.train.trainer import EpochStats, Trainer
 
 if TYPE_CHECKING:
     from morec_dist.observe.metrics import Exporter, RankMetrics

@@ -31,7 +31,7 @@ if TYPE_CHECKING:
     from morec_dist.coordinator.client import CoordinatorClient
     from morec_dist.coordinator.collective import GlobalCoordinatorClient
     from morec_dist.coordinator.core import CoordinatorSpec
-    from morec_dist.model.sharding import DistContext
+    from morec_dist.distributed import DistContext
     from morec_dist.train.loop import Strategy
     from morec_dist.train.resume import ResumePoint
     from morec_dist.train.strategies import MorecStrategy

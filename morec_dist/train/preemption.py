@@ -14,10 +14,7 @@ import sys
 import threading
 from typing import Any
 
-import torch
-import torch.distributed as dist
-
-from morec_dist.model.sharding import DistContext
+from morec_dist.distributed import DistContext, any_rank
 
 EXIT_PREEMPTED = 143  # 128 + SIGTERM: a launcher sees a preemption, not a success
 # After SIGTERM a rank that cannot reach its step boundary (a peer died inside a collective)
@@ -50,7 +47,4 @@ class PreemptionFlag:
 
     def agreed(self, ctx: DistContext) -> bool:
         """Collective: True on every rank when any rank got SIGTERM."""
-        flag = torch.tensor([1 if self.requested else 0], dtype=torch.int64)
-        if dist.is_initialized() and ctx.world_size > 1:
-            dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=ctx.pg)
-        return bool(flag.item())
+        return any_rank(self.requested, ctx)

@@ -21,13 +21,14 @@ import torch
 
 from morec_dist.config import Config
 from morec_dist.data.reader import Reader
+from morec_dist.distributed import all_reduce_sum
 from morec_dist.eval.evaluator import evaluate_most_popular
 from morec_dist.train.checkpoint import load_checkpoint, save_checkpoint
 from morec_dist.train.loop import progress
 from morec_dist.train.run_dir import provenance
 from morec_dist.train.runner import JobParts, JobRun, evaluation, make_reader, report_k, run_job, select_metric
 from morec_dist.train.strategies import AccuracyOnly
-from morec_dist.train.trainer import EpochStats, Trainer, all_reduce_sum
+from morec_dist.train.trainer import EpochStats, Trainer
 
 L_HAT_BATCHES = 64
 

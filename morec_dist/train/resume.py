@@ -45,7 +45,7 @@ import torch.distributed as dist
 
 from morec_dist.config import Config
 from morec_dist.data.reader import Reader
-from morec_dist.model.sharding import DistContext
+from morec_dist.distributed import DistContext
 from morec_dist.train.checkpoint import (
     CheckpointError,
     check_compatible,
@@ -285,7 +285,7 @@ class Checkpointing:
 
     def exit_preempted(self) -> None:
         """After the SIGTERM checkpoint: leave every rank with EXIT_PREEMPTED."""
-        from morec_dist.model.sharding import shutdown_distributed
+        from morec_dist.distributed import shutdown_distributed
         from morec_dist.train.launch import report_preempted
 
         report_preempted()  # for the launcher: torchrun's own exit code does not say 143

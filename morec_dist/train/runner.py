@@ -30,9 +30,9 @@ from typing import TYPE_CHECKING, Any, Protocol
 from morec_dist.config import Config
 from morec_dist.data.dataset import PreparedDataset
 from morec_dist.data.reader import Reader
+from morec_dist.distributed import DistContext, init_job_distributed
 from morec_dist.eval.evaluator import evaluate
 from morec_dist.train.checkpoint import check_compatible, load_checkpoint, read_meta
-from morec_dist.train.distributed import DistContext, init_job_distributed
 from morec_dist.train.job_state import JobState
 from morec_dist.train.loop import EpochProgress, Strategy, open_rank_observer, progress, train_epoch
 from morec_dist.train.resume import Checkpointed, Checkpointing, ResumePoint

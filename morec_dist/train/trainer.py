@@ -13,15 +13,15 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-import torch.distributed as dist
 from torch.distributed.checkpoint.stateful import Stateful
 
 from morec_dist.config import Config
 from morec_dist.data.dataset import PreparedDataset
 from morec_dist.data.features import FeatureBuilder
+from morec_dist.distributed import DistContext
 from morec_dist.model.loss import LOSSES
 from morec_dist.model.registry import build_model, feature_set_for
-from morec_dist.model.sharding import DistContext, shard
+from morec_dist.model.sharding import shard
 
 
 @dataclass
@@ -106,11 +106,3 @@ class Trainer(Stateful):
 
     def model_state(self) -> dict[str, Any]:
         return {"model": self.model.state_dict()}
-
-
-def all_reduce_sum(values: list[float], ctx: DistContext) -> list[float]:
-    """Sums a few scalars over ranks in float64 (exact for counts below 2**53)."""
-    tensor = torch.tensor(values, dtype=torch.float64)
-    if ctx.pg is not None and ctx.world_size > 1:
-        dist.all_reduce(tensor, group=ctx.pg)
-    return tensor.tolist()

@@ -19,8 +19,9 @@ from integer_model import integer_mf
 from morec_dist.config import Config
 from morec_dist.data.dataset import PreparedDataset
 from morec_dist.data.features import FeatureBuilder
+from morec_dist.distributed import init_distributed, shutdown_distributed
 from morec_dist.eval import evaluate, evaluate_most_popular
-from morec_dist.model.sharding import init_distributed, shard, shutdown_distributed
+from morec_dist.model.sharding import shard
 
 KS = [1, 3, 10]
 

@@ -24,10 +24,11 @@ from morec_dist.config import Config
 from morec_dist.data.batch import Batch
 from morec_dist.data.dataset import PreparedDataset
 from morec_dist.data.features import FeatureBuilder
+from morec_dist.distributed import init_distributed, shutdown_distributed
 from morec_dist.eval.evaluator import as_recommender
 from morec_dist.model import bpr_loss, build_model
 from morec_dist.model.registry import feature_set_for
-from morec_dist.model.sharding import embedding_optimizer_factory, init_distributed, shard, shutdown_distributed
+from morec_dist.model.sharding import embedding_optimizer_factory, shard
 
 LR = 0.5  # large, so that a wrong update cannot hide inside the tolerance
 ROWS, NEGATIVES = 12, 3
