@@ -60,10 +60,15 @@ class ModelConfig:
     loss: str = "bpr"  # registry key (model.loss.LOSSES): the per-row training loss
     embedding_dim: int = 64
     # Sharding type per embedding table ("table_wise", "row_wise", "column_wise",
-    # "table_row_wise", "table_column_wise", "data_parallel"); tables not named here
+    # "table_row_wise", "table_column_wise", "data_parallel"), or "auto": TorchRec's planner
+    # picks type and kernel within the memory budgets below; tables not named in `sharding`
     # use default_sharding.
-    default_sharding: str = "table_wise"
+    default_sharding: str = "auto"
     sharding: dict[str, str] = field(default_factory=dict)
+    # Per-rank memory budgets the planner places tables within, in GiB; 0 = this machine's
+    # (host: physical memory / local ranks; device: the GPU's memory).
+    host_memory_gb: float = 0.0
+    device_memory_gb: float = 0.0
     tower_dims: list[int] = field(default_factory=lambda: [128, 64])
     init_std: float = 0.1  # embedding tables start as normal(0, init_std)
     # Declared side features (manifest "features") the model embeds besides the ids; unset =
@@ -364,6 +369,9 @@ def validate(c: Config) -> None:
         c.coordinator.protocol in COORDINATOR_PROTOCOLS,
         f"coordinator.protocol: {c.coordinator.protocol!r} is not one of {COORDINATOR_PROTOCOLS}",
     )
+    for budget in ("host_memory_gb", "device_memory_gb"):
+        value = getattr(c.model, budget)
+        _require(value >= 0, f"model.{budget}: expected >= 0 GiB (0 = the machine's), got {value}")
     _require(
         c.coordinator.trace_window >= 0,
         f"coordinator.trace_window: expected >= 0 (0 = keep all), got {c.coordinator.trace_window}",

@@ -49,14 +49,17 @@ def validate_names(config: Config) -> None:
     """Every registry name the config uses is registered (after ``load_plugins``)."""
     from morec_dist.coordinator.objectives import ObjectiveError, configurable_kinds, kind_of
     from morec_dist.model.loss import LOSSES
+    from morec_dist.model.placement import AUTO, SHARDING_TYPES
     from morec_dist.model.registry import MODELS
-    from morec_dist.model.sharding import DENSE_OPTIMIZERS, EMBEDDING_OPTIMIZERS, SHARDING_TYPES
+    from morec_dist.model.sharding import DENSE_OPTIMIZERS, EMBEDDING_OPTIMIZERS
 
     _check(MODELS, config.model.name, "model.name")
     _check(LOSSES, config.model.loss, "model.loss")
-    _check(SHARDING_TYPES, config.model.default_sharding, "model.default_sharding")
-    for table, sharding in config.model.sharding.items():
-        _check(SHARDING_TYPES, sharding, f"model.sharding.{table}")
+    for where, sharding in [("model.default_sharding", config.model.default_sharding)] + [
+        (f"model.sharding.{table}", kind) for table, kind in config.model.sharding.items()
+    ]:
+        if sharding != AUTO:
+            _check(SHARDING_TYPES, sharding, where)
     _check(EMBEDDING_OPTIMIZERS, config.optim.embedding_optimizer, "optim.embedding_optimizer")
     _check(DENSE_OPTIMIZERS, config.optim.dense_optimizer, "optim.dense_optimizer")
     for i, o in enumerate(config.morec.objectives):

@@ -1,8 +1,11 @@
-"""Models, loss and sharding: unsharded models against hand computations, and sharded
-models (2 torchrun ranks, every sharding type that runs on CPU) against unsharded copies."""
+"""Models, loss, initial weights, placement and sharding: unsharded models against hand
+computations; the seeded per-row rule against itself window by window; the planner's budgets;
+and sharded models born on the meta device (1 and 2 torchrun ranks, every sharding type that
+runs on CPU, and the planner's own choice) against unsharded models of the same rule."""
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import subprocess
@@ -18,7 +21,16 @@ from morec_dist.data.batch import Batch
 from morec_dist.data.features import FeatureBuilder
 from morec_dist.data.prepare.synthetic import generate
 from morec_dist.model import bpr_loss, build_model
-from morec_dist.model.sharding import optimizer_caveats, table_sharding_types
+from morec_dist.model.init import META, ROWS_PER_BLOCK, fill_table, materialize_unsharded, stable_seed
+from morec_dist.model.placement import (
+    AUTO,
+    TableSpec,
+    candidate_types,
+    check_budget,
+    table_sharding_types,
+    table_specs,
+)
+from morec_dist.model.sharding import optimizer_caveats
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPTS = Path(__file__).parent / "dist_scripts"
@@ -108,11 +120,85 @@ def test_registry_rejects_unknown_model_and_wrong_feature_set(data_dir):
 
 
 def test_sharding_config_names_real_tables(data_dir):
-    model = build_model("mf", features_of(data_dir, "ids"), ModelConfig())
+    specs = table_specs(build_model("mf", features_of(data_dir, "ids"), ModelConfig(), META))
+    assert specs["t_user_id"] == TableSpec("t_user_id", 31, 64, 4)
     config = ModelConfig(default_sharding="row_wise", sharding={"t_item_id": "data_parallel"})
-    assert table_sharding_types(model, config) == {"t_user_id": "row_wise", "t_item_id": "data_parallel"}
+    assert table_sharding_types(specs, config) == {"t_user_id": "row_wise", "t_item_id": "data_parallel"}
+    assert table_sharding_types(specs, ModelConfig()) == {"t_user_id": AUTO, "t_item_id": AUTO}
     with pytest.raises(ValueError, match=r"unknown table\(s\) \['t_items'\]"):
-        table_sharding_types(model, ModelConfig(sharding={"t_items": "row_wise"}))
+        table_sharding_types(specs, ModelConfig(sharding={"t_items": "row_wise"}))
+
+
+# ------------------------------------------------------------------- initial weights
+
+
+def test_a_table_window_is_the_whole_tables_window():
+    """The rule is a pure function of (seed, table, row): any shard (rows and columns cut
+    anywhere, across block edges) holds exactly the whole table's values there."""
+    rows, dim, std = 3 * ROWS_PER_BLOCK + 17, 12, 0.1
+    whole = torch.empty(rows, dim)
+    fill_table(whole, 5, "t", std, dim)
+    for r0, r1, c0, c1 in [
+        (0, rows, 0, dim),
+        (ROWS_PER_BLOCK - 3, 2 * ROWS_PER_BLOCK + 5, 4, 8),
+        (rows - 1, rows, 0, 1),
+    ]:
+        window = torch.empty(r1 - r0, c1 - c0)
+        fill_table(window, 5, "t", std, dim, r0, c0)
+        assert torch.equal(window, whole[r0:r1, c0:c1])
+    other = torch.empty(rows, dim)
+    fill_table(other, 6, "t", std, dim)
+    assert not torch.equal(other, whole)  # the seed matters
+    assert abs(whole.std().item() - std) < 0.005 and abs(whole.mean().item()) < 0.005
+    assert stable_seed(1, "t", 2) == stable_seed(1, "t", 2) != stable_seed(1, "t", 3)
+
+
+def test_meta_built_models_materialize_by_the_rule(data_dir):
+    """The same rule whole, on every model: tables and towers are the same for the same seed,
+    whatever the build order, and differ for another seed."""
+    features = features_of(data_dir, "side")
+    config = ModelConfig(name="two_tower", embedding_dim=8, tower_dims=[16, 8])
+
+    def born(seed: int) -> dict[str, torch.Tensor]:
+        model = build_model("two_tower", features, config, META)
+        assert all(p.is_meta for p in model.parameters())
+        return materialize_unsharded(model, seed, 0.1, torch.device("cpu")).state_dict()
+
+    a, b, c = born(3), born(3), born(4)
+    assert sorted(a) == sorted(b) and all(torch.equal(a[k], b[k]) for k in a)
+    assert all(not torch.equal(a[k], c[k]) for k in a if k.endswith("weight"))
+    user = torch.empty(31, 8)
+    fill_table(user, 3, "t_user_id", 0.1, 8)
+    assert torch.equal(a["user_ebc.embedding_bags.t_user_id.weight"], user)
+
+
+# ------------------------------------------------------------------------- placement
+
+
+def test_budget_refusal_names_the_table_its_bytes_and_the_budget():
+    gb = 1 << 30
+    specs = {"t_user_id": TableSpec("t_user_id", 4 << 20, 64, 4), "t_item_id": TableSpec("t_item_id", 1 << 20, 64, 4)}
+    optim = OptimConfig(embedding_optimizer="sgd")
+    pinned = {"t_user_id": "table_wise", "t_item_id": AUTO}
+    with pytest.raises(ValueError) as e:
+        check_budget(specs, pinned, optim, 2, gb // 2, "model.host_memory_gb")
+    assert str(e.value) == (
+        "model.host_memory_gb: table 't_user_id' needs 1.00 GB per rank at the least (whole (table_wise), "
+        "with sgd state) but the budget is 0.50 GB per rank"
+    )
+    auto = {"t_user_id": AUTO, "t_item_id": AUTO}
+    check_budget(specs, auto, optim, 2, gb, "model.host_memory_gb")  # 0.5 + 0.125 GB per rank: fits
+    with pytest.raises(ValueError, match=r"the tables need 0.62 GB per rank .* budget is 0.60 GB"):
+        check_budget(specs, auto, optim, 2, int(0.6 * gb), "model.host_memory_gb")
+    with pytest.raises(ValueError, match="'t_user_id' needs 0.51 GB per rank"):  # + rowwise_adagrad's 4 B a row
+        check_budget(specs, auto, OptimConfig(), 2, gb // 2, "model.host_memory_gb")
+
+
+def test_auto_never_picks_types_that_break_exactness_or_resharding():
+    assert "data_parallel" not in candidate_types(AUTO, "sgd")
+    assert "column_wise" in candidate_types(AUTO, "adagrad")
+    assert not {"column_wise", "table_column_wise"} & set(candidate_types(AUTO, "rowwise_adagrad"))
+    assert candidate_types("data_parallel", "rowwise_adagrad") == ["data_parallel"]
 
 
 def test_column_wise_rowwise_adagrad_is_flagged():
@@ -132,16 +218,42 @@ CASES = [
     "mf:column_wise@adagrad", "mf:data_parallel@adagrad",
     # two-tower: one sharding type per table, MLPs under DDP
     "two_tower:table_wise:t_user_id=row_wise,t_item_id=column_wise,t_user_gender=data_parallel,t_item_genres=table_row_wise",
+    # the planner's own choice of types and kernels
+    "mf:auto", "two_tower:auto@rowwise_adagrad",
 ]  # fmt: skip
+ONE_RANK_CASES = ["mf:table_wise", "mf:row_wise", "mf:column_wise", "mf:data_parallel", "two_tower:auto@adagrad"]
 
 
-def test_sharded_models_match_unsharded_copies(data_dir):
+@pytest.mark.parametrize("nproc, cases", [(2, CASES), (1, ONE_RANK_CASES)], ids=["2-ranks", "1-rank"])
+def test_sharded_models_match_unsharded_copies(data_dir, nproc, cases):
+    """Born sharded: initial weights equal the unsharded rule's, forward and one step match."""
     cmd = [
-        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-        str(SCRIPTS / "sharded_vs_unsharded.py"), str(data_dir), *CASES,
+        sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+        str(SCRIPTS / "sharded_vs_unsharded.py"), str(data_dir), *cases,
     ]  # fmt: skip
     proc = subprocess.run(
         cmd, cwd=REPO, capture_output=True, text=True, timeout=300, env={**os.environ, "PYTHONPATH": str(REPO)}
     )
     assert proc.returncode == 0, proc.stderr[-4000:]
-    assert proc.stdout.split() == [w for case in CASES for w in ("OK", case)]
+    assert proc.stdout.split() == [w for case in cases for w in ("OK", case)]
+
+
+def test_setup_memory_is_the_ranks_shards_not_the_model(tmp_path):
+    """Two 1M x 64 tables (512 MiB in all) on 2 ranks: set-up raises each rank's peak RSS by
+    its shards (256 MiB) and their optimizer state plus at most 10% and 32 MiB. The
+    build-then-copy path this replaced held the whole model twice (>= 1 GiB) on every rank."""
+    out = tmp_path / "memory.json"
+    cmd = [
+        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+        str(SCRIPTS / "born_sharded_memory.py"), str(1 << 20), "64", "auto", str(out),
+    ]  # fmt: skip
+    proc = subprocess.run(
+        cmd, cwd=REPO, capture_output=True, text=True, timeout=300, env={**os.environ, "PYTHONPATH": str(REPO)}
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    ranks = json.loads(out.read_text())
+    assert sorted(ranks) == ["0", "1"]
+    assert sum(r["shard_bytes"] for r in ranks.values()) == 2 * (1 << 20) * 64 * 4  # every row placed once
+    for rank, r in ranks.items():
+        allowed = 1.1 * (r["shard_bytes"] + r["optimizer_bytes"]) + (32 << 20)
+        assert r["setup_peak_bytes"] <= allowed, (rank, r, allowed)

@@ -1,9 +1,12 @@
-"""Distributed setup and sharding: process group, DistributedModelParallel, optimizers.
+"""Sharding: a model built on the meta device becomes DistributedModelParallel, each rank
+allocating only its own shards, and gets its optimizer.
 
-The model is written once, unsharded. ``shard`` plans it with TorchRec's planner (one
-sharding type per table, from ``model.sharding`` or ``model.default_sharding``), wraps it
-in DistributedModelParallel (the non-embedding part goes under DDP), copies the unsharded
-weights in (sharding re-initialises tables), and builds the optimizer:
+``shard`` takes the unsharded model as built on the meta device (no weights anywhere),
+initialises the dense part by the seeded rule of ``model/init.py``, lets the planner place the
+tables (``model/placement.py``: types and kernels under memory budgets), wraps the model in
+DistributedModelParallel (the dense part goes under DDP; each rank allocates its shards), and
+writes the tables' initial rows by the same rule, so every world size and sharding type starts
+from the weights the unsharded model would have. Then it builds the optimizer:
 
 - tables with a FUSED kernel (every type but data_parallel) are updated inside backward
   by FBGEMM with ``optim.embedding_optimizer`` (sgd, adagrad, rowwise_adagrad: the
@@ -13,56 +16,37 @@ weights in (sharding re-initialises tables), and builds the optimizer:
   reach DENSE-kernel tables;
 - everything else (MLP towers) uses ``optim.dense_optimizer`` (``DENSE_OPTIMIZERS``).
 
-Sharding types are the ``SHARDING_TYPES`` registry.
-
-CPU + gloo and CUDA + NCCL take the same code path; only the device and backend differ.
-The stock sharder offers ROW_WISE / TABLE_ROW_WISE only on CUDA although the FBGEMM CPU
-kernels run them exactly, so ``CpuRowWiseEmbeddingBagCollectionSharder`` offers them on
-CPU too.
+CPU + gloo and CUDA + the mixed gloo/NCCL group take the same code path; only the device and
+the kernels the planner may choose differ. The stock sharder offers ROW_WISE /
+TABLE_ROW_WISE only on CUDA although the FBGEMM CPU kernels run them exactly, so
+``CpuRowWiseEmbeddingBagCollectionSharder`` offers them on CPU too.
 """
 
 from __future__ import annotations
 
-import copy
-import os
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 import torch
-import torch.distributed as dist
 from fbgemm_gpu.split_embedding_configs import EmbOptimType
 from torch import nn
-from torchrec.distributed.embedding_types import EmbeddingComputeKernel
 from torchrec.distributed.embeddingbag import EmbeddingBagCollectionSharder
 from torchrec.distributed.model_parallel import DistributedModelParallel
-from torchrec.distributed.planner import EmbeddingShardingPlanner, Topology
-from torchrec.distributed.planner.types import ParameterConstraints
-from torchrec.distributed.types import ShardingEnv, ShardingPlan, ShardingType
-from torchrec.modules.embedding_modules import EmbeddingBagCollection
+from torchrec.distributed.types import ShardingEnv, ShardingType
 from torchrec.optim import RowWiseAdagrad
 from torchrec.optim.keyed import CombinedOptimizer, KeyedOptimizer, KeyedOptimizerWrapper
 
-from morec_dist.config import Config, ModelConfig, OptimConfig
+from morec_dist.config import Config, OptimConfig
+from morec_dist.distributed import DistContext
+from morec_dist.model.init import initialize_dense, initialize_table_shards, table_dims
+from morec_dist.model.placement import Placement, plan_tables
 from morec_dist.registry import Registry
 
 # The Adagrad epsilon of both paths (FBGEMM's fused kernel and the torch optimizers for
 # data_parallel tables), fixed so that the two apply the same update.
 ADAGRAD_EPS = 1e-8
-
-# Sharding types by name (``model.default_sharding`` / ``model.sharding.<table>``): the only
-# list of them. data_parallel tables are replicated with a DENSE kernel; all others FUSED.
-SHARDING_TYPES: Registry[ShardingType] = Registry("sharding type", "model.default_sharding / model.sharding.<table>")
-for _name, _type in (
-    ("table_wise", ShardingType.TABLE_WISE),
-    ("row_wise", ShardingType.ROW_WISE),
-    ("column_wise", ShardingType.COLUMN_WISE),
-    ("table_row_wise", ShardingType.TABLE_ROW_WISE),
-    ("table_column_wise", ShardingType.TABLE_COLUMN_WISE),
-    ("data_parallel", ShardingType.DATA_PARALLEL),
-):
-    SHARDING_TYPES.register(_name, _type)
 
 OptimizerFactory = Callable[[list[nn.Parameter]], torch.optim.Optimizer]
 
@@ -124,48 +108,6 @@ class CpuRowWiseEmbeddingBagCollectionSharder(EmbeddingBagCollectionSharder):
         return types
 
 
-def embedding_tables(model: nn.Module) -> dict[str, int]:
-    """Table name -> embedding dim, over every EmbeddingBagCollection of the model."""
-    tables: dict[str, int] = {}
-    for module in model.modules():
-        if isinstance(module, EmbeddingBagCollection):
-            for config in module.embedding_bag_configs():
-                if config.name in tables:
-                    raise ValueError(f"embedding table {config.name!r} appears twice; table names must be unique")
-                tables[config.name] = config.embedding_dim
-    return tables
-
-
-def table_sharding_types(model: nn.Module, config: ModelConfig) -> dict[str, str]:
-    """The configured sharding type of every table; names in model.sharding must exist."""
-    tables = embedding_tables(model)
-    unknown = sorted(set(config.sharding) - set(tables))
-    if unknown:
-        raise ValueError(f"model.sharding: unknown table(s) {unknown}; the model's tables are {sorted(tables)}")
-    for table, kind in {"default": config.default_sharding, **config.sharding}.items():
-        SHARDING_TYPES.get(kind, "model.default_sharding" if table == "default" else f"model.sharding.{table}")
-    return {name: config.sharding.get(name, config.default_sharding) for name in tables}
-
-
-def parameter_constraints(
-    types: dict[str, str], dims: dict[str, int], world_size: int
-) -> dict[str, ParameterConstraints]:
-    """Pin each table to its sharding type and the matching kernel.
-
-    Column-wise shards may be as narrow as dim / world_size (FBGEMM needs multiples of 4),
-    so that column_wise actually spreads a table over the ranks."""
-    constraints = {}
-    for name, kind in types.items():
-        kernel = EmbeddingComputeKernel.DENSE if kind == "data_parallel" else EmbeddingComputeKernel.FUSED
-        min_partition = max(4, dims[name] // max(world_size, 1))
-        constraints[name] = ParameterConstraints(
-            sharding_types=[SHARDING_TYPES.get(kind).value],
-            compute_kernels=[kernel.value],
-            min_partition=min_partition,
-        )
-    return constraints
-
-
 def fused_params(optim: OptimConfig) -> dict[str, Any]:
     rule = EMBEDDING_OPTIMIZERS.get(optim.embedding_optimizer)
     params: dict[str, Any] = {
@@ -180,22 +122,6 @@ def fused_params(optim: OptimConfig) -> dict[str, Any]:
 
 def make_sharders(optim: OptimConfig) -> list[EmbeddingBagCollectionSharder]:
     return [CpuRowWiseEmbeddingBagCollectionSharder(fused_params=fused_params(optim))]
-
-
-def make_plan(
-    model: nn.Module, config: ModelConfig, sharders: list, device: torch.device, pg: dist.ProcessGroup
-) -> tuple[ShardingPlan, dict[str, str]]:
-    """The plan (made on rank 0, broadcast) and each table's sharding type."""
-    world_size = pg.size()
-    types = table_sharding_types(model, config)
-    constraints = parameter_constraints(types, embedding_tables(model), world_size)
-    topology = Topology(
-        world_size=world_size,
-        local_world_size=int(os.environ.get("LOCAL_WORLD_SIZE", world_size)),
-        compute_device=device.type,
-    )
-    planner = EmbeddingShardingPlanner(topology=topology, constraints=constraints)
-    return planner.collective_plan(model, sharders, pg), types
 
 
 # -------------------------------------------------------------------- optimizers
@@ -252,30 +178,39 @@ def optimizer_caveats(types: dict[str, str], optim: OptimConfig) -> list[str]:
 # ------------------------------------------------------------------------ shard
 
 
-def shard(
-    model: nn.Module, config: Config, device: torch.device, pg: dist.ProcessGroup | None
-) -> tuple[DistributedModelParallel, CombinedOptimizer]:
-    """Shard ``model`` over the process group; the result holds exactly the model's weights.
+@dataclass
+class ShardedModel:
+    """What ``shard`` returns: the DMP-wrapped model, its optimizer and where its tables went."""
 
-    Every rank must pass the same model (same seed). Train through ``dmp(batch)`` so that
-    DDP's hooks run; the helper methods are on ``dmp.module`` (``user_vectors``,
-    ``item_vectors``) and are for inference (they issue the same collectives, so every
-    rank must call them the same number of times).
+    model: DistributedModelParallel
+    optimizer: CombinedOptimizer
+    placement: Placement
+
+
+def shard(model: nn.Module, config: Config, ctx: DistContext) -> ShardedModel:
+    """Shard ``model``, built on the meta device, over ``ctx``'s process group.
+
+    Weights are the rule's of ``model/init.py`` for ``run.seed``: no rank ever holds more
+    of a table than its shards. Train through ``model(batch)`` so that DDP's hooks run; the
+    helper methods are on ``model.module`` (``user_vectors``, ``item_vectors``) and are for
+    inference (they issue the same collectives, so every rank must call them the same
+    number of times).
     """
-    if pg is None:
+    if ctx.pg is None:
         raise RuntimeError("shard: no process group; call init_distributed() under torchrun first")
-    weights = copy.deepcopy(model.state_dict())
+    if any(not p.is_meta for p in model.parameters()):
+        raise ValueError("shard: build the model on the meta device (build_model(..., device=META))")
+    dims = table_dims(model)
+    initialize_dense(model, config.run.seed, ctx.device)
     sharders = make_sharders(config.optim)
-    plan, types = make_plan(model, config.model, sharders, device, pg)
-    for caveat in optimizer_caveats(types, config.optim):
+    plan, placement = plan_tables(model, config.model, config.optim, sharders, ctx.device, ctx.pg)
+    for caveat in optimizer_caveats(placement.types(), config.optim):
         warnings.warn(caveat, stacklevel=2)
     dmp = DistributedModelParallel(
-        module=model, env=ShardingEnv.from_process_group(pg), device=device, plan=plan, sharders=sharders
+        module=model, env=ShardingEnv.from_process_group(ctx.pg), device=ctx.device, plan=plan, sharders=sharders
     )
-    # Sharding re-initialises the tables; put the unsharded model's weights back (DMP's
-    # load_state_dict consumes the dict it gets, hence the copy above).
-    dmp.load_state_dict(weights)
-    return dmp, build_optimizer(dmp, types, config.optim)
+    initialize_table_shards(dmp, dims, config.run.seed, config.model.init_std)
+    return ShardedModel(dmp, build_optimizer(dmp, placement.types(), config.optim), placement)
 
 
 def unwrap(model: nn.Module) -> nn.Module:

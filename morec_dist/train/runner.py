@@ -86,7 +86,11 @@ def setup_job(config: Config) -> tuple[DistContext, PreparedDataset, Trainer]:
     """This rank's context, the dataset and the Trainer (sharded model + optimizer)."""
     ctx = init_job_distributed()
     dataset = open_dataset_for_job(config, ctx)
-    return ctx, dataset, Trainer(config, ctx, dataset, build_features(config, dataset))
+    trainer = Trainer(config, ctx, dataset, build_features(config, dataset))
+    progress(
+        ctx.rank, "table placement (sharding type / kernel, GB per rank):\n" + "\n".join(trainer.placement.lines())
+    )
+    return ctx, dataset, trainer
 
 
 # ----------------------------------------------------------------------- evaluation
@@ -220,6 +224,8 @@ def run_job(config: Config, job: Job, resume: bool | None = None) -> dict[str, A
     started = time.perf_counter()
     ctx, dataset, trainer = setup_job(config)
     checkpoints = Checkpointing(config, trainer, job.kind)
+    if metrics is not None:
+        metrics.observe_placement(trainer.placement.rank_tables(ctx.rank))
     point = checkpoints.resume_point(config.run.resume if resume is None else resume)
     run = JobRun(config, ctx, dataset, trainer, checkpoints, point)
     parts = run.parts = job.build(run)
@@ -248,6 +254,7 @@ def run_job(config: Config, job: Job, resume: bool | None = None) -> dict[str, A
         exporter.stop()
     result = {
         **job.finish(run),
+        "placement": trainer.placement.record(),
         "resumed_from": str(point.path) if point is not None else None,
         "checkpoints_written": checkpoints.saved,
         "wall_s": time.perf_counter() - started,

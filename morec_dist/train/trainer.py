@@ -19,6 +19,7 @@ from morec_dist.config import Config
 from morec_dist.data.dataset import PreparedDataset
 from morec_dist.data.features import FeatureBuilder
 from morec_dist.distributed import DistContext
+from morec_dist.model.init import META
 from morec_dist.model.loss import LOSSES
 from morec_dist.model.registry import build_model, feature_set_for
 from morec_dist.model.sharding import shard
@@ -71,11 +72,12 @@ class Trainer(Stateful):
         self.ctx = ctx
         self.dataset = dataset
         self.features = features
-        # every rank builds the same unsharded model from the same seed; shard() keeps its weights
-        torch.manual_seed(config.run.seed)
-        model = build_model(config.model.name, features, config.model)
+        # built on the meta device: no rank ever holds the whole model; shard() allocates this
+        # rank's shards with the weights of the seeded rule (model/init.py)
+        model = build_model(config.model.name, features, config.model, device=META)
         self.identity = unsharded_identity(config.model.name, model)
-        self.model, self.optimizer = shard(model, config, ctx.device, ctx.pg)
+        sharded = shard(model, config, ctx)
+        self.model, self.optimizer, self.placement = sharded.model, sharded.optimizer, sharded.placement
         self.loss_fn = LOSSES.get(config.model.loss)
         self.step = 0
         self.epoch = 0

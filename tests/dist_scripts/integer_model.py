@@ -12,9 +12,12 @@ from morec_dist.data.features import FeatureBuilder
 from morec_dist.model import build_model
 
 
-def integer_mf(features: FeatureBuilder, dim: int = 4, seed: int = 7) -> nn.Module:
+def integer_mf(features: FeatureBuilder, dim: int = 4, seed: int = 7, device: torch.device | None = None) -> nn.Module:
+    """With ``device=META``: the same model, unallocated, for ``shard`` to load these weights into."""
     config = ModelConfig(name="mf", embedding_dim=dim)
-    model = build_model("mf", features, config)
+    model = build_model("mf", features, config, device)
+    if device is not None and device.type == "meta":
+        return model
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for _, param in sorted(model.named_parameters()):

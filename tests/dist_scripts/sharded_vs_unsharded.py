@@ -12,7 +12,6 @@ Prints one line "OK <case>" per case; any mismatch ends the job with exit code 1
 
 from __future__ import annotations
 
-import copy
 import sys
 import traceback
 
@@ -27,11 +26,13 @@ from morec_dist.data.features import FeatureBuilder
 from morec_dist.distributed import init_distributed, shutdown_distributed
 from morec_dist.eval.evaluator import as_recommender
 from morec_dist.model import bpr_loss, build_model
+from morec_dist.model.init import META, materialize_unsharded
 from morec_dist.model.registry import feature_set_for
 from morec_dist.model.sharding import embedding_optimizer_factory, shard
 
 LR = 0.5  # large, so that a wrong update cannot hide inside the tolerance
 ROWS, NEGATIVES = 12, 3
+CPU = torch.device("cpu")
 
 
 def make_batch(features: FeatureBuilder, seed: int) -> Batch:
@@ -85,10 +86,15 @@ def compare_weights(dmp: torch.nn.Module, reference: torch.nn.Module, case: str)
 def run_case(case: str, data: PreparedDataset, ctx) -> None:
     config = case_config(case)
     features = FeatureBuilder(data.path, data.num_users, data.num_items, feature_set_for(config.model.name))
-    torch.manual_seed(1234)
-    model = build_model(config.model.name, features, config.model)
-    reference = copy.deepcopy(model)
-    dmp, optimizer = shard(model, config, ctx.device, ctx.pg)
+    # the reference is the unsharded model with the weights of the same rule, whole on every rank
+    reference = materialize_unsharded(
+        build_model(config.model.name, features, config.model, META), config.run.seed, config.model.init_std, CPU
+    )
+    sharded = shard(build_model(config.model.name, features, config.model, META), config, ctx)
+    dmp, optimizer = sharded.model, sharded.optimizer
+    pinned = config.model.default_sharding
+    if pinned != "auto" and not config.model.sharding:
+        assert set(sharded.placement.types().values()) == {pinned}, (case, sharded.placement.types())
     batches = [make_batch(features, seed=100 + r) for r in range(ctx.world_size)]
     mine = batches[ctx.rank]
 
