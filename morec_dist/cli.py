@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import typing
 from pathlib import Path
 
 from morec_dist.config import ConfigError
@@ -27,6 +28,30 @@ def user_errors() -> tuple[type[BaseException], ...]:
     from morec_dist.train.checkpoint import CheckpointError
 
     return (ConfigError, DatasetError, CheckpointError, CoordinatorError, FileExistsError, PrepareError, RegistryError)
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """argparse with the CLI's error convention: a bad command line (unknown subcommand or
+    flag, a value of the wrong type) is one line naming it, exit 2, not usage plus error.
+    Subparsers inherit the class (argparse's parser_class defaults to the parent's type)."""
+
+    def error(self, message: str) -> typing.NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see `{self.prog} --help`)\n")
+
+
+def _int_at_least(minimum: int) -> typing.Callable[[str], int]:
+    """An argparse type: an integer >= minimum, refused while parsing (before any rank starts)."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer >= {minimum}, got {text!r}") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"expected an integer >= {minimum}, got {value}")
+        return value
+
+    return parse
 
 
 def _add_prepare(sub: argparse._SubParsersAction) -> None:
@@ -171,7 +196,10 @@ def _add_config_args(parser: argparse.ArgumentParser) -> None:
         "overrides", nargs="*", metavar="SECTION.KEY=VALUE", help="config overrides, e.g. train.epochs=3"
     )
     parser.add_argument(
-        "--nproc", type=int, default=None, help="local ranks when not started by torchrun (default: run.nproc)"
+        "--nproc",
+        type=_int_at_least(1),
+        default=None,
+        help="local ranks when not started by torchrun (default: run.nproc)",
     )
 
 
@@ -183,7 +211,7 @@ def _add_fault_args(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--max-restarts",
-        type=int,
+        type=_int_at_least(0),
         default=None,
         help="torchrun restarts of the rank group after a failure (default: run.max_restarts)",
     )
@@ -239,9 +267,7 @@ def _as_ranks(args: argparse.Namespace, job, config=None) -> int:
 
     config = config or _load(args)  # validate before starting any process
     if not under_torchrun():
-        restarts = getattr(args, "max_restarts", None)
-        if restarts is not None and restarts < 0:
-            raise ConfigError(f"--max-restarts: expected >= 0, got {restarts}")
+        restarts = getattr(args, "max_restarts", None)  # >= 0: checked by its argparse type
         return relaunch(
             args.nproc or config.run.nproc, args.argv, config.run.max_restarts if restarts is None else restarts
         )
@@ -359,7 +385,7 @@ def _add_run(sub: argparse._SubParsersAction) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = OneLineParser(
         prog="morec", description="MoRec multi-objective recommender training (TorchRec + Ray + Parquet)"
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
