@@ -346,6 +346,9 @@ def validate(c: Config) -> None:
     )
     _require(c.model.embedding_dim >= 1, f"model.embedding_dim: expected >= 1, got {c.model.embedding_dim}")
     _require(c.model.init_std > 0, f"model.init_std: expected > 0, got {c.model.init_std}")
+    for budget in ("host_memory_gb", "device_memory_gb"):
+        value = getattr(c.model, budget)
+        _require(value >= 0, f"model.{budget}: expected >= 0 GiB (0 = the machine's), got {value}")
     _require(
         bool(c.model.tower_dims) and all(d >= 1 for d in c.model.tower_dims),
         f"model.tower_dims: expected positive layer widths, got {c.model.tower_dims}",
@@ -369,9 +372,6 @@ def validate(c: Config) -> None:
         c.coordinator.protocol in COORDINATOR_PROTOCOLS,
         f"coordinator.protocol: {c.coordinator.protocol!r} is not one of {COORDINATOR_PROTOCOLS}",
     )
-    for budget in ("host_memory_gb", "device_memory_gb"):
-        value = getattr(c.model, budget)
-        _require(value >= 0, f"model.{budget}: expected >= 0 GiB (0 = the machine's), got {value}")
     _require(
         c.coordinator.trace_window >= 0,
         f"coordinator.trace_window: expected >= 0 (0 = keep all), got {c.coordinator.trace_window}",

@@ -224,12 +224,12 @@ def run_job(config: Config, job: Job, resume: bool | None = None) -> dict[str, A
     started = time.perf_counter()
     ctx, dataset, trainer = setup_job(config)
     checkpoints = Checkpointing(config, trainer, job.kind)
-    if metrics is not None:
-        metrics.observe_placement(trainer.placement.rank_tables(ctx.rank))
     point = checkpoints.resume_point(config.run.resume if resume is None else resume)
     run = JobRun(config, ctx, dataset, trainer, checkpoints, point)
     parts = run.parts = job.build(run)
     metrics, exporter = open_rank_observer(config, ctx)
+    if metrics is not None:
+        metrics.observe_placement(trainer.placement.rank_tables(ctx.rank))
     checkpoints.attach(Checkpointed(parts.reader, parts.strategy, run.state, parts.coordinator))
     resumed = None
     if point is not None:
@@ -254,11 +254,11 @@ def run_job(config: Config, job: Job, resume: bool | None = None) -> dict[str, A
         exporter.stop()
     result = {
         **job.finish(run),
-        "placement": trainer.placement.record(),
         "resumed_from": str(point.path) if point is not None else None,
         "checkpoints_written": checkpoints.saved,
         "wall_s": time.perf_counter() - started,
         "train_rows_per_s": run.state.train_rows_per_s,
+        "placement": trainer.placement.record(),
         **provenance(config, ctx.world_size),
     }
     if ctx.rank == 0:
