@@ -27,8 +27,8 @@ def measure(checkpoint: Path) -> dict[str, Any]:
     import numpy as np
 
     from morec_dist.coordinator.objectives import SIGNAL_GROUP_HIT, SIGNAL_GROUP_LOSS, SignalRequest
-    from morec_dist.eval.evaluator import ItemMeta, evaluate, load_user_slice
-    from morec_dist.eval.signals import compute_signals
+    from morec_dist.eval.evaluator import ItemMeta, evaluate, heldout_rows
+    from morec_dist.eval.signals import SignalOptions, compute_signals
     from morec_dist.train.evaluate import checkpoint_config
     from morec_dist.train.runner import load_pretrained, setup_job
 
@@ -39,9 +39,8 @@ def measure(checkpoint: Path) -> dict[str, Any]:
     groups = int(meta.fair_group.max())
     out: dict[str, Any] = {"checkpoint": str(checkpoint), "seed": config.run.seed, "groups": groups}
     for split in ("valid", "test"):
-        result = evaluate(trainer.model, dataset, split, [K], 0, 1, trainer.features, ctx.device)
-        users = load_user_slice(dataset, split, 0, 1)
-        group = meta.fair_group[users.targets[np.argsort(users.user_ids, kind="stable")]]  # result's user order
+        result = evaluate(trainer.model, dataset, split, [K], trainer.features, ctx)
+        group = meta.fair_group[heldout_rows(dataset, split)[1]]  # sorted by user: the result's order
         hits = (result.ranks <= K).astype(np.float64)
         n = np.bincount(group, minlength=groups + 1)[1:]
         h = np.bincount(group, weights=hits, minlength=groups + 1)[1:]
@@ -51,19 +50,10 @@ def measure(checkpoint: Path) -> dict[str, Any]:
         SignalRequest("loss", SIGNAL_GROUP_LOSS, "fair_group", groups),
         SignalRequest("hit", SIGNAL_GROUP_HIT, "fair_group", groups, K),
     ]
-    signals = compute_signals(
-        requests,
-        trainer.model,
-        dataset,
-        trainer.features,
-        rank=0,
-        world_size=1,
-        device=ctx.device,
-        num_negatives=config.data.num_negatives,
-        negative_alpha=config.data.negative_alpha,
-        seed=config.run.seed,
-        loss_fn=trainer.loss_fn,
+    options = SignalOptions(
+        config.data.num_negatives, config.data.negative_alpha, config.run.seed, loss_fn=trainer.loss_fn
     )
+    signals = compute_signals(requests, trainer.model, dataset, trainer.features, ctx, options)
     loss = np.asarray(signals["loss"])
     out["valid_group_loss"] = loss.tolist()
     out["valid_worst_by_loss"] = [int(g) + 1 for g in np.argsort(-loss, kind="stable")]

@@ -136,7 +136,8 @@ class SamplerConfig:
     update_every_steps: int = 0  # 0 = once per epoch
     # one p update from the pretrained model's validation signals before the first step (the authors' tempo)
     update_at_start: bool = False
-    validation_users: int = 0  # 0 = all validation users
+    # the signals' seeded sample of validation users (the same users at every update); 0 = all
+    validation_users: int = 0
 
 
 @dataclass
@@ -364,6 +365,7 @@ def validate(c: Config) -> None:
     _require(
         bool(c.eval.ks) and all(k >= 1 for k in c.eval.ks), f"eval.ks: expected positive integers, got {c.eval.ks}"
     )
+    _require(c.eval.batch_users >= 1, f"eval.batch_users: expected >= 1, got {c.eval.batch_users}")
     _validate_morec(c.morec)
     # s = 0 would make step t's beta depend on step t's own report, which is sent after the
     # step's loss is formed: the trainer needs at least one step of slack.
@@ -404,6 +406,10 @@ def _validate_morec(m: MorecConfig) -> None:
     )
     _require(m.lam > 0, f"morec.lam: expected > 0, got {m.lam}")
     _require(m.sampler.alpha > 0, f"morec.sampler.alpha: expected > 0, got {m.sampler.alpha}")
+    _require(
+        m.sampler.validation_users >= 0,
+        f"morec.sampler.validation_users: expected >= 0 (0 = all validation users), got {m.sampler.validation_users}",
+    )
     _require(m.epochs >= 1, f"morec.epochs: expected >= 1, got {m.epochs}")
     _require(m.embedding_lr >= 0, f"morec.embedding_lr: expected >= 0, got {m.embedding_lr}")
     names = [o.name for o in m.objectives]

@@ -4,6 +4,7 @@ written here independently (Python sorting, sets, loops)."""
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import os
@@ -22,14 +23,18 @@ import torch
 from morec_dist.data.dataset import PreparedDataset
 from morec_dist.data.features import FeatureBuilder
 from morec_dist.data.prepare.synthetic import generate
-from morec_dist.eval import evaluate, evaluate_most_popular
+from morec_dist.distributed import DistContext
+from morec_dist.eval import EvalOptions, evaluate, evaluate_most_popular
 
 SCRIPTS = Path(__file__).parent / "dist_scripts"
 sys.path.insert(0, str(SCRIPTS))
 from integer_model import integer_mf  # noqa: E402 - found on the sys.path entry just above
 
+from tests.dist_scripts.distributed_eval import topk_lists  # noqa: E402 - the worker's own helper
+
 REPO = Path(__file__).resolve().parents[1]
 KS = [1, 3, 10]
+ONE = DistContext.single()
 
 
 @pytest.fixture(scope="module")
@@ -63,12 +68,13 @@ def brute_force(root: Path, split: str, score_of, ks: list[int]) -> dict:
             history[u].add(i)
     heldout = dict(read_rows(root, split))
     users = sorted(heldout)
-    ranks, counts = [], {k: [0] * len(q_star) for k in ks}
+    ranks, tops, counts = [], [], {k: [0] * len(q_star) for k in ks}
     for u in users:
         target, scores = heldout[u], score_of(u)
         candidates = [i for i in range(1, num_items + 1) if i not in history[u] or i == target]
         order = sorted(candidates, key=lambda i: (-scores[i], i))
         ranks.append(order.index(target) + 1)
+        tops.append(order[: max(ks)])
         for k in ks:
             for i in order[:k]:
                 counts[k][band[i] - 1] += 1
@@ -89,7 +95,7 @@ def brute_force(root: Path, split: str, score_of, ks: list[int]) -> dict:
         smoothed = [c + 1e-10 for c in counts[k]]
         q_rec = [c / sum(smoothed) for c in smoothed]
         metrics[f"pop_kl@{k}"] = sum(q * math.log(q / r) for q, r in zip(q_star, q_rec, strict=True) if q > 0)
-    return {"metrics": metrics, "ranks": ranks, "users": users, "counts": counts}
+    return {"metrics": metrics, "ranks": ranks, "users": users, "counts": counts, "tops": tops}
 
 
 def mf_scores(model) -> Callable[[int], np.ndarray]:
@@ -135,13 +141,23 @@ def in_process(data_dir: Path) -> tuple[dict[str, Any], torch.nn.Module]:
     data = PreparedDataset.open(data_dir)
     features = FeatureBuilder(data.path, data.num_users, data.num_items, "ids")
     model = integer_mf(features)
-    out = {}
+    options = EvalOptions(batch_users=7)
+    out: dict[str, Any] = {}
     for split in ("valid", "test"):
-        out[f"mf_{split}"] = as_json(
-            evaluate(model, data, split, KS, 0, 1, features, torch.device("cpu"), batch_users=7)
-        )
-        out[f"popular_{split}"] = as_json(evaluate_most_popular(data, split, KS, batch_users=7))
+        out[f"mf_{split}"] = as_json(evaluate(model, data, split, KS, features, ONE, options))
+        out[f"popular_{split}"] = as_json(evaluate_most_popular(data, split, KS, ONE, options))
+    out["mf_test_top"] = topk_lists(model, data, "test", max(KS), features, ONE, options)
+    out["zero_test"] = as_json(evaluate(zeroed(model), data, "test", KS, features, ONE, options))
     return out, model
+
+
+def zeroed(model: torch.nn.Module) -> torch.nn.Module:
+    """The same model with every weight 0: every score ties, the tie rule decides alone."""
+    zero = copy.deepcopy(model)
+    with torch.no_grad():
+        for p in zero.parameters():
+            p.zero_()
+    return zero
 
 
 def test_single_process_matches_brute_force(data_dir):
@@ -159,6 +175,11 @@ def test_single_process_matches_brute_force(data_dir):
         ties += sum(len(s) - len(set(s.tolist())) for s in (scores(u) for u in expected["users"]))
     # integer weights: the tie rule really decided ranks (otherwise this test proves less)
     assert ties > 0
+    expected = brute_force(data_dir, "test", mf_scores(model), KS)
+    assert results["mf_test_top"] == expected["tops"]
+    zero = brute_force(data_dir, "test", mf_scores(zeroed(model)), KS)
+    assert_matches(results["zero_test"], zero, "all-zero mf test")
+    assert len(set(zero["ranks"])) > 1  # not everyone first: ties go by item id
     # the model is not trivially perfect or hopeless on this data
     assert 0 < results["mf_test"]["metrics"]["hit@10"] < 1
 
@@ -177,11 +198,19 @@ def test_two_ranks_sharded_match_brute_force_and_one_rank(data_dir, tmp_path):
     distributed = json.loads(out.read_text())
     assert distributed["world_size"] == 2
     single, model = in_process(data_dir)
-    for key in ("mf_valid", "mf_test", "popular_valid", "popular_test"):
+    for key in ("mf_valid", "mf_test", "popular_valid", "popular_test", "mf_test_top", "zero_test"):
         # identical, bit for bit, to one rank (different batch size and no sharding too)
         assert distributed[key] == single[key], key
     expected = brute_force(data_dir, "test", mf_scores(model), KS)
     assert_matches(distributed["mf_test"], expected, "mf test (2 ranks)")
+    assert distributed["mf_test_top"] == expected["tops"]
+    # the two item ranges both contribute to the merged lists (the merge is exercised)
+    lo_items = sum(i <= data_dir_items(data_dir) // 2 for top in expected["tops"] for i in top)
+    assert 0 < lo_items < sum(len(top) for top in expected["tops"])
+
+
+def data_dir_items(root: Path) -> int:
+    return int(json.loads((root / "manifest.json").read_text())["num_items"])
 
 
 def test_rejects_bad_arguments(data_dir):

@@ -20,12 +20,13 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from morec_dist.config import ConfigError, load_config
 from morec_dist.coordinator.objectives import SignalRequest
 from morec_dist.data.dataset import PreparedDataset
 from morec_dist.data.features import FeatureBuilder
 from morec_dist.data.negatives import NegativeSampler
-from morec_dist.eval.evaluator import slice_bounds
-from morec_dist.eval.signals import compute_signals
+from morec_dist.distributed import DistContext
+from morec_dist.eval.signals import SignalOptions, compute_signals
 from tests.conftest import free_tcp_port
 
 sys.path.insert(0, str(Path(__file__).parent / "dist_scripts"))
@@ -43,40 +44,27 @@ def requests(ds: PreparedDataset) -> list[SignalRequest]:
     ]
 
 
-def run_signals(ds, model, features, rank, world_size, batch_users=64) -> dict[str, list[float]]:
+def run_signals(ds, model, features, rank, world_size, batch_users=64, users=0) -> dict[str, list[float]]:
     """The one call into signals.py (adapt here if its signature changes)."""
-    return compute_signals(
-        requests(ds),
-        model,
-        ds,
-        features,
-        rank=rank,
-        world_size=world_size,
-        device=torch.device("cpu"),
-        num_negatives=NUM_NEGATIVES,
-        negative_alpha=ALPHA,
-        seed=SEED,
-        batch_users=batch_users,
-    )
+    ctx = DistContext(rank, world_size, rank, torch.device("cpu"), "gloo", dist.group.WORLD if world_size > 1 else None)
+    options = SignalOptions(NUM_NEGATIVES, ALPHA, SEED, users=users, batch_users=batch_users)
+    return compute_signals(requests(ds), model, ds, features, ctx, options)
 
 
-def signal_negatives(ds: PreparedDataset, targets: np.ndarray, world_size: int) -> np.ndarray:
-    """The signal's negatives scheme, re-derived: each rank's contiguous slice of the valid
-    users draws from ``default_rng([seed, 7919, rank])`` (adapt here if the scheme changes)."""
+def signal_negatives(ds: PreparedDataset, targets: np.ndarray) -> np.ndarray:
+    """The signal's negatives scheme, re-derived: one draw for all (sampled) valid users from
+    ``default_rng([seed, 7919])``, the same on every rank (adapt here if the scheme changes)."""
     sampler = NegativeSampler.from_dataset(ds, ALPHA)
-    parts = []
-    for rank in range(world_size):
-        start, stop = slice_bounds(len(targets), rank, world_size)
-        rng = np.random.default_rng([SEED, 7919, rank])
-        parts.append(sampler.sample(rng, targets[start:stop], NUM_NEGATIVES))
-    return np.concatenate(parts)
+    return sampler.sample(np.random.default_rng([SEED, 7919]), targets, NUM_NEGATIVES)
 
 
-def brute_force(ds: PreparedDataset, model, features, world_size: int) -> dict[str, list[float]]:
+def brute_force(ds: PreparedDataset, model, features, keep: np.ndarray | None = None) -> dict[str, list[float]]:
     valid = ds.read_split("valid", ["user_id", "item_id"])
     order = np.argsort(valid["user_id"].to_numpy(), kind="stable")
     users = valid["user_id"].to_numpy()[order].astype(np.int64)
     targets = valid["item_id"].to_numpy()[order].astype(np.int64)
+    if keep is not None:  # the positions (in user order) of a user sample
+        users, targets = users[keep], targets[keep]
     train = ds.read_split("train", ["user_id", "item_id"])
     history: dict[int, set[int]] = {}
     for u, i in zip(train["user_id"].to_numpy().tolist(), train["item_id"].to_numpy().tolist(), strict=True):
@@ -84,7 +72,7 @@ def brute_force(ds: PreparedDataset, model, features, world_size: int) -> dict[s
     with torch.no_grad():
         u_vec = model.user_vectors(features.user_kjt(users)).double().numpy()
         i_vec = model.item_vectors(features.item_kjt(np.arange(ds.num_items + 1))).double().numpy()
-    negatives = signal_negatives(ds, targets, world_size)
+    negatives = signal_negatives(ds, targets)
     out: dict[str, list[float]] = {}
     for req in requests(ds):
         group = ds.item_column(req.group_column).astype(np.int64)
@@ -132,7 +120,7 @@ def one_rank(setup) -> dict:
 
 def test_one_rank_matches_brute_force(setup, one_rank):
     ds, features, model = setup
-    expected = brute_force(ds, model, features, 1)
+    expected = brute_force(ds, model, features)
     assert_signals_equal(one_rank, expected)
     # the signals are not trivially flat: the checks above can fail
     assert np.nanstd(one_rank["fairness"]) > 0 and np.nanstd(one_rank["fair_hit"]) > 0
@@ -161,12 +149,53 @@ def test_batch_size_does_not_change_the_signals(setup, one_rank):
     assert_signals_equal(run_signals(ds, model, features, 0, 1, batch_users=7), one_rank)
 
 
+def sample_size(ds: PreparedDataset) -> int:
+    return ds.split_rows("valid") // 3
+
+
+def expected_sample(num_users: int, size: int) -> np.ndarray:
+    """The signals' user sample, re-derived: positions (in user order) drawn without
+    replacement from ``default_rng([seed, 104729])`` (adapt here if the scheme changes)."""
+    return np.sort(np.random.default_rng([SEED, 104729]).choice(num_users, size, replace=False))
+
+
+def test_user_sample_is_seeded_and_matches_the_brute_force(setup, one_rank):
+    ds, features, model = setup
+    size = sample_size(ds)
+    sampled = run_signals(ds, model, features, 0, 1, users=size)
+    assert_signals_equal(sampled, brute_force(ds, model, features, expected_sample(ds.split_rows("valid"), size)))
+    assert sum(sampled["alignment"]) == 100 * size
+    assert sampled["alignment"] != one_rank["alignment"]  # a sample, not all users
+    # the same users at every update: another call (other batches) gives the same signals
+    assert_signals_equal(run_signals(ds, model, features, 0, 1, batch_users=7, users=size), sampled)
+    # 0 and a size of at least all users both mean every user
+    assert_signals_equal(run_signals(ds, model, features, 0, 1, users=ds.split_rows("valid")), one_rank)
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        (
+            "morec.sampler.validation_users=-5",
+            "morec.sampler.validation_users: expected >= 0 (0 = all validation users), got -5",
+        ),
+        ("eval.batch_users=0", "eval.batch_users: expected >= 1, got 0"),
+    ],
+)
+def test_bad_signal_settings_are_one_line_naming_the_key(override, message):
+    with pytest.raises(ConfigError) as caught:
+        load_config(None, [override])
+    assert message in str(caught.value) and "\n" not in str(caught.value)
+
+
 def _rank_worker(rank: int, port: int, root: str, out: dict) -> None:
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
     try:
         ds = PreparedDataset.open(root)
         features = FeatureBuilder(ds.path, ds.num_users, ds.num_items, "ids")
-        out[rank] = run_signals(ds, integer_mf(features), features, rank, 2, batch_users=50)
+        model = integer_mf(features)
+        out[rank] = run_signals(ds, model, features, rank, 2, batch_users=50)
+        out[f"sample{rank}"] = run_signals(ds, model, features, rank, 2, batch_users=50, users=sample_size(ds))
     finally:
         dist.destroy_process_group()
 
@@ -180,7 +209,12 @@ def test_two_ranks_reduce_to_the_brute_force(setup, one_rank):
         mp.spawn(_rank_worker, args=(port, str(ds.path), out), nprocs=2, join=True)
         out = dict(out)
     assert_signals_equal(out[0], out[1])  # every rank returns the same signals
-    assert_signals_equal(out[0], brute_force(ds, model, features, 2))
-    # hits and histograms do not depend on the negatives: equal to the single-process ones
-    for name in ("fair_hit", "alignment"):
-        np.testing.assert_allclose(out[0][name], one_rank[name], rtol=1e-12)
+    assert_signals_equal(out[0], brute_force(ds, model, features))
+    # the same users and negatives on any number of ranks: the single-process signals (hits
+    # and histograms exactly; the float32 per-row losses of other batch sizes to float32)
+    sampled = run_signals(ds, model, features, 0, 1, users=sample_size(ds))
+    assert_signals_equal(out["sample0"], out["sample1"])
+    for two, one in ((out[0], one_rank), (out["sample0"], sampled)):
+        assert_signals_equal(two, one)
+        for name in ("fair_hit", "alignment"):
+            np.testing.assert_allclose(two[name], one[name], rtol=1e-12, err_msg=name)

@@ -16,9 +16,16 @@ Each signal is one entry of ``SIGNALS`` (the only list of signal names): a ``Row
 (a vector over groups per batch, summed). An objective kind from a plugin may register its
 own next to the kind (docs/extending.md).
 
-Users are split across ranks exactly as in evaluation; every rank makes the same number
-of scoring calls (sharded lookups are collectives) and sums are all-reduced, so every rank
-returns the same signals.
+Work is split over ranks as in evaluation (eval/ranking.py): every rank scores the users
+against its own item range, and a merge per batch gives every rank the held-out ranks, the
+top-k lists and the scores of the held-out item and its negatives exactly as one process
+would, so every rank returns the same signals, whatever the number of ranks.
+
+The signals run on a seeded sample of the validation users (``SignalOptions.users``, from
+``morec.sampler.validation_users``; 0 = all): the same users at every update (the signal
+moves with the model, not with the sample), so an update costs O(sample x items / ranks).
+Their negatives are drawn once per update from ``default_rng([seed, 7919])`` for the whole
+sample, the same on every rank.
 """
 
 from __future__ import annotations
@@ -33,37 +40,47 @@ import torch
 from morec_dist.data.dataset import PreparedDataset
 from morec_dist.data.features import FeatureBuilder
 from morec_dist.data.negatives import NegativeSampler
-from morec_dist.eval.evaluator import (
-    effective_batch_users,
-    heldout_ranks,
-    load_user_slice,
-    max_over_ranks,
-    model_scorer,
-    scored_batches,
-    sum_over_ranks,
-    topk_band_counts,
-)
+from morec_dist.distributed import DistContext
+from morec_dist.eval.evaluator import load_users
+from morec_dist.eval.ranking import EvalOptions, band_counts, model_scorer, ranked_batches, stop_checker
 from morec_dist.model.loss import bpr_loss
 from morec_dist.model.sharding import unwrap
 from morec_dist.registry import Registry
 
 
+@dataclass(frozen=True)
+class SignalOptions:
+    """How the signals are measured: the negatives of ``group_loss`` (the training scheme's
+    count and popularity exponent, a fixed seed), the validation-user sample (0 = all), the
+    batch size, the loss, and the SIGTERM flag polled between batches (``EvalOptions``)."""
+
+    num_negatives: int
+    negative_alpha: float
+    seed: int
+    users: int = 0
+    batch_users: int = 1024
+    loss_fn: Callable[[torch.Tensor], torch.Tensor] = bpr_loss
+    stop: Callable[[], bool] | None = None
+
+
 @dataclass
 class ScoredBatch:
-    """One batch of validation users as every signal sees it: full-catalogue scores (train
-    items masked), the candidates, each user's held-out item and per-row training loss."""
+    """One batch of validation users as every signal sees it (after the merge over ranks):
+    each user's held-out item, its 1-based rank (train items masked), the top-k list and
+    the per-row training loss."""
 
-    scores: torch.Tensor  # [B, num_items + 1]
-    candidates: torch.Tensor
     targets: torch.Tensor  # [B] held-out item ids
+    heldout_ranks: torch.Tensor  # [B]
+    top_items: torch.Tensor  # [B, K] in ranking order, K = the largest k requested
     per_row_loss: torch.Tensor  # [B]
-    _ranks: torch.Tensor | None = None
 
     def ranks(self) -> torch.Tensor:
-        """1-based rank of each held-out item (computed once per batch, shared by signals)."""
-        if self._ranks is None:
-            self._ranks = heldout_ranks(self.scores, self.candidates, self.targets)
-        return self._ranks
+        """1-based rank of each held-out item (train items masked)."""
+        return self.heldout_ranks
+
+    def topk_counts(self, k: int, item_groups: torch.Tensor, num_groups: int) -> torch.Tensor:
+        """[G]: how many of the batch's top-k items fall in each group 1..G."""
+        return band_counts(self.top_items, k, item_groups.to(self.top_items.device), num_groups)
 
 
 @dataclass(frozen=True)
@@ -76,7 +93,8 @@ class RowSignal:
 
 @dataclass(frozen=True)
 class CountSignal:
-    """counts(batch, request, item_groups) -> [G]: the signal is its sum over batches and ranks."""
+    """counts(batch, request, item_groups) -> [G]: the signal is its sum over batches (every
+    rank sees every batch, so no reduction over ranks)."""
 
     counts: Callable[[ScoredBatch, Any, torch.Tensor], torch.Tensor]
 
@@ -86,11 +104,7 @@ SIGNALS.register("group_loss", RowSignal(lambda batch, request: batch.per_row_lo
 SIGNALS.register("group_hit", RowSignal(lambda batch, request: (batch.ranks() <= request.k).to(torch.float64)))
 SIGNALS.register(
     "topk_histogram",
-    CountSignal(
-        lambda batch, request, groups: topk_band_counts(
-            batch.scores, batch.candidates, request.k, groups.to(batch.scores.device), request.num_groups
-        )
-    ),
+    CountSignal(lambda batch, request, groups: batch.topk_counts(request.k, groups, request.num_groups)),
 )
 
 
@@ -115,10 +129,8 @@ class _Accumulator:
         else:
             self.sums[1:] += self.signal.counts(batch, self.request, self.groups).detach().cpu().to(torch.float64)
 
-    def reduce(self, world_size: int) -> list[float]:
-        both = torch.stack([self.sums, self.counts])
-        both = torch.from_numpy(sum_over_ranks(both, world_size))
-        sums, counts = both[0, 1:].numpy(), both[1, 1:].numpy()
+    def result(self) -> list[float]:
+        sums, counts = self.sums[1:].numpy(), self.counts[1:].numpy()
         if isinstance(self.signal, CountSignal):
             return sums.tolist()
         with np.errstate(invalid="ignore", divide="ignore"):
@@ -130,39 +142,39 @@ def compute_signals(
     model: torch.nn.Module,
     dataset: PreparedDataset,
     features: FeatureBuilder,
-    *,
-    rank: int,
-    world_size: int,
-    device: torch.device,
-    num_negatives: int,
-    negative_alpha: float,
-    seed: int,
-    batch_users: int = 1024,
-    loss_fn: Callable[[torch.Tensor], torch.Tensor] = bpr_loss,
+    ctx: DistContext,
+    options: SignalOptions,
 ) -> dict[str, list[float]]:
-    """{objective name: signal vector} for every request; identical on every rank."""
+    """{objective name: signal vector} for every request; identical on every rank (a
+    collective with a sharded model: every rank calls it with the same options)."""
     if not requests:
         return {}
     accumulators = [_Accumulator(r, dataset) for r in requests]
-    users = load_user_slice(dataset, "valid", rank, world_size)
-    sampler = NegativeSampler.from_dataset(dataset, negative_alpha)
-    rng = np.random.default_rng([seed, 7919, rank])
-    negatives = torch.from_numpy(sampler.sample(rng, users.targets, num_negatives).astype(np.int64))
-    batch = effective_batch_users(batch_users, dataset.num_items)
-    num_batches = max_over_ranks(-(-len(users) // batch), world_size, device)
+    users = load_users(dataset, "valid", ctx, sample=options.users, seed=options.seed)
+    sampler = NegativeSampler.from_dataset(dataset, options.negative_alpha)
+    rng = np.random.default_rng([options.seed, 7919])
+    negatives = sampler.sample(rng, users.targets, options.num_negatives).astype(np.int64)
+    k = max([1, *(int(getattr(r, "k", 0) or 0) for r in requests)])
+    eval_options = EvalOptions(batch_users=options.batch_users, stop=options.stop)
     module = unwrap(model)
     was_training = model.training
     model.eval()
     try:
-        scorer = model_scorer(module, features, device)
-        columns_all = dataset.num_items + 1
-        for start, stop, scores, targets, candidates in scored_batches(
-            scorer, users, columns_all, batch, num_batches, device
-        ):
-            columns = torch.cat([targets.unsqueeze(1), negatives[start:stop].to(device)], dim=1)
-            scored = ScoredBatch(scores, candidates, targets, loss_fn(scores.gather(1, columns)))
+        scorer = model_scorer(module, features, ctx, stop_checker(ctx, eval_options))
+        for batch in ranked_batches(scorer, users, dataset.num_items, k, ctx, eval_options, extra_columns=negatives):
+            picked = batch.picked.to(scorer_dtype(module))
+            scored = ScoredBatch(batch.targets, batch.ranks, batch.top_items, options.loss_fn(picked))
             for acc in accumulators:
                 acc.add(scored)
     finally:
         model.train(was_training)
-    return {acc.request.objective: acc.reduce(world_size) for acc in accumulators}
+    return {acc.request.objective: acc.result() for acc in accumulators}
+
+
+def scorer_dtype(module: torch.nn.Module) -> torch.dtype:
+    """The dtype the model scores in (the picked scores travel as float64 and come back
+    exactly): the first floating parameter's, float32 for a model without parameters."""
+    for p in module.parameters():
+        if p.is_floating_point():
+            return p.dtype
+    return torch.float32

@@ -12,6 +12,7 @@ from typing import Any
 
 from morec_dist.config import Config, config_from_dict
 from morec_dist.eval.evaluator import evaluate_most_popular
+from morec_dist.eval.ranking import EvalOptions
 from morec_dist.train.checkpoint import read_meta
 from morec_dist.train.run_dir import provenance, write_json_atomic
 from morec_dist.train.runner import evaluation, load_pretrained, setup_job
@@ -33,9 +34,7 @@ def run_evaluate(
     ctx, dataset, trainer = setup_job(config)  # the runner's setup; evaluation has no epochs
     load_pretrained(trainer, Path(checkpoint))
     metrics = evaluation(trainer, split)
-    popular = evaluate_most_popular(
-        dataset, split, config.eval.ks, ctx.rank, ctx.world_size, ctx.device, config.eval.batch_users
-    )
+    popular = evaluate_most_popular(dataset, split, config.eval.ks, ctx, EvalOptions(config.eval.batch_users))
     payload = {
         **metrics,
         "split": split,

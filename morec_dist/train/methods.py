@@ -102,7 +102,9 @@ def build_sampled(
     from morec_dist.coordinator.objectives import ObjectiveError
     from morec_dist.coordinator.sampler import GroupStats, SamplerError
     from morec_dist.coordinator.service import connect_ray, open_coordinator
-    from morec_dist.eval.signals import compute_signals
+    from morec_dist.eval.ranking import EvaluationInterrupted
+    from morec_dist.eval.signals import SignalOptions, compute_signals
+    from morec_dist.train.preemption import exit_interrupted, sigterm_requested
     from morec_dist.train.resume import coordinator_state_for
     from morec_dist.train.runner import make_reader
 
@@ -124,22 +126,21 @@ def build_sampled(
     except (ObjectiveError, SamplerError) as exc:
         raise ConfigError(f"morec.objectives: {exc}") from None
     requests = spec.objectives.signal_requests()
+    signal_options = SignalOptions(
+        num_negatives=config.data.num_negatives,
+        negative_alpha=config.data.negative_alpha,
+        seed=config.run.seed,
+        users=config.morec.sampler.validation_users,
+        batch_users=config.eval.batch_users,
+        loss_fn=trainer.loss_fn,
+        stop=sigterm_requested,
+    )
 
     def measure(step: int) -> dict[str, list[float]]:
-        return compute_signals(
-            requests,
-            trainer.model,
-            dataset,
-            trainer.features,
-            rank=ctx.rank,
-            world_size=ctx.world_size,
-            device=ctx.device,
-            num_negatives=config.data.num_negatives,
-            negative_alpha=config.data.negative_alpha,
-            seed=config.run.seed,
-            batch_users=config.eval.batch_users,
-            loss_fn=trainer.loss_fn,
-        )
+        try:
+            return compute_signals(requests, trainer.model, dataset, trainer.features, ctx, signal_options)
+        except EvaluationInterrupted:
+            exit_interrupted(ctx, f"the sampler's signal update after step {step}")
 
     start_update = None
     # a resumed job's version 0 (and every later one) comes back with the coordinator state

@@ -23,6 +23,7 @@ from morec_dist.config import Config
 from morec_dist.data.reader import Reader
 from morec_dist.distributed import all_reduce_sum
 from morec_dist.eval.evaluator import evaluate_most_popular
+from morec_dist.eval.ranking import EvalOptions
 from morec_dist.train.checkpoint import load_checkpoint, save_checkpoint
 from morec_dist.train.loop import progress
 from morec_dist.train.run_dir import provenance
@@ -116,9 +117,7 @@ class PretrainJob:
         c, ctx, trainer, best = run.config, run.ctx, run.trainer, run.state.best
         load_checkpoint(self.best_path, trainer.model_state())
         test = evaluation(trainer, "test")
-        popular = evaluate_most_popular(
-            run.dataset, "test", c.eval.ks, ctx.rank, ctx.world_size, ctx.device, c.eval.batch_users
-        ).metrics
+        popular = evaluate_most_popular(run.dataset, "test", c.eval.ks, ctx, EvalOptions(c.eval.batch_users)).metrics
         return {
             **test,
             "split": "test",

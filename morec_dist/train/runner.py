@@ -32,9 +32,11 @@ from morec_dist.data.dataset import PreparedDataset
 from morec_dist.data.reader import Reader
 from morec_dist.distributed import DistContext, init_job_distributed
 from morec_dist.eval.evaluator import evaluate
+from morec_dist.eval.ranking import EvalOptions, EvaluationInterrupted
 from morec_dist.train.checkpoint import check_compatible, load_checkpoint, read_meta
 from morec_dist.train.job_state import JobState
 from morec_dist.train.loop import EpochProgress, Strategy, open_rank_observer, progress, train_epoch
+from morec_dist.train.preemption import exit_interrupted, sigterm_requested
 from morec_dist.train.resume import Checkpointed, Checkpointing, ResumePoint
 from morec_dist.train.run_dir import provenance, write_json_atomic
 from morec_dist.train.trainer import EpochStats, Trainer, build_features
@@ -109,17 +111,11 @@ def select_metric(config: Config) -> str:
 def evaluation(trainer: Trainer, split: str) -> dict[str, float]:
     """The evaluation protocol's metrics (every K of ``eval.ks``) of the trainer's model."""
     c, ctx = trainer.config, trainer.ctx
-    result = evaluate(
-        trainer.model,
-        trainer.dataset,
-        split,
-        c.eval.ks,
-        ctx.rank,
-        ctx.world_size,
-        trainer.features,
-        ctx.device,
-        c.eval.batch_users,
-    )
+    options = EvalOptions(batch_users=c.eval.batch_users, stop=sigterm_requested)
+    try:
+        result = evaluate(trainer.model, trainer.dataset, split, c.eval.ks, trainer.features, ctx, options)
+    except EvaluationInterrupted:
+        exit_interrupted(ctx, f"evaluation on {split}")
     return result.metrics
 
 

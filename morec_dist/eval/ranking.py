@@ -1,0 +1,325 @@
+"""Full-catalogue ranking split over ranks by *items*, merged into exactly one rank's answer.
+
+Each rank owns a contiguous range of the columns 0..num_items (``item_range``; column 0 is
+the padding item, never a candidate) and holds only that range's item vectors. Every rank
+scores *all* users of the batch against its range and keeps, per user:
+
+- the number of candidates of its range ordered before the held-out item, and
+- its local top-K (K = the largest K asked for) under the ranking rule.
+
+The ranking rule is total: (score descending, item_id ascending). The global top-K list is
+therefore the top-K of the union of the local top-K lists, and the held-out rank is
+1 + the sum of the per-range counts; the merge (one all_gather per batch) gives exactly
+the ranks and top-K lists of a single process scoring the whole catalogue.
+
+The held-out item's score is taken from the one rank whose range holds it (its own score
+matrix) and shared in the batch's control all_reduce, together with any other picked
+columns (the signals' negatives), the NaN flag and the SIGTERM flag. Sharing the owner's
+value, instead of recomputing it elsewhere, keeps ties exact: every comparison uses the
+very number the owner ranks the item with.
+
+Sharded lookups are collectives: every rank looks up the same user batches, and the item
+vectors of its range in rounds of equal size (padded with item 0).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any, Protocol, cast
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from morec_dist.data.features import FeatureBuilder
+from morec_dist.distributed import DistContext
+
+# A batch never holds more than this many scores per rank (batch_users is lowered to fit),
+# so that huge catalogues stay within memory (about 5 bytes per score in flight).
+MAX_SCORES_PER_BATCH = 1 << 26
+ITEM_CHUNK = 1 << 16
+# ids of empty top-K slots: above every item id and exact in float64 (the merge's payload)
+PAD_ID = 1 << 52
+
+RangeScorer = Callable[[np.ndarray], torch.Tensor]  # user ids [B] -> scores [B, hi - lo]
+
+
+class EvaluationInterrupted(RuntimeError):
+    """Every rank stops scoring at the same batch because one of them got SIGTERM."""
+
+
+@dataclass(frozen=True)
+class EvalOptions:
+    """How an evaluation runs (not what it measures).
+
+    ``stop`` is this rank's local stop request (the SIGTERM flag); the ranks agree on it
+    between batches and raise ``EvaluationInterrupted`` together."""
+
+    batch_users: int = 1024
+    stop: Callable[[], bool] | None = None
+
+
+class Recommender(Protocol):
+    """What evaluation needs of a model (every model of model/registry.py has it). A model is
+    typed nn.Module elsewhere, whose __getattr__ hides these methods from the type checker,
+    so ``as_recommender`` states it once."""
+
+    def user_vectors(self, user_kjt: Any) -> torch.Tensor: ...
+
+    def item_vectors(self, item_kjt: Any) -> torch.Tensor: ...
+
+
+def as_recommender(model: nn.Module) -> Recommender:
+    return cast(Recommender, model)
+
+
+@dataclass
+class UserSet:
+    """The users every rank scores (sorted ids), their held-out items, and their history
+    restricted to this rank's item range, as a CSR (global item ids)."""
+
+    user_ids: np.ndarray
+    targets: np.ndarray
+    history_indptr: np.ndarray
+    history_items: np.ndarray
+
+    def __len__(self) -> int:
+        return int(self.user_ids.size)
+
+
+@dataclass
+class RankedBatch:
+    """One batch of users after the merge (identical on every rank)."""
+
+    start: int
+    stop: int
+    targets: torch.Tensor  # [B] held-out item ids
+    ranks: torch.Tensor  # [B] 1-based held-out ranks
+    top_items: torch.Tensor  # [B, K] ids in ranking order; PAD_ID past a user's candidates
+    picked: torch.Tensor  # [B, P] scores of the picked columns (column 0: the held-out item)
+
+
+# ------------------------------------------------------------------- partition
+
+
+def slice_bounds(size: int, part: int, parts: int) -> tuple[int, int]:
+    """Contiguous, balanced slice of [0, size) for ``part`` (numpy.array_split)."""
+    base, extra = divmod(size, parts)
+    start = part * base + min(part, extra)
+    return start, start + base + (1 if part < extra else 0)
+
+
+def item_range(num_items: int, ctx: DistContext) -> tuple[int, int]:
+    """This rank's columns [lo, hi) of 0..num_items."""
+    return slice_bounds(num_items + 1, ctx.rank, ctx.world_size)
+
+
+def longest_range(num_items: int, world_size: int) -> int:
+    return -(-(num_items + 1) // world_size)
+
+
+def effective_batch_users(batch_users: int, num_items: int, world_size: int) -> int:
+    """Users per batch: the same on every rank (sized by the longest item range)."""
+    return max(1, min(batch_users, MAX_SCORES_PER_BATCH // longest_range(num_items, world_size)))
+
+
+# ---------------------------------------------------------------------- scorers
+
+
+@torch.no_grad()
+def range_item_vectors(
+    model: nn.Module, features: FeatureBuilder, ctx: DistContext, check_stop: Callable[[], None]
+) -> torch.Tensor:
+    """Item vectors of this rank's range, in rounds whose sizes agree on every rank (a short
+    range is padded with item 0, whose vectors are dropped)."""
+    lo, hi = item_range(features.num_items, ctx)
+    longest = longest_range(features.num_items, ctx.world_size)
+    parts = []
+    for s in range(0, longest, ITEM_CHUNK):
+        size = min(ITEM_CHUNK, longest - s)
+        ids = np.zeros(size, dtype=np.int64)
+        real = max(0, min(size, hi - lo - s))
+        ids[:real] = np.arange(lo + s, lo + s + real)
+        vectors = as_recommender(model).item_vectors(features.item_kjt(ids).to(ctx.device))
+        parts.append(vectors[:real])
+        check_stop()
+    return torch.cat(parts)
+
+
+def model_scorer(
+    model: nn.Module, features: FeatureBuilder, ctx: DistContext, check_stop: Callable[[], None]
+) -> RangeScorer:
+    items_t = range_item_vectors(model, features, ctx, check_stop).t().contiguous()
+
+    @torch.no_grad()
+    def score(user_ids: np.ndarray) -> torch.Tensor:
+        users = as_recommender(model).user_vectors(features.user_kjt(user_ids).to(ctx.device))
+        return users @ items_t
+
+    return score
+
+
+def popularity_scorer(popularity: np.ndarray, ctx: DistContext) -> RangeScorer:
+    lo, hi = item_range(popularity.size - 1, ctx)
+    mine = torch.from_numpy(popularity[lo:hi].astype(np.float64)).to(ctx.device)
+
+    def score(user_ids: np.ndarray) -> torch.Tensor:
+        return mine.unsqueeze(0).expand(len(user_ids), -1)
+
+    return score
+
+
+# ---------------------------------------------------------------- local ranking
+
+
+def candidate_mask(scores: torch.Tensor, users: UserSet, start: int, stop: int, lo: int) -> torch.Tensor:
+    """Candidates of this range: not item 0, not in the history, except the held-out item."""
+    rows, width = stop - start, scores.shape[1]
+    device = scores.device
+    mask = torch.ones(rows, width, dtype=torch.bool, device=device)
+    if lo == 0:
+        mask[:, 0] = False
+    counts = np.diff(users.history_indptr[start : stop + 1])
+    h_lo, h_hi = users.history_indptr[start], users.history_indptr[stop]
+    hist_rows = torch.from_numpy(np.repeat(np.arange(rows), counts)).to(device)
+    hist_cols = torch.from_numpy(users.history_items[h_lo:h_hi] - lo).to(device)
+    mask[hist_rows, hist_cols] = False
+    targets = users.targets[start:stop] - lo
+    mine = np.flatnonzero((targets >= 0) & (targets < width))
+    mask[torch.from_numpy(mine).to(device), torch.from_numpy(targets[mine]).to(device)] = True
+    return mask
+
+
+def owned_scores(scores: torch.Tensor, columns: np.ndarray, lo: int) -> torch.Tensor:
+    """[B, P] float64: the scores of ``columns`` (global ids) this range owns, 0 elsewhere."""
+    local = torch.from_numpy(columns - lo).to(scores.device)
+    owned = (local >= 0) & (local < scores.shape[1])
+    values = scores.gather(1, local.clamp(0, scores.shape[1] - 1)).to(torch.float64)
+    return torch.where(owned, values, torch.zeros_like(values))
+
+
+def count_before(
+    scores: torch.Tensor, candidates: torch.Tensor, target_scores: torch.Tensor, targets: torch.Tensor, lo: int
+) -> torch.Tensor:
+    """Per row: the candidates of this range ordered before the held-out item."""
+    t = target_scores.to(scores.dtype).unsqueeze(1)
+    ids = torch.arange(lo, lo + scores.shape[1], device=scores.device).unsqueeze(0)
+    before = (scores > t) | ((scores == t) & (ids < targets.unsqueeze(1)))
+    return (before & candidates).sum(dim=1)
+
+
+def local_topk(scores: torch.Tensor, candidates: torch.Tensor, k: int, lo: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per row, this range's first k candidates under the ranking rule, as float64
+    (scores [B, k], ids [B, k]), unordered; empty slots are (-inf, PAD_ID)."""
+    rows = scores.shape[0]
+    out_scores = torch.full((rows, k), float("-inf"), dtype=torch.float64, device=scores.device)
+    out_ids = torch.full((rows, k), float(PAD_ID), dtype=torch.float64, device=scores.device)
+    kk = min(k, scores.shape[1])
+    if kk == 0:
+        return out_scores, out_ids
+    masked = scores.masked_fill(~candidates, float("-inf"))
+    threshold = masked.topk(kk, dim=1).values[:, -1:]
+    above = masked > threshold
+    room = kk - above.sum(dim=1, keepdim=True)
+    at_threshold = (masked == threshold) & candidates
+    # ties at the threshold: the lowest item ids first (columns are in id order)
+    chosen = above | (at_threshold & (at_threshold.cumsum(dim=1, dtype=torch.int32) <= room))
+    row, col = chosen.nonzero(as_tuple=True)
+    first = torch.cumsum(chosen.sum(dim=1), dim=0) - chosen.sum(dim=1)
+    slot = torch.arange(row.numel(), device=scores.device) - first[row]
+    out_scores[row, slot] = masked[row, col].to(torch.float64)
+    out_ids[row, slot] = (col + lo).to(torch.float64)
+    return out_scores, out_ids
+
+
+def merge_topk(scores: torch.Tensor, ids: torch.Tensor, k: int) -> torch.Tensor:
+    """[B, n] candidates (from every rank) -> [B, k] ids in ranking order (score desc, id asc)."""
+    by_id = torch.sort(ids, dim=1, stable=True)
+    by_score = torch.sort(scores.gather(1, by_id.indices), dim=1, descending=True, stable=True)
+    return by_id.values.gather(1, by_score.indices)[:, :k].to(torch.int64)
+
+
+# -------------------------------------------------------------------- the merge
+
+
+def all_reduce_sum_(t: torch.Tensor, ctx: DistContext) -> torch.Tensor:
+    if ctx.distributed:
+        dist.all_reduce(t, group=ctx.pg)
+    return t
+
+
+def all_gather_stack(t: torch.Tensor, ctx: DistContext) -> torch.Tensor:
+    """[world_size, *t.shape], in rank order."""
+    if not ctx.distributed:
+        return t.unsqueeze(0)
+    parts = [torch.empty_like(t) for _ in range(ctx.world_size)]
+    dist.all_gather(parts, t, group=ctx.pg)
+    return torch.stack(parts)
+
+
+def stop_checker(ctx: DistContext, options: EvalOptions) -> Callable[[], None]:
+    """A collective: raises ``EvaluationInterrupted`` on every rank once any rank's stop is set."""
+    from morec_dist.distributed import any_rank
+
+    def check() -> None:
+        if options.stop is not None and any_rank(options.stop(), ctx):
+            raise EvaluationInterrupted("evaluation interrupted by SIGTERM")
+
+    return check
+
+
+def agree_on_batch(picked: torch.Tensor, has_nan: bool, options: EvalOptions, ctx: DistContext) -> torch.Tensor:
+    """One all_reduce: the picked columns' scores (each from the rank owning the column),
+    the NaN flag and the SIGTERM flag; raises on every rank alike."""
+    stop = options.stop is not None and options.stop()
+    flags = torch.tensor([float(has_nan), float(stop)], dtype=torch.float64, device=picked.device)
+    control = all_reduce_sum_(torch.cat([picked.flatten(), flags]), ctx)
+    if control[-1] > 0:
+        raise EvaluationInterrupted("evaluation interrupted by SIGTERM")
+    if control[-2] > 0:
+        raise FloatingPointError("evaluation: the model produced NaN scores")
+    return control[:-2].view_as(picked)
+
+
+def ranked_batches(
+    scorer: RangeScorer,
+    users: UserSet,
+    num_items: int,
+    k: int,
+    ctx: DistContext,
+    options: EvalOptions,
+    extra_columns: np.ndarray | None = None,
+) -> Iterator[RankedBatch]:
+    """Every user of ``users`` in batches, ranked against the whole catalogue: the merge of
+    every rank's item range. ``extra_columns`` [U, P-1] are further items whose scores each
+    batch carries (after the held-out item's)."""
+    lo, _ = item_range(num_items, ctx)
+    batch = effective_batch_users(options.batch_users, num_items, ctx.world_size)
+    for start in range(0, len(users), batch):
+        stop = min(start + batch, len(users))
+        scores = scorer(users.user_ids[start:stop])
+        columns = users.targets[start:stop, None]
+        if extra_columns is not None:
+            columns = np.concatenate([columns, extra_columns[start:stop]], axis=1)
+        picked = agree_on_batch(owned_scores(scores, columns, lo), bool(torch.isnan(scores).any()), options, ctx)
+        targets = torch.from_numpy(users.targets[start:stop]).to(scores.device)
+        candidates = candidate_mask(scores, users, start, stop, lo)
+        before = count_before(scores, candidates, picked[:, 0], targets, lo)
+        top_scores, top_ids = local_topk(scores, candidates, k, lo)
+        del scores, candidates
+        payload = torch.cat([before.to(torch.float64).unsqueeze(1), top_scores, top_ids], dim=1)
+        gathered = all_gather_stack(payload, ctx)  # [W, B, 1 + 2k]
+        ranks = 1 + gathered[:, :, 0].sum(dim=0).to(torch.int64)
+        merged_scores = gathered[:, :, 1 : 1 + k].permute(1, 0, 2).reshape(stop - start, -1)
+        merged_ids = gathered[:, :, 1 + k :].permute(1, 0, 2).reshape(stop - start, -1)
+        top = merge_topk(merged_scores, merged_ids, k)
+        yield RankedBatch(start, stop, targets, ranks, top, picked)
+
+
+def band_counts(top_items: torch.Tensor, k: int, bands: torch.Tensor, num_bands: int) -> torch.Tensor:
+    """Histogram (bands 1..G at 0..G-1) of the first k items of each row's list."""
+    first = top_items[:, :k]
+    real = first[first != PAD_ID]
+    return torch.bincount(bands[real], minlength=num_bands + 1)[1:]
