@@ -2,7 +2,7 @@
 # Start `morec <args>` as torchrun ranks: one machine (standalone) or one node of many (c10d).
 #
 #   launch/train.sh [--nproc N] [--nnodes N] [--node-rank R] [--rdzv HOST:PORT]
-#                   [--rdzv-id ID] [--max-restarts N] [--dry-run] -- <morec args>
+#                   [--rdzv-id ID] [--bind ADDR] [--max-restarts N] [--dry-run] -- <morec args>
 #
 #   launch/train.sh --nproc 2 -- train --config configs/ml1m_mf_pretrain.toml
 #   launch/train.sh --nproc 1 --nnodes 2 --node-rank 0 --rdzv 10.0.0.1:29400 -- train --config c.toml
@@ -21,6 +21,13 @@
 # --rdzv-id    the job id every node passes (default $RDZV_ID, else "morec").
 # LOCAL_ADDR   (environment) the address this node advertises to the others; node 0's is the
 #              MASTER_ADDR of the ranks (default: torchrun resolves the hostname).
+# --bind       the IP address torchrun's stores (the c10d rendezvous store, the ranks'
+#              MASTER_PORT store) listen on, through morec_dist.train.bind. Default $BIND_ADDR;
+#              else, on one machine (no --rdzv), 127.0.0.1, with the ranks' gloo / NCCL sockets
+#              on `lo` (GLOO_SOCKET_IFNAME / NCCL_SOCKET_IFNAME, unless set) and MASTER_ADDR
+#              127.0.0.1: nothing of the job listens beyond loopback. On several machines,
+#              every interface (torch's own behaviour) unless given: name this node's address,
+#              and its interface in GLOO_SOCKET_IFNAME (docs/deploy.md, "What listens where").
 # --max-restarts  torchrun's restarts of the rank group; default $MAX_RESTARTS, else the
 #              config's run.max_restarts (or the morec command's own --max-restarts), read by
 #              `python -m morec_dist.train.launch settings`, which validates the config first:
@@ -47,6 +54,7 @@ node_rank="${NODE_RANK:-0}"
 rdzv="${RDZV_ENDPOINT:-}"
 rdzv_id="${RDZV_ID:-morec}"
 max_restarts="${MAX_RESTARTS:-}"
+bind="${BIND_ADDR:-}"
 dry_run=0
 
 while [[ $# -gt 0 ]]; do
@@ -57,6 +65,7 @@ while [[ $# -gt 0 ]]; do
         --rdzv) [[ $# -ge 2 ]] || die "--rdzv needs HOST:PORT"; rdzv="$2"; shift 2 ;;
         --rdzv-id) [[ $# -ge 2 ]] || die "--rdzv-id needs a value"; rdzv_id="$2"; shift 2 ;;
         --max-restarts) [[ $# -ge 2 ]] || die "--max-restarts needs a value"; max_restarts="$2"; shift 2 ;;
+        --bind) [[ $# -ge 2 ]] || die "--bind needs an IP address"; bind="$2"; shift 2 ;;
         --dry-run) dry_run=1; shift ;;
         -h|--help) usage; exit 0 ;;
         --) shift; break ;;
@@ -72,6 +81,7 @@ min_nodes="${nnodes%:*}" max_nodes="${nnodes#*:}"
 [[ "$node_rank" =~ ^[0-9]+$ ]] || die "--node-rank (or NODE_RANK): expected an integer >= 0, got '$node_rank'"
 (( node_rank < max_nodes )) || die "--node-rank $node_rank: expected < --nnodes $nnodes"
 [[ -z "$max_restarts" || "$max_restarts" =~ ^[0-9]+$ ]] || die "--max-restarts: expected an integer >= 0, got '$max_restarts'"
+[[ -z "$bind" || "$bind" =~ ^[0-9.]+$ || "$bind" =~ ^[0-9a-fA-F:]+$ ]] || die "--bind (or BIND_ADDR): expected an IP address, got '$bind'"
 
 if [[ -x "$ROOT/.venv/bin/python" ]]; then
     python="$ROOT/.venv/bin/python"
@@ -87,10 +97,24 @@ if [[ -z "$max_restarts" ]]; then
     max_restarts="$(sed -n 's/^max_restarts=//p' <<<"$settings")"
 fi
 
-torchrun=("$python" -m torch.distributed.run --nproc_per_node="$nproc" --max_restarts="$max_restarts")
 if [[ -z "$rdzv" ]]; then
     [[ "$nnodes" == 1 ]] || die "--nnodes $nnodes needs --rdzv HOST:PORT (or RDZV_ENDPOINT): the c10d rendezvous every node reaches"
-    torchrun+=(--standalone)
+    bind="${bind:-127.0.0.1}"
+fi
+# torch's TCPStore listens on every interface whatever host it is given: morec_dist.train.bind
+# runs torchrun with its stores on $bind only
+if [[ -n "$bind" ]]; then
+    torchrun=("$python" -m morec_dist.train.bind --bind "$bind")
+else
+    torchrun=("$python" -m torch.distributed.run)
+fi
+torchrun+=(--nproc_per_node="$nproc" --max_restarts="$max_restarts")
+if [[ -z "$rdzv" ]]; then
+    # the ranks dial MASTER_ADDR = the store's address (else the hostname, which may not be loopback)
+    torchrun+=(--standalone --local-addr="${LOCAL_ADDR:-$bind}")
+    if [[ "$bind" == 127.* || "$bind" == ::1 ]]; then
+        export GLOO_SOCKET_IFNAME="${GLOO_SOCKET_IFNAME:-lo}" NCCL_SOCKET_IFNAME="${NCCL_SOCKET_IFNAME:-lo}"
+    fi
 else
     [[ "$rdzv" =~ ^[^:]+:[0-9]+$ || "$rdzv" =~ ^\[.+\]:[0-9]+$ ]] || die "--rdzv: expected HOST:PORT, got '$rdzv'"
     # Node 0 hosts the c10d store; saying so explicitly avoids torchrun guessing from hostnames.

@@ -52,8 +52,9 @@ def free_port() -> int:
 def test_one_machine_is_standalone_and_runs_the_morec_module():
     cmd = dry_run("--nproc", "2", "--", "train", "--config", "configs/ml1m_mf_pretrain.toml")
     assert cmd[0] == str(REPO / ".venv" / "bin" / "python")
-    assert cmd[1:3] == ["-m", "torch.distributed.run"]
-    assert "--standalone" in cmd and "--nproc_per_node=2" in cmd
+    # torchrun through morec_dist.train.bind: its stores listen on loopback, the ranks dial it there
+    assert cmd[1:5] == ["-m", "morec_dist.train.bind", "--bind", "127.0.0.1"]
+    assert {"--standalone", "--local-addr=127.0.0.1", "--nproc_per_node=2"} <= set(cmd)
     i = cmd.index("-m", 3)
     assert cmd[i:] == ["-m", "morec_dist.cli", "train", "--config", "configs/ml1m_mf_pretrain.toml"]
     assert not any(a.startswith("--rdzv") for a in cmd)
@@ -66,6 +67,15 @@ def test_many_machines_use_c10d_and_node_zero_hosts_the_store():
         assert "--standalone" not in cmd
         assert {"--nnodes=2", "--rdzv_backend=c10d", "--rdzv_endpoint=10.0.0.1:29400", "--rdzv_id=morec"} <= set(cmd)
     assert "--rdzv_conf=is_host=1" in node0 and "--rdzv_conf=is_host=0" in node1
+    # every interface unless the user names one (the pods' NetworkPolicy covers it on Kubernetes)
+    assert node0[1:3] == ["-m", "torch.distributed.run"]
+
+
+def test_many_machines_bind_the_address_the_user_names():
+    by_flag = dry_run("--nnodes", "2", "--rdzv", "10.0.0.1:29400", "--bind", "10.0.0.1", "train")
+    by_env = dry_run("--nnodes", "2", "--rdzv", "10.0.0.1:29400", "train", env={"BIND_ADDR": "10.0.0.1"})
+    for cmd in (by_flag, by_env):
+        assert cmd[1:5] == ["-m", "morec_dist.train.bind", "--bind", "10.0.0.1"] and "--standalone" not in cmd
 
 
 def test_multinode_passes_the_ray_address_and_joins_ray_unless_the_head_is_here():
@@ -98,6 +108,7 @@ def test_multinode_passes_the_ray_address_and_joins_ray_unless_the_head_is_here(
         (["--nproc", "0", "train"], {}, "--nproc: expected a positive integer"),
         (["--rdzv", "nohostport", "train"], {}, "--rdzv: expected HOST:PORT"),
         (["--nproc", "2"], {}, "no morec arguments"),
+        (["--bind", "myhost", "train"], {}, "--bind (or BIND_ADDR): expected an IP address, got 'myhost'"),
     ],
 )
 def test_train_sh_refuses_bad_input_with_a_clear_message(args, env, message):
@@ -187,6 +198,8 @@ def test_two_nodes_meet_through_c10d_on_loopback(small_synthetic):
                 endpoint,
                 "--rdzv-id",
                 "launch-test",
+                "--bind",  # node 0's rendezvous store on loopback only (morec_dist.train.bind)
+                "127.0.0.1",
                 "--",
                 "inspect",
                 str(small_synthetic),

@@ -1,7 +1,8 @@
 """Starting ranks: run a CLI job under torchrun when it was started as a plain process.
 
 ``morec train`` / ``finetune`` / ``evaluate`` are rank programs. Started by hand they re-run
-themselves under ``torch.distributed.run --standalone`` with ``run.nproc`` local ranks;
+themselves under ``torch.distributed.run --standalone`` with ``run.nproc`` local ranks, every
+socket of the job listening on loopback (``bind.py``);
 started by torchrun (``launch/train.sh``, ``launch/multinode.sh``, a Kubernetes Job) they
 just run. The same code path serves one machine and many.
 
@@ -29,6 +30,8 @@ import sys
 import tempfile
 from pathlib import Path
 
+from morec_dist.train.bind import LOOPBACK, single_host_env
+
 USER_ERROR_ENV = "MOREC_USER_ERROR_FILE"
 PREEMPTED_ENV = "MOREC_PREEMPTED_FILE"
 EXIT_USER_ERROR = 2
@@ -40,11 +43,16 @@ def under_torchrun() -> bool:
 
 
 def torchrun_command(nproc: int, argv: list[str], max_restarts: int = 0) -> list[str]:
+    # torchrun through train/bind.py: its stores listen on loopback, and the ranks dial
+    # MASTER_ADDR = 127.0.0.1 (without --local-addr, the hostname, which may resolve elsewhere)
     return [
         sys.executable,
         "-m",
-        "torch.distributed.run",
+        "morec_dist.train.bind",
+        "--bind",
+        LOOPBACK,
         "--standalone",
+        f"--local-addr={LOOPBACK}",
         f"--nproc_per_node={nproc}",
         f"--max-restarts={max_restarts}",
         "-m",
@@ -95,7 +103,7 @@ def relaunch(nproc: int, argv: list[str], max_restarts: int = 0) -> int:
     """Run ``morec <argv>`` as ``nproc`` local ranks; torchrun's exit code, or 2 (with the
     ranks' one-line message on stderr) when they stopped on a user error."""
     argv = without_launcher_flags(argv)
-    env = dict(os.environ)
+    env = single_host_env(dict(os.environ))  # gloo / NCCL sockets on loopback
     env.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     # torchrun's own default for several local ranks; set, it skips its banner saying so
     env.setdefault("OMP_NUM_THREADS", "1")
