@@ -1,48 +1,144 @@
-"""Embedding scale: step time and memory per rank against table size, row-wise and table-wise.
+"""Embedding scale: the product's trainer at table sets of 1 to 16 GiB on 2 ranks, and an 8 GiB
+set on 2 ranks of 6 GiB each.
 
-    python -m benchmarks.embedding_scale --quick --out FILE.json   # 16 and 64 MB of tables
-    python -m benchmarks.embedding_scale --out FILE.json           # 0.25 to 4 GB of tables in all
+    python -m benchmarks.embedding_scale --quick --out FILE.json   # 0.0625 and 0.25 GiB
+    python -m benchmarks.embedding_scale --out FILE.json           # 1, 4, 16 GiB + 8 GiB in 6 GiB cgroups
 
-One 2-rank torchrun job (``benchmarks/dist_embedding.py``) trains the project's MF model
-(two tables of equal size, dim 64, fused row-wise Adagrad) at each total size, sharded
-table-wise (each table lives on one rank) and row-wise (each table split over both
-ranks), on synthetic skewed ids: 2048 rows per rank per step, 10 negatives. The model is
-built on the meta device, so each rank only ever allocates its own shards. Per point and
-rank: median / p90 step time, peak RSS (reset before each point), RSS after set-up and
-the shard bytes held; ``rss_per_table_gb`` is the fitted slope of peak RSS against the
-shard bytes a rank holds (1.0 = no copy beyond the shards themselves).
+Each point is a synthetic dataset (``morec prepare synthetic``, cached by its size under
+``--cache``: resumable) whose MF tables hold the size in all at dim 64 (items are a quarter of
+the ids, at most 4M; users the rest, as in catalogues whose user table dominates), trained by
+``benchmarks/dist_embedding.py``: the ``Trainer`` that ``morec train`` builds (born sharded,
+row-wise, fused row-wise Adagrad), its reader and loop, 2048 rows per rank per step, a step
+checkpoint, and a resume from it in fresh processes whose weights after 3 more steps must
+equal the first run's (sha256 of every rank's shards). Per point and rank: peak RSS,
+the placement's shard bytes and the optimizer state, step time per row.
+
+Figures: ``peak_within_target`` (peak RSS per rank <= 1.15 x (shards + optimizer state) + the
+peak RSS of the smallest point), ``step_per_row_spread`` (max / min of the median step time per
+row across sizes; target <= 1.2), and the cgroup point's ``completed`` / ``resume_exact``.
 """
 
 from __future__ import annotations
 
 import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
 import tempfile
 from pathlib import Path
 from typing import Any
 
-import numpy as np
+from benchmarks.common import REPO, Recorder, bench_parser, default_out, note, run_logged, torchrun
 
-from benchmarks.common import Recorder, bench_parser, default_out, note, torchrun
+GIB = 1 << 30
+DIM = 64
+QUICK_SIZES_GB = (0.0625, 0.25)
+FULL_SIZES_GB = (1.0, 4.0, 16.0)
+CGROUP_POINT_GB, CGROUP_LIMIT_GB = 8.0, 6.0
+TRAIN_ROWS = 2_000_000  # interactions: enough batches for every point's steps, a small disk
+CGROUP_ROOT = Path("/sys/fs/cgroup/memory")
 
-QUICK_SIZES_MB = (16, 64)
-FULL_SIZES_MB = (256, 1024, 2048, 4096)
+
+def ids_for(size_gb: float) -> tuple[int, int]:
+    """(users, items) whose two dim-64 fp32 tables hold ``size_gb`` GiB in all."""
+    total = int(size_gb * GIB) // (DIM * 4)
+    items = min(total // 4, 4_000_000)
+    return total - items, items
 
 
-def summarise(points: list[dict[str, Any]]) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for sharding in sorted({p["sharding"] for p in points}):
-        rows = [p for p in points if p["sharding"] == sharding]
-        shards = np.array([r["local_table_mb"] for p in rows for r in p["ranks"]])
-        peaks = np.array([r["peak_rss_mb"] for p in rows for r in p["ranks"]])
-        slope = float(np.polyfit(shards, peaks, 1)[0]) if len(set(shards.tolist())) > 1 else float("nan")
-        out[sharding] = {
-            "total_table_mb": [p["total_table_mb"] for p in rows],
-            "step_ms_median": [max(r["step_ms_median"] for r in p["ranks"]) for p in rows],
-            "peak_rss_mb_per_rank": [[r["peak_rss_mb"] for r in p["ranks"]] for p in rows],
-            "local_table_mb_per_rank": [[r["local_table_mb"] for r in p["ranks"]] for p in rows],
-            "rss_per_table_gb": slope,
+def dataset(cache: Path, size_gb: float, seed: int) -> Path:
+    users, items = ids_for(size_gb)
+    path = cache / f"embedding-{users}u-{items}i-s{seed}"
+    if not (path / "manifest.json").exists():
+        cmd = ["prepare", "synthetic", "--users", str(users), "--items", str(items)]
+        cmd += ["--rows", str(TRAIN_ROWS), "--seed", str(seed), "--out", str(path), "--overwrite"]
+        run_logged([sys.executable, "-m", "morec_dist.cli", *cmd], log=cache / f"{path.name}.log")
+    return path
+
+
+def make_cgroups(prefix: str, ranks: int, limit_bytes: int) -> list[Path]:
+    groups = []
+    for rank in range(ranks):
+        group = Path(f"{prefix}-rank{rank}")
+        group.mkdir()
+        (group / "memory.limit_in_bytes").write_text(str(limit_bytes))
+        groups.append(group)
+    return groups
+
+
+def cgroup_figures(groups: list[Path]) -> list[dict[str, Any]]:
+    return [
+        {
+            "limit_gb": int((g / "memory.limit_in_bytes").read_text()) / GIB,
+            "max_usage_gb": int((g / "memory.max_usage_in_bytes").read_text()) / GIB,
+            "limit_hits": int((g / "memory.failcnt").read_text()),
         }
-    return out
+        for g in groups
+    ]
+
+
+def remove_cgroups(groups: list[Path]) -> None:
+    for group in groups:
+        try:
+            group.rmdir()
+        except OSError:
+            pass
+
+
+def run_point(data: Path, work: Path, log_dir: Path, seed: int, steps: int, cgroup: str | None) -> dict[str, Any]:
+    """Train, checkpoint, then resume in fresh ranks; both phases' per-rank figures."""
+    overrides = [f"data.path={data}", f"run.out_dir={work}", f"run.seed={seed}", "model.default_sharding=row_wise"]
+    overrides += ["data.batch_size=2048", "data.num_negatives=10", "metrics.enabled=false"]
+    phases = {}
+    for phase in ("train", "resume"):
+        out = work / f"{phase}.json"
+        extra = ["--cgroup", cgroup] if cgroup else []
+        args = ["--phase", phase, "--steps", str(steps), *extra, "--out", str(out), *overrides]
+        wall = torchrun("benchmarks.dist_embedding", args, log=log_dir / f"{data.name}-{phase}.log")
+        phases[phase] = {**json.loads(out.read_text()), "wall_s": wall}
+    train, resume = phases["train"]["ranks"], phases["resume"]["ranks"]
+    return {
+        "dataset": data.name,
+        "users_items": ids_for_name(data.name),
+        "ranks": train,
+        "resume_ranks": [{k: v for k, v in r.items() if k != "placement"} for r in resume],
+        "resume_exact": all(
+            a["digest"] == b["digest"] and a["step"] == b["step"] for a, b in zip(train, resume, strict=True)
+        ),
+        "wall_s": {p: v["wall_s"] for p, v in phases.items()},
+    }
+
+
+def ids_for_name(name: str) -> list[int]:
+    users, items = name.split("-")[1:3]
+    return [int(users.rstrip("u")), int(items.rstrip("i"))]
+
+
+def per_row_ms(rank: dict[str, Any]) -> float:
+    return 1000 * statistics.median(rank["step_s"]) / rank["rows_per_step"]
+
+
+def summarise(points: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    sizes = sorted(points, key=float)
+    smallest = points[sizes[0]]["ranks"]
+    rows = {}
+    for size in sizes:
+        ranks = points[size]["ranks"]
+        held = [r["shard_bytes"] + r["optimizer_bytes"] for r in ranks]
+        allowed = [1.15 * h / GIB + smallest[i]["peak_rss_mb"] / 1024 for i, h in enumerate(held)]
+        rows[size] = {
+            "peak_rss_gb": [r["peak_rss_mb"] / 1024 for r in ranks],
+            "held_gb": [h / GIB for h in held],
+            "allowed_gb": allowed,
+            "peak_within_target": all(r["peak_rss_mb"] / 1024 <= a for r, a in zip(ranks, allowed, strict=True)),
+            "step_ms_per_1k_rows": 1000 * max(per_row_ms(r) for r in ranks),
+            "setup_s": max(r["setup_s"] for r in ranks),
+            "resume_exact": points[size]["resume_exact"],
+        }
+    per_row = [rows[s]["step_ms_per_1k_rows"] for s in sizes]
+    return {"by_size_gb": rows, "step_per_row_spread": max(per_row) / min(per_row)}
 
 
 def plot(summary: dict[str, Any], path: Path) -> Path:
@@ -50,66 +146,73 @@ def plot(summary: dict[str, Any], path: Path) -> Path:
 
     plt = pyplot()
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
-    for sharding, s in summary.items():
-        x = [mb / 1024 for mb in s["total_table_mb"]]
-        axes[0].plot(x, s["step_ms_median"], marker="o", label=sharding)
-        for rank in range(len(s["peak_rss_mb_per_rank"][0])):
-            axes[1].plot(
-                x,
-                [peaks[rank] / 1024 for peaks in s["peak_rss_mb_per_rank"]],
-                marker="o",
-                ls="-" if rank == 0 else "--",
-                label=f"{sharding} rank {rank}",
-            )
-    axes[0].set_title("step time (slowest rank, median)")
+    sizes = sorted(summary["by_size_gb"], key=float)
+    x = [float(s) for s in sizes]
+    rows = [summary["by_size_gb"][s] for s in sizes]
+    axes[0].plot(x, [r["step_ms_per_1k_rows"] for r in rows], marker="o")
+    axes[0].set_title("step time per 1k rows (slowest rank, median), row-wise")
     axes[0].set_ylabel("ms")
+    for rank in range(len(rows[0]["peak_rss_gb"])):
+        axes[1].plot(x, [r["peak_rss_gb"][rank] for r in rows], marker="o", label=f"peak RSS rank {rank}")
+        axes[1].plot(x, [r["allowed_gb"][rank] for r in rows], ls="--", label=f"target rank {rank}")
     axes[1].set_title("peak RSS per rank")
     axes[1].set_ylabel("GiB")
     for ax in axes:
         ax.set_xlabel("embedding tables in all (GiB)")
-        ax.legend(fontsize=8)
+        ax.set_xscale("log", base=2)
+    axes[1].legend(fontsize=8)
     return save_figure(fig, path)
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = bench_parser(__doc__)
-    parser.add_argument("--sizes-mb", type=float, nargs="+", default=None)
+    parser.add_argument("--sizes-gb", type=float, nargs="+", default=None)
     parser.add_argument("--steps", type=int, default=None)
+    parser.add_argument("--cache", type=Path, default=REPO / ".data" / "bench-embedding")
+    parser.add_argument("--no-cgroup", action="store_true", help="skip the 8 GiB point in 6 GiB cgroups")
     args = parser.parse_args(argv)
-    sizes = args.sizes_mb or (QUICK_SIZES_MB if args.quick else FULL_SIZES_MB)
-    steps = args.steps or (10 if args.quick else 30)
+    sizes = args.sizes_gb or (QUICK_SIZES_GB if args.quick else FULL_SIZES_GB)
+    steps = args.steps or (5 if args.quick else 20)
     out = args.out or default_out("embedding_scale", args.quick)
+    cgroup_point = not (args.quick or args.no_cgroup)
     config = {
-        "sizes_mb": list(sizes),
-        "sharding": ["table_wise", "row_wise"],
-        "dim": 64,
-        "rows_per_rank_step": 2048,
-        "negatives": 10,
-        "warmup_steps": 3,
-        "steps": steps,
-        "optimizer": "rowwise_adagrad (fused)",
-        "nproc": 2,
-    }
-    recorder = Recorder(
-        "embedding_scale",
-        mode="quick" if args.quick else "full",
-        seed=args.seed,
-        config=config,
-        note_text=note(args.note),
-    )
-    with tempfile.TemporaryDirectory(prefix="morec-embedding-") as tmp:
-        raw_path = Path(tmp) / "points.json"
-        torchrun(
-            "benchmarks.dist_embedding",
-            ["--sizes-mb", *map(str, sizes), "--steps", str(steps), "--seed", str(args.seed), "--out", str(raw_path)],
-            log=out.parent / "logs" / f"{out.stem}-ranks.log",
-        )
-        raw = json.loads(raw_path.read_text())
-    summary = summarise(raw["points"])
+        "sizes_gb": list(sizes), "sharding": "row_wise", "dim": DIM, "rows_per_rank_step": 2048, "negatives": 10,
+        "warmup_steps": 3, "steps": steps, "steps_after_checkpoint": 3, "optimizer": "rowwise_adagrad (fused)",
+        "nproc": 2, "interactions": TRAIN_ROWS,
+        "cgroup_point": {"size_gb": CGROUP_POINT_GB, "limit_gb_per_rank": CGROUP_LIMIT_GB} if cgroup_point else None,
+    }  # fmt: skip
+    recorder = Recorder("embedding_scale", mode="quick" if args.quick else "full", seed=args.seed, config=config,
+                        note_text=note(args.note))  # fmt: skip
+    args.cache.mkdir(parents=True, exist_ok=True)
+    logs = out.parent / "logs"
+    points = {}
+    with tempfile.TemporaryDirectory(prefix="morec-embedding-", dir=args.cache) as tmp:
+        for size in sorted(sizes):
+            data = dataset(args.cache, size, args.seed)
+            points[str(size)] = run_point(data, Path(tmp) / f"{size}", logs, args.seed, steps, None)
+            shutil.rmtree(Path(tmp) / f"{size}", ignore_errors=True)
+            print(f"{size} GiB: {json.dumps(summarise(points)['by_size_gb'][str(size)])}", flush=True)
+        cgroup = None
+        if cgroup_point:
+            data = dataset(args.cache, CGROUP_POINT_GB, args.seed)
+            prefix = str(CGROUP_ROOT / f"morec-bench-embedding-{os.getpid()}")
+            groups = make_cgroups(prefix, 2, int(CGROUP_LIMIT_GB * GIB))
+            try:
+                try:
+                    point = run_point(data, Path(tmp) / "cgroup", logs, args.seed, steps, prefix)
+                    cgroup = {"completed": True, **point}
+                except (RuntimeError, subprocess.SubprocessError) as exc:
+                    cgroup = {"completed": False, "error": str(exc)[-1500:]}
+                cgroup["cgroups"] = cgroup_figures(groups)
+            finally:
+                remove_cgroups(groups)
+    summary = summarise(points)
     figure = plot(summary, out.with_suffix(".png"))
-    recorder.update({"summary": summary, "points": raw["points"], "figures": [figure.name]})
+    recorder.update({"summary": summary, "points": points, "cgroup_point": cgroup, "figures": [figure.name]})
     result = recorder.write(out)
-    print(json.dumps(summary, indent=1))
+    print(
+        json.dumps({"summary": summary, "cgroup": {k: v for k, v in (cgroup or {}).items() if k != "ranks"}}, indent=1)
+    )
     return result
 
 

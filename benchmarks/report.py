@@ -177,15 +177,14 @@ def section_headline(found: dict[str, dict[str, Any]]) -> str:
         )
     e = found.get("embedding_scale")
     if e:
-        parts = []
-        for sharding, s in e["summary"].items():
-            parts.append(
-                f"{sharding}: {fmt(s['total_table_mb'][0] / 1024, 2)} -> {fmt(s['total_table_mb'][-1] / 1024, 2)} "
-                "GiB of tables, step "
-                f"{fmt(s['step_ms_median'][0])} -> {fmt(s['step_ms_median'][-1])} ms, max peak RSS per rank "
-                f"{fmt(max(max(x) for x in s['peak_rss_mb_per_rank']))} MB"
-            )
-        lines.append("- **Embedding scale**: " + "; ".join(parts) + ".")
+        rows = e["summary"]["by_size_gb"]
+        sizes = sorted(rows, key=float)
+        lines.append(
+            f"- **Embedding scale** (the product's trainer, born sharded, row-wise, 2 ranks): {sizes[0]} -> "
+            f"{sizes[-1]} GiB of tables, max peak RSS per rank {fmt(max(rows[s]['peak_rss_gb'][-1] for s in sizes), 2)}"
+            f" GiB, peak within target at every size: {all(rows[s]['peak_within_target'] for s in sizes)}, step "
+            f"time per row max/min {fmt(e['summary']['step_per_row_spread'], 3)}."
+        )
     q = found.get("quality")
     if q:
         ref = next((row for row in q["rows"] if row["method"] == "morec"), None)
@@ -382,49 +381,46 @@ def section_coordinator(c: dict[str, Any], results: Path, out: Path) -> str:
 
 def section_embedding(e: dict[str, Any], results: Path, out: Path) -> str:
     rows = []
-    for p in e["points"]:
-        for r in p["ranks"]:
-            rows.append(
-                [
-                    p["sharding"],
-                    p["total_table_mb"],
-                    r["rank"],
-                    r["local_table_mb"],
-                    r["step_ms_median"],
-                    r["step_ms_p90"],
-                    r["setup_s"],
-                    r["rss_mb_before"],
-                    r["rss_mb_after_setup"],
-                    r["peak_rss_mb"],
-                ]
-            )
-    slopes = ", ".join(f"{k}: {fmt(v['rss_per_table_gb'])}" for k, v in e["summary"].items())
+    for size, s in sorted(e["summary"]["by_size_gb"].items(), key=lambda kv: float(kv[0])):
+        rows.append(
+            [size, " / ".join(fmt(x, 2) for x in s["held_gb"]), " / ".join(fmt(x, 2) for x in s["peak_rss_gb"]),
+             " / ".join(fmt(x, 2) for x in s["allowed_gb"]), s["peak_within_target"], s["step_ms_per_1k_rows"],
+             s["setup_s"], s["resume_exact"]]
+        )  # fmt: skip
+    cgroup = e.get("cgroup_point")
+    cgroup_line = "The cgroup point did not run."
+    if cgroup:
+        cgroup_line = (
+            f"{e['config']['cgroup_point']['size_gb']} GiB of tables on 2 ranks, each in a memory cgroup of "
+            f"{e['config']['cgroup_point']['limit_gb_per_rank']} GiB: completed {cgroup['completed']}, resume exact "
+            f"{cgroup.get('resume_exact')}, cgroups {json.dumps(cgroup.get('cgroups'))}."
+        )
+    c = e["config"]
     return "\n".join(
         [
             "## 4. Embedding scale",
             "",
-            f"MF with two equal tables, dim {e['config']['dim']}, {e['config']['rows_per_rank_step']} rows per rank "
-            f"per step, {e['config']['negatives']} negatives, "
-            f"{e['config']['optimizer']}, {e['config']['nproc']} ranks; model built on the meta device so a rank "
-            "allocates only its shards.",
+            f"The product's trainer (``Trainer`` as ``morec train`` builds it: born sharded, {c['sharding']}, "
+            f"{c['optimizer']}) on synthetic MF tables of dim {c['dim']}, {c['rows_per_rank_step']} rows per rank per "
+            f"step, {c['negatives']} negatives, {c['nproc']} ranks; a step checkpoint and a resume in fresh ranks.",
             "",
             table(
                 [
-                    "sharding",
-                    "tables MB (all)",
-                    "rank",
-                    "shard MB on rank",
-                    "step ms median",
-                    "p90",
+                    "tables GiB (all)",
+                    "held GiB per rank (shards + optimizer)",
+                    "peak RSS GiB per rank",
+                    "target GiB per rank",
+                    "within",
+                    "step ms per 1k rows",
                     "set-up s",
-                    "RSS before MB",
-                    "RSS after set-up MB",
-                    "peak RSS MB",
+                    "resume exact",
                 ],
                 rows,
-            ),
+            ),  # fmt: skip
             "",
-            f"Peak RSS grows by this many MB per MB of shard held (fitted slope): {slopes}.",
+            f"Step time per row, max / min over sizes: {fmt(e['summary']['step_per_row_spread'], 3)} (target <= 1.2).",
+            "",
+            cgroup_line,
             "",
             image(results, out, "embedding_scale.png", "embedding scale"),
         ]
