@@ -210,6 +210,11 @@ def _add_fault_args(parser: argparse.ArgumentParser) -> None:
         help="start afresh even if <run.out_dir>/checkpoints holds a step checkpoint",
     )
     parser.add_argument(
+        "--resume-changed",
+        action="store_true",
+        help="resume a step checkpoint written under another configuration (run.resume_changed; recorded)",
+    )
+    parser.add_argument(
         "--max-restarts",
         type=_int_at_least(0),
         default=None,
@@ -258,7 +263,10 @@ def _load(args: argparse.Namespace):
     from morec_dist.config import load_config
     from morec_dist.plugins import prepare
 
-    return prepare(load_config(args.config, args.overrides))
+    config = load_config(args.config, args.overrides)
+    if getattr(args, "resume_changed", False):
+        config.run.resume_changed = True
+    return prepare(config)
 
 
 def _as_ranks(args: argparse.Namespace, job, config=None) -> int:

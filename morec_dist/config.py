@@ -32,6 +32,9 @@ class RunConfig:
     resume: bool = (
         True  # `morec train` / `finetune` continue from the latest complete checkpoint in <out_dir>/checkpoints
     )
+    # --resume-changed: resume a checkpoint written under other trajectory keys (train/fingerprint.py),
+    # recording both configurations; otherwise such a resume is refused
+    resume_changed: bool = False
     max_restarts: int = (
         0  # torchrun --max-restarts: a failed rank restarts the group, which resumes from the last checkpoint
     )

@@ -16,12 +16,18 @@ thing each: ``preemption.py`` the SIGTERM flag, ``rng.py`` the RNG states,
   (torch, numpy, python), the running sums of the epoch in progress and the strategy's
   ``state_dict()``; in ``meta.json``: the config, world size, model identity, the job's
   ``JobState`` (history, best epoch, next epoch, ...) and, for MoRec, the coordinator's state (taken
-  after every rank flushed its reports, so it holds every step < N).
+  after every rank flushed its reports, so it holds every step < N); the fingerprint of the
+  config's trajectory keys (``fingerprint.py``) and the earlier configurations of a run
+  resumed under a changed one.
 - **Resume**: a job started with ``run.resume`` (the default; ``--no-resume`` refuses)
   and a complete step checkpoint under its out_dir restores all of it and continues at
-  step N. With the same world size the continuation is exact: every batch is a pure
-  function of (seed, rank, epoch, step, p version) and every coordinator decision a pure
-  function of the reports, so weights and coordinator trace end bit-identical to an
+  step N. A checkpoint written under another configuration (another fingerprint) is
+  refused, naming the keys that differ, unless ``run.resume_changed`` (``--resume-changed``):
+  then the earlier configuration and the step at which the new one took over are kept in
+  every later checkpoint and in ``metrics.json``. With the same world size and
+  configuration the continuation is exact: every batch is a pure function of (seed, rank,
+  epoch, step, p version) and every coordinator decision a pure function of the reports,
+  so weights and coordinator trace end bit-identical to an
   uninterrupted run.
 - **Resharding** (another world size, ``checkpoint.reshard``): DCP reshards model and
   optimizer; each new rank continues the saved epoch at the same *fraction* of its batches
@@ -37,7 +43,7 @@ from __future__ import annotations
 import json
 import sys
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -57,6 +63,7 @@ from morec_dist.train.checkpoint import (
     remove_partial_checkpoints,
     save_checkpoint,
 )
+from morec_dist.train.fingerprint import changed_keys, describe, fingerprint
 from morec_dist.train.job_state import JobState
 from morec_dist.train.loop import EpochProgress, Strategy
 from morec_dist.train.preemption import EXIT_PREEMPTED, PreemptionFlag
@@ -76,6 +83,7 @@ class ResumePoint:
     meta: dict[str, Any]
     rank_state: dict[str, Any]
     same_world: bool
+    changes: dict[str, list[Any]] = field(default_factory=dict)  # trajectory keys: [saved, now]
 
     @property
     def step(self) -> int:
@@ -163,6 +171,8 @@ class Checkpointing:
         self.last_saved_step = -1
         self.saved: list[int] = []
         self.parts: Checkpointed | None = None
+        # the configurations this run trained under before the current one (--resume-changed)
+        self.config_history: list[dict[str, Any]] = []
 
     @property
     def ctx(self) -> DistContext:
@@ -208,6 +218,7 @@ class Checkpointing:
                 "start afresh with --no-resume or another run.out_dir"
             )
         check_compatible(meta, self.trainer.model_identity(), path)
+        changes = self.check_config(meta, path)
         saved_world = int(meta.get("world_size", 0))
         same = saved_world == ctx.world_size
         if not same and not self.config.checkpoint.reshard:
@@ -216,7 +227,28 @@ class Checkpointing:
                 "set checkpoint.reshard=true to resume at another world size (not bit-exact)"
             )
         rank_state = read_rank_state(path, ctx.rank if same else 0)
-        return ResumePoint(path, meta, rank_state, same)
+        return ResumePoint(path, meta, rank_state, same, changes)
+
+    def check_config(self, meta: dict[str, Any], path: Path) -> dict[str, list[Any]]:
+        """The trajectory keys the checkpoint's config and this job's differ in: none, or
+        allowed by ``run.resume_changed`` (recorded in ``config_history``); else a refusal."""
+        saved = meta.get("config") or {}
+        changes = changed_keys(saved, self.config.to_dict())
+        if changes and not self.config.run.resume_changed:
+            raise CheckpointError(
+                f"{path}: written under another configuration ({describe(changes)}); start afresh with "
+                "--no-resume, or use another run.out_dir (--resume-changed continues it, recorded as a changed run)"
+            )
+        self.config_history = list(meta.get("config_history") or [])
+        if changes:
+            step = int(meta["step"])
+            entry = {"config": saved, "fingerprint": fingerprint(saved), "replaced_at_step": step, "changed": changes}
+            self.config_history.append(entry)
+        return changes
+
+    def config_record(self) -> dict[str, Any]:
+        """What meta.json and metrics.json say about the configurations the run trained under."""
+        return {"config_fingerprint": fingerprint(self.config.to_dict()), "config_history": self.config_history}
 
     def restore(self, point: ResumePoint) -> None:
         """Collective: trainer (DCP, resharding if needed), reader, RNG, strategy, job state."""
@@ -234,6 +266,8 @@ class Checkpointing:
         parts.job.load_state_dict(point.job)
         self.last_saved_step = point.step
         mode = "exact" if point.same_world else f"resharded from {point.meta.get('world_size')} ranks (not bit-exact)"
+        if point.changes:  # neither configuration's run: never "exact"
+            mode = f"under a changed configuration from step {point.step}: {describe(point.changes)}; --resume-changed"
         if ctx.rank == 0:
             print(
                 f"[{self.job}] resuming from {point.path} at step {point.step}, epoch {point.next_epoch} ({mode})",
@@ -271,6 +305,7 @@ class Checkpointing:
             "job": parts.job.state_dict(),
             "coordinator": coordinator_state,
             **provenance(self.config, ctx.world_size),
+            **self.config_record(),
         }
         path = save_checkpoint(
             self.root / f"step-{trainer.step}", trainer.state_dict(), _jsonable(meta), _jsonable(rank_state)

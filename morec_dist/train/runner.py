@@ -252,6 +252,7 @@ def run_job(config: Config, job: Job, resume: bool | None = None) -> dict[str, A
         **job.finish(run),
         "resumed_from": str(point.path) if point is not None else None,
         "checkpoints_written": checkpoints.saved,
+        **checkpoints.config_record(),  # the fingerprint, and earlier configurations (--resume-changed)
         "wall_s": time.perf_counter() - started,
         "train_rows_per_s": run.state.train_rows_per_s,
         "placement": trainer.placement.record(),
