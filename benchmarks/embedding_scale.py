@@ -1,8 +1,8 @@
-"""Embedding scale: the product's trainer at table sets of 1 to 16 GiB on 2 ranks, and an 8 GiB
-set on 2 ranks of 6 GiB each.
+"""Embedding scale: the product's trainer at table sets of 1 to 16 GB on 2 ranks, and an 8 GB
+set on 2 ranks of 6 GiB each (a GB of tables: 4M rows of dim 64 in fp32, 1.024e9 bytes).
 
-    python -m benchmarks.embedding_scale --quick --out FILE.json   # 0.0625 and 0.25 GiB
-    python -m benchmarks.embedding_scale --out FILE.json           # 1, 4, 16 GiB + 8 GiB in 6 GiB cgroups
+    python -m benchmarks.embedding_scale --quick --out FILE.json   # 0.0625 and 0.25 GB
+    python -m benchmarks.embedding_scale --out FILE.json           # 1, 4, 16 GB + 8 GB in 6 GiB cgroups
 
 Each point is a synthetic dataset (``morec prepare synthetic``, cached by its size under
 ``--cache``: resumable) whose MF tables hold the size in all at dim 64 (items are a quarter of
@@ -42,8 +42,9 @@ CGROUP_ROOT = Path("/sys/fs/cgroup/memory")
 
 
 def ids_for(size_gb: float) -> tuple[int, int]:
-    """(users, items) whose two dim-64 fp32 tables hold ``size_gb`` GiB in all."""
-    total = int(size_gb * GIB) // (DIM * 4)
+    """(users, items) whose two dim-64 fp32 tables hold ``size_gb`` GB in all, a GB being 4M
+    rows of 256 bytes (1.024e9 bytes)."""
+    total = int(size_gb * 4_000_000)
     items = min(total // 4, 4_000_000)
     return total - items, items
 
@@ -158,7 +159,7 @@ def plot(summary: dict[str, Any], path: Path) -> Path:
     axes[1].set_title("peak RSS per rank")
     axes[1].set_ylabel("GiB")
     for ax in axes:
-        ax.set_xlabel("embedding tables in all (GiB)")
+        ax.set_xlabel("embedding tables in all (GB of 4M rows)")
         ax.set_xscale("log", base=2)
     axes[1].legend(fontsize=8)
     return save_figure(fig, path)
@@ -169,7 +170,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--sizes-gb", type=float, nargs="+", default=None)
     parser.add_argument("--steps", type=int, default=None)
     parser.add_argument("--cache", type=Path, default=REPO / ".data" / "bench-embedding")
-    parser.add_argument("--no-cgroup", action="store_true", help="skip the 8 GiB point in 6 GiB cgroups")
+    parser.add_argument("--no-cgroup", action="store_true", help="skip the 8 GB point in 6 GiB cgroups")
     args = parser.parse_args(argv)
     sizes = args.sizes_gb or (QUICK_SIZES_GB if args.quick else FULL_SIZES_GB)
     steps = args.steps or (5 if args.quick else 20)
@@ -191,7 +192,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             data = dataset(args.cache, size, args.seed)
             points[str(size)] = run_point(data, Path(tmp) / f"{size}", logs, args.seed, steps, None)
             shutil.rmtree(Path(tmp) / f"{size}", ignore_errors=True)
-            print(f"{size} GiB: {json.dumps(summarise(points)['by_size_gb'][str(size)])}", flush=True)
+            print(f"{size} GB: {json.dumps(summarise(points)['by_size_gb'][str(size)])}", flush=True)
         cgroup = None
         if cgroup_point:
             data = dataset(args.cache, CGROUP_POINT_GB, args.seed)
