@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import importlib
 import os
 import socket
 import subprocess
+import sys
+import sysconfig
+import typing
 from pathlib import Path
 
 import pytest
@@ -15,6 +19,81 @@ REPO = Path(__file__).resolve().parent.parent
 # fixtures that several test modules share, each in the module of its kind
 pytest_plugins = ["tests.e2e_fixtures", "tests.prometheus_server"]
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+
+
+@pytest.fixture(autouse=True)
+def _environment_restored():
+    """os.environ as it was before each test: a variable a test (or the in-process CLI it
+    calls) sets does not reach the tests after it. Use monkeypatch.setenv in tests."""
+    before = dict(os.environ)
+    yield
+    if dict(os.environ) != before:
+        os.environ.clear()
+        os.environ.update(before)
+
+
+def _live_registries() -> list:
+    """Every Registry held at module level by an imported morec_dist module."""
+    from morec_dist.registry import Registry
+
+    found: dict[int, Registry] = {}
+    for name, module in list(sys.modules.items()):
+        if name.startswith("morec_dist") and module is not None:
+            for value in list(vars(module).values()):
+                if isinstance(value, Registry):
+                    found[id(value)] = value
+    return list(found.values())
+
+
+_INSTALLED = (
+    *{sysconfig.get_paths()[k] for k in ("stdlib", "platstdlib", "purelib", "platlib")},
+    str(REPO / "morec_dist"),
+)
+
+
+def _outside_installation(module: object) -> bool:
+    """A module from neither the Python installation / venv nor morec_dist: a plugin or
+    helper a test imported (from tests/plugins or a tmp_path)."""
+    file = str(getattr(module, "__file__", None) or "")
+    return bool(file) and not file.startswith(_INSTALLED)
+
+
+# every module that holds a Registry at module level (tests/test_harness.py checks the list
+# against the source): imported before the first test, so each registry's own parts are in
+# the snapshot below and a part a test registers is always the test's to undo
+REGISTRY_MODULES = (
+    "morec_dist.coordinator.baselines",
+    "morec_dist.coordinator.objectives",
+    "morec_dist.eval.signals",
+    "morec_dist.model.loss",
+    "morec_dist.model.placement",
+    "morec_dist.model.registry",
+    "morec_dist.model.sharding",
+    "morec_dist.train.methods",
+)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _registries_imported():
+    for name in REGISTRY_MODULES:
+        importlib.import_module(name)
+
+
+@pytest.fixture(autouse=True)
+def _registries_restored(_registries_imported):
+    """The registries (models, losses, objective kinds, ...) as they were before each test,
+    and the plugin modules it imported forgotten, so a later import registers them again:
+    a part one test registers is never silently present, or half present, in the next."""
+    saved = [(registry, dict(registry._entries)) for registry in _live_registries()]
+    modules = set(sys.modules)
+    yield
+    for registry, entries in saved:
+        if registry._entries != entries:
+            registry._entries.clear()
+            registry._entries.update(entries)
+    for name in set(sys.modules) - modules:
+        if _outside_installation(sys.modules[name]):
+            del sys.modules[name]
 
 
 @pytest.fixture(scope="session")
@@ -35,6 +114,19 @@ def small_synthetic(tmp_path_factory) -> Path:
     from morec_dist.data.prepare.synthetic import generate
 
     return generate(tmp_path_factory.mktemp("syn") / "small", users=500, items=300, rows=30_000, seed=7)
+
+
+def in_ci() -> bool:
+    """CI=true (set by .ci/run, and by most CI services): the run that must prove everything."""
+    return os.environ.get("CI", "").strip().lower() in ("true", "1", "yes")
+
+
+def skip_or_fail_in_ci(reason: str) -> typing.NoReturn:
+    """A test that cannot run here (not root, a tool missing) skips on a developer's
+    machine but fails in CI, where a skip would let the run pass without the test."""
+    if in_ci():
+        pytest.fail(f"CI=true and this test cannot run: {reason}", pytrace=False)
+    pytest.skip(reason)
 
 
 def free_tcp_port() -> int:

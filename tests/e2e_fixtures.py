@@ -18,20 +18,14 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import REPO
+from tests.procs import run_job
 
 CONFIG = str(REPO / "tests" / "configs" / "tiny.toml")
 
 
 def morec(*args: str, timeout: int = 600, **env_extra: str) -> subprocess.CompletedProcess:
     env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", **env_extra}
-    proc = subprocess.run(
-        [sys.executable, "-m", "morec_dist.cli", *args],
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        env=env,
-        cwd=REPO,
-    )
+    proc = run_job([sys.executable, "-m", "morec_dist.cli", *args], timeout, env=env, cwd=REPO)
     if proc.returncode != 0:
         raise AssertionError(f"morec {' '.join(args)} exited {proc.returncode}:\n{proc.stderr[-4000:]}")
     return proc

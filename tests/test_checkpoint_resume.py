@@ -35,6 +35,7 @@ from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 from morec_dist.train.checkpoint import complete_checkpoints, latest_checkpoint, prune_checkpoints
 from tests.conftest import REPO
 from tests.e2e_fixtures import CONFIG, quoted, shared_data, shared_dir, shared_pretrained
+from tests.procs import run_job
 
 EVERY = "checkpoint.every_steps=10"
 pytestmark = pytest.mark.slow
@@ -48,14 +49,7 @@ def cli_env(**extra: str) -> dict[str, str]:
 
 
 def morec(*args: str, timeout: int = 600, expect: int = 0, **env_extra: str) -> subprocess.CompletedProcess:
-    proc = subprocess.run(
-        [sys.executable, "-m", "morec_dist.cli", *args],
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        env=cli_env(**env_extra),
-        cwd=REPO,
-    )
+    proc = run_job([sys.executable, "-m", "morec_dist.cli", *args], timeout, env=cli_env(**env_extra), cwd=REPO)
     if proc.returncode != expect:
         raise AssertionError(
             f"morec {' '.join(args)} exited {proc.returncode} (expected {expect}):\n{proc.stderr[-4000:]}"

@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import subprocess
 import sys
 import threading
 import time
@@ -23,6 +22,7 @@ from morec_dist.config import ConfigError, load_config
 from morec_dist.coordinator.actor import ACTOR_MAX_CONCURRENCY, get_or_create
 from morec_dist.coordinator.core import CoordinatorCore
 from morec_dist.coordinator.service import start_local_ray
+from tests.procs import run_job
 from tests.test_coordinator_ray import RANKS, RANKS_SCRIPT, spec_for
 
 REPO = Path(__file__).resolve().parent.parent
@@ -50,7 +50,7 @@ def _torchrun(script: Path, nproc: int, env_extra: dict[str, str], out: Path) ->
         **env_extra,
     }
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", str(script)]
-    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=240)
+    proc = run_job(cmd, 240, env=env, cwd=REPO)  # on failure or timeout, the ranks end too
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return [json.loads((out / f"rank{r}.json").read_text()) for r in range(nproc)]
 

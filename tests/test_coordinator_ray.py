@@ -24,6 +24,7 @@ from morec_dist.coordinator.core import CoordinatorCore, CoordinatorError, build
 from morec_dist.coordinator.sampler import GroupStats
 from morec_dist.coordinator.service import start_local_ray
 from tests.conftest import toy_group_stats
+from tests.procs import run_job
 
 REPO = Path(__file__).resolve().parent.parent
 RANKS_SCRIPT = REPO / "tests" / "dist_scripts" / "coordinator_ranks.py"
@@ -145,7 +146,7 @@ def _run_ranks(
         "RAY_USAGE_STATS_ENABLED": "0",
     }
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(RANKS_SCRIPT)]
-    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=240)
+    proc = run_job(cmd, 240, env=env, cwd=REPO)  # on failure or timeout, the ranks end too
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return [json.loads((out / f"rank{r}.json").read_text()) for r in range(2)]
 

@@ -26,6 +26,7 @@ import pytest
 from morec_dist.train.checkpoint import complete_checkpoints
 from morec_dist.train.preemption import EXIT_PREEMPTED
 from tests.conftest import REPO
+from tests.procs import run_job
 from tests.test_checkpoint_resume import (
     assert_same_coordinator,
     assert_same_tensors,
@@ -170,13 +171,11 @@ def test_sigterm_checkpoints_at_a_step_boundary_and_the_rerun_matches(tmp_path_f
     stopped = steps[-1]
     assert first in steps and first <= stopped < 40, steps
     assert f"preempted: checkpoint at step {stopped} written; exiting {EXIT_PREEMPTED}" in text
-    proc = subprocess.run(
+    proc = run_job(
         [sys.executable, "-m", "morec_dist.cli", *args],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=600,
+        600,
         env={**os.environ, "RAY_USAGE_STATS_ENABLED": "0"},
+        cwd=REPO,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert f"at step {stopped}, epoch 0 (exact)" in proc.stderr

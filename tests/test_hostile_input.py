@@ -15,7 +15,6 @@ import hashlib
 import json
 import shutil
 import socket
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -30,6 +29,7 @@ from morec_dist.cli import main
 from morec_dist.data.prepare.layout import rebuild_group_layout
 from morec_dist.data.schema import sha256_file
 from tests.conftest import REPO
+from tests.procs import run_job
 from tests.test_checkpoint_resume import CONFIG, cli_env, quoted, reference_run, shared_data, shared_pretrained
 
 TRAIN = "train/part-00000.parquet"
@@ -207,14 +207,7 @@ def test_broken_from_checkpoint(tmp_path_factory, tmp_path, capsys):
 
 
 def ranks_refuse(args: list[str], *fragments: str) -> str:
-    proc = subprocess.run(
-        [sys.executable, "-m", "morec_dist.cli", *args],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        env=cli_env(),
-        cwd=REPO,
-    )
+    proc = run_job([sys.executable, "-m", "morec_dist.cli", *args], 300, env=cli_env(), cwd=REPO)
     assert proc.returncode == 2, proc.stderr[-3000:]
     last = [line for line in proc.stderr.splitlines() if line.startswith("morec: error:")]
     assert len(last) == 1, proc.stderr[-3000:]

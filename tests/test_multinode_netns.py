@@ -17,7 +17,7 @@ import uuid
 
 import pytest
 
-from tests.conftest import REPO
+from tests.conftest import REPO, skip_or_fail_in_ci
 from tests.e2e_fixtures import CONFIG, finetune, quoted
 
 pytestmark = pytest.mark.slow
@@ -32,7 +32,7 @@ def run(*cmd: str, check: bool = True, timeout: int = 60, env: dict | None = Non
 @pytest.fixture
 def two_hosts():
     if os.geteuid() != 0 or shutil.which("ip") is None or shutil.which("unshare") is None:
-        pytest.skip("needs root, iproute2 and unshare to make network namespaces")
+        skip_or_fail_in_ci("needs root, iproute2 and unshare to make network namespaces")
     tag = uuid.uuid4().hex[:6]
     a, b = f"morec-a-{tag}", f"morec-b-{tag}"
     veth_a, veth_b = f"va{tag}", f"vb{tag}"
