@@ -171,6 +171,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--steps", type=int, default=None)
     parser.add_argument("--cache", type=Path, default=REPO / ".data" / "bench-embedding")
     parser.add_argument("--no-cgroup", action="store_true", help="skip the 8 GB point in 6 GiB cgroups")
+    parser.add_argument("--merge-into", type=Path, default=None, help="keep this result's size points, add ours")
     args = parser.parse_args(argv)
     sizes = args.sizes_gb or (QUICK_SIZES_GB if args.quick else FULL_SIZES_GB)
     steps = args.steps or (5 if args.quick else 20)
@@ -207,6 +208,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 cgroup["cgroups"] = cgroup_figures(groups)
             finally:
                 remove_cgroups(groups)
+    if args.merge_into is not None:  # a run split in parts (a quiet machine for the large points)
+        earlier = json.loads(args.merge_into.read_text())
+        points = {**earlier["points"], **points}
+        cgroup = cgroup or earlier.get("cgroup_point")
+        recorder.update({"merged_from": str(args.merge_into), "merged_seconds": earlier.get("seconds")})
     summary = summarise(points)
     figure = plot(summary, out.with_suffix(".png"))
     recorder.update({"summary": summary, "points": points, "cgroup_point": cgroup, "figures": [figure.name]})
