@@ -294,6 +294,22 @@ def test_ray_layout_engine_writes_the_same_bytes(prepared, tmp_path, monkeypatch
     assert not (root / layout_module.SPILL_ROOT).exists()
 
 
+def test_float_epoch_seconds_are_floored(tmp_path):
+    """A timestamp stored as float epoch seconds is accepted and floored to whole seconds: the
+    same dataset as from the integer seconds (the fraction never reorders or moves a row)."""
+    tables = raw_tables()
+    inter = tables["interactions"]
+    fraction = np.random.default_rng(1).uniform(0, 0.999, inter.num_rows)
+    float_ts = _mutate(inter, "ts", pa.array(inter["ts"].to_numpy() + fraction))
+    write_inputs(tmp_path, {**tables, "interactions": float_ts})
+    (tmp_path / "mapping.toml").write_text(mapping_text(str(tmp_path)))
+    out = tmp_path / "out"
+    assert main(["prepare", "parquet", "--mapping", str(tmp_path / "mapping.toml"), "--out", str(out)]) == 0
+    ds = PreparedDataset.open(out)
+    assert ds.read_split("train").schema.field("timestamp").type == pa.int64()
+    check_against_raw(ds, tables, "time")
+
+
 def test_cheap_refusals(inputs, prepared, tmp_path, capsys):
     """Refused before any work: an existing output, a bad override, a mapping typo."""
     mapping = str(inputs / "mapping.toml")
@@ -337,6 +353,19 @@ def _bad_cases():
             "items.parquet",
             "'cost'",
             "NaN",
+        ),
+        "nan timestamp": (
+            {"interactions": _mutate(inter, "ts", [float("nan")] + [float(x) for x in inter["ts"].to_pylist()[1:]])},
+            "inter/a.parquet",
+            "'ts'",
+            "NaN",
+        ),
+        # also mapped as an item feature (as in the module's mapping), where a list is allowed
+        "multi-label category": (
+            {"items": _mutate(items, "cat", [[c, "sale"] if c else [] for c in items["cat"].to_pylist()])},
+            "items.parquet",
+            "'cat'",
+            "multi-label",
         ),
         "all-null category": (
             {"items": _mutate(items, "cat", pa.nulls(NUM_ITEMS, pa.string()))},

@@ -11,6 +11,7 @@ Each stage runs as its own torchrun job, exactly as a user would run it by hand.
 
 from __future__ import annotations
 
+import math
 import subprocess
 import sys
 from pathlib import Path
@@ -58,6 +59,13 @@ def relative_change(before: float, after: float) -> float:
     return (after - before) / abs(before) if before else float("nan")
 
 
+def change_text(before: float, after: float) -> str:
+    """The relative change as a table cell; "n/a" where it is undefined (a metric that is 0
+    before, e.g. min-Hit@10 of a category no user holds out, printed +nan% before)."""
+    change = relative_change(before, after)
+    return f"{100 * change:+.1f}%" if math.isfinite(change) else "n/a"
+
+
 def results_table(rows: dict[str, dict[str, float]], base: str = "pretrain", k: int = 10) -> str:
     columns = table_metrics(k)
     header = "| model | " + " | ".join(columns) + " |"
@@ -69,7 +77,7 @@ def results_table(rows: dict[str, dict[str, float]], base: str = "pretrain", k: 
             if name == base:
                 cells.append(f"{value:.4f}")
             else:
-                cells.append(f"{value:.4f} ({100 * relative_change(rows[base][m], value):+.1f}%)")
+                cells.append(f"{value:.4f} ({change_text(rows[base][m], value)})")
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 

@@ -281,7 +281,7 @@ ID = ("int", "string")
 ALLOWED = {
     "user": ID,
     "item": ID,
-    "timestamp": ("int", "timestamp"),
+    "timestamp": ("int", "float", "timestamp"),  # float: epoch seconds, floored
     "label": ("bool", "int"),
     "rating": ("int", "float"),
     "price": ("int", "float"),
@@ -304,6 +304,12 @@ def check_schemas(inputs: Inputs, expected: dict[str, str], what: str) -> dict[s
                 raise PrepareError(f"{inputs.label(path)}: column {column!r} missing (mapped as the {what} {role})")
             t = file_schema.field(index).type
             allowed = ALLOWED["feature" if role.endswith("feature") else role]
+            if role == "category" and _kind(t).startswith("list<"):
+                raise PrepareError(
+                    f"{inputs.label(path)}: column {column!r} has type {t}, a multi-label list: the {what} category "
+                    "must be one label per item (each distinct combination would become its own category); map a "
+                    "single-label column, e.g. the first label, as columns.category and the list as a feature"
+                )
             if _kind(t) not in allowed:
                 raise PrepareError(
                     f"{inputs.label(path)}: column {column!r} has type {t}, expected one of {allowed} for the {what} "
@@ -456,6 +462,10 @@ def _profile(batch: pa.Table, m: ParquetMapping, items_ref: Any) -> pa.Table:
         nulls = batch[column].null_count
         if nulls:
             problems.append(f"column {column!r} ({role}) has {nulls} null values")
+        elif role == "timestamp" and pa.types.is_floating(batch[column].type):
+            bad = batch.num_rows - int(pc.sum(pc.is_finite(batch[column])).as_py() or 0)
+            if bad:
+                problems.append(f"column {column!r} ({role}) has {bad} NaN or infinite values")
     positive = _positive_mask(batch, m)
     pos = batch.filter(positive)
     nonnull_category = 0
@@ -488,6 +498,8 @@ def _to_dense(batch: pa.Table, m: ParquetMapping, users_ref: Any, items_ref: Any
     ts = pos[m.timestamp]
     if pa.types.is_timestamp(ts.type):
         ts = pc.cast(pc.cast(ts, pa.timestamp("s")), pa.int64())
+    elif pa.types.is_floating(ts.type):  # epoch seconds with a fraction: floored, as a timestamp type is cast
+        ts = pc.floor(ts)
     rating = pc.cast(pos[m.rating], pa.float32()) if m.rating else pa.array(np.ones(pos.num_rows, dtype=np.float32))
     return pa.table(
         {
@@ -626,11 +638,12 @@ def prepare_parquet(
     items_table = users_table = None
     if m.items is not None:
         items_in = resolve(m.items, "items")
+        # the roles last win: a category also declared as a feature is checked as the category
         item_roles = {
+            **{c: "item feature" for c in m.item_features},
             m.item: "item",
             m.price: "price",
             m.category: "category",
-            **{c: "item feature" for c in m.item_features},
         }
         check_schemas(items_in, item_roles, "items")
         items_table, origin = read_side_table(items_in, list(item_roles))
