@@ -257,7 +257,8 @@ def _build(cls: type, values: dict[str, Any], where: str) -> Any:
     known = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(values) - known)
     if unknown:
-        raise ConfigError(f"{where}: unknown key(s) {unknown}; expected some of {sorted(known)}")
+        kind = f"{where}: unknown key(s)" if where else "unknown section(s)"  # top level: no empty "where"
+        raise ConfigError(f"{kind} {unknown}; expected some of {sorted(known)}")
     kwargs = {k: _coerce(v, hints[k], f"{where}.{k}" if where else k) for k, v in values.items()}
     return cls(**kwargs)
 
@@ -266,11 +267,25 @@ def _parse_override(text: str) -> tuple[list[str], Any]:
     if "=" not in text:
         raise ConfigError(f"override {text!r}: expected section.key=value")
     key, raw = text.split("=", 1)
+    path = key.strip().split(".")
+    if not all(part.strip() for part in path):  # `=3`, `run..seed=1`, `run.=1`
+        raise ConfigError(f"override {text!r}: expected section.key=value, the key has an empty part")
     try:
         value = tomllib.loads(f"v = {raw}")["v"]
     except tomllib.TOMLDecodeError:
         value = raw  # a bare word is a string: `model.name=mf`
-    return key.strip().split("."), value
+    return path, value
+
+
+def _check_override(text: str, path: list[str], value: Any) -> None:
+    """Type-check one override on its own, so an unknown key or a wrong type names the
+    override that brought it rather than the config file it is merged into."""
+    alone: dict[str, Any] = {}
+    _merge(alone, path, value)
+    try:
+        _build(Config, alone, "")
+    except ConfigError as exc:
+        raise ConfigError(f"override {text!r}: {exc}") from None
 
 
 def _merge(tree: dict[str, Any], path: list[str], value: Any) -> None:
@@ -283,24 +298,32 @@ def _merge(tree: dict[str, Any], path: list[str], value: Any) -> None:
 
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
     """Read a TOML file (or the defaults), apply overrides, validate, and return a Config."""
-    tree: dict[str, Any] = {}
-    source = "<defaults>"
-    if path is not None:
-        source = str(path)
-        try:
-            tree = tomllib.loads(Path(path).read_text())
-        except FileNotFoundError:
-            raise ConfigError(f"{path}: config file not found") from None
-        except tomllib.TOMLDecodeError as exc:
-            raise ConfigError(f"{path}: not valid TOML: {exc}") from None
+    tree = _read_toml(Path(path)) if path is not None else {}
     for text in overrides or []:
-        _merge(tree, *_parse_override(text))
+        key, value = _parse_override(text)
+        _check_override(text, key, value)
+        _merge(tree, key, value)
     try:
         config = _build(Config, tree, "")
         validate(config)
     except ConfigError as exc:
-        raise ConfigError(f"{source}: {exc}") from None
+        raise ConfigError(f"{path}: {exc}" if path is not None else str(exc)) from None
     return config
+
+
+def _read_toml(path: Path) -> dict[str, Any]:
+    """The file's table, or one ConfigError naming the file (missing, a directory,
+    unreadable, not UTF-8, not TOML)."""
+    try:
+        return tomllib.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: config file not found") from None
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read the config file: {exc.strerror}") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path}: not valid TOML: the file is not UTF-8 text") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: not valid TOML: {exc}") from None
 
 
 def config_from_dict(tree: dict[str, Any]) -> Config:
