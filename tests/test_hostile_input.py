@@ -16,7 +16,6 @@ import json
 import shutil
 import socket
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -87,17 +86,28 @@ def train_args(data: Path, out: Path, *extra: str) -> list[str]:
     return ["train", "--config", CONFIG, quoted("data.path", data), quoted("run.out_dir", out), *extra]
 
 
-def finetune_args(tmp_path_factory, data: Path, out: Path, *extra: str) -> list[str]:
+def finetune_args(tmp_path_factory, data: Path, out: Path, *extra: str, start: Path | None = None) -> list[str]:
+    """``morec finetune`` from ``start``, or from the shared pretraining (a real torchrun
+    job: only the tests whose ranks load the checkpoint need it, and they are slow)."""
     return [
         "finetune",
         "--from",
-        str(shared_pretrained(tmp_path_factory)),
+        str(start or shared_pretrained(tmp_path_factory)),
         "--config",
         CONFIG,
         quoted("data.path", data),
         quoted("run.out_dir", out),
         *extra,
     ]
+
+
+def unread_checkpoint(tmp_path: Path, meta: str = "{}") -> Path:
+    """A --from the parent refuses nothing in (its meta.json parses) and no rank ever
+    loads: the parent's own refusals come before the checkpoint's tensors are read."""
+    path = tmp_path / "unread-checkpoint"
+    path.mkdir()
+    (path / "meta.json").write_text(meta)
+    return path
 
 
 def assert_untouched(data: Path, before: dict[str, str], out: Path) -> None:
@@ -171,35 +181,31 @@ def test_item_id_out_of_range(data, tmp_path, capsys):
     ],
 )
 def test_config_errors_exit_2_before_torchrun(tmp_path_factory, tmp_path, capsys, override, fragment):
+    """Refused by the in-process parent: ``main`` returns 2 with the config's message and no
+    run directory exists (a started job would have made it). Ordering, not a timer: the
+    checkpoint given is never read, so the config is checked before it as well."""
     data = shared_data(tmp_path_factory)
-    args = finetune_args(tmp_path_factory, data, tmp_path / "out", *override)  # the shared pretraining is not timed
-    started = time.monotonic()
-    refused(capsys, args, fragment)
-    assert time.monotonic() - started < 30
+    start = tmp_path / "never-read"  # missing: it would be the error if it were looked at first
+    refused(capsys, finetune_args(tmp_path_factory, data, tmp_path / "out", *override, start=start), fragment)
     assert not (tmp_path / "out").exists()
 
 
 def test_unreachable_ray_address(tmp_path_factory, tmp_path, capsys):
+    """The parent's probe (coordinator.service.probe_address, a TCP connect with its own
+    timeout) names the address: the refusal comes from it, not from Ray's long retries."""
     with socket.socket() as s:  # a port nothing listens on
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    started = time.monotonic()
     data = shared_data(tmp_path_factory)
-    refused(
-        capsys,
-        finetune_args(tmp_path_factory, data, tmp_path / "out", quoted("coordinator.ray_address", f"127.0.0.1:{port}")),
-        f"127.0.0.1:{port}",
-        "no Ray head reachable",
-    )
-    assert time.monotonic() - started < 30
+    address = quoted("coordinator.ray_address", f"127.0.0.1:{port}")
+    args = finetune_args(tmp_path_factory, data, tmp_path / "out", address, start=unread_checkpoint(tmp_path))
+    refused(capsys, args, f"127.0.0.1:{port}", "no Ray head reachable")
+    assert not (tmp_path / "out").exists()
 
 
 def test_broken_from_checkpoint(tmp_path_factory, tmp_path, capsys):
-    broken = tmp_path / "broken"
-    shutil.copytree(shared_pretrained(tmp_path_factory), broken)
-    (broken / "meta.json").write_text("{not json")
-    args = finetune_args(tmp_path_factory, shared_data(tmp_path_factory), tmp_path / "out")
-    args[args.index("--from") + 1] = str(broken)
+    broken = unread_checkpoint(tmp_path, meta="{not json")
+    args = finetune_args(tmp_path_factory, shared_data(tmp_path_factory), tmp_path / "out", start=broken)
     refused(capsys, args, "meta.json", "not valid JSON")
 
 
