@@ -34,7 +34,7 @@ lint: venv
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy
 
-# the tests not marked slow: for iteration (no torchrun jobs, no containers, no Prometheus)
+# the tests not marked slow: for iteration (no pretraining, containers, Prometheus or MovieLens download)
 test-fast: venv
 	bash tests/run.sh -m "not slow"
 

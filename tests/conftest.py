@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import hashlib
 import importlib
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -96,15 +98,35 @@ def _registries_restored(_registries_imported):
             del sys.modules[name]
 
 
+# the code a prepared dataset's bytes depend on: a change to any of these makes a cached
+# preparation stale
+PREPARATION_SOURCES = ("morec_dist/data/prepare/*.py", "morec_dist/data/schema.py")
+MOVIELENS_CACHE = REPO / ".data" / "tests"
+
+
+def preparation_fingerprint() -> str:
+    """sha256 over the preparation code (PREPARATION_SOURCES), path and bytes of each file."""
+    digest = hashlib.sha256()
+    for path in sorted(p for pattern in PREPARATION_SOURCES for p in REPO.glob(pattern)):
+        digest.update(str(path.relative_to(REPO)).encode() + b"\0" + path.read_bytes())
+    return digest.hexdigest()[:16]
+
+
 @pytest.fixture(scope="session")
 def movielens_dir() -> Path:
-    """MovieLens-1M prepared once into .data/ and reused (the download is cached too)."""
+    """MovieLens-1M as the current preparation code writes it, in a directory the tests own
+    (.data/tests/movielens-1m-<fingerprint of that code>), prepared when missing and reused
+    across runs (the download is cached too). A user's .data/movielens-1m is never read: it
+    may have been made by older code. Preparations by older code are removed."""
     from morec_dist.data.prepare.movielens import prepare_movielens_1m
 
-    path = REPO / ".data" / "movielens-1m"
+    path = MOVIELENS_CACHE / f"movielens-1m-{preparation_fingerprint()}"
+    for stale in MOVIELENS_CACHE.glob("movielens-1m-*"):
+        if stale != path and stale.is_dir():
+            shutil.rmtree(stale, ignore_errors=True)
     try:
         PreparedDataset.open(path, verify_values=False)
-    except DatasetError:
+    except DatasetError:  # missing or incomplete (an interrupted preparation)
         prepare_movielens_1m(path, overwrite=True)
     return path
 
@@ -114,6 +136,20 @@ def small_synthetic(tmp_path_factory) -> Path:
     from morec_dist.data.prepare.synthetic import generate
 
     return generate(tmp_path_factory.mktemp("syn") / "small", users=500, items=300, rows=30_000, seed=7)
+
+
+# fixtures that start what `make test-fast` leaves out: a pretraining under torchrun
+# (pretrained), the MovieLens download and preparation (movielens_dir), a real Prometheus
+# (prometheus). A test that uses one, however indirectly, is marked slow here, so
+# `-m "not slow"` excludes it even where its module forgot the mark.
+SLOW_FIXTURES = frozenset({"pretrained", "movielens_dir", "prometheus"})
+
+
+@pytest.hookimpl(tryfirst=True)  # before the -m selection reads the marks
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        if SLOW_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.slow)
 
 
 def in_ci() -> bool:

@@ -124,3 +124,22 @@ def test_the_registry_modules_list_names_every_module_holding_a_registry():
             module = path.relative_to(REPO).with_suffix("").parts
             holders.add(".".join(module[:-1] if module[-1] == "__init__" else module))
     assert holders == set(REGISTRY_MODULES)
+
+
+def test_the_movielens_cache_is_keyed_by_the_preparation_code(tmp_path, monkeypatch):
+    """A change to the preparation code changes the fixture's directory, so a dataset made
+    by older code is never reused."""
+    import tests.conftest as conftest
+
+    fake = tmp_path / "repo"
+    (fake / "morec_dist" / "data" / "prepare").mkdir(parents=True)
+    (fake / "morec_dist" / "data" / "schema.py").write_text("SCHEMA = 1\n")
+    (fake / "morec_dist" / "data" / "prepare" / "movielens.py").write_text("PRICE = 1\n")
+    monkeypatch.setattr(conftest, "REPO", fake)
+    before = conftest.preparation_fingerprint()
+    (fake / "morec_dist" / "data" / "prepare" / "movielens.py").write_text("PRICE = 2\n")
+    assert conftest.preparation_fingerprint() != before
+    (fake / "morec_dist" / "data" / "prepare" / "movielens.py").write_text("PRICE = 1\n")
+    assert conftest.preparation_fingerprint() == before
+    (fake / "morec_dist" / "data" / "schema.py").write_text("SCHEMA = 2\n")
+    assert conftest.preparation_fingerprint() != before

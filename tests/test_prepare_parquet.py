@@ -5,7 +5,6 @@ group's train rows in the hash order. One real local Ray for the whole module.""
 
 from __future__ import annotations
 
-import os
 from collections import Counter
 from pathlib import Path
 
@@ -18,14 +17,13 @@ from morec_dist.cli import main
 from morec_dist.data import schema
 from morec_dist.data.dataset import PreparedDataset
 
-# before Ray starts, so its workers inherit them (moto accepts any credentials)
-for key, value in {
+# moto accepts any credentials; set for this module only (never the real ones of the machine)
+FAKE_AWS = {
     "AWS_ACCESS_KEY_ID": "testing",
     "AWS_SECRET_ACCESS_KEY": "testing",
     "AWS_DEFAULT_REGION": "us-east-1",
     "AWS_EC2_METADATA_DISABLED": "true",
-}.items():
-    os.environ.setdefault(key, value)
+}
 
 NUM_USERS, NUM_ITEMS, ROWS = 40, 25, 600
 VALID_FROM, TEST_FROM = 4000, 5000
@@ -34,10 +32,16 @@ CATEGORIES = ["shoes", "hats", "bags", None]
 
 @pytest.fixture(scope="module", autouse=True)
 def ray_once():
+    """One Ray for the module, started with the fake AWS_* set so its workers inherit them;
+    both undone when the module ends (the per-test environment fixture restores os.environ
+    to this module-level state after each test)."""
     from morec_dist.data.prepare.ray_env import ray_runtime
 
-    with ray_runtime(num_cpus=2, object_store_mb=300):
-        yield
+    with pytest.MonkeyPatch.context() as patch:
+        for key, value in FAKE_AWS.items():
+            patch.setenv(key, value)
+        with ray_runtime(num_cpus=2, object_store_mb=300):
+            yield
 
 
 def raw_tables(seed: int = 0) -> dict[str, pa.Table]:
