@@ -139,7 +139,22 @@ class Cluster:
         for path in self.volumes.values():
             path.mkdir(parents=True)
             os.chown(path, UID, UID)
-        sh(*PODMAN, "network", "create", "--subnet", f"{self.subnet}.0/24", "--disable-dns", self.network)
+        # --internal: no NAT and no default route in the pods, so they reach each other (and
+        # the host on the gateway address, which scrapes them) but nothing outside. podman 4.3
+        # drops the gateway of an internal network unless it is given: without it the host's
+        # bridge has no address and could not reach the pods.
+        sh(
+            *PODMAN,
+            "network",
+            "create",
+            "--internal",
+            "--subnet",
+            f"{self.subnet}.0/24",
+            "--gateway",
+            f"{self.subnet}.1",
+            "--disable-dns",
+            self.network,
+        )
 
     def close(self) -> None:
         for name in self.containers:
