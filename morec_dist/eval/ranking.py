@@ -100,7 +100,8 @@ class RankedBatch:
     targets: torch.Tensor  # [B] held-out item ids
     ranks: torch.Tensor  # [B] 1-based held-out ranks
     top_items: torch.Tensor  # [B, K] ids in ranking order; PAD_ID past a user's candidates
-    picked: torch.Tensor  # [B, P] scores of the picked columns (column 0: the held-out item)
+    picked: torch.Tensor  # [B, P] float64 scores of the picked columns (column 0: the held-out item)
+    score_dtype: torch.dtype  # the scorer's dtype (``picked`` converts back to it exactly)
 
 
 # ------------------------------------------------------------------- partition
@@ -138,22 +139,26 @@ def range_item_vectors(
     range is padded with item 0, whose vectors are dropped)."""
     lo, hi = item_range(features.num_items, ctx)
     longest = longest_range(features.num_items, ctx.world_size)
-    parts = []
+    out: torch.Tensor | None = None  # filled in place: no second copy of the range's vectors
     for s in range(0, longest, ITEM_CHUNK):
         size = min(ITEM_CHUNK, longest - s)
         ids = np.zeros(size, dtype=np.int64)
         real = max(0, min(size, hi - lo - s))
         ids[:real] = np.arange(lo + s, lo + s + real)
         vectors = as_recommender(model).item_vectors(features.item_kjt(ids).to(ctx.device))
-        parts.append(vectors[:real])
+        if out is None:
+            out = torch.empty(hi - lo, vectors.shape[1], dtype=vectors.dtype, device=vectors.device)
+        out[s : s + real] = vectors[:real]
         check_stop()
-    return torch.cat(parts)
+    assert out is not None  # longest >= 1
+    return out
 
 
 def model_scorer(
     model: nn.Module, features: FeatureBuilder, ctx: DistContext, check_stop: Callable[[], None]
 ) -> RangeScorer:
-    items_t = range_item_vectors(model, features, ctx, check_stop).t().contiguous()
+    # [R, d] as BLAS's transposed operand: no [d, R] copy at catalogue scale
+    items_t = range_item_vectors(model, features, ctx, check_stop).t()
 
     @torch.no_grad()
     def score(user_ids: np.ndarray) -> torch.Tensor:
@@ -331,6 +336,7 @@ def ranked_batches(
         mask_non_candidates_(scores, users, start, stop, lo, picked[:, 0])
         before = count_before(scores, picked[:, 0], targets, lo)
         top_scores, top_ids = local_topk(scores, k, lo)
+        dtype = scores.dtype
         del scores
         payload = torch.cat([before.to(torch.float64).unsqueeze(1), top_scores, top_ids], dim=1)
         gathered = all_gather_stack(payload, ctx)  # [W, B, 1 + 2k]
@@ -338,7 +344,7 @@ def ranked_batches(
         merged_scores = gathered[:, :, 1 : 1 + k].permute(1, 0, 2).reshape(stop - start, -1)
         merged_ids = gathered[:, :, 1 + k :].permute(1, 0, 2).reshape(stop - start, -1)
         top = merge_topk(merged_scores, merged_ids, k)
-        yield RankedBatch(start, stop, targets, ranks, top, picked)
+        yield RankedBatch(start, stop, targets, ranks, top, picked, dtype)
 
 
 def band_counts(top_items: torch.Tensor, k: int, bands: torch.Tensor, num_bands: int) -> torch.Tensor:

@@ -162,19 +162,10 @@ def compute_signals(
     try:
         scorer = model_scorer(module, features, ctx, stop_checker(ctx, eval_options))
         for batch in ranked_batches(scorer, users, dataset.num_items, k, ctx, eval_options, extra_columns=negatives):
-            picked = batch.picked.to(scorer_dtype(module))
+            picked = batch.picked.to(batch.score_dtype)
             scored = ScoredBatch(batch.targets, batch.ranks, batch.top_items, options.loss_fn(picked))
             for acc in accumulators:
                 acc.add(scored)
     finally:
         model.train(was_training)
     return {acc.request.objective: acc.result() for acc in accumulators}
-
-
-def scorer_dtype(module: torch.nn.Module) -> torch.dtype:
-    """The dtype the model scores in (the picked scores travel as float64 and come back
-    exactly): the first floating parameter's, float32 for a model without parameters."""
-    for p in module.parameters():
-        if p.is_floating_point():
-            return p.dtype
-    return torch.float32
