@@ -7,6 +7,7 @@ import re
 import socket
 import subprocess
 import sys
+import threading
 import urllib.request
 
 import pytest
@@ -293,3 +294,66 @@ def test_bad_values_are_refused_with_the_field_named():
         coordinator.publish(1, math.inf, PID, {}, {}, 0, 0.5)
     with pytest.raises(MetricsError, match="rank"):
         RankMetrics(CollectorRegistry(), rank=-1)
+
+
+def _coordinator_view(text: str) -> tuple[float, ...]:
+    """step, beta, version and every p of one scrape (the values one publish writes)."""
+    families = {f.name: f for f in text_string_to_metric_families(text)}
+    values = [families[name].samples[0].value for name in ("morec_coordinator_step", "morec_coordinator_beta")]
+    values.append(families["morec_coordinator_sampler_version"].samples[0].value)
+    values += [s.value for s in families["morec_coordinator_sampling_probability"].samples]
+    return tuple(values)
+
+
+def _rank_view(text: str) -> tuple[float, ...]:
+    families = {f.name: f for f in text_string_to_metric_families(text)}
+    values = [families["morec_rank_step"].samples[0].value]
+    values += [s.value for s in families["morec_rank_block_loss"].samples]
+    return tuple(values)
+
+
+SCRAPES = 150
+
+
+def test_a_scrape_never_pairs_one_steps_values_with_anothers():
+    """Every value a publish writes is a function of its step here, so a scrape taken while
+    the next step is half written (step N+1 with beta N) shows as a mismatch. Many groups
+    make a publish long enough that unsynchronised scrapes land inside one often: without
+    the lock (each metric locked only itself) about half of 100 scrapes came out torn, in
+    ~1 s; the publisher and the exporter share a lock, so none may."""
+    from prometheus_client import generate_latest
+
+    registry = CollectorRegistry()
+    coordinator, rank = CoordinatorMetrics(registry), RankMetrics(registry, rank=0)
+    groups, stop, published = 50, threading.Event(), threading.Event()
+
+    def publish_forever() -> None:
+        step = 0
+        while not stop.is_set():
+            step += 1
+            p = step % 1000 / 1000
+            coordinator.publish(step, p, PID, {"accuracy": p}, {"fairness": [p] * groups}, step, 0.5)
+            rank.observe_step(step, 1, 0.1, 0.0, {f"o{i}": float(step) for i in range(groups)}, 0, 0.0, False)
+            published.set()  # the labelled series exist from here on
+
+    writer = threading.Thread(target=publish_forever, daemon=True)
+    old_interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-4)  # switch threads often (default 5 ms): a torn publish shows at once
+    writer.start()
+    try:
+        assert published.wait(timeout=60)
+        torn = []
+        for _ in range(SCRAPES):
+            text = generate_latest(registry).decode()  # what the HTTP handler serves
+            step, beta, version, *p = _coordinator_view(text)
+            if not (beta == step % 1000 / 1000 and version == step and set(p) == {beta}):
+                torn.append(("coordinator", step, beta, version, sorted(set(p))[:3]))
+                continue
+            rank_step, *losses = _rank_view(text)
+            if set(losses) != {rank_step}:
+                torn.append(("rank", rank_step, sorted(set(losses))[:3]))
+    finally:
+        stop.set()
+        writer.join(timeout=10)
+        sys.setswitchinterval(old_interval)
+    assert not torn, f"{len(torn)} of {SCRAPES} scrapes mixed two steps, e.g. {torn[:3]}"

@@ -26,7 +26,8 @@ import threading
 from collections.abc import Mapping, Sequence
 from wsgiref.simple_server import WSGIServer
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Metric, start_http_server
+from prometheus_client.registry import Collector
 
 from morec_dist.config import ConfigError, MetricsConfig
 
@@ -79,6 +80,33 @@ def _non_negative(value: float, where: str) -> float:
     return value
 
 
+class _Snapshot(CollectorRegistry):
+    """A publisher's own registry, read under the lock its publisher writes under: a scrape
+    sees every value of one step or of the next, never step N+1 beside beta N (each
+    prometheus_client metric locks only itself, so a scrape between two ``set`` calls of
+    one publish would mix them).
+
+    The publisher's metrics register here, and this registry registers in the job's as one
+    collector; ``describe`` lists their names, so a name clash there is still refused.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lock = threading.Lock()
+        self._described: list[Metric] = []
+
+    def register(self, collector: Collector) -> None:
+        super().register(collector)
+        self._described.extend(collector.describe())  # type: ignore[attr-defined]
+
+    def describe(self) -> list[Metric]:
+        return list(self._described)
+
+    def collect(self) -> list[Metric]:
+        with self.lock:  # materialised inside the lock: the values of one publish
+            return list(super().collect())
+
+
 # ----------------------------------------------------------------------------- per rank
 
 
@@ -92,56 +120,58 @@ class RankMetrics:
         if rank < 0:
             raise MetricsError(f"rank: expected >= 0, got {rank}")
         self.rank = str(rank)
+        own = self._snapshot = _Snapshot()
         r = ("rank",)
-        self._step = Gauge("morec_rank_step", "Last optimizer step this rank finished.", r, registry=registry)
+        self._step = Gauge("morec_rank_step", "Last optimizer step this rank finished.", r, registry=own)
         self._rows = Counter(
             "morec_rank_rows_processed_total",
             "Training rows (all blocks) this rank has consumed.",
             r,
-            registry=registry,
+            registry=own,
         )
         self._rows_per_second = Gauge(
-            "morec_rank_rows_per_second", "Rows of the last step divided by its duration.", r, registry=registry
+            "morec_rank_rows_per_second", "Rows of the last step divided by its duration.", r, registry=own
         )
         self._step_duration = Histogram(
             "morec_rank_step_duration_seconds",
             "Wall time of one optimizer step, reader wait included.",
             r,
             buckets=STEP_BUCKETS,
-            registry=registry,
+            registry=own,
         )
         self._reader_wait = Histogram(
             "morec_rank_reader_wait_seconds",
             "Time a step waited for its batch from the reader.",
             r,
             buckets=WAIT_BUCKETS,
-            registry=registry,
+            registry=own,
         )
         self._report_latency = Histogram(
             "morec_rank_coordinator_report_latency_seconds",
             "Round trip of one loss report to the coordinator.",
             r,
             buckets=WAIT_BUCKETS,
-            registry=registry,
+            registry=own,
         )
         self._staleness = Gauge(
             "morec_rank_coordinator_staleness_steps",
             "Steps between this step and the coordinator state (beta, p_k) it trained with.",
             r,
-            registry=registry,
+            registry=own,
         )
         self._waits = Counter(
             "morec_rank_coordinator_waits_total",
             "Steps that blocked because the coordinator state was staler than allowed.",
             r,
-            registry=registry,
+            registry=own,
         )
         self._block_loss = Gauge(
             "morec_rank_block_loss",
             "This rank's loss on its block of each objective, last step.",
             ("rank", "objective"),
-            registry=registry,
+            registry=own,
         )
+        registry.register(own)  # last: the job's registry checks the names of all of them
 
     def observe_step(
         self,
@@ -161,6 +191,20 @@ class RankMetrics:
         reader_wait_s = _non_negative(reader_wait_s, "observe_step.reader_wait_s")
         report_latency_s = _non_negative(report_latency_s, "observe_step.report_latency_s")
         losses = {name: _finite(v, f"observe_step.block_losses[{name!r}]") for name, v in block_losses.items()}
+        with self._snapshot.lock:  # validated above: nothing below raises half-way
+            self._write_step(step, rows, duration_s, reader_wait_s, losses, staleness, report_latency_s, waited)
+
+    def _write_step(
+        self,
+        step: int,
+        rows: int,
+        duration_s: float,
+        reader_wait_s: float,
+        losses: dict[str, float],
+        staleness: int,
+        report_latency_s: float,
+        waited: bool,
+    ) -> None:
         r = self.rank
         self._step.labels(r).set(step)
         self._rows.labels(r).inc(rows)
@@ -183,38 +227,40 @@ class CoordinatorMetrics:
     """The global view the coordinator publishes after each aggregated step."""
 
     def __init__(self, registry: CollectorRegistry) -> None:
-        self._step = Gauge("morec_coordinator_step", "Last step aggregated over all ranks.", registry=registry)
+        own = self._snapshot = _Snapshot()
+        self._step = Gauge("morec_coordinator_step", "Last step aggregated over all ranks.", registry=own)
         self._loss = Gauge(
             "morec_coordinator_objective_loss",
             "Global loss of each objective (mean over ranks) at the aggregated step.",
             ("objective",),
-            registry=registry,
+            registry=own,
         )
         self._beta = Gauge(
-            "morec_coordinator_beta", "Weight of the accuracy loss set by the PID controller.", registry=registry
+            "morec_coordinator_beta", "Weight of the accuracy loss set by the PID controller.", registry=own
         )
         self._target = Gauge(
             "morec_coordinator_target_loss",
             "Accuracy loss the PID controller steers towards (l_hat).",
-            registry=registry,
+            registry=own,
         )
         self._pid = {
-            "p": Gauge("morec_coordinator_pid_proportional", "PID proportional term P_t.", registry=registry),
-            "i": Gauge("morec_coordinator_pid_integral", "PID integral term I_t.", registry=registry),
-            "d": Gauge("morec_coordinator_pid_derivative", "PID derivative term D_t.", registry=registry),
-            "error": Gauge("morec_coordinator_pid_error", "PID error e_t = l_hat - l_t.", registry=registry),
+            "p": Gauge("morec_coordinator_pid_proportional", "PID proportional term P_t.", registry=own),
+            "i": Gauge("morec_coordinator_pid_integral", "PID integral term I_t.", registry=own),
+            "d": Gauge("morec_coordinator_pid_derivative", "PID derivative term D_t.", registry=own),
+            "error": Gauge("morec_coordinator_pid_error", "PID error e_t = l_hat - l_t.", registry=own),
         }
         self._probability = Gauge(
             "morec_coordinator_sampling_probability",
             "Probability p_k[g] that a block of objective k draws group g (group = the 1-based id in the data).",
             ("objective", "group"),
-            registry=registry,
+            registry=own,
         )
         self._version = Gauge(
             "morec_coordinator_sampler_version",
             "Version of the sampling distributions; bumps on every update.",
-            registry=registry,
+            registry=own,
         )
+        registry.register(own)  # last: the job's registry checks the names of all of them
 
     def publish(
         self,
@@ -242,17 +288,18 @@ class CoordinatorMetrics:
         beta = _finite(beta, "publish.beta")
         target_loss = _finite(target_loss, "publish.target_loss")
 
-        self._step.set(step)
-        self._beta.set(beta)
-        self._target.set(target_loss)
-        for term, value in terms.items():
-            self._pid[term].set(value)
-        for name, value in losses.items():
-            self._loss.labels(name).set(value)
-        for name, p in probs.items():
-            for g, value in enumerate(p):
-                self._probability.labels(name, str(g + 1)).set(value)
-        self._version.set(version)
+        with self._snapshot.lock:  # one step's values together (validated above: no raise half-way)
+            self._step.set(step)
+            self._beta.set(beta)
+            self._target.set(target_loss)
+            for term, value in terms.items():
+                self._pid[term].set(value)
+            for name, value in losses.items():
+                self._loss.labels(name).set(value)
+            for name, p in probs.items():
+                for g, value in enumerate(p):
+                    self._probability.labels(name, str(g + 1)).set(value)
+            self._version.set(version)
 
 
 def _probability(value: float, objective: str, index: int) -> float:
