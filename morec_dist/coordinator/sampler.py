@@ -30,13 +30,12 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import pyarrow.parquet as pq
 
-from morec_dist.data import schema
+from morec_dist.data import schema, storage
+from morec_dist.data.storage import StoragePath
 
 if TYPE_CHECKING:  # the dataset handle is for annotations only: the coordinator reads no data
     from morec_dist.data.dataset import PreparedDataset
@@ -78,10 +77,10 @@ def sign_gradient_step(p: np.ndarray, s: np.ndarray, alpha: float) -> np.ndarray
 # ------------------------------------------------------------------------ statistics
 
 
-def item_mean_price(data_dir: Path, column: str, num_groups: int) -> np.ndarray:
+def item_mean_price(data_dir: StoragePath, column: str, num_groups: int) -> np.ndarray:
     """Mean catalogue-item price of each group of ``column`` (0-based vector, length G)."""
-    path = Path(data_dir) / schema.ITEMS_FILE
-    table = pq.read_table(path, columns=["price", column])
+    path = storage.location(data_dir) / schema.ITEMS_FILE
+    table = storage.read_table(path, columns=["price", column])
     groups = table[column].to_numpy().astype(np.int64)
     prices = table["price"].to_numpy().astype(np.float64)
     _check_group_ids(groups, num_groups, f"{path}:{column}")
@@ -93,11 +92,11 @@ def item_mean_price(data_dir: Path, column: str, num_groups: int) -> np.ndarray:
     return sums / counts
 
 
-def train_price_sum(files: list[Path], column: str, num_groups: int) -> np.ndarray:
+def train_price_sum(files: list[StoragePath], column: str, num_groups: int) -> np.ndarray:
     """Sum of ``price`` over the training rows of each group, streamed file by file."""
     sums = np.zeros(num_groups, dtype=np.float64)
     for path in files:
-        parquet = pq.ParquetFile(path)
+        parquet = storage.parquet_file(path)
         for batch in parquet.iter_batches(
             columns=["price", column], batch_size=schema.ROW_GROUP_ROWS, use_threads=False
         ):
@@ -122,13 +121,13 @@ class GroupStats:
 
     num_groups: dict[str, int]
     train_counts: dict[str, np.ndarray]
-    data_dir: Path | None = None
-    train_files: list[Path] = field(default_factory=list)
+    data_dir: StoragePath | None = None
+    train_files: list[StoragePath] = field(default_factory=list)
     mean_prices: dict[str, np.ndarray] = field(default_factory=dict)
     price_sums: dict[str, np.ndarray] = field(default_factory=dict)
 
     @classmethod
-    def from_manifest(cls, manifest: Mapping[str, Any], data_dir: Path | None = None) -> GroupStats:
+    def from_manifest(cls, manifest: Mapping[str, Any], data_dir: StoragePath | None = None) -> GroupStats:
         groups = manifest.get("groups")
         if not isinstance(groups, Mapping) or not groups:
             raise SamplerError("manifest: 'groups' missing or empty; expected {column: {num_groups, train_counts}}")
@@ -141,10 +140,9 @@ class GroupStats:
                 raise SamplerError(f"manifest: groups.{column}.train_counts has {counts.size} entries, expected {g}")
             num_groups[column] = g
             train_counts[column] = counts
-        files = []
-        if data_dir is not None:
-            files = [Path(data_dir) / rel for rel in manifest["splits"]["train"]["files"]]
-        return cls(num_groups, train_counts, Path(data_dir) if data_dir else None, files)
+        root = storage.location(data_dir) if data_dir is not None else None
+        files = [root / rel for rel in manifest["splits"]["train"]["files"]] if root is not None else []
+        return cls(num_groups, train_counts, root, files)
 
     @classmethod
     def from_dataset(cls, dataset: PreparedDataset) -> GroupStats:
@@ -170,7 +168,7 @@ class GroupStats:
             self.price_sums[column] = train_price_sum(self.train_files, column, self.num_groups[column])
         return self.price_sums[column]
 
-    def _need_dir(self, column: str) -> Path:
+    def _need_dir(self, column: str) -> StoragePath:
         if self.data_dir is None:
             raise SamplerError(
                 f"price statistics of {column!r} need the dataset directory (GroupStats.data_dir is unset)"

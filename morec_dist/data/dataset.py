@@ -1,11 +1,12 @@
-"""The validated handle on a prepared dataset directory.
+"""The validated handle on a prepared dataset: a local directory or a filesystem URI (s3://...).
 
 ``PreparedDataset.open`` is the only way the rest of the package reaches a dataset: it
 checks the manifest, every file's presence, size, Parquet footer, schema and row count,
 optionally its sha256, and the values that later code relies on (ids in range, prices
 finite and non-negative, group ids within their group counts, no empty split). Every
 failure is a ``DatasetError`` naming the file, the column and the problem; nothing is
-coerced.
+coerced. Where the bytes come from is ``data/storage.py``'s: the checks and the bytes are
+the same for a local directory and for a URI.
 """
 
 from __future__ import annotations
@@ -19,10 +20,9 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 
-from morec_dist.data import schema
-from morec_dist.data.schema import sha256_file
+from morec_dist.data import schema, storage
+from morec_dist.data.storage import Location, StoragePath
 
 REQUIRED_MANIFEST_KEYS = (
     "schema_version",
@@ -45,14 +45,15 @@ def _fail(where: str, problem: str) -> None:
     raise DatasetError(f"{where}: {problem}")
 
 
-def _load_manifest(root: Path) -> dict[str, Any]:
+def _load_manifest(root: StoragePath) -> dict[str, Any]:
     path = root / schema.MANIFEST
-    if not root.is_dir():
+    if isinstance(root, Path) and not root.is_dir():
         _fail(str(root), "not a directory (prepare it with `morec prepare ...`)")
-    if not path.exists():
-        _fail(str(path), "missing: not a prepared dataset directory")
+    if not storage.exists(path):
+        # on an object store the manifest is written last: a write that stopped has none
+        _fail(str(path), "missing: not a prepared dataset (or its write never finished)")
     try:
-        manifest = json.loads(path.read_text())
+        manifest = json.loads(storage.read_text(path))
     except json.JSONDecodeError as exc:
         raise DatasetError(f"{path}: not valid JSON ({exc})") from None
     for key in REQUIRED_MANIFEST_KEYS:
@@ -68,7 +69,7 @@ def _load_manifest(root: Path) -> dict[str, Any]:
     return manifest
 
 
-def _check_features(path: Path, features: Any) -> None:
+def _check_features(path: StoragePath, features: Any) -> None:
     if not isinstance(features, dict):
         _fail(str(path), "'features' must be an object of name -> {kind, cardinality, entity}")
     for name, entry in features.items():
@@ -78,7 +79,7 @@ def _check_features(path: Path, features: Any) -> None:
             _fail(str(path), f"features[{name!r}]: {exc}")
 
 
-def _check_group_layout(path: Path, manifest: dict[str, Any]) -> None:
+def _check_group_layout(path: StoragePath, manifest: dict[str, Any]) -> None:
     """Every group column has a layout; every gid 1..G is listed; the rows add up to the
     manifest's train counts; the files are the ones ``files`` checks."""
     layout = manifest["group_layout"]
@@ -109,7 +110,7 @@ def _check_group_layout(path: Path, manifest: dict[str, Any]) -> None:
                     _fail(f"{where}[{column!r}][{gid}]", f"file {f['path']!r} outside {schema.group_dir(column, gid)}/")
 
 
-def _check_schema(path: Path, actual: pa.Schema, expected: pa.Schema) -> None:
+def _check_schema(path: StoragePath, actual: pa.Schema, expected: pa.Schema) -> None:
     for field in expected:
         index = actual.get_field_index(field.name)
         if index < 0:
@@ -128,7 +129,9 @@ def _range_checks(manifest: dict[str, Any]) -> dict[str, tuple[int, int]]:
     return checks
 
 
-def _check_values(path: Path, table_or_batch: pa.RecordBatch | pa.Table, ranges: dict[str, tuple[int, int]]) -> None:
+def _check_values(
+    path: StoragePath, table_or_batch: pa.RecordBatch | pa.Table, ranges: dict[str, tuple[int, int]]
+) -> None:
     for column, (low, high) in ranges.items():
         if column not in table_or_batch.schema.names:
             continue
@@ -159,12 +162,14 @@ def _check_values(path: Path, table_or_batch: pa.RecordBatch | pa.Table, ranges:
 
 @dataclass
 class PreparedDataset:
-    path: Path
+    path: StoragePath  # a local Path, or a Location inside a filesystem (data/storage.py)
     manifest: dict[str, Any]
 
     @classmethod
-    def open(cls, path: str | Path, *, verify_checksums: bool = True, verify_values: bool = True) -> PreparedDataset:
-        root = Path(path).resolve()
+    def open(
+        cls, path: str | Path | Location, *, verify_checksums: bool = True, verify_values: bool = True
+    ) -> PreparedDataset:
+        root = storage.location(path)
         manifest = _load_manifest(root)
         dataset = cls(root, manifest)
         dataset._check_files(verify_checksums)
@@ -216,7 +221,12 @@ class PreparedDataset:
         """Train rows of group ``gid`` (1-based) of ``column``."""
         return int(self._layout_group(column, gid)["rows"])
 
-    def group_files(self, column: str, gid: int) -> list[tuple[Path, int]]:
+    @property
+    def uri(self) -> str:
+        """What another process passes to ``open`` to reach this dataset (a URI keeps its query)."""
+        return storage.uri_of(self.path)
+
+    def group_files(self, column: str, gid: int) -> list[tuple[StoragePath, int]]:
         """(path, rows) of each part file of group ``gid``, in stream order (the hash order)."""
         return [(self.path / f["path"], int(f["rows"])) for f in self._layout_group(column, gid)["files"]]
 
@@ -237,7 +247,7 @@ class PreparedDataset:
     def split_rows(self, split: str) -> int:
         return int(self.manifest["splits"][split]["rows"])
 
-    def split_files(self, split: str) -> list[Path]:
+    def split_files(self, split: str) -> list[StoragePath]:
         if split not in schema.SPLITS:
             raise DatasetError(f"unknown split {split!r}; expected one of {schema.SPLITS}")
         return [self.path / rel for rel in self.manifest["splits"][split]["files"]]
@@ -253,11 +263,11 @@ class PreparedDataset:
 
     @cached_property
     def items(self) -> pa.Table:
-        return pq.read_table(self.path / schema.ITEMS_FILE).sort_by("item_id")
+        return storage.read_table(self.path / schema.ITEMS_FILE).sort_by("item_id")
 
     @cached_property
     def users(self) -> pa.Table:
-        return pq.read_table(self.path / schema.USERS_FILE).sort_by("user_id")
+        return storage.read_table(self.path / schema.USERS_FILE).sort_by("user_id")
 
     def item_column(self, column: str) -> np.ndarray:
         """An item column as an array indexed by item_id (index 0 is padding, zero)."""
@@ -266,7 +276,7 @@ class PreparedDataset:
         if "items" in self.__dict__:  # already read whole by someone else: reuse it
             table = self.items
         else:
-            items = pq.ParquetFile(self.path / schema.ITEMS_FILE)
+            items = storage.parquet_file(self.path / schema.ITEMS_FILE)
             if column not in items.schema_arrow.names:
                 raise KeyError(column)
             # one thread: read_table's threaded read peaks ~4x higher (50 MB at 500k items)
@@ -278,7 +288,7 @@ class PreparedDataset:
 
     def read_split(self, split: str, columns: list[str] | None = None) -> pa.Table:
         """The whole split in memory: for the small valid/test splits, never for train at scale."""
-        return pa.concat_tables([pq.read_table(f, columns=columns) for f in self.split_files(split)])
+        return pa.concat_tables([storage.read_table(f, columns=columns) for f in self.split_files(split)])
 
     # -------------------------------------------------------------- validation
     def _expected_files(self) -> dict[str, pa.Schema]:
@@ -311,20 +321,20 @@ class PreparedDataset:
             info = self.manifest["files"].get(rel)
             if info is None:
                 _fail(str(self.path / schema.MANIFEST), f"no entry for file {rel!r}")
-            if not path.exists():
+            if not storage.exists(path):
                 _fail(str(path), "missing")
-            size = path.stat().st_size
+            size = storage.size(path)
             if size != info["bytes"]:
                 _fail(str(path), f"size {size} bytes != {info['bytes']} in the manifest (truncated or replaced)")
             try:
-                metadata = pq.ParquetFile(path).metadata
-                actual = pq.read_schema(path)
+                metadata = storage.parquet_file(path).metadata
+                actual = storage.read_schema(path)
             except (pa.ArrowInvalid, OSError) as exc:
                 raise DatasetError(f"{path}: not a readable Parquet file ({exc})") from None
             _check_schema(path, actual, expected_schema)
             if metadata.num_rows != info["rows"]:
                 _fail(str(path), f"{metadata.num_rows} rows != {info['rows']} in the manifest")
-            if verify_checksums and sha256_file(path) != info["sha256"]:
+            if verify_checksums and storage.sha256(path) != info["sha256"]:
                 _fail(str(path), "sha256 does not match the manifest (the file was modified or corrupted)")
 
     def _check_all_values(self) -> None:
@@ -341,7 +351,7 @@ class PreparedDataset:
         for split in schema.SPLITS:
             for path in self.split_files(split):
                 try:
-                    for batch in pq.ParquetFile(path).iter_batches(batch_size=1 << 20):
+                    for batch in storage.parquet_file(path).iter_batches(batch_size=1 << 20):
                         _check_values(path, batch, ranges)
                 except (pa.ArrowInvalid, OSError) as exc:
                     raise DatasetError(f"{path}: corrupt Parquet data ({exc})") from None
@@ -349,6 +359,6 @@ class PreparedDataset:
         for column, entry in self.group_layout["columns"].items():
             for gid, group in entry["groups"].items():
                 for f in group["files"]:
-                    values = pq.read_table(self.path / f["path"], columns=[column])[column]
+                    values = storage.read_table(self.path / f["path"], columns=[column])[column]
                     if len(values) and pc.min_max(values).as_py() != {"min": int(gid), "max": int(gid)}:
                         _fail(str(self.path / f["path"]), f"column {column!r} holds values other than its group {gid}")

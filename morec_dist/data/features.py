@@ -25,11 +25,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import pyarrow.parquet as pq
 import torch
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
-from morec_dist.data import schema
+from morec_dist.data import schema, storage
+from morec_dist.data.storage import Location, StoragePath
 
 FEATURE_SETS = ("ids", "side")
 
@@ -61,17 +61,17 @@ class _Lookup:
         return self.values[index], lengths.astype(np.int32)
 
 
-def declared_features(data_dir: str | Path) -> dict[str, schema.FeatureSpec]:
+def declared_features(data_dir: str | Path | Location) -> dict[str, schema.FeatureSpec]:
     """The manifest's declared features (empty for a dataset that declares none)."""
-    path = Path(data_dir) / schema.MANIFEST
-    if not path.exists():
+    path = storage.location(data_dir) / schema.MANIFEST
+    if not storage.exists(path):
         return {}
-    entries = json.loads(path.read_text()).get("features", {}) or {}
+    entries = json.loads(storage.read_text(path)).get("features", {}) or {}
     return {name: schema.FeatureSpec.from_manifest(name, entry) for name, entry in entries.items()}
 
 
-def _load_lookup(table_path: Path, id_column: str, spec: schema.FeatureSpec, count: int) -> _Lookup:
-    table = pq.read_table(table_path, columns=[id_column, spec.name]).sort_by(id_column)
+def _load_lookup(table_path: StoragePath, id_column: str, spec: schema.FeatureSpec, count: int) -> _Lookup:
+    table = storage.read_table(table_path, columns=[id_column, spec.name]).sort_by(id_column)
     ids = table[id_column].to_numpy().astype(np.int64)
     column = table[spec.name].combine_chunks()
     if spec.kind == "single":
@@ -90,7 +90,7 @@ class FeatureBuilder:
 
     def __init__(
         self,
-        data_dir: str | Path,
+        data_dir: str | Path | Location,
         num_users: int,
         num_items: int,
         feature_set: str = "ids",
@@ -106,7 +106,7 @@ class FeatureBuilder:
         users = self._selection(declared, "user", user_features, feature_set, data_dir)
         items = self._selection(declared, "item", item_features, feature_set, data_dir)
         self.feature_set = "side" if (users or items or feature_set == "side") else "ids"
-        root = Path(data_dir)
+        root = storage.location(data_dir)
         self._user_side = [_load_lookup(root / schema.USERS_FILE, "user_id", declared[n], num_users) for n in users]
         self._item_side = [_load_lookup(root / schema.ITEMS_FILE, "item_id", declared[n], num_items) for n in items]
 
@@ -119,7 +119,7 @@ class FeatureBuilder:
         if unknown:
             raise ValueError(
                 f"model.{entity}_features: {unknown} are not {entity} features declared in "
-                f"{Path(data_dir) / schema.MANIFEST}; declared {entity} features: {of_entity}"
+                f"{storage.location(data_dir) / schema.MANIFEST}; declared {entity} features: {of_entity}"
             )
         return list(dict.fromkeys(names))
 

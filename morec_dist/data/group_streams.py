@@ -36,12 +36,12 @@ import bisect
 import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import pyarrow.parquet as pq
 
-from morec_dist.data import kernels, schema
+from morec_dist.data import kernels, schema, storage
+from morec_dist.data.storage import StoragePath
 
 IDS = ["user_id", "item_id"]
 # seed-stream ids, disjoint from the reader's (reader.STREAM_*)
@@ -50,12 +50,13 @@ STREAM_PASS_ROWS = 11
 TINY_SHARE_ROWS = 64  # shares up to this size permute by sorted hashes, vectorised over passes
 
 
-def open_row_groups(path: Path) -> pq.ParquetFile:
-    """A Parquet file read a row group at a time, synchronously: with pre-buffering (pyarrow's
-    default) each read is handed to Arrow's I/O thread and waited for, which cost about a
-    quarter of the weighted blocks' time in a profile; the file is local, so there is no
-    latency for it to hide."""
-    return pq.ParquetFile(path, pre_buffer=False)
+def open_row_groups(path: StoragePath) -> pq.ParquetFile:
+    """A Parquet file read a row group at a time. Local: synchronously: with pre-buffering
+    (pyarrow's default) each read is handed to Arrow's I/O thread and waited for, which cost
+    about a quarter of the weighted blocks' time in a profile; a local file has no latency for
+    it to hide. On an object store pre-buffering is what coalesces a row group's column chunks
+    into few ranged GETs (one per row group, not one per column or page)."""
+    return storage.parquet_file(path, pre_buffer=not storage.is_local(path))
 
 
 class GroupLayoutError(ValueError):
@@ -138,8 +139,8 @@ class Chunk:
 class GroupLayout:
     """The manifest's ``group_layout``: per group column, each group's files and rows."""
 
-    def __init__(self, root: Path, manifest: dict):
-        self.root = Path(root)
+    def __init__(self, root: StoragePath, manifest: dict):
+        self.root = root
         layout = manifest.get("group_layout")
         if not isinstance(layout, dict) or "columns" not in layout:
             raise GroupLayoutError(
@@ -152,7 +153,7 @@ class GroupLayout:
     def columns(self) -> list[str]:
         return list(self._columns)
 
-    def groups(self, column: str) -> list[list[tuple[Path, int]]]:
+    def groups(self, column: str) -> list[list[tuple[StoragePath, int]]]:
         """Per group (index g-1): its files as (path, rows), in stream order."""
         if column not in self._columns:
             raise GroupLayoutError(
@@ -182,7 +183,7 @@ def share_bounds(rows: int, rank: int, world_size: int) -> tuple[int, int]:
     return rows * rank // world_size, rows * (rank + 1) // world_size
 
 
-def share_segments(files: Sequence[tuple[Path, int]], lo: int, hi: int) -> list[Segment]:
+def share_segments(files: Sequence[tuple[StoragePath, int]], lo: int, hi: int) -> list[Segment]:
     """The row-group segments covering rows [lo, hi) of the concatenated files."""
     segments: list[Segment] = []
     start = 0
@@ -192,7 +193,7 @@ def share_segments(files: Sequence[tuple[Path, int]], lo: int, hi: int) -> list[
         if start + rows <= lo:
             start += rows
             continue
-        metadata = pq.ParquetFile(path).metadata
+        metadata = storage.parquet_file(path).metadata
         if metadata.num_rows != rows:
             raise GroupLayoutError(f"{path}: {metadata.num_rows} rows, the manifest's group_layout says {rows}")
         for rg in range(metadata.num_row_groups):
@@ -209,7 +210,7 @@ class GroupStream:
 
     def __init__(
         self,
-        files: Sequence[Path],
+        files: Sequence[StoragePath],
         segments: Sequence[Segment],
         *,
         key: tuple[int, ...],

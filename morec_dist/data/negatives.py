@@ -20,8 +20,8 @@ a binary search per negative dominated batch assembly.
 from __future__ import annotations
 
 import numpy as np
-import pyarrow.parquet as pq
 
+from morec_dist.data import storage
 from morec_dist.data.dataset import PreparedDataset
 from morec_dist.data.kernels import alias_table
 
@@ -60,7 +60,7 @@ class UserHistory:
         items: list[np.ndarray] = []
         for split in splits:
             for path in dataset.split_files(split):
-                for batch in pq.ParquetFile(path).iter_batches(
+                for batch in storage.parquet_file(path).iter_batches(
                     batch_size=READ_BATCH_ROWS, columns=["user_id", "item_id"]
                 ):
                     users.append(batch.column(0).to_numpy().astype(np.int32))

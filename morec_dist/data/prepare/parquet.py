@@ -42,14 +42,16 @@ import pyarrow.compute as pc
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
-from morec_dist.data import schema
+from morec_dist.data import schema, storage
 from morec_dist.data.prepare.writer import (
     DatasetWriter,
     category_groups,
+    check_target,
     popularity_bands,
     price_bands,
     reference_groups,
 )
+from morec_dist.data.storage import Location, StoragePath
 
 SPLIT_RULES = ("leave_one_out", "time")
 BLOCK_ROWS = 1 << 20  # positives per split block (one user range)
@@ -608,7 +610,7 @@ class _Log:
 
 def prepare_parquet(
     mapping: ParquetMapping,
-    out_dir: str | Path,
+    out_dir: str | Path | Location,
     *,
     overwrite: bool = False,
     ray_address: str | None = None,
@@ -617,12 +619,14 @@ def prepare_parquet(
     layout_engine: str = "auto",
     progress: bool = False,
     quiet: bool = False,
-) -> Path:
+) -> StoragePath:
     log = _Log(quiet=quiet)
     m = mapping
-    out_dir = Path(out_dir).resolve()
-    if out_dir.exists() and not overwrite:
-        raise FileExistsError(f"{out_dir}: already exists (pass --overwrite to replace it)")
+    out = storage.location(out_dir)
+    if ray_address and not storage.is_local(out):
+        # the Ray tasks write the splits into the writer's staging directory, local to the driver
+        raise PrepareError(f"--out {out}: with --ray-address, --out must be a directory every Ray worker sees")
+    check_target(out, overwrite)
 
     # -- the edge: every input file's schema, the side tables' values, before Ray starts
     inter = resolve(m.interactions, "interactions")
@@ -670,7 +674,7 @@ def prepare_parquet(
     with ray_runtime(
         ray_address, num_cpus=num_cpus, object_store_mb=object_store_mb or DEFAULT_OBJECT_STORE_MB, progress=progress
     ):
-        return _run(m, inter, items_table, users_table, out_dir, overwrite, log, layout_engine)
+        return _run(m, inter, items_table, users_table, out, overwrite, log, layout_engine)
 
 
 def _run(
@@ -678,11 +682,11 @@ def _run(
     inter: Inputs,
     items_table: pa.Table | None,
     users_table: pa.Table | None,
-    out_dir: Path,
+    out_dir: StoragePath,
     overwrite: bool,
     log: _Log,
     layout_engine: str,
-) -> Path:
+) -> StoragePath:
     import ray
     import ray.data
 

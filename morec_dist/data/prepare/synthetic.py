@@ -41,6 +41,7 @@ from morec_dist.data.prepare.writer import (
     reference_groups,
     reference_user_features,
 )
+from morec_dist.data.storage import Location, StoragePath
 
 CHUNK_ROWS = 1 << 20
 NUM_GENRES = 18
@@ -180,7 +181,7 @@ def split_codes(start: int, u: np.ndarray, count: np.ndarray, last: np.ndarray, 
 
 
 def generate(
-    out_dir: str | Path,
+    out_dir: str | Path | Location,
     *,
     users: int,
     items: int,
@@ -190,7 +191,7 @@ def generate(
     progress: bool = False,
     planted_clusters: int = 0,
     in_cluster: float = 0.85,
-) -> Path:
+) -> StoragePath:
     """Write the dataset to ``out_dir``; ``planted_clusters > 0`` plants taste clusters (module doc)."""
     if users < 1 or items < schema.NUM_BANDS or rows < 1:
         raise ValueError(

@@ -1,10 +1,13 @@
-"""Writes a prepared dataset directory atomically, and the derived item groupings.
+"""Writes a prepared dataset atomically, to a local directory or a filesystem URI, and the
+derived item groupings.
 
 Every preparer (MovieLens-1M, synthetic, user Parquet) produces its tables and hands them
 to ``DatasetWriter``; it owns the part-file layout, the row-group size, the group-partitioned
 copy (``layout.write_group_layout``, run at commit), the checksums and the manifest, and it
-publishes the directory with a rename so that a crash never leaves a half-written dataset
-where a valid one is expected.
+publishes so that a crash never leaves a half-written dataset where a valid one is expected:
+a local directory is renamed into place; on an object store (no rename) the files are
+uploaded from a local staging directory and ``manifest.json`` last, so the dataset exists
+exactly when its manifest does (``PreparedDataset.open`` refuses a prefix without one).
 """
 
 from __future__ import annotations
@@ -23,8 +26,9 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from morec_dist import __version__
-from morec_dist.data import schema
+from morec_dist.data import schema, storage
 from morec_dist.data.schema import sha256_file
+from morec_dist.data.storage import Location, StoragePath
 
 
 def banded_groups(sort_keys: list[np.ndarray], num_items: int, num_bands: int) -> np.ndarray:
@@ -124,20 +128,71 @@ def join_features(
     return interactions
 
 
+def check_target(out: StoragePath, overwrite: bool) -> None:
+    """Refuses an existing dataset (or, on a store, a prefix holding files but no manifest:
+    an unfinished write, or someone else's data) unless ``overwrite``."""
+    if overwrite:
+        return
+    if isinstance(out, Path):
+        if out.exists():
+            raise FileExistsError(f"{out}: already exists (pass --overwrite to replace it)")
+        return
+    if storage.exists(out / schema.MANIFEST):
+        raise FileExistsError(f"{out}: a dataset already exists (pass --overwrite to replace it)")
+    if _remote_listing(out):
+        raise FileExistsError(
+            f"{out}: holds files but no {schema.MANIFEST} (an unfinished write?); pass --overwrite to replace them"
+        )
+
+
+def _remote_listing(out: Location) -> list[str]:
+    import pyarrow.fs as pafs
+
+    selector = pafs.FileSelector(out.path, allow_not_found=True, recursive=True)
+    return [i.path for i in out.fs.get_file_info(selector) if i.type == pafs.FileType.File]
+
+
+def publish_remote(staging: Path, out: Location) -> None:
+    """Uploads a finished dataset directory: first the old manifest goes (the old dataset stops
+    existing before any of its files changes), then the old files, then every new file, and
+    the manifest last: the commit point on a store without rename."""
+    if storage.exists(out / schema.MANIFEST):
+        out.fs.delete_file((out / schema.MANIFEST).path)
+    for stale in _remote_listing(out):
+        out.fs.delete_file(stale)
+    files = sorted(p for p in staging.rglob("*") if p.is_file() and p.name != schema.MANIFEST)
+    for path in files + [staging / schema.MANIFEST]:
+        _upload(path, out / path.relative_to(staging).as_posix())
+
+
+def _upload(local: Path, target: Location) -> None:
+    with open(local, "rb") as src, target.fs.open_output_stream(target.path) as dst:
+        while chunk := src.read(1 << 24):
+            dst.write(chunk)
+
+
 class DatasetWriter:
     """Streams interaction tables into part files inside a temporary directory; ``commit``
-    writes the manifest and renames the directory into place."""
+    writes the manifest and publishes: a rename into place locally; on a filesystem URI an
+    upload of the staged files with the manifest last (module doc)."""
 
     def __init__(
-        self, out_dir: str | Path, *, overwrite: bool = False, features: dict[str, schema.FeatureSpec] | None = None
+        self,
+        out_dir: str | Path | Location,
+        *,
+        overwrite: bool = False,
+        features: dict[str, schema.FeatureSpec] | None = None,
     ):
-        self.out_dir = Path(out_dir).resolve()
+        self.out_dir: StoragePath = storage.location(out_dir)
         self.features = dict(features or {})
         self.interactions_schema = schema.interaction_schema(self.features)
-        if self.out_dir.exists() and not overwrite:
-            raise FileExistsError(f"{self.out_dir}: already exists (pass --overwrite to replace it)")
-        self.out_dir.parent.mkdir(parents=True, exist_ok=True)
-        self.tmp_dir = Path(tempfile.mkdtemp(prefix=f".{self.out_dir.name}.tmp-", dir=self.out_dir.parent))
+        check_target(self.out_dir, overwrite)
+        if isinstance(self.out_dir, Path):
+            self.out_dir.parent.mkdir(parents=True, exist_ok=True)
+            staging_parent: str | None = str(self.out_dir.parent)
+        else:  # staged on local disk ($TMPDIR), uploaded at commit
+            staging_parent = None
+        self.tmp_dir = Path(tempfile.mkdtemp(prefix=f".{self.out_dir.name}.tmp-", dir=staging_parent))
         self._writers: dict[str, pq.ParquetWriter] = {}
         self._rows_in_part: dict[str, int] = {}
         self._parts: dict[str, list[str]] = {s: [] for s in schema.SPLITS}
@@ -201,7 +256,7 @@ class DatasetWriter:
         layout_seed: int | None = None,
         layout_engine: str = "auto",
         progress: bool = False,
-    ) -> Path:
+    ) -> StoragePath:
         """Closes the splits, writes by_group/ (seed: ``layout_seed``, else the manifest's
         ``seed``, else 0), checksums every file, writes the manifest and publishes."""
         from morec_dist.data.prepare.layout import LayoutJob, layout_files, write_group_layout
@@ -252,6 +307,10 @@ class DatasetWriter:
         return self.out_dir
 
     def _publish(self) -> None:
+        if isinstance(self.out_dir, Location):
+            publish_remote(self.tmp_dir, self.out_dir)
+            shutil.rmtree(self.tmp_dir)
+            return
         # Swap in with renames: the old directory is removed only after the new one is in place.
         old = None
         if self.out_dir.exists():
