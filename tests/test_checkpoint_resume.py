@@ -106,11 +106,18 @@ def assert_same_tensors(a: Path, b: Path, tmp: Path) -> int:
 
 
 def start_job(args: list[str], log: Path) -> subprocess.Popen:
-    """``morec <args>`` in its own process group (so the whole job can be killed at once)."""
+    """``morec <args>`` in its own process group (so the whole job can be killed at once).
+
+    These jobs are SIGKILLed on purpose, so the launcher's temporary directory
+    (morec-launch-*) is never removed: TMPDIR puts it in the test's tmp folder, which pytest
+    prunes. Ray keeps its own temporary root (RAY_TMPDIR; it would follow TMPDIR otherwise,
+    and its socket paths must stay under the 107-byte Unix limit)."""
+    job_tmp = log.parent / "job-tmp"
+    job_tmp.mkdir(exist_ok=True)
     return subprocess.Popen(
         [sys.executable, "-m", "morec_dist.cli", *args],
         cwd=REPO,
-        env=cli_env(),
+        env=cli_env(TMPDIR=str(job_tmp), RAY_TMPDIR=os.environ.get("RAY_TMPDIR", "/tmp")),
         stdout=subprocess.DEVNULL,
         stderr=open(log, "w"),
         start_new_session=True,
@@ -275,6 +282,8 @@ def test_pretraining_killed_and_resumed_ends_identical(tmp_path_factory, tmp_pat
     finally:
         kill_job(job)
     assert not (out / "metrics.json").exists(), "the job finished before it was killed"
+    # what the SIGKILL left behind is in the test's folder, not the machine's /tmp
+    assert list((tmp_path / "job-tmp").glob("morec-launch-*")), "the launcher did not use TMPDIR"
     resumed_from = latest_checkpoint(out / "checkpoints")
     proc = morec(*args)
     assert f"resuming from {resumed_from}" in proc.stderr
