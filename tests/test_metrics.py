@@ -34,7 +34,9 @@ PID = {"p": 0.02, "i": -0.125, "d": 0.0, "error": 0.375}
 def populated_registry() -> CollectorRegistry:
     """Both publishers in one registry, every labelled series touched once."""
     registry = CollectorRegistry()
-    RankMetrics(registry, rank=3).observe_step(
+    rank = RankMetrics(registry, rank=3)
+    rank.observe_placement([("t_user_id", "row_wise", "fused", 1 << 20), ("t_item_id", "table_wise", "fused", 0)])
+    rank.observe_step(
         step=7,
         rows=2200,
         duration_s=0.25,
@@ -81,7 +83,7 @@ NON_BASE_UNITS = re.compile(
 
 def test_every_family_follows_prometheus_naming_conventions():
     families = list(populated_registry().collect())
-    assert len(families) == 19  # 10 per rank + 9 global; a new metric must pass these checks too
+    assert len(families) == 20  # 11 per rank + 9 global; a new metric must pass these checks too
     problems = []
     for f in families:
         if not f.name.startswith("morec_"):
@@ -357,3 +359,12 @@ def test_a_scrape_never_pairs_one_steps_values_with_anothers():
         writer.join(timeout=10)
         sys.setswitchinterval(old_interval)
     assert not torn, f"{len(torn)} of {SCRAPES} scrapes mixed two steps, e.g. {torn[:3]}"
+
+
+def test_the_placement_is_exported_per_rank_and_table():
+    """The planner's placement as morec_rank_table_bytes: one series per table, its type,
+    kernel and the bytes this rank holds (0 for a table placed on another rank)."""
+    families = {f.name: f for f in populated_registry().collect()}
+    labels = {"rank": "3", "sharding_type": "row_wise", "compute_kernel": "fused"}
+    assert sample(families, "morec_rank_table_bytes", table="t_user_id", **labels) == 1 << 20
+    assert sample(families, "morec_rank_table_bytes", table="t_item_id", sharding_type="table_wise") == 0

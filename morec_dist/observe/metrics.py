@@ -23,7 +23,7 @@ from __future__ import annotations
 import errno
 import math
 import threading
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from wsgiref.simple_server import WSGIServer
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Metric, start_http_server
@@ -32,7 +32,8 @@ from prometheus_client.registry import Collector
 from morec_dist.config import ConfigError, MetricsConfig
 
 # Every label any metric may carry; each has a value set bounded by the config.
-ALLOWED_LABELS = frozenset({"rank", "objective", "group"})
+# "table", "sharding_type", "compute_kernel": one series per embedding table, fixed at start
+ALLOWED_LABELS = frozenset({"rank", "objective", "group", "table", "sharding_type", "compute_kernel"})
 PID_TERMS = ("p", "i", "d", "error")
 
 # Step times range from milliseconds (tiny CPU tests) to minutes (large GPU batches).
@@ -171,7 +172,18 @@ class RankMetrics:
             ("rank", "objective"),
             registry=own,
         )
+        self._table_bytes = Gauge(
+            "morec_rank_table_bytes",
+            "Bytes of each embedding table's weights this rank holds, by the planner's placement.",
+            ("rank", "table", "sharding_type", "compute_kernel"),
+            registry=own,
+        )
         registry.register(own)  # last: the job's registry checks the names of all of them
+
+    def observe_placement(self, tables: Iterable[tuple[str, str, str, int]]) -> None:
+        """The placement chosen at start: (table, sharding type, compute kernel, bytes here)."""
+        for table, sharding_type, kernel, size in tables:
+            self._table_bytes.labels(self.rank, table, sharding_type, kernel).set(size)
 
     def observe_step(
         self,
