@@ -65,7 +65,7 @@ def weights_digest(model: torch.nn.Module, rows_per_chunk: int = 1 << 16) -> str
             h.update(key.encode())
             flat = t.detach().reshape(t.shape[0], -1) if t.dim() else t.detach().reshape(1, 1)
             for start in range(0, flat.shape[0], rows_per_chunk):
-                h.update(flat[start : start + rows_per_chunk].contiguous().numpy())
+                h.update(flat[start : start + rows_per_chunk].contiguous().numpy().data)
     return h.hexdigest()
 
 

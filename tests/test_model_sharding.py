@@ -224,6 +224,7 @@ CASES = [
 ONE_RANK_CASES = ["mf:table_wise", "mf:row_wise", "mf:column_wise", "mf:data_parallel", "two_tower:auto@adagrad"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("nproc, cases", [(2, CASES), (1, ONE_RANK_CASES)], ids=["2-ranks", "1-rank"])
 def test_sharded_models_match_unsharded_copies(data_dir, nproc, cases):
     """Born sharded: initial weights equal the unsharded rule's, forward and one step match."""
@@ -238,6 +239,7 @@ def test_sharded_models_match_unsharded_copies(data_dir, nproc, cases):
     assert proc.stdout.split() == [w for case in cases for w in ("OK", case)]
 
 
+@pytest.mark.slow
 def test_setup_memory_is_the_ranks_shards_not_the_model(tmp_path):
     """Two 1M x 64 tables (512 MiB in all) on 2 ranks: set-up raises each rank's peak RSS by
     its shards (256 MiB) and their optimizer state plus at most 10% and 32 MiB. The
