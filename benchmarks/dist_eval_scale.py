@@ -77,19 +77,20 @@ def reset_peak_rss() -> None:
 
 
 def phase(model, features, users, k: int, ctx: DistContext, batch_users: int, negatives: int, seed: int):
-    """One pass over ``users`` (item vectors included); (seconds, peak RSS MB, users)."""
+    """One pass over ``users`` (item vectors included): (wall seconds, peak RSS MB, sum of
+    the ranks (a checksum), this process's CPU seconds: less sensitive to a shared machine's load)."""
     reset_peak_rss()
     extra = None
     if negatives:
         extra = np.random.default_rng([seed, 7919]).integers(1, features.num_items + 1, (len(users), negatives))
     options = EvalOptions(batch_users=batch_users)
-    started = time.perf_counter()
+    started, cpu = time.perf_counter(), time.process_time()
     scorer = model_scorer(model, features, ctx, stop_checker(ctx, options))
     ranks = 0
     for batch in ranked_batches(scorer, users, features.num_items, k, ctx, options, extra_columns=extra):
         ranks += int(batch.ranks.sum())
     seconds = time.perf_counter() - started
-    return seconds, peak_rss_mb(), ranks
+    return seconds, peak_rss_mb(), ranks, time.process_time() - cpu
 
 
 def gather(values: list[float], ctx: DistContext) -> list[list[float]]:
@@ -124,7 +125,7 @@ def main() -> None:
     signal = phase(model, features, signal_users, args.signal_k, *common, args.negatives, args.seed)
     eval_users = synthetic_users(args.eval_users, args.items, args.seed + 1, ctx)
     full = phase(model, features, eval_users, args.eval_k, *common, 0, args.seed)
-    per_rank = gather([signal[0], signal[1], full[0], full[1]], ctx)
+    per_rank = gather([signal[0], signal[1], full[0], full[1], signal[3], full[3]], ctx)
     if ctx.rank == 0:
         lo, hi = item_range(args.items, ctx)
         result = {
@@ -138,6 +139,7 @@ def main() -> None:
                 "negatives": args.negatives,
                 "seconds": max(r[0] for r in per_rank),
                 "peak_rss_mb_per_rank": [r[1] for r in per_rank],
+                "cpu_seconds_per_rank": [r[4] for r in per_rank],
                 "rank_checksum": signal[2],
             },
             "evaluation": {
@@ -145,6 +147,7 @@ def main() -> None:
                 "k": args.eval_k,
                 "seconds": max(r[2] for r in per_rank),
                 "peak_rss_mb_per_rank": [r[3] for r in per_rank],
+                "cpu_seconds_per_rank": [r[5] for r in per_rank],
                 "rank_checksum": full[2],
             },
         }

@@ -15,8 +15,9 @@ model whose vectors are a function of the id (64 dims), seeded users, held-out i
   negatives' scores (the loss signals);
 - a full evaluation: ``--eval-users`` users, top-10;
 
-both including the item vectors of the rank's range, and each phase's peak RSS per rank
-(VmHWM reset between phases). The growth from 1M to 10M items is reported as a ratio.
+both including the item vectors of the rank's range, each rank's CPU seconds (a shared
+machine's load inflates wall seconds far more), and each phase's peak RSS per rank (VmHWM
+reset between phases). The growth from 1M to 10M items is reported as ratios.
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ def growth(results: list[dict[str, Any]], phase: str) -> dict[str, float]:
     return {
         "items_ratio": b["items"] / a["items"],
         "seconds_ratio": b[phase]["seconds"] / a[phase]["seconds"],
+        "cpu_seconds_ratio": max(b[phase]["cpu_seconds_per_rank"]) / max(a[phase]["cpu_seconds_per_rank"]),
         "peak_rss_ratio": max(b[phase]["peak_rss_mb_per_rank"]) / max(a[phase]["peak_rss_mb_per_rank"]),
     }
 
