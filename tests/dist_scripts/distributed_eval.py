@@ -25,6 +25,7 @@ from morec_dist.distributed import DistContext, init_distributed, shutdown_distr
 from morec_dist.eval import EvalOptions, evaluate, evaluate_most_popular
 from morec_dist.eval.evaluator import load_users
 from morec_dist.eval.ranking import PAD_ID, model_scorer, ranked_batches
+from morec_dist.model.init import META
 from morec_dist.model.sharding import shard, unwrap
 
 KS = [1, 3, 10]
@@ -60,7 +61,8 @@ def main() -> None:
         config = Config()
         config.model.embedding_dim = 4
         config.model.default_sharding = sharding
-        dmp, _ = shard(copy.deepcopy(model), config, ctx.device, ctx.pg)
+        dmp = shard(integer_mf(features, device=META), config, ctx).model
+        dmp.load_state_dict(copy.deepcopy(model.state_dict()))  # DMP's load consumes the dict
         out: dict[str, Any] = {"world_size": ctx.world_size}
         for split in ("valid", "test"):
             options = EvalOptions(batch_users=batch_users)
