@@ -23,6 +23,7 @@ from morec_dist.model.init import META
 from morec_dist.model.loss import LOSSES
 from morec_dist.model.registry import build_model, feature_set_for
 from morec_dist.model.sharding import shard
+from morec_dist.train.state_chunks import chunked, take_back
 
 
 @dataclass
@@ -81,6 +82,7 @@ class Trainer(Stateful):
         self.loss_fn = LOSSES.get(config.model.loss)
         self.step = 0
         self.epoch = 0
+        self._handed_out: tuple[dict[str, Any], dict[str, Any], dict[str, Any]] | None = None
 
     def model_identity(self) -> dict[str, Any]:
         """What a checkpoint must match to be loadable into this trainer's model."""
@@ -95,16 +97,29 @@ class Trainer(Stateful):
 
     # ----------------------------------------------------------------- Stateful
     def state_dict(self) -> dict[str, Any]:
-        return {
-            "model": self.model.state_dict(),
-            "optim": self.optimizer.state_dict(),
+        """Model and optimizer state with sharded tensors in row chunks (train/state_chunks.py:
+        a load needs one chunk of memory beside the tables, not a shard)."""
+        model, optim = self.model.state_dict(), self.optimizer.state_dict()
+        state = {
+            "model": chunked(model),
+            "optim": chunked(optim),
             "counters": torch.tensor([self.step, self.epoch], dtype=torch.int64),
         }
+        self._handed_out = (state, model, optim)
+        return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.model.load_state_dict(dict(state["model"]))
-        self.optimizer.load_state_dict(state["optim"])
+        model, optim = state["model"], state["optim"]
+        if self._handed_out is not None and state is self._handed_out[0]:
+            # loaded in place through the chunk views: apply the plain dicts they view
+            _, plain_model, plain_optim = self._handed_out
+            model, optim = take_back(plain_model, model), take_back(plain_optim, optim)
+        self._handed_out = None
+        self.model.load_state_dict(dict(model))
+        self.optimizer.load_state_dict(optim)
         self.step, self.epoch = (int(x) for x in state["counters"].tolist())
 
     def model_state(self) -> dict[str, Any]:
-        return {"model": self.model.state_dict()}
+        """The model's weights for a checkpoint (chunked views: saved from and loaded into the
+        live weights in place)."""
+        return {"model": chunked(self.model.state_dict())}
