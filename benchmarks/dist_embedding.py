@@ -32,12 +32,13 @@ from torch.distributed._shard.sharded_tensor import ShardedTensor
 
 from benchmarks.common import peak_rss_mb, rss_mb
 from morec_dist.config import load_config
+from morec_dist.data.dataset import PreparedDataset
 from morec_dist.distributed import init_distributed, shutdown_distributed
 from morec_dist.model.placement import TableSpec, optimizer_state_bytes
 from morec_dist.train.job_state import JobState
 from morec_dist.train.loop import train_epoch
 from morec_dist.train.resume import Checkpointed, Checkpointing
-from morec_dist.train.runner import make_reader, open_dataset_for_job
+from morec_dist.train.runner import make_reader
 from morec_dist.train.strategies import AccuracyOnly
 from morec_dist.train.trainer import Trainer, build_features
 
@@ -94,7 +95,8 @@ def main() -> None:
     ctx = init_distributed()
     group = join_cgroup(args.cgroup, ctx.rank) if args.cgroup else None
     config = load_config(None, args.overrides)
-    dataset = open_dataset_for_job(config, ctx)
+    # the driver verified the dataset once (`morec inspect`), as the `morec` parent does for its ranks
+    dataset = PreparedDataset.open(config.data.path, verify_checksums=False, verify_values=False)
     reset_peak_rss()
     rss_before = rss_mb()
     t = time.perf_counter()

@@ -92,6 +92,7 @@ def run_point(data: Path, work: Path, log_dir: Path, seed: int, steps: int, cgro
     """Train, checkpoint, then resume in fresh ranks; both phases' per-rank figures."""
     overrides = [f"data.path={data}", f"run.out_dir={work}", f"run.seed={seed}", "model.default_sharding=row_wise"]
     overrides += ["data.batch_size=2048", "data.num_negatives=10", "metrics.enabled=false"]
+    run_logged([sys.executable, "-m", "morec_dist.cli", "inspect", str(data)], log=log_dir / f"{data.name}-inspect.log")
     phases = {}
     for phase in ("train", "resume"):
         out = work / f"{phase}.json"
