@@ -27,10 +27,20 @@ def user_errors() -> tuple[type[BaseException], ...]:
     from morec_dist.coordinator.core import CoordinatorError
     from morec_dist.data.dataset import DatasetError
     from morec_dist.data.prepare.parquet import PrepareError
+    from morec_dist.data.storage import StorageError
     from morec_dist.registry import RegistryError
     from morec_dist.train.checkpoint import CheckpointError
 
-    return (ConfigError, DatasetError, CheckpointError, CoordinatorError, FileExistsError, PrepareError, RegistryError)
+    return (
+        ConfigError,
+        DatasetError,
+        CheckpointError,
+        CoordinatorError,
+        FileExistsError,
+        PrepareError,
+        RegistryError,
+        StorageError,
+    )
 
 
 class OneLineParser(argparse.ArgumentParser):

@@ -180,6 +180,10 @@ class CheckpointConfig:
     every_steps: int = 0  # also every N steps (0 = only at the end of each epoch; always on SIGTERM)
     keep_last: int = 2  # step checkpoints kept under <out_dir>/checkpoints (older ones are deleted)
     reshard: bool = True  # resume a checkpoint written by another world size (exact only for the same one)
+    # where step, best and final checkpoints go: "" = <run.out_dir>/checkpoints; a local path or a
+    # filesystem URI (s3://bucket/prefix?endpoint_override=...; credentials from the environment)
+    dir: str = ""
+    async_save: bool = False  # step checkpoints written in the background while training goes on
 
 
 @dataclass

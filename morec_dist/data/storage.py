@@ -9,13 +9,16 @@ that every local code path is unchanged.
 
 Options of the store go in the URI's query, as for `morec prepare parquet`'s inputs
 (``s3://bucket/prefix?endpoint_override=host:port&scheme=http&region=...``); credentials come
-from the environment or the cloud's usual chain (pyarrow's), never from a file of ours.
+from the environment or the cloud's usual chain (pyarrow's), never from a file of ours: a
+URI that carries them (``s3://KEY:SECRET@bucket``, ``?secret_key=...``) is refused, since
+URIs end up in configs, meta.json and metrics.json.
 """
 
 from __future__ import annotations
 
 import hashlib
 import posixpath
+import urllib.parse
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -24,6 +27,11 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 HASH_CHUNK = 1 << 22
+CREDENTIAL_KEYS = ("access_key", "secret_key", "session_token")  # pyarrow's S3 URI options
+
+
+class StorageError(ValueError):
+    """A location that cannot be used as given (a URI carrying credentials)."""
 
 
 def is_uri(value: str | Path) -> bool:
@@ -84,10 +92,22 @@ def location(value: str | Path | Location) -> StoragePath:
         text = str(value)
         return Path(text.removeprefix("file://")).resolve()
     text = str(value)
+    _refuse_credentials(text)
     fs, path = pafs.FileSystem.from_uri(text)
     scheme = text.split("://", 1)[0]
     query = text.split("?", 1)[1] if "?" in text else ""
     return Location(fs, path.rstrip("/"), scheme, query)
+
+
+def _refuse_credentials(uri: str) -> None:
+    parts = urllib.parse.urlsplit(uri)
+    keys = {k for k, _ in urllib.parse.parse_qsl(parts.query)} & set(CREDENTIAL_KEYS)
+    if "@" in parts.netloc or keys:
+        where = f"{parts.scheme}://{parts.netloc.rsplit('@', 1)[-1]}{parts.path}"
+        raise StorageError(
+            f"{where}: the URI carries credentials ({', '.join(sorted(keys)) or 'user:secret@'}); give them in the "
+            "environment (AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, a profile or a workload identity) instead"
+        )
 
 
 def uri_of(value: StoragePath) -> str:

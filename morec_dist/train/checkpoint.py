@@ -13,6 +13,19 @@ loop counters), written into the ``.tmp`` directory before the rename, so they a
 of the same atomic step. ``latest_checkpoint`` only ever returns a complete ``step-<N>``
 (a ``.tmp`` / ``.old`` leftover of a crash is never taken). Nothing here unpickles: DCP
 reads tensors, everything else is JSON.
+
+A checkpoint may also live at a filesystem URI (``s3://bucket/run/checkpoints/step-N?...``,
+``checkpoint.dir``): an object store has no rename, so the shards go straight under their
+final prefix (DCP through ``checkpoint_storage.py``), the rank files beside them, and rank 0
+writes ``meta.json`` last, after every rank's shards: the same rule, a checkpoint exists
+exactly when its meta.json does. A prefix being rewritten (``best``) loses its meta.json
+first, so it is never a mix of two saves.
+
+``start_checkpoint`` is the asynchronous save (``checkpoint.async_save``): the state is
+staged (copied) at the call, DCP writes it in a background thread on a process group of its
+own, and rank 0 commits (meta.json, rename) once its save has finished, which DCP's final
+gather makes "every rank's shards are written". A crash before the commit leaves the
+previous checkpoint the latest.
 """
 
 from __future__ import annotations
@@ -22,15 +35,21 @@ import json
 import os
 import re
 import shutil
+from concurrent.futures import Future
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import pyarrow.fs as pafs
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint._traverse import set_element  # the helper DefaultLoadPlanner uses (torch 2.13)
 from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
 from torch.distributed.checkpoint.planner import ReadItem
+
+from morec_dist.data import storage
+from morec_dist.data.storage import Location, StoragePath
 
 META = "meta.json"
 STEP_DIR = re.compile(r"^step-(\d+)$")
@@ -50,11 +69,51 @@ def _is_rank0() -> bool:
     return not dist.is_initialized() or dist.get_rank() == 0
 
 
-def _fsync_write(path: Path, text: str) -> None:
+def _fsync_write(path: StoragePath, text: str) -> None:
+    if isinstance(path, Location):  # an upload is durable once it completes
+        with path.fs.open_output_stream(path.path) as out:
+            out.write(text.encode("utf-8"))
+        return
     with open(path, "w") as f:
         f.write(text)
         f.flush()
         os.fsync(f.fileno())
+
+
+def _dcp_target(where: StoragePath) -> dict[str, Any]:
+    """dcp.save / async_save keyword arguments for a local directory or a Location."""
+    if isinstance(where, Location):
+        from morec_dist.train.checkpoint_storage import storage_writer
+
+        return {"storage_writer": storage_writer(where)}
+    return {"checkpoint_id": str(where)}
+
+
+def _remote_files(where: Location) -> list[str]:
+    selector = pafs.FileSelector(where.path, allow_not_found=True, recursive=True)
+    return [i.path for i in where.fs.get_file_info(selector) if i.type == pafs.FileType.File]
+
+
+def _remove_remote(where: Location) -> None:
+    """meta.json first (the checkpoint stops existing before any shard goes), then the rest."""
+    if storage.exists(where / META):
+        where.fs.delete_file((where / META).path)
+    for path in _remote_files(where):
+        where.fs.delete_file(path)
+
+
+def _where(path: str | Path | Location) -> StoragePath:
+    """A checkpoint path as given (a local one is not resolved: messages and records keep the
+    form the config used), or a Location for a URI."""
+    if isinstance(path, Location) or storage.is_uri(str(path)):
+        return storage.location(path)
+    return Path(path)
+
+
+def checkpoint_root(out_dir: str, where: str = "") -> StoragePath:
+    """Where a job's checkpoints go: ``checkpoint.dir`` if set (a path or a URI), else
+    ``<run.out_dir>/checkpoints``."""
+    return _where(where) if where else Path(out_dir) / "checkpoints"
 
 
 def rank_file(rank: int) -> str:
@@ -62,44 +121,116 @@ def rank_file(rank: int) -> str:
 
 
 def save_checkpoint(
-    path: str | Path, state: dict[str, Any], meta: dict[str, Any], rank_state: dict[str, Any] | None = None
-) -> Path:
+    path: str | Path | Location,
+    state: dict[str, Any],
+    meta: dict[str, Any],
+    rank_state: dict[str, Any] | None = None,
+) -> StoragePath:
     """Collective: every rank calls it with its state (model / optimizer state dicts) and,
     optionally, its own JSON-able ``rank_state`` (written as ``rank-<r>.json``)."""
-    final = Path(path)
-    tmp = final.with_name(final.name + ".tmp")
-    if _is_rank0():
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
+    pending = _begin(_where(path), rank_state)
+    dcp.save(state, **_dcp_target(pending.staging))
     _barrier()
-    dcp.save(state, checkpoint_id=str(tmp))
+    pending.meta = meta
+    if _is_rank0():
+        pending.commit()
+    _barrier()
+    return pending.final
+
+
+@dataclass
+class PendingCheckpoint:
+    """A save in flight: where it is staged, where it goes, its DCP future (async only)."""
+
+    final: StoragePath
+    staging: StoragePath  # ``<name>.tmp`` locally; the final prefix itself on a store
+    meta: dict[str, Any] | None = None
+    future: Future[Any] | None = None
+
+    def done(self) -> bool:
+        return self.future is None or self.future.done()
+
+    def wait(self) -> None:
+        """This rank's part of the save has finished (raises what the save raised)."""
+        if self.future is not None:
+            self.future.result()
+
+    def commit(self) -> None:
+        """Rank 0, after its save finished: meta.json last, then (locally) the rename."""
+        self.wait()
+        assert self.meta is not None, "commit() needs the checkpoint's meta"
+        _fsync_write(self.staging / META, json.dumps(self.meta, indent=1, sort_keys=True, default=str))
+        if isinstance(self.final, Path) and isinstance(self.staging, Path):
+            old = self.final.with_name(self.final.name + ".old")
+            if self.final.exists():
+                shutil.rmtree(old, ignore_errors=True)
+                os.rename(self.final, old)
+            os.rename(self.staging, self.final)
+            shutil.rmtree(old, ignore_errors=True)
+
+
+def _begin(final: StoragePath, rank_state: dict[str, Any] | None) -> PendingCheckpoint:
+    """Collective: an empty staging place (rank 0), then every rank's own JSON in it."""
+    staging: StoragePath
+    if isinstance(final, Path):
+        local = final.with_name(final.name + ".tmp")
+        if _is_rank0():
+            shutil.rmtree(local, ignore_errors=True)
+            local.mkdir(parents=True)
+        staging = local
+    else:
+        staging = final
+        if _is_rank0():
+            _remove_remote(final)
+    _barrier()
     if rank_state is not None:
         rank = dist.get_rank() if dist.is_initialized() else 0
-        _fsync_write(tmp / rank_file(rank), json.dumps(rank_state, sort_keys=True))
-    _barrier()
-    if _is_rank0():
-        _fsync_write(tmp / META, json.dumps(meta, indent=1, sort_keys=True, default=str))
-        old = final.with_name(final.name + ".old")
-        if final.exists():
-            shutil.rmtree(old, ignore_errors=True)
-            os.rename(final, old)
-        os.rename(tmp, final)
-        shutil.rmtree(old, ignore_errors=True)
-    _barrier()
-    return final
+        _fsync_write(staging / rank_file(rank), json.dumps(rank_state, sort_keys=True))
+    return PendingCheckpoint(final, staging)
 
 
-def read_meta(path: str | Path) -> dict[str, Any]:
-    path = Path(path)
-    if not (path / META).exists():
+_ASYNC_GROUP: list[Any] = []
+
+
+def _async_group() -> Any:
+    """The process group of background saves (made on first use: every rank gets there at the
+    same step): DCP's collectives run in their own thread and must not interleave with the
+    training collectives of the main group."""
+    if not dist.is_initialized():
+        return None
+    if not _ASYNC_GROUP:
+        _ASYNC_GROUP.append(dist.new_group(backend="gloo"))
+    return _ASYNC_GROUP[0]
+
+
+def start_checkpoint(
+    path: str | Path | Location,
+    state: dict[str, Any],
+    meta: dict[str, Any],
+    rank_state: dict[str, Any] | None = None,
+) -> PendingCheckpoint:
+    """Collective: begins an asynchronous save and returns at once (the state is copied before
+    it does); rank 0 calls ``commit()`` on the result when ``done()``, every rank ``wait()``s
+    before its next save."""
+    pending = _begin(_where(path), rank_state)
+    pending.meta = meta
+    future = dcp.async_save(state, process_group=_async_group(), **_dcp_target(pending.staging))
+    assert isinstance(future, Future), "dcp.async_save without an async stager returns a Future"
+    pending.future = future
+    return pending
+
+
+def read_meta(path: str | Path | Location) -> dict[str, Any]:
+    path = _where(path)
+    if not storage.exists(path / META):
         raise CheckpointError(f"{path}: not a complete checkpoint ({META} missing)")
     try:
-        return json.loads((path / META).read_text())
+        return json.loads(storage.read_text(path / META))
     except json.JSONDecodeError as exc:
         raise CheckpointError(f"{path / META}: not valid JSON ({exc})") from None
 
 
-def check_compatible(meta: dict[str, Any], expected: dict[str, Any], path: Path) -> None:
+def check_compatible(meta: dict[str, Any], expected: dict[str, Any], path: StoragePath) -> None:
     """The model identity (name, table shapes) of a checkpoint must match the model built now."""
     for key, value in expected.items():
         if meta.get("model", {}).get(key) != value:
@@ -132,12 +263,19 @@ class SafeLoadPlanner(DefaultLoadPlanner):
             self.state_dict[read_item.dest_index.fqn] = obj
 
 
-def dcp_load(state: dict[str, Any], path: str | Path) -> None:
+def dcp_load(state: dict[str, Any], path: str | Path | Location) -> None:
     """Collective: ``dcp.load`` of ``path`` into ``state`` in place, never unpickling code."""
     from torch.distributed.checkpoint.api import CheckpointException
 
+    where = _where(path)
+    if isinstance(where, Location):
+        from morec_dist.train.checkpoint_storage import storage_reader
+
+        source: dict[str, Any] = {"storage_reader": storage_reader(where)}
+    else:
+        source = {"checkpoint_id": str(where)}
     try:
-        dcp.load(state, checkpoint_id=str(path), planner=SafeLoadPlanner())
+        dcp.load(state, planner=SafeLoadPlanner(), **source)
     except CheckpointException as exc:
         failures = [f[0] if isinstance(f, tuple) else f for f in exc.failures.values()]  # (exception, traceback)
         refused = [f for f in failures if isinstance(f, CheckpointError)]
@@ -146,27 +284,47 @@ def dcp_load(state: dict[str, Any], path: str | Path) -> None:
         raise
 
 
-def load_checkpoint(path: str | Path, state: dict[str, Any]) -> dict[str, Any]:
+def load_checkpoint(path: str | Path | Location, state: dict[str, Any]) -> dict[str, Any]:
     """Collective: loads the checkpoint into ``state`` in place; returns its meta."""
-    path = Path(path)
+    path = _where(path)
     meta = read_meta(path)
     dcp_load(state, path)
     return meta
 
 
-def read_rank_state(path: str | Path, rank: int) -> dict[str, Any]:
-    file = Path(path) / rank_file(rank)
-    if not file.exists():
+def read_rank_state(path: str | Path | Location, rank: int) -> dict[str, Any]:
+    file = _where(path) / rank_file(rank)
+    if not storage.exists(file):
         raise CheckpointError(f"{path}: no state for rank {rank} ({file.name} missing)")
     try:
-        return json.loads(file.read_text())
+        return json.loads(storage.read_text(file))
     except json.JSONDecodeError as exc:
         raise CheckpointError(f"{file}: not valid JSON ({exc})") from None
 
 
-def complete_checkpoints(root: str | Path) -> list[tuple[int, Path]]:
+def _remote_steps(root: Location) -> tuple[list[tuple[int, Location]], list[tuple[int, Location]]]:
+    """(complete, incomplete) ``step-<N>`` prefixes under ``root``: one listing."""
+    steps: dict[int, bool] = {}
+    for path in _remote_files(root):
+        parts = path[len(root.path) :].strip("/").split("/")
+        match = STEP_DIR.match(parts[0]) if len(parts) >= 2 else None
+        if match:
+            n = int(match.group(1))
+            steps[n] = steps.get(n, False) or (len(parts) == 2 and parts[1] == META)
+    complete = sorted((n, root / f"step-{n}") for n, done in steps.items() if done)
+    incomplete = sorted((n, root / f"step-{n}") for n, done in steps.items() if not done)
+    return complete, incomplete
+
+
+def complete_checkpoints(root: str | Path | Location) -> list[tuple[int, StoragePath]]:
     """(step, path) of every complete ``step-<N>`` checkpoint under ``root``, oldest first."""
-    root = Path(root)
+    root = _where(root)
+    if isinstance(root, Location):
+        return list(_remote_steps(root)[0])
+    return list(_local_steps(root))
+
+
+def _local_steps(root: Path) -> list[tuple[int, Path]]:
     if not root.is_dir():
         return []
     found = []
@@ -177,18 +335,20 @@ def complete_checkpoints(root: str | Path) -> list[tuple[int, Path]]:
     return sorted(found)
 
 
-def latest_checkpoint(root: str | Path) -> Path | None:
+def latest_checkpoint(root: str | Path | Location) -> StoragePath | None:
     """The newest complete step checkpoint under ``root``; half-written ones are ignored."""
     found = complete_checkpoints(root)
     return found[-1][1] if found else None
 
 
-def prune_checkpoints(root: str | Path, keep_last: int) -> list[Path]:
+def prune_checkpoints(root: str | Path | Location, keep_last: int) -> list[StoragePath]:
     """Delete all but the newest ``keep_last`` complete step checkpoints, and crash leftovers
     (``step-<M>.tmp`` / ``.old``) of steps older than the newest complete one (no save of
     those is in flight: saves only move forward). Rank 0 only. Returns what went."""
-    root = Path(root)
-    found = complete_checkpoints(root)
+    root = _where(root)
+    if isinstance(root, Location):
+        return _prune_remote(root, keep_last)
+    found = _local_steps(root)
     doomed = [path for _, path in found[: max(0, len(found) - keep_last)]]
     if found:
         newest = found[-1][0]
@@ -198,15 +358,31 @@ def prune_checkpoints(root: str | Path, keep_last: int) -> list[Path]:
                 doomed.append(child)
     for path in doomed:
         shutil.rmtree(path, ignore_errors=True)
-    return doomed
+    return list(doomed)
 
 
-def remove_partial_checkpoints(root: str | Path) -> list[Path]:
-    """Remove ``step-<N>.tmp`` / ``.old`` directories a crash left behind (rank 0, at start)."""
-    root = Path(root)
+def _prune_remote(root: Location, keep_last: int) -> list[StoragePath]:
+    complete, incomplete = _remote_steps(root)
+    doomed: list[Location] = [path for _, path in complete[: max(0, len(complete) - keep_last)]]
+    if complete:  # a prefix without meta.json below the newest step: a save a crash cut short
+        doomed += [path for n, path in incomplete if n < complete[-1][0]]
+    for path in doomed:
+        _remove_remote(path)
+    return list(doomed)
+
+
+def remove_partial_checkpoints(root: str | Path | Location) -> list[StoragePath]:
+    """Remove ``step-<N>.tmp`` / ``.old`` directories a crash left behind (rank 0, at start);
+    on a store, the ``step-<N>`` prefixes without meta.json."""
+    root = _where(root)
+    if isinstance(root, Location):
+        partial = [path for _, path in _remote_steps(root)[1]]
+        for path in partial:
+            _remove_remote(path)
+        return list(partial)
     if not root.is_dir():
         return []
-    gone = []
+    gone: list[StoragePath] = []
     for child in root.iterdir():
         if child.is_dir() and child.name.startswith("step-") and child.name.endswith((".tmp", ".old")):
             shutil.rmtree(child, ignore_errors=True)

@@ -11,11 +11,19 @@ from pathlib import Path
 from typing import Any
 
 from morec_dist.config import Config, config_from_dict
+from morec_dist.data import storage
 from morec_dist.eval.evaluator import evaluate_most_popular
 from morec_dist.eval.ranking import EvalOptions
 from morec_dist.train.checkpoint import read_meta
 from morec_dist.train.run_dir import provenance, write_json_atomic
 from morec_dist.train.runner import evaluation, load_pretrained, setup_job
+
+
+def _default_out(config: Config, checkpoint: str | Path, split: str) -> Path:
+    """Beside the checkpoints' run directory; for a checkpoint at a URI, in run.out_dir."""
+    if storage.is_uri(str(checkpoint)):
+        return Path(config.run.out_dir) / f"metrics-{split}.json"
+    return Path(checkpoint).parent.parent / f"metrics-{split}.json"
 
 
 def checkpoint_config(checkpoint: str | Path, overrides: Config | None = None) -> Config:
@@ -32,7 +40,7 @@ def run_evaluate(
     config: Config, checkpoint: str | Path, split: str = "test", out: str | Path | None = None
 ) -> dict[str, Any]:
     ctx, dataset, trainer = setup_job(config)  # the runner's setup; evaluation has no epochs
-    load_pretrained(trainer, Path(checkpoint))
+    load_pretrained(trainer, storage.location(checkpoint))
     metrics = evaluation(trainer, split)
     popular = evaluate_most_popular(dataset, split, config.eval.ks, ctx, EvalOptions(config.eval.batch_users))
     payload = {
@@ -44,7 +52,7 @@ def run_evaluate(
         **provenance(config, ctx.world_size),
     }
     if ctx.rank == 0:
-        path = Path(out) if out else Path(checkpoint).parent.parent / f"metrics-{split}.json"
+        path = Path(out) if out else _default_out(config, checkpoint, split)
         write_json_atomic(path, payload)
         print(" ".join(f"{k} {v:.4f}" for k, v in metrics.items() if "@" in k), flush=True)
         print(f"wrote {path}", flush=True)

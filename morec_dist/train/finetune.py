@@ -29,8 +29,9 @@ import torch.distributed as dist
 
 from morec_dist.config import Config
 from morec_dist.coordinator.core import CoordinatorError
+from morec_dist.data import storage
 from morec_dist.distributed import all_reduce_sum
-from morec_dist.train.checkpoint import save_checkpoint
+from morec_dist.train.checkpoint import checkpoint_root, save_checkpoint
 from morec_dist.train.loop import progress
 from morec_dist.train.methods import METHODS
 from morec_dist.train.run_dir import provenance
@@ -81,7 +82,7 @@ class FinetuneJob:
         self.name = method
         self.kind = f"finetune:{method}"
         self.tag = f"[{method}]"
-        self.from_checkpoint = Path(from_checkpoint)
+        self.from_checkpoint = storage.location(from_checkpoint)
         self.from_arg = str(from_checkpoint)  # recorded as given
         self.k = report_k(config)
         self.target_loss = 0.0
@@ -129,7 +130,7 @@ class FinetuneJob:
             coordinator_out = (
                 coordinator_record(client, parts.strategy) if client.holds_state else {"client": client.stats()}
             )
-        final = Path(c.run.out_dir) / "checkpoints" / "final"
+        final = checkpoint_root(c.run.out_dir, c.checkpoint.dir) / "final"
         save_checkpoint(
             final,
             trainer.model_state(),

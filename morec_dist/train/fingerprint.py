@@ -35,6 +35,8 @@ OPERATIONAL = (
     "checkpoint.every_steps",  # a resume continues exactly from any step
     "checkpoint.keep_last",
     "checkpoint.reshard",
+    "checkpoint.dir",  # where they go
+    "checkpoint.async_save",  # when the bytes are written, not what they hold
 )
 
 

@@ -18,7 +18,9 @@ from pathlib import Path
 from typing import Any
 
 from morec_dist.config import Config
+from morec_dist.data import storage
 from morec_dist.data.dataset import DatasetError, PreparedDataset
+from morec_dist.data.storage import StoragePath
 from morec_dist.train.run_dir import provenance, read_json, write_json_atomic
 
 TABLE_COLUMNS = ("hit", "ndcg", "r_hit", "r_ndcg", "min_hit", "min_ndcg", "pop_kl")
@@ -29,12 +31,12 @@ def table_metrics(k: int) -> tuple[str, ...]:
     return tuple(f"{column}@{k}" for column in TABLE_COLUMNS)
 
 
-def ensure_dataset(config: Config) -> Path:
-    path = Path(config.data.path)
+def ensure_dataset(config: Config) -> StoragePath:
+    path = storage.location(config.data.path)
     try:
         PreparedDataset.open(path, verify_values=False)
     except DatasetError as exc:
-        if path.exists() and (path / "manifest.json").exists():
+        if storage.exists(path / "manifest.json"):
             raise  # a broken dataset is reported, never silently replaced
         if path.name != "movielens-1m":
             raise DatasetError(f"{path}: no prepared dataset ({exc}); prepare it with `morec prepare ...`") from None

@@ -14,7 +14,6 @@ the best model.
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -24,7 +23,7 @@ from morec_dist.data.reader import Reader
 from morec_dist.distributed import all_reduce_sum
 from morec_dist.eval.evaluator import evaluate_most_popular
 from morec_dist.eval.ranking import EvalOptions
-from morec_dist.train.checkpoint import load_checkpoint, save_checkpoint
+from morec_dist.train.checkpoint import checkpoint_root, load_checkpoint, save_checkpoint
 from morec_dist.train.loop import progress
 from morec_dist.train.run_dir import provenance
 from morec_dist.train.runner import JobParts, JobRun, evaluation, make_reader, report_k, run_job, select_metric
@@ -61,7 +60,7 @@ class PretrainJob:
 
     def __init__(self, config: Config):
         self.config = config
-        self.best_path = Path(config.run.out_dir) / "checkpoints" / "best"
+        self.best_path = checkpoint_root(config.run.out_dir, config.checkpoint.dir) / "best"
         self.probe: Reader | None = None  # the fixed stream l_hat is measured on
         self.k = report_k(config)
 

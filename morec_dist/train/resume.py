@@ -1,6 +1,7 @@
 """Step checkpoints and exact resume of a training job.
 
-Owns ``<run.out_dir>/checkpoints/step-<N>``: what goes into a step checkpoint, when one is
+Owns ``<run.out_dir>/checkpoints/step-<N>`` (or ``<checkpoint.dir>/step-<N>``, a path or a
+filesystem URI such as s3://...): what goes into a step checkpoint, when one is
 taken, which one a job resumes from, and how the state comes back. Its neighbours own one
 thing each: ``preemption.py`` the SIGTERM flag, ``rng.py`` the RNG states,
 ``distributed.py`` the rejoin of a restarted group, ``job_state.py`` the job's bookkeeping,
@@ -10,7 +11,12 @@ thing each: ``preemption.py`` the SIGTERM flag, ``rng.py`` the RNG states,
   end of every epoch (after its evaluation), and on SIGTERM: the handler only sets a flag;
   after each step the ranks agree on it with an all_reduce (so all stop at the same step),
   checkpoint, and exit with ``EXIT_PREEMPTED`` (143, "terminated by SIGTERM"). The newest
-  ``checkpoint.keep_last`` are kept.
+  ``checkpoint.keep_last`` are kept. With ``checkpoint.async_save`` the periodic ones are
+  written in the background (``checkpoint.start_checkpoint``): the step waits only for the
+  state to be copied; rank 0 commits the save (meta.json) at a later step boundary once it
+  has finished, and every rank waits for it before the next save (the epoch-end and SIGTERM
+  saves stay synchronous, so a job never ends with a save in flight). ``stalls`` records
+  how long each save held training up.
 - **What**: the Trainer (sharded model + optimizer + step/epoch, DCP); per rank
   (``rank-<r>.json``): the reader's position and probabilities snapshot, the RNG states
   (torch, numpy, python), the running sums of the epoch in progress and the strategy's
@@ -42,19 +48,22 @@ from __future__ import annotations
 
 import json
 import sys
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import torch.distributed as dist
 
 from morec_dist.config import Config
 from morec_dist.data.reader import Reader
+from morec_dist.data.storage import StoragePath
 from morec_dist.distributed import DistContext
 from morec_dist.train.checkpoint import (
     CheckpointError,
+    PendingCheckpoint,
     check_compatible,
+    checkpoint_root,
     dcp_load,
     latest_checkpoint,
     prune_checkpoints,
@@ -62,6 +71,7 @@ from morec_dist.train.checkpoint import (
     read_rank_state,
     remove_partial_checkpoints,
     save_checkpoint,
+    start_checkpoint,
 )
 from morec_dist.train.fingerprint import changed_keys, describe, fingerprint
 from morec_dist.train.job_state import JobState
@@ -79,7 +89,7 @@ FORMAT = 2
 class ResumePoint:
     """What a job restores from a step checkpoint, already mapped onto this rank."""
 
-    path: Path
+    path: StoragePath
     meta: dict[str, Any]
     rank_state: dict[str, Any]
     same_world: bool
@@ -164,12 +174,15 @@ class Checkpointing:
         self.config = config
         self.trainer = trainer
         self.job = job
-        self.root = Path(config.run.out_dir) / "checkpoints"
+        self.root = checkpoint_root(config.run.out_dir, config.checkpoint.dir)
         self.every = config.checkpoint.every_steps
         self.keep_last = config.checkpoint.keep_last
         self.preemption = PreemptionFlag().install()
         self.last_saved_step = -1
         self.saved: list[int] = []
+        self.stalls: list[float] = []  # seconds each save held the step up (the copy only, when async)
+        self.pending: PendingCheckpoint | None = None  # an asynchronous save not committed yet
+        self._pending_step = -1
         self.parts: Checkpointed | None = None
         # the configurations this run trained under before the current one (--resume-changed)
         self.config_history: list[dict[str, Any]] = []
@@ -229,7 +242,7 @@ class Checkpointing:
         rank_state = read_rank_state(path, ctx.rank if same else 0)
         return ResumePoint(path, meta, rank_state, same, changes)
 
-    def check_config(self, meta: dict[str, Any], path: Path) -> dict[str, list[Any]]:
+    def check_config(self, meta: dict[str, Any], path: StoragePath) -> dict[str, list[Any]]:
         """The trajectory keys the checkpoint's config and this job's differ in: none, or
         allowed by ``run.resume_changed`` (recorded in ``config_history``); else a refusal."""
         saved = meta.get("config") or {}
@@ -277,15 +290,34 @@ class Checkpointing:
 
     # ------------------------------------------------------------------- saving
     def due(self, step: int, epoch_ending: bool) -> tuple[bool, bool]:
-        """(save now, stop after saving) after ``step`` steps; a collective (the SIGTERM flag)."""
+        """(save now, stop after saving) after ``step`` steps; a collective (the SIGTERM flag).
+        Commits a finished background save first (rank 0; nothing waits)."""
+        self._settle(wait=False)
         stop = self.preemption.agreed(self.ctx)
         if epoch_ending:  # the epoch-end checkpoint (after evaluation) follows
             return False, stop
         periodic = bool(self.every) and step % self.every == 0
         return (periodic or stop) and step != self.last_saved_step, stop
 
-    def save(self, epoch_progress: EpochProgress | None = None) -> Path:
-        """Collective: write ``step-<trainer.step>`` atomically, then prune old ones."""
+    def _settle(self, wait: bool) -> None:
+        """The background save, if any: committed (rank 0) and forgotten once finished; with
+        ``wait``, every rank first waits for its own part of it."""
+        pending = self.pending
+        if pending is None or not (wait or pending.done()):
+            return
+        if self.ctx.rank == 0:
+            pending.commit()
+            prune_checkpoints(self.root, self.keep_last)
+            print(f"[{self.job}] checkpoint {pending.final} (step {self._pending_step})", file=sys.stderr, flush=True)
+        else:
+            pending.wait()
+        self.pending = None
+
+    def save(self, epoch_progress: EpochProgress | None = None, background: bool = False) -> StoragePath:
+        """Collective: write ``step-<trainer.step>`` atomically, then prune old ones; with
+        ``background`` and ``checkpoint.async_save``, start it and return (committed later)."""
+        started = time.perf_counter()
+        self._settle(wait=True)  # one save in flight at most, committed in step order
         ctx, trainer, parts = self.ctx, self.trainer, self._parts()
         coordinator_state = parts.coordinator() if parts.coordinator is not None else None
         rank_state = {
@@ -307,13 +339,18 @@ class Checkpointing:
             **provenance(self.config, ctx.world_size),
             **self.config_record(),
         }
-        path = save_checkpoint(
-            self.root / f"step-{trainer.step}", trainer.state_dict(), _jsonable(meta), _jsonable(rank_state)
-        )
-        if ctx.rank == 0:
-            prune_checkpoints(self.root, self.keep_last)
+        target = self.root / f"step-{trainer.step}"
         self.last_saved_step = trainer.step
         self.saved.append(trainer.step)
+        if background and self.config.checkpoint.async_save:
+            self.pending = start_checkpoint(target, trainer.state_dict(), _jsonable(meta), _jsonable(rank_state))
+            self._pending_step = trainer.step
+            self.stalls.append(time.perf_counter() - started)
+            return target
+        path = save_checkpoint(target, trainer.state_dict(), _jsonable(meta), _jsonable(rank_state))
+        if ctx.rank == 0:
+            prune_checkpoints(self.root, self.keep_last)
+        self.stalls.append(time.perf_counter() - started)
         if ctx.rank == 0:
             print(f"[{self.job}] checkpoint {path} (step {trainer.step})", file=sys.stderr, flush=True)
         return path
@@ -323,6 +360,7 @@ class Checkpointing:
         from morec_dist.distributed import shutdown_distributed
         from morec_dist.train.launch import report_preempted
 
+        self._settle(wait=True)
         report_preempted()  # for the launcher: torchrun's own exit code does not say 143
         if self.ctx.rank == 0:
             print(

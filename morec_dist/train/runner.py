@@ -28,8 +28,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
 from morec_dist.config import Config
+from morec_dist.data import storage
 from morec_dist.data.dataset import PreparedDataset
 from morec_dist.data.reader import Reader
+from morec_dist.data.storage import StoragePath
 from morec_dist.distributed import DistContext, init_job_distributed
 from morec_dist.eval.evaluator import evaluate
 from morec_dist.eval.ranking import EvalOptions, EvaluationInterrupted
@@ -52,7 +54,7 @@ VERIFIED_ENV = "MOREC_DATASET_VERIFIED"  # set by the `morec` parent that verifi
 
 def open_dataset_for_job(config: Config, ctx: DistContext) -> PreparedDataset:
     # rank 0 verifies checksums and values (unless the parent just did); the others trust the same files
-    verified = os.environ.get(VERIFIED_ENV) == str(Path(config.data.path).resolve())
+    verified = os.environ.get(VERIFIED_ENV) == storage.uri_of(storage.location(config.data.path))
     full = ctx.rank == 0 and not verified
     return PreparedDataset.open(config.data.path, verify_checksums=full, verify_values=full)
 
@@ -76,7 +78,7 @@ def make_reader(config: Config, trainer: Trainer, **kwargs: Any) -> Reader:
     )
 
 
-def load_pretrained(trainer: Trainer, checkpoint: Path) -> dict[str, Any]:
+def load_pretrained(trainer: Trainer, checkpoint: StoragePath) -> dict[str, Any]:
     """Collective: a saved model (``checkpoints/best`` / ``final``) into the trainer; its meta."""
     meta = read_meta(checkpoint)
     check_compatible(meta, trainer.model_identity(), checkpoint)
@@ -193,8 +195,8 @@ def checkpointed_epoch(
     def after_step(done: EpochProgress) -> bool:
         ending = reader.step >= reader.num_batches or bool(max_steps and trainer.step >= max_steps)
         save, stop = checkpoints.due(trainer.step, ending)
-        if save:
-            checkpoints.save(epoch_progress=done)
+        if save:  # in the background when configured, except the SIGTERM one (the job exits next)
+            checkpoints.save(epoch_progress=done, background=not stop)
         return stop and not ending  # the epoch-end checkpoint handles a stop at the epoch's last step
 
     stats = train_epoch(
@@ -252,6 +254,7 @@ def run_job(config: Config, job: Job, resume: bool | None = None) -> dict[str, A
         **job.finish(run),
         "resumed_from": str(point.path) if point is not None else None,
         "checkpoints_written": checkpoints.saved,
+        "checkpoint_stall_s": checkpoints.stalls,
         **checkpoints.config_record(),  # the fingerprint, and earlier configurations (--resume-changed)
         "wall_s": time.perf_counter() - started,
         "train_rows_per_s": run.state.train_rows_per_s,
