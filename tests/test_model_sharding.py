@@ -183,14 +183,14 @@ def test_budget_refusal_names_the_table_its_bytes_and_the_budget():
     with pytest.raises(ValueError) as e:
         check_budget(specs, pinned, optim, 2, gb // 2, "model.host_memory_gb")
     assert str(e.value) == (
-        "model.host_memory_gb: table 't_user_id' needs 1.00 GB per rank at the least (whole (table_wise), "
-        "with sgd state) but the budget is 0.50 GB per rank"
+        "model.host_memory_gb: table 't_user_id' needs 1.00 GiB per rank at the least (whole (table_wise), "
+        "with sgd state) but the budget is 0.50 GiB per rank"
     )
     auto = {"t_user_id": AUTO, "t_item_id": AUTO}
-    check_budget(specs, auto, optim, 2, gb, "model.host_memory_gb")  # 0.5 + 0.125 GB per rank: fits
-    with pytest.raises(ValueError, match=r"the tables need 0.62 GB per rank .* budget is 0.60 GB"):
+    check_budget(specs, auto, optim, 2, gb, "model.host_memory_gb")  # 0.5 + 0.125 GiB per rank: fits
+    with pytest.raises(ValueError, match=r"the tables need 0.62 GiB per rank .* budget is 0.60 GiB"):
         check_budget(specs, auto, optim, 2, int(0.6 * gb), "model.host_memory_gb")
-    with pytest.raises(ValueError, match="'t_user_id' needs 0.51 GB per rank"):  # + rowwise_adagrad's 4 B a row
+    with pytest.raises(ValueError, match="'t_user_id' needs 0.51 GiB per rank"):  # + rowwise_adagrad's 4 B a row
         check_budget(specs, auto, OptimConfig(), 2, gb // 2, "model.host_memory_gb")
 
 

@@ -37,7 +37,7 @@ from morec_dist.config import ModelConfig, OptimConfig
 from morec_dist.registry import Registry
 
 AUTO = "auto"  # model.default_sharding / model.sharding.<table>: the planner chooses
-GB = 1 << 30
+GB = 1 << 30  # the budgets and the messages are in GiB
 
 # Sharding types by name (``model.default_sharding`` / ``model.sharding.<table>``): the only
 # list of them. data_parallel tables are replicated with a DENSE kernel; all others FUSED.
@@ -118,7 +118,7 @@ class Placement:
         return [
             f"  {t.table}: {t.sharding_type} / {t.compute_kernel}, per rank "
             + " ".join(f"{b / GB:.3f}" for b in t.bytes_per_rank)
-            + " GB"
+            + " GiB"
             for t in self.tables
         ]
 
@@ -212,13 +212,13 @@ def check_budget(
         if smallest[name] > budget:
             how = f"split over {world_size} ranks" if splittable else f"whole ({kinds[name]})"
             raise ValueError(
-                f"{flag}: table {name!r} needs {smallest[name] / GB:.2f} GB per rank at the least ({how}, with "
-                f"{optim.embedding_optimizer} state) but the budget is {budget / GB:.2f} GB per rank"
+                f"{flag}: table {name!r} needs {smallest[name] / GB:.2f} GiB per rank at the least ({how}, with "
+                f"{optim.embedding_optimizer} state) but the budget is {budget / GB:.2f} GiB per rank"
             )
     if sum(smallest.values()) > budget:
         raise ValueError(
-            f"{flag}: the tables need {sum(smallest.values()) / GB:.2f} GB per rank at the least over "
-            f"{world_size} ranks but the budget is {budget / GB:.2f} GB per rank"
+            f"{flag}: the tables need {sum(smallest.values()) / GB:.2f} GiB per rank at the least over "
+            f"{world_size} ranks but the budget is {budget / GB:.2f} GiB per rank"
         )
 
 
@@ -280,7 +280,7 @@ def plan_tables(
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise ValueError(
             f"model: TorchRec's planner found no placement of the tables ({', '.join(sorted(specs))}) within "
-            f"{host / GB:.2f} GB host" + (f" + {hbm / GB:.2f} GB device" if hbm else "") + f" per rank: {first}"
+            f"{host / GB:.2f} GiB host" + (f" + {hbm / GB:.2f} GiB device" if hbm else "") + f" per rank: {first}"
         ) from None
     return plan, summarize(plan, specs, world_size, host, hbm)
 

@@ -92,7 +92,7 @@ def setup_job(config: Config) -> tuple[DistContext, PreparedDataset, Trainer]:
     dataset = open_dataset_for_job(config, ctx)
     trainer = Trainer(config, ctx, dataset, build_features(config, dataset))
     progress(
-        ctx.rank, "table placement (sharding type / kernel, GB per rank):\n" + "\n".join(trainer.placement.lines())
+        ctx.rank, "table placement (sharding type / kernel, GiB per rank):\n" + "\n".join(trainer.placement.lines())
     )
     return ctx, dataset, trainer
 
