@@ -25,7 +25,10 @@ first, so it is never a mix of two saves.
 staged (copied) at the call, DCP writes it in a background thread on a process group of its
 own, and rank 0 commits (meta.json, rename) once its save has finished, which DCP's final
 gather makes "every rank's shards are written". A crash before the commit leaves the
-previous checkpoint the latest.
+previous checkpoint the latest. The copy goes into CPU buffers a ``StagingBuffers`` keeps
+from one save to the next (allocating and faulting in a 4 GB copy cost more than copying
+into it), so a job's first background save pays the allocation and later ones a copy;
+the price is one more copy of the checkpointed state in host memory.
 """
 
 from __future__ import annotations
@@ -47,6 +50,7 @@ import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint._traverse import set_element  # the helper DefaultLoadPlanner uses (torch 2.13)
 from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
 from torch.distributed.checkpoint.planner import ReadItem
+from torch.distributed.checkpoint.staging import BlockingAsyncStager
 
 from morec_dist.data import storage
 from morec_dist.data.storage import Location, StoragePath
@@ -189,6 +193,24 @@ def _begin(final: StoragePath, rank_state: dict[str, Any] | None) -> PendingChec
     return PendingCheckpoint(final, staging)
 
 
+class StagingBuffers(BlockingAsyncStager):
+    """DCP's blocking stager with its CPU copy kept between saves (``cache_staged_state_dict``),
+    pinned only where there is an accelerator (torch 2.13 pins unconditionally, which fails on
+    a CPU-only build). One per job: the state's structure is the same at every save; a save
+    may reuse the buffers only after the previous one finished (``Checkpointing`` waits)."""
+
+    def __init__(self) -> None:
+        super().__init__(cache_staged_state_dict=True)
+
+    def stage(self, state_dict: dict[str, Any]) -> dict[str, Any]:
+        # the helpers BlockingAsyncStager itself uses (torch 2.13)
+        from torch.distributed._state_dict_utils import _copy_state_dict, _create_cpu_state_dict
+
+        if self.state_dict_cache is None:
+            self.state_dict_cache = _create_cpu_state_dict(state_dict, pin_memory=torch.cuda.is_available())
+        return _copy_state_dict(state_dict, self.state_dict_cache, type_check=self.type_check)
+
+
 _ASYNC_GROUP: list[Any] = []
 
 
@@ -208,13 +230,16 @@ def start_checkpoint(
     state: dict[str, Any],
     meta: dict[str, Any],
     rank_state: dict[str, Any] | None = None,
+    buffers: StagingBuffers | None = None,
 ) -> PendingCheckpoint:
     """Collective: begins an asynchronous save and returns at once (the state is copied before
-    it does); rank 0 calls ``commit()`` on the result when ``done()``, every rank ``wait()``s
-    before its next save."""
+    it does, into ``buffers`` when given: pass the same ones to every save of a job); rank 0
+    calls ``commit()`` on the result when ``done()``, every rank ``wait()``s before its next
+    save."""
     pending = _begin(_where(path), rank_state)
     pending.meta = meta
-    future = dcp.async_save(state, process_group=_async_group(), **_dcp_target(pending.staging))
+    stager = buffers if buffers is not None else BlockingAsyncStager()
+    future = dcp.async_save(state, process_group=_async_group(), async_stager=stager, **_dcp_target(pending.staging))
     assert isinstance(future, Future), "dcp.async_save without an async stager returns a Future"
     pending.future = future
     return pending

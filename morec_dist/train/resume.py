@@ -62,6 +62,7 @@ from morec_dist.distributed import DistContext
 from morec_dist.train.checkpoint import (
     CheckpointError,
     PendingCheckpoint,
+    StagingBuffers,
     check_compatible,
     checkpoint_root,
     dcp_load,
@@ -182,6 +183,7 @@ class Checkpointing:
         self.saved: list[int] = []
         self.stalls: list[float] = []  # seconds each save held the step up (the copy only, when async)
         self.pending: PendingCheckpoint | None = None  # an asynchronous save not committed yet
+        self.buffers = StagingBuffers()  # the background saves' copy of the state, kept between saves
         self._pending_step = -1
         self.parts: Checkpointed | None = None
         # the configurations this run trained under before the current one (--resume-changed)
@@ -343,7 +345,9 @@ class Checkpointing:
         self.last_saved_step = trainer.step
         self.saved.append(trainer.step)
         if background and self.config.checkpoint.async_save:
-            self.pending = start_checkpoint(target, trainer.state_dict(), _jsonable(meta), _jsonable(rank_state))
+            self.pending = start_checkpoint(
+                target, trainer.state_dict(), _jsonable(meta), _jsonable(rank_state), self.buffers
+            )
             self._pending_step = trainer.step
             self.stalls.append(time.perf_counter() - started)
             return target
