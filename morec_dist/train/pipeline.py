@@ -84,6 +84,18 @@ def results_table(rows: dict[str, dict[str, float]], base: str = "pretrain", k: 
     return "\n".join(lines)
 
 
+def stage_overrides(config: Config, stage_dir: Path, name: str) -> tuple[list[str], StoragePath]:
+    """A stage's run.out_dir and, when ``checkpoint.dir`` is set, its own checkpoint
+    directory below it (``<dir>/<stage>``: the stages' step checkpoints never mix); returns
+    the overrides and where the stage's checkpoints go."""
+    overrides = [f"run.out_dir={str(stage_dir)!r}".replace("'", '"')]
+    if not config.checkpoint.dir:
+        return overrides, stage_dir / "checkpoints"
+    root = storage.location(config.checkpoint.dir) / name
+    overrides.append(f"checkpoint.dir={storage.uri_of(root)!r}".replace("'", '"'))
+    return overrides, root
+
+
 def run_pipeline(config_path: str | None, overrides: list[str], config: Config) -> dict[str, Any]:
     from morec_dist.train.methods import check_methods
 
@@ -93,22 +105,24 @@ def run_pipeline(config_path: str | None, overrides: list[str], config: Config) 
     out = Path(config.run.out_dir)
     base_args = (["--config", config_path] if config_path else []) + list(overrides)
     pretrain_dir = out / "pretrain"
-    run_stage("pretrain", morec_command("train", *base_args, f"run.out_dir={str(pretrain_dir)!r}".replace("'", '"')))
-    checkpoint = pretrain_dir / "checkpoints" / "best"
+    pretrain_args, pretrain_checkpoints = stage_overrides(config, pretrain_dir, "pretrain")
+    run_stage("pretrain", morec_command("train", *base_args, *pretrain_args))
+    checkpoint = storage.uri_of(pretrain_checkpoints / "best")
     rows = {"pretrain": read_json(pretrain_dir / "metrics.json")}
     rows_popular = rows["pretrain"]["baselines"]["most_popular"]
     for method in config.run.methods:
         method_dir = out / method
+        method_args, _ = stage_overrides(config, method_dir, method)
         run_stage(
             f"finetune ({method})",
             morec_command(
                 "finetune",
                 "--from",
-                str(checkpoint),
+                checkpoint,
                 "--method",
                 method,
                 *base_args,
-                f"run.out_dir={str(method_dir)!r}".replace("'", '"'),
+                *method_args,
             ),
         )
         rows[method] = read_json(method_dir / "metrics.json")
