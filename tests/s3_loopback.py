@@ -121,8 +121,10 @@ def moto_s3(bucket: str = "data") -> Iterator[S3Server]:
         server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
         server.start()
         try:
-            gate = _Gate(server._server.app)  # the WSGI app the request handler looks up per request
-            server._server.app = gate
+            wsgi = server._server
+            assert wsgi is not None, "started above"
+            gate = _Gate(wsgi.app)  # the WSGI app the request handler looks up per request
+            wsgi.app = gate
             host, port = server.get_host_and_port()
             boto3.client("s3", endpoint_url=f"http://{host}:{port}", region_name="us-east-1").create_bucket(
                 Bucket=bucket

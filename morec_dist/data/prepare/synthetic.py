@@ -27,6 +27,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import overload
 
 import numpy as np
 import pyarrow as pa
@@ -178,6 +179,36 @@ def split_codes(start: int, u: np.ndarray, count: np.ndarray, last: np.ndarray, 
     code[eligible & (index == second[u])] = 1
     code[eligible & (index == last[u])] = 2
     return code
+
+
+@overload
+def generate(
+    out_dir: Path,
+    *,
+    users: int,
+    items: int,
+    rows: int,
+    seed: int,
+    overwrite: bool = False,
+    progress: bool = False,
+    planted_clusters: int = 0,
+    in_cluster: float = 0.85,
+) -> Path: ...
+
+
+@overload
+def generate(
+    out_dir: str | Location,
+    *,
+    users: int,
+    items: int,
+    rows: int,
+    seed: int,
+    overwrite: bool = False,
+    progress: bool = False,
+    planted_clusters: int = 0,
+    in_cluster: float = 0.85,
+) -> StoragePath: ...
 
 
 def generate(

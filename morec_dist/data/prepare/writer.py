@@ -18,7 +18,7 @@ import platform
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, Generic, Self, TypeVar, cast, overload
 
 import numpy as np
 import pyarrow as pa
@@ -171,10 +171,32 @@ def _upload(local: Path, target: Location) -> None:
             dst.write(chunk)
 
 
-class DatasetWriter:
+# what ``commit`` returns: a Path for a writer made with a Path, else a Path or a Location
+Where = TypeVar("Where", bound=Path | Location)
+
+
+class DatasetWriter(Generic[Where]):
     """Streams interaction tables into part files inside a temporary directory; ``commit``
     writes the manifest and publishes: a rename into place locally; on a filesystem URI an
     upload of the staged files with the manifest last (module doc)."""
+
+    @overload
+    def __init__(
+        self: DatasetWriter[Path],
+        out_dir: Path,
+        *,
+        overwrite: bool = False,
+        features: dict[str, schema.FeatureSpec] | None = None,
+    ) -> None: ...
+
+    @overload
+    def __init__(
+        self: DatasetWriter[StoragePath],
+        out_dir: str | Location,
+        *,
+        overwrite: bool = False,
+        features: dict[str, schema.FeatureSpec] | None = None,
+    ) -> None: ...
 
     def __init__(
         self,
@@ -182,8 +204,8 @@ class DatasetWriter:
         *,
         overwrite: bool = False,
         features: dict[str, schema.FeatureSpec] | None = None,
-    ):
-        self.out_dir: StoragePath = storage.location(out_dir)
+    ) -> None:
+        self.out_dir = cast(Where, storage.location(out_dir))
         self.features = dict(features or {})
         self.interactions_schema = schema.interaction_schema(self.features)
         check_target(self.out_dir, overwrite)
@@ -256,7 +278,7 @@ class DatasetWriter:
         layout_seed: int | None = None,
         layout_engine: str = "auto",
         progress: bool = False,
-    ) -> StoragePath:
+    ) -> Where:
         """Closes the splits, writes by_group/ (seed: ``layout_seed``, else the manifest's
         ``seed``, else 0), checksums every file, writes the manifest and publishes."""
         from morec_dist.data.prepare.layout import LayoutJob, layout_files, write_group_layout
@@ -328,7 +350,7 @@ class DatasetWriter:
                 pass
         shutil.rmtree(self.tmp_dir, ignore_errors=True)
 
-    def __enter__(self) -> DatasetWriter:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:
