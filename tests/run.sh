@@ -6,12 +6,14 @@
 # Time is kept and enforced: every test's duration goes to
 # runs/test-durations/<UTC stamp>.xml (junit: one <testcase time=...> per test, setup and
 # teardown included) and the run's total to <stamp>.json; a run longer than
-# MOREC_TEST_BUDGET_S seconds (default 1800 = 30 min; today's whole suite takes ~24 min on
-# 2 cores) fails even when every test passed. The 20-minute target is not enforced yet.
+# MOREC_TEST_BUDGET_S seconds (default 2700 = 45 min) fails even when every test passed.
+# That default is a ceiling against runaway growth, not the target: the whole suite takes
+# about 30 min on 2 cores (38 min with other jobs on the machine) and the 20-minute target
+# (issue 25's headroom) is not met yet.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export RAY_USAGE_STATS_ENABLED=0
-budget="${MOREC_TEST_BUDGET_S:-1800}"
+budget="${MOREC_TEST_BUDGET_S:-2700}"
 [[ "$budget" =~ ^[1-9][0-9]*$ ]] || { echo "MOREC_TEST_BUDGET_S: expected a positive number of seconds, got '$budget'" >&2; exit 2; }
 out=runs/test-durations
 mkdir -p "$out"
