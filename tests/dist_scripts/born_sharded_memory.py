@@ -12,14 +12,14 @@ from __future__ import annotations
 import json
 import resource
 import sys
-import traceback
 
 import torch
 import torch.distributed as dist
+from rank_main import run_rank
 
 from morec_dist.config import Config
 from morec_dist.data.features import FeatureBuilder
-from morec_dist.distributed import init_distributed, shutdown_distributed
+from morec_dist.distributed import DistContext
 from morec_dist.model import build_model
 from morec_dist.model.init import META
 from morec_dist.model.sharding import shard
@@ -29,34 +29,25 @@ def peak_rss_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
-def main() -> None:
+def main(ctx: DistContext) -> None:
     rows, dim, sharding, out = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], sys.argv[4]
-    ctx = init_distributed()
-    try:
-        config = Config()
-        config.model.embedding_dim = dim
-        config.model.default_sharding = sharding
-        features = FeatureBuilder(".", rows - 1, rows - 1, "ids")
-        model = build_model("mf", features, config.model, META)
-        torch.zeros(1)  # the allocator's first arena before the baseline
-        before = peak_rss_bytes()
-        sharded = shard(model, config, ctx)
-        grown = peak_rss_bytes() - before
-        held = sharded.placement.rank_bytes(ctx.rank)
-        mine = {"setup_peak_bytes": grown, "shard_bytes": held, "optimizer_bytes": held // dim}
-        everyone: list = [None] * ctx.world_size
-        dist.all_gather_object(everyone, mine)
-        if ctx.rank == 0:
-            with open(out, "w") as f:
-                json.dump({str(r): v for r, v in enumerate(everyone)}, f)
-    except Exception:
-        traceback.print_exc()
-        sys.stderr.flush()
-        import os
-
-        os._exit(1)
-    shutdown_distributed(exit_code=0)
+    config = Config()
+    config.model.embedding_dim = dim
+    config.model.default_sharding = sharding
+    features = FeatureBuilder(".", rows - 1, rows - 1, "ids")
+    model = build_model("mf", features, config.model, META)
+    torch.zeros(1)  # the allocator's first arena before the baseline
+    before = peak_rss_bytes()
+    sharded = shard(model, config, ctx)
+    grown = peak_rss_bytes() - before
+    held = sharded.placement.rank_bytes(ctx.rank)
+    mine = {"setup_peak_bytes": grown, "shard_bytes": held, "optimizer_bytes": held // dim}
+    everyone: list = [None] * ctx.world_size
+    dist.all_gather_object(everyone, mine)
+    if ctx.rank == 0:
+        with open(out, "w") as f:
+            json.dump({str(r): v for r, v in enumerate(everyone)}, f)
 
 
 if __name__ == "__main__":
-    main()
+    run_rank(main)

@@ -10,18 +10,17 @@ from __future__ import annotations
 
 import copy
 import json
-import os
 import sys
-import traceback
 from typing import Any
 
 import torch
 from integer_model import integer_mf
+from rank_main import run_rank
 
 from morec_dist.config import Config
 from morec_dist.data.dataset import PreparedDataset
 from morec_dist.data.features import FeatureBuilder
-from morec_dist.distributed import DistContext, init_distributed, shutdown_distributed
+from morec_dist.distributed import DistContext
 from morec_dist.eval import EvalOptions, evaluate, evaluate_most_popular
 from morec_dist.eval.evaluator import load_users
 from morec_dist.eval.ranking import PAD_ID, model_scorer, ranked_batches
@@ -51,37 +50,30 @@ def topk_lists(model, data, split: str, k: int, features, ctx: DistContext, opti
     return lists
 
 
-def main() -> None:
+def main(ctx: DistContext) -> None:
     data_dir, out_path, sharding, batch_users = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
-    ctx = init_distributed()
-    try:
-        data = PreparedDataset.open(data_dir)
-        features = FeatureBuilder(data.path, data.num_users, data.num_items, "ids")
-        model = integer_mf(features)
-        config = Config()
-        config.model.embedding_dim = 4
-        config.model.default_sharding = sharding
-        dmp = shard(integer_mf(features, device=META), config, ctx).model
-        dmp.load_state_dict(copy.deepcopy(model.state_dict()))  # DMP's load consumes the dict
-        out: dict[str, Any] = {"world_size": ctx.world_size}
-        for split in ("valid", "test"):
-            options = EvalOptions(batch_users=batch_users)
-            result = evaluate(dmp, data, split, KS, features, ctx, options)
-            out[f"mf_{split}"] = result_json(result)
-            popular = evaluate_most_popular(data, split, KS, ctx, options)
-            out[f"popular_{split}"] = result_json(popular)
-        out["mf_test_top"] = topk_lists(dmp, data, "test", max(KS), features, ctx, EvalOptions(batch_users))
-        dmp.load_state_dict({k: torch.zeros_like(v) for k, v in model.state_dict().items()})  # every score ties
-        out["zero_test"] = result_json(evaluate(dmp, data, "test", KS, features, ctx, EvalOptions(batch_users)))
-        if ctx.rank == 0:
-            with open(out_path, "w") as f:
-                json.dump(out, f)
-    except Exception:
-        traceback.print_exc()
-        sys.stderr.flush()
-        os._exit(1)
-    shutdown_distributed(exit_code=0)
+    data = PreparedDataset.open(data_dir)
+    features = FeatureBuilder(data.path, data.num_users, data.num_items, "ids")
+    model = integer_mf(features)
+    config = Config()
+    config.model.embedding_dim = 4
+    config.model.default_sharding = sharding
+    dmp = shard(integer_mf(features, device=META), config, ctx).model
+    dmp.load_state_dict(copy.deepcopy(model.state_dict()))  # DMP's load consumes the dict
+    out: dict[str, Any] = {"world_size": ctx.world_size}
+    for split in ("valid", "test"):
+        options = EvalOptions(batch_users=batch_users)
+        result = evaluate(dmp, data, split, KS, features, ctx, options)
+        out[f"mf_{split}"] = result_json(result)
+        popular = evaluate_most_popular(data, split, KS, ctx, options)
+        out[f"popular_{split}"] = result_json(popular)
+    out["mf_test_top"] = topk_lists(dmp, data, "test", max(KS), features, ctx, EvalOptions(batch_users))
+    dmp.load_state_dict({k: torch.zeros_like(v) for k, v in model.state_dict().items()})  # every score ties
+    out["zero_test"] = result_json(evaluate(dmp, data, "test", KS, features, ctx, EvalOptions(batch_users)))
+    if ctx.rank == 0:
+        with open(out_path, "w") as f:
+            json.dump(out, f)
 
 
 if __name__ == "__main__":
-    main()
+    run_rank(main)

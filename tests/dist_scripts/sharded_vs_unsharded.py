@@ -13,17 +13,16 @@ Prints one line "OK <case>" per case; any mismatch ends the job with exit code 1
 from __future__ import annotations
 
 import sys
-import traceback
 
 import numpy as np
 import torch
+from rank_main import run_rank
 from torch.distributed._shard.sharded_tensor import ShardedTensor
 
 from morec_dist.config import Config
 from morec_dist.data.batch import Batch
 from morec_dist.data.dataset import PreparedDataset
 from morec_dist.data.features import FeatureBuilder
-from morec_dist.distributed import init_distributed, shutdown_distributed
 from morec_dist.eval.evaluator import as_recommender
 from morec_dist.model import bpr_loss, build_model
 from morec_dist.model.init import META, materialize_unsharded
@@ -126,21 +125,11 @@ def run_case(case: str, data: PreparedDataset, ctx) -> None:
         print(f"OK {case}", flush=True)
 
 
-def main() -> None:
-    ctx = init_distributed()
+def main(ctx) -> None:
     data = PreparedDataset.open(sys.argv[1])
-    try:
-        for case in sys.argv[2:]:
-            run_case(case, data, ctx)
-    except Exception:
-        traceback.print_exc()
-        sys.stdout.flush()
-        sys.stderr.flush()
-        import os
-
-        os._exit(1)
-    shutdown_distributed(exit_code=0)
+    for case in sys.argv[2:]:
+        run_case(case, data, ctx)
 
 
 if __name__ == "__main__":
-    main()
+    run_rank(main)
