@@ -70,8 +70,13 @@ def make_schedule(seed: int) -> dict[str, Any]:
             "target_loss": 0.42,
         }
         steps.append({"step": step, "ranks": ranks, "coordinator": coordinator})
+    # the planner's placement, published once at start: (table, type, kernel, bytes on the rank)
+    placement = [
+        [["t_user_id", "row_wise", "fused", 1000 * (rank + 1)], ["t_item_id", "table_wise", "fused", 4096 * rank]]
+        for rank in range(RANKS)
+    ]
     # 0.35 s per step: the steps span several 1 s scrapes, so rate() has points to work on.
-    return {"ranks": RANKS, "interval_s": 0.35, "steps": steps}
+    return {"ranks": RANKS, "interval_s": 0.35, "steps": steps, "placement": placement}
 
 
 @pytest.fixture(scope="module")
@@ -206,6 +211,8 @@ def test_rank_values_match_the_published_ones(scraped, schedule):
         assert scraped.scalar(f"morec_rank_coordinator_waits_total{sel}") == sum(1 for s in seen if s["waited"])
         block = scraped.values(f"morec_rank_block_loss{sel}", by="objective")
         assert block == pytest.approx(final["block_losses"], rel=1e-12)
+        placed = scraped.values(f"morec_rank_table_bytes{sel}", by="table")
+        assert placed == {table: size for table, _, _, size in schedule["placement"][rank]}
 
 
 def test_rates_are_computed_over_the_scraped_history(scraped, schedule):

@@ -39,9 +39,6 @@ WARNINGS: tuple[tuple[type[Warning], str, str], ...] = (
 
 # logger name -> starts of the messages dropped from that logger (only those records).
 LOG_MESSAGES: dict[str, tuple[str, ...]] = {
-    # we pass a Topology for the local ranks; TorchRec asks for its factory (hardware
-    # validation for GPU clusters)
-    "torchrec.distributed.planner.types": ("The topology was constructed directly rather than via TopologyFactory",),
     "torchrec.distributed.planner.storage_reservations": (
         "There is a known issue with TorchRec's dense tensor size calculation in dry run",
     ),

@@ -52,6 +52,8 @@ def main(argv: list[str] | None = None) -> int:
     _write_atomically(args.ready_file, {"ports": [e.port for e in exporters]})
 
     sys.stdin.readline()  # the go signal
+    for metrics, placement in zip(ranks, schedule.get("placement", [[]] * len(ranks)), strict=True):
+        metrics.observe_placement([tuple(table) for table in placement])  # once, as a job does at start
     for entry in schedule["steps"]:
         for metrics, observed in zip(ranks, entry["ranks"], strict=True):
             metrics.observe_step(step=entry["step"], **observed)
