@@ -17,7 +17,7 @@ are what sharding applies before and after DistributedModelParallel allocates th
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Iterator
+from collections.abc import Container, Iterator
 
 import torch
 from torch import nn
@@ -78,8 +78,9 @@ def table_dims(model: nn.Module) -> dict[str, int]:
     }
 
 
-def table_name_of(key: str, tables: dict[str, int]) -> str | None:
-    """The table a state-dict key holds (``...embedding_bags.<table>.weight``), else None."""
+def table_name_of(key: str, tables: Container[str]) -> str | None:
+    """The table among ``tables`` a parameter or state-dict key holds
+    (``...embedding_bags.<table>.weight``), else None."""
     parts = key.split(".")
     if len(parts) >= 3 and parts[-1] == "weight" and parts[-3] == "embedding_bags" and parts[-2] in tables:
         return parts[-2]

@@ -40,7 +40,7 @@ from torchrec.optim.keyed import CombinedOptimizer, KeyedOptimizer, KeyedOptimiz
 
 from morec_dist.config import Config, OptimConfig
 from morec_dist.distributed import DistContext
-from morec_dist.model.init import initialize_dense, initialize_table_shards, table_dims
+from morec_dist.model.init import initialize_dense, initialize_table_shards, table_dims, table_name_of
 from morec_dist.model.placement import Placement, plan_tables
 from morec_dist.registry import Registry
 
@@ -136,11 +136,6 @@ def dense_optimizer_factory(optim: OptimConfig) -> OptimizerFactory:
     return DENSE_OPTIMIZERS.get(optim.dense_optimizer)(optim)
 
 
-def is_table_param(param_name: str, tables: set[str]) -> bool:
-    parts = param_name.split(".")
-    return len(parts) >= 3 and parts[-1] == "weight" and parts[-3] == "embedding_bags" and parts[-2] in tables
-
-
 def build_optimizer(dmp: DistributedModelParallel, types: dict[str, str], optim: OptimConfig) -> CombinedOptimizer:
     """Fused tables' optimizer (already applied in backward) + data_parallel tables + dense."""
     data_parallel_tables = {name for name, kind in types.items() if kind == "data_parallel"}
@@ -149,7 +144,7 @@ def build_optimizer(dmp: DistributedModelParallel, types: dict[str, str], optim:
     for name, param in dmp.named_parameters():
         if hasattr(param, "_in_backward_optimizers"):
             continue  # a fused table: updated by FBGEMM inside backward
-        if is_table_param(name, data_parallel_tables):
+        if table_name_of(name, data_parallel_tables) is not None:
             replicated[name] = param
         else:
             dense[name] = param
