@@ -25,12 +25,11 @@ import os
 import shutil
 import statistics
 import subprocess
-import sys
 import tempfile
 from pathlib import Path
 from typing import Any
 
-from benchmarks.common import REPO, Recorder, bench_parser, default_out, note, run_logged, torchrun
+from benchmarks.common import REPO, Recorder, bench_parser, default_out, morec_cli, note, torchrun
 
 GIB = 1 << 30
 DIM = 64
@@ -55,7 +54,7 @@ def dataset(cache: Path, size_gb: float, seed: int) -> Path:
     if not (path / "manifest.json").exists():
         cmd = ["prepare", "synthetic", "--users", str(users), "--items", str(items)]
         cmd += ["--rows", str(TRAIN_ROWS), "--seed", str(seed), "--out", str(path), "--overwrite"]
-        run_logged([sys.executable, "-m", "morec_dist.cli", *cmd], log=cache / f"{path.name}.log")
+        morec_cli(cmd, log=cache / f"{path.name}.log")
     return path
 
 
@@ -88,11 +87,13 @@ def remove_cgroups(groups: list[Path]) -> None:
             pass
 
 
-def run_point(data: Path, work: Path, log_dir: Path, seed: int, steps: int, cgroup: str | None) -> dict[str, Any]:
+def run_point(
+    size_gb: float, data: Path, work: Path, log_dir: Path, seed: int, steps: int, cgroup: str | None
+) -> dict[str, Any]:
     """Train, checkpoint, then resume in fresh ranks; both phases' per-rank figures."""
     overrides = [f"data.path={data}", f"run.out_dir={work}", f"run.seed={seed}", "model.default_sharding=row_wise"]
     overrides += ["data.batch_size=2048", "data.num_negatives=10", "metrics.enabled=false"]
-    run_logged([sys.executable, "-m", "morec_dist.cli", "inspect", str(data)], log=log_dir / f"{data.name}-inspect.log")
+    morec_cli(["inspect", str(data)], log=log_dir / f"{data.name}-inspect.log")
     phases = {}
     for phase in ("train", "resume"):
         out = work / f"{phase}.json"
@@ -103,7 +104,7 @@ def run_point(data: Path, work: Path, log_dir: Path, seed: int, steps: int, cgro
     train, resume = phases["train"]["ranks"], phases["resume"]["ranks"]
     return {
         "dataset": data.name,
-        "users_items": ids_for_name(data.name),
+        "users_items": list(ids_for(size_gb)),
         "ranks": train,
         "resume_ranks": [{k: v for k, v in r.items() if k != "placement"} for r in resume],
         "resume_exact": all(
@@ -111,11 +112,6 @@ def run_point(data: Path, work: Path, log_dir: Path, seed: int, steps: int, cgro
         ),
         "wall_s": {p: v["wall_s"] for p, v in phases.items()},
     }
-
-
-def ids_for_name(name: str) -> list[int]:
-    users, items = name.split("-")[1:3]
-    return [int(users.rstrip("u")), int(items.rstrip("i"))]
 
 
 def per_row_ms(rank: dict[str, Any]) -> float:
@@ -192,7 +188,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix="morec-embedding-", dir=args.cache) as tmp:
         for size in sorted(sizes):
             data = dataset(args.cache, size, args.seed)
-            points[str(size)] = run_point(data, Path(tmp) / f"{size}", logs, args.seed, steps, None)
+            points[str(size)] = run_point(size, data, Path(tmp) / f"{size}", logs, args.seed, steps, None)
             shutil.rmtree(Path(tmp) / f"{size}", ignore_errors=True)
             print(f"{size} GB: {json.dumps(summarise(points)['by_size_gb'][str(size)])}", flush=True)
         cgroup = None
@@ -202,7 +198,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             groups = make_cgroups(prefix, 2, int(CGROUP_LIMIT_GB * GIB))
             try:
                 try:
-                    point = run_point(data, Path(tmp) / "cgroup", logs, args.seed, steps, prefix)
+                    point = run_point(CGROUP_POINT_GB, data, Path(tmp) / "cgroup", logs, args.seed, steps, prefix)
                     cgroup = {"completed": True, **point}
                 except (RuntimeError, subprocess.SubprocessError) as exc:
                     cgroup = {"completed": False, "error": str(exc)[-1500:]}

@@ -327,8 +327,8 @@ class PreparedDataset:
             if size != info["bytes"]:
                 _fail(str(path), f"size {size} bytes != {info['bytes']} in the manifest (truncated or replaced)")
             try:
-                metadata = storage.parquet_file(path).metadata
-                actual = storage.read_schema(path)
+                footer = storage.parquet_file(path)  # one open: the footer holds both
+                metadata, actual = footer.metadata, footer.schema_arrow
             except (pa.ArrowInvalid, OSError) as exc:
                 raise DatasetError(f"{path}: not a readable Parquet file ({exc})") from None
             _check_schema(path, actual, expected_schema)

@@ -26,6 +26,8 @@ from typing import Any
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
+from morec_dist.data.schema import sha256_file
+
 HASH_CHUNK = 1 << 22
 CREDENTIAL_KEYS = ("access_key", "secret_key", "session_token")  # pyarrow's S3 URI options
 
@@ -163,13 +165,10 @@ def read_text(value: StoragePath) -> str:
 
 def sha256(value: StoragePath) -> str:
     """The file's sha256, streamed in 4 MiB reads (the same digest as schema.sha256_file)."""
-    digest = hashlib.sha256()
     if isinstance(value, Path):
-        with open(value, "rb") as f:
-            while chunk := f.read(HASH_CHUNK):
-                digest.update(chunk)
-    else:
-        with value.fs.open_input_stream(value.path) as f:
-            while chunk := f.read(HASH_CHUNK):
-                digest.update(chunk)
+        return sha256_file(value, HASH_CHUNK)
+    digest = hashlib.sha256()
+    with value.fs.open_input_stream(value.path) as f:
+        while chunk := f.read(HASH_CHUNK):
+            digest.update(chunk)
     return digest.hexdigest()

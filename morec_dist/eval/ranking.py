@@ -35,7 +35,7 @@ import torch.distributed as dist
 from torch import nn
 
 from morec_dist.data.features import FeatureBuilder
-from morec_dist.distributed import DistContext
+from morec_dist.distributed import DistContext, any_rank
 
 # A batch never holds more than this many scores per rank (batch_users is lowered to fit),
 # so that huge catalogues stay within memory (about 5 bytes per score in flight).
@@ -289,7 +289,6 @@ def all_gather_stack(t: torch.Tensor, ctx: DistContext) -> torch.Tensor:
 
 def stop_checker(ctx: DistContext, options: EvalOptions) -> Callable[[], None]:
     """A collective: raises ``EvaluationInterrupted`` on every rank once any rank's stop is set."""
-    from morec_dist.distributed import any_rank
 
     def check() -> None:
         if options.stop is not None and any_rank(options.stop(), ctx):

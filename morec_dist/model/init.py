@@ -24,6 +24,8 @@ from torch import nn
 from torch.distributed._shard.sharded_tensor import ShardedTensor
 from torchrec.modules.embedding_modules import EmbeddingBagCollection
 
+from morec_dist.model.placement import table_specs
+
 META = torch.device("meta")
 # Rows that share one generator seed: large enough that seeding costs nothing beside the
 # draws, small enough that a shard edge wastes little (at most one block at each end).
@@ -69,13 +71,8 @@ def fill_table(
 
 
 def table_dims(model: nn.Module) -> dict[str, int]:
-    """Table name -> embedding dim, over every EmbeddingBagCollection of ``model``."""
-    return {
-        config.name: config.embedding_dim
-        for module in model.modules()
-        if isinstance(module, EmbeddingBagCollection)
-        for config in module.embedding_bag_configs()
-    }
+    """Table name -> embedding dim, over every EmbeddingBagCollection of ``model`` (names unique)."""
+    return {name: spec.dim for name, spec in table_specs(model).items()}
 
 
 def table_name_of(key: str, tables: Container[str]) -> str | None:

@@ -173,6 +173,7 @@ class Checkpointing:
 
     def __init__(self, config: Config, trainer: Trainer, job: str):
         self.config = config
+        self.fingerprint = fingerprint(config.to_dict())  # fixed for the job: not recomputed per save
         self.trainer = trainer
         self.job = job
         self.root = checkpoint_root(config.run.out_dir, config.checkpoint.dir)
@@ -263,7 +264,7 @@ class Checkpointing:
 
     def config_record(self) -> dict[str, Any]:
         """What meta.json and metrics.json say about the configurations the run trained under."""
-        return {"config_fingerprint": fingerprint(self.config.to_dict()), "config_history": self.config_history}
+        return {"config_fingerprint": self.fingerprint, "config_history": self.config_history}
 
     def restore(self, point: ResumePoint) -> None:
         """Collective: trainer (DCP, resharding if needed), reader, RNG, strategy, job state."""
