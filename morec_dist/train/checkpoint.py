@@ -22,13 +22,16 @@ exactly when its meta.json does. A prefix being rewritten (``best``) loses its m
 first, so it is never a mix of two saves.
 
 ``start_checkpoint`` is the asynchronous save (``checkpoint.async_save``): the state is
-staged (copied) at the call, DCP writes it in a background thread on a process group of its
-own, and rank 0 commits (meta.json, rename) once its save has finished, which DCP's final
+staged (copied) at the call, and everything else runs on the job's one background save
+thread: the staging place and the rank files, then ``dcp.save`` on a process group of its
+own. Rank 0 commits (meta.json, rename) once its save has finished, which DCP's final
 gather makes "every rank's shards are written". A crash before the commit leaves the
 previous checkpoint the latest. The copy goes into CPU buffers a ``StagingBuffers`` keeps
 from one save to the next (allocating and faulting in a 4 GB copy cost more than copying
 into it), so a job's first background save pays the allocation and later ones a copy;
-the price is one more copy of the checkpointed state in host memory.
+the price is one more copy of the checkpointed state in host memory. The thread is kept
+too: ``dcp.async_save`` starts a new one per save, which at the ML-1M size cost more than
+the copy (benchmarks/checkpoint_stall.py).
 """
 
 from __future__ import annotations
@@ -38,7 +41,7 @@ import json
 import os
 import re
 import shutil
-from concurrent.futures import Future
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -51,6 +54,7 @@ from torch.distributed.checkpoint._traverse import set_element  # the helper Def
 from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
 from torch.distributed.checkpoint.planner import ReadItem
 from torch.distributed.checkpoint.staging import BlockingAsyncStager
+from torch.distributed.checkpoint.state_dict_saver import _stateful_to_state_dict  # async_save does it first
 
 from morec_dist.data import storage
 from morec_dist.data.storage import Location, StoragePath
@@ -64,9 +68,9 @@ class CheckpointError(ValueError):
     """A checkpoint is missing, incomplete, or from an incompatible model."""
 
 
-def _barrier() -> None:
+def _barrier(group: Any = None) -> None:
     if dist.is_initialized():
-        dist.barrier()
+        dist.barrier(group=group)
 
 
 def _is_rank0() -> bool:
@@ -116,8 +120,8 @@ def _where(path: str | Path | Location) -> StoragePath:
 
 def checkpoint_root(out_dir: str, where: str = "") -> StoragePath:
     """Where a job's checkpoints go: ``checkpoint.dir`` if set (a path or a URI), else
-    ``<run.out_dir>/checkpoints``."""
-    return _where(where) if where else Path(out_dir) / "checkpoints"
+    ``<run.out_dir>/checkpoints`` (on the store when run.out_dir is a URI)."""
+    return _where(where) if where else _where(out_dir) / "checkpoints"
 
 
 def rank_file(rank: int) -> str:
@@ -173,20 +177,20 @@ class PendingCheckpoint:
             shutil.rmtree(old, ignore_errors=True)
 
 
-def _begin(final: StoragePath, rank_state: dict[str, Any] | None) -> PendingCheckpoint:
-    """Collective: an empty staging place (rank 0), then every rank's own JSON in it."""
-    staging: StoragePath
-    if isinstance(final, Path):
-        local = final.with_name(final.name + ".tmp")
-        if _is_rank0():
-            shutil.rmtree(local, ignore_errors=True)
-            local.mkdir(parents=True)
-        staging = local
-    else:
-        staging = final
-        if _is_rank0():
-            _remove_remote(final)
-    _barrier()
+def _staging_of(final: StoragePath) -> StoragePath:
+    """Where a save is written before its commit: ``<name>.tmp`` locally, the prefix itself on a store."""
+    return final.with_name(final.name + ".tmp") if isinstance(final, Path) else final
+
+
+def _begin(final: StoragePath, rank_state: dict[str, Any] | None, group: Any = None) -> PendingCheckpoint:
+    """Collective over ``group``: an empty staging place (rank 0), then every rank's own JSON in it."""
+    staging = _staging_of(final)
+    if _is_rank0() and isinstance(staging, Path):
+        shutil.rmtree(staging, ignore_errors=True)
+        staging.mkdir(parents=True)
+    elif _is_rank0():
+        _remove_remote(staging)
+    _barrier(group)
     if rank_state is not None:
         rank = dist.get_rank() if dist.is_initialized() else 0
         _fsync_write(staging / rank_file(rank), json.dumps(rank_state, sort_keys=True))
@@ -201,6 +205,13 @@ class StagingBuffers(BlockingAsyncStager):
 
     def __init__(self) -> None:
         super().__init__(cache_staged_state_dict=True)
+        self._worker: ThreadPoolExecutor | None = None
+
+    def submit(self, fn: Any, *args: Any) -> Future[Any]:
+        """Runs ``fn(*args)`` on the job's background save thread (started on first use)."""
+        if self._worker is None:
+            self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="morec-checkpoint")
+        return self._worker.submit(fn, *args)
 
     def stage(self, state_dict: dict[str, Any]) -> dict[str, Any]:
         # the helpers BlockingAsyncStager itself uses (torch 2.13)
@@ -232,17 +243,23 @@ def start_checkpoint(
     rank_state: dict[str, Any] | None = None,
     buffers: StagingBuffers | None = None,
 ) -> PendingCheckpoint:
-    """Collective: begins an asynchronous save and returns at once (the state is copied before
-    it does, into ``buffers`` when given: pass the same ones to every save of a job); rank 0
+    """Collective: begins an asynchronous save and returns at once: the state is copied before
+    it does, into ``buffers`` when given (pass the same ones to every save of a job); rank 0
     calls ``commit()`` on the result when ``done()``, every rank ``wait()``s before its next
     save."""
-    pending = _begin(_where(path), rank_state)
-    pending.meta = meta
-    stager = buffers if buffers is not None else BlockingAsyncStager()
-    future = dcp.async_save(state, process_group=_async_group(), async_stager=stager, **_dcp_target(pending.staging))
-    assert isinstance(future, Future), "dcp.async_save without an async stager returns a Future"
-    pending.future = future
+    buffers = buffers if buffers is not None else StagingBuffers()
+    staged = buffers.stage(_stateful_to_state_dict(state))
+    final = _where(path)
+    pending = PendingCheckpoint(final, _staging_of(final), meta)
+    pending.future = buffers.submit(_save_staged, final, staged, rank_state, _async_group())
     return pending
+
+
+def _save_staged(final: StoragePath, staged: dict[str, Any], rank_state: Any, group: Any) -> None:
+    """The background part of a save, every collective on ``group``: the staging place and
+    the rank files, then DCP."""
+    staging = _begin(final, rank_state, group).staging
+    dcp.save(staged, process_group=group, **_dcp_target(staging))
 
 
 def read_meta(path: str | Path | Location) -> dict[str, Any]:
