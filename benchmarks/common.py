@@ -198,6 +198,14 @@ def run_logged(
     return time.perf_counter() - started
 
 
+def reset_peak_rss() -> None:
+    """Linux: writing 5 to clear_refs resets VmHWM, so each phase has its own peak."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        pass
+
+
 def peak_rss_mb() -> float:
     """This process's peak resident set (VmHWM), MiB."""
     try:

@@ -30,7 +30,7 @@ import torch
 import torch.distributed as dist
 from torch.distributed._shard.sharded_tensor import ShardedTensor
 
-from benchmarks.common import peak_rss_mb, rss_mb
+from benchmarks.common import peak_rss_mb, reset_peak_rss, rss_mb
 from morec_dist.config import load_config
 from morec_dist.data.dataset import PreparedDataset
 from morec_dist.distributed import init_distributed, shutdown_distributed
@@ -49,11 +49,6 @@ def join_cgroup(prefix: str, rank: int) -> str:
     group = f"{prefix}-rank{rank}"
     Path(group, "cgroup.procs").write_text(str(os.getpid()))
     return group
-
-
-def reset_peak_rss() -> None:
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")
 
 
 def weights_digest(model: torch.nn.Module, rows_per_chunk: int = 1 << 16) -> str:

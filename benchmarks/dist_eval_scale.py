@@ -20,12 +20,13 @@ import numpy as np
 import torch
 from torch import nn
 
-from benchmarks.common import peak_rss_mb
+from benchmarks.common import peak_rss_mb, reset_peak_rss
 from morec_dist.data.features import FeatureBuilder
 from morec_dist.distributed import DistContext, init_distributed, shutdown_distributed
 from morec_dist.eval.ranking import (
     EvalOptions,
     UserSet,
+    all_gather_stack,
     item_range,
     model_scorer,
     ranked_batches,
@@ -68,14 +69,6 @@ def synthetic_users(num_users: int, num_items: int, seed: int, ctx: DistContext)
     return UserSet(np.arange(1, num_users + 1, dtype=np.int64), targets, indptr, history[keep])
 
 
-def reset_peak_rss() -> None:
-    """Linux: writing 5 to clear_refs resets VmHWM, so each phase has its own peak."""
-    try:
-        Path("/proc/self/clear_refs").write_text("5")
-    except OSError:
-        pass
-
-
 def phase(model, features, users, k: int, ctx: DistContext, batch_users: int, negatives: int, seed: int):
     """One pass over ``users`` (item vectors included): (wall seconds, peak RSS MB, sum of
     the ranks (a checksum), this process's CPU seconds: less sensitive to a shared machine's load)."""
@@ -91,15 +84,6 @@ def phase(model, features, users, k: int, ctx: DistContext, batch_users: int, ne
         ranks += int(batch.ranks.sum())
     seconds = time.perf_counter() - started
     return seconds, peak_rss_mb(), ranks, time.process_time() - cpu
-
-
-def gather(values: list[float], ctx: DistContext) -> list[list[float]]:
-    t = torch.tensor(values, dtype=torch.float64)
-    if not ctx.distributed:
-        return [t.tolist()]
-    parts = [torch.zeros_like(t) for _ in range(ctx.world_size)]
-    torch.distributed.all_gather(parts, t, group=ctx.pg)
-    return [p.tolist() for p in parts]
 
 
 def main() -> None:
@@ -125,7 +109,9 @@ def main() -> None:
     signal = phase(model, features, signal_users, args.signal_k, *common, args.negatives, args.seed)
     eval_users = synthetic_users(args.eval_users, args.items, args.seed + 1, ctx)
     full = phase(model, features, eval_users, args.eval_k, *common, 0, args.seed)
-    per_rank = gather([signal[0], signal[1], full[0], full[1], signal[3], full[3]], ctx)
+    per_rank = all_gather_stack(
+        torch.tensor([signal[0], signal[1], full[0], full[1], signal[3], full[3]], dtype=torch.float64), ctx
+    ).tolist()
     if ctx.rank == 0:
         lo, hi = item_range(args.items, ctx)
         result = {
