@@ -24,7 +24,6 @@ from morec_dist.config import ConfigError, load_config
 from morec_dist.coordinator.objectives import SignalRequest
 from morec_dist.data.dataset import PreparedDataset
 from morec_dist.data.features import FeatureBuilder
-from morec_dist.data.negatives import NegativeSampler
 from morec_dist.distributed import DistContext
 from morec_dist.eval.signals import SignalOptions, compute_signals
 from tests.conftest import free_tcp_port
@@ -51,11 +50,54 @@ def run_signals(ds, model, features, rank, world_size, batch_users=64, users=0) 
     return compute_signals(requests(ds), model, ds, features, ctx, options)
 
 
+def walker_table(p: list[float]) -> tuple[list[float], list[int]]:
+    """Walker's alias table of ``p`` built here, in plain Python (Vose's order: the small and
+    the large columns each a stack in index order, paired from the top), so the brute force
+    does not draw through the package's sampler or its table."""
+    n = len(p)
+    scaled = [x * n for x in p]
+    accept, alias = [1.0] * n, list(range(n))
+    small = [i for i in range(n) if scaled[i] < 1.0]
+    large = [i for i in range(n) if scaled[i] >= 1.0]
+    while small and large:
+        s, g = small.pop(), large.pop()
+        accept[s], alias[s] = scaled[s], g
+        scaled[g] -= 1.0 - scaled[s]
+        (small if scaled[g] < 1.0 else large).append(g)
+    return accept, alias
+
+
 def signal_negatives(ds: PreparedDataset, targets: np.ndarray) -> np.ndarray:
-    """The signal's negatives scheme, re-derived: one draw for all (sampled) valid users from
-    ``default_rng([seed, 7919])``, the same on every rank (adapt here if the scheme changes)."""
-    sampler = NegativeSampler.from_dataset(ds, ALPHA)
-    return sampler.sample(np.random.default_rng([SEED, 7919]), targets, NUM_NEGATIVES)
+    """The signal's negatives by the documented rule, drawn here: items 1..N with probability
+    popularity ** alpha (train counts, items.parquet), one draw for all (sampled) valid users
+    from ``default_rng([seed, 7919])`` (the same on every rank), a column and a uniform per
+    negative (Walker), and a negative equal to its row's positive redrawn, up to 8 rounds
+    (adapt here if the scheme changes)."""
+    popularity = ds.item_column("popularity").astype(np.float64)[1:]
+    weights = popularity**ALPHA
+    p = (weights / weights.sum()).tolist()
+    accept, alias = walker_table(p)
+    # the table draws exactly p: each column carries 1/n, split between itself and its alias
+    drawn = np.zeros(len(p))
+    for i, (a, j) in enumerate(zip(accept, alias, strict=True)):
+        drawn[i] += a / len(p)
+        drawn[j] += (1.0 - a) / len(p)
+    np.testing.assert_allclose(drawn, p, rtol=0, atol=1e-12)
+    rng = np.random.default_rng([SEED, 7919])
+
+    def draw(count: int) -> list[int]:
+        columns = rng.integers(0, len(p), count).tolist()
+        uniforms = rng.random(count).tolist()
+        return [(c if u < accept[c] else alias[c]) + 1 for c, u in zip(columns, uniforms, strict=True)]
+
+    negatives = np.array(draw(len(targets) * NUM_NEGATIVES), dtype=np.int64).reshape(len(targets), NUM_NEGATIVES)
+    for _ in range(8):
+        clash = negatives == targets[:, None]
+        if not clash.any():
+            break
+        negatives[clash] = draw(int(clash.sum()))
+    assert not (negatives == targets[:, None]).any()
+    return negatives
 
 
 def brute_force(ds: PreparedDataset, model, features, keep: np.ndarray | None = None) -> dict[str, list[float]]:
