@@ -72,12 +72,17 @@ class ModelConfig:
     # (host: physical memory / local ranks; device: the GPU's memory).
     host_memory_gb: float = 0.0
     device_memory_gb: float = 0.0
-    tower_dims: list[int] = field(default_factory=lambda: [128, 64])
     init_std: float = 0.1  # embedding tables start as normal(0, init_std)
     # Declared side features (manifest "features") the model embeds besides the ids; unset =
     # the model's default (mf: none, two_tower: every declared user / item feature).
     user_features: list[str] | None = None
     item_features: list[str] | None = None
+    # The model's own options ([model.options]): typed, defaulted and checked by the model's
+    # ModelSpec (model/spec.py) at the edge, so a plugin model adds options without this file.
+    options: dict[str, Any] = field(default_factory=dict)
+    # Legacy spelling of two_tower's options.tower_dims (configs and checkpoints written before
+    # models declared their options; every such config recorded it); None = not given.
+    tower_dims: list[int] | None = None
 
 
 @dataclass
@@ -330,6 +335,13 @@ def _read_toml(path: Path) -> dict[str, Any]:
         raise ConfigError(f"{path}: not valid TOML: {exc}") from None
 
 
+def parse_table(cls: type, values: dict[str, Any], where: str) -> Any:
+    """A dataclass ``cls`` from a config table, checked like every section (unknown keys and
+    mistyped values raise a ConfigError naming ``where``.key); for tables a part declares
+    itself, such as a model's options (model/spec.py)."""
+    return _build(cls, values, where)
+
+
 def config_from_dict(tree: dict[str, Any]) -> Config:
     config = _build(Config, tree, "")
     validate(config)
@@ -380,12 +392,9 @@ def validate(c: Config) -> None:
     for budget in ("host_memory_gb", "device_memory_gb"):
         value = getattr(c.model, budget)
         _require(value >= 0, f"model.{budget}: expected >= 0 GiB (0 = the machine's), got {value}")
-    _require(
-        bool(c.model.tower_dims) and all(d >= 1 for d in c.model.tower_dims),
-        f"model.tower_dims: expected positive layer widths, got {c.model.tower_dims}",
-    )
-    # names of registered parts (model, loss, sharding types, optimizers, objective kinds) are
-    # checked by morec_dist.plugins.validate_names, after run.plugins are imported
+    # names of registered parts (model, loss, sharding types, optimizers, objective kinds) and
+    # the model's options (model.options, its ModelSpec's) are checked by
+    # morec_dist.plugins.validate_names, after run.plugins are imported
     for i, module in enumerate(c.run.plugins):
         _require(bool(module.strip()), f"run.plugins[{i}]: expected an importable module name, got {module!r}")
     _require(c.optim.embedding_lr > 0, f"optim.embedding_lr: expected > 0, got {c.optim.embedding_lr}")

@@ -8,7 +8,8 @@ anything is built, so a plugin's names are valid, listed and dispatched in every
 The coordinator actor (a Ray worker) gets a plugin's objective kinds inside the pickled
 objective set, which imports the kind's module there by its class.
 
-``validate_names`` checks every name a config picks from a registry against that registry.
+``validate_names`` checks every name a config picks from a registry against that registry,
+and the model's options (``model.options``) against the options its ModelSpec declares.
 config.py cannot do it: the registries live in model/, coordinator/ and eval/, which import
 config.py. This module sits above all of them and only the CLI (and tests) import it.
 """
@@ -54,6 +55,7 @@ def validate_names(config: Config) -> None:
     from morec_dist.model.sharding import DENSE_OPTIMIZERS, EMBEDDING_OPTIMIZERS
 
     _check(MODELS, config.model.name, "model.name")
+    MODELS.get(config.model.name).parse_options(config.model)  # model.options: the spec's, typed and checked
     _check(LOSSES, config.model.loss, "model.loss")
     for where, sharding in [("model.default_sharding", config.model.default_sharding)] + [
         (f"model.sharding.{table}", kind) for table, kind in config.model.sharding.items()

@@ -15,6 +15,14 @@ information. Row-entity (context) features are not supported by the models yet.
 
 Feature sets: ``ids`` (user_id | item_id: MF) and ``side`` (every declared user / item
 feature: the two-tower default); explicit name lists override the set's choice.
+
+Dense features are the second kind of input (TorchRec's dense_features beside the sparse
+KJTs): numeric columns of users.parquet / items.parquet that a model declares
+(``ModelSpec.dense_inputs``), read once into a float32 lookup [N + 1, D] by id (row 0, the
+padding id, and ids the table lacks are 0) and gathered like the sparse ones, so sampled
+negatives and evaluation's candidates get them too. Values are the column's, as float32: a
+model owns its normalisation. ``batch`` assembles the ``Batch`` (ids, KJTs, dense tensors)
+that training, evaluation and the signals feed a model.
 """
 
 from __future__ import annotations
@@ -25,10 +33,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 import torch
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from morec_dist.data import schema, storage
+from morec_dist.data.batch import UNIFORM_VERSION, Batch
 from morec_dist.data.storage import Location, StoragePath
 
 FEATURE_SETS = ("ids", "side")
@@ -38,6 +48,11 @@ FEATURE_SETS = ("ids", "side")
 class SparseFeature:
     name: str
     num_embeddings: int  # ids are 0..num_embeddings-1; 0 is padding / unknown
+
+
+@dataclass(frozen=True)
+class DenseFeature:
+    name: str  # the numeric column of users.parquet / items.parquet; one float32 value per entity
 
 
 @dataclass(frozen=True)
@@ -85,8 +100,39 @@ def _load_lookup(table_path: StoragePath, id_column: str, spec: schema.FeatureSp
     return _Lookup(spec.name, spec.cardinality + 1, flat, np.concatenate([[0], np.cumsum(lengths)]))
 
 
+def _load_dense(table_path: StoragePath, id_column: str, names: Sequence[str], count: int) -> np.ndarray:
+    """[count + 1, len(names)] float32 by id: the numeric columns ``names`` of the side table."""
+    names = list(dict.fromkeys(names))
+    out = np.zeros((count + 1, len(names)), dtype=np.float32)
+    if not names:
+        return out
+    fields = storage.read_schema(table_path)
+    numeric = [f.name for f in fields if _is_numeric(f.type) and f.name != id_column]
+    for name in names:
+        if name not in fields.names:
+            raise ValueError(f"dense feature {name!r}: {table_path} has no column {name!r}; numeric columns: {numeric}")
+        if name not in numeric:
+            raise ValueError(
+                f"dense feature {name!r}: column {name!r} of {table_path} is {fields.field(name).type}, "
+                f"expected a number; numeric columns: {numeric}"
+            )
+    table = storage.read_table(table_path, columns=[id_column, *names])
+    ids = table[id_column].to_numpy().astype(np.int64)
+    for j, name in enumerate(names):
+        column = table[name]
+        if column.null_count:
+            raise ValueError(f"dense feature {name!r}: column {name!r} of {table_path} has {column.null_count} nulls")
+        out[ids, j] = column.to_numpy().astype(np.float32)
+    return out
+
+
+def _is_numeric(kind: pa.DataType) -> bool:
+    return pa.types.is_integer(kind) or pa.types.is_floating(kind) or pa.types.is_boolean(kind)
+
+
 class FeatureBuilder:
-    """Builds user-side and item-side KJTs from id arrays, for one feature selection."""
+    """Builds user-side and item-side KJTs and dense tensors from id arrays, for one feature
+    selection, and the Batch of (user, items) rows."""
 
     def __init__(
         self,
@@ -97,6 +143,8 @@ class FeatureBuilder:
         *,
         user_features: Sequence[str] | None = None,
         item_features: Sequence[str] | None = None,
+        user_dense: Sequence[str] = (),
+        item_dense: Sequence[str] = (),
     ):
         if feature_set not in FEATURE_SETS:
             raise ValueError(f"feature set {feature_set!r}: expected one of {FEATURE_SETS}")
@@ -109,6 +157,10 @@ class FeatureBuilder:
         root = storage.location(data_dir)
         self._user_side = [_load_lookup(root / schema.USERS_FILE, "user_id", declared[n], num_users) for n in users]
         self._item_side = [_load_lookup(root / schema.ITEMS_FILE, "item_id", declared[n], num_items) for n in items]
+        self._user_dense_names = list(dict.fromkeys(user_dense))
+        self._item_dense_names = list(dict.fromkeys(item_dense))
+        self._user_dense = _load_dense(root / schema.USERS_FILE, "user_id", self._user_dense_names, num_users)
+        self._item_dense = _load_dense(root / schema.ITEMS_FILE, "item_id", self._item_dense_names, num_items)
 
     @staticmethod
     def _selection(declared, entity: str, names: Sequence[str] | None, feature_set: str, data_dir) -> list[str]:
@@ -156,3 +208,39 @@ class FeatureBuilder:
 
     def item_kjt(self, item_ids: np.ndarray) -> KeyedJaggedTensor:
         return self._kjt("item_id", np.asarray(item_ids, dtype=np.int64).reshape(-1), self._item_side)
+
+    def user_dense_features(self) -> list[DenseFeature]:
+        return [DenseFeature(n) for n in self._user_dense_names]
+
+    def item_dense_features(self) -> list[DenseFeature]:
+        return [DenseFeature(n) for n in self._item_dense_names]
+
+    def user_dense(self, user_ids: np.ndarray) -> torch.Tensor:
+        """[n, D_user] float32 (D_user = 0 when the model reads no user dense feature)."""
+        return torch.from_numpy(self._user_dense[np.asarray(user_ids, dtype=np.int64).reshape(-1)])
+
+    def item_dense(self, item_ids: np.ndarray) -> torch.Tensor:
+        """[n, D_item] float32, rows in the (row-major) order of ``item_ids``."""
+        return torch.from_numpy(self._item_dense[np.asarray(item_ids, dtype=np.int64).reshape(-1)])
+
+    def batch(
+        self,
+        user_ids: np.ndarray,
+        item_ids: np.ndarray,
+        block_ids: np.ndarray | None = None,
+        version: int = UNIFORM_VERSION,
+    ) -> Batch:
+        """The Batch of users [N] against their items [N, C] (row-major: row n's C items)."""
+        users = np.asarray(user_ids, dtype=np.int64).reshape(-1)
+        items = np.asarray(item_ids, dtype=np.int64).reshape(len(users), -1)
+        blocks = np.zeros(len(users), dtype=np.int64) if block_ids is None else np.asarray(block_ids, np.int64)
+        return Batch(
+            user_ids=torch.from_numpy(users),
+            item_ids=torch.from_numpy(np.ascontiguousarray(items)),
+            block_ids=torch.from_numpy(blocks),
+            user_kjt=self.user_kjt(users),
+            item_kjt=self.item_kjt(items),
+            version=version,
+            user_dense=self.user_dense(users),
+            item_dense=self.item_dense(items),
+        )

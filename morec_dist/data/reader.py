@@ -43,7 +43,6 @@ from typing import Any
 
 import numpy as np
 import pyarrow.parquet as pq
-import torch
 
 from morec_dist.data import kernels, storage
 from morec_dist.data.batch import UNIFORM_VERSION, Batch
@@ -797,14 +796,8 @@ class Reader:
             _rng(self.seed, STREAM_NEGATIVES, self.rank, epoch, step), positives, self.num_negatives, users=users
         )
         item_ids = np.concatenate([positives[:, None], negatives], axis=1)
-        return Batch(
-            user_ids=torch.from_numpy(users),
-            item_ids=torch.from_numpy(item_ids),
-            block_ids=torch.from_numpy(block_ids),
-            user_kjt=self.features.user_kjt(users),
-            item_kjt=self.features.item_kjt(item_ids),
-            version=snapshot.version if self.morec else UNIFORM_VERSION,
-        )
+        version = snapshot.version if self.morec else UNIFORM_VERSION
+        return self.features.batch(users, item_ids, block_ids, version)
 
     def _start_window_prefetch(self) -> None:
         if self.prefetch_windows and self.weighted and self._window_prefetcher is None:

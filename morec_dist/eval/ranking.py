@@ -21,13 +21,17 @@ very number the owner ranks the item with.
 
 Sharded lookups are collectives: every rank looks up the same user batches, and the item
 vectors of its range in rounds of equal size (padded with item 0).
+
+How a rank scores its range is the model's spec's (model/spec.py): a ``VectorScorer`` model
+gives the range's item vectors once and every user batch is one matrix product; a
+``PairwiseScorer`` model (no item vectors, e.g. a ranking MLP over both sides' features) gets
+Batches of (user, candidate item) pairs, the range in rounds of equal size on every rank.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Any, Protocol, cast
 
 import numpy as np
 import torch
@@ -36,11 +40,14 @@ from torch import nn
 
 from morec_dist.data.features import FeatureBuilder
 from morec_dist.distributed import DistContext, any_rank
+from morec_dist.model.spec import PairwiseScorer, Recommender, Scorer, VectorScorer, as_recommender, scorer_of
 
 # A batch never holds more than this many scores per rank (batch_users is lowered to fit),
 # so that huge catalogues stay within memory (about 5 bytes per score in flight).
 MAX_SCORES_PER_BATCH = 1 << 26
 ITEM_CHUNK = 1 << 16
+# (user, item) pairs per call of a pairwise scorer: bounds its inputs' memory (KJTs, dense rows)
+PAIRS_PER_CALL = 1 << 18
 # ids of empty top-K slots: above every item id and exact in float64 (the merge's payload)
 PAD_ID = 1 << 52
 
@@ -63,18 +70,7 @@ class EvalOptions:
     stop: Callable[[], bool] | None = None
 
 
-class Recommender(Protocol):
-    """What evaluation needs of a model (every model of model/registry.py has it). A model is
-    typed nn.Module elsewhere, whose __getattr__ hides these methods from the type checker,
-    so ``as_recommender`` states it once."""
-
-    def user_vectors(self, user_kjt: Any) -> torch.Tensor: ...
-
-    def item_vectors(self, item_kjt: Any) -> torch.Tensor: ...
-
-
-def as_recommender(model: nn.Module) -> Recommender:
-    return cast(Recommender, model)
+__all__ = ["Recommender", "as_recommender"]  # re-exported: the spec's vector view of a model
 
 
 @dataclass
@@ -131,21 +127,30 @@ def effective_batch_users(batch_users: int, num_items: int, world_size: int) -> 
 # ---------------------------------------------------------------------- scorers
 
 
+def range_rounds(num_items: int, ctx: DistContext, chunk: int) -> Iterator[tuple[int, np.ndarray, int]]:
+    """This rank's range in rounds of ``chunk`` items whose count and sizes agree on every rank
+    (sharded lookups are collectives): (offset in the range, ids padded with item 0, real ids)."""
+    lo, hi = item_range(num_items, ctx)
+    longest = longest_range(num_items, ctx.world_size)
+    for s in range(0, longest, chunk):
+        size = min(chunk, longest - s)
+        ids = np.zeros(size, dtype=np.int64)
+        real = max(0, min(size, hi - lo - s))
+        ids[:real] = np.arange(lo + s, lo + s + real)
+        yield s, ids, real
+
+
 @torch.no_grad()
 def range_item_vectors(
-    model: nn.Module, features: FeatureBuilder, ctx: DistContext, check_stop: Callable[[], None]
+    model: Recommender, features: FeatureBuilder, ctx: DistContext, check_stop: Callable[[], None]
 ) -> torch.Tensor:
     """Item vectors of this rank's range, in rounds whose sizes agree on every rank (a short
     range is padded with item 0, whose vectors are dropped)."""
     lo, hi = item_range(features.num_items, ctx)
-    longest = longest_range(features.num_items, ctx.world_size)
     out: torch.Tensor | None = None  # filled in place: no second copy of the range's vectors
-    for s in range(0, longest, ITEM_CHUNK):
-        size = min(ITEM_CHUNK, longest - s)
-        ids = np.zeros(size, dtype=np.int64)
-        real = max(0, min(size, hi - lo - s))
-        ids[:real] = np.arange(lo + s, lo + s + real)
-        vectors = as_recommender(model).item_vectors(features.item_kjt(ids).to(ctx.device))
+    for s, ids, real in range_rounds(features.num_items, ctx, ITEM_CHUNK):
+        kjt, dense = features.item_kjt(ids).to(ctx.device), features.item_dense(ids).to(ctx.device)
+        vectors = model.item_vectors(kjt, dense)
         if out is None:
             out = torch.empty(hi - lo, vectors.shape[1], dtype=vectors.dtype, device=vectors.device)
         out[s : s + real] = vectors[:real]
@@ -154,18 +159,55 @@ def range_item_vectors(
     return out
 
 
-def model_scorer(
-    model: nn.Module, features: FeatureBuilder, ctx: DistContext, check_stop: Callable[[], None]
+def vector_scorer(
+    model: Recommender, features: FeatureBuilder, ctx: DistContext, check_stop: Callable[[], None]
 ) -> RangeScorer:
     # [R, d] as BLAS's transposed operand: no [d, R] copy at catalogue scale
     items_t = range_item_vectors(model, features, ctx, check_stop).t()
 
     @torch.no_grad()
     def score(user_ids: np.ndarray) -> torch.Tensor:
-        users = as_recommender(model).user_vectors(features.user_kjt(user_ids).to(ctx.device))
-        return users @ items_t
+        kjt, dense = features.user_kjt(user_ids).to(ctx.device), features.user_dense(user_ids).to(ctx.device)
+        return model.user_vectors(kjt, dense) @ items_t
 
     return score
+
+
+def pairwise_scorer(
+    module: nn.Module, scorer: PairwiseScorer, features: FeatureBuilder, ctx: DistContext
+) -> RangeScorer:
+    """Scores a user batch against this rank's range through the model's pair scores: every
+    user with each round of candidates (the batch size and the rounds agree on every rank)."""
+    lo, hi = item_range(features.num_items, ctx)
+
+    @torch.no_grad()
+    def score(user_ids: np.ndarray) -> torch.Tensor:
+        rows = len(user_ids)
+        out: torch.Tensor | None = None
+        for s, ids, real in range_rounds(features.num_items, ctx, max(1, PAIRS_PER_CALL // max(rows, 1))):
+            batch = features.batch(user_ids, np.broadcast_to(ids, (rows, ids.size)))
+            scores = scorer.score(module, batch.to(ctx.device))
+            if out is None:
+                out = torch.empty(rows, hi - lo, dtype=scores.dtype, device=scores.device)
+            out[:, s : s + real] = scores[:, :real]
+        assert out is not None  # longest >= 1
+        return out
+
+    return score
+
+
+def model_scorer(
+    model: nn.Module,
+    features: FeatureBuilder,
+    ctx: DistContext,
+    check_stop: Callable[[], None],
+    scorer: Scorer | None = None,
+) -> RangeScorer:
+    """The range scorer of ``model`` (unwrapped) by its spec's scorer, or by ``scorer``."""
+    kind = scorer_of(model, scorer)
+    if isinstance(kind, VectorScorer):
+        return vector_scorer(as_recommender(model, kind), features, ctx, check_stop)
+    return pairwise_scorer(model, kind, features, ctx)
 
 
 def popularity_scorer(popularity: np.ndarray, ctx: DistContext) -> RangeScorer:

@@ -42,6 +42,7 @@ from morec_dist.config import Config, OptimConfig
 from morec_dist.distributed import DistContext
 from morec_dist.model.init import initialize_dense, initialize_table_shards, table_dims, table_name_of
 from morec_dist.model.placement import Placement, plan_tables
+from morec_dist.model.spec import spec_of
 from morec_dist.registry import Registry
 
 # The Adagrad epsilon of both paths (FBGEMM's fused kernel and the torch optimizers for
@@ -186,10 +187,9 @@ def shard(model: nn.Module, config: Config, ctx: DistContext) -> ShardedModel:
     """Shard ``model``, built on the meta device, over ``ctx``'s process group.
 
     Weights are the rule's of ``model/init.py`` for ``run.seed``: no rank ever holds more
-    of a table than its shards. Train through ``model(batch)`` so that DDP's hooks run; the
-    helper methods are on ``model.module`` (``user_vectors``, ``item_vectors``) and are for
-    inference (they issue the same collectives, so every rank must call them the same
-    number of times).
+    of a table than its shards. Train through ``model(batch)`` so that DDP's hooks run; for
+    inference, ``unwrap(model)`` is the model with its spec (its scorer's vectors or pairs
+    issue the same collectives, so every rank must call them the same number of times).
     """
     if ctx.pg is None:
         raise RuntimeError("shard: no process group; call init_distributed() under torchrun first")
@@ -210,8 +210,9 @@ def shard(model: nn.Module, config: Config, ctx: DistContext) -> ShardedModel:
 
 def unwrap(model: nn.Module) -> nn.Module:
     """The scoring model under any wrappers (DMP, DDP, a training wrapper that returns the
-    loss): the first submodule with ``user_vectors`` and ``item_vectors``."""
+    loss): the first submodule that carries its ModelSpec (``build_model`` tags it), which
+    says how it scores (``spec_of(module).scorer``)."""
     for module in model.modules():
-        if callable(getattr(module, "user_vectors", None)) and callable(getattr(module, "item_vectors", None)):
+        if spec_of(module) is not None:
             return module
-    raise TypeError(f"{type(model).__name__}: no submodule has user_vectors / item_vectors")
+    raise TypeError(f"{type(model).__name__}: no submodule carries a model spec (build the model with build_model)")

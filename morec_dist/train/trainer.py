@@ -21,7 +21,7 @@ from morec_dist.data.features import FeatureBuilder
 from morec_dist.distributed import DistContext
 from morec_dist.model.init import META
 from morec_dist.model.loss import LOSSES
-from morec_dist.model.registry import build_model, feature_set_for
+from morec_dist.model.registry import build_model, feature_builder
 from morec_dist.model.sharding import shard
 from morec_dist.train.state_chunks import chunked, take_back
 
@@ -48,11 +48,8 @@ class EpochStats:
 
 
 def build_features(config: Config, dataset: PreparedDataset) -> FeatureBuilder:
-    m = config.model
-    return FeatureBuilder(
-        dataset.path, dataset.num_users, dataset.num_items, feature_set_for(m.name),
-        user_features=m.user_features, item_features=m.item_features,
-    )  # fmt: skip
+    """The inputs the model's spec declares (sparse feature set and selections, dense columns)."""
+    return feature_builder(config.model, dataset.path, dataset.num_users, dataset.num_items)
 
 
 def unsharded_identity(name: str, model: torch.nn.Module) -> dict[str, Any]:
