@@ -136,6 +136,32 @@ class PIDConfig:
     # "freeze": integrate only while beta_{t-1} is inside its bounds (MOREC.md); "unwind": also
     # when that moves it back in
     anti_windup: str = "freeze"
+    # which law sets beta (coordinator/laws.py CONTROL_LAWS): "budget" holds held-out accuracy
+    # within morec.accuracy_budget (morec.control); "paper" is MOREC.md's PID on the training
+    # loss with the fields above, kept for reproducing the paper
+    law: str = "paper"  # "budget" once the trainer takes its measurements (issue 23)
+
+
+@dataclass
+class ControlConfig:
+    """The budget law (morec.pid.law = "budget", coordinator/budget.py): held-out Hit@K of a
+    control slice of validation users, measured every ``every_steps``, smoothed, and held at
+    (1 - morec.accuracy_budget) x the pretrained model's by a PI on the logit of the accuracy
+    share beta / (beta + lam * sum w). Gains are dimensionless; tuned by a step response on
+    MovieLens-1M (benchmarks/tune_budget.py, docs/coordinator.md)."""
+
+    kp: float = 20.0  # logit change per unit change of the relative error
+    ki: float = 4.0  # logit change per measurement per unit relative error
+    every_steps: int = 20  # steps between held-out measurements (the controller's tempo)
+    control_fraction: float = 0.5  # share of validation users in the control slice (seeded hash)
+    k: int = 0  # the K of Hit@K; 0 = eval.ks[0]
+    ema: float = 0.5  # weight of the newest measurement in the smoothed value (1 = no smoothing)
+    share_min: float = 0.2  # the accuracy share's range (anti-windup clamp of its logit)
+    share_max: float = 0.95
+    share_start: float = 0.5  # the share before the first measurement
+    # the budget broken by far: held-out Hit below the pretrained by more than safety_factor x budget
+    # -> full accuracy share and the sampler paused until it is back at the set point
+    safety_factor: float = 2.0
 
 
 @dataclass
@@ -151,8 +177,11 @@ class SamplerConfig:
 @dataclass
 class MorecConfig:
     lam: float = 0.2
+    # held-out Hit@K may end at most this far (relative) below the pretrained model's (the budget law)
+    accuracy_budget: float = 0.02
     objectives: list[ObjectiveConfig] = field(default_factory=_reference_objectives)
     pid: PIDConfig = field(default_factory=PIDConfig)
+    control: ControlConfig = field(default_factory=ControlConfig)
     sampler: SamplerConfig = field(default_factory=SamplerConfig)
     epochs: int = 5
     # fine-tuning step size of the embedding tables; 0 = optim.embedding_lr (pretraining's)
@@ -428,6 +457,38 @@ def validate(c: Config) -> None:
     _require(c.checkpoint.keep_last >= 1, f"checkpoint.keep_last: expected >= 1, got {c.checkpoint.keep_last}")
 
 
+def _validate_control(m: MorecConfig) -> None:
+    c = m.control
+    _require(
+        0 < m.accuracy_budget < 1,
+        f"morec.accuracy_budget: expected a relative budget in (0, 1) (0.02 = 2% below the pretrained), "
+        f"got {m.accuracy_budget}",
+    )
+    for gain in ("kp", "ki"):
+        _require(getattr(c, gain) >= 0, f"morec.control.{gain}: gains must be >= 0, got {getattr(c, gain)}")
+    _require(c.every_steps >= 1, f"morec.control.every_steps: expected >= 1, got {c.every_steps}")
+    _require(
+        0 < c.control_fraction < 1,
+        f"morec.control.control_fraction: expected in (0, 1) (the rest: the selection slice), got {c.control_fraction}",
+    )
+    _require(c.k >= 0, f"morec.control.k: expected >= 0 (0 = eval.ks[0]), got {c.k}")
+    _require(0 < c.ema <= 1, f"morec.control.ema: expected in (0, 1], got {c.ema}")
+    _require(
+        0 < c.share_min <= c.share_start <= c.share_max < 1,
+        "morec.control: need 0 < share_min <= share_start <= share_max < 1, got "
+        f"{c.share_min}, {c.share_start}, {c.share_max}",
+    )
+    _require(c.safety_factor > 1, f"morec.control.safety_factor: expected > 1, got {c.safety_factor}")
+    every = m.sampler.update_every_steps
+    if m.pid.law == "budget" and every:
+        # the sampler moves the plant the controller holds: it must be slower than the loop
+        _require(
+            every >= c.every_steps,
+            f"morec.sampler.update_every_steps ({every}) must be >= morec.control.every_steps ({c.every_steps}): "
+            "the sampler's tempo is slower than the budget controller's (docs/coordinator.md)",
+        )
+
+
 def _validate_morec(m: MorecConfig) -> None:
     pid = m.pid
     for gain in ("kp", "ki", "kd"):
@@ -444,6 +505,8 @@ def _validate_morec(m: MorecConfig) -> None:
         f"morec.pid.anti_windup: {pid.anti_windup!r} is not one of ('freeze', 'unwind')",
     )
     _require(m.lam > 0, f"morec.lam: expected > 0, got {m.lam}")
+    # the law's name is checked against CONTROL_LAWS at the CLI edge (plugins.validate_names)
+    _validate_control(m)
     _require(m.sampler.alpha > 0, f"morec.sampler.alpha: expected > 0, got {m.sampler.alpha}")
     _require(
         m.sampler.validation_users >= 0,

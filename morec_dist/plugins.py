@@ -48,6 +48,7 @@ def _check(registry: Registry[Any], name: str, where: str) -> None:
 
 def validate_names(config: Config) -> None:
     """Every registry name the config uses is registered (after ``load_plugins``)."""
+    from morec_dist.coordinator.laws import CONTROL_LAWS
     from morec_dist.coordinator.objectives import ObjectiveError, configurable_kinds, kind_of
     from morec_dist.model.loss import LOSSES
     from morec_dist.model.placement import AUTO, SHARDING_TYPES
@@ -65,6 +66,7 @@ def validate_names(config: Config) -> None:
     _check(EMBEDDING_OPTIMIZERS, config.optim.embedding_optimizer, "optim.embedding_optimizer")
     _check(DENSE_OPTIMIZERS, config.optim.dense_optimizer, "optim.dense_optimizer")
     for i, o in enumerate(config.morec.objectives):
+    _check(CONTROL_LAWS, config.morec.pid.law, "morec.pid.law")
         where = f"morec.objectives[{i}] ({o.name})"
         try:
             kind = kind_of(o.kind, where)

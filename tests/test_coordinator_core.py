@@ -26,7 +26,13 @@ def make_core(*overrides: str, world_size: int = 2, staleness: int = 2, every: i
     # the job config requires s >= 1 (the trainer's loop needs the slack); the core itself
     # also supports s = 0, which is set on the spec directly
     config = load_config(
-        None, [f"coordinator.staleness={max(staleness, 1)}", f"morec.sampler.update_every_steps={every}", *overrides]
+        None,
+        [
+            "morec.pid.law=paper",  # the paper's PID on the step losses (the budget law: tests/test_budget_law.py)
+            f"coordinator.staleness={max(staleness, 1)}",
+            f"morec.sampler.update_every_steps={every}",
+            *overrides,
+        ],
     )
     spec = build_spec(config, stats(), world_size=world_size, target_loss=L_HAT)
     return CoordinatorCore(dataclasses.replace(spec, staleness=staleness))

@@ -51,6 +51,7 @@ def spec_for(world_size: int, staleness: int, every: int):
     config = load_config(
         None,
         [
+            "morec.pid.law=paper",  # beta from every step's losses, replayed by a Ray-free core
             f"coordinator.staleness={staleness}",
             f"morec.sampler.update_every_steps={every}",
             "morec.pid.ki=0.05",

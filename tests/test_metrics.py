@@ -46,7 +46,8 @@ def populated_registry() -> CollectorRegistry:
         report_latency_s=0.004,
         waited=True,
     )
-    CoordinatorMetrics(registry).publish(
+    coordinator = CoordinatorMetrics(registry)
+    coordinator.publish(
         step=7,
         beta=0.8,
         pid_terms=PID,
@@ -55,6 +56,7 @@ def populated_registry() -> CollectorRegistry:
         version=2,
         target_loss=0.6,
     )
+    coordinator.publish_control(setpoint=0.098, measured=0.097, smoothed=0.0985, share=0.75, safety=False)
     return registry
 
 
@@ -83,7 +85,7 @@ NON_BASE_UNITS = re.compile(
 
 def test_every_family_follows_prometheus_naming_conventions():
     families = list(populated_registry().collect())
-    assert len(families) == 20  # 11 per rank + 9 global; a new metric must pass these checks too
+    assert len(families) == 25  # 11 per rank + 14 global; a new metric must pass these checks too
     problems = []
     for f in families:
         if not f.name.startswith("morec_"):
@@ -173,6 +175,12 @@ def test_rank_and_coordinator_values_over_http():
     # group labels are the 1-based group ids of the data; index 0 is group "1"
     assert sample(families, "morec_coordinator_sampling_probability", objective="fairness", group="1") == 0.5
     assert sample(families, "morec_coordinator_sampling_probability", objective="revenue", group="2") == 0.75
+    # the budget law's view
+    assert sample(families, "morec_coordinator_accuracy_setpoint") == 0.098
+    assert sample(families, "morec_coordinator_heldout_accuracy") == 0.097
+    assert sample(families, "morec_coordinator_heldout_accuracy_smoothed") == 0.0985
+    assert sample(families, "morec_coordinator_accuracy_share") == 0.75
+    assert sample(families, "morec_coordinator_budget_safety") == 0
 
 
 def test_counters_accumulate_and_gauges_follow_the_last_step():
@@ -290,6 +298,8 @@ def test_bad_values_are_refused_with_the_field_named():
         rank.observe_step(1, 10, -0.1, 0.0, {}, 0, 0.0, False)
     with pytest.raises(MetricsError, match=r"missing \['error'\]"):
         coordinator.publish(1, 0.5, {"p": 0, "i": 0, "d": 0}, {}, {}, 0, 0.5)
+    with pytest.raises(MetricsError, match=r"publish_control.smoothed: expected a rate"):
+        coordinator.publish_control(setpoint=0.1, measured=0.1, smoothed=1.5, share=0.5, safety=False)
     with pytest.raises(MetricsError, match=r"probabilities\['fairness'\]\[1\]"):
         coordinator.publish(1, 0.5, PID, {}, {"fairness": [0.5, 1.5]}, 0, 0.5)
     with pytest.raises(MetricsError, match="beta"):

@@ -213,7 +213,7 @@ def test_update_at_start_is_one_sampler_step_as_version_zero(small_synthetic) ->
 
     dataset = PreparedDataset.open(small_synthetic, verify_checksums=False, verify_values=False)
     stats = GroupStats.from_manifest(dataset.manifest, dataset.path)
-    spec = build_spec(Config(), stats, world_size=1, target_loss=0.3, steps_per_epoch=25)
+    spec = build_spec(Config(), stats, world_size=1, target_loss=0.3, steps_per_epoch=25, law="paper")
     rng = np.random.default_rng(0)
     signals = {r.objective: rng.random(r.num_groups).tolist() for r in spec.objectives.signal_requests()}
     assert signals, "the reference objectives have adaptive ones"

@@ -66,7 +66,11 @@ class CoordinatorActor:
 
     def _publish(self) -> None:
         core = self.core
-        if self._metrics is None or core is None or core.last_pid is None or not core.trace:
+        if self._metrics is None or core is None or not core.trace:
+            return
+        if core.budget is not None:
+            self._publish_control(core)
+        if core.last_pid is None:
             return
         record = core.trace[-1]
         if record.step <= self._published_through:
@@ -82,6 +86,34 @@ class CoordinatorActor:
             probabilities=core.versions[version][1],
             version=version,
             target_loss=record.target_loss,
+        )
+        self._published_through = record.step
+
+    def _publish_control(self, core: CoordinatorCore) -> None:
+        """The budget law's view: beta in force at the newest aggregated step, the set point,
+        the held-out accuracy (measured and smoothed), the share and the safety rule."""
+        record = core.trace[-1]
+        control = core.last_control
+        if record.step <= self._published_through or record.beta != record.beta:  # NaN: not decided yet
+            return
+        version = len(core.versions) - 1
+        budget = core.budget
+        assert budget is not None
+        self._metrics.publish(
+            step=record.step,
+            beta=record.beta,
+            pid_terms={"p": 0.0, "i": 0.0, "d": 0.0, "error": 0.0},
+            global_losses={name: loss for name, loss in zip(core.names, record.losses, strict=True) if loss == loss},
+            probabilities=core.versions[version][1],
+            version=version,
+            target_loss=record.target_loss,
+        )
+        self._metrics.publish_control(
+            setpoint=budget.setpoint,
+            measured=control.measured if control is not None else budget.reference,
+            smoothed=budget.smoothed,
+            share=budget.share,
+            safety=budget.safety,
         )
         self._published_through = record.step
 
@@ -130,13 +162,23 @@ class CoordinatorActor:
         await self._notify()
         return core.status()
 
-    async def replay(self, rank: int, reports: Sequence[Sequence[Any]], signals: Sequence[Sequence[Any]] = ()) -> int:
-        """Re-apply ``rank``'s reports ``[(step, sums, counts), ...]`` and submitted signals
-        ``[(step, {objective: signal}), ...]`` made since the state ``configure`` restored;
-        reports the core already holds are skipped. Returns how many reports were applied."""
+    async def replay(
+        self,
+        rank: int,
+        reports: Sequence[Sequence[Any]],
+        signals: Sequence[Sequence[Any]] = (),
+        measurements: Sequence[Sequence[Any]] = (),
+    ) -> int:
+        """Re-apply ``rank``'s reports ``[(step, sums, counts), ...]``, submitted held-out
+        measurements ``[(step, hit), ...]`` and signals ``[(step, {objective: signal}), ...]``
+        made since the state ``configure`` restored (measurements first: a sampler update
+        reads the safety rule of the newest measurement before it); reports the core already
+        holds are skipped. Returns how many reports were applied."""
         core = self._need_core()
         applied = 0
         with self._lock:
+            for step, hit in measurements:
+                core.submit_measurement(int(step), hit)
             for step, payload in signals:
                 core.submit_signals(int(step), payload)
             for step, sums, counts in reports:
@@ -183,6 +225,27 @@ class CoordinatorActor:
             version = self._need_core().submit_signals(step, signals)
         await self._notify()
         return version
+
+    async def submit_measurement(self, step: int, hit: float) -> dict[str, Any]:
+        """The budget law's held-out Hit@K after ``step`` (``CoordinatorCore.submit_measurement``)."""
+        with self._lock:
+            record = self._need_core().submit_measurement(step, hit)
+            self._publish()
+        await self._notify()
+        return record
+
+    @_control
+    async def set_budget(self, budget: float, effective_step: int | None = None, source: str = "") -> dict[str, Any]:
+        """A new accuracy budget from a stated step (``CoordinatorCore.set_budget``); like a
+        preference change it never makes a decision ready or unready."""
+        with self._lock:
+            change = self._need_core().set_budget(budget, effective_step, source)
+        return asdict(change)
+
+    @_control
+    async def budget_history(self) -> list[dict[str, Any]]:
+        with self._lock:
+            return [asdict(c) for c in self._need_core().budget_history]
 
     @_control
     async def set_preferences(

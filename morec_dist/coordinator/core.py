@@ -34,6 +34,19 @@ change of w and/or l_hat effective from a stated step. It must not rewrite a dec
 may already have been handed out, so the earliest allowed step is
 ``aggregated_through + s + 1``; w applies to decisions of steps >= the stated step, l_hat to
 the PID update of steps >= the stated step. Every change is kept in ``history``.
+
+**The law** (``spec.law``, registry ``coordinator/laws.py``). ``paper``: beta is the PID's
+output on the global accuracy loss, as above. ``budget`` (``coordinator/budget.py``): beta
+comes from held-out Hit@K measurements on a control slice, submitted by rank 0 after every
+due step u with (u + 1) % control_every == 0 (``submit_measurement``), like the sampler's
+signals; a decision of step t takes the accuracy share decided after the newest
+measurement u <= t - max(s, 1) and waits for a due one, so it stays a pure function of the
+inputs. beta = share / (1 - share) * lam * sum_k w_k(t). While the controller's safety rule
+is on (the budget broken by far), a due sampler update keeps p_k as they are (a new version
+with the same distributions; recorded in ``sampler_paused``); whether it is on at step u is
+read from the newest measurement <= u, which must have been submitted first.
+``set_budget(budget, effective_step)`` changes the budget for the measurements after steps
+>= the stated step (kept in ``budget_history``).
 """
 
 from __future__ import annotations
@@ -48,6 +61,8 @@ from typing import Any
 import numpy as np
 
 from morec_dist.config import Config
+from morec_dist.coordinator.budget import BudgetController, BudgetError, BudgetGains, BudgetStep, beta_of, check_budget
+from morec_dist.coordinator.laws import CONTROL_LAWS
 from morec_dist.coordinator.objectives import ObjectiveError, ObjectiveSet
 from morec_dist.coordinator.pid import PIDController, PIDGains, PIDStep
 from morec_dist.coordinator.sampler import GroupStats, SamplerState
@@ -90,6 +105,17 @@ class PreferenceChange:
 
 
 @dataclass(frozen=True)
+class BudgetChange:
+    """A new accuracy budget for the held-out measurements after steps >= ``effective_step``."""
+
+    seq: int
+    effective_step: int
+    budget: float
+    received_after_step: int  # the last measured step when it arrived
+    source: str
+
+
+@dataclass(frozen=True)
 class CoordinatorSpec:
     """Everything that fixes a coordinator's behaviour (picklable, travels to the actor)."""
 
@@ -105,6 +131,13 @@ class CoordinatorSpec:
     # aggregated steps kept in ``trace`` (the newest ones); 0 = all. Bounds the actor's
     # memory and its checkpoint state for long runs (beta needs only the newest record).
     trace_window: int = 0
+    law: str = "paper"  # coordinator/laws.py CONTROL_LAWS
+    # the budget law (law "budget"): its gains, the budget, the pretrained model's held-out
+    # Hit@K on the control slice (the set point's reference) and the measurement cadence
+    budget_gains: BudgetGains | None = None
+    accuracy_budget: float = 0.0
+    reference_accuracy: float = 0.0
+    control_every: int = 0
 
     def __post_init__(self) -> None:
         # staleness and lam are validated once, in config.py (a spec comes from build_spec(config))
@@ -119,6 +152,16 @@ class CoordinatorSpec:
                 "target loss l_hat: expected > 0 (resolve morec.pid.target_loss = 0 from the pretrained model "
                 f"first), got {self.target_loss}"
             )
+        if CONTROL_LAWS.get(self.law).measured:
+            if self.budget_gains is None or self.control_every < 1:
+                raise CoordinatorError(
+                    f"morec.pid.law = {self.law!r}: needs the budget gains and morec.control.every_steps >= 1"
+                )
+            if not (math.isfinite(self.reference_accuracy) and self.reference_accuracy > 0):
+                raise CoordinatorError(
+                    f"morec.pid.law = {self.law!r}: the pretrained model's held-out Hit on the control slice must be "
+                    f"> 0, got {self.reference_accuracy}"
+                )
 
 
 @dataclass
@@ -160,6 +203,22 @@ class CoordinatorCore:
         self._ordered: list[tuple[int, int, PreferenceChange]] = []
         self.base_weights = spec.objectives.weights()
         self.base_target = spec.target_loss
+        self.law = CONTROL_LAWS.get(spec.law)
+        self.budget: BudgetController | None = None
+        self.control_every = 0
+        if self.law.measured:
+            assert spec.budget_gains is not None  # checked by the spec
+            self.budget = BudgetController(spec.budget_gains, spec.accuracy_budget, spec.reference_accuracy)
+            self.control_every = spec.control_every
+        self.next_control_due = self.control_every - 1 if self.control_every else -1
+        # (decided after step, accuracy share, safety on); entry 0 is the controller at rest
+        self.shares: list[tuple[int, float, bool]] = []
+        if self.budget is not None:
+            self.shares.append((-1, self.budget.share, False))
+        self.control_trace: list[BudgetStep] = []
+        self.measured_seen: dict[int, float] = {}
+        self.budget_history: list[BudgetChange] = []
+        self.sampler_paused: list[int] = []
 
     # ------------------------------------------------------------------ reports
     @property
@@ -248,6 +307,11 @@ class CoordinatorCore:
             losses.append(total / rows if rows else float("nan"))
             counts.append(rows)
         target = self.target_at(step)
+        if self.budget is not None:
+            # the budget law's beta comes from measurements; the record holds the beta in force
+            self._aggregated_through = step
+            self.trace.append(StepRecord(step, losses, counts, self._budget_beta_or_nan(step), target, False))
+            return
         result = self.pid.update(losses[0], target)
         self.last_pid = result  # the PID terms of the newest step, for metrics (not state)
         self.trace.append(StepRecord(step, losses, counts, result.beta, target, result.integrated))
@@ -256,13 +320,116 @@ class CoordinatorCore:
     # ---------------------------------------------------------------- decisions
     def beta_for(self, step: int) -> tuple[float, int]:
         through = step - self.spec.staleness
-        if through < 0:
-            return self.spec.gains.resting_beta, -1
         if through > self.aggregated_through:
             raise DecisionNotReady(
                 f"beta of step {step} needs step {through} aggregated; aggregated through {self.aggregated_through}"
             )
+        if self.budget is not None:
+            return self._budget_beta(step), max(through, -1)
+        if through < 0:
+            return self.spec.gains.resting_beta, -1
         return self.trace[through - self.trace_start].beta, through
+
+    # ---------------------------------------------------------- the budget law
+    def _share_entry(self, horizon: int) -> tuple[int, float, bool]:
+        """The newest (after, share, safety) decided after a step <= horizon."""
+        at = bisect.bisect_right([after for after, _, _ in self.shares], horizon) - 1
+        return self.shares[max(at, 0)]
+
+    def _budget_beta(self, step: int) -> float:
+        horizon = step - self.p_lag
+        if self.next_control_due <= horizon:
+            raise DecisionNotReady(
+                f"beta of step {step} needs the held-out measurement due after step {self.next_control_due}"
+            )
+        share = self._share_entry(horizon)[1]
+        return beta_of(share, self.spec.lam * math.fsum(self.weights_at(step).values()))
+
+    def _budget_beta_or_nan(self, step: int) -> float:
+        try:
+            return self._budget_beta(step)
+        except DecisionNotReady:
+            return float("nan")
+
+    def _require_budget(self, what: str) -> BudgetController:
+        if self.budget is None:
+            raise CoordinatorError(f"{what}: morec.pid.law = {self.spec.law!r} takes no held-out measurement or budget")
+        return self.budget
+
+    def submit_measurement(self, step: int, hit: float) -> dict[str, Any]:
+        """Held-out Hit@K of the control slice measured after step ``step`` (a due step);
+        returns what the controller did. A resubmission of the same value is a no-op."""
+        budget = self._require_budget("submit_measurement")
+        value = float(hit)
+        if step in self.measured_seen:
+            if self.measured_seen[step] == value:
+                return next(r for r in self.control_trace if r.step == step).as_dict()
+            raise CoordinatorError(f"the held-out measurement after step {step} was already applied with another value")
+        if step != self.next_control_due:
+            raise CoordinatorError(
+                f"submit_measurement: the next held-out measurement is due after step {self.next_control_due}, "
+                f"got step {step}"
+            )
+        wanted = self.budget_at(step)
+        if wanted != budget.budget:
+            budget.set_budget(wanted)
+        try:
+            record = budget.update(step, value)
+        except BudgetError as exc:
+            raise CoordinatorError(f"measurement after step {step}: {exc}") from None
+        self.shares.append((step, record.share, record.safety))
+        self.control_trace.append(record)
+        self.measured_seen[step] = value
+        self.next_control_due += self.control_every
+        return record.as_dict()
+
+    @property
+    def last_control(self) -> BudgetStep | None:
+        return self.control_trace[-1] if self.control_trace else None
+
+    def sampler_paused_at(self, step: int) -> bool:
+        """Whether the safety rule holds the sampler after ``step`` (the newest measurement <= step)."""
+        if self.budget is None:
+            return False
+        if self.next_control_due <= step:
+            raise CoordinatorError(
+                f"the sampler update after step {step} needs the held-out measurement due after step "
+                f"{self.next_control_due} first"
+            )
+        return self._share_entry(step)[2]
+
+    @property
+    def earliest_budget_step(self) -> int:
+        last_measured = self.next_control_due - self.control_every
+        return max(self.earliest_preference_step, last_measured + 1)
+
+    def set_budget(self, budget: float, effective_step: int | None = None, source: str = "") -> BudgetChange:
+        """A new accuracy budget for the held-out measurements after steps >= ``effective_step``
+        (default: the earliest step that no decision handed out depends on)."""
+        self._require_budget("set_budget")
+        try:
+            value = check_budget(budget, "set_budget: budget")
+        except BudgetError as exc:
+            raise CoordinatorError(str(exc)) from None
+        earliest = self.earliest_budget_step
+        step = earliest if effective_step is None else int(effective_step)
+        if step < earliest:
+            raise CoordinatorError(
+                f"set_budget: step {step} may already be decided (measured through step "
+                f"{self.next_control_due - self.control_every}, aggregated through {self.aggregated_through}); the "
+                f"earliest step that can still change is {earliest}"
+            )
+        change = BudgetChange(len(self.budget_history), step, value, self.next_control_due - self.control_every, source)
+        self.budget_history.append(change)
+        return change
+
+    def budget_at(self, step: int) -> float:
+        """The budget in force for the measurement after ``step``."""
+        budget = self.spec.accuracy_budget
+        for change in sorted(self.budget_history, key=lambda c: (c.effective_step, c.seq)):
+            if change.effective_step <= step:
+                budget = change.budget
+        return budget
 
     def version_for(self, step: int) -> int:
         horizon = step - self.p_lag
@@ -318,10 +485,14 @@ class CoordinatorCore:
             raise CoordinatorError(
                 f"submit_signals: the next sampler update is due after step {self.next_due}, got step {step}"
             )
-        try:
-            signs = self.spec.objectives.signs(clean)
-        except ObjectiveError as exc:
-            raise CoordinatorError(f"signals after step {step}: {exc}") from None
+        if self.sampler_paused_at(step):
+            signs = {}  # the safety rule: a new version with the same p_k
+            self.sampler_paused.append(step)
+        else:
+            try:
+                signs = self.spec.objectives.signs(clean)
+            except ObjectiveError as exc:
+                raise CoordinatorError(f"signals after step {step}: {exc}") from None
         self.sampler.step(signs)
         self.versions.append((step, _as_lists(self.sampler.snapshot())))
         self.signals_seen[step] = clean
@@ -412,6 +583,23 @@ class CoordinatorCore:
             "next_sampler_update_after_step": self.next_due if self.sampler_every else None,
             "earliest_preference_step": self.earliest_preference_step,
             "preference_changes": len(self.history),
+            "law": self.spec.law,
+            **self._control_status(),
+        }
+
+    def _control_status(self) -> dict[str, Any]:
+        if self.budget is None:
+            return {}
+        b = self.budget
+        return {
+            "accuracy_budget": b.budget,
+            "setpoint": b.setpoint,
+            "reference_accuracy": b.reference,
+            "heldout_accuracy": b.smoothed,
+            "accuracy_share": b.share,
+            "safety": b.safety,
+            "next_measurement_after_step": self.next_control_due,
+            "earliest_budget_step": self.earliest_budget_step,
         }
 
     def trace_dict(self) -> dict[str, list]:
@@ -422,6 +610,9 @@ class CoordinatorCore:
             "target_loss": [r.target_loss for r in self.trace],
             "losses": [list(r.losses) for r in self.trace],
             "counts": [list(r.counts) for r in self.trace],
+            "law": self.spec.law,
+            "control": [r.as_dict() for r in self.control_trace],
+            "sampler_paused": list(self.sampler_paused),
         }
 
     # -------------------------------------------------------------------- state
@@ -447,18 +638,43 @@ class CoordinatorCore:
             "trace": [asdict(r) for r in self.trace],
             "aggregated_through": self.aggregated_through,
             "history": [asdict(c) for c in self.history],
+            "law": self.spec.law,
+            **({"control": self._control_state()} if self.budget is not None else {}),
         }
+
+    def _control_state(self) -> dict[str, Any]:
+        assert self.budget is not None
+        return {
+            "controller": self.budget.state_dict(),
+            "next_due": self.next_control_due,
+            "shares": [list(entry) for entry in self.shares],
+            "trace": [r.as_dict() for r in self.control_trace],
+            "measured": {str(k): v for k, v in self.measured_seen.items()},
+            "budget_history": [asdict(c) for c in self.budget_history],
+            "sampler_paused": list(self.sampler_paused),
+        }
+
+    def _load_control_state(self, state: Mapping[str, Any]) -> None:
+        assert self.budget is not None
+        self.budget.load_state_dict(dict(state["controller"]))
+        self.next_control_due = int(state["next_due"])
+        self.shares = [(int(a), float(s), bool(f)) for a, s, f in state["shares"]]
+        self.control_trace = [BudgetStep(**r) for r in state["trace"]]
+        self.measured_seen = {int(k): float(v) for k, v in state["measured"].items()}
+        self.budget_history = [BudgetChange(**c) for c in state["budget_history"]]
+        self.sampler_paused = [int(s) for s in state["sampler_paused"]]
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         if state.get("format") != STATE_FORMAT:
             raise CoordinatorError(f"coordinator state: format {state.get('format')!r}, expected {STATE_FORMAT}")
         for key, mine in (
+            ("law", self.spec.law),
             ("blocks", list(self.names)),
             ("world_size", self.spec.world_size),
             ("staleness", self.spec.staleness),
             ("sampler_every", self.sampler_every),
         ):
-            if state[key] != mine:
+            if state.get(key, "paper" if key == "law" else None) != mine:  # states before laws: the paper's
                 raise CoordinatorError(
                     f"coordinator state: {key} is {state[key]!r} in the checkpoint but {mine!r} in this job"
                 )
@@ -478,6 +694,8 @@ class CoordinatorCore:
         self._aggregated_through = int(state.get("aggregated_through", saved[-1]["step"] if saved else -1))
         self.history = [PreferenceChange(**c) for c in state["history"]]
         self._ordered = sorted((c.effective_step, c.seq, c) for c in self.history)
+        if self.budget is not None:
+            self._load_control_state(state["control"])
 
 
 def _as_lists(probs: Mapping[str, np.ndarray]) -> dict[str, list[float]]:
@@ -497,12 +715,17 @@ def build_spec(
     world_size: int,
     target_loss: float | None = None,
     steps_per_epoch: int | None = None,
+    reference_accuracy: float | None = None,
+    law: str | None = None,
 ) -> CoordinatorSpec:
     """A ``CoordinatorSpec`` from the job ``Config`` and the dataset's ``GroupStats``.
 
     ``target_loss`` overrides ``config.morec.pid.target_loss`` (which is 0 when l_hat must
     come from the pretrained model). ``steps_per_epoch`` is required when
     ``config.morec.sampler.update_every_steps`` is 0 (update once per epoch).
+    ``reference_accuracy`` is the pretrained model's held-out Hit@K on the control slice,
+    required by a measured law (``budget``); ``law`` overrides ``config.morec.pid.law`` (the
+    baselines on MoRec's blocks use the paper's, whose beta they never read).
     """
     from morec_dist.coordinator.objectives import build_objectives
 
@@ -515,6 +738,17 @@ def build_spec(
             raise CoordinatorError("morec.sampler.update_every_steps = 0 (per epoch) needs steps_per_epoch >= 1")
         every = steps_per_epoch
     metrics = config.metrics
+    law = law or morec.pid.law
+    measured = CONTROL_LAWS.get(law, "morec.pid.law").measured
+    if measured and reference_accuracy is None:
+        raise CoordinatorError(
+            f"morec.pid.law = {law!r} needs the pretrained model's held-out Hit@K on the control slice (measured "
+            "at the start of fine-tuning)"
+        )
+    try:
+        gains = BudgetGains.from_config(morec.control) if measured else None
+    except BudgetError as exc:
+        raise CoordinatorError(str(exc)) from None
     return CoordinatorSpec(
         metrics_endpoint=(metrics.host, metrics.base_port) if metrics.enabled else None,
         objectives=objectives,
@@ -525,4 +759,9 @@ def build_spec(
         staleness=config.coordinator.staleness,
         sampler_every=every,
         trace_window=getattr(config.coordinator, "trace_window", 0),
+        law=law,
+        budget_gains=gains,
+        accuracy_budget=morec.accuracy_budget if measured else 0.0,
+        reference_accuracy=float(reference_accuracy) if measured and reference_accuracy is not None else 0.0,
+        control_every=morec.control.every_steps if measured else 0,
     )

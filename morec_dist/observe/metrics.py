@@ -5,7 +5,9 @@ This module owns every metric name the project exports. Two publishers write the
 - ``RankMetrics``: one per training process, the view of that rank (its step, throughput,
   step and reader-wait durations, its round trip to the coordinator, its per-block losses);
 - ``CoordinatorMetrics``: one in the coordinator, the global view (per-objective loss, beta
-  and the PID terms, the sampling distributions p_k, the sampler version, the aggregated step).
+  and the PID terms, the sampling distributions p_k, the sampler version, the aggregated step;
+  under the budget law also the accuracy set point, the measured and smoothed held-out
+  accuracy of the control slice, the accuracy share and the safety rule).
 
 Conventions (checked over every family by tests/test_metrics.py): names start with
 ``morec_``, durations are in seconds, counters end in ``_total``, and labels come from a
@@ -272,6 +274,32 @@ class CoordinatorMetrics:
             "Version of the sampling distributions; bumps on every update.",
             registry=own,
         )
+        # the budget law (morec.pid.law = "budget"); absent under the paper's law
+        self._setpoint = Gauge(
+            "morec_coordinator_accuracy_setpoint",
+            "Held-out Hit@K the budget law holds: (1 - budget) x the pretrained model's, on the control slice.",
+            registry=own,
+        )
+        self._heldout = Gauge(
+            "morec_coordinator_heldout_accuracy",
+            "Held-out Hit@K of the control slice at the newest measurement.",
+            registry=own,
+        )
+        self._smoothed = Gauge(
+            "morec_coordinator_heldout_accuracy_smoothed",
+            "The budget law's smoothed held-out Hit@K (its controlled variable).",
+            registry=own,
+        )
+        self._share = Gauge(
+            "morec_coordinator_accuracy_share",
+            "Accuracy share of the combined loss, beta / (beta + lambda * sum w), set by the budget law.",
+            registry=own,
+        )
+        self._safety = Gauge(
+            "morec_coordinator_budget_safety",
+            "1 while the budget is broken by far (full accuracy share, sampler paused), else 0.",
+            registry=own,
+        )
         registry.register(own)  # last: the job's registry checks the names of all of them
 
     def publish(
@@ -312,6 +340,25 @@ class CoordinatorMetrics:
                 for g, value in enumerate(p):
                     self._probability.labels(name, str(g + 1)).set(value)
             self._version.set(version)
+
+    def publish_control(self, setpoint: float, measured: float, smoothed: float, share: float, safety: bool) -> None:
+        """The budget law's state after its newest measurement (rates in [0, 1])."""
+        values = {
+            "setpoint": setpoint,
+            "measured": measured,
+            "smoothed": smoothed,
+            "share": share,
+        }
+        for name, value in values.items():
+            value = _finite(value, f"publish_control.{name}")
+            if not 0.0 <= value <= 1.0:
+                raise MetricsError(f"publish_control.{name}: expected a rate in [0, 1], got {value}")
+        with self._snapshot.lock:
+            self._setpoint.set(setpoint)
+            self._heldout.set(measured)
+            self._smoothed.set(smoothed)
+            self._share.set(share)
+            self._safety.set(1.0 if safety else 0.0)
 
 
 def _probability(value: float, objective: str, index: int) -> float:
