@@ -6,12 +6,15 @@ for a model that has both."""
 from __future__ import annotations
 
 import dataclasses
+import json
+import os
 import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from torch.distributed.checkpoint import FileSystemReader
 
 from morec_dist.config import ConfigError, ModelConfig, config_from_dict, load_config
 from morec_dist.data.dataset import PreparedDataset
@@ -184,3 +187,45 @@ def test_vector_scorer_reaches_dense_features_through_the_spec(data_dir):
     assert seen and seen[0].shape == (data.num_items + 1, 1) and seen[0].dtype == torch.float32
     price = data.item_column("price").astype(np.float32)
     np.testing.assert_array_equal(seen[0][1:, 0].numpy(), price[1:])
+
+
+# ------------------------------------------------------------- 2 ranks, end to end
+
+
+@pytest.mark.slow
+def test_a_plugin_model_with_dense_features_trains_on_2_ranks_and_evaluates(tiny_data, tmp_path, dense_ranker):
+    """docs/extending.md's example as a user runs it: one plugin module and config keys,
+    `morec train` on 2 torchrun ranks for one epoch (born sharded, dense MLP under DDP), then
+    the test split through the pairwise scorer over item ranges; the same checkpoint evaluated
+    in this process on 1 rank ranks alike."""
+    from morec_dist.train.checkpoint import load_checkpoint
+    from tests.e2e_fixtures import CONFIG, morec, quoted
+
+    out = tmp_path / "dense_ranker"
+    path = os.pathsep.join([PLUGINS_DIR, *filter(None, [os.environ.get("PYTHONPATH")])])
+    morec(
+        "train", "--config", CONFIG, quoted("data.path", tiny_data), quoted("run.out_dir", out),
+        'run.plugins=["dense_ranker_plugin"]', "model.name=dense_ranker", "model.options={hidden=[16]}",
+        PYTHONPATH=path,
+    )  # fmt: skip
+    result = json.loads((out / "metrics.json").read_text())
+    assert (
+        result["world_size"] == 2
+        and result["split"] == "test"
+        and result["config"]["model"]["options"] == {"hidden": [16]}
+    )
+    assert result["hit@10"] > 0.2  # it learnt: a random ranking of ~300 items gives about 0.04
+    best = Path(result["checkpoint"])
+    shapes = {k: list(v.size) for k, v in FileSystemReader(str(best)).read_metadata().state_dict_metadata.items()}
+    assert shapes["model.mlp.0.weight"] == [16, 3 * 16 + 2]  # the dense columns reached the model
+    # 1 rank, in this process, from the same checkpoint: the 2-rank merge ranked alike
+    data = PreparedDataset.open(tiny_data)
+    config = config_from_dict(result["config"]).model
+    features = feature_builder(config, data.path, data.num_users, data.num_items)
+    model = materialize_unsharded(build_model("dense_ranker", features, config, META), 0, 0.1, torch.device("cpu"))
+    state = {"model": model.state_dict()}
+    load_checkpoint(best, state)
+    model.load_state_dict(state["model"])
+    alone = evaluate(model, data, "test", [10], features, ONE, EvalOptions(batch_users=256))
+    for metric in ("hit@10", "ndcg@10"):
+        assert abs(alone.metrics[metric] - result[metric]) <= 2 / len(alone.ranks), metric
