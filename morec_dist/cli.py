@@ -28,6 +28,7 @@ def user_errors() -> tuple[type[BaseException], ...]:
     from morec_dist.data.dataset import DatasetError
     from morec_dist.data.prepare.parquet import PrepareError
     from morec_dist.data.storage import StorageError
+    from morec_dist.export.layout import ExportError
     from morec_dist.registry import RegistryError
     from morec_dist.train.checkpoint import CheckpointError
 
@@ -36,6 +37,7 @@ def user_errors() -> tuple[type[BaseException], ...]:
         DatasetError,
         CheckpointError,
         CoordinatorError,
+        ExportError,
         FileExistsError,
         PrepareError,
         RegistryError,
@@ -376,12 +378,24 @@ def _add_evaluate(sub: argparse._SubParsersAction) -> None:
     ev = sub.add_parser(
         "evaluate", help="evaluate a checkpoint (full ranking, K list) on torchrun ranks; writes metrics json"
     )
-    ev.add_argument("--checkpoint", required=True, help="checkpoint directory (its recorded config rebuilds the model)")
+    ev.add_argument("--checkpoint", default=None, help="checkpoint directory (its recorded config rebuilds the model)")
     ev.add_argument("--split", choices=("valid", "test"), default="test")
     ev.add_argument("--out", default=None, help="metrics file (default: <run dir>/metrics-<split>.json)")
+    ev.add_argument(
+        "--ann",
+        default=None,
+        metavar="DIR",
+        help="instead of --checkpoint: through the FAISS index of a `morec export --index` directory (one "
+        "process), beside the exact protocol over the same vectors; reports recall@K and the change",
+    )
+    ev.add_argument("--nprobe", type=_int_at_least(1), default=None, help="with --ann: IVF cells searched")
     _add_config_args(ev)
 
     def run(args: argparse.Namespace) -> int:
+        if (args.checkpoint is None) == (args.ann is None):
+            raise ConfigError("--checkpoint CKPT or --ann DIR: give exactly one")
+        if args.ann is not None:
+            return _evaluate_ann(args)
         from morec_dist.train.evaluate import checkpoint_config, run_evaluate
 
         given = _load(args) if (args.config or args.overrides) else None
@@ -392,6 +406,79 @@ def _add_evaluate(sub: argparse._SubParsersAction) -> None:
         return _as_ranks(args, lambda _: run_evaluate(config, args.checkpoint, args.split, args.out), config=config)
 
     ev.set_defaults(func=run)
+
+
+def _evaluate_ann(args: argparse.Namespace) -> int:
+    """``evaluate --ann DIR``: one process, through the export's index and exactly."""
+    from morec_dist.export.ann import evaluate_ann, export_config
+    from morec_dist.plugins import prepare
+
+    given = _load(args) if (args.config or args.overrides) else None
+    config = prepare(export_config(args.ann, given))
+    evaluate_ann(config, args.ann, args.split, args.out, args.nprobe)
+    return 0
+
+
+def _add_export(sub: argparse._SubParsersAction) -> None:
+    from morec_dist.export.index import INDEX_KINDS, IndexOptions
+    from morec_dist.export.layout import DEFAULT_PART_ROWS
+
+    ex = sub.add_parser(
+        "export",
+        help="a checkpoint to serving artefacts on torchrun ranks: item vectors (Parquet), the user side, "
+        "a FAISS index (--index), manifest.json",
+    )
+    ex.add_argument("--checkpoint", required=True, help="checkpoint directory or URI (its config rebuilds the model)")
+    ex.add_argument("--out", required=True, help="a new local directory (an existing non-empty one is refused)")
+    ex.add_argument(
+        "--part-rows", type=_int_at_least(1), default=DEFAULT_PART_ROWS, help="items (users) per Parquet part"
+    )
+    ex.add_argument("--index", action="store_true", help="also build a FAISS index over the item vectors")
+    defaults = IndexOptions()
+    ex.add_argument(
+        "--index-kind", choices=INDEX_KINDS, default=defaults.kind, help="auto: flat up to --flat-max-items"
+    )
+    ex.add_argument("--flat-max-items", type=_int_at_least(0), default=defaults.flat_max_items)
+    ex.add_argument("--nlist", type=_int_at_least(0), default=defaults.nlist, help="IVF cells (0: 4 sqrt(items))")
+    ex.add_argument("--nprobe", type=_int_at_least(1), default=defaults.nprobe, help="IVF cells searched per query")
+    _add_config_args(ex)
+
+    def run(args: argparse.Namespace) -> int:
+        import os
+        import secrets
+
+        from morec_dist.export.job import check_inputs, check_model, local_out, run_export
+        from morec_dist.export.layout import STAGING_ENV, discard
+        from morec_dist.plugins import prepare
+        from morec_dist.train.evaluate import checkpoint_config
+        from morec_dist.train.launch import under_torchrun
+
+        given = _load(args) if (args.config or args.overrides) else None
+        config = prepare(checkpoint_config(args.checkpoint, given))  # the recorded run.plugins, too
+        if given is not None:
+            check_model(args.checkpoint, given)
+        args.config, args.overrides = None, []
+        index = None
+        if args.index:
+            index = IndexOptions(args.index_kind, args.flat_max_items, args.nlist, args.nprobe).check()
+
+        def job(c) -> None:
+            run_export(c, args.checkpoint, args.out, args.part_rows, index)
+
+        if under_torchrun():
+            return _as_ranks(args, job, config=config)
+        check_inputs(config, args.checkpoint, args.out)
+        staging = f"{local_out(args.out)}.tmp-{secrets.token_hex(4)}"
+        os.environ[STAGING_ENV] = staging  # the ranks write there; removed here if they fail
+        try:
+            code = _as_ranks(args, job, config=config)
+        finally:
+            os.environ.pop(STAGING_ENV, None)
+        if code != 0:
+            discard(Path(staging))
+        return code
+
+    ex.set_defaults(func=run)
 
 
 def _add_run(sub: argparse._SubParsersAction) -> None:
@@ -420,6 +507,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_train(sub)
     _add_finetune(sub)
     _add_evaluate(sub)
+    _add_export(sub)
     _add_run(sub)
     from morec_dist.coordinator.service import add_coordinator_commands
 
