@@ -69,7 +69,14 @@ def make_schedule(seed: int) -> dict[str, Any]:
             "version": step // 3,
             "target_loss": 0.42,
         }
-        steps.append({"step": step, "ranks": ranks, "coordinator": coordinator})
+        control = {
+            "setpoint": 0.098,
+            "measured": rng.uniform(0.08, 0.11),
+            "smoothed": rng.uniform(0.09, 0.1),
+            "share": rng.uniform(0.2, 0.95),
+            "safety": rng.random() < 0.3,
+        }
+        steps.append({"step": step, "ranks": ranks, "coordinator": coordinator, "control": control})
     # the planner's placement, published once at start: (table, type, kernel, bytes on the rank)
     placement = [
         [["t_user_id", "row_wise", "fused", 1000 * (rank + 1)], ["t_item_id", "table_wise", "fused", 4096 * rank]]
@@ -176,6 +183,14 @@ def test_coordinator_values_match_the_published_ones(scraped, schedule):
         )
     losses = scraped.values("morec_coordinator_objective_loss", by="objective")
     assert losses == pytest.approx(final["global_losses"], rel=1e-12)
+    control = last(schedule)["control"]
+    assert scraped.scalar("morec_coordinator_accuracy_setpoint") == pytest.approx(control["setpoint"], rel=1e-12)
+    assert scraped.scalar("morec_coordinator_heldout_accuracy") == pytest.approx(control["measured"], rel=1e-12)
+    assert scraped.scalar("morec_coordinator_heldout_accuracy_smoothed") == pytest.approx(
+        control["smoothed"], rel=1e-12
+    )
+    assert scraped.scalar("morec_coordinator_accuracy_share") == pytest.approx(control["share"], rel=1e-12)
+    assert scraped.scalar("morec_coordinator_budget_safety") == float(control["safety"])
     for name, p in final["probabilities"].items():
         got = scraped.values(f'morec_coordinator_sampling_probability{{objective="{name}"}}', by="group")
         assert got == pytest.approx({str(g + 1): v for g, v in enumerate(p)}, rel=1e-12)

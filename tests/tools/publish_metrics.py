@@ -58,6 +58,8 @@ def main(argv: list[str] | None = None) -> int:
         for metrics, observed in zip(ranks, entry["ranks"], strict=True):
             metrics.observe_step(step=entry["step"], **observed)
         coordinator.publish(step=entry["step"], **entry["coordinator"])
+        if "control" in entry:  # the budget law's view
+            coordinator.publish_control(**entry["control"])
         time.sleep(schedule["interval_s"])
     _write_atomically(args.done_file, {"time": time.time()})
 
