@@ -645,6 +645,8 @@ class CoordinatorCore:
     def _control_state(self) -> dict[str, Any]:
         assert self.budget is not None
         return {
+            # the pretrained model's held-out Hit: a resumed job's set point comes from here
+            "reference": self.budget.reference,
             "controller": self.budget.state_dict(),
             "next_due": self.next_control_due,
             "shares": [list(entry) for entry in self.shares],
@@ -656,6 +658,11 @@ class CoordinatorCore:
 
     def _load_control_state(self, state: Mapping[str, Any]) -> None:
         assert self.budget is not None
+        if float(state["reference"]) != self.budget.reference:
+            raise CoordinatorError(
+                f"coordinator state: the pretrained model's held-out Hit is {state['reference']} in the checkpoint but "
+                f"{self.budget.reference} in this job (take it from the checkpoint: reference_accuracy_of)"
+            )
         self.budget.load_state_dict(dict(state["controller"]))
         self.next_control_due = int(state["next_due"])
         self.shares = [(int(a), float(s), bool(f)) for a, s, f in state["shares"]]
@@ -696,6 +703,14 @@ class CoordinatorCore:
         self._ordered = sorted((c.effective_step, c.seq, c) for c in self.history)
         if self.budget is not None:
             self._load_control_state(state["control"])
+
+
+def reference_accuracy_of(state: Mapping[str, Any] | None) -> float | None:
+    """The pretrained model's held-out Hit a saved coordinator state was built with (None:
+    no state, or the paper's law): a resumed job's budget law takes its set point from it."""
+    if state is None or "control" not in state:
+        return None
+    return float(state["control"]["reference"])
 
 
 def _as_lists(probs: Mapping[str, np.ndarray]) -> dict[str, list[float]]:
