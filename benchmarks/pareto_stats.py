@@ -10,9 +10,14 @@ volume of the region its front improves on the pretrained model in every objecti
   objective, sum slab heights times the (d-1)-dimensional volume of the points above each
   slab. O(n^d) in the worst case, instant for the ~20 points x 4 objectives of the study.
   Points that do not exceed the reference in every objective contribute nothing.
-- ``bootstrap_hypervolume``: the interval over seeds: resample the seeds of every setting
-  with replacement (one seeded generator), average each setting's runs, take the front's
-  hypervolume; the percentile interval of those, and the point estimate from the seed means.
+- ``bootstrap_hypervolume``: the interval over seeds: resample the seeds with replacement
+  (one seeded generator), average each setting's runs, take the front's hypervolume; the
+  percentile interval of those, and the point estimate from the seed means. ``paired=True``
+  draws one resample of seeds for all settings (a seed's runs stay together: the pairing
+  of issue 23's study); the default draws each setting's seeds independently (issue 14's).
+- ``paired_interval``: the mean of per-seed paired differences with a t-interval (n - 1
+  degrees of freedom) and a percentile bootstrap over seeds, both keeping the pairing
+  (each difference is one seed's two runs).
 """
 
 from __future__ import annotations
@@ -21,18 +26,26 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 
-STUDY_OBJECTIVES = ("hit", "r_hit", "min_hit", "-pop_kl")
+from morec_dist.config import Config
+from morec_dist.coordinator.objectives import headline_metrics
+from morec_dist.eval.metrics import TEST_METRICS, metric_key
+
+# each objective's headline metric (its kind's first test metric), accuracy first, for the
+# reference objectives; "-" marks one to minimise: ("hit", "r_hit", "min_hit", "-pop_kl")
+STUDY_OBJECTIVES = tuple(
+    ("-" if TEST_METRICS.get(m).lower_is_better else "") + m
+    for m in headline_metrics([o.kind for o in Config().morec.objectives])
+)
 
 
 def objective_vector(metrics: Mapping[str, float], k: int = 10) -> np.ndarray:
-    """(Hit@k, R-Hit@k, min-Hit@k, -Pop-KL@k) of one run's metrics, all to maximise."""
-    try:
-        return np.array(
-            [metrics[f"hit@{k}"], metrics[f"r_hit@{k}"], metrics[f"min_hit@{k}"], -metrics[f"pop_kl@{k}"]],
-            dtype=np.float64,
-        )
-    except KeyError as exc:
-        raise KeyError(f"objective_vector: metric {exc.args[0]!r} missing (have {sorted(metrics)})") from None
+    """The ``STUDY_OBJECTIVES`` at k of one run's metrics (Hit@k, R-Hit@k, min-Hit@k,
+    -Pop-KL@k), all to maximise."""
+    keys = [(metric_key(o.lstrip("-"), k), -1.0 if o.startswith("-") else 1.0) for o in STUDY_OBJECTIVES]
+    missing = [key for key, _ in keys if key not in metrics]
+    if missing:
+        raise KeyError(f"objective_vector: metric {missing[0]!r} missing (have {sorted(metrics)})")
+    return np.array([sign * metrics[key] for key, sign in keys], dtype=np.float64)
 
 
 def _points(points: Sequence[Sequence[float]] | np.ndarray) -> np.ndarray:
@@ -110,12 +123,14 @@ def bootstrap_hypervolume(
     samples: int = 1000,
     level: float = 0.95,
     seed: int = 0,
+    paired: bool = False,
 ) -> dict[str, float]:
     """{"hypervolume", "low", "high"} for runs shaped [settings, seeds, objectives].
 
     The point estimate is the hypervolume of the settings' seed means; the interval is the
     percentile interval of the hypervolumes of ``samples`` bootstrap resamples of the seeds,
-    drawn independently per setting from ``np.random.default_rng(seed)``.
+    drawn independently per setting from ``np.random.default_rng(seed)`` (``paired``: one
+    draw of seeds shared by every setting).
     """
     x = np.asarray(runs, dtype=np.float64)
     if x.ndim != 3 or 0 in x.shape:
@@ -126,7 +141,7 @@ def bootstrap_hypervolume(
     rng = np.random.default_rng(seed)
     values = np.empty(samples)
     for b in range(samples):
-        picks = rng.integers(0, seeds, size=(settings, seeds))
+        picks = rng.integers(0, seeds, size=(1 if paired else settings, seeds)).repeat(settings if paired else 1, 0)
         means = np.take_along_axis(x, picks[:, :, None], axis=1).mean(axis=1)
         values[b] = hypervolume(means, reference)
     tail = (1.0 - level) / 2.0
@@ -136,4 +151,43 @@ def bootstrap_hypervolume(
         "high": float(np.quantile(values, 1.0 - tail)),
         "samples": float(samples),
         "level": level,
+    }
+
+
+def paired_interval(
+    differences: Sequence[float] | np.ndarray, *, level: float = 0.95, samples: int = 2000, seed: int = 0
+) -> dict[str, float]:
+    """{"mean", "t_low", "t_high", "boot_low", "boot_high", "n", "level"} of per-seed paired
+    differences (one number per seed: method minus reference on the same seed).
+
+    The t-interval is mean +- t_{n-1} x sd / sqrt(n); the bootstrap resamples the seeds (so
+    each difference keeps its two runs together) from ``np.random.default_rng(seed)``. With
+    one difference both intervals are NaN (no spread to estimate)."""
+    d = np.asarray(differences, dtype=np.float64)
+    if d.ndim != 1 or d.size == 0 or not np.isfinite(d).all():
+        raise ValueError(f"paired_interval: expected a non-empty vector of finite differences, got {d}")
+    if not 0 < level < 1:
+        raise ValueError(f"paired_interval: expected 0 < level < 1, got {level}")
+    n, mean = d.size, float(d.mean())
+    out = {"mean": mean, "n": float(n), "level": level}
+    if n < 2:
+        return {
+            **out,
+            "t_low": float("nan"),
+            "t_high": float("nan"),
+            "boot_low": float("nan"),
+            "boot_high": float("nan"),
+        }
+    from scipy.stats import t
+
+    half = float(t.ppf(0.5 + level / 2, n - 1)) * float(d.std(ddof=1)) / np.sqrt(n)
+    rng = np.random.default_rng(seed)
+    boot = d[rng.integers(0, n, size=(samples, n))].mean(axis=1)
+    tail = (1.0 - level) / 2.0
+    return {
+        **out,
+        "t_low": mean - half,
+        "t_high": mean + half,
+        "boot_low": float(np.quantile(boot, tail)),
+        "boot_high": float(np.quantile(boot, 1.0 - tail)),
     }

@@ -23,13 +23,20 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks.common import REPO, Recorder, bench_parser, default_out, morec_cli, note
+from morec_dist.config import Config
+from morec_dist.coordinator.objectives import OBJECTIVE_KINDS, kind_metrics
+from morec_dist.eval.metrics import TEST_METRICS, metric_key
 
 DEFAULT_CONFIG = REPO / "configs" / "quickstart.toml"
 DEFAULT_DATA = REPO / ".data" / "movielens-1m"
-METRICS = ("hit@10", "ndcg@10", "r_hit@10", "r_ndcg@10", "min_hit@10", "min_ndcg@10", "pop_kl@10")
-LOWER_IS_BETTER = {"pop_kl@10"}
-OBJECTIVE_METRIC = {"revenue": "r_hit@10", "fairness": "min_hit@10", "alignment": "pop_kl@10"}
-GROUP_COLUMN = {"revenue": "rev_group", "fairness": "fair_group", "alignment": "align_group"}
+K = 10
+# the study's objectives: the reference config's (revenue, fairness, alignment), each named
+# after its kind; their metrics are the ones each kind's registry entry names
+_REFERENCE = Config().morec.objectives
+GROUP_COLUMN = {o.name: o.group_column for o in _REFERENCE}
+METRICS = tuple(metric_key(m, K) for m in kind_metrics([o.kind for o in _REFERENCE]))
+LOWER_IS_BETTER = {m for m in METRICS if TEST_METRICS.get(m.split("@")[0]).lower_is_better}
+OBJECTIVE_METRIC = {o.name: metric_key(OBJECTIVE_KINDS.get(o.kind).test_metrics[0], K) for o in _REFERENCE}
 
 # preference vectors over (revenue, fairness, alignment); "reference" is the paper's example
 PREFERENCES = {

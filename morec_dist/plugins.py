@@ -50,6 +50,7 @@ def validate_names(config: Config) -> None:
     """Every registry name the config uses is registered (after ``load_plugins``)."""
     from morec_dist.coordinator.laws import CONTROL_LAWS
     from morec_dist.coordinator.objectives import ObjectiveError, configurable_kinds, kind_of
+    from morec_dist.eval.metrics import TEST_METRICS
     from morec_dist.model.loss import LOSSES
     from morec_dist.model.placement import AUTO, SHARDING_TYPES
     from morec_dist.model.registry import MODELS
@@ -74,6 +75,8 @@ def validate_names(config: Config) -> None:
             raise ConfigError(str(exc)) from None
         if kind.implicit:
             raise ConfigError(f"{where}.kind: {o.kind!r} is implicit (block 0); expected one of {configurable_kinds()}")
+        for metric in kind.test_metrics:  # evaluation reports them: registered before any job starts
+            _check(TEST_METRICS, metric, f"{where}: kind {o.kind!r} test_metrics")
 
 
 def prepare(config: Config) -> Config:

@@ -130,6 +130,54 @@ def test_flush_returns_when_the_last_reply_waits_for_signals_that_never_come(ray
     ray.kill(actor)
 
 
+def test_both_clients_are_rank_clients_with_the_protocols_signatures(ray_address):
+    """``RankClient`` is the one protocol of a rank's coordinator client: both real clients
+    have every member with the protocol's parameters, and a global client (rank 0 of one,
+    around a real per-rank client) runs steps through it exactly like the core."""
+    import inspect
+
+    import ray
+
+    from morec_dist.coordinator.client import RankClient
+    from morec_dist.coordinator.collective import GlobalCoordinatorClient
+
+    for cls in (CoordinatorClient, GlobalCoordinatorClient):
+        for name in (n for n in vars(RankClient) if not n.startswith("_")):
+            member = getattr(cls, name, None)
+            assert member is not None, f"{cls.__name__} lacks {name}"
+            if callable(member):
+                expected = list(inspect.signature(getattr(RankClient, name)).parameters)
+                assert list(inspect.signature(member).parameters) == expected, f"{cls.__name__}.{name}"
+    assert {"start", "report", "decision_for_step", "holds_state", "mark_checkpoint"} <= set(vars(RankClient))
+    assert set(RankClient.__annotations__) == {"rank", "staleness", "waits"}
+
+    actor = get_or_create("coord-protocol", NAMESPACE)
+    spec = spec_for(world_size=1, staleness=1, every=100)
+    ray.get(actor.configure.remote(spec, None, "run-protocol"))
+    inner = CoordinatorClient(actor, rank=0, staleness=1)
+    inner.start(0)
+    client: RankClient = GlobalCoordinatorClient(
+        rank=0, world_size=1, staleness=1, num_blocks=spec.objectives.num_blocks,
+        weight_names=list(spec.objectives.weights()),
+        prob_sizes={n: len(p) for n, p in spec.objectives.initial_probabilities().items()}, inner=inner,
+    )  # fmt: skip
+    assert isinstance(client, RankClient) and isinstance(inner, RankClient)
+    assert not isinstance(object(), RankClient)
+    client.start(0)
+    reference = CoordinatorCore(spec)
+    for t in range(4):
+        d = client.decision_for_step(t)
+        assert (d.step, d.beta, d.p_version) == (t, reference.decision(t).beta, 0)
+        sums, counts = RANKS.synthetic_report(0, t, d.beta)
+        client.report(t, sums, counts)
+        reference.report(0, t, sums, counts)
+    client.close()
+    assert client.holds_state and client.trace() == reference.trace_dict()
+    with pytest.raises(CoordinatorError, match="mark_checkpoint of step 4 without the coordinator state"):
+        inner.mark_checkpoint(None, 4)
+    ray.kill(actor)
+
+
 def _run_ranks(
     address: str, actor: str, out: Path, *, steps: int, staleness: int, every: int, jitter_seed: int
 ) -> list[dict]:

@@ -171,6 +171,8 @@ def test_objective_kind_from_a_plugin_module_trains_in_every_rank(pretrained, ti
     result = json.loads((out / "metrics.json").read_text())
     assert result["config"]["run"]["plugins"] == ["long_tail_plugin"]
     assert [o["kind"] for o in result["config"]["morec"]["objectives"]] == ["revenue", "long_tail"]
+    # the kind's own test metric is evaluated (the test split and every epoch's valid), not only trained
+    assert 0.0 <= result["tail_hit@10"] <= 1.0 and all("tail_hit@10" in e["valid"] for e in result["history"])
     coordinator = result["coordinator"]
     updates = coordinator["sampler_updates"]
     assert [u["after_step"] for u in updates] == [9, 19, 29, 39]

@@ -132,3 +132,42 @@ def test_revenue_baseline_target_is_each_groups_mean_item_price(small_synthetic)
     share = dataset.train_counts("rev_group") / dataset.train_counts("rev_group").sum()
     expected = (mean_price / mean_price.sum() / share)[groups - 1]
     np.testing.assert_allclose(weights[1:], expected, rtol=1e-9)
+
+
+def test_a_plugin_kinds_test_metric_is_evaluated_and_tabled(plugins_on_path, small_synthetic):
+    """A kind names its test metrics in its registry entry: the jobs' evaluation computes a
+    plugin kind's (here through the most-popular scorer, the same protocol as a model's),
+    and the results table shows the configured kinds' metrics, the plugin's included."""
+    from morec_dist.data.dataset import PreparedDataset
+    from morec_dist.eval.evaluator import evaluate_most_popular
+    from morec_dist.eval.metrics import hit_at_k
+    from morec_dist.train.pipeline import table_metrics
+    from morec_dist.train.runner import evaluated_metrics
+
+    load_plugins(["long_tail_plugin"])
+    names = evaluated_metrics()
+    assert names[:2] == ["hit", "ndcg"] and "tail_hit" in names and "pop_kl" in names
+    result = evaluate_most_popular(small_synthetic, "test", [5, 10], metrics=names)
+    dataset = PreparedDataset.open(small_synthetic)
+    bands = dataset.item_column("align_group")[
+        dataset.read_split("test", ["user_id", "item_id"]).sort_by("user_id")["item_id"].to_numpy()
+    ]
+    tail = bands > dataset.num_groups("align_group") // 2
+    assert 0 < tail.sum() < tail.size  # both halves hold users: the metric is not a plain Hit
+    for k in (5, 10):
+        assert result.metrics[f"tail_hit@{k}"] == hit_at_k(result.ranks[tail], k).mean()
+    assert result.metrics["tail_hit@10"] != result.metrics["hit@10"]
+    assert table_metrics(10, ["revenue", "long_tail"]) == ("hit@10", "ndcg@10", "r_hit@10", "r_ndcg@10", "tail_hit@10")
+    with pytest.raises(ConfigError, match=r"\(tail\): kind 'long_tail' test_metrics: unknown test metric 'gone'"):
+        from morec_dist.coordinator.objectives import OBJECTIVE_KINDS
+
+        kind = OBJECTIVE_KINDS.get("long_tail")
+        kind.test_metrics = ("gone",)  # an instance attribute: the class keeps its own
+        try:
+            validate_names(
+                load_config(
+                    None, ['morec.objectives=[{name="tail", kind="long_tail", group_column="align_group", weight=1.0}]']
+                )
+            )
+        finally:
+            del kind.test_metrics

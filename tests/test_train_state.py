@@ -209,7 +209,7 @@ def test_update_at_start_is_one_sampler_step_as_version_zero(small_synthetic) ->
     from morec_dist.coordinator.core import CoordinatorCore, build_spec
     from morec_dist.coordinator.sampler import GroupStats
     from morec_dist.data.dataset import PreparedDataset
-    from morec_dist.train.methods import start_probabilities
+    from morec_dist.train.coordinator_session import start_probabilities
 
     dataset = PreparedDataset.open(small_synthetic, verify_checksums=False, verify_values=False)
     stats = GroupStats.from_manifest(dataset.manifest, dataset.path)

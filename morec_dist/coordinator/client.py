@@ -1,5 +1,8 @@
 """The rank side of the coordinator: fire-and-forget reports, bounded-staleness decisions.
 
+``RankClient`` is the one protocol of a rank's coordinator client (this module's per-rank
+``CoordinatorClient`` and the global protocol's ``collective.GlobalCoordinatorClient``).
+
 Per step t a rank calls ``report(t, sums, counts)`` (non-blocking: one ``.remote()`` whose
 reply is ``decision(t + s)``) and ``decision_for_step(t)``. The decision for t was requested
 s steps earlier, so it is normally already local and costs nothing; the rank blocks only
@@ -32,7 +35,7 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar, runtime_checkable
 
 from morec_dist.coordinator.core import CoordinatorError, Decision
 
@@ -43,6 +46,64 @@ T = TypeVar("T")
 LOG_FIRST_WAITS = 20
 LOG_EVERY = 100
 RECOVERY_POLL_S = 0.5
+
+
+@runtime_checkable
+class RankClient(Protocol):
+    """What a rank holds to talk to the coordinator, whatever the protocol: the per-rank
+    ``CoordinatorClient`` (every rank calls the actor) and ``collective.GlobalCoordinatorClient``
+    (rank 0 calls it with the reduced sums). The trainer's strategies, the fine-tuning job
+    and its checkpoints see only this."""
+
+    rank: int
+    staleness: int
+    waits: int  # decisions this rank had to wait for (``timed_wait``)
+
+    def start(self, first_step: int = 0) -> None:
+        """The decisions of the first s steps (no report of this run precedes them)."""
+        ...
+
+    def report(self, step: int, loss_sums: Sequence[float], row_counts: Sequence[int]) -> None:
+        """Step ``step``'s per-block loss sums and row counts; returns at once."""
+        ...
+
+    def decision_for_step(self, step: int) -> Decision:
+        """beta, w and p_k for ``step``, from the reports of steps <= step - s."""
+        ...
+
+    def submit_signals(self, step: int, signals: Mapping[str, Sequence[float]]) -> int:
+        """The reduced validation signals measured after ``step``; the new p version."""
+        ...
+
+    def flush(self) -> None:
+        """Every report made so far is recorded by the coordinator (raises a refused one)."""
+        ...
+
+    def close(self) -> None:
+        """End of training: nothing of this client is left pending."""
+        ...
+
+    @property
+    def holds_state(self) -> bool:
+        """Whether this rank reads the coordinator's state (checkpoints, the final record)."""
+        ...
+
+    def mark_checkpoint(self, state: Mapping[str, Any] | None, step: int) -> None:
+        """``state`` (every step < ``step``; None on a rank that holds no state) is the new
+        base of a recovery."""
+        ...
+
+    def resync(self) -> None:
+        """Replay this rank's reports since the last checkpoint into the actor."""
+        ...
+
+    def state_dict(self) -> dict[str, Any]: ...
+
+    def trace(self) -> dict[str, list]: ...
+
+    def history(self) -> list[dict[str, Any]]: ...
+
+    def stats(self) -> dict[str, float | str]: ...
 
 
 @dataclass
@@ -125,9 +186,11 @@ class CoordinatorClient:
         self._signals_log: list[tuple[int, dict[str, list[float]]]] = []
 
     # ------------------------------------------------------------ failures
-    def mark_checkpoint(self, state: Mapping[str, Any], step: int) -> None:
+    def mark_checkpoint(self, state: Mapping[str, Any] | None, step: int) -> None:
         """A checkpoint of the coordinator (``state``, holding every step < ``step``) was
         taken after this rank's flush: it is the new base of a recovery."""
+        if state is None:  # every rank of this protocol reads the state (``holds_state``)
+            raise CoordinatorError(f"rank {self.rank}: mark_checkpoint of step {step} without the coordinator state")
         if self.recovery is not None:
             self.recovery.state, self.recovery.step = state, int(step)
         self._log.clear()

@@ -56,7 +56,7 @@ _STOP = object()
 
 
 class GlobalCoordinatorClient:
-    """The rank side of the global protocol; the same interface as ``CoordinatorClient``.
+    """The rank side of the global protocol; a ``client.RankClient`` like ``CoordinatorClient``.
 
     ``inner`` is rank 0's ``CoordinatorClient`` (rank 0 of a one-reporter core); None on
     the other ranks, which never talk to Ray. ``weight_names`` / ``prob_sizes`` fix the

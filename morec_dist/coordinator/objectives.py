@@ -9,7 +9,10 @@ that knows three things:
 - its **initial distribution** over the groups of its column;
 - which **validation signal** it consumes (a ``SignalRequest``: the evaluator computes it
   data-parallel, reduces it and submits it to the coordinator as one vector over groups);
-- how that signal becomes a **sign vector** s in {-1, 0, +1}^G.
+- how that signal becomes a **sign vector** s in {-1, 0, +1}^G;
+
+and it names the **test metrics** that measure it (``test_metrics``: names on
+``morec_dist.eval.metrics.TEST_METRICS``, headline first; accuracy: Hit and NDCG).
 
 Built-in kinds (options in brackets, defaults first):
 
@@ -104,12 +107,16 @@ class Objective:
 
 
 class ObjectiveKind:
-    """Base class of a registered kind. Subclasses set ``name`` and ``defaults``."""
+    """Base class of a registered kind. Subclasses set ``name`` and ``defaults``, and
+    ``test_metrics``: the names (on ``morec_dist.eval.metrics.TEST_METRICS``) of the test
+    metrics that measure this objective, headline first; evaluation, the results table and
+    the study report them for every job whose objectives use the kind."""
 
     name: str = ""
     defaults: Mapping[str, Any] = {}
     adaptive: bool = True
     implicit: bool = False
+    test_metrics: tuple[str, ...] = ()
 
     def resolve_options(self, options: Mapping[str, Any], where: str) -> dict[str, Any]:
         unknown = sorted(set(options) - set(self.defaults))
@@ -173,6 +180,7 @@ class AccuracyKind(ObjectiveKind):
     name = ACCURACY
     adaptive = False
     implicit = True
+    test_metrics = ("hit", "ndcg")
 
 
 class FixedKind(ObjectiveKind):
@@ -188,6 +196,7 @@ class RevenueKind(ObjectiveKind):
     name = "revenue"
     defaults = {"price_weighting": "band_mean"}
     adaptive = False
+    test_metrics = ("r_hit", "r_ndcg")
     WEIGHTINGS = ("band_mean", "exact")
 
     def resolve_options(self, options, where):
@@ -221,6 +230,7 @@ class WorstGroupKind(ObjectiveKind):
 
     name = "worst_group"
     defaults = {"by": "loss", "k": 10, "worst": 1, "init": "train_share"}
+    test_metrics = ("min_hit", "min_ndcg")  # over fair_group (DATA.md), whatever the column
 
     def __init__(self, name: str = "worst_group") -> None:
         self.name = name
@@ -256,6 +266,7 @@ class TargetShareKind(ObjectiveKind):
 
     name = "target_share"
     defaults = {"target": "train_share", "k": 100, "init": "train_share"}
+    test_metrics = ("pop_kl",)  # against q* over align_group (DATA.md), whatever the column
 
     def __init__(self, name: str = "target_share") -> None:
         self.name = name
@@ -317,6 +328,22 @@ for _kind in (
 def configurable_kinds() -> list[str]:
     """The kind names a ``morec.objectives`` entry may use (the implicit accuracy left out)."""
     return [name for name in OBJECTIVE_KINDS.names() if not OBJECTIVE_KINDS.get(name).implicit]
+
+
+def kind_metrics(kinds: Sequence[str]) -> list[str]:
+    """The test metrics that measure accuracy and the objectives of ``kinds``: accuracy's
+    first, then each kind's in order, each name once. ``OBJECTIVE_KINDS.names()``: every
+    registered kind's (what the jobs evaluate); a config's kinds: its results table."""
+    names = [ACCURACY, *(k for k in kinds if k != ACCURACY)]
+    return list(dict.fromkeys(m for kind in names for m in kind_of(kind, "kind_metrics").test_metrics))
+
+
+def headline_metrics(kinds: Sequence[str]) -> list[str]:
+    """One metric per objective, accuracy first: each kind's first test metric (a kind
+    without test metrics has none); the study's objective vector and the progress lines."""
+    names = [ACCURACY, *(k for k in kinds if k != ACCURACY)]
+    firsts = (kind_of(kind, "headline_metrics").test_metrics[:1] for kind in names)
+    return list(dict.fromkeys(m for first in firsts for m in first))
 
 
 def kind_of(kind: str, where: str) -> ObjectiveKind:

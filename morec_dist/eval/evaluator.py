@@ -20,7 +20,7 @@ itself is always a candidate, even if it also occurs in the history.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -32,7 +32,7 @@ from morec_dist.data import storage
 from morec_dist.data.dataset import PreparedDataset
 from morec_dist.data.features import FeatureBuilder
 from morec_dist.distributed import DistContext
-from morec_dist.eval.metrics import compute_metrics
+from morec_dist.eval.metrics import TEST_METRICS, MetricInputs, metric_values
 from morec_dist.eval.ranking import (
     EvalOptions,
     RangeScorer,
@@ -77,6 +77,29 @@ class ItemMeta:
             num_align_groups=num_bands,
             q_star=q_star,
         )
+
+
+class HeldoutColumns(Mapping[str, np.ndarray]):
+    """Per user, an item column's value of the held-out item, read when a metric first asks
+    (float columns in float64, the others in int64, as ``ItemMeta`` holds them)."""
+
+    def __init__(self, data: PreparedDataset, targets: np.ndarray, meta: ItemMeta):
+        self.data, self.targets = data, targets
+        # the columns evaluation has already read, not read again
+        self.known = {"price": meta.price, "fair_group": meta.fair_group, "align_group": meta.align_group}
+        self.read: dict[str, np.ndarray] = {}
+
+    def __getitem__(self, name: str) -> np.ndarray:
+        if name not in self.read:
+            column = self.known[name] if name in self.known else np.asarray(self.data.item_column(name))
+            self.read[name] = column.astype(np.float64 if column.dtype.kind == "f" else np.int64)[self.targets]
+        return self.read[name]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.read)
+
+    def __len__(self) -> int:
+        return len(self.read)
 
 
 @dataclass
@@ -179,6 +202,7 @@ def run_protocol(
     ks: list[int],
     ctx: DistContext,
     options: EvalOptions,
+    metrics: Sequence[str] | None = None,
 ) -> EvalResult:
     check_args(split, ks, data.num_items, ctx)
     ks = sorted({int(k) for k in ks})
@@ -192,9 +216,9 @@ def run_protocol(
         for k in ks:
             counts[k] += band_counts(batch.top_items, k, bands, meta.num_align_groups)
     histograms = {k: counts[k].cpu().numpy() for k in ks}
-    targets = users.targets
-    metrics = compute_metrics(ranks, meta.price[targets], meta.fair_group[targets], histograms, meta.q_star, ks)
-    return EvalResult(metrics, histograms, users.user_ids, ranks)
+    inputs = MetricInputs(ranks, HeldoutColumns(data, users.targets, meta), histograms, meta.q_star)
+    values = metric_values(inputs, ks, TEST_METRICS.names() if metrics is None else metrics)
+    return EvalResult(values, histograms, users.user_ids, ranks)
 
 
 def evaluate(
@@ -205,9 +229,11 @@ def evaluate(
     features: FeatureBuilder,
     ctx: DistContext,
     options: EvalOptions | None = None,
+    metrics: Sequence[str] | None = None,
 ) -> EvalResult:
     """Evaluate a model (plain, or sharded with DMP: then every rank must call this, with
-    the same options) on ``split``; every rank returns the same result."""
+    the same options) on ``split``; every rank returns the same result. ``metrics``: the
+    ``TEST_METRICS`` names to report (the jobs pass their objective kinds'; default all)."""
     from morec_dist.model.sharding import unwrap
 
     options = options or EvalOptions()
@@ -217,7 +243,13 @@ def evaluate(
     model.eval()
     try:
         return run_protocol(
-            lambda: model_scorer(module, features, ctx, stop_checker(ctx, options)), data, split, ks, ctx, options
+            lambda: model_scorer(module, features, ctx, stop_checker(ctx, options)),
+            data,
+            split,
+            ks,
+            ctx,
+            options,
+            metrics,
         )
     finally:
         model.train(was_training)
@@ -229,9 +261,12 @@ def evaluate_most_popular(
     ks: list[int],
     ctx: DistContext | None = None,
     options: EvalOptions | None = None,
+    metrics: Sequence[str] | None = None,
 ) -> EvalResult:
     """The most-popular baseline (score = train popularity), under the same protocol."""
     ctx = ctx or DistContext.single()
     data = open_dataset(dataset)
     popularity = ItemMeta.from_dataset(data).popularity
-    return run_protocol(lambda: popularity_scorer(popularity, ctx), data, split, ks, ctx, options or EvalOptions())
+    return run_protocol(
+        lambda: popularity_scorer(popularity, ctx), data, split, ks, ctx, options or EvalOptions(), metrics
+    )

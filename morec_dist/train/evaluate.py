@@ -16,7 +16,7 @@ from morec_dist.eval.evaluator import evaluate_most_popular
 from morec_dist.eval.ranking import EvalOptions
 from morec_dist.train.checkpoint import read_meta
 from morec_dist.train.run_dir import provenance, write_json_atomic
-from morec_dist.train.runner import evaluation, load_pretrained, setup_job
+from morec_dist.train.runner import evaluated_metrics, evaluation, load_pretrained, setup_job
 
 
 def _default_out(config: Config, checkpoint: str | Path, split: str) -> Path:
@@ -42,7 +42,9 @@ def run_evaluate(
     ctx, dataset, trainer = setup_job(config)  # the runner's setup; evaluation has no epochs
     load_pretrained(trainer, storage.location(checkpoint))
     metrics = evaluation(trainer, split)
-    popular = evaluate_most_popular(dataset, split, config.eval.ks, ctx, EvalOptions(config.eval.batch_users))
+    popular = evaluate_most_popular(
+        dataset, split, config.eval.ks, ctx, EvalOptions(config.eval.batch_users), evaluated_metrics()
+    )
     payload = {
         **metrics,
         "split": split,

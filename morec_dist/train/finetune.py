@@ -28,9 +28,12 @@ from typing import Any
 import torch.distributed as dist
 
 from morec_dist.config import Config
+from morec_dist.coordinator.client import RankClient
 from morec_dist.coordinator.core import CoordinatorError
+from morec_dist.coordinator.objectives import headline_metrics
 from morec_dist.data import storage
 from morec_dist.distributed import all_reduce_sum
+from morec_dist.eval.metrics import metric_key
 from morec_dist.train.checkpoint import checkpoint_root, save_checkpoint
 from morec_dist.train.loop import progress
 from morec_dist.train.methods import METHODS
@@ -41,7 +44,7 @@ from morec_dist.train.trainer import EpochStats, Trainer
 COORDINATOR_CHECKPOINT_TRIES = 3
 
 
-def coordinator_checkpoint(client: Any, trainer: Trainer) -> dict[str, Any] | None:
+def coordinator_checkpoint(client: RankClient, trainer: Trainer) -> dict[str, Any] | None:
     """Every rank's reports recorded (flush + barrier), then the coordinator's state: it
     holds every step < trainer.step. Each client keeps it as the base of a recovery.
 
@@ -65,7 +68,7 @@ def coordinator_checkpoint(client: Any, trainer: Trainer) -> dict[str, Any] | No
     )
 
 
-def coordinator_record(client: Any, strategy: Any) -> dict[str, Any]:
+def coordinator_record(client: RankClient, strategy: Any) -> dict[str, Any]:
     """The coordinator's trace (beta, global losses per step), history, and this rank's waits."""
     return {
         "trace": client.trace(),
@@ -85,6 +88,7 @@ class FinetuneJob:
         self.from_checkpoint = storage.location(from_checkpoint)
         self.from_arg = str(from_checkpoint)  # recorded as given
         self.k = report_k(config)
+        self.headline = headline_metrics([o.kind for o in config.morec.objectives])
         self.target_loss = 0.0
 
     def epochs(self, config: Config) -> int:
@@ -114,11 +118,8 @@ class FinetuneJob:
         progress(run.ctx.rank, f"{self.tag} epoch {epoch} loss {stats.mean_loss:.4f} valid {self._line(valid)}")
 
     def _line(self, m: dict[str, Any]) -> str:
-        k = self.k
-        return (
-            f"hit@{k} {m[f'hit@{k}']:.4f} r_hit@{k} {m[f'r_hit@{k}']:.3f} "
-            f"min_hit@{k} {m[f'min_hit@{k}']:.4f} pop_kl@{k} {m[f'pop_kl@{k}']:.3f}"
-        )
+        """Each objective's headline metric at K (accuracy's first), as its kind names it."""
+        return " ".join(f"{key} {m[key]:.4f}" for key in (metric_key(name, self.k) for name in self.headline))
 
     def finish(self, run: JobRun) -> dict[str, Any]:
         c, ctx, trainer, parts = run.config, run.ctx, run.trainer, run.parts

@@ -4,8 +4,9 @@
 2. pretrain (``morec train``) on ``run.nproc`` local ranks;
 3. fine-tune from the best pretrained checkpoint with each of ``run.methods`` (MoRec with
    a local Ray coordinator unless ``coordinator.ray_address`` is set; baselines);
-4. print and write (``results.md``, ``results.json``) the table of the seven metrics with
-   relative changes against the pretrained model.
+4. print and write (``results.md``, ``results.json``) the table of the test metrics of
+   accuracy and of the configured objectives' kinds (each kind's registry entry names
+   them; the reference objectives: seven) with relative changes against the pretrained model.
 Each stage runs as its own torchrun job, exactly as a user would run it by hand.
 """
 
@@ -14,21 +15,30 @@ from __future__ import annotations
 import math
 import subprocess
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from morec_dist.config import Config
+from morec_dist.coordinator.objectives import OBJECTIVE_KINDS, kind_metrics
 from morec_dist.data import storage
 from morec_dist.data.dataset import DatasetError, PreparedDataset
 from morec_dist.data.storage import StoragePath
+from morec_dist.eval.metrics import metric_key
 from morec_dist.train.run_dir import provenance, read_json, write_json_atomic
 
-TABLE_COLUMNS = ("hit", "ndcg", "r_hit", "r_ndcg", "min_hit", "min_ndcg", "pop_kl")
+
+def table_metrics(k: int, kinds: Sequence[str] | None = None) -> tuple[str, ...]:
+    """The table's metrics at K (``eval.ks[0]``, as the jobs' progress lines): the test
+    metrics of accuracy and of ``kinds`` (the config's objective kinds; None: every
+    registered kind), as each kind's registry entry names them."""
+    names = kind_metrics(OBJECTIVE_KINDS.names() if kinds is None else kinds)
+    return tuple(metric_key(name, k) for name in names)
 
 
-def table_metrics(k: int) -> tuple[str, ...]:
-    """The table's seven metrics at K (``eval.ks[0]``, as the jobs' progress lines)."""
-    return tuple(f"{column}@{k}" for column in TABLE_COLUMNS)
+def config_kinds(config: Config) -> list[str]:
+    """The objective kinds a config trains, in its order."""
+    return [o.kind for o in config.morec.objectives]
 
 
 def ensure_dataset(config: Config) -> StoragePath:
@@ -68,8 +78,10 @@ def change_text(before: float, after: float) -> str:
     return f"{100 * change:+.1f}%" if math.isfinite(change) else "n/a"
 
 
-def results_table(rows: dict[str, dict[str, float]], base: str = "pretrain", k: int = 10) -> str:
-    columns = table_metrics(k)
+def results_table(
+    rows: dict[str, dict[str, float]], base: str = "pretrain", k: int = 10, kinds: Sequence[str] | None = None
+) -> str:
+    columns = table_metrics(k, kinds)
     header = "| model | " + " | ".join(columns) + " |"
     lines = [header, "|" + "---|" * (len(columns) + 1)]
     for name, metrics in rows.items():
@@ -127,11 +139,12 @@ def run_pipeline(config_path: str | None, overrides: list[str], config: Config) 
         )
         rows[method] = read_json(method_dir / "metrics.json")
     table_rows = {"most popular": rows_popular, **{k: v for k, v in rows.items()}}
+    kinds = config_kinds(config)
     table = results_table(
-        {"pretrain": rows["pretrain"], **{n: v for n, v in table_rows.items() if n != "pretrain"}}, k=k
+        {"pretrain": rows["pretrain"], **{n: v for n, v in table_rows.items() if n != "pretrain"}}, k=k, kinds=kinds
     )
     summary = {
-        "table": {n: {m: v[m] for m in table_metrics(k)} for n, v in table_rows.items()},
+        "table": {n: {m: v[m] for m in table_metrics(k, kinds)} for n, v in table_rows.items()},
         "wall_s": {n: v.get("wall_s") for n, v in rows.items()},
         "target_loss": rows["pretrain"]["train_loss"],
         **provenance(config, config.run.nproc),

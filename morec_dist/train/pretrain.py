@@ -26,7 +26,16 @@ from morec_dist.eval.ranking import EvalOptions
 from morec_dist.train.checkpoint import checkpoint_root, load_checkpoint, save_checkpoint
 from morec_dist.train.loop import progress
 from morec_dist.train.run_dir import provenance
-from morec_dist.train.runner import JobParts, JobRun, evaluation, make_reader, report_k, run_job, select_metric
+from morec_dist.train.runner import (
+    JobParts,
+    JobRun,
+    evaluated_metrics,
+    evaluation,
+    make_reader,
+    report_k,
+    run_job,
+    select_metric,
+)
 from morec_dist.train.strategies import AccuracyOnly
 from morec_dist.train.trainer import EpochStats, Trainer
 
@@ -116,7 +125,8 @@ class PretrainJob:
         c, ctx, trainer, best = run.config, run.ctx, run.trainer, run.state.best
         load_checkpoint(self.best_path, trainer.model_state())
         test = evaluation(trainer, "test")
-        popular = evaluate_most_popular(run.dataset, "test", c.eval.ks, ctx, EvalOptions(c.eval.batch_users)).metrics
+        options = EvalOptions(c.eval.batch_users)
+        popular = evaluate_most_popular(run.dataset, "test", c.eval.ks, ctx, options, evaluated_metrics()).metrics
         return {
             **test,
             "split": "test",

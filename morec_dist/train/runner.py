@@ -14,7 +14,7 @@ its final fields. Everything else is here, once:
    checkpoint, the preemption check;
 4. close the parts, the job's final record, and ``metrics.json`` (rank 0, atomically).
 
-The evaluation helpers every job uses (``evaluation``, ``select_metric``, ``report_k``) and
+The evaluation helpers every job uses (``evaluation``, ``evaluated_metrics``, ``select_metric``, ``report_k``) and
 the job setup (``open_dataset_for_job``, ``make_reader``, ``load_pretrained``, ``setup_job``) live here too.
 """
 
@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
 from morec_dist.config import Config
+from morec_dist.coordinator.objectives import OBJECTIVE_KINDS, kind_metrics
 from morec_dist.data import storage
 from morec_dist.data.dataset import PreparedDataset
 from morec_dist.data.reader import Reader
@@ -44,6 +45,7 @@ from morec_dist.train.run_dir import provenance, write_json_atomic
 from morec_dist.train.trainer import EpochStats, Trainer, build_features
 
 if TYPE_CHECKING:
+    from morec_dist.coordinator.client import RankClient
     from morec_dist.observe.metrics import RankMetrics
 
 VERIFIED_ENV = "MOREC_DATASET_VERIFIED"  # set by the `morec` parent that verified this path
@@ -110,12 +112,20 @@ def select_metric(config: Config) -> str:
     return f"ndcg@{report_k(config)}"
 
 
+def evaluated_metrics() -> list[str]:
+    """The test metrics every job reports: those every registered objective kind names
+    (``ObjectiveKind.test_metrics``; a plugin's kind included), accuracy's first."""
+    return kind_metrics(OBJECTIVE_KINDS.names())
+
+
 def evaluation(trainer: Trainer, split: str) -> dict[str, float]:
     """The evaluation protocol's metrics (every K of ``eval.ks``) of the trainer's model."""
     c, ctx = trainer.config, trainer.ctx
     options = EvalOptions(batch_users=c.eval.batch_users, stop=sigterm_requested)
     try:
-        result = evaluate(trainer.model, trainer.dataset, split, c.eval.ks, trainer.features, ctx, options)
+        result = evaluate(
+            trainer.model, trainer.dataset, split, c.eval.ks, trainer.features, ctx, options, evaluated_metrics()
+        )
     except EvaluationInterrupted:
         exit_interrupted(ctx, f"evaluation on {split}")
     return result.metrics
@@ -130,7 +140,7 @@ class JobParts:
 
     reader: Reader
     strategy: Strategy
-    client: Any = None  # the coordinator client (MoRec), closed by the job's ``finish``
+    client: RankClient | None = None  # the coordinator client (MoRec), closed by the job's ``finish``
     coordinator: Callable[[], dict[str, Any] | None] | None = None  # its state for a step checkpoint
     extra_readers: list[Reader] = field(default_factory=list)  # closed with the reader
 

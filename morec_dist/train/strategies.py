@@ -39,6 +39,7 @@ import torch
 import torch.distributed as dist
 
 from morec_dist.coordinator.baselines import Combiner
+from morec_dist.coordinator.client import RankClient
 from morec_dist.coordinator.combined_loss import block_means, block_sums, combined_loss
 from morec_dist.coordinator.core import Decision
 from morec_dist.coordinator.mgda import min_norm_weights
@@ -79,7 +80,13 @@ class MorecStrategy:
     rank_local: tuple[str, ...] = ()  # rank 0's lists are the job's, whatever the world size
 
     def __init__(
-        self, client: Any, reader: Any, num_blocks: int, sampler_every: int, measure_signals: Any, submits: bool
+        self,
+        client: RankClient,
+        reader: Any,
+        num_blocks: int,
+        sampler_every: int,
+        measure_signals: Any,
+        submits: bool,
     ):
         self.client = client
         self.reader = reader

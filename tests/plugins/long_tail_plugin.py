@@ -8,6 +8,10 @@ Signal ``heldout_rank``: per group of the column, the mean full-ranking position
 validation users' held-out items (1 = top). The sign vector pushes sampling probability
 toward the group served worst (largest mean rank) and away from the one served best; the
 static_uniform / mgda_uniform baselines reweight uniform rows toward the inverse of each group's train share.
+
+Its test metric ``tail_hit@K`` (Hit@K of the users whose held-out item lies in the less
+popular half of the popularity bands) is evaluated, written to metrics.json and shown in
+``morec run``'s table wherever the kind is registered.
 """
 
 from __future__ import annotations
@@ -15,14 +19,26 @@ from __future__ import annotations
 import numpy as np
 
 from morec_dist.coordinator.objectives import ObjectiveKind, SignalRequest, register_objective_kind
+from morec_dist.eval.metrics import TEST_METRICS, MetricInputs, TestMetric, hit_at_k
 from morec_dist.eval.signals import SIGNALS, RowSignal
 
 SIGNALS.register("heldout_rank", RowSignal(lambda batch, request: batch.ranks().double()))
 
 
+def tail_hit(inputs: MetricInputs, k: int) -> float:
+    """Hit@k over the users whose held-out item is in the less popular half of the
+    popularity bands (align_group: band 1 is the most popular); NaN without such users."""
+    tail = inputs.heldout["align_group"] > inputs.q_star.size // 2
+    return float(hit_at_k(inputs.ranks[tail], k).mean()) if tail.any() else float("nan")
+
+
+TEST_METRICS.register("tail_hit", TestMetric(tail_hit, "tail-Hit"))
+
+
 class LongTailKind(ObjectiveKind):
     name = "long_tail"
     defaults = {"init": "train_share"}
+    test_metrics = ("tail_hit",)
 
     def initial(self, column, stats, options, where):
         if options["init"] == "uniform":
