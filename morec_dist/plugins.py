@@ -66,8 +66,8 @@ def validate_names(config: Config) -> None:
             _check(SHARDING_TYPES, sharding, where)
     _check(EMBEDDING_OPTIMIZERS, config.optim.embedding_optimizer, "optim.embedding_optimizer")
     _check(DENSE_OPTIMIZERS, config.optim.dense_optimizer, "optim.dense_optimizer")
-    for i, o in enumerate(config.morec.objectives):
     _check(CONTROL_LAWS, config.morec.pid.law, "morec.pid.law")
+    for i, o in enumerate(config.morec.objectives):
         where = f"morec.objectives[{i}] ({o.name})"
         try:
             kind = kind_of(o.kind, where)
