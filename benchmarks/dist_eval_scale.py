@@ -32,6 +32,7 @@ from morec_dist.eval.ranking import (
     ranked_batches,
     stop_checker,
 )
+from morec_dist.model.spec import VectorScorer
 
 HISTORY_PER_USER = 20
 
@@ -78,7 +79,7 @@ def phase(model, features, users, k: int, ctx: DistContext, batch_users: int, ne
         extra = np.random.default_rng([seed, 7919]).integers(1, features.num_items + 1, (len(users), negatives))
     options = EvalOptions(batch_users=batch_users)
     started, cpu = time.perf_counter(), time.process_time()
-    scorer = model_scorer(model, features, ctx, stop_checker(ctx, options))
+    scorer = model_scorer(model, features, ctx, stop_checker(ctx, options), VectorScorer())  # no spec: say it
     ranks = 0
     for batch in ranked_batches(scorer, users, features.num_items, k, ctx, options, extra_columns=extra):
         ranks += int(batch.ranks.sum())
