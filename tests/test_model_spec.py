@@ -112,7 +112,9 @@ def test_register_model_refuses_a_bad_spec_naming_the_model():
         register_model("m2", build, scorer=lambda m, b: b)
     with pytest.raises(ValueError, match=r"model 'm3': legacy_options \['hidden'\] are not fields of ModelConfig"):
         register_model("m3", build, legacy_options=("hidden",))
-    assert "m1" not in MODELS and "m2" not in MODELS and "m3" not in MODELS
+    with pytest.raises(ValueError, match=r"model 'm4': builder must take \(features, config, options, device\)"):
+        register_model("m4", lambda features, config, device: None)  # the form before model options
+    assert not {"m1", "m2", "m3", "m4"} & set(MODELS)
 
 
 # ------------------------------------------------------------------ spec consumers

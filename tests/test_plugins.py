@@ -84,7 +84,7 @@ def test_a_plugin_kind_is_valid_once_run_plugins_imported_it(plugins_on_path):
 def test_a_plugin_model_carries_its_feature_set():
     from morec_dist.model.registry import MODELS, feature_set_for, register_model
 
-    def build(features, config, device):
+    def build(features, config, options, device):
         raise AssertionError("not built here")
 
     if "test_side_model" not in MODELS:

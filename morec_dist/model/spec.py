@@ -28,6 +28,7 @@ methods.
 from __future__ import annotations
 
 import dataclasses
+import inspect
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -116,6 +117,8 @@ class ModelSpec:
 
     def __post_init__(self) -> None:
         where = f"model {self.name!r}"
+        if not _takes_four_arguments(self.builder):
+            raise ValueError(f"{where}: builder must take (features, config, options, device), got {self.builder!r}")
         if self.feature_set not in FEATURE_SETS:
             raise ValueError(f"{where}: feature_set {self.feature_set!r} is not one of {FEATURE_SETS}")
         if not (isinstance(self.options, type) and dataclasses.is_dataclass(self.options)):
@@ -154,6 +157,18 @@ class ModelSpec:
             except ValueError as exc:  # a plugin's check may raise a plain ValueError
                 raise ConfigError(str(exc)) from None
         return options
+
+
+def _takes_four_arguments(builder: Callable[..., Any]) -> bool:
+    """Whether ``builder`` can be called with the four positional arguments (a builder of the
+    older three-argument form fails here, at registration, not in every rank at build)."""
+    try:
+        inspect.signature(builder).bind(None, None, None, None)
+    except TypeError:
+        return False
+    except ValueError:  # no signature to read (a builtin): let the call decide
+        return True
+    return True
 
 
 def attach_spec(module: nn.Module, spec: ModelSpec) -> nn.Module:
