@@ -191,6 +191,19 @@ def test_batch_size_does_not_change_the_signals(setup, one_rank):
     assert_signals_equal(run_signals(ds, model, features, 0, 1, batch_users=7), one_rank)
 
 
+def test_a_pairwise_scorer_gives_the_same_signals(setup, one_rank):
+    """The signals score through the model's spec: the same weights behind a PairwiseScorer
+    (the model's forward over candidate pairs) give the vector path's signals."""
+    import dataclasses
+
+    from morec_dist.model.spec import PairwiseScorer, attach_spec, spec_of
+
+    ds, features, _ = setup
+    model = integer_mf(features)  # the same seeded weights, its own spec
+    attach_spec(model, dataclasses.replace(spec_of(model), scorer=PairwiseScorer()))
+    assert_signals_equal(run_signals(ds, model, features, 0, 1, batch_users=50), one_rank)
+
+
 def sample_size(ds: PreparedDataset) -> int:
     return ds.split_rows("valid") // 3
 
