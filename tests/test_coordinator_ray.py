@@ -322,3 +322,65 @@ def test_cli_starts_a_detached_actor_and_sets_preferences_live(ray_address):
             ray.kill(get_existing(name, NAMESPACE))
         except CoordinatorError:
             pass
+
+
+def _report(actor, steps: range) -> None:
+    """Reports of ``steps`` into the actor, recorded (their replies, later decisions, unread:
+    the budget law's decisions wait for held-out measurements)."""
+    import ray
+
+    for t in steps:
+        actor.report.remote(0, t, *RANKS.synthetic_report(0, t, 0.2))
+    ray.get(actor.wait_recorded.remote(0, list(steps)), timeout=60)
+
+
+@pytest.mark.slow
+def test_cli_sets_a_new_accuracy_budget_from_a_stated_step(ray_address):
+    """``set-preferences --budget B --from-step N`` on a live actor of the budget law: recorded
+    in the core's versioned budget history, in force for the measurements after steps >= N and
+    not before; a step that may be decided, a step flag without its change and a job on the
+    paper's law are refused with one line (exit 2)."""
+    import ray
+
+    name = "coord-cli-budget"
+    common = ["--address", ray_address, "--name", name, "--namespace", NAMESPACE]
+    config = load_config(
+        None,
+        [
+            "morec.pid.law=budget", "morec.control.every_steps=4", "morec.sampler.update_every_steps=8",
+            "coordinator.staleness=2", "morec.control.ema=1.0", "morec.accuracy_budget=0.05",
+        ],
+    )  # fmt: skip
+    spec = build_spec(config, stats(), world_size=1, target_loss=L_HAT, reference_accuracy=0.10)
+    actor = get_or_create(name, NAMESPACE)
+    try:
+        ray.get(actor.configure.remote(spec, None, "budget-run"))
+        _report(actor, range(4))
+        ray.get(actor.submit_measurement.remote(3, 0.095))
+        changed = _cli("set-preferences", *common, "--budget", "0.02", "--from-step", "8")
+        assert changed.returncode == 0, changed.stderr[-3000:]
+        change = json.loads(changed.stdout.strip().splitlines()[-1])
+        assert (change["effective_step"], change["budget"], change["received_after_step"]) == (8, 0.02, 3)
+        assert change["source"].startswith("cli pid=")
+        assert ray.get(actor.budget_history.remote()) == [change]
+        _report(actor, range(4, 12))
+        assert ray.get(actor.submit_measurement.remote(7, 0.097))["budget"] == 0.05  # before the stated step
+        after = ray.get(actor.submit_measurement.remote(11, 0.097))
+        assert after["budget"] == 0.02 and after["setpoint"] == pytest.approx(0.098)
+        too_early = _cli("set-preferences", *common, "--budget", "0.03", "--from-step", "3")
+        assert too_early.returncode == 2 and "earliest step that can still change is" in too_early.stderr
+        unpaired = _cli("set-preferences", *common, "--weight", "revenue=0.1", "--from-step", "20")
+        assert unpaired.returncode == 2 and "--from-step is the step of a --budget change" in unpaired.stderr
+        assert len(ray.get(actor.budget_history.remote())) == 1 and ray.get(actor.history.remote()) == []
+    finally:
+        ray.kill(actor)
+    paper = get_or_create(name + "-paper", NAMESPACE)
+    try:
+        ray.get(paper.configure.remote(spec_for(world_size=1, staleness=2, every=100), None, "paper-run"))
+        refused = _cli("set-preferences", "--address", ray_address, "--name", name + "-paper", "--namespace",
+                       NAMESPACE, "--budget", "0.03")  # fmt: skip
+        assert refused.returncode == 2, refused.stdout
+        assert "set_budget: morec.pid.law = 'paper' takes no held-out measurement or budget" in refused.stderr
+        assert len(refused.stderr.strip().splitlines()) == 1
+    finally:
+        ray.kill(paper)

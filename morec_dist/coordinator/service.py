@@ -17,12 +17,16 @@ morec_dist.coordinator.service coordinator ...``):
     morec coordinator start  --address HOST:PORT [--name N] [--namespace NS] [--config FILE]
     morec coordinator status --address HOST:PORT ...
     morec coordinator set-preferences --address HOST:PORT [--weight NAME=W ...] [--target-loss X] [--at-step T]
+                                      [--budget B [--from-step T]]
     morec coordinator stop   --address HOST:PORT ...
 
 ``start`` creates the detached actor on an existing cluster (a job with
 ``coordinator.ray_address`` set finds and configures it); ``set-preferences`` reaches the
-live actor and prints the recorded change (without ``--at-step``: the earliest step that
-can still change deterministically).
+live actor and prints each recorded change as a JSON line (without ``--at-step``: the
+earliest step that can still change deterministically). ``--budget`` is a new accuracy
+budget of the budget law (``morec.pid.law = "budget"``) for the held-out measurements after
+steps >= ``--from-step`` (default: the earliest such step), recorded in the core's
+versioned budget history like a preference change; a job on the paper's law refuses it.
 """
 
 from __future__ import annotations
@@ -221,21 +225,38 @@ def _cmd_status(args: argparse.Namespace) -> int:
     return 0
 
 
-def _cmd_set_preferences(args: argparse.Namespace) -> int:
+def _check_preference_args(args: argparse.Namespace) -> None:
+    """What was asked for is a change, and each step flag goes with its change."""
+    preferences = bool(args.weight) or args.target_loss is not None
+    if not preferences and args.budget is None:
+        raise CoordinatorError("set-preferences: give --weight NAME=VALUE (repeatable), --target-loss and/or --budget")
+    if args.at_step is not None and not preferences:
+        raise CoordinatorError("set-preferences: --at-step is the step of a --weight / --target-loss change")
+    if args.from_step is not None and args.budget is None:
+        raise CoordinatorError("set-preferences: --from-step is the step of a --budget change")
+
+
+def _actor_call(call: Any) -> dict[str, Any]:
+    """``ray.get`` of a control call; the core's refusal becomes one CoordinatorError line."""
     import ray
 
-    if not args.weight and args.target_loss is None:
-        raise CoordinatorError("set-preferences: give --weight NAME=VALUE (repeatable) and/or --target-loss")
+    try:
+        return ray.get(call)
+    except ray.exceptions.RayTaskError as exc:
+        raise CoordinatorError(str(exc.cause) if getattr(exc, "cause", None) else str(exc)) from None
+
+
+def _cmd_set_preferences(args: argparse.Namespace) -> int:
+    _check_preference_args(args)
     section = _coordinator_section(args)
     connect_ray(section.ray_address, section.namespace)
     actor = get_existing(section.name, section.namespace)
-    weights = dict(args.weight) if args.weight else None
     source = f"cli pid={os.getpid()}"
-    try:
-        change = ray.get(actor.set_preferences.remote(weights, args.target_loss, args.at_step, source))
-    except ray.exceptions.RayTaskError as exc:
-        raise CoordinatorError(str(exc.cause) if getattr(exc, "cause", None) else str(exc)) from None
-    print(json.dumps(change))
+    if args.weight or args.target_loss is not None:
+        weights = dict(args.weight) if args.weight else None
+        print(json.dumps(_actor_call(actor.set_preferences.remote(weights, args.target_loss, args.at_step, source))))
+    if args.budget is not None:
+        print(json.dumps(_actor_call(actor.set_budget.remote(args.budget, args.from_step, source))))
     return 0
 
 
@@ -272,7 +293,9 @@ def add_coordinator_commands(subparsers: argparse._SubParsersAction) -> None:
     status = which.add_parser("status", help="print the live coordinator's status")
     _common(status)
     status.set_defaults(func=_reporting_errors(_cmd_status))
-    prefs = which.add_parser("set-preferences", help="change w and/or l_hat of a running job from a stated step")
+    prefs = which.add_parser(
+        "set-preferences", help="change w, l_hat and/or the accuracy budget of a running job from a stated step"
+    )
     _common(prefs)
     prefs.add_argument(
         "--weight",
@@ -285,6 +308,19 @@ def add_coordinator_commands(subparsers: argparse._SubParsersAction) -> None:
     prefs.add_argument("--target-loss", type=float, default=None, help="new accuracy target l_hat")
     prefs.add_argument(
         "--at-step", type=int, default=None, help="first step the change applies to (default: the earliest possible)"
+    )
+    prefs.add_argument(
+        "--budget",
+        type=float,
+        default=None,
+        help="new accuracy budget (relative, e.g. 0.03: held-out Hit@K at most 3%% below the pretrained model's); "
+        'morec.pid.law = "budget" only',
+    )
+    prefs.add_argument(
+        "--from-step",
+        type=int,
+        default=None,
+        help="first step whose held-out measurement uses the new --budget (default: the earliest possible)",
     )
     prefs.set_defaults(func=_reporting_errors(_cmd_set_preferences))
     stop = which.add_parser("stop", help="kill the coordinator actor")
