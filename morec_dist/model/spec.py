@@ -17,8 +17,8 @@ A ``ModelSpec`` carries
   ``VectorScorer`` (score = user vector . item vector; a rank's item range is one matrix
   product) or a ``PairwiseScorer`` (the model scores (user, item) pairs, e.g. a ranking MLP
   over both sides' features; evaluation feeds it the candidate items in rounds);
-- ``export_user_side``: an optional hook for ``morec export`` (the user side in a servable
-  form); None leaves the exporter's default for the model.
+- ``export_user_side``: an optional slot for ``morec export``'s user side (a servable form
+  of the user vectors or tower); the exporter's wiring to it is its own (not done yet).
 
 ``build_model`` (model/registry.py) tags the model it builds with its spec, and every consumer
 asks that spec (``spec_of``, ``unwrap``, ``as_recommender``) instead of probing the module for
@@ -110,7 +110,7 @@ class ModelSpec:
     options: type = NoOptions
     dense_inputs: Callable[[Any], DenseInputs] = no_dense_inputs
     scorer: Scorer = field(default_factory=VectorScorer)
-    # `morec export`'s hook for the user side (morec_dist/export/ calls it); None = its default
+    # a slot for `morec export`'s user side (export/user_side.py still dispatches by name; not wired yet)
     export_user_side: Callable[..., Any] | None = None
     # ModelConfig fields that are older spellings of options (two_tower: tower_dims)
     legacy_options: tuple[str, ...] = ()
