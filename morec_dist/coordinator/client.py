@@ -75,6 +75,11 @@ class RankClient(Protocol):
         """The reduced validation signals measured after ``step``; the new p version."""
         ...
 
+    def submit_measurement(self, step: int, hit: float) -> dict[str, Any]:
+        """The budget law's held-out Hit@K measured after ``step`` (before any signals of
+        that step); what the controller did (``coordinator/budget.py`` ``BudgetStep``)."""
+        ...
+
     def flush(self) -> None:
         """Every report made so far is recorded by the coordinator (raises a refused one)."""
         ...
@@ -184,6 +189,7 @@ class CoordinatorClient:
         self.recoveries = 0
         self._log: list[tuple[int, list[float], list[int]]] = []  # reports since the last checkpoint
         self._signals_log: list[tuple[int, dict[str, list[float]]]] = []
+        self._measurements_log: list[tuple[int, float]] = []
 
     # ------------------------------------------------------------ failures
     def mark_checkpoint(self, state: Mapping[str, Any] | None, step: int) -> None:
@@ -195,6 +201,7 @@ class CoordinatorClient:
             self.recovery.state, self.recovery.step = state, int(step)
         self._log.clear()
         self._signals_log.clear()
+        self._measurements_log.clear()
 
     def resync(self) -> None:
         """Replay this rank's reports since the last checkpoint into the actor (a no-op for
@@ -231,7 +238,9 @@ class CoordinatorClient:
                 self.actor = r.reopen()
                 ray.get(self.actor.configure.remote(r.spec, r.state, run_id), timeout=self.wait_timeout_s)
                 ray.get(
-                    self.actor.replay.remote(self.rank, list(self._log), list(self._signals_log)),
+                    self.actor.replay.remote(
+                        self.rank, list(self._log), list(self._signals_log), list(self._measurements_log)
+                    ),
                     timeout=self.wait_timeout_s,
                 )
                 break
@@ -369,6 +378,12 @@ class CoordinatorClient:
         self.flush()
 
     # ------------------------------------------------------------ rare calls
+    def submit_measurement(self, step: int, hit: float) -> dict[str, Any]:
+        """Submit the budget law's held-out Hit@K measured after ``step``; what the controller did."""
+        if self.recovery is not None:
+            self._measurements_log.append((int(step), float(hit)))
+        return dict(self._call("submit_measurement", int(step), float(hit)))
+
     def submit_signals(self, step: int, signals: Mapping[str, Sequence[float]]) -> int:
         """Submit the reduced validation signals measured after ``step``; returns the new p version."""
         payload = {k: [float(x) for x in v] for k, v in signals.items()}

@@ -378,6 +378,9 @@ class GlobalCoordinatorClient:
     def submit_signals(self, step: int, signals: Mapping[str, Sequence[float]]) -> int:
         return self._rank0_only("submit_signals").submit_signals(step, signals)
 
+    def submit_measurement(self, step: int, hit: float) -> dict[str, Any]:
+        return self._rank0_only("submit_measurement").submit_measurement(step, hit)
+
     def state_dict(self) -> dict[str, Any]:
         return self._rank0_only("state_dict").state_dict()
 

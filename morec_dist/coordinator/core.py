@@ -610,8 +610,7 @@ class CoordinatorCore:
             "target_loss": [r.target_loss for r in self.trace],
             "losses": [list(r.losses) for r in self.trace],
             "counts": [list(r.counts) for r in self.trace],
-            "law": self.spec.law,
-            "control": [r.as_dict() for r in self.control_trace],
+            "control": [r.as_dict() for r in self.control_trace],  # the budget law's measurements
             "sampler_paused": list(self.sampler_paused),
         }
 

@@ -46,6 +46,7 @@ class BudgetControl:
     control: HeldoutSlice
     selection: HeldoutSlice
     batch_users: int
+    reference: float = 0.0  # the pretrained model's control-slice Hit (set by the session)
 
     def hit(self, part: HeldoutSlice, when: str) -> float:
         """Hit@K of the trainer's model on ``part`` (a collective); SIGTERM ends the job."""
@@ -85,12 +86,19 @@ def uses_budget(config: Config, law: str | None = None) -> bool:
     return is_measured(law or config.morec.pid.law)
 
 
+def selection_key(control: BudgetControl) -> str:
+    """The key of the selection slice's Hit in a job's ``valid_before`` record."""
+    return f"selection_hit@{control.k}"
+
+
 def budget_record(
-    config: Config, control: BudgetControl, reference: float, selection_before: float, selection_after: float
+    config: Config, control: BudgetControl, selection_before: float, selection_after: float
 ) -> dict[str, Any]:
-    """What metrics.json says about the budget: the set point on the control slice, and
-    whether the selection slice (which the controller never saw) ended within the budget."""
+    """What metrics.json says about the budget (the one it started with; live changes are in
+    the coordinator's budget history): the set point on the control slice, and whether the
+    selection slice (which the controller never saw) ended within the budget."""
     budget = config.morec.accuracy_budget
+    reference = control.reference
     change = (selection_after - selection_before) / selection_before if selection_before else float("nan")
     return {
         "law": config.morec.pid.law,

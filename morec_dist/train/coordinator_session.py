@@ -6,11 +6,16 @@ paper's baselines in ``train/methods.py``) starts from:
 
 1. the ``CoordinatorSpec`` from the config, the data's group statistics and l_hat
    (``coordinator/core.py``; the sampler's per-epoch cadence needs the steps per epoch);
-2. the sampler's signal measure (``eval/signals.py`` on the seeded validation sample, a
+2. under the budget law (``morec.pid.law = "budget"``), the validation users' control and
+   selection slices (``train/budget_control.py``) and the pretrained model's control-slice
+   Hit, the set point's reference: measured before the first step (a collective), or read
+   from the checkpoint's coordinator state on a resume; the baselines on the same blocks run
+   the paper's law, whose beta they never read, and measure nothing;
+3. the sampler's signal measure (``eval/signals.py`` on the seeded validation sample, a
    collective), and with ``morec.sampler.update_at_start`` the first p update made from the
    pretrained model before the first step (version 0 is then that distribution);
-3. this rank's reader of the K+1 blocks, whose version 0 is the coordinator's;
-4. the client of ``coordinator.protocol``: ``global`` (gloo groups on every rank, rank 0
+4. this rank's reader of the K+1 blocks, whose version 0 is the coordinator's;
+5. the client of ``coordinator.protocol``: ``global`` (gloo groups on every rank, rank 0
    joins Ray) or ``per_rank`` (every rank joins Ray), configured with the checkpoint's
    coordinator state on a resume.
 
@@ -29,7 +34,7 @@ from typing import Any
 from morec_dist.config import Config, ConfigError, check_per_rank_fits
 from morec_dist.coordinator.client import RankClient
 from morec_dist.coordinator.collective import GlobalCoordinatorClient, new_groups
-from morec_dist.coordinator.core import CoordinatorSpec, build_spec
+from morec_dist.coordinator.core import CoordinatorError, CoordinatorSpec, build_spec, reference_accuracy_of
 from morec_dist.coordinator.objectives import ObjectiveError, SignalRequest
 from morec_dist.coordinator.sampler import GroupStats, SamplerError, SamplerState
 from morec_dist.coordinator.service import connect_ray, open_coordinator
@@ -37,6 +42,7 @@ from morec_dist.data.reader import Reader, batch_sizes
 from morec_dist.distributed import DistContext
 from morec_dist.eval.ranking import EvaluationInterrupted
 from morec_dist.eval.signals import SignalOptions, compute_signals
+from morec_dist.train.budget_control import BudgetControl, open_budget_control, uses_budget
 from morec_dist.train.preemption import exit_interrupted, sigterm_requested
 from morec_dist.train.resume import ResumePoint, coordinator_state_for
 from morec_dist.train.runner import make_reader
@@ -59,12 +65,13 @@ class CoordinatedSession:
     sampler_every: int  # 0: no adaptive objective, no signal updates
     submits: bool  # the one rank that submits the (identical) reduced signals
     start_update: dict[str, Any] | None = None  # the update made before the first step
+    control: BudgetControl | None = None  # the budget law's measurements; None: the paper's law
 
     def strategy(self, make: StrategyFactory) -> MorecStrategy:
         """The method's strategy on this session; rank 0's records the start update."""
         strategy = make(
             self.client, self.reader, self.spec.objectives.num_blocks, self.sampler_every, self.measure,
-            submits=self.submits,
+            submits=self.submits, control=self.control,
         )  # fmt: skip
         if self.start_update is not None and self.submits:
             strategy.sampler_updates.append(self.start_update)
@@ -85,8 +92,11 @@ def reporters(config: Config, ctx: DistContext) -> int:
     return 1
 
 
-def coordinator_spec(config: Config, trainer: Trainer, target_loss: float) -> CoordinatorSpec:
-    """The spec of this job's coordinator (a bad objective entry: ``ConfigError``)."""
+def coordinator_spec(
+    config: Config, trainer: Trainer, target_loss: float, law: str | None = None, reference: float | None = None
+) -> CoordinatorSpec:
+    """The spec of this job's coordinator (a bad objective entry: ``ConfigError``); ``law``
+    overrides ``morec.pid.law``, ``reference`` is the budget law's pretrained held-out Hit."""
     dataset = trainer.dataset
     stats = GroupStats.from_manifest(dataset.manifest, dataset.path)
     try:
@@ -96,6 +106,8 @@ def coordinator_spec(config: Config, trainer: Trainer, target_loss: float) -> Co
             world_size=reporters(config, trainer.ctx),
             target_loss=target_loss,
             steps_per_epoch=steps_per_epoch(config, trainer),
+            reference_accuracy=reference,
+            law=law,
         )
     except (ObjectiveError, SamplerError) as exc:
         raise ConfigError(f"morec.objectives: {exc}") from None
@@ -205,12 +217,31 @@ def open_global_coordinator(
     return client
 
 
+def budget_reference(control: BudgetControl, resume: ResumePoint | None) -> float:
+    """The budget law's reference: the pretrained model's control-slice Hit, measured now on a
+    fresh job (a collective), or the one a resumed job's coordinator state was built with."""
+    if resume is None:
+        return control.measure(-1)
+    reference = reference_accuracy_of(resume.coordinator)
+    if reference is None:
+        raise CoordinatorError(
+            f"{resume.path}: the checkpoint's coordinator ran no budget law (morec.pid.law = 'paper'); resume it "
+            "with the law it was written with"
+        )
+    return reference
+
+
 def open_session(
-    config: Config, trainer: Trainer, target_loss: float, resume: ResumePoint | None
+    config: Config, trainer: Trainer, target_loss: float, resume: ResumePoint | None, law: str | None = None
 ) -> CoordinatedSession:
     """Spec, signals, reader and client of a coordinated method, in the order the ranks'
-    collectives need (the start update's signals before any coordinator group exists)."""
-    spec = coordinator_spec(config, trainer, target_loss)
+    collectives need (the budget's reference and the start update's signals before any
+    coordinator group exists). ``law`` overrides ``morec.pid.law`` (the baselines: "paper")."""
+    control, reference = None, None
+    if uses_budget(config, law):
+        control = open_budget_control(config, trainer)
+        reference = control.reference = budget_reference(control, resume)
+    spec = coordinator_spec(config, trainer, target_loss, law, reference)
     requests = spec.objectives.signal_requests()
     measure = signal_measure(config, trainer, requests)
     start_update = None
@@ -229,4 +260,5 @@ def open_session(
         sampler_every=spec.sampler_every if requests else 0,
         submits=trainer.ctx.rank == 0,
         start_update=start_update,
+        control=control,
     )

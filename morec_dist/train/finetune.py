@@ -11,7 +11,10 @@ Methods (``--method``, the registry ``morec_dist.train.methods.METHODS``):
 - ``static_uniform``, ``mgda_uniform``: uniform batches, the objective losses importance-weighted
   toward their targets, fixed or MGDA's min-norm weights.
 Every method evaluates on valid after each epoch and on test at the end, writing
-``metrics.json`` (for MoRec with the beta / loss trace and the coordinator's history).
+``metrics.json`` (for MoRec with the beta / loss trace and the coordinator's history). Under
+the budget law (``morec.pid.law = "budget"``) it also records ``budget``: the set point and
+the selection slice's Hit before and after, and whether the budget held there
+(``train/budget_control.py``).
 
 The skeleton (setup, resume, the epoch loop with its step checkpoints, the final record)
 is ``morec_dist.train.runner``'s; this module is the ``FinetuneJob``'s hooks. For MoRec the
@@ -34,6 +37,7 @@ from morec_dist.coordinator.objectives import headline_metrics
 from morec_dist.data import storage
 from morec_dist.distributed import all_reduce_sum
 from morec_dist.eval.metrics import metric_key
+from morec_dist.train.budget_control import BudgetControl, budget_record, selection_key
 from morec_dist.train.checkpoint import checkpoint_root, save_checkpoint
 from morec_dist.train.loop import progress
 from morec_dist.train.methods import METHODS
@@ -104,6 +108,13 @@ class FinetuneJob:
 
     def before_training(self, run: JobRun) -> None:
         run.state.before = evaluation(run.trainer, "valid")
+        control = self._budget_control(run)
+        if control is not None:  # the selection slice's Hit of the pretrained model (a collective)
+            run.state.before[selection_key(control)] = control.selection_hit("before fine-tuning")
+
+    def _budget_control(self, run: JobRun) -> BudgetControl | None:
+        """The budget law's slices (``train/budget_control.py``), when the method runs it."""
+        return getattr(run.parts.strategy, "control", None) if run.parts is not None else None
 
     def end_epoch(self, run: JobRun, epoch: int, stats: EpochStats, valid: dict[str, float]) -> None:
         run.state.history.append(
@@ -144,8 +155,15 @@ class FinetuneJob:
             },
         )
         test = evaluation(trainer, "test")
+        budget = {}
+        control = self._budget_control(run)
+        before = (run.state.before or {}).get(selection_key(control)) if control is not None else None
+        if control is not None and before is not None:
+            after = control.selection_hit("after fine-tuning")  # a collective, every rank alike
+            budget = {"budget": budget_record(c, control, before, after)}
         return {
             **test,
+            **budget,
             "split": "test",
             "job": self.kind,
             "from_checkpoint": self.from_arg,

@@ -113,7 +113,8 @@ def combined_method(name: str) -> MethodBuilder:
         def make(*args: Any, **kwargs: Any) -> MorecStrategy:
             return CombinerStrategy(combiner, *args, **kwargs)
 
-        session = open_session(config, trainer, target_loss, resume)
+        # the paper's law: its beta is recorded, unused, and it takes no held-out measurement
+        session = open_session(config, trainer, target_loss, resume, law="paper")
         return session.reader, session.strategy(make), session.client
 
     return build

@@ -11,7 +11,9 @@ an error, so a renamed field can never silently drop out of checkpoints), and
 - ``MorecStrategy``: MoRec. Before each step it takes the coordinator's decision for that
   step (beta, w, lambda, p_k version; bounded staleness) and hands new p_k to the reader;
   the step's loss is ``lambda * sum_k w_k L_k + beta * L_acc`` over the batch's blocks; after
-  the step it reports the per-block loss sums and row counts (non-blocking).
+  the step it reports the per-block loss sums and row counts (non-blocking). Under the budget
+  law it measures held-out Hit of the control slice after every due step (a collective) and
+  rank 0 submits it, before that step's sampler signals (``train/budget_control.py``).
 - ``CombinerStrategy``: the paper's baselines as the authors run them (methods ``static``,
   ``mgda``, ``pareto_mtl``, ``epo``): everything of ``MorecStrategy`` (the coordinator's p_k
   version, the reports, the sampler updates: the data sampler keeps adapting), except that
@@ -47,6 +49,7 @@ from morec_dist.coordinator.objectives import kind_of
 from morec_dist.coordinator.sampler import GroupStats
 from morec_dist.data.batch import Batch
 from morec_dist.data.dataset import PreparedDataset
+from morec_dist.train.budget_control import BudgetControl
 from morec_dist.train.job_state import check_state_keys
 
 
@@ -87,8 +90,11 @@ class MorecStrategy:
         sampler_every: int,
         measure_signals: Any,
         submits: bool,
+        control: BudgetControl | None = None,
     ):
         self.client = client
+        # the budget law's held-out measurements (train/budget_control.py); None: the paper's law
+        self.control = control
         self.reader = reader
         self.num_blocks = num_blocks
         self.sampler_every = sampler_every
@@ -129,6 +135,10 @@ class MorecStrategy:
         started = time.perf_counter()
         self.client.report(step, sums.tolist(), counts.tolist())
         self.last_report_s = time.perf_counter() - started
+        if self.control is not None and self.control.due(step):
+            hit = self.control.measure(step)  # a collective; before the sampler's (it reads the safety rule)
+            if self.submits:
+                self.client.submit_measurement(step, hit)
         if self.sampler_every and (step + 1) % self.sampler_every == 0:
             signals = self.measure_signals(step)
             if self.submits:
