@@ -185,11 +185,12 @@ def _staging_of(final: StoragePath) -> StoragePath:
 def _begin(final: StoragePath, rank_state: dict[str, Any] | None, group: Any = None) -> PendingCheckpoint:
     """Collective over ``group``: an empty staging place (rank 0), then every rank's own JSON in it."""
     staging = _staging_of(final)
-    if _is_rank0() and isinstance(staging, Path):
-        shutil.rmtree(staging, ignore_errors=True)
-        staging.mkdir(parents=True)
-    elif _is_rank0():
-        _remove_remote(staging)
+    if _is_rank0():
+        if isinstance(staging, Path):
+            shutil.rmtree(staging, ignore_errors=True)
+            staging.mkdir(parents=True)
+        else:
+            _remove_remote(staging)
     _barrier(group)
     if rank_state is not None:
         rank = dist.get_rank() if dist.is_initialized() else 0
