@@ -13,7 +13,9 @@
 # --foreground       run in the foreground (containers) instead of as a background process
 # --until FILE       with --foreground: stop the head and exit 0 once FILE exists (a pod whose
 #                    lifetime is the job's: k8s/base/ray-head.yaml waits for the pipeline's
-#                    last output); exit 1 if the head dies first, 143 on SIGTERM
+#                    last output); exit 1 if the head dies first, 143 on SIGTERM. FILE may be
+#                    a filesystem URI (s3://...: launch/wait_for.sh polls the store beside the
+#                    head; exit 2 if it can never be read, e.g. a URI carrying credentials)
 # --stop             stop the head this script started for PORT; other Ray instances on the
 #                    machine are left alone (this is not `ray stop`)
 #
@@ -100,10 +102,29 @@ if (( foreground )); then
     # that the shell can end it when the job's last output appears, or forward a SIGTERM.
     "${head[@]}" &
     child=$!
-    stop_child() { kill -TERM "$child" 2>/dev/null || true; wait "$child" 2>/dev/null || true; }
+    waiter=""
+    if [[ "$until_file" == *://* && "$until_file" != file://* ]]; then
+        # an object on a store: one waiter process polls it (python, through data/storage.py)
+        "$ROOT/launch/wait_for.sh" "$until_file" &
+        waiter=$!
+    fi
+    stop_child() {
+        [[ -z "$waiter" ]] || kill -TERM "$waiter" 2>/dev/null || true
+        kill -TERM "$child" 2>/dev/null || true; wait "$child" 2>/dev/null || true
+    }
+    until_exists() {
+        if [[ -z "$waiter" ]]; then [[ -e "$until_file" ]]; return; fi
+        kill -0 "$waiter" 2>/dev/null && return 1
+        local s=0; wait "$waiter" || s=$?
+        waiter=""
+        (( s == 0 )) && return 0
+        echo "launch/ray_head.sh: waiting for $until_file failed ($s); stopping the head" >&2
+        stop_child
+        exit $(( s == 2 ? 2 : 1 ))
+    }
     trap 'stop_child; exit 143' TERM INT
     while kill -0 "$child" 2>/dev/null; do
-        if [[ -e "$until_file" ]]; then
+        if until_exists; then
             echo "launch/ray_head.sh: $until_file exists: the job is done; stopping the head" >&2
             stop_child
             exit 0
@@ -111,6 +132,7 @@ if (( foreground )); then
         sleep 2 & wait $! || true
     done
     status=0; wait "$child" || status=$?
+    [[ -z "$waiter" ]] || kill -TERM "$waiter" 2>/dev/null || true
     echo "launch/ray_head.sh: the head exited ($status) before $until_file appeared" >&2
     exit 1
 fi

@@ -6,6 +6,12 @@
 #
 #   launch/wait_for.sh [--timeout SECONDS] [--every SECONDS] FILE...
 #
+# A FILE may be a filesystem URI (s3://bucket/runs/r/pretrain/metrics.json, gs://...): then
+# every FILE is waited for by `python -m morec_dist.data.wait` (one process polling the
+# store through data/storage.py, credentials from the environment; the object-store
+# variant, k8s/components/object-store). There an object exists whole or not at all (one
+# upload), so the same rule holds; the store's errors are printed and retried.
+#
 # --timeout  give up after this long, exit 1 (default 0: wait for ever; the Job's
 #            activeDeadlineSeconds bounds it)
 # --every    seconds between looks (default 5)
@@ -24,6 +30,15 @@ done
 [[ $# -gt 0 ]] || die "no file to wait for"
 [[ "$timeout" =~ ^[0-9]+$ ]] || die "--timeout: expected seconds, got '$timeout'"
 [[ "$every" =~ ^[0-9]+([.][0-9]+)?$ ]] || die "--every: expected seconds, got '$every'"
+for file in "$@"; do
+    if [[ "$file" == *://* && "$file" != file://* ]]; then
+        ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+        if [[ -x "$ROOT/.venv/bin/python" ]]; then python="$ROOT/.venv/bin/python"; else python="$(command -v python3)" || die "no .venv/bin/python and no python3 on PATH (needed for $file)"; fi
+        # importable from a checkout too; exec: the waiter gets the kubelet's SIGTERM itself
+        export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
+        exec "$python" -m morec_dist.data.wait --timeout "$timeout" --every "$every" -- "$@"
+    fi
+done
 trap 'exit 143' TERM INT
 start=$SECONDS
 for file in "$@"; do

@@ -242,6 +242,18 @@ def _add_fault_args(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def _check_output(what: str, where: str) -> None:
+    """An output location (a path or a URI) refused now if it can never be written (a URI
+    carrying credentials), not when the job's result is written at its end."""
+    from morec_dist.data.storage import StorageError
+    from morec_dist.train.run_dir import run_path
+
+    try:
+        run_path(where)
+    except StorageError as exc:
+        raise ConfigError(f"{what}: {exc}") from None
+
+
 def preflight(config, from_checkpoint: str | None = None, objectives: bool = False) -> None:
     """Cheap checks in the parent, before any rank starts: the dataset (fully verified; the
     ranks then skip re-verifying it), the MoRec objectives against it, the checkpoint to
@@ -251,6 +263,7 @@ def preflight(config, from_checkpoint: str | None = None, objectives: bool = Fal
     from morec_dist.data.dataset import PreparedDataset
     from morec_dist.train.runner import VERIFIED_ENV
 
+    _check_output("run.out_dir", config.run.out_dir)
     dataset = PreparedDataset.open(config.data.path)
     os.environ[VERIFIED_ENV] = dataset.uri
     if objectives:
@@ -344,7 +357,9 @@ def _add_finetune(sub: argparse._SubParsersAction) -> None:
     finetune = sub.add_parser(
         "finetune", help="fine-tune a pretrained checkpoint with MoRec (or a baseline) on torchrun ranks"
     )
-    finetune.add_argument("--from", dest="from_checkpoint", required=True, help="pretrained checkpoint directory")
+    finetune.add_argument(
+        "--from", dest="from_checkpoint", required=True, help="pretrained checkpoint directory or filesystem URI"
+    )
     from morec_dist.train.methods import METHODS  # the one list of method names (names only, no torch)
 
     finetune.add_argument("--method", choices=METHODS.names(), default="morec")
@@ -378,9 +393,15 @@ def _add_evaluate(sub: argparse._SubParsersAction) -> None:
     ev = sub.add_parser(
         "evaluate", help="evaluate a checkpoint (full ranking, K list) on torchrun ranks; writes metrics json"
     )
-    ev.add_argument("--checkpoint", default=None, help="checkpoint directory (its recorded config rebuilds the model)")
+    ev.add_argument(
+        "--checkpoint",
+        default=None,
+        help="checkpoint directory or filesystem URI (its recorded config rebuilds the model)",
+    )
     ev.add_argument("--split", choices=("valid", "test"), default="test")
-    ev.add_argument("--out", default=None, help="metrics file (default: <run dir>/metrics-<split>.json)")
+    ev.add_argument(
+        "--out", default=None, help="metrics file or filesystem URI (default: <run dir>/metrics-<split>.json)"
+    )
     ev.add_argument(
         "--ann",
         default=None,
@@ -394,6 +415,8 @@ def _add_evaluate(sub: argparse._SubParsersAction) -> None:
     def run(args: argparse.Namespace) -> int:
         if (args.checkpoint is None) == (args.ann is None):
             raise ConfigError("--checkpoint CKPT or --ann DIR: give exactly one")
+        if args.out:
+            _check_output("--out", args.out)
         if args.ann is not None:
             return _evaluate_ann(args)
         from morec_dist.train.evaluate import checkpoint_config, run_evaluate

@@ -19,7 +19,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from morec_dist.config import Config
+from morec_dist.config import Config, ConfigError
 from morec_dist.coordinator.objectives import OBJECTIVE_KINDS, kind_metrics
 from morec_dist.data import storage
 from morec_dist.data.dataset import DatasetError, PreparedDataset
@@ -112,6 +112,13 @@ def run_pipeline(config_path: str | None, overrides: list[str], config: Config) 
     from morec_dist.train.methods import check_methods
 
     check_methods(config.run.methods)  # before any stage runs
+    if storage.is_uri(config.run.out_dir):
+        # the results table is a local report; the stages themselves take a URI (each `morec
+        # train` / `finetune` / `evaluate` on its own, as the object-store Kubernetes variant runs them)
+        raise ConfigError(
+            "run.out_dir: `morec run` writes its results table to a local directory, not a URI; "
+            "give a local run.out_dir (data.path and checkpoint.dir may be URIs)"
+        )
     k = config.eval.ks[0]
     ensure_dataset(config)
     out = Path(config.run.out_dir)

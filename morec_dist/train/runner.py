@@ -24,7 +24,6 @@ import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
 from morec_dist.config import Config
@@ -41,7 +40,7 @@ from morec_dist.train.job_state import JobState
 from morec_dist.train.loop import EpochProgress, Strategy, open_rank_observer, progress, train_epoch
 from morec_dist.train.preemption import exit_interrupted, sigterm_requested
 from morec_dist.train.resume import Checkpointed, Checkpointing, ResumePoint
-from morec_dist.train.run_dir import provenance, write_json_atomic
+from morec_dist.train.run_dir import provenance, run_path, write_json_atomic
 from morec_dist.train.trainer import EpochStats, Trainer, build_features
 
 if TYPE_CHECKING:
@@ -272,7 +271,7 @@ def run_job(config: Config, job: Job, resume: bool | None = None) -> dict[str, A
         **provenance(config, ctx.world_size),
     }
     if ctx.rank == 0:
-        path = Path(config.run.out_dir) / "metrics.json"
+        path = run_path(config.run.out_dir) / "metrics.json"  # a URI too: the stage's marker on a store
         write_json_atomic(path, result)
         progress(ctx.rank, f"{job.final_line(result)}; wrote {path}")
     return result
