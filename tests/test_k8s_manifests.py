@@ -13,7 +13,10 @@ rendezvous host is pod 0 of its Job behind its headless Service, the Ray address
 run's head, the mounted job config is a valid morec config, metric ports and scraping
 follow ``metrics.base_port``, every pod meets the "restricted" Pod Security Standard, the
 failure policy, a run's nameSuffix reaching every reference, the volumes kept apart, and
-Guaranteed QoS where asked. tests/test_containers.py then runs these pods for real.
+Guaranteed QoS where asked. The object-store variant (k8s/components/object-store, on every
+overlay) mounts no claim, reads its credentials only through secretKeyRef and chains its
+stages through markers on the store. tests/test_containers.py then runs these pods for
+real, tests/test_object_store_pipeline.py the object-store variant's commands.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ import re
 import shutil
 import subprocess
 import sys
+import urllib.parse
 from pathlib import Path
 from typing import Any
 
@@ -43,6 +47,9 @@ KUBERNETES_VERSIONS = ("1.30.0", "1.37.0")  # oldest supported, newest kubernete
 PODMONITOR_SCHEMA = K8S / "crds" / "podmonitor-v1.schema-subset.yaml"
 RAYCLUSTER_SCHEMA = K8S / "crds" / "raycluster-v1.schema-subset.yaml"
 STAGES = ("morec-pretrain", "morec-finetune", "morec-evaluate", "morec-ray-head")
+OBJECT_STORE = K8S / "components" / "object-store"
+PREPARE_STORE = K8S / "jobs" / "prepare-movielens-object-store.yaml"
+STORE_SECRET = "morec-object-store"  # made by the user (docs/deploy.md), as is the optional ConfigMap
 
 
 def kustomize_command() -> list[str]:
@@ -139,7 +146,8 @@ def expand(text: str, variables: dict[str, str]) -> str:
 
 def resolved_env(c: dict[str, Any], fields: dict[str, str] | None = None) -> dict[str, str]:
     """A container's variables as the kubelet sets them; fieldRefs from ``fields`` (or
-    left as <fieldPath>), secrets as <secret:name/key>."""
+    left as <fieldPath>), secrets as <secret:name/key>, ConfigMap keys as
+    <configmap:name/key> (``from_configmaps`` puts the rendered values in)."""
     fields = fields or {}
     out: dict[str, str] = {}
     for e in c.get("env", []):
@@ -148,6 +156,9 @@ def resolved_env(c: dict[str, Any], fields: dict[str, str] | None = None) -> dic
         elif "fieldRef" in e["valueFrom"]:
             path = e["valueFrom"]["fieldRef"]["fieldPath"]
             out[e["name"]] = fields.get(path, f"<{path}>")
+        elif "configMapKeyRef" in e["valueFrom"]:
+            ref = e["valueFrom"]["configMapKeyRef"]
+            out[e["name"]] = f"<configmap:{ref['name']}/{ref['key']}>"
         else:
             ref = e["valueFrom"]["secretKeyRef"]
             out[e["name"]] = f"<secret:{ref['name']}/{ref['key']}>"
@@ -206,12 +217,32 @@ def job_config(resources: list[dict[str, Any]], tmp_path: Path, job_name: str = 
     return load_config(file)
 
 
+def store_locations(resources: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """The ConfigMap of the object-store component (the store's root, the dataset), if any."""
+    found = [c for c in by_kind(resources, "ConfigMap") if c["metadata"]["name"].startswith("morec-store-locations")]
+    assert len(found) <= 1, [c["metadata"]["name"] for c in found]
+    return found[0] if found else None
+
+
+def from_configmaps(text: str, resources: list[dict[str, Any]]) -> str:
+    """``text`` with each <configmap:name/key> of resolved_env replaced by the rendered
+    ConfigMap's value (what the kubelet would put there)."""
+    data = {c["metadata"]["name"]: c.get("data", {}) for c in by_kind(resources, "ConfigMap")}
+
+    def value(m: re.Match) -> str:
+        name, key = m.group(1), m.group(2)
+        assert name in data and key in data[name], f"no key {key} in a rendered ConfigMap {name}"
+        return data[name][key]
+
+    return re.sub(r"<configmap:([^/>]+)/([^>]+)>", value, text)
+
+
 # ------------------------------------------------------------------------- schemas
 
 
 def test_every_overlay_and_run_is_tested():
-    assert set(OVERLAYS) == {"cpu", "gpu", "kuberay"}
-    assert set(RUNS) >= {"runs/example", "runs/guaranteed"}
+    assert set(OVERLAYS) == {"cpu", "gpu", "kuberay", "object-store"}
+    assert set(RUNS) >= {"runs/example", "runs/guaranteed", "runs/object-store-example"}
 
 
 BUILTIN_KINDS = {"ConfigMap", "Service", "Job", "ServiceAccount", "NetworkPolicy"}
@@ -228,6 +259,7 @@ def test_builtin_resources_validate_strictly_against_the_kubernetes_schemas(rend
         else [
             *rendered_once("volumes"),
             *[d for d in yaml.safe_load_all((K8S / "jobs" / "prepare-movielens.yaml").read_text()) if d],
+            *[d for d in yaml.safe_load_all(PREPARE_STORE.read_text()) if d],
         ]
     )
     for resource in builtin + extra:
@@ -352,12 +384,20 @@ def run_dirs(resources: list[dict[str, Any]]) -> dict[str, str]:
     return out
 
 
+def runs_root(resources: list[dict[str, Any]]) -> str:
+    """Where run directories are: /runs (the runs volume), or <store>/runs on the object
+    store (k8s/components/object-store), the store as the pods' variable resolves it."""
+    stores = store_locations(resources)
+    return "/runs" if stores is None else f"<configmap:{stores['metadata']['name']}/store>/runs"
+
+
 def test_the_stages_chain_through_their_outputs(rendered):
     _, resources = rendered
     dirs = run_dirs(resources)
     (run_cm,) = [c for c in by_kind(resources, "ConfigMap") if c["metadata"]["name"].startswith("morec-run")]
-    assert dirs["morec-pretrain"] == f"/runs/{run_cm['metadata']['name']}/pretrain"
-    assert dirs["morec-finetune"] == f"/runs/{run_cm['metadata']['name']}/morec"
+    root = runs_root(resources)
+    assert dirs["morec-pretrain"] == f"{root}/{run_cm['metadata']['name']}/pretrain"
+    assert dirs["morec-finetune"] == f"{root}/{run_cm['metadata']['name']}/morec"
 
     finetune = stage(resources, "morec-finetune")
     argv = resolved_argv(container(finetune, "trainer"), pod_fields(finetune))
@@ -455,6 +495,9 @@ def test_config_map_is_mounted_and_is_a_valid_config(rendered, tmp_path):
     for name in ("morec-pretrain", "morec-finetune"):
         config = job_config(resources, tmp_path, name)
         job = stage(resources, name)
+        if store_locations(resources) is not None:  # no volumes: test_object_store_variant_*
+            assert config.run.max_restarts == 0 and config.checkpoint.every_steps > 0
+            continue
         mounts = {m["mountPath"]: m["name"] for m in container(job, "trainer")["volumeMounts"]}
         claims = {
             v["name"]: v["persistentVolumeClaim"]["claimName"]
@@ -507,10 +550,14 @@ def test_metric_ports_and_scrape_settings_follow_the_metrics_config(rendered, tm
 def test_every_pod_meets_the_restricted_pod_security_standard(rendered):
     """The checks of the "restricted" level (Kubernetes Pod Security Standards), plus what
     this project adds: a read-only root with emptyDir /tmp, no service account token."""
-    overlay, resources = rendered
+    assert_restricted(*rendered)
+
+
+def assert_restricted(overlay: str, resources: list[dict[str, Any]]) -> None:
     (sa,) = by_kind(resources, "ServiceAccount")
     assert sa["automountServiceAccountToken"] is False
     prepare = [d for d in yaml.safe_load_all((K8S / "jobs" / "prepare-movielens.yaml").read_text()) if d]
+    prepare += [d for d in yaml.safe_load_all(PREPARE_STORE.read_text()) if d]
     allowed_volumes = {
         "configMap",
         "emptyDir",
@@ -521,7 +568,7 @@ def test_every_pod_meets_the_restricted_pod_security_standard(rendered):
         "csi",
         "ephemeral",
     }
-    for where, template in pod_templates(resources) + [("prepare", prepare[0]["spec"]["template"])]:
+    for where, template in pod_templates(resources) + [("prepare", p["spec"]["template"]) for p in prepare]:
         spec = template["spec"]
         where = f"{overlay}: {where}"
         assert spec["securityContext"]["runAsNonRoot"] is True and spec["securityContext"]["runAsUser"] != 0, where
@@ -758,3 +805,159 @@ def test_constraints_pin_what_pyproject_pins():
     assert "--extra-index-url" not in dockerfile.replace("never `--extra-index-url`", "")
     assert dockerfile.index("COPY docker/constraints.txt") < dockerfile.index("COPY morec_dist/")
     assert "org.opencontainers.image.source" in dockerfile and "org.opencontainers.image.version" in dockerfile
+
+
+# ------------------------------------------------------------------ the object-store variant
+
+
+def render_with_object_store(overlay: str, tmp_path: Path) -> list[dict[str, Any]]:
+    """k8s/overlays/<overlay> plus the object-store component, as a user's kustomization
+    outside the repository would compose them (relative paths: kustomize's rule)."""
+    folder = tmp_path / f"with-object-store-{overlay}"
+    folder.mkdir()
+    rel = os.path.relpath(K8S, folder)
+    (folder / "kustomization.yaml").write_text(
+        f"resources: [{rel}/overlays/{overlay}]\ncomponents: [{rel}/components/object-store]\n"
+    )
+    command = kustomize_command()
+    if command[0].endswith("/kustomize"):
+        command = [*command, "build"]
+    result = subprocess.run([*command, str(folder)], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, f"kustomize failed for {overlay} + object-store:\n{result.stderr}"
+    return [doc for doc in yaml.safe_load_all(result.stdout) if doc]
+
+
+def test_the_object_store_variant_is_rendered_and_tested():
+    on_store = {o for o in OVERLAYS + RUNS if store_locations(rendered_once(o)) is not None}
+    assert on_store == {"object-store", "runs/object-store-example"}  # each tested below
+
+
+def assert_on_the_store(where: str, resources: list[dict[str, Any]]) -> None:
+    """The object-store variant's invariants, for any overlay it is composed with."""
+    stores = store_locations(resources)
+    assert stores is not None, where
+    store, data = stores["data"]["store"], stores["data"]["data"]
+    for uri in (store, data):
+        parts = urllib.parse.urlsplit(uri)
+        assert parts.scheme == "s3" and "@" not in parts.netloc and "key" not in parts.query, (where, uri)
+    (run_cm,) = [c for c in by_kind(resources, "ConfigMap") if c["metadata"]["name"].startswith("morec-run")]
+    run_dir = f"{store}/runs/{run_cm['metadata']['name']}"
+    assert not by_kind(resources, "PersistentVolumeClaim"), where
+    for place, template in pod_templates(resources):
+        spec = template["spec"]
+        # no claim in any pod: the variant runs where no ReadWriteMany volume exists
+        assert not [v for v in spec["volumes"] if "persistentVolumeClaim" in v], f"{where}: {place}"
+        assert set(v["name"] for v in spec["volumes"]) <= {"config", "tmp", "dshm"}, f"{where}: {place}"
+        for c in all_containers(template):
+            mounts = {m["mountPath"] for m in c.get("volumeMounts", [])}
+            assert not mounts & {"/data", "/runs"}, f"{where}: {place}/{c['name']}"
+            variables = env(c)
+            # credentials: the user's Secret through secretKeyRef, and nothing else
+            secret_refs = {
+                n: e["valueFrom"]["secretKeyRef"]
+                for n, e in variables.items()
+                if "secretKeyRef" in e.get("valueFrom", {}) and n.startswith("AWS_")
+            }
+            aws = {n for n in variables if n.startswith("AWS_")}
+            if place.startswith("RayCluster/"):
+                assert not aws, f"{where}: {place}: the KubeRay head reads no store"
+                continue
+            assert {n: (r["name"], r["key"]) for n, r in secret_refs.items()} == {
+                "AWS_ACCESS_KEY_ID": (STORE_SECRET, "AWS_ACCESS_KEY_ID"),
+                "AWS_SECRET_ACCESS_KEY": (STORE_SECRET, "AWS_SECRET_ACCESS_KEY"),
+            }, f"{where}: {place}/{c['name']}"
+            assert all(not r.get("optional") for r in secret_refs.values())  # a missing Secret stops the pod
+            for name in aws - set(secret_refs):  # endpoint and region: the optional ConfigMap, by key
+                ref = variables[name]["valueFrom"]["configMapKeyRef"]
+                assert ref == {"name": STORE_SECRET, "key": name, "optional": True}, f"{where}: {place} {name}"
+            assert not [e for e in c.get("envFrom", [])], f"{where}: {place}/{c['name']}: envFrom takes any key"
+            argv = [from_configmaps(a, resources) for a in resolved_argv(c)]
+            assert not any(a.startswith(("/runs", "/data")) or "=/runs" in a or "=/data" in a for a in argv), argv
+        # every init container waits for a marker on the store, through launch/wait_for.sh
+        for init in spec.get("initContainers", []):
+            argv = [from_configmaps(a, resources) for a in resolved_argv(init)]
+            assert argv[0] == "launch/wait_for.sh" and len(argv) >= 2, f"{where}: {place}: {argv}"
+            assert all(a.startswith(f"{run_dir}/") and a.endswith(".json") for a in argv[1:]), argv
+
+    pretrain, finetune, evaluate = (stage(resources, n) for n in ("morec-pretrain", "morec-finetune", "morec-evaluate"))
+
+    def argv_of(job: dict[str, Any], name: str) -> list[str]:
+        return [from_configmaps(a, resources) for a in resolved_argv(container(job, name), pod_fields(job))]
+
+    for job, out in ((pretrain, "pretrain"), (finetune, "morec")):
+        argv = argv_of(job, "trainer")
+        assert override(argv, "data.path") == data and override(argv, "run.out_dir") == f"{run_dir}/{out}"
+    assert flag(argv_of(finetune, "trainer"), "--from") == f"{run_dir}/pretrain/checkpoints/best"
+    (wait,) = finetune["spec"]["template"]["spec"]["initContainers"]
+    assert [from_configmaps(a, resources) for a in resolved_argv(wait)][1:] == [f"{run_dir}/pretrain/metrics.json"]
+    argv = argv_of(evaluate, "evaluate")
+    assert flag(argv, "--checkpoint") == f"{run_dir}/morec/checkpoints/final"
+    assert flag(argv, "--out") == f"{run_dir}/morec/metrics-test.json"
+    (wait,) = evaluate["spec"]["template"]["spec"]["initContainers"]
+    assert [from_configmaps(a, resources) for a in resolved_argv(wait)][1:] == [f"{run_dir}/morec/metrics.json"]
+    heads = [j for j in by_kind(resources, "Job") if j["metadata"]["name"].startswith("morec-ray-head")]
+    for head in heads:  # the plain head ends with the evaluation's output on the store
+        assert flag(argv_of(head, "ray-head"), "--until") == f"{run_dir}/morec/metrics-test.json"
+        (wait,) = head["spec"]["template"]["spec"]["initContainers"]
+        assert [from_configmaps(a, resources) for a in resolved_argv(wait)][1:] == [f"{run_dir}/pretrain/metrics.json"]
+
+
+@pytest.mark.parametrize("overlay", ["object-store", "runs/object-store-example"])
+def test_object_store_variant_mounts_no_claim_and_chains_through_the_store(overlay):
+    assert_on_the_store(overlay, rendered_once(overlay))
+
+
+@pytest.mark.parametrize("overlay", ["gpu", "kuberay"])
+def test_the_object_store_component_composes_with_every_overlay(overlay, tmp_path):
+    resources = render_with_object_store(overlay, tmp_path)
+    assert_on_the_store(f"{overlay} + object-store", resources)
+    assert_restricted(f"{overlay} + object-store", resources)
+    for resource in resources:
+        if not resource["apiVersion"].startswith(("monitoring.coreos.com/", "ray.io/")):
+            kubernetes_validate.validate(resource, KUBERNETES_VERSIONS[-1], strict=True)
+    if overlay == "gpu":
+        trainer = container(stage(resources, "morec-pretrain"), "trainer")
+        assert trainer["image"] == "morec-dist:0.1.0-gpu" and "nvidia.com/gpu" in trainer["resources"]["limits"]
+
+
+def test_the_object_store_config_is_valid_with_its_overrides(tmp_path):
+    """job.toml plus each trainer's overrides, with the ConfigMap's values: the config the
+    ranks load, data and run directory on the store."""
+    resources = rendered_once("runs/object-store-example")
+    stores = store_locations(resources)
+    assert stores is not None
+    for name in ("morec-pretrain", "morec-finetune"):
+        job_config(resources, tmp_path, name)  # writes tmp_path / job.toml
+        job = stage(resources, name)
+        argv = [from_configmaps(a, resources) for a in resolved_argv(container(job, "trainer"), pod_fields(job))]
+        overrides = [a for a in argv[argv.index("--", 4) + 1 :] if "=" in a and not a.startswith("-")]
+        config = load_config(tmp_path / "job.toml", overrides)
+        assert config.data.path == stores["data"]["data"] == "s3://morec-example-bucket/datasets/movielens-1m"
+        assert config.run.out_dir.startswith("s3://morec-example-bucket/team-a/runs/morec-run-team-a/")
+        assert config.checkpoint.dir == ""  # checkpoints below run.out_dir, on the store
+    # the run's suffix reaches the locations' ConfigMap, not the user's Secret and ConfigMap
+    refs = {
+        (kind, e["valueFrom"][kind]["name"])
+        for _, t in pod_templates(resources)
+        for c in all_containers(t)
+        for e in c.get("env", [])
+        for kind in ("secretKeyRef", "configMapKeyRef")
+        if kind in e.get("valueFrom", {})
+    }
+    assert ("configMapKeyRef", stores["metadata"]["name"]) in refs
+    assert stores["metadata"]["name"].startswith("morec-store-locations-team-a-")
+    assert {n for k, n in refs if k == "secretKeyRef"} == {"morec-ray-auth", STORE_SECRET}
+    assert {n for k, n in refs if k == "configMapKeyRef"} == {stores["metadata"]["name"], STORE_SECRET}
+
+
+def test_prepare_job_for_the_store_writes_where_the_object_store_variant_reads():
+    (prepare,) = [d for d in yaml.safe_load_all(PREPARE_STORE.read_text()) if d]
+    c = container(prepare, "prepare")
+    argv = resolved_argv(c)
+    assert argv[:6] == ["tini", "-s", "--", "morec", "prepare", "movielens-1m"]
+    stores = store_locations(rendered_once("object-store"))
+    assert stores is not None and flag(argv, "--out") == stores["data"]["data"]
+    assert not [v for v in prepare["spec"]["template"]["spec"]["volumes"] if "persistentVolumeClaim" in v]
+    assert flag(argv, "--cache-dir").startswith("/tmp/")
+    secrets = {e["valueFrom"]["secretKeyRef"]["name"] for e in c["env"] if "secretKeyRef" in e.get("valueFrom", {})}
+    assert secrets == {STORE_SECRET}
