@@ -65,7 +65,9 @@ def _outside_installation(module: object) -> bool:
 # the snapshot below and a part a test registers is always the test's to undo
 REGISTRY_MODULES = (
     "morec_dist.coordinator.baselines",
+    "morec_dist.coordinator.laws",
     "morec_dist.coordinator.objectives",
+    "morec_dist.eval.metrics",
     "morec_dist.eval.signals",
     "morec_dist.model.loss",
     "morec_dist.model.placement",
