@@ -51,3 +51,23 @@ def test_the_trace_png_is_written_for_the_budget_law_only(tmp_path):
     assert path is not None and path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     paper = {"coordinator": {"trace": {"step": [0], "beta": [0.1], "control": []}}}
     assert plot_control_trace(paper, tmp_path / "none.png") is None and not (tmp_path / "none.png").exists()
+
+
+def test_the_run_writes_the_budget_section_and_a_trace_per_budget_method(tmp_path):
+    from morec_dist.train.pipeline import budget_markdown, budget_section
+
+    control = [{"step": 9, "measured": 0.1, "smoothed": 0.1, "setpoint": 0.098, "share": 0.5, "safety": False}]
+    rows = {
+        "pretrain": {"hit@10": 0.07},
+        "morec": {
+            "hit@10": 0.0695,
+            "budget": record(0.08, 0.0795),
+            "coordinator": {"trace": {"step": [9], "beta": [0.2], "control": control}},
+        },
+        "static": {"hit@10": 0.06, "coordinator": {"trace": {"step": [9], "beta": [0.1], "control": []}}},
+    }
+    budget, traces = budget_section(rows, 10, tmp_path)
+    assert [r["method"] for r in budget] == ["morec"] and traces == [tmp_path / "budget_trace_morec.png"]
+    text = budget_markdown(budget, traces)
+    assert "| morec | budget | 2.0% |" in text and "![budget_trace_morec](budget_trace_morec.png)" in text
+    assert budget_markdown([], []) == ""

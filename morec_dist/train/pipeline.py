@@ -6,7 +6,10 @@
    a local Ray coordinator unless ``coordinator.ray_address`` is set; baselines);
 4. print and write (``results.md``, ``results.json``) the table of the test metrics of
    accuracy and of the configured objectives' kinds (each kind's registry entry names
-   them; the reference objectives: seven) with relative changes against the pretrained model.
+   them; the reference objectives: seven) with relative changes against the pretrained model,
+   and, for a method that ran the budget law, the stated budget and whether it held (the
+   selection slice of validation users and test) with a PNG of the controller's trace beside
+   results.md (``train/budget_report.py``).
 Each stage runs as its own torchrun job, exactly as a user would run it by hand.
 """
 
@@ -108,6 +111,37 @@ def stage_overrides(config: Config, stage_dir: Path, name: str) -> tuple[list[st
     return overrides, root
 
 
+def budget_section(rows: dict[str, dict[str, Any]], k: int, out: Path) -> tuple[list[dict[str, Any]], list[Path]]:
+    """The accuracy budget's rows (``train/budget_report.py``) and the controller's trace PNG
+    of each method that ran the budget law, written beside results.md."""
+    from morec_dist.train.budget_report import budget_rows, plot_control_trace
+
+    traces = []
+    for name, metrics in rows.items():
+        png = plot_control_trace(metrics, out / f"budget_trace_{name}.png", title=f"{name}: the budget law's trace")
+        if png is not None:
+            traces.append(png)
+    return budget_rows(rows, k), traces
+
+
+def budget_markdown(budget: list[dict[str, Any]], traces: list[Path]) -> str:
+    """The budget's part of results.md: whether each stated budget held, and the traces."""
+    from morec_dist.train.budget_report import budget_table
+
+    if not budget:
+        return ""
+    lines = [
+        "",
+        "Accuracy budget (held-out Hit@K at most the budget below the pretrained model's): the selection slice "
+        "of validation users, which the controller never sees, and the test split.",
+        "",
+        budget_table(budget),
+        "",
+    ]
+    lines += [f"![{png.stem}]({png.name})" for png in traces]
+    return "\n".join(lines) + "\n"
+
+
 def run_pipeline(config_path: str | None, overrides: list[str], config: Config) -> dict[str, Any]:
     from morec_dist.train.methods import check_methods
 
@@ -150,16 +184,21 @@ def run_pipeline(config_path: str | None, overrides: list[str], config: Config) 
     table = results_table(
         {"pretrain": rows["pretrain"], **{n: v for n, v in table_rows.items() if n != "pretrain"}}, k=k, kinds=kinds
     )
+    budget, traces = budget_section(rows, k, out)
     summary = {
         "table": {n: {m: v[m] for m in table_metrics(k, kinds)} for n, v in table_rows.items()},
+        "budget": budget,
         "wall_s": {n: v.get("wall_s") for n, v in rows.items()},
         "target_loss": rows["pretrain"]["train_loss"],
         **provenance(config, config.run.nproc),
     }
     write_json_atomic(out / "results.json", summary)
-    (out / "results.md").write_text(f"# Results ({config.data.path}, test split)\n\n{table}\n")
+    budget_text = budget_markdown(budget, traces)
+    (out / "results.md").write_text(f"# Results ({config.data.path}, test split)\n\n{table}\n{budget_text}")
     print(
-        f"\nTest metrics on {config.data.path} (relative change against the pretrained model):\n\n{table}\n", flush=True
+        f"\nTest metrics on {config.data.path} (relative change against the pretrained model):\n\n{table}\n"
+        f"{budget_text}",
+        flush=True,
     )
     print(f"Wrote {out / 'results.md'} and {out / 'results.json'}", flush=True)
     return summary
