@@ -77,7 +77,8 @@ def make_spec(world_size: int, staleness: int, sampler_every: int) -> Any:
     from morec_dist.coordinator.core import build_spec
     from morec_dist.coordinator.sampler import GroupStats
 
-    config = load_config(None, ["morec.pid.kp=0.5", "morec.pid.ki=0.05"])  # beta visibly moves
+    # the paper's law on the replayed step losses, gains at which beta visibly moves
+    config = load_config(None, ["morec.pid.law=paper", "morec.pid.kp=0.5", "morec.pid.ki=0.05"])
     rng = np.random.default_rng(0)
     counts = {col: rng.integers(1_000, 100_000, size=g).astype(np.float64) for col, g in NUM_GROUPS.items()}
     stats = GroupStats(

@@ -81,6 +81,7 @@ def plan_for(quick: bool) -> Plan:
         return Plan(
             pretrain=["train.epochs=1"],
             finetune=[
+                "morec.pid.law=paper",  # the settings are the paper's PID targets (l_hat factors)
                 "morec.epochs=1",
                 "train.max_steps=20",
                 "morec.sampler.update_every_steps=10",
@@ -89,7 +90,12 @@ def plan_for(quick: bool) -> Plan:
             preferences={"reference": PREFERENCES["reference"]},
             target_factors=(1.0,),
         )
-    return Plan(pretrain=[], finetune=["train.log_every=0"], preferences=PREFERENCES, target_factors=TARGET_FACTORS)
+    return Plan(
+        pretrain=[],
+        finetune=["morec.pid.law=paper", "train.log_every=0"],
+        preferences=PREFERENCES,
+        target_factors=TARGET_FACTORS,
+    )
 
 
 def objectives_override(weights: dict[str, float], options: dict[str, dict[str, Any]] | None = None) -> str:

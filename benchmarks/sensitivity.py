@@ -38,9 +38,16 @@ KI_FULL = (0.0, 0.001, 0.01)
 
 
 def grid_for(quick: bool) -> tuple[tuple[float, ...], tuple[float, ...], list[str], list[str]]:
+    # the sweep is of the paper's PID (its Kp, Ki): morec.pid.law = "paper"
+    paper = "morec.pid.law=paper"
     if quick:
-        return (0.05, 0.25), (0.001,), ["train.epochs=1"], ["morec.epochs=1", "train.max_steps=20", "train.log_every=0"]
-    return KP_FULL, KI_FULL, [], ["morec.epochs=1", "train.log_every=0"]
+        return (
+            (0.05, 0.25),
+            (0.001,),
+            ["train.epochs=1"],
+            [paper, "morec.epochs=1", "train.max_steps=20", "train.log_every=0"],
+        )
+    return KP_FULL, KI_FULL, [], [paper, "morec.epochs=1", "train.log_every=0"]
 
 
 def point_summary(row: dict[str, Any], kp: float, ki: float) -> dict[str, Any]:

@@ -139,7 +139,7 @@ class PIDConfig:
     # which law sets beta (coordinator/laws.py CONTROL_LAWS): "budget" holds held-out accuracy
     # within morec.accuracy_budget (morec.control); "paper" is MOREC.md's PID on the training
     # loss with the fields above, kept for reproducing the paper
-    law: str = "paper"  # "budget" once the trainer takes its measurements (issue 23)
+    law: str = "budget"
 
 
 @dataclass
@@ -150,15 +150,18 @@ class ControlConfig:
     share beta / (beta + lam * sum w). Gains are dimensionless; tuned by a step response on
     MovieLens-1M (benchmarks/tune_budget.py, docs/coordinator.md)."""
 
-    kp: float = 20.0  # logit change per unit change of the relative error
-    ki: float = 4.0  # logit change per measurement per unit relative error
+    # tuned on MovieLens-1M by benchmarks/tune_budget.py (step response, SIMC, noise-bounded)
+    kp: float = 45.0  # logit change per unit change of the relative error
+    ki: float = 1.0  # logit change per measurement per unit relative error
     every_steps: int = 20  # steps between held-out measurements (the controller's tempo)
     control_fraction: float = 0.5  # share of validation users in the control slice (seeded hash)
     k: int = 0  # the K of Hit@K; 0 = eval.ks[0]
     ema: float = 0.5  # weight of the newest measurement in the smoothed value (1 = no smoothing)
     share_min: float = 0.2  # the accuracy share's range (anti-windup clamp of its logit)
     share_max: float = 0.95
-    share_start: float = 0.5  # the share before the first measurement
+    # the share before the first measurement: from the accuracy side (fine-tuning's first
+    # hundred steps cost held-out Hit at any share; the controller then gives room)
+    share_start: float = 0.8
     # the budget broken by far: held-out Hit below the pretrained by more than safety_factor x budget
     # -> full accuracy share and the sampler paused until it is back at the set point
     safety_factor: float = 2.0
