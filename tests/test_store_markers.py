@@ -53,6 +53,7 @@ def test_morec_run_refuses_a_uri_out_dir_before_any_stage():
         run_pipeline(None, [], config)
 
 
+@pytest.mark.slow  # a `morec` process each (torch's import: 5-20 s on a loaded machine)
 @pytest.mark.parametrize(
     "args, flag",
     [
