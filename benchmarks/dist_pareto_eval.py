@@ -88,7 +88,7 @@ def per_user(trainer: Any, users: dict[str, Any], k: int) -> dict[str, np.ndarra
 def save_npz(path: Path, arrays: dict[str, np.ndarray]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.stem}.tmp-{os.getpid()}.npz")
-    np.savez_compressed(tmp, **arrays)
+    np.savez_compressed(tmp, **arrays)  # type: ignore[arg-type]  # numpy's stub types **kwds as allow_pickle
     os.replace(tmp, path)
 
 

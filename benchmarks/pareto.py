@@ -1,28 +1,35 @@
-"""The Pareto study of issue 14: MoRec against the paper's baselines over settings and seeds.
+"""The Pareto study of issue 23: methods compared at matched accuracy, resumable run by run.
 
-    python -m benchmarks.pareto --quick            # one setting per method, one seed, a tiny schedule (< 3 min)
-    python -m benchmarks.pareto                    # 6 settings x 3 seeds, configs/ml1m_pareto.toml on MovieLens-1M
+    python -m benchmarks.pareto --quick     # 2 knob values per method, 1 seed, 1 and 2 epochs, synthetic data
+    python -m benchmarks.pareto             # benchmarks/pareto_design.py's design on MovieLens-1M (hours)
 
-Methods (``train/methods.py``): ``morec`` and the baselines as the authors run them,
-``static``, ``mgda``, ``pareto_mtl``, ``epo`` (MoRec's sampled blocks and adaptive p_k; only
-the combination of the K+1 block losses differs). Settings are (w over revenue, fairness,
-alignment; l_hat as a factor of the pretrained training loss). A baseline's loss does not
-read l_hat (it only moves the PID's beta, which they ignore) and MGDA reads no w either, so a
-run whose effective parameters equal an earlier one's is run once and shared by the settings
-that name it (``shared_by``): same seed, same inputs, same deterministic job.
+What is run (``pareto_design``): per seed one pretrained model (``morec train``); per method
+and knob value one fine-tune of 2 epochs (``morec finetune``, 2 ranks, the real CLI), then its
+continuation to 10 epochs; per seed and length the weight interpolations. Every model is
+ranked once per user on valid and test (``dist_pareto_eval``, one torchrun per seed and
+length), and every endpoint is computed from those rankings (``pareto_endpoints``): the
+operating point of each method for each budget is chosen on the selection slice of
+validation users, and reported on test.
 
-Per seed, one pretrained checkpoint (``morec train``) is shared by every method. Every job is
-the real CLI (``morec train`` / ``morec finetune``, torchrun ranks, a local Ray head for the
-coordinator): ``--nproc`` ranks, 2 by default, 1 in ``--quick``. Per run the 7 test metrics;
-per method the front on (Hit, R-Hit, min-Hit, -Pop-KL) of the seed-mean points, its
-hypervolume with the pretrained model (mean over seeds) as the reference point and a bootstrap
-interval over seeds (``pareto_stats``); PNGs of the 2-D projections (Hit against each other
-objective). The JSON also holds the estimated time of the full study.
+Resuming: every run lives in ``<work>/seed<S>/<label>-<hash>`` where the hash is that of its
+arguments; ``study_run.json`` holds the arguments and, once ``metrics.json`` is there, its
+wall time, so a finished run is reused, a run killed half-way restarts in its directory (the
+CLI resumes its step checkpoints) and a directory of other arguments is cleared first. The
+rankings are npz files beside the runs, written once. Stop the study at any point and start
+it again: it continues where it stopped and rewrites the results JSON (``partial`` until
+every seed and length has run) after each seed and length.
+
+The 10-epoch runs do not train their first 2 epochs again: a 10-epoch run starts from a copy
+of its 2-epoch run's epoch-end step checkpoint with ``morec.epochs=10 --resume-changed``.
+That equals an uninterrupted 10-epoch run because ``morec.epochs`` only bounds the runner's
+epoch loop (``train/runner.py``: nothing else reads it; ``FinetuneJob.epochs``) and a resume
+at an epoch end is exact for the same world size (``train/resume.py``); the quick mode
+checks it every time (``extension_check``: a direct 2-epoch run against 1 + 1).
 """
 
 from __future__ import annotations
 
-import functools
+import hashlib
 import json
 import shutil
 import statistics
@@ -33,52 +40,36 @@ from typing import Any
 
 import numpy as np
 
-from benchmarks.common import REPO, RESULTS, Recorder, bench_parser, morec_cli, note
-from benchmarks.pareto_stats import (
-    STUDY_OBJECTIVES,
-    bootstrap_hypervolume,
-    non_dominated,
-    objective_vector,
-)
-from benchmarks.quality import METRICS, objectives_override
+from benchmarks import pareto_design as design
+from benchmarks.common import REPO, RESULTS, Recorder, bench_parser, morec_cli, note, torchrun
+from benchmarks.pareto_design import StudyMethod
+from benchmarks.pareto_endpoints import slice_metrics
 from morec_dist.train.run_dir import write_json_atomic
 
 DEFAULT_CONFIG = REPO / "configs" / "ml1m_pareto.toml"
 DEFAULT_DATA = REPO / ".data" / "movielens-1m"
-STUDY_METHODS = ("morec", "static", "mgda", "pareto_mtl", "epo")
-SEEDS = (0, 1, 2)
-# Hit@10 budgets for the reference point: every fine-tuned model trades some Hit, so with the
-# pretrained model itself as the reference (budget 0, the issue's) a method whose every
-# point loses any Hit has hypervolume 0. Budget b moves the reference's Hit to (1 - b) x the
-# pretrained Hit (its other coordinates stay the pretrained model's): the volume a method
-# gains within that accuracy loss. All budgets are reported, none is picked.
-HIT_BUDGETS = (0.0, 0.02, 0.05, 0.10)
-# which setting fields a method's training reads: the rest cannot change its run
-READS = {"morec": ("w", "l_hat"), "static": ("w",), "pareto_mtl": ("w",), "epo": ("w",), "mgda": ()}
+QUICK_DATA = {"users": 600, "items": 300, "rows": 15_000}
+QUICK_PRETRAIN = ["train.epochs=1", "train.log_every=0"]
+QUICK_FINETUNE = ["morec.sampler.update_every_steps=20", "train.log_every=0"]  # the budget law measures every 20
+QUICK_EPOCHS = (1, 2)
+FULL_FINETUNE = ["train.log_every=0"]
+EVAL_NPROC = 1  # ranking a model costs seconds; one rank saves a process group per call
 
 
 @dataclass(frozen=True)
-class Setting:
-    name: str
-    w: tuple[float, float, float]  # revenue, fairness, alignment
-    l_hat: float  # factor of the pretrained model's final training loss
+class Study:
+    """One invocation's plan: where, on what, with which design."""
 
-    def weights(self) -> dict[str, float]:
-        return dict(zip(("revenue", "fairness", "alignment"), self.w, strict=True))
-
-
-SETTINGS = (
-    Setting("reference", (0.6, 0.2, 0.2), 1.0),
-    Setting("reference-lhat0.95", (0.6, 0.2, 0.2), 0.95),
-    Setting("revenue", (0.8, 0.1, 0.1), 1.0),
-    Setting("fairness", (0.2, 0.6, 0.2), 1.0),
-    Setting("alignment", (0.2, 0.2, 0.6), 1.0),
-    Setting("balanced", (1 / 3, 1 / 3, 1 / 3), 1.0),
-)
-QUICK_DATA = {"users": 1000, "items": 400, "rows": 30_000}
-QUICK_PRETRAIN = ["train.epochs=1", "train.log_every=0"]
-QUICK_FINETUNE = ["morec.epochs=1", "train.max_steps=12", "morec.sampler.update_every_steps=6", "train.log_every=0"]
-FULL_FINETUNE = ["train.log_every=0"]
+    config: Path
+    data: Path
+    work: Path
+    nproc: int
+    methods: tuple[StudyMethod, ...]
+    seeds: tuple[int, ...]
+    epochs: tuple[int, ...]
+    pretrain_overrides: tuple[str, ...]
+    finetune_overrides: tuple[str, ...]
+    control_fraction: float | None  # the budget controller's control slice share (None: no split here)
 
 
 def quick_dataset(seed: int) -> Path:
@@ -86,24 +77,27 @@ def quick_dataset(seed: int) -> Path:
     from morec_dist.data.dataset import DatasetError, PreparedDataset
     from morec_dist.data.prepare.synthetic import generate
 
-    path = REPO / ".data" / "bench" / f"synthetic-pareto-quick-seed{seed}"
+    path = REPO / ".data" / "bench" / f"synthetic-pareto23-quick-seed{seed}"
     try:
         PreparedDataset.open(path, verify_checksums=False, verify_values=False)
     except DatasetError:
         generate(
             path,
+            seed=seed,
+            overwrite=True,
             users=QUICK_DATA["users"],
             items=QUICK_DATA["items"],
             rows=QUICK_DATA["rows"],
-            seed=seed,
-            overwrite=True,
         )
     return path
 
 
-def run_key(method: str, setting: Setting) -> tuple:
-    """The setting fields ``method`` reads: equal keys are the same run."""
-    return tuple(getattr(setting, f) for f in READS[method])
+# ------------------------------------------------------------------ cached runs
+
+
+def args_hash(args: list[str]) -> str:
+    """The run's identity: a hash of its arguments (its out_dir excluded: that is derived from it)."""
+    return hashlib.sha256(json.dumps(args).encode()).hexdigest()[:10]
 
 
 def finished_run(out: Path, args: list[str]) -> float | None:
@@ -123,341 +117,571 @@ def clear_stale_run(out: Path, args: list[str]) -> None:
         shutil.rmtree(out)
 
 
-def cached_cli(args: list[str], out: Path, log: Path) -> float:
+def cached_cli(args: list[str], out: Path, log: Path, prepare: Any = None) -> float:
     """Run ``morec <args>`` into ``out``, or reuse ``out`` when a run with exactly these
-    arguments finished there: the study is hours long and resumes run by run.
-
-    The marker ``study_run.json`` holds the arguments, written before the run starts and again
-    with ``wall_s`` once ``metrics.json`` is there (atomically both times). A run killed
-    half-way with the same arguments is started again into its directory, so the CLI resumes
-    it from its step checkpoints; a directory of other arguments is removed first."""
+    arguments finished there. ``prepare(out)`` runs before a (re)start (the extension copies
+    its starting checkpoint). The marker ``study_run.json`` is written before the run and
+    again with ``wall_s`` once ``metrics.json`` is there (atomically both times)."""
     wall = finished_run(out, args)
     if wall is not None:
         return wall
     clear_stale_run(out, args)
+    out.mkdir(parents=True, exist_ok=True)
+    if prepare is not None:
+        prepare(out)
     write_json_atomic(out / "study_run.json", {"args": args})
     wall = morec_cli(args, log=log)
     write_json_atomic(out / "study_run.json", {"args": args, "wall_s": wall})
     return wall
 
 
-def pretrain(config: Path, base: list[str], work: Path, nproc: int) -> dict[str, Any]:
-    out = work / "pretrain"
-    args = ["train", "--config", str(config), *base, f'run.out_dir="{out}"', "--nproc", str(nproc)]
-    wall = cached_cli(args, out, work / "logs" / "pretrain.log")
-    metrics = json.loads((out / "metrics.json").read_text())
-    return {"metrics": metrics, "checkpoint": str(out / "checkpoints" / "best"), "wall_s": wall}
+def run_out(work: Path, seed: int, label: str, args: list[str], flags: list[str]) -> tuple[Path, list[str]]:
+    """(directory, full command line) of a run: ``<work>/seed<S>/<label>-<hash of args and
+    flags>``. The flags go right after the subcommand and the overrides last, ending with the
+    run's ``run.out_dir`` (``morec finetune`` appends its local Ray address as one more override)."""
+    out = work / f"seed{seed}" / f"{label}-{args_hash([*args, *flags])}"
+    return out, [args[0], *flags, *args[1:], f'run.out_dir="{out}"']
 
 
-@functools.cache  # read once per study, not once per fine-tune
-def config_objective_options(config: Path) -> dict[str, dict[str, Any]]:
-    """The study config's options per objective (e.g. fairness ``worst``): a setting replaces
-    only the weights."""
-    from morec_dist.config import load_config
-
-    return {o.name: dict(o.options) for o in load_config(config).morec.objectives}
+# ------------------------------------------------------------------ the runs of one seed
 
 
-def finetune(
-    config: Path, checkpoint: str, method: str, setting: Setting, l_hat: float, base: list[str], work: Path, nproc: int
-) -> dict[str, Any]:
-    name = f"{method}-{setting.name}"
-    out = work / name
-    args = [
+def pretrain(study: Study, seed: int) -> dict[str, Any]:
+    base = ["train", "--config", str(study.config), f'data.path="{study.data}"', f"run.seed={seed}"]
+    out, args = run_out(study.work, seed, "pretrain", [*base, *study.pretrain_overrides], ["--nproc", str(study.nproc)])
+    wall = cached_cli(args, out, out.parent / "logs" / "pretrain.log")
+    return {"dir": out, "checkpoint": out / "checkpoints" / "best", "wall_s": wall}
+
+
+def finetune_args(study: Study, seed: int, pre: Path, method: StudyMethod, value: float, epochs: int) -> list[str]:
+    return [
         "finetune",
         "--from",
-        checkpoint,
+        str(pre),
         "--method",
-        method,
+        str(method.cli_method),
         "--config",
-        str(config),
-        *base,
-        objectives_override(setting.weights(), config_objective_options(config)),
-        f"morec.pid.target_loss={l_hat * setting.l_hat}",
-        f'run.out_dir="{out}"',
-        "--nproc",
-        str(nproc),
+        str(study.config),
+        f'data.path="{study.data}"',
+        f"run.seed={seed}",
+        *study.finetune_overrides,
+        *method.overrides(value),
+        f"morec.epochs={epochs}",
     ]
-    wall = cached_cli(args, out, work / "logs" / f"{name}.log")
-    metrics = json.loads((out / "metrics.json").read_text())
-    history = metrics.get("history", [])
-    return {
-        "metrics": {m: float(metrics[m]) for m in METRICS},
-        "wall_s": wall,
-        "job_wall_s": metrics.get("wall_s"),
-        "train_rows_per_s": metrics.get("train_rows_per_s"),
-        "sampler_updates": [u.get("after_step") for u in metrics.get("coordinator", {}).get("sampler_updates", [])],
-        "mean_weights": history[-1].get(f"{method}_mean_weights") if history else None,
-    }
 
 
-def run_seed(
-    config: Path,
-    data: Path,
-    seed: int,
-    settings: tuple[Setting, ...],
-    work: Path,
-    nproc: int,
-    quick: bool,
-    finetune_overrides: list[str],
-) -> dict[str, Any]:
-    base = [f'data.path="{data}"', f"run.seed={seed}"]
-    pre = pretrain(config, [*base, *(QUICK_PRETRAIN if quick else [])], work / f"seed{seed}", nproc)
-    l_hat = float(pre["metrics"]["train_loss"])
-    print(f"seed {seed}: pretrained in {pre['wall_s']:.0f} s, l_hat {l_hat:.4f}", flush=True)
-    runs = []
-    for method in STUDY_METHODS:
-        done: dict[tuple, dict[str, Any]] = {}
-        for setting in settings:
-            key = run_key(method, setting)
-            if key in done:
-                done[key]["shared_by"].append(setting.name)
-                continue
-            result = finetune(
-                config,
-                pre["checkpoint"],
-                method,
-                setting,
-                l_hat,
-                [*base, *finetune_overrides],
-                work / f"seed{seed}",
-                nproc,
-            )
-            run = {"method": method, "setting": setting.name, "seed": seed, "shared_by": [setting.name], **result}
-            done[key] = run
-            runs.append(run)
-            line = " ".join(f"{m} {run['metrics'][m]:.4f}" for m in METRICS)
-            print(f"seed {seed} {method}-{setting.name} ({run['wall_s']:.0f} s): {line}", flush=True)
-    return {
-        "seed": seed,
-        "l_hat": l_hat,
-        "pretrained": {m: float(pre["metrics"][m]) for m in METRICS},
-        "pretrain_wall_s": pre["wall_s"],
-        "pretrain_best_epoch": pre["metrics"].get("best_epoch"),
-        "runs": runs,
-    }
+def latest_step(checkpoints: Path) -> Path:
+    steps = sorted(checkpoints.glob("step-*"), key=lambda p: int(p.name.split("-")[1]))
+    complete = [p for p in steps if (p / "meta.json").exists()]
+    if not complete:
+        raise FileNotFoundError(f"{checkpoints}: no complete step checkpoint to continue")
+    return complete[-1]
 
 
-# ------------------------------------------------------------------ statistics
+def finetune(study: Study, seed: int, pre: Path, method: StudyMethod, value: float, epochs: int, start: Path | None):
+    """One fine-tune of ``epochs`` epochs; ``start``: the shorter run it continues (its latest
+    epoch-end checkpoint copied in, ``--resume-changed``), None for a run from the pretrained model."""
+    args = finetune_args(study, seed, pre, method, value, epochs)
+    flags = ["--nproc", str(study.nproc), *(["--resume-changed"] if start is not None else [])]
+    out, args = run_out(study.work, seed, f"{method.label(value)}-e{epochs}", args, flags)
+
+    def copy_start(out: Path) -> None:
+        if start is not None and not list((out / "checkpoints").glob("step-*")):
+            step = latest_step(start / "checkpoints")
+            shutil.copytree(step, out / "checkpoints" / step.name)
+
+    wall = cached_cli(args, out, out.parent / "logs" / f"{out.name}.log", prepare=copy_start)
+    return {"dir": out, "checkpoint": out / "checkpoints" / "final", "wall_s": wall, "continues": start}
 
 
-def method_summary(method: str, seeds: list[dict[str, Any]], reference: np.ndarray) -> dict[str, Any]:
-    """The method's points (one per distinct run, seed means), front, hypervolume, interval."""
-    by_setting: dict[str, list[np.ndarray]] = {}
-    for s in seeds:
-        for run in s["runs"]:
-            if run["method"] == method:
-                by_setting.setdefault(run["setting"], []).append(objective_vector(run["metrics"]))
-    names = list(by_setting)
-    counts = {len(v) for v in by_setting.values()}
-    if len(counts) != 1:
-        raise ValueError(f"{method}: settings have different numbers of seeds {counts}")
-    runs = np.stack([np.stack(by_setting[n]) for n in names])  # [settings, seeds, objectives]
-    means = runs.mean(axis=1)
-    front = non_dominated(means)
-    by_budget = {}
-    for budget in HIT_BUDGETS:
-        relaxed = reference.copy()
-        relaxed[0] *= 1.0 - budget  # Hit is the first study objective
-        b = bootstrap_hypervolume(runs, relaxed.tolist(), samples=1000, seed=0)
-        by_budget[f"{budget:g}"] = {"hypervolume": b["hypervolume"], "interval": [b["low"], b["high"]]}
-    return {
-        "settings": names,
-        "points": {n: means[i].tolist() for i, n in enumerate(names)},
-        "front": [names[i] for i in front],
-        "hypervolume": by_budget["0"]["hypervolume"],  # budget 0: the pretrained model itself
-        "hypervolume_interval": by_budget["0"]["interval"],
-        "hypervolume_by_hit_budget": by_budget,
-        "seeds": int(runs.shape[1]),
-        "beats_reference": [n for i, n in enumerate(names) if (means[i] > reference).all()],
-    }
+# ------------------------------------------------------------------ rankings and metrics
 
 
-def relative_table(seeds: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Per (method, setting): seed-mean metrics and relative change against the seed-mean pretrained model."""
-    pre = {m: statistics.fmean(s["pretrained"][m] for s in seeds) for m in METRICS}
-    cells: dict[tuple[str, str], list[dict[str, float]]] = {}
-    for s in seeds:
-        for run in s["runs"]:
-            cells.setdefault((run["method"], run["setting"]), []).append(run["metrics"])
-    rows = []
-    for (method, setting), values in cells.items():
-        mean = {m: statistics.fmean(v[m] for v in values) for m in METRICS}
-        rows.append(
-            {
-                "method": method,
-                "setting": setting,
-                "metrics": mean,
-                "relative": {m: (mean[m] - pre[m]) / abs(pre[m]) if pre[m] else float("nan") for m in METRICS},
-                "seeds": len(values),
-            }
-        )
-    return rows
-
-
-# ------------------------------------------------------------------ plots
-
-COLORS = {
-    "morec": "tab:red",
-    "static": "tab:blue",
-    "mgda": "tab:green",
-    "pareto_mtl": "tab:purple",
-    "epo": "tab:orange",
-}
-
-
-def plot_projections(summaries: dict[str, dict[str, Any]], reference: np.ndarray, path: Path) -> Path:
-    from benchmarks.common import pyplot, save_figure
-
-    plt = pyplot()
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4.4))
-    labels = {"hit": "Hit@10", "r_hit": "R-Hit@10", "min_hit": "min-Hit@10", "-pop_kl": "-Pop-KL@10"}
-    for ax, j in zip(axes, (1, 2, 3), strict=True):
-        for method, summary in summaries.items():
-            pts = np.array(list(summary["points"].values()))
-            ax.scatter(pts[:, j], pts[:, 0], c=COLORS.get(method, "k"), s=45, label=method)
-            front = pts[non_dominated(pts[:, [0, j]])]
-            front = front[np.argsort(front[:, j])]
-            if len(front) > 1:
-                ax.plot(front[:, j], front[:, 0], "--", c=COLORS.get(method, "k"), lw=0.8)
-        ax.scatter([reference[j]], [reference[0]], c="k", marker="*", s=120, label="pretrained")
-        ax.set_xlabel(labels[STUDY_OBJECTIVES[j]])
-        ax.set_ylabel("Hit@10")
-        ax.set_title(f"Hit@10 vs {labels[STUDY_OBJECTIVES[j]]} (test, seed means)")
-    axes[0].legend(fontsize=8)
-    return save_figure(fig, path)
-
-
-# ------------------------------------------------------------------ time estimate
-
-
-def full_study_estimate(settings: tuple[Setting, ...], config: Path, setup_s: float) -> dict[str, Any]:
-    """Runs of the full study x a per-run time: ``setup_s`` (this run's CLI seconds outside the
-    job: imports, dataset check, torchrun, Ray) + the study config's epochs x the seconds per
-    fine-tuning epoch of the last full quality benchmark on ML-1M (its MoRec jobs, 2 ranks)."""
+def control_fraction(config: Path) -> float | None:
+    """The study config's share of validation users in the budget controller's control slice."""
     from morec_dist.config import load_config
 
-    c = load_config(config)
-    per_seed = sum(len({run_key(m, s) for s in settings}) for m in STUDY_METHODS)
-    out: dict[str, Any] = {
-        "finetune_runs": per_seed * len(SEEDS),
-        "pretrain_runs": len(SEEDS),
-        "finetune_epochs": c.morec.epochs,
-        "setup_seconds_per_job": setup_s,
-    }
-    quality = RESULTS / "quality.json"
-    if not quality.exists():
-        return {**out, "seconds": None, "basis": "no benchmarks/results/quality.json to take per-epoch times from"}
-    q = json.loads(quality.read_text())
-    source = Path(q["config"]["config_file"])
-    epochs = load_config(source).morec.epochs if source.exists() else 2
-    walls = [r["wall_s"] for r in q["rows"] if r["method"] == "morec" and r.get("wall_s")]
-    per_epoch = max(statistics.median(walls) - setup_s, 1.0) / epochs
-    pretrain_epochs = q["pretrain"].get("best_epoch", 6) + 1 + 3  # to the best epoch + patience 3
-    pretrain_per_epoch = max(q["pretrain"]["wall_s"] - setup_s, 1.0) / pretrain_epochs
-    seconds = out["finetune_runs"] * (setup_s + per_epoch * c.morec.epochs) + len(SEEDS) * (
-        setup_s + pretrain_per_epoch * pretrain_epochs
+    control = getattr(load_config(config).morec, "control", None)
+    return getattr(control, "control_fraction", None)
+
+
+def selection_mask(users: np.ndarray, seed: int, fraction: float | None) -> np.ndarray | None:
+    """The selection slice of validation users: the budget controller's own hash split
+    (``eval/slices.py``, seeded by the run's seed), the users it does not control on. None
+    where this tree has no such split."""
+    try:
+        from morec_dist.eval.slices import control_mask
+    except ImportError:
+        return None
+    if fraction is None:
+        return None
+    return ~control_mask(users, seed, fraction)
+
+
+def evaluate_models(study: Study, seed: int, config_from: Path, jobs: list[dict[str, Any]]) -> float:
+    """Rank every model of ``jobs`` whose npz is missing, in one torchrun; its wall seconds."""
+    missing = [j for j in jobs if not Path(j["out"]).exists()]
+    if not missing:
+        return 0.0
+    where = study.work / f"seed{seed}"
+    spec = {"config_from": str(config_from), "meta_out": str(where / "item_meta.npz"), "jobs": missing}
+    path = where / "eval_jobs.json"
+    write_json_atomic(path, spec)
+    return torchrun(
+        "benchmarks.dist_pareto_eval", ["--jobs", str(path)], nproc=EVAL_NPROC, log=where / "logs" / "eval.log"
     )
+
+
+def rankings_path(run_dir: Path) -> Path:
+    return run_dir / "rankings.npz"
+
+
+def model_metrics(npz: Path, meta: dict[str, np.ndarray], seed: int, fraction: float | None) -> dict[str, Any]:
+    """Test metrics (all users), validation metrics (all users) and the selection slice's."""
+    r = np.load(npz)
+    mask = selection_mask(r["valid_users"], seed, fraction)
+
+    def of(split: str, keep: np.ndarray | None = None) -> dict[str, Any]:
+        return slice_metrics(r[f"{split}_ranks"], r[f"{split}_top"], r[f"{split}_targets"], meta, keep)
+
+    return {"test": of("test"), "valid": of("valid"), "selection": of("valid", mask)}
+
+
+def paired_hit_noise(pre_npz: Path, run_npz: Path, k: int = 10) -> dict[str, float]:
+    """How large a relative test Hit@K change is at the noise level on this split: the
+    standard error of the per-user paired difference (run minus pretrained, same users)
+    relative to the pretrained Hit, and the unpaired one of a single Hit estimate."""
+    a, b = np.load(pre_npz), np.load(run_npz)
+    ha = (a["test_ranks"] <= k).astype(np.float64)
+    hb = (b["test_ranks"] <= k).astype(np.float64)
+    base = ha.mean()
     return {
-        **out,
-        "seconds": seconds,
-        "finetune_seconds_per_epoch": per_epoch,
-        "pretrain_seconds_per_epoch": pretrain_per_epoch,
-        "pretrain_epochs_assumed": pretrain_epochs,
-        "basis": f"per fine-tune: setup + {c.morec.epochs} epochs x the median MoRec seconds per epoch of "
-        f"{quality.name} ({q['mode']}, ML-1M, 2 ranks, {epochs} epochs each, shared machine); pretraining as long "
-        "as that benchmark's; negatives that exclude the history may cost more",
+        "users": float(ha.size),
+        "paired_se_relative": float((hb - ha).std(ddof=1) / np.sqrt(ha.size) / base),
+        "single_se_relative": float(ha.std(ddof=1) / np.sqrt(ha.size) / base),
     }
 
 
-# ------------------------------------------------------------------ driver
+# ------------------------------------------------------------------ one seed, one length
+
+
+def seed_length(study: Study, seed: int, epochs: int, pre: dict[str, Any], shorter: dict | None) -> dict[str, Any]:
+    """Train (or reuse) every method's runs of ``epochs`` epochs on ``seed``, rank every model,
+    and return {"pretrained", "runs", "walls", "dirs"} (the records of ``pareto_endpoints``)."""
+    dirs: dict[str, dict[str, Path]] = {}
+    walls: dict[str, list[float]] = {"finetune": [], "continue": []}
+    failed: list[str] = []
+    for method in study.methods:
+        if method.cli_method is None:
+            continue
+        dirs[method.name] = {}
+        for value in method.values:
+            key = f"{value:g}"
+            start = shorter["dirs"][method.name].get(key) if shorter else None
+            if shorter and start is None:
+                failed.append(f"{method.label(value)}-e{epochs}: its shorter run failed")
+                continue
+            try:
+                run = retried(finetune, study, seed, pre["checkpoint"], method, value, epochs, start)
+            except RuntimeError as exc:  # left out: this seed stays incomplete, a later start tries again
+                failed.append(f"{method.label(value)}-e{epochs}: {str(exc).splitlines()[0]}")
+                print(f"seed {seed} e{epochs} {method.label(value)} FAILED: {exc}", flush=True)
+                continue
+            dirs[method.name][key] = run["dir"]
+            walls["continue" if start else "finetune"].append(run["wall_s"])
+            print(f"seed {seed} e{epochs} {method.label(value)}: {run['wall_s']:.0f} s", flush=True)
+    jobs = [{"out": str(rankings_path(pre["dir"])), "checkpoint": str(pre["checkpoint"])}]
+    jobs += [
+        {"out": str(rankings_path(d)), "checkpoint": str(d / "checkpoints" / "final")}
+        for ds in dirs.values()
+        for d in ds.values()
+    ]
+    mixes = interpolation_jobs(study, seed, epochs, pre, dirs)
+    eval_wall = retried(evaluate_models, study, seed, pre["checkpoint"], jobs + [j for _, j in mixes])
+    meta = dict(np.load(study.work / f"seed{seed}" / "item_meta.npz"))
+    runs = {
+        m: {k: model_metrics(rankings_path(d), meta, seed, study.control_fraction) for k, d in ds.items()}
+        for m, ds in dirs.items()
+    }
+    for name, job in mixes:
+        runs.setdefault(name, {})[f"{job['alpha']:g}"] = model_metrics(
+            Path(job["out"]), meta, seed, study.control_fraction
+        )
+    for m, ds in dirs.items():
+        for k, d in ds.items():
+            check_against_job(runs[m][k], d)
+    return {
+        "pretrained": model_metrics(rankings_path(pre["dir"]), meta, seed, study.control_fraction),
+        "runs": runs,
+        "walls": {**walls, "eval": eval_wall},
+        "dirs": dirs,
+        "failed": failed,
+    }
+
+
+RETRIES, RETRY_WAIT_S = 2, 120.0
+
+
+def retried(run: Any, *args: Any, retries: int = RETRIES, wait_s: float = RETRY_WAIT_S) -> Any:
+    """``run(*args)``, tried again after ``wait_s`` up to ``retries`` times when a job fails
+    (the machine is shared: a job can die of another's memory or port; the CLI resumes it)."""
+    for attempt in range(retries + 1):
+        try:
+            return run(*args)
+        except RuntimeError as exc:
+            if attempt == retries:
+                raise
+            print(f"retrying in {wait_s:.0f} s after: {str(exc).splitlines()[0]}", flush=True)
+            time.sleep(wait_s)
+    raise AssertionError("unreachable")
+
+
+def interpolation_jobs(study: Study, seed: int, epochs: int, pre: dict[str, Any], dirs: dict[str, dict[str, Path]]):
+    """(method name, eval job) of every interpolation knob value: pretrained mixed with its source run."""
+    out = []
+    for method in study.methods:
+        if method.source is None:
+            continue
+        src_name, src_value = method.source
+        src = dirs.get(src_name, {}).get(f"{src_value:g}")
+        if src is None:  # its source failed: no interpolation on this seed and length
+            continue
+        where = study.work / f"seed{seed}" / f"{method.name}-e{epochs}-{args_hash([str(pre['checkpoint']), str(src)])}"
+        for alpha in method.values:
+            out.append(
+                (
+                    method.name,
+                    {
+                        "out": str(where / f"alpha{alpha:g}.npz"),
+                        "mix": [str(pre["checkpoint"]), str(src / "checkpoints" / "final")],
+                        "alpha": alpha,
+                    },
+                )
+            )
+    return out
+
+
+def check_against_job(metrics: dict[str, Any], run_dir: Path, tolerance: float = 1e-9) -> None:
+    """The study's ranking of a run's final model gives the job's own test metrics (same
+    protocol), and for a budget-law run the job's own selection-slice Hit@K (same split)."""
+    job = json.loads((run_dir / "metrics.json").read_text())
+    pairs = [(key, job[key], metrics["test"][key]) for key in ("hit@10", "r_hit@10", "min_hit@10", "pop_kl@10")]
+    budget = job.get("budget") or {}
+    if budget.get("selection_after") is not None and budget.get("k") == 10:
+        pairs.append(("selection hit@10", budget["selection_after"], metrics["selection"]["hit@10"]))
+    for key, theirs, ours in pairs:
+        if abs(float(theirs) - float(ours)) > tolerance:
+            raise RuntimeError(f"{run_dir}: {key} {ours} from the rankings, {theirs} in metrics.json")
+
+
+# ------------------------------------------------------------------ the study
+
+
+def available_methods(study_config: Path, methods: tuple[StudyMethod, ...]) -> tuple[list[StudyMethod], dict[str, str]]:
+    """The methods whose overrides this tree's config accepts (a method of a feature not yet
+    here, e.g. the budget law, is left out with the reason), interpolations with their source."""
+    from morec_dist.config import ConfigError, load_config
+
+    keep, skipped = [], {}
+    for m in methods:
+        try:
+            load_config(study_config, m.overrides(m.values[0]))
+        except ConfigError as exc:
+            skipped[m.name] = str(exc)
+            continue
+        keep.append(m)
+    names = {m.name for m in keep}
+    for m in list(keep):
+        if m.source and m.source[0] not in names:
+            keep.remove(m)
+            skipped[m.name] = f"its source {m.source[0]} is not available"
+    return keep, skipped
+
+
+def planned_counts(study: Study) -> dict[str, int]:
+    trained = sum(len(m.values) for m in study.methods if m.cli_method)
+    seeds, lengths = len(study.seeds), len(study.epochs)
+    return {
+        "pretrain": seeds,
+        "finetune": seeds * trained,
+        "continue": seeds * trained * (lengths - 1),
+        "eval": seeds * lengths,
+    }
+
+
+def time_estimate(study: Study, walls: dict[str, list[float]], job_fraction: float) -> dict[str, Any]:
+    """Seconds left: every run not yet done x the mean measured seconds of its kind; a
+    continuation not yet measured is estimated from the fine-tunes' seconds per epoch
+    (``job_fraction``: the share of a fine-tune's wall inside the job, the rest setup)."""
+    planned = planned_counts(study)
+    # an evaluation that found every ranking already there took 0 s: not a measurement
+    mean = {k: statistics.fmean(x for x in v if x > 0) for k, v in walls.items() if any(x > 0 for x in v)}
+    if "continue" not in mean and "finetune" in mean and len(study.epochs) > 1:
+        first, last = study.epochs[0], study.epochs[-1]
+        per_epoch = mean["finetune"] * job_fraction / first
+        mean["continue"] = mean["finetune"] * (1 - job_fraction) + per_epoch * (last - first)
+    left = {k: max(planned[k] - len(walls.get(k, [])), 0) for k in planned}
+    seconds = sum(left[k] * mean.get(k, float("nan")) for k in planned if left[k])
+    return {
+        "planned": planned,
+        "done": {k: len(v) for k, v in walls.items()},
+        "mean_seconds": mean,
+        "seconds_left": seconds,
+    }
+
+
+def lengths_summary(study: Study, records: dict[int, dict[int, dict[str, Any]]]) -> dict[str, Any]:
+    from benchmarks.pareto_endpoints import summarise_length
+
+    knobs = {m.name: [f"{v:g}" for v in m.values] for m in study.methods}
+    names = set(knobs)
+    controls = [c for c in ("interpolation", "continuation") if c in names]
+    return {
+        str(e): summarise_length(
+            records[e],
+            knobs,
+            design.BUDGETS,
+            reference=design.REFERENCE_METHOD,
+            controller=design.CONTROLLER_METHOD,
+            controls=controls,
+        )
+        for e in study.epochs
+    }
+
+
+def noise_levels(study: Study, state: dict[int, dict[int, dict[str, Any]]]) -> dict[str, Any]:
+    """The 1% budget against the noise: per length, the paired standard error of the
+    controller's set-point-1% run against its pretrained model, per seed."""
+    out: dict[str, Any] = {}
+    for e in study.epochs:
+        rows = []
+        for seed, lengths in state.items():
+            run = lengths.get(e, {}).get("dirs", {}).get(design.CONTROLLER_METHOD, {}).get(f"{design.BUDGETS[0]:g}")
+            pre = lengths.get(e, {}).get("pre_dir")
+            if run is not None and pre is not None:
+                rows.append({"seed": seed, **paired_hit_noise(rankings_path(pre), rankings_path(run))})
+        out[str(e)] = rows
+    return out
+
+
+def strip(value: Any) -> Any:
+    """A records tree without the per-group dicts and the all-users validation metrics of
+    every run (the rankings npz keep everything)."""
+    if isinstance(value, dict):
+        return {str(k): strip(v) for k, v in value.items() if k not in ("group_hit@10", "valid")}
+    return value
+
+
+def extension_check(study: Study, seed: int, pre: dict[str, Any], state: dict[int, Any]) -> dict[str, Any] | None:
+    """A direct run of the longest length against the study's continued one (same method,
+    knob and seed): their test metrics must be equal for the continuation to stand for it."""
+    if len(study.epochs) < 2:
+        return None
+    trained = [m for m in study.methods if m.cli_method]
+    method = next((m for m in trained if m.name == design.CONTROLLER_METHOD), trained[0])
+    value, longest = method.values[0], study.epochs[-1]
+    direct = finetune(study, seed, pre["checkpoint"], method, value, longest, None)
+    extended = state[longest]["dirs"][method.name][f"{value:g}"]
+    a = json.loads((direct["dir"] / "metrics.json").read_text())
+    b = json.loads((extended / "metrics.json").read_text())
+    keys = ("hit@10", "ndcg@10", "r_hit@10", "min_hit@10", "pop_kl@10")
+    diff = max(abs(float(a[k]) - float(b[k])) for k in keys)
+    return {
+        "method": method.label(value),
+        "seed": seed,
+        "epochs": f"{study.epochs[0]} + {longest - study.epochs[0]} against {longest} directly",
+        "direct": {k: a[k] for k in keys},
+        "continued": {k: b[k] for k in keys},
+        "max_abs_difference": diff,
+        "equal": diff == 0.0,
+        "direct_wall_s": direct["wall_s"],
+    }
+
+
+def write_results(study: Study, recorder: Recorder, out: Path, state: dict, walls: dict, extra: dict) -> dict[str, Any]:
+    """Summarise what has run (complete seeds per length) into ``out``, with the plots."""
+    from benchmarks.pareto_endpoints import targets_check
+    from benchmarks.pareto_plots import plot_study
+
+    records = {
+        e: {s: {"pretrained": ls[e]["pretrained"], "runs": ls[e]["runs"]} for s, ls in state.items() if e in ls}
+        for e in study.epochs
+    }
+    lengths = lengths_summary(study, records)
+    complete = all(lengths[str(e)].get("seeds") == sorted(study.seeds) for e in study.epochs)
+    names = [m.name for m in study.methods]
+    controls = [c for c in ("interpolation", "continuation") if c in names]
+    fraction = statistics.fmean(extra.pop("job_fractions", [0.75]) or [0.75])
+    figures = plot_study(lengths, out.with_name(out.stem))
+    recorder.update(
+        {
+            "design": "issue23",
+            "partial": not complete,
+            "progress": {str(e): lengths[str(e)].get("seeds", []) for e in study.epochs},
+            "lengths": lengths,
+            "targets": targets_check(
+                lengths, design.BUDGETS, design.CONTROLLER_METHOD, design.REFERENCE_METHOD, controls
+            ),
+            "noise": noise_levels(study, state),
+            "per_seed": {str(e): strip(records[e]) for e in study.epochs},
+            "walls": walls,
+            "time_estimate": time_estimate(study, walls, fraction),
+            "figures": [f.name for f in figures],
+            **extra,
+        }
+    )
+    return recorder.write(out)
+
+
+def job_fraction(run_dir: Path, wall: float) -> float:
+    job = json.loads((run_dir / "metrics.json").read_text()).get("wall_s")
+    return float(job) / wall if job and wall else 0.75
+
+
+def run_study(study: Study, recorder: Recorder, out: Path, extra: dict[str, Any]) -> dict[str, Any]:
+    """Every length in order (all seeds of the first, then the next: the most informative
+    runs first), writing the results after each seed and length."""
+    state: dict[int, dict[Any, Any]] = {}
+    walls: dict[str, list[float]] = {"pretrain": [], "finetune": [], "continue": [], "eval": []}
+    fractions: list[float] = []
+    failures: list[str] = []
+    pres: dict[int, dict[str, Any]] = {}
+    for i, epochs in enumerate(study.epochs):
+        for seed in study.seeds:
+            shorter = state.get(seed, {}).get(study.epochs[i - 1]) if i else None
+            if i and shorter is None:
+                continue  # its shorter length did not run (it failed): a later start tries again
+            try:
+                if seed not in pres:
+                    pres[seed] = retried(pretrain, study, seed)
+                    walls["pretrain"].append(pres[seed]["wall_s"])
+                done = seed_length(study, seed, epochs, pres[seed], shorter)
+            except RuntimeError as exc:  # the seed is left out of the summary; the others go on
+                failures.append(f"seed {seed}, {epochs} epochs: {str(exc).splitlines()[0]}")
+                print(f"seed {seed}, {epochs} epochs FAILED: {exc}", flush=True)
+                continue
+            done["pre_dir"] = pres[seed]["dir"]
+            state.setdefault(seed, {})[epochs] = done
+            failures += [f"seed {seed}: {f}" for f in done["failed"]]
+            for kind in ("finetune", "continue"):
+                walls[kind] += done["walls"][kind]
+            walls["eval"].append(done["walls"]["eval"])
+            if i == 0:  # the fine-tunes from the pretrained model, in the order they ran
+                fractions += [
+                    job_fraction(d, w) for d, w in zip(first_dirs(done), done["walls"]["finetune"], strict=True)
+                ]
+            write_results(study, recorder, out, state, walls, {**extra, "job_fractions": fractions, "failed": failures})
+            print(f"seed {seed}, {epochs} epochs done; wrote {out}", flush=True)
+    first = study.seeds[0]
+    check = None
+    if study.epochs[-1] in state.get(first, {}):
+        try:
+            check = extension_check(study, first, pres[first], state[first])
+        except RuntimeError as exc:
+            failures.append(f"extension check: {str(exc).splitlines()[0]}")
+    extra = {**extra, "job_fractions": fractions, "failed": failures, "extension_check": check}
+    return write_results(study, recorder, out, state, walls, extra)
+
+
+def first_dirs(done: dict[str, Any]) -> list[Path]:
+    return [d for ds in done["dirs"].values() for d in ds.values()]
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = bench_parser(__doc__)
     parser.add_argument("--config", type=Path, default=DEFAULT_CONFIG)
     parser.add_argument("--data", type=Path, default=None, help=f"default {DEFAULT_DATA}; quick: a small synthetic one")
-    parser.add_argument("--nproc", type=int, default=None, help="ranks per job (default 2; quick 1)")
-    parser.add_argument("--work", type=Path, default=None, help="run directory (default runs/bench/pareto[-quick])")
+    parser.add_argument("--nproc", type=int, default=None, help="ranks per training job (default 2; quick 1)")
+    parser.add_argument("--work", type=Path, default=None, help="run directory (default runs/bench/pareto23[-quick])")
+    parser.add_argument("--seeds", type=int, nargs="+", default=None, help=f"default {list(design.SEEDS)}")
+    parser.add_argument("--epochs", type=int, nargs="+", default=None, help=f"default {list(design.EPOCHS)}")
     parser.add_argument(
-        "--seeds",
-        type=int,
-        nargs="+",
-        default=None,
-        help=f"the seeds to run (default {list(SEEDS)}; quick: --seed). Finished runs are reused, so a subset "
-        "summarises the part of the study that has run",
-    )
-    parser.add_argument(
-        "--finetune-set",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="a config override for every fine-tune (repeatable), e.g. morec.epochs=5 for a shorter schedule",
+        "--methods", nargs="+", default=None, help="a subset of the design's methods (default: all; a partial study)"
     )
     args = parser.parse_args(argv)
-    started = time.perf_counter()
     quick = args.quick
-    data = args.data or (quick_dataset(args.seed) if quick else DEFAULT_DATA)
-    nproc = args.nproc or (1 if quick else 2)
-    settings = SETTINGS[:1] if quick else SETTINGS
-    seeds = tuple(args.seeds) if args.seeds else (args.seed,) if quick else SEEDS
-    finetune_overrides = [*(QUICK_FINETUNE if quick else FULL_FINETUNE), *args.finetune_set]
-    out = args.out or RESULTS / ("pareto_quick.json" if quick else "pareto.json")
-    work = args.work or REPO / "runs" / "bench" / ("pareto-quick" if quick else "pareto")
+    data = (args.data or (quick_dataset(args.seed) if quick else DEFAULT_DATA)).resolve()
+    epochs = tuple(args.epochs or (QUICK_EPOCHS if quick else design.EPOCHS))
+    if list(epochs) != sorted(set(epochs)):
+        parser.error(f"--epochs: expected increasing lengths, got {list(epochs)}")
+    grid = design.quick_design() if quick else design.STUDY
+    if args.methods:
+        unknown = set(args.methods) - {m.name for m in grid}
+        if unknown:
+            parser.error(f"--methods: {sorted(unknown)} not in the design {[m.name for m in grid]}")
+        grid = tuple(m for m in grid if m.name in args.methods)
+    design.check_equal_knobs(grid)
+    design.check_sources(grid)
+    methods, skipped = available_methods(args.config, grid)
+    if skipped and not quick:
+        parser.error(f"methods this tree cannot run: {skipped}")
+    fraction = control_fraction(args.config)
+    selection = selection_mask(np.arange(1, 11), 0, fraction) is not None
+    if not selection and not quick:
+        parser.error("no selection slice of validation users in this tree (the budget controller's split)")
+    study = Study(
+        config=args.config.resolve(),
+        data=data,
+        work=(args.work or REPO / "runs" / "bench" / ("pareto23-quick" if quick else "pareto23")).resolve(),
+        nproc=args.nproc or (1 if quick else 2),
+        methods=tuple(methods),
+        seeds=tuple(args.seeds or ((args.seed,) if quick else design.SEEDS)),
+        epochs=epochs,
+        pretrain_overrides=tuple(QUICK_PRETRAIN if quick else []),
+        finetune_overrides=tuple(QUICK_FINETUNE if quick else FULL_FINETUNE),
+        control_fraction=fraction if selection else None,
+    )
+    out = args.out or RESULTS / ("pareto23_quick.json" if quick else "pareto23.json")
     recorder = Recorder(
-        "pareto",
+        "pareto23",
         mode="quick" if quick else "full",
         seed=args.seed,
-        config={
-            "config_file": str(args.config),
-            "data": str(data),
-            "nproc": nproc,
-            "methods": list(STUDY_METHODS),
-            "settings": [{"name": s.name, "w": s.weights(), "l_hat_factor": s.l_hat} for s in settings],
-            "seeds": list(seeds),
-            "study_seeds": list(SEEDS),  # a full study's; fewer ran when --seeds named a subset
-            "pretrain_overrides": QUICK_PRETRAIN if quick else [],
-            "finetune_overrides": finetune_overrides,
-            "work": str(work),
-        },
+        config=study_record(study, skipped),
         note_text=note(args.note),
     )
     if not quick:
         from morec_dist.config import load_config
         from morec_dist.train.pipeline import ensure_dataset
 
-        ensure_dataset(load_config(args.config, [f'data.path="{data}"']))
-    per_seed = [run_seed(args.config, data, s, settings, work, nproc, quick, finetune_overrides) for s in seeds]
-    reference = np.mean([objective_vector(s["pretrained"]) for s in per_seed], axis=0)
-    summaries = {m: method_summary(m, per_seed, reference) for m in STUDY_METHODS}
-    figure = plot_projections(summaries, reference, out.with_name(out.stem + ".png"))
-    fine = [r["wall_s"] for s in per_seed for r in s["runs"]]
-    runs_wall = sum(fine) + sum(s["pretrain_wall_s"] for s in per_seed)  # reused runs count their first wall
-    setup = statistics.fmean(r["wall_s"] - r["job_wall_s"] for s in per_seed for r in s["runs"] if r["job_wall_s"])
-    recorder.update(
-        {
-            "objectives": list(STUDY_OBJECTIVES),
-            "reference": reference.tolist(),
-            "per_seed": per_seed,
-            "methods": summaries,
-            "table": relative_table(per_seed),
-            "figures": [figure.name],
-            "run_seconds": {
-                "finetune_mean": statistics.fmean(fine),
-                "setup_mean": setup,
-                "pretrain_mean": statistics.fmean(s["pretrain_wall_s"] for s in per_seed),
-                "study": time.perf_counter() - started,
-                "runs_total": runs_wall,
-            },
-            "full_study_estimate": full_study_estimate(SETTINGS, DEFAULT_CONFIG, setup),
-        }
-    )
-    result = recorder.write(out)
-    for m, s in summaries.items():
-        lo, hi = s["hypervolume_interval"]
-        print(f"{m}: hypervolume {s['hypervolume']:.3g} [{lo:.3g}, {hi:.3g}] front {s['front']}", flush=True)
-    print(f"wrote {out} in {result['run_seconds']['study']:.0f} s", flush=True)
+        ensure_dataset(load_config(study.config, [f'data.path="{data}"']))
+    extra = {
+        "selection_slice": "the budget controller's selection slice"
+        if selection
+        else "all validation users (no split in this tree)"
+    }
+    started = time.perf_counter()
+    result = run_study(study, recorder, out, extra)
+    print(f"wrote {out} in {time.perf_counter() - started:.0f} s", flush=True)
     return result
+
+
+def study_record(study: Study, skipped: dict[str, str]) -> dict[str, Any]:
+    return {
+        "config_file": str(study.config),
+        "data": str(study.data),
+        "work": str(study.work),
+        "nproc": study.nproc,
+        "eval_nproc": EVAL_NPROC,
+        "seeds": list(study.seeds),
+        "epochs": list(study.epochs),
+        "budgets": list(design.BUDGETS),
+        "reference_method": design.REFERENCE_METHOD,
+        "controller_method": design.CONTROLLER_METHOD,
+        "methods": [
+            {
+                "name": m.name,
+                "cli_method": m.cli_method,
+                "knob": m.knob,
+                "values": list(m.values),
+                "fixed": list(m.fixed),
+                "source": m.source,
+            }
+            for m in study.methods
+        ],
+        "skipped_methods": skipped,
+        "pretrain_overrides": list(study.pretrain_overrides),
+        "finetune_overrides": list(study.finetune_overrides),
+    }
 
 
 if __name__ == "__main__":
