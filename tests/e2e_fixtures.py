@@ -3,7 +3,8 @@
 ``tiny_data`` is a small synthetic dataset and ``pretrained`` the best checkpoint of a real
 ``morec train`` on it; ``morec``, ``quoted`` and ``finetune`` drive the CLI as a user would.
 Both are made once per session (``shared_data`` / ``shared_pretrained``, under the session's
-base temp dir) and read by every module: the tests copy before they change anything.
+base temp dir), as is the default fine-tuning of that checkpoint (``shared_finetune``), and
+read by every module: the tests copy before they change anything.
 """
 
 from __future__ import annotations
@@ -55,6 +56,18 @@ def shared_pretrained(tmp_path_factory) -> Path:
         shutil.rmtree(out, ignore_errors=True)
         morec("train", "--config", CONFIG, quoted("data.path", data), quoted("run.out_dir", out))
     return out / "checkpoints" / "best"
+
+
+def shared_finetune(tmp_path_factory) -> Path:
+    """The default MoRec fine-tuning of the shared pretraining (2 ranks), made once per
+    session: the uninterrupted reference of the resume, fault and multi-host tests and one of
+    the same-seed pair. It checkpoints every 10 steps, an operational key: the trajectory is
+    the default run's (test_morec_e2e compares it with a run that writes none)."""
+    out = shared_dir(tmp_path_factory, "reference")
+    if not (out / "metrics.json").exists():
+        shutil.rmtree(out, ignore_errors=True)
+        finetune(shared_pretrained(tmp_path_factory), shared_data(tmp_path_factory), out, "checkpoint.every_steps=10")
+    return out
 
 
 @pytest.fixture(scope="module")

@@ -7,8 +7,9 @@
   final model, and the coordinator's trace, state and sampler updates, identical to an
   uninterrupted run with the same seed.
 - Resharding: that 2-rank checkpoint resumes on 1 rank, and a 1-rank checkpoint of that run
-  resumes on 2; both finish with finite metrics (exactness is only promised for the same
-  world size).
+  resumes on 2; what each loads, before any step, equals its source checkpoint tensor for
+  tensor, and both finish with finite metrics (an exact trajectory is only promised for the
+  same world size).
 - Pretraining killed the same way and resumed ends with the same best model and l_hat.
 - Checkpoint directories: a half-written ``.tmp`` is never taken; ``keep_last`` prunes.
 
@@ -34,7 +35,7 @@ from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 
 from morec_dist.train.checkpoint import complete_checkpoints, latest_checkpoint, prune_checkpoints
 from tests.conftest import REPO
-from tests.e2e_fixtures import CONFIG, quoted, shared_data, shared_dir, shared_pretrained
+from tests.e2e_fixtures import CONFIG, quoted, shared_data, shared_finetune, shared_pretrained
 from tests.procs import run_job
 
 EVERY = "checkpoint.every_steps=10"
@@ -72,12 +73,8 @@ def finetune_args(tmp_path_factory, out: Path, *extra: str) -> list[str]:
 
 
 def reference_run(tmp_path_factory) -> Path:
-    """An uninterrupted MoRec finetune with step checkpoints every 10 steps."""
-    out = shared_dir(tmp_path_factory, "reference")
-    if not (out / "metrics.json").exists():
-        shutil.rmtree(out, ignore_errors=True)
-        morec(*finetune_args(tmp_path_factory, out))
-    return out
+    """An uninterrupted MoRec finetune with step checkpoints every 10 steps (shared)."""
+    return shared_finetune(tmp_path_factory)
 
 
 def tensors(checkpoint: Path, tmp: Path) -> dict[str, torch.Tensor]:
@@ -235,11 +232,34 @@ def test_sigkill_then_resume_is_bit_identical(killed, tmp_path_factory, tmp_path
     assert a["valid_before"] == b["valid_before"] and a["hit@10"] == b["hit@10"]
 
 
+def assert_loads_as_saved(tmp_path_factory, source: Path, out: Path, nproc: int, tmp: Path) -> None:
+    """Resume ``source`` on ``nproc`` ranks and stop before any step: with train.max_steps at
+    the checkpoint's step (a trajectory key, so --resume-changed) the job restores the
+    checkpoint, takes no step and writes its model as checkpoints/final. Every tensor of that
+    model, as the other world size loaded it, equals the source checkpoint's."""
+    step = int(source.name.split("-")[1])
+    (out / "checkpoints").mkdir(parents=True)
+    shutil.copytree(source, out / "checkpoints" / source.name)
+    # the flags before the overrides: the launcher appends an override of its own (the Ray address)
+    command, *rest = finetune_args(tmp_path_factory, out, f"train.max_steps={step}")
+    proc = morec(command, "--resume-changed", "--nproc", str(nproc), *rest)
+    assert f"resuming from {out / 'checkpoints' / source.name} at step {step}" in proc.stderr
+    assert metrics(out)["world_size"] == nproc
+    loaded, saved = tensors(out / "checkpoints" / "final", tmp), tensors(source, tmp)
+    assert loaded and loaded.keys() <= saved.keys(), sorted(loaded.keys() ^ saved.keys())[:10]
+    assert any(key.startswith("model.") and value.numel() > 1000 for key, value in loaded.items())  # the tables
+    for key, value in loaded.items():
+        assert torch.equal(value, saved[key]), f"{key}: loaded on {nproc} rank(s) differs from {source}"
+
+
 def test_two_rank_checkpoint_resumes_on_one_rank_and_back(killed, tmp_path_factory, tmp_path):
     _, _, snapshot = killed
+    source = latest_checkpoint(snapshot / "checkpoints")
+    assert tensors(source, tmp_path)["counters"].tolist()[0] == int(source.name.split("-")[1])
+    # the state a resharded resume loads, before any step: the source checkpoint's
+    assert_loads_as_saved(tmp_path_factory, source, tmp_path / "loaded-on-one", 1, tmp_path)
     one = tmp_path / "one"
     (one / "checkpoints").mkdir(parents=True)
-    source = latest_checkpoint(snapshot / "checkpoints")
     shutil.copytree(source, one / "checkpoints" / source.name)
     proc = morec(
         *finetune_args(tmp_path_factory, one, "checkpoint.every_steps=5", "checkpoint.keep_last=3"), "--nproc", "1"
@@ -250,6 +270,7 @@ def test_two_rank_checkpoint_resumes_on_one_rank_and_back(killed, tmp_path_facto
     assert len(m1["coordinator"]["trace"]["beta"]) == 40
     # a mid-epoch checkpoint written by the 1-rank run, resumed by 2 ranks
     mid = [path for step, path in complete_checkpoints(one / "checkpoints") if step < 40][-1]
+    assert_loads_as_saved(tmp_path_factory, mid, tmp_path / "loaded-on-two", 2, tmp_path)
     two = tmp_path / "two"
     (two / "checkpoints").mkdir(parents=True)
     shutil.copytree(mid, two / "checkpoints" / mid.name)
