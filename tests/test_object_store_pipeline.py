@@ -12,11 +12,12 @@ store (``--from s3://...``) with the run's Ray head; evaluation's init container
 fine-tuning's metrics.json, it evaluates the final checkpoint on the store and writes
 metrics-test.json there, upon which the Ray head ends by itself (``--until`` a URI).
 
-What the host changes, each because a machine is not a cluster: one node of 2 ranks per
-training stage instead of 2 pods of 1 (NNODES, NPROC_PER_NODE), loopback and free ports
-for the rendezvous and the Ray head, RAY_JOIN=auto (the head is on this machine), the
-job config of tests/k8s/tiny (the container test's tiny schedule, 20 steps a stage here)
-with the exporters off (their fixed ports are shared by every test here), and the
+What the host changes, each because a machine is not a cluster: each training stage is
+its pod 0 alone (NNODES=1, the manifest's one rank per pod; two ranks writing shards to
+s3:// are tests/test_s3_training.py's), loopback and free ports for the rendezvous and the
+Ray head, RAY_JOIN=auto (the head is on this machine), the job config of tests/k8s/tiny
+(the container test's tiny schedule, here 20 steps a stage, evaluation on one rank) with
+the exporters off (their fixed ports are shared by every test here), and the
 ConfigMap / Secret values
 (the loopback store, moto's fake keys). ``tini -s --`` (PID 1 of the image) is left out.
 """
@@ -59,7 +60,11 @@ class Host:
         self.tmp = tmp
         self.config = tmp / "job.toml"
         tiny = TINY_CONFIG.read_text()
-        changes = {"[metrics]\nenabled = true": "[metrics]\nenabled = false", "max_steps = 40": "max_steps = 20"}
+        changes = {
+            "[metrics]\nenabled = true": "[metrics]\nenabled = false",
+            "max_steps = 40": "max_steps = 20",
+            "nproc = 2": "nproc = 1",  # evaluation's ranks (`morec evaluate` takes run.nproc), as a pod's
+        }
         for old, new in changes.items():
             assert tiny.count(old) == 1, old
             tiny = tiny.replace(old, new)
@@ -117,8 +122,8 @@ class Host:
 
     def host_changes(self, variables: dict[str, str]) -> dict[str, str]:
         out = {"HOME": str(self.tmp / "home")}
-        if "NNODES" in variables:
-            out |= {"NNODES": "1", "NPROC_PER_NODE": "2", "RDZV_ENDPOINT": f"127.0.0.1:{free_tcp_port()}"}
+        if "NNODES" in variables:  # the manifest's pod 0 alone: its NPROC_PER_NODE ranks, a loopback rendezvous
+            out |= {"NNODES": "1", "RDZV_ENDPOINT": f"127.0.0.1:{free_tcp_port()}"}
         if variables.get("RAY_JOIN") == "yes":
             out |= {"RAY_JOIN": "auto", "MOREC_RAY_ADDRESS": f"127.0.0.1:{self.ray_port}"}
         return out
