@@ -961,3 +961,23 @@ def test_prepare_job_for_the_store_writes_where_the_object_store_variant_reads()
     assert flag(argv, "--cache-dir").startswith("/tmp/")
     secrets = {e["valueFrom"]["secretKeyRef"]["name"] for e in c["env"] if "secretKeyRef" in e.get("valueFrom", {})}
     assert secrets == {STORE_SECRET}
+
+
+def test_the_object_store_commands_are_the_bases_but_for_where_they_read_and_write():
+    """The component restates whole argument lists (a strategic merge replaces a list of
+    strings): mapped back to the volumes, they must be the cpu overlay's, so a change to a
+    stage's command in the base cannot leave the object-store variant behind."""
+    base, store = rendered_once("cpu"), rendered_once("object-store")
+    for job_name in STAGES:
+        for kind in ("initContainers", "containers"):
+            was = {c["name"]: c for c in stage(base, job_name)["spec"]["template"]["spec"].get(kind, [])}
+            now = {c["name"]: c for c in stage(store, job_name)["spec"]["template"]["spec"].get(kind, [])}
+            assert was.keys() == now.keys(), (job_name, kind)
+            for name, c in now.items():
+                where = f"{job_name}/{name}"
+                args = [a for a in c.get("args", []) if a != "data.path=$(MOREC_DATA)"]
+                mapped = [a.replace("$(MOREC_STORE)/runs/", "/runs/") for a in args]
+                assert mapped == was[name].get("args", []), where
+                assert c["command"] == was[name]["command"] and c["image"] == was[name]["image"], where
+                kept = {n: e for n, e in env(c).items() if n in env(was[name])}
+                assert kept == env(was[name]), f"{where}: the base's variables are kept as they are"
