@@ -103,6 +103,8 @@ if (( foreground )); then
     "${head[@]}" &
     child=$!
     waiter=""
+    # for messages: a URI without its query or a user:secret@ (data/storage.py's rule)
+    shown="$(sed -E 's#^([A-Za-z0-9+.-]+://)[^/@]*@#\1#; s#[?].*$##' <<<"$until_file")"
     if [[ "$until_file" == *://* && "$until_file" != file://* ]]; then
         # an object on a store: one waiter process polls it (python, through data/storage.py)
         "$ROOT/launch/wait_for.sh" "$until_file" &
@@ -118,14 +120,14 @@ if (( foreground )); then
         local s=0; wait "$waiter" || s=$?
         waiter=""
         (( s == 0 )) && return 0
-        echo "launch/ray_head.sh: waiting for $until_file failed ($s); stopping the head" >&2
+        echo "launch/ray_head.sh: waiting for $shown failed ($s); stopping the head" >&2
         stop_child
         exit $(( s == 2 ? 2 : 1 ))
     }
     trap 'stop_child; exit 143' TERM INT
     while kill -0 "$child" 2>/dev/null; do
         if until_exists; then
-            echo "launch/ray_head.sh: $until_file exists: the job is done; stopping the head" >&2
+            echo "launch/ray_head.sh: $shown exists: the job is done; stopping the head" >&2
             stop_child
             exit 0
         fi
@@ -133,7 +135,7 @@ if (( foreground )); then
     done
     status=0; wait "$child" || status=$?
     [[ -z "$waiter" ]] || kill -TERM "$waiter" 2>/dev/null || true
-    echo "launch/ray_head.sh: the head exited ($status) before $until_file appeared" >&2
+    echo "launch/ray_head.sh: the head exited ($status) before $shown appeared" >&2
     exit 1
 fi
 

@@ -11,6 +11,7 @@ tests/s3_loopback.py; the whole pipeline is tests/test_object_store_pipeline.py.
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import time
@@ -129,3 +130,22 @@ def test_wait_for_refuses_a_uri_with_credentials_without_printing_them():
     assert "hunter2" not in proc.stderr and "AKIAXX" not in proc.stderr
     bad = subprocess.run([WAIT_FOR, "--every", "x", "s3://bucket/m"], cwd=REPO, capture_output=True, text=True)
     assert bad.returncode == 2 and "--every" in bad.stderr
+
+
+@pytest.mark.slow  # starts a Ray head
+def test_ray_head_until_a_uri_that_can_never_be_read_stops_the_head_with_exit_2(tmp_path):
+    from tests.conftest import free_tcp_port
+    from tests.procs import run_job
+
+    env = {
+        **os.environ,
+        "HOME": str(tmp_path),
+        "RAY_AUTH_TOKEN": "0" * 32,
+        "RAY_TMPDIR": os.environ.get("RAY_TMPDIR", "/tmp"),
+    }
+    head = [str(REPO / "launch" / "ray_head.sh"), "--foreground", "--port", str(free_tcp_port())]
+    head += ["--num-cpus", "0", "--object-store-mb", "80", "--until", "s3://AKIAXX:hunter2@bucket/runs/r1/m.json"]
+    proc = run_job(head, 180, env=env, cwd=REPO)  # ends the head's processes whatever happens
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert "failed (2); stopping the head" in proc.stderr and "carries credentials" in proc.stderr
+    assert "hunter2" not in proc.stderr and "AKIAXX" not in proc.stderr
