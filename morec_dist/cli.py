@@ -470,16 +470,14 @@ def _add_export(sub: argparse._SubParsersAction) -> None:
         import os
         import secrets
 
-        from morec_dist.export.job import check_inputs, check_model, local_out, run_export
+        from morec_dist.export.job import check_inputs, explicit_model_keys, export_config, local_out, run_export
         from morec_dist.export.layout import STAGING_ENV, discard
         from morec_dist.plugins import prepare
-        from morec_dist.train.evaluate import checkpoint_config
         from morec_dist.train.launch import under_torchrun
 
         given = _load(args) if (args.config or args.overrides) else None
-        config = prepare(checkpoint_config(args.checkpoint, given))  # the recorded run.plugins, too
-        if given is not None:
-            check_model(args.checkpoint, given)
+        explicit = explicit_model_keys(args.config, args.overrides)
+        config = prepare(export_config(args.checkpoint, given, explicit))  # the recorded run.plugins, too
         args.config, args.overrides = None, []
         index = None
         if args.index:

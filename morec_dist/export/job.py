@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import gc
 import os
+from collections.abc import Set
 from pathlib import Path
 from typing import Any
 
@@ -68,12 +69,35 @@ def check_inputs(config: Config, checkpoint: str | Path, out: str | Path) -> Non
     id_map_of(dataset, schema.ID_MAP_USERS)
 
 
-def check_model(checkpoint: str | Path, given: Config) -> None:
-    """A config given beside the checkpoint may change data / eval / run, not the model: the
-    export must be of the model the checkpoint holds."""
+def export_config(checkpoint: str | Path, given: Config | None, explicit: Set[str] = frozenset()) -> Config:
+    """The checkpoint's config (its model, its seed); a given config may replace data, eval
+    and the run's other settings, never the model: the model keys it sets (``explicit``)
+    must be the checkpoint's (``check_model``)."""
+    from morec_dist.train.evaluate import checkpoint_config
+
+    config = checkpoint_config(checkpoint, given)
+    if given is not None:
+        check_model(checkpoint, given, explicit)
+        config.run.seed = int(read_meta(checkpoint)["config"]["run"]["seed"])  # the model's; seeds the index
+    return config
+
+
+def explicit_model_keys(config_file: str | None, overrides: list[str]) -> set[str]:
+    """The ``model.*`` keys a config file's [model] table or the overrides set."""
+    import tomllib
+
+    keys = {o.split("=", 1)[0].split(".", 1)[1] for o in overrides if o.startswith("model.") and "=" in o}
+    if config_file:
+        with open(config_file, "rb") as f:
+            keys |= set(tomllib.load(f).get("model", {}))
+    return keys
+
+
+def check_model(checkpoint: str | Path, given: Config, explicit: Set[str]) -> None:
+    """The model keys set beside the checkpoint agree with the model the checkpoint holds."""
     recorded = read_meta(checkpoint).get("config", {}).get("model", {})
     wanted = given.to_dict()["model"]
-    differ = sorted(k for k in set(recorded) | set(wanted) if recorded.get(k) != wanted.get(k))
+    differ = sorted(k for k in explicit if recorded.get(k) != wanted.get(k))
     if differ:
         shown = ", ".join(f"model.{k} = {recorded.get(k)!r} there, {wanted.get(k)!r} here" for k in differ)
         raise ExportError(f"--checkpoint {checkpoint}: a checkpoint of another model than the config's ({shown})")

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import copy
 import json
+import warnings
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -126,6 +127,12 @@ def gather_table(value: Any, shape: list[int], ctx: DistContext) -> torch.Tensor
 
 def user_tables(job: UserSideJob) -> dict[str, torch.Tensor]:
     """Collective: the user side's tables, feature name -> whole table (on rank 0)."""
+    with warnings.catch_warnings():  # torch deprecates ShardedTensor, TorchRec's type (nothing to act on here)
+        warnings.filterwarnings("ignore", message=".*DTensor.*", category=FutureWarning)
+        return gathered_user_tables(job)
+
+
+def gathered_user_tables(job: UserSideJob) -> dict[str, torch.Tensor]:
     state = job.model.state_dict()
     tables = {}
     for feature in job.module.user_features:

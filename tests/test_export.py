@@ -1,0 +1,301 @@
+"""``morec export`` and ``morec evaluate --ann`` on real ranks, real Parquet and real FAISS.
+
+One tiny MF and one tiny two-tower model are checkpointed once for the module (at their
+seeded initial weights, by the product's builder and ``save_checkpoint``, in this process)
+for a synthetic dataset that carries id maps (``id_map/*.parquet`` with raw ids,
+registered in its manifest as ``prepare parquet`` registers them; preparing through Ray Data
+takes minutes here). Each is exported on 1 rank and on 2 ranks (``--part-rows`` small, so
+parts spread over both ranks). Checked: the data files are byte-identical across world
+sizes, the vectors are the model's (an unsharded copy loaded from the same checkpoint with
+DCP, in this process), raw ids round-trip through the id map, the two-tower ``.pt2`` scores
+in a process where only torch can be imported, evaluation through a flat index equals the
+exact evaluation (the evaluator's, on the unsharded model), and bad input is
+refused in one line with nothing written.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from morec_dist.cli import main
+from morec_dist.config import config_from_dict, load_config
+from morec_dist.data.dataset import PreparedDataset
+from morec_dist.data.prepare.synthetic import generate
+from morec_dist.data.schema import ID_MAP_ITEMS, ID_MAP_USERS, sha256_file
+from morec_dist.distributed import DistContext
+from morec_dist.eval.evaluator import evaluate
+from morec_dist.model.init import META, materialize_unsharded
+from morec_dist.model.registry import build_model
+from morec_dist.train.checkpoint import dcp_load, read_meta, save_checkpoint
+from morec_dist.train.run_dir import provenance
+from morec_dist.train.trainer import build_features, unsharded_identity
+from tests.e2e_fixtures import morec
+
+pytestmark = pytest.mark.slow  # exports under torchrun
+
+PART_ROWS = 32
+CONFIG = """
+[run]
+seed = 5
+[data]
+path = "{data}"
+[model]
+name = "{model}"
+embedding_dim = 8
+tower_dims = [8, 4]
+# one table per rank: a row-wise table's multi-hot pools are summed over ranks, in another
+# order on 2 ranks than on 1 (the last bits differ); the same placement gives the same bytes
+default_sharding = "table_wise"
+[eval]
+ks = [5, 10]
+batch_users = 64
+"""
+
+
+def add_id_maps(root: Path) -> None:
+    """Raw ids for every dense id, written and registered the way ``prepare parquet`` does
+    (schema (raw_id, <id>), sha256 / bytes / rows in manifest.json's files)."""
+    manifest = json.loads((root / "manifest.json").read_text())
+    maps = {
+        ID_MAP_ITEMS: ("item_id", manifest["num_items"], lambda i: pa.array([f"sku-{7 * x + 3:05d}" for x in i])),
+        ID_MAP_USERS: ("user_id", manifest["num_users"], lambda i: pa.array(1000 + 3 * i, pa.int64())),
+    }
+    for rel, (column, count, raw) in maps.items():
+        ids = np.arange(1, count + 1)
+        (root / rel).parent.mkdir(exist_ok=True)
+        pq.write_table(pa.table({"raw_id": raw(ids), column: pa.array(ids, pa.int32())}), root / rel)
+        manifest["files"][rel] = {
+            "sha256": sha256_file(root / rel),
+            "bytes": (root / rel).stat().st_size,
+            "rows": count,
+        }
+    (root / "manifest.json").write_text(json.dumps(manifest, indent=1, sort_keys=True))
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory) -> Path:
+    path = generate(tmp_path_factory.mktemp("export") / "data", users=120, items=90, rows=3000, seed=5)
+    add_id_maps(path)
+    return path
+
+
+def write_checkpoint(root: Path, data: Path, model_name: str) -> Path:
+    """A real checkpoint of the model at its seeded initial weights, written in this process
+    (the product's builder, init rule and save_checkpoint; DCP reshards it onto the export's
+    ranks): training adds nothing the export reads, and torchrun launches are this module's cost."""
+    (root / f"{model_name}.toml").write_text(CONFIG.format(data=data, model=model_name))
+    config = load_config(root / f"{model_name}.toml")
+    dataset = PreparedDataset.open(data, verify_checksums=False, verify_values=False)
+    model = build_model(model_name, build_features(config, dataset), config.model, device=META)
+    identity = unsharded_identity(model_name, model)
+    model = materialize_unsharded(model, config.run.seed, config.model.init_std, torch.device("cpu"))
+    meta = {"model": identity, "epoch": 0, "step": 0, **provenance(config, 1)}
+    save_checkpoint(root / f"ckpt-{model_name}", {"model": model.state_dict()}, meta)
+    return root / f"ckpt-{model_name}"
+
+
+def export(checkpoint: Path, out: Path, nproc: int, *extra: str) -> dict:
+    morec("export", "--checkpoint", str(checkpoint), "--out", str(out), "--nproc", str(nproc),
+          "--part-rows", str(PART_ROWS), *extra)  # fmt: skip
+    return json.loads((out / "manifest.json").read_text())
+
+
+@pytest.fixture(scope="module")
+def exports(data, tmp_path_factory) -> dict[str, dict]:
+    """Per model: its checkpoint, and its export on 1 rank and on 2 ranks (+ a flat index)."""
+    root = tmp_path_factory.mktemp("exports")
+    out = {}
+    for model in ("mf", "two_tower"):
+        checkpoint = write_checkpoint(root, data, model)
+        one = export(checkpoint, root / f"{model}-1", 1)
+        two = export(checkpoint, root / f"{model}-2", 2, "--index", "--index-kind", "flat")
+        out[model] = {
+            "checkpoint": checkpoint,
+            "dirs": (root / f"{model}-1", root / f"{model}-2"),
+            "manifests": (one, two),
+        }
+    return out
+
+
+# ------------------------------------------------------------------ the model itself
+
+
+def reference_model(checkpoint: Path, data: Path):
+    """The checkpoint's model, unsharded in this process: built by rule, loaded with DCP."""
+    config = config_from_dict(read_meta(checkpoint)["config"])
+    dataset = PreparedDataset.open(data, verify_checksums=False, verify_values=False)
+    features = build_features(config, dataset)
+    model = build_model(config.model.name, features, config.model, device=META)
+    model = materialize_unsharded(model, config.run.seed, config.model.init_std, torch.device("cpu"))
+    dcp_load({"model": model.state_dict()}, checkpoint)  # loads into the weights in place
+    return model.eval(), features
+
+
+def read_vectors(directory: Path, id_column: str) -> tuple[np.ndarray, np.ndarray, list]:
+    table = pq.read_table(sorted(directory.glob("part-*.parquet"))).sort_by(id_column)
+    vectors = table["vector"].combine_chunks().values.to_numpy().reshape(table.num_rows, -1)
+    return table[id_column].to_numpy(), vectors, table["raw_id"].to_pylist()
+
+
+def data_files(manifest: dict, *prefixes: str) -> dict[str, str]:
+    return {rel: info["sha256"] for rel, info in manifest["files"].items() if rel.startswith(prefixes)}
+
+
+def check_manifest(directory: Path, manifest: dict, model: str) -> None:
+    assert manifest["model"]["name"] == model and manifest["seed"] == 5 and manifest["checkpoint"]["step"] == 0
+    assert {"torch", "torchrec", "pyarrow", "faiss"} <= set(manifest["versions"])
+    assert manifest["run_config"]["model"]["name"] == model
+    on_disk = {p.relative_to(directory).as_posix() for p in directory.rglob("*") if p.is_file()} - {"manifest.json"}
+    assert set(manifest["files"]) == on_disk
+    for rel, info in manifest["files"].items():
+        assert sha256_file(directory / rel) == info["sha256"], rel
+
+
+def check_raw_ids(data: Path, ids: np.ndarray, raw: list, rel: str, id_column: str) -> None:
+    """Raw id -> dense id through the dataset's id map gives back each row's dense id."""
+    table = pq.read_table(data / rel)
+    to_dense = dict(zip(table["raw_id"].to_pylist(), table[id_column].to_pylist(), strict=True))
+    assert [to_dense[r] for r in raw] == ids.tolist()
+
+
+def test_mf_export_same_files_on_1_and_2_ranks_vectors_are_the_models(exports, data):
+    run = exports["mf"]
+    (_, two), (m1, m2) = run["dirs"], run["manifests"]
+    assert len(m2["items"]["parts"]) == 3 and len(m2["user_side"]["parts"]) == 4  # spread over both ranks
+    assert data_files(m1, "items/", "users/") == data_files(m2, "items/", "users/")
+    assert m1["export"]["world_size"] == 1 and m2["export"]["world_size"] == 2
+    check_manifest(two, m2, "mf")
+    model, features = reference_model(run["checkpoint"], data)
+    ids, vectors, raw = read_vectors(two / "items", "item_id")
+    assert ids.tolist() == list(range(1, 91))
+    with torch.no_grad():
+        expected = model.item_vectors(features.item_kjt(ids)).numpy()
+        assert np.array_equal(vectors, expected)
+        check_raw_ids(data, ids, raw, ID_MAP_ITEMS, "item_id")
+        users, user_vectors, user_raw = read_vectors(two / "users", "user_id")
+        assert users.tolist() == list(range(1, 121))
+        assert np.array_equal(user_vectors, model.user_vectors(features.user_kjt(users)).numpy())
+    check_raw_ids(data, users, user_raw, ID_MAP_USERS, "user_id")
+
+
+# the serving side: torch alone (morec_dist, torchrec, fbgemm and pyarrow refused on import)
+PLAIN_TORCH = """
+import sys
+class Refuse:
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in ("morec_dist", "torchrec", "fbgemm_gpu", "pyarrow", "tests"):
+            raise ImportError("refused in this test: " + name)
+sys.meta_path.insert(0, Refuse())
+import torch
+inputs = torch.load("inputs.pt", weights_only=True)
+tower = torch.export.load("user_tower.pt2").module()
+torch.save(tower(inputs), "vectors.pt")
+print(sorted(m for m in sys.modules if m.split(".")[0] in ("morec_dist", "torchrec", "pyarrow")))
+"""
+
+
+def test_two_tower_same_item_files_and_the_pt2_scores_in_plain_torch(exports, data, tmp_path):
+    from morec_dist.export.user_side import tower_inputs
+
+    run = exports["two_tower"]
+    (_, two), (m1, m2) = run["dirs"], run["manifests"]
+    assert data_files(m1, "items/") == data_files(m2, "items/")
+    check_manifest(two, m2, "two_tower")
+    spec = json.loads((two / "user_tower.json").read_text())
+    model, features = reference_model(run["checkpoint"], data)
+    assert [i["name"] for i in spec["inputs"][::2]] == [f.name for f in model.user_features]
+    assert [i["vocab_size"] for i in spec["inputs"][::2]] == [f.num_embeddings for f in model.user_features]
+    ids, vectors, raw = read_vectors(two / "items", "item_id")
+    users = np.array([1, 2, 17, 64, 120])
+    with torch.no_grad():
+        assert np.allclose(vectors, model.item_vectors(features.item_kjt(ids)).numpy(), atol=1e-6, rtol=0)
+        expected = model.user_vectors(features.user_kjt(users))
+    check_raw_ids(data, ids, raw, ID_MAP_ITEMS, "item_id")
+    shutil.copy(two / "user_tower.pt2", tmp_path / "user_tower.pt2")
+    torch.save(tower_inputs(features.user_kjt(users)), tmp_path / "inputs.pt")
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    proc = subprocess.run([sys.executable, "-c", PLAIN_TORCH], cwd=tmp_path, env=env, capture_output=True,
+                          text=True, timeout=120)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.strip().splitlines()[-1] == "[]"
+    got = torch.load(tmp_path / "vectors.pt", weights_only=True)
+    assert got.shape == expected.shape and float((got - expected).abs().max()) < 1e-6
+
+
+@pytest.mark.parametrize("model", ["mf", "two_tower"])
+def test_evaluate_through_a_flat_index_equals_the_exact_evaluation(exports, data, model, tmp_path):
+    run = exports[model]
+    report_path = tmp_path / "ann.json"
+    argv = [
+        "evaluate",
+        "--ann",
+        str(run["dirs"][1]),
+        "--out",
+        str(report_path),
+        f'data.path="{data}"',
+        "eval.ks=[5, 10]",
+    ]
+    assert main(argv) == 0
+    report = json.loads(report_path.read_text())
+    reference, features = reference_model(run["checkpoint"], data)
+    exact = evaluate(reference, data, "test", [5, 10], features, DistContext.single()).metrics  # the evaluator's
+    assert report["index"]["faiss_class"] == "IndexFlatIP"
+    for key, value in report["exact"].items():
+        if "@" in key:
+            assert report["ann"][key] == value, key
+            assert exact[key] == pytest.approx(value, rel=1e-12, abs=1e-12), key
+    assert report["recall"] == {"recall@5": 1.0, "recall@10": 1.0}
+    assert all(v == 0.0 for v in report["change"].values())
+
+
+# ------------------------------------------------------------------------- bad input
+
+
+def refused(capsys, argv: list[str], *fragments: str) -> None:
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and all(f in err for f in fragments), err
+
+
+def nothing_written(out: Path) -> None:
+    assert not out.exists() and not list(out.parent.glob(out.name + ".tmp-*"))
+
+
+def test_bad_input_one_line_exit_2_nothing_written(exports, data, tmp_path, capsys):
+    mf = str(exports["mf"]["checkpoint"])
+    out = tmp_path / "out"
+    # an existing non-empty output directory: left as it was
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    refused(capsys, ["export", "--checkpoint", mf, "--out", str(out)], f"--out {out}", "not empty")
+    assert [p.name for p in out.iterdir()] == ["keep.txt"]
+    shutil.rmtree(out)
+    # a config of another model than the checkpoint's
+    refused(capsys, ["export", "--checkpoint", mf, "--out", str(out), 'model.name="two_tower"'],
+            "another model", "model.name = 'mf' there, 'two_tower' here")  # fmt: skip
+    nothing_written(out)
+    # a checkpoint of another dataset
+    other = generate(tmp_path / "other", users=50, items=40, rows=900, seed=1)
+    refused(capsys, ["export", "--checkpoint", mf, "--out", str(out), f'data.path="{other}"'],
+            "t_item_id has 91 rows", "another dataset")  # fmt: skip
+    nothing_written(out)
+    # the id map its manifest lists is gone
+    broken = tmp_path / "broken"
+    shutil.copytree(data, broken)
+    (broken / ID_MAP_ITEMS).unlink()
+    refused(capsys, ["export", "--checkpoint", mf, "--out", str(out), f'data.path="{broken}"'],
+            str(broken / ID_MAP_ITEMS), "missing")  # fmt: skip
+    nothing_written(out)
+    # evaluation through an export that has no index
+    refused(capsys, ["evaluate", "--ann", str(exports["mf"]["dirs"][0]), f'data.path="{data}"'], "has no index")
