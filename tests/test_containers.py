@@ -484,7 +484,7 @@ def test_pipeline_survives_a_pod_stop_in_restricted_containers(image, tmp_path):
     resources = render(TINY)
     cpu = render(REPO / "k8s" / "overlays" / "cpu")
     jobs = {j["metadata"]["name"]: j for j in resources if j["kind"] == "Job"}
-    assert set(jobs) == {"morec-pretrain", "morec-finetune", "morec-evaluate", "morec-ray-head"}
+    assert set(jobs) == {"morec-pretrain", "morec-finetune", "morec-evaluate", "morec-export", "morec-ray-head"}
     for name, job in jobs.items():  # the tiny overlay changes the config only
         assert json.dumps(job, sort_keys=True).replace(
             find(
@@ -588,6 +588,19 @@ def test_pipeline_survives_a_pod_stop_in_restricted_containers(image, tmp_path):
         head.wait(timeout=60)
         timings["evaluate+head"] = time.monotonic() - t0
         assert head.history == [], head.history
+
+        # ---- stage 4: the serving artefacts of the evaluated model (`morec export --index`)
+        t0 = time.monotonic()
+        export = JobController(cluster, jobs["morec-export"])
+        export.start()
+        export.wait(timeout=300)
+        timings["export"] = time.monotonic() - t0
+        assert export.history == [], export.history
+        exported = json.loads((runs / "export" / "manifest.json").read_text())
+        assert exported["checkpoint"]["path"] == f"/runs/{run_name}/morec/checkpoints/final"
+        assert exported["export"]["world_size"] == 2 and exported["index"]["kind"] == "flat"
+        assert {"index.faiss", "items/part-00000.parquet", "users/part-00000.parquet"} <= set(exported["files"])
+        assert not list(runs.glob("export.tmp-*"))
         test_metrics = json.loads((runs / "morec" / "metrics-test.json").read_text())
         assert test_metrics
 

@@ -414,6 +414,19 @@ def test_the_stages_chain_through_their_outputs(rendered):
     (wait,) = evaluate["spec"]["template"]["spec"]["initContainers"]
     assert resolved_argv(wait) == ["launch/wait_for.sh", dirs["morec-finetune"] + "/metrics.json"]
 
+    exports = [j for j in by_kind(resources, "Job") if j["metadata"]["name"].startswith("morec-export")]
+    if root == "/runs":  # the serving artefacts, after the evaluation, on the runs volume
+        (export,) = exports
+        argv = resolved_argv(container(export, "export"))
+        assert argv[:5] == ["tini", "-s", "--", "morec", "export"] and "--index" in argv
+        assert flag(argv, "--checkpoint") == dirs["morec-finetune"] + "/checkpoints/final"
+        assert flag(argv, "--out") == f"{root}/{run_cm['metadata']['name']}/export"
+        (wait,) = export["spec"]["template"]["spec"]["initContainers"]
+        evaluated = flag(resolved_argv(container(evaluate, "evaluate")), "--out")
+        assert resolved_argv(wait) == ["launch/wait_for.sh", evaluated]
+    else:  # `morec export` writes a local directory: no export stage on the store
+        assert not exports
+
     pretrain = stage(resources, "morec-pretrain")
     argv = resolved_argv(container(pretrain, "trainer"), pod_fields(pretrain))
     assert argv[argv.index("--", 4) + 1] == "train" and "initContainers" not in pretrain["spec"]["template"]["spec"]
