@@ -14,8 +14,9 @@ validation users; the test reads the selection slice, which it never saw:
   by the safety rule. (Revenue is weighted too, but R-Hit@10 moves by 1-2% either way on this
   data: too little to rank two budgets by.)
 
-Measured (2 loaded cores): about 170 s, three CLI processes (each pays torch, TorchRec and Ray
-start-up; the training itself is 8-13 s per job), so the test is marked slow. Seed 5 runs: 5%
+Measured (2 loaded cores): 170 s at load ~10, 280 s at load ~20; three CLI processes (each
+pays torch, TorchRec and Ray start-up; the training itself is 8-13 s per job), so the test is
+marked slow. Seed 5 runs: 5%
 budget: selection slice -4.5%, Pop-KL -68%; 1% budget: the safety rule from step 159, selection
 -2.9%, Pop-KL -45%.
 """
