@@ -218,54 +218,52 @@ def test_two_torchrun_ranks_aggregate_exactly_and_deterministically(ray_address,
 
     steps, staleness, every = 14, 2, 4
     spec = spec_for(world_size=2, staleness=staleness, every=every)
-    runs = []
-    for jitter_seed in (1, 2):  # two runs, different timings
-        name = f"coord-ranks-{jitter_seed}"
-        actor = get_or_create(name, NAMESPACE)
-        ray.get(actor.configure.remote(spec, None, name))
-        started = time.perf_counter()
-        ranks = _run_ranks(
-            ray_address, name, tmp_path / name, steps=steps, staleness=staleness, every=every, jitter_seed=jitter_seed
-        )
-        wall = time.perf_counter() - started
-        trace = ray.get(actor.trace.remote())
-        runs.append((ranks, trace))
-        ray.kill(actor)
+    # One run, with jittered step times: every decision it used equals a Ray-free replay of the
+    # same inputs (below), so the trajectory is a function of the inputs alone, whatever the
+    # timing (a second run with other timings only repeated that; dropped, issue 25)
+    jitter_seed = 1
+    name = f"coord-ranks-{jitter_seed}"
+    actor = get_or_create(name, NAMESPACE)
+    ray.get(actor.configure.remote(spec, None, name))
+    started = time.perf_counter()
+    ranks = _run_ranks(
+        ray_address, name, tmp_path / name, steps=steps, staleness=staleness, every=every, jitter_seed=jitter_seed
+    )
+    wall = time.perf_counter() - started
+    trace = ray.get(actor.trace.remote())
+    ray.kill(actor)
 
-        # both ranks used the same decision at every step
-        assert ranks[0]["decisions"] == ranks[1]["decisions"]
-        used = ranks[0]["decisions"]
-        # exact aggregation: (sum over ranks of sums) / (sum of counts), per block, per step
-        for t in range(steps):
-            per_rank = [RANKS.synthetic_report(r, t, used[t]["beta"]) for r in range(2)]
-            for b in range(4):
-                expected = math.fsum(p[0][b] for p in per_rank) / sum(p[1][b] for p in per_rank)
-                assert trace["losses"][t][b] == expected
-            assert trace["counts"][t] == [sum(p[1][b] for p in per_rank) for b in range(4)]
-        # the actor's trace and every decision equal a Ray-free replay of the same inputs
-        replay = _replay(spec, used, steps, every)
-        assert trace == replay.trace_dict()
-        for t in range(steps):
-            d = replay.decision(t)
-            assert (d.beta, d.weights, d.p_version, d.probabilities) == (
-                used[t]["beta"],
-                used[t]["weights"],
-                used[t]["p_version"],
-                used[t]["probabilities"],
-            )
-        assert [u["p_version"] for u in used] == [0] * 5 + [1] * 4 + [2] * 4 + [
-            3
-        ]  # decided after steps 3, 7, 11; in force from step + s
-        waits = [r["stats"]["waits"] for r in ranks]
-        print(
-            f"\nrun {jitter_seed}: {steps} steps, wall {wall:.1f} s (torchrun + Ray connect), waits per rank {waits}, "
-            f"wait s {[round(r['stats']['wait_seconds'], 3) for r in ranks]}, loop s "
-            f"{[round(r['seconds'], 2) for r in ranks]}"
+    # both ranks used the same decision at every step
+    assert ranks[0]["decisions"] == ranks[1]["decisions"]
+    used = ranks[0]["decisions"]
+    # exact aggregation: (sum over ranks of sums) / (sum of counts), per block, per step
+    for t in range(steps):
+        per_rank = [RANKS.synthetic_report(r, t, used[t]["beta"]) for r in range(2)]
+        for b in range(4):
+            expected = math.fsum(p[0][b] for p in per_rank) / sum(p[1][b] for p in per_rank)
+            assert trace["losses"][t][b] == expected
+        assert trace["counts"][t] == [sum(p[1][b] for p in per_rank) for b in range(4)]
+    # the actor's trace and every decision equal a Ray-free replay of the same inputs
+    replay = _replay(spec, used, steps, every)
+    assert trace == replay.trace_dict()
+    for t in range(steps):
+        d = replay.decision(t)
+        assert (d.beta, d.weights, d.p_version, d.probabilities) == (
+            used[t]["beta"],
+            used[t]["weights"],
+            used[t]["p_version"],
+            used[t]["probabilities"],
         )
-    (ranks_a, trace_a), (ranks_b, trace_b) = runs
-    assert [d["beta"] for d in ranks_a[0]["decisions"]] == [d["beta"] for d in ranks_b[0]["decisions"]]
-    assert trace_a == trace_b
-    assert len(set(trace_a["beta"])) > 5  # beta moved: the check is not vacuous
+    assert [u["p_version"] for u in used] == [0] * 5 + [1] * 4 + [2] * 4 + [
+        3
+    ]  # decided after steps 3, 7, 11; in force from step + s
+    waits = [r["stats"]["waits"] for r in ranks]
+    print(
+        f"\nrun {jitter_seed}: {steps} steps, wall {wall:.1f} s (torchrun + Ray connect), waits per rank {waits}, "
+        f"wait s {[round(r['stats']['wait_seconds'], 3) for r in ranks]}, loop s "
+        f"{[round(r['seconds'], 2) for r in ranks]}"
+    )
+    assert len(set(trace["beta"])) > 5  # beta moved: the check is not vacuous
 
 
 def _cli(*args: str) -> subprocess.CompletedProcess:
