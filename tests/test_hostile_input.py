@@ -244,7 +244,10 @@ def test_empty_group_given_probability(data, tmp_path_factory, tmp_path):
     (data / "manifest.json").write_text(json.dumps(manifest))
     before = fingerprint(data)
     out = tmp_path / "out"
-    ranks_refuse(finetune_args(tmp_path_factory, data, out), "revenue", "groups [10]", "no train rows")
+    # one rank: the refusal is all this tests, and every rank makes it alike
+    ranks_refuse(
+        [*finetune_args(tmp_path_factory, data, out), "--nproc", "1"], "revenue", "groups [10]", "no train rows"
+    )
     assert fingerprint(data) == before
     assert not list((out / "checkpoints").glob("step-*")) if (out / "checkpoints").exists() else True
 
@@ -258,7 +261,13 @@ def test_metrics_port_in_use(tmp_path_factory, tmp_path):
         # rank r exports on base_port + 1 + local rank: occupy rank 0's
         out = tmp_path / "out"
         ranks_refuse(
-            train_args(shared_data(tmp_path_factory), out, "metrics.enabled=true", f"metrics.base_port={taken - 1}"),
+            [
+                *train_args(
+                    shared_data(tmp_path_factory), out, "metrics.enabled=true", f"metrics.base_port={taken - 1}"
+                ),
+                "--nproc",
+                "1",  # rank 0's port is the one taken
+            ],
             str(taken),
         )
     assert not list((out / "checkpoints").glob("step-*")) if (out / "checkpoints").exists() else True
@@ -268,7 +277,8 @@ def test_metrics_port_in_use(tmp_path_factory, tmp_path):
 def test_from_checkpoint_of_another_model(tmp_path_factory, tmp_path):
     out = tmp_path / "out"
     ranks_refuse(
-        finetune_args(tmp_path_factory, shared_data(tmp_path_factory), out, "model.embedding_dim=8"),
+        # one rank: the refusal is all this tests (the 2-rank checkpoint loads resharded first)
+        [*finetune_args(tmp_path_factory, shared_data(tmp_path_factory), out, "model.embedding_dim=8"), "--nproc", "1"],
         "tables",
         "this job builds",
     )
