@@ -20,7 +20,7 @@ import torch
 from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 
 from tests.conftest import REPO
-from tests.e2e_fixtures import CONFIG, finetune, morec, quoted
+from tests.e2e_fixtures import CONFIG, finetune, morec, quoted, shared_finetune
 
 pytestmark = pytest.mark.slow
 
@@ -32,8 +32,10 @@ def weights(checkpoint: Path, tmp: Path) -> dict[str, torch.Tensor]:
     return {k: v for k, v in state["model"].items() if isinstance(v, torch.Tensor)}
 
 
-def test_same_seed_same_betas_and_weights(pretrained, tiny_data, tmp_path):
-    a = finetune(pretrained, tiny_data, tmp_path / "a")
+def test_same_seed_same_betas_and_weights(pretrained, tiny_data, tmp_path_factory, tmp_path):
+    # a: the session's shared fine-tuning (step checkpoints every 10 steps); b: a run of its own, none
+    shared = shared_finetune(tmp_path_factory)
+    a = json.loads((shared / "metrics.json").read_text())
     b = finetune(pretrained, tiny_data, tmp_path / "b")
     trace_a, trace_b = a["coordinator"]["trace"], b["coordinator"]["trace"]
     assert len(trace_a["beta"]) == 40
@@ -41,7 +43,7 @@ def test_same_seed_same_betas_and_weights(pretrained, tiny_data, tmp_path):
     assert trace_a["losses"] == trace_b["losses"]
     assert len(a["coordinator"]["sampler_updates"]) == 4  # every 10 steps
     wa, wb = (
-        weights(tmp_path / "a" / "checkpoints" / "final", tmp_path),
+        weights(shared / "checkpoints" / "final", tmp_path),
         weights(tmp_path / "b" / "checkpoints" / "final", tmp_path),
     )
     assert wa.keys() == wb.keys() and wa

@@ -18,7 +18,7 @@ import uuid
 import pytest
 
 from tests.conftest import REPO, skip_or_fail_in_ci
-from tests.e2e_fixtures import CONFIG, finetune, quoted
+from tests.e2e_fixtures import CONFIG, quoted, shared_finetune
 
 pytestmark = pytest.mark.slow
 SUBNET = "10.213.7"
@@ -53,7 +53,7 @@ def two_hosts():
         run("ip", "netns", "del", b, check=False)
 
 
-def test_two_hosts_match_the_single_host_run(two_hosts, pretrained, tiny_data, tmp_path):
+def test_two_hosts_match_the_single_host_run(two_hosts, pretrained, tiny_data, tmp_path_factory, tmp_path):
     (ns_a, dev_a), (ns_b, dev_b) = two_hosts["a"], two_hosts["b"]
     env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "MOREC_RAY_STATE": str(tmp_path / "ray-head")}
     ray_port, rdzv = 6391, f"{HOST_A}:29517"
@@ -151,7 +151,7 @@ def test_two_hosts_match_the_single_host_run(two_hosts, pretrained, tiny_data, t
             env=env,
         )
     two = json.loads((out / "metrics.json").read_text())
-    one = finetune(pretrained, tiny_data, tmp_path / "one-host")
+    one = json.loads((shared_finetune(tmp_path_factory) / "metrics.json").read_text())  # the session's one-host run
     assert two["world_size"] == one["world_size"] == 2
     assert two["coordinator"]["trace"]["beta"] == one["coordinator"]["trace"]["beta"]
     for key in ("hit@10", "ndcg@10", "r_hit@10", "r_ndcg@10", "min_hit@10", "min_ndcg@10", "pop_kl@10"):
