@@ -72,9 +72,12 @@ def training_sample(root: Path, parts: list[str], items: int, size: int, seed: i
     return np.concatenate(out)
 
 
-def build_index(root: Path, manifest: dict[str, Any], options: IndexOptions, seed: int) -> dict[str, Any]:
-    """Writes ``index.faiss`` and ``index.json`` into ``root`` (an export's staging directory
-    with its item parts); returns the record for the manifest."""
+def build_index(
+    root: Path, manifest: dict[str, Any], options: IndexOptions, seed: int, out: Path | None = None
+) -> dict[str, Any]:
+    """Writes ``index.faiss`` and ``index.json`` into ``out`` (default ``root``, the export's
+    staging directory with its item parts); returns the record for the manifest."""
+    out = out or root
     import faiss
 
     items, dim = int(manifest["items"]["count"]), int(manifest["dims"]["output"])
@@ -100,8 +103,8 @@ def build_index(root: Path, manifest: dict[str, Any], options: IndexOptions, see
               "positions": "FAISS position p holds item_id p + 1", "seed": seed}  # fmt: skip
     if kind == "ivf":
         record["nprobe"] = int(index.nprobe)
-    faiss.write_index(index, str(root / INDEX_FILE))
-    (root / INDEX_META).write_text(json.dumps(record, indent=1, sort_keys=True))
+    faiss.write_index(index, str(out / INDEX_FILE))
+    (out / INDEX_META).write_text(json.dumps(record, indent=1, sort_keys=True))
     return record
 
 
