@@ -132,9 +132,13 @@ class State:
     def stage(self, name: str, run) -> Any:
         if name not in self.values:
             print(f"[export bench] {name} ...", flush=True)
-            self.values[name] = run()
+            value = run()
+            # merged with what is on disk now: the ML-1M and catalogue parts may run at once (--only)
+            self.values = {**(json.loads(self.path.read_text()) if self.path.exists() else {}), name: value}
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            self.path.write_text(json.dumps(self.values, indent=1, sort_keys=True))
+            tmp = self.path.with_suffix(".tmp")
+            tmp.write_text(json.dumps(self.values, indent=1, sort_keys=True))
+            tmp.replace(self.path)
         print(f"[export bench] {name}: {json.dumps(self.values[name])[:400]}", flush=True)
         return self.values[name]
 
