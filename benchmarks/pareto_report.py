@@ -40,6 +40,7 @@ def header(p: dict[str, Any]) -> list[str]:
     done = {e: seeds for e, seeds in p["progress"].items()}
     est = p.get("time_estimate", {})
     left = est.get("seconds_left")
+    fresh = " (fresh: none tuned anything)" if not set(cfg["seeds"]) & {0, 1, 2} else ""
     lines = []
     if p["mode"] == "quick":
         lines += [
@@ -56,7 +57,7 @@ def header(p: dict[str, Any]) -> list[str]:
         ]
     lines += [
         f"Config `{Path(cfg['config_file']).name}`, {cfg['nproc']} ranks per training job (the CLI), seeds "
-        f"{cfg['seeds']} (fresh: none tuned anything), fine-tuning lengths {cfg['epochs']} epochs (a longer run "
+        f"{cfg['seeds']}{fresh}, fine-tuning lengths {cfg['epochs']} epochs (a longer run "
         "continues the shorter one's epoch-end checkpoint), budgets "
         f"{', '.join(f'{b:.0%}' for b in cfg['budgets'])} (declared in advance). Operating points are chosen on "
         f"{p.get('selection_slice', 'the selection slice')}; every figure below is on the test split, K = 10, "
