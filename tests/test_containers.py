@@ -15,17 +15,19 @@ bridge network with its own IP and the Service / pod host names of the manifests
 pod is judged by the Job's rendered podFailurePolicy and backoff limits, and replaced as
 the Job controller would.
 
-The run: pretraining (2 pods), then the Ray head and MoRec fine-tuning (2 pods, which join
-the head's Ray cluster with the token from the Secret); as soon as the first step
-checkpoint of fine-tuning exists, pod 1 is stopped as the kubelet stops a pod
+The run: pretraining (2 pods), which must equal the same pretraining on the host (metrics
+and every tensor of the best checkpoint); then the Ray head and MoRec fine-tuning (2 pods,
+which join the head's Ray cluster with the token from the Secret); as soon as the first
+step checkpoint of fine-tuning exists, pod 1 is stopped as the kubelet stops a pod
 (``podman stop -t terminationGracePeriodSeconds``: SIGTERM, the grace, SIGKILL). It must
-checkpoint and exit 143 well inside the grace, so must its peer; the Job replaces both
-(the disrupted pod uncounted, the peer within backoffLimitPerIndex), the new pods resume
-from the newest checkpoint, and the run ends with the metrics and coordinator trace of an
-uninterrupted run (fine-tuning the same pretrained checkpoint on the host). Then the
-evaluation Job writes its metrics, and the Ray head pod, whose lifetime is the pipeline's,
-exits 0 by itself. While fine-tuning runs, the coordinator's and rank 0's metric
-endpoints named by the PodMonitor answer on the pods' IPs.
+checkpoint at a step boundary and exit 143 well inside the grace, so must its peer; the Job
+replaces both (the disrupted pod uncounted, the peer within backoffLimitPerIndex), the new
+pods resume from that checkpoint, and the run ends with the metrics and coordinator trace
+of an uninterrupted run (fine-tuning the host's own pretraining on the host). Then the
+evaluation Job writes its metrics, which must equal a host ``morec evaluate`` of the same
+checkpoint, and the Ray head pod, whose lifetime is the pipeline's, exits 0 by itself.
+While fine-tuning runs, the coordinator's and rank 0's metric endpoints named by the
+PodMonitor answer on the pods' IPs.
 
 The image build is cached (tests/tools/build_image.sh tags it with a content hash); a cold
 build (debootstrap 1 min + wheelhouse and build 2 min) takes about 3 minutes here, the test
@@ -42,6 +44,7 @@ import shutil
 import subprocess
 import sys
 import time
+import tomllib
 import urllib.request
 import uuid
 from pathlib import Path
@@ -51,6 +54,7 @@ import pytest
 import yaml
 
 from tests.conftest import REPO, skip_or_fail_in_ci
+from tests.procs import TAG, end_job
 from tests.test_k8s_manifests import kustomize_command
 
 pytestmark = pytest.mark.slow
@@ -422,7 +426,11 @@ def tiny_dataset(folder: Path) -> Path:
 
 
 def first_step_checkpoint(folder: Path, timeout: float, pods: list[Pod]) -> int:
+    """The first complete step checkpoint's step, as soon as it exists: the folder is read
+    every 20 ms, the pods (a podman inspect each, slow on a loaded machine) every 5 s, so the
+    stop that follows lands right after it, far from the end of the training."""
     deadline = time.monotonic() + timeout
+    next_look = 0.0
     while time.monotonic() < deadline:
         steps = sorted(
             int(p.name.split("-")[1])
@@ -431,10 +439,25 @@ def first_step_checkpoint(folder: Path, timeout: float, pods: list[Pod]) -> int:
         )
         if steps:
             return steps[0]
-        for pod in pods:
-            assert pod.exit_code() is None, f"{pod.name} exited before the first checkpoint:\n{logs(pod.main)}"
-        time.sleep(0.5)
+        if time.monotonic() > next_look:
+            for pod in pods:
+                assert pod.exit_code() is None, f"{pod.name} exited before the first checkpoint:\n{logs(pod.main)}"
+            next_look = time.monotonic() + 5
+        time.sleep(0.02)
     raise AssertionError("no step checkpoint appeared:\n" + "\n".join(logs(p.main) for p in pods))
+
+
+def answer(url: str, timeout: float, pods: list[Pod]) -> str:
+    """The endpoint's page once it answers (it opens when the job starts, not with the pod)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            return scrape(url)
+        except OSError:
+            if time.monotonic() > deadline:
+                pages = "\n".join(logs(p.main) for p in pods)
+                raise AssertionError(f"{url} did not answer in {timeout} s:\n{pages}") from None
+            time.sleep(0.2)
 
 
 def scrape(url: str) -> str:
@@ -442,41 +465,79 @@ def scrape(url: str) -> str:
         return response.read().decode()
 
 
-def start_host_finetune(pretrained: Path, data: Path, out: Path) -> subprocess.Popen:
-    """The uninterrupted reference: the same config, checkpoint, world size and threads per
-    rank (the cpu overlay's OMP_NUM_THREADS), on the host."""
-    args = [
-        "finetune",
-        "--method",
-        "morec",
-        "--from",
-        str(pretrained),
+class HostJob:
+    """A ``morec`` job on the host, in the background: the same config, world size and
+    threads per rank (the cpu overlay's OMP_NUM_THREADS) as the pods. Tagged as
+    tests/procs.py tags a job, so ``close`` ends it with its torchrun ranks."""
+
+    def __init__(self, name: str, args: list[str], folder: Path):
+        self.name, self.log, self.tag = name, folder / f"{name}.log", uuid.uuid4().hex
+        env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "OMP_NUM_THREADS": "4", TAG: self.tag}
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "morec_dist.cli", *args],
+            stdout=subprocess.DEVNULL,
+            stderr=open(self.log, "w"),
+            env=env,
+            cwd=REPO,
+            start_new_session=True,
+        )
+
+    def finish(self, timeout: float = 600) -> str:
+        """Waits for the job; its stderr. A failed job fails the test."""
+        try:
+            code = self.proc.wait(timeout=timeout)
+        finally:
+            self.close()
+        assert code == 0, f"host {self.name} exited {code}:\n{self.log.read_text()[-4000:]}"
+        return self.log.read_text()
+
+    def close(self) -> None:
+        end_job(self.proc, self.tag)
+
+
+def host_job_args(command: str, data: Path, out: Path, *extra: str) -> list[str]:
+    # no exporters on the host (the tiny config's listen on 0.0.0.0 for the pods)
+    return [
+        command,
+        *extra,
         "--config",
         str(TINY / "job.toml"),
         f'data.path="{data}"',
         f'run.out_dir="{out}"',
         "metrics.enabled=false",
     ]
-    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "OMP_NUM_THREADS": "4"}
-    out.mkdir(parents=True)
-    return subprocess.Popen(
-        [sys.executable, "-m", "morec_dist.cli", *args],
-        stdout=subprocess.DEVNULL,
-        stderr=open(out.parent / "reference.log", "w"),
-        env=env,
-        cwd=REPO,
-        start_new_session=True,
-    )
 
 
-def finish_host_finetune(job: subprocess.Popen, out: Path) -> dict[str, Any]:
-    try:
-        code = job.wait(timeout=600)
-    finally:
-        if job.poll() is None:
-            os.killpg(job.pid, 9)
-    assert code == 0, (out.parent / "reference.log").read_text()[-4000:]
-    return json.loads((out / "metrics.json").read_text())
+def checkpoint_tensors(checkpoint: Path, scratch: Path) -> dict[str, Any]:
+    """Every tensor of a DCP checkpoint by dotted name (read whole, whatever world size wrote it)."""
+    import torch
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+    target = scratch / f"{uuid.uuid4().hex}.pt"
+    dcp_to_torch_save(str(checkpoint), str(target))
+    flat: dict[str, Any] = {}
+
+    def walk(prefix: str, value: object) -> None:
+        if isinstance(value, torch.Tensor):
+            flat[prefix] = value
+        elif isinstance(value, dict):
+            for k, v in value.items():
+                walk(f"{prefix}.{k}" if prefix else str(k), v)
+
+    walk("", torch.load(target, weights_only=True))
+    return flat
+
+
+def assert_same_tensors(got: Path, want: Path, scratch: Path) -> None:
+    import torch
+
+    a, b = checkpoint_tensors(got, scratch), checkpoint_tensors(want, scratch)
+    assert a.keys() == b.keys() and a
+    for key in a:
+        assert torch.equal(a[key], b[key]), f"{key} differs between {got} and {want}"
+
+
+RANKING = ("hit@10", "ndcg@10", "r_hit@10", "r_ndcg@10", "min_hit@10", "min_ndcg@10", "pop_kl@10")
 
 
 def test_pipeline_survives_a_pod_stop_in_restricted_containers(image, tmp_path):
@@ -501,7 +562,8 @@ def test_pipeline_survives_a_pod_stop_in_restricted_containers(image, tmp_path):
     root = tmp_path / "cluster"
     cluster = Cluster(resources, image, root, tag)
     timings: dict[str, float] = {}
-    reference = None
+    host_jobs: list[HostJob] = []
+    max_steps = tomllib.loads((TINY / "job.toml").read_text())["train"]["max_steps"]
     try:
         data = tiny_dataset(cluster.volumes["morec-data"] / "tiny")
         # fsGroup: the kubelet gives the pod's group ownership of the volume (chgrp -R, g+rwX, setgid dirs)
@@ -509,14 +571,17 @@ def test_pipeline_survives_a_pod_stop_in_restricted_containers(image, tmp_path):
         subprocess.run(["chgrp", "-R", fs_group, str(cluster.volumes["morec-data"])], check=True)
         subprocess.run(["chmod", "-R", "g+rwX,a+rX", str(cluster.volumes["morec-data"])], check=True)
         runs = cluster.volumes["morec-runs"] / run_name
+        host = tmp_path / "host"
+        host.mkdir()
 
-        # ---- stage 1: pretraining
+        # ---- stage 1: pretraining; the host pretrains the same way meanwhile (its reference)
         t0 = time.monotonic()
         pretrain = JobController(cluster, jobs["morec-pretrain"])
         pretrain.start()
+        host_pretrain = HostJob("pretrain", host_job_args("train", data, host / "pretrain"), host)
+        host_jobs.append(host_pretrain)
         pretrain.wait(timeout=400)
         timings["pretrain"] = time.monotonic() - t0
-        assert (runs / "pretrain" / "metrics.json").exists()
 
         # ---- stage 2: the Ray head, then MoRec fine-tuning (its init containers pass now)
         t0 = time.monotonic()
@@ -525,14 +590,16 @@ def test_pipeline_survives_a_pod_stop_in_restricted_containers(image, tmp_path):
         finetune = JobController(cluster, jobs["morec-finetune"])
         finetune.start()
         checkpoints = runs / "morec" / "checkpoints"
-        first = first_step_checkpoint(checkpoints, 300, [*finetune.pods, *head.pods])
 
-        # PodMonitor endpoints: the coordinator on the head, rank 0 of a trainer pod
+        # PodMonitor endpoints: the coordinator on the head, rank 0 of a trainer pod. Each
+        # answers from the job's start (before the first step); asked until then.
         monitor = find(resources, "PodMonitor", "morec")
         endpoints = {e["port"] for e in monitor["spec"]["podMetricsEndpoints"]}
         head_ports = {p["name"]: p["containerPort"] for p in head.pods[0].spec["containers"][0]["ports"]}
         trainer_ports = {p["name"]: p["containerPort"] for p in finetune.pods[0].spec["containers"][0]["ports"]}
-        assert "coordinator" not in trainer_ports
+        assert "coordinator" not in trainer_ports and {"coordinator", "rank0"} <= endpoints
+        rank0 = answer(f"http://{finetune.pods[0].ip}:{trainer_ports['rank0']}/metrics", 300, finetune.pods)
+        assert "morec_" in rank0, rank0[:2000]
         # the actor is pinned to the head node: its metrics are served there, nowhere else
         serving = {}
         for pod in [*head.pods, *finetune.pods]:
@@ -540,12 +607,22 @@ def test_pipeline_survives_a_pod_stop_in_restricted_containers(image, tmp_path):
                 serving[pod.name] = scrape(f"http://{pod.ip}:{head_ports['coordinator']}/metrics")
             except OSError:
                 pass
-        rank0 = scrape(f"http://{finetune.pods[0].ip}:{trainer_ports['rank0']}/metrics")
-        assert {"coordinator", "rank0"} <= endpoints
         assert list(serving) == [head.pods[0].name] and "morec_coordinator_" in serving[head.pods[0].name], serving
-        assert "morec_" in rank0, rank0[:2000]
 
-        # ---- the kubelet stops pod 1 (eviction): SIGTERM -> checkpoint -> 143 inside the grace
+        # the host pretraining equals the pods' (the reference below starts from the host's own)
+        host_pretrain.finish()
+        want_pretrain = json.loads((host / "pretrain" / "metrics.json").read_text())
+        got_pretrain = json.loads((runs / "pretrain" / "metrics.json").read_text())
+        assert got_pretrain["world_size"] == want_pretrain["world_size"] == 2
+        for key in ("train_loss", "best_epoch", "valid", *RANKING):
+            assert got_pretrain[key] == want_pretrain[key], key
+        assert_same_tensors(
+            runs / "pretrain" / "checkpoints" / "best", host / "pretrain" / "checkpoints" / "best", tmp_path
+        )
+
+        # ---- the kubelet stops pod 1 (eviction) at its first step checkpoint, mid-training:
+        # SIGTERM -> checkpoint -> 143 inside the grace
+        first = first_step_checkpoint(checkpoints, 300, [*finetune.pods, *head.pods])
         victim = finetune.pods[1]
         finetune.disrupted.add(victim.main)
         code, took = victim.stop_as_the_kubelet()
@@ -563,13 +640,14 @@ def test_pipeline_survives_a_pod_stop_in_restricted_containers(image, tmp_path):
             for p in checkpoints.glob("step-*")
             if re.fullmatch(r"step-\d+", p.name) and (p / "meta.json").exists()
         )
-        assert first <= stopped < 40
-        assert f"preempted: checkpoint at step {stopped} written; exiting 143" in logs(peer.main) + victim_log
+        both = logs(peer.main) + victim_log
+        assert first <= stopped < max_steps, both
+        assert f"preempted: checkpoint at step {stopped} written; exiting 143" in both, both
 
         # ---- the Job replaces both; they resume and finish
         finetune.wait(timeout=400)
         assert sorted(finetune.history) == [(0, 143, "Count"), (1, 143, "Ignore")], finetune.history
-        resumed = logs(finetune.pods[0].main)
+        resumed = "".join(logs(p.main) for p in finetune.pods)
         assert (
             f"resuming from /runs/{run_name}/morec/checkpoints/step-{stopped} at step {stopped}" in resumed
             and "(exact)" in resumed
@@ -577,8 +655,21 @@ def test_pipeline_survives_a_pod_stop_in_restricted_containers(image, tmp_path):
         timings["finetune"] = time.monotonic() - t0
         assert head.pods[0].exit_code() is None, "the Ray head ended before the pipeline"
 
-        # the uninterrupted reference runs on the host meanwhile (the same pretrained checkpoint)
-        reference = start_host_finetune(runs / "pretrain" / "checkpoints" / "best", data, tmp_path / "reference")
+        # the uninterrupted reference runs on the host meanwhile, from the host's own pretraining
+        reference = HostJob(
+            "finetune",
+            host_job_args(
+                "finetune",
+                data,
+                host / "morec",
+                "--method",
+                "morec",
+                "--from",
+                str(host / "pretrain" / "checkpoints" / "best"),
+            ),
+            host,
+        )
+        host_jobs.append(reference)
 
         # ---- stage 3: evaluation; then the head ends by itself
         t0 = time.monotonic()
@@ -601,23 +692,51 @@ def test_pipeline_survives_a_pod_stop_in_restricted_containers(image, tmp_path):
         assert exported["export"]["world_size"] == 2 and exported["index"]["kind"] == "flat"
         assert {"index.faiss", "items/part-00000.parquet", "users/part-00000.parquet"} <= set(exported["files"])
         assert not list(runs.glob("export.tmp-*"))
-        test_metrics = json.loads((runs / "morec" / "metrics-test.json").read_text())
-        assert test_metrics
 
         # ---- the interrupted run equals an uninterrupted one
         t0 = time.monotonic()
         got = json.loads((runs / "morec" / "metrics.json").read_text())
-        want = finish_host_finetune(reference, tmp_path / "reference")
+        reference.finish()
+        want = json.loads((host / "morec" / "metrics.json").read_text())
         timings["reference (after evaluate)"] = time.monotonic() - t0
         assert got["world_size"] == want["world_size"] == 2
         assert got["coordinator"]["trace"]["beta"] == want["coordinator"]["trace"]["beta"]
-        for key in ("hit@10", "ndcg@10", "r_hit@10", "r_ndcg@10", "min_hit@10", "min_ndcg@10", "pop_kl@10"):
+        for key in RANKING:
             assert got[key] == want[key], key
+
+        # ---- the evaluation Job equals a host `morec evaluate` of the same checkpoint (and the
+        # fine-tuning's own test metrics of that model)
+        t0 = time.monotonic()
+        host_eval = HostJob(
+            "evaluate",
+            host_job_args(
+                "evaluate",
+                data,
+                host / "evaluate",
+                "--checkpoint",
+                str(runs / "morec" / "checkpoints" / "final"),
+                "--split",
+                "test",
+                "--out",
+                str(host / "metrics-test.json"),
+            ),
+            host,
+        )
+        host_jobs.append(host_eval)
+        host_eval.finish()
+        timings["host evaluate"] = time.monotonic() - t0
+        pod_eval = json.loads((runs / "morec" / "metrics-test.json").read_text())
+        want_eval = json.loads((host / "metrics-test.json").read_text())
+        assert pod_eval["split"] == want_eval["split"] == "test" and pod_eval["world_size"] == 2
+        for key in RANKING:
+            assert pod_eval[key] == want_eval[key] == got[key], key
+        assert pod_eval["baselines"] == want_eval["baselines"]
         print(
-            f"timings (s): {json.dumps({k: round(v, 1) for k, v in timings.items()})}; stop took {took:.1f} s",
+            f"timings (s): {json.dumps({k: round(v, 1) for k, v in timings.items()})}; "
+            f"stopped at step {stopped} (first checkpoint {first}); the stop took {took:.1f} s",
             file=sys.stderr,
         )
     finally:
-        if reference is not None and reference.poll() is None:
-            os.killpg(reference.pid, 9)
+        for job in host_jobs:
+            job.close()
         cluster.close()
