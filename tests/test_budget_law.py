@@ -137,6 +137,7 @@ def budget_core(*overrides: str, every: int = 4, sampler_every: int = 8, stalene
             f"coordinator.staleness={staleness}",
             "morec.control.ema=1.0",
             "morec.accuracy_budget=0.05",  # set point 0.095, safety below 0.09
+            "morec.control.share_start=0.5",  # the tests' arithmetic starts from an even share
             *overrides,
         ],
     )
