@@ -223,6 +223,17 @@ def _add_config_args(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def with_override(args: argparse.Namespace, override: str) -> list[str]:
+    """``args.argv`` with one more config override, placed right after the user's own: argparse
+    takes the positional overrides as one run, so one appended after a later flag
+    (``... a=1 --resume-changed b=2``) would be refused when the ranks parse it again."""
+    argv = list(args.argv)
+    if not args.overrides:
+        return [*argv, override]
+    last = len(argv) - 1 - argv[::-1].index(args.overrides[-1])
+    return [*argv[: last + 1], override, *argv[last + 1 :]]
+
+
 def _add_fault_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--no-resume",
@@ -379,7 +390,7 @@ def _add_finetune(sub: argparse._SubParsersAction) -> None:
             from morec_dist.coordinator.service import start_local_ray
 
             address = start_local_ray(config.coordinator.object_store_mb, namespace=config.coordinator.namespace)
-            args.argv = [*args.argv, f"coordinator.ray_address={address!r}".replace("'", '"')]
+            args.argv = with_override(args, f"coordinator.ray_address={address!r}".replace("'", '"'))
         return _as_ranks(
             args,
             lambda c: run_finetune(c, args.from_checkpoint, args.method, resume=False if args.no_resume else None),

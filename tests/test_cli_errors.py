@@ -196,3 +196,23 @@ def test_the_real_process_exits_2_with_one_line():
     assert proc.stderr.strip().splitlines() == [
         "morec train: error: argument --nproc: expected an integer >= 1, got 0 (see `morec train --help`)"
     ]
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["finetune", "--from", "ckpt", "train.epochs=2", "--resume-changed"],
+        ["finetune", "--from", "ckpt", "--resume-changed"],
+        ["finetune", "train.epochs=2", "--from", "ckpt"],
+    ],
+)
+def test_an_added_override_parses_again_wherever_the_users_flags_are(argv):
+    """The local Ray address reaches the ranks as an override added to the command line; the
+    ranks parse that line again, so it must stay one run of positionals with the user's."""
+    from morec_dist.cli import build_parser, with_override
+
+    args = build_parser().parse_args(argv)
+    args.argv = argv
+    again = build_parser().parse_args(with_override(args, 'coordinator.ray_address="127.0.0.1:1"'))
+    assert again.overrides == [*args.overrides, 'coordinator.ray_address="127.0.0.1:1"']
+    assert again.resume_changed == args.resume_changed and again.from_checkpoint == "ckpt"
