@@ -55,6 +55,7 @@ import yaml
 
 from tests.conftest import REPO, skip_or_fail_in_ci
 from tests.procs import TAG, end_job
+from tests.test_checkpoint_resume import assert_same_tensors
 from tests.test_k8s_manifests import kustomize_command
 
 pytestmark = pytest.mark.slow
@@ -506,35 +507,6 @@ def host_job_args(command: str, data: Path, out: Path, *extra: str) -> list[str]
         f'run.out_dir="{out}"',
         "metrics.enabled=false",
     ]
-
-
-def checkpoint_tensors(checkpoint: Path, scratch: Path) -> dict[str, Any]:
-    """Every tensor of a DCP checkpoint by dotted name (read whole, whatever world size wrote it)."""
-    import torch
-    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
-
-    target = scratch / f"{uuid.uuid4().hex}.pt"
-    dcp_to_torch_save(str(checkpoint), str(target))
-    flat: dict[str, Any] = {}
-
-    def walk(prefix: str, value: object) -> None:
-        if isinstance(value, torch.Tensor):
-            flat[prefix] = value
-        elif isinstance(value, dict):
-            for k, v in value.items():
-                walk(f"{prefix}.{k}" if prefix else str(k), v)
-
-    walk("", torch.load(target, weights_only=True))
-    return flat
-
-
-def assert_same_tensors(got: Path, want: Path, scratch: Path) -> None:
-    import torch
-
-    a, b = checkpoint_tensors(got, scratch), checkpoint_tensors(want, scratch)
-    assert a.keys() == b.keys() and a
-    for key in a:
-        assert torch.equal(a[key], b[key]), f"{key} differs between {got} and {want}"
 
 
 RANKING = ("hit@10", "ndcg@10", "r_hit@10", "r_ndcg@10", "min_hit@10", "min_ndcg@10", "pop_kl@10")
