@@ -11,17 +11,21 @@ import re
 import subprocess
 import sys
 from types import SimpleNamespace
-from typing import Any
+from typing import Any, cast
 
 import pytest
 import torch
 
+from morec_dist.coordinator.client import RankClient
 from morec_dist.train.checkpoint import CheckpointError, complete_checkpoints, prune_checkpoints
 from morec_dist.train.job_state import JobState
 from morec_dist.train.methods import METHODS, Method, check_methods
 from morec_dist.train.resume import strategy_state_for
 from morec_dist.train.strategies import AccuracyOnly, CombinerStrategy, MGDAStrategy, MorecStrategy, StaticWeighting
 from tests.conftest import REPO
+
+# a strategy's state round trip never calls its coordinator client
+NO_CLIENT = cast(RankClient, None)
 
 METHOD_NAMES = ["morec", "static", "mgda", "pareto_mtl", "epo", "static_uniform", "mgda_uniform"]
 
@@ -73,10 +77,10 @@ def test_strategies_round_trip_and_refuse_other_keys(small_synthetic, objectives
     back_mgda = MGDAStrategy(dataset, objectives)
     back_mgda.load_state_dict(through_json(mgda.state_dict()))
     assert torch.equal(back_mgda.alpha_sums, mgda.alpha_sums) and back_mgda.steps == 2
-    morec = MorecStrategy(None, SimpleNamespace(objectives=[]), 1, 0, None, submits=True)
+    morec = MorecStrategy(NO_CLIENT, SimpleNamespace(objectives=[]), 1, 0, None, submits=True)
     morec.trace = [(0, 1.0, 0), (1, 0.9375, 1)]
     morec.sampler_updates = [{"after_step": 1, "version": 1, "signals": {"revenue": [0.5, 0.5]}}]
-    back_morec = MorecStrategy(None, SimpleNamespace(objectives=[]), 1, 0, None, submits=True)
+    back_morec = MorecStrategy(NO_CLIENT, SimpleNamespace(objectives=[]), 1, 0, None, submits=True)
     back_morec.load_state_dict(through_json(morec.state_dict()))
     assert back_morec.trace == morec.trace and back_morec.sampler_updates == morec.sampler_updates
     AccuracyOnly().load_state_dict({})
@@ -150,7 +154,7 @@ def test_resharded_resume_restarts_only_rank_local_sums(small_synthetic, objecti
     fresh = StaticWeighting(dataset, objectives, [1.0, 0.5, 0.25, 0.25])
     assert strategy_state_for(saved, fresh, same_world=True) == saved
     assert strategy_state_for(saved, fresh, same_world=False) == {"sums": [0.0] * 4, "steps": 0}
-    morec = MorecStrategy(None, SimpleNamespace(objectives=[]), 1, 0, None, submits=True)
+    morec = MorecStrategy(NO_CLIENT, SimpleNamespace(objectives=[]), 1, 0, None, submits=True)
     kept = {"sampler_updates": [{"after_step": 9}], "trace": [[0, 1.0, 0]]}
     assert strategy_state_for(kept, morec, same_world=False) == kept  # rank 0's lists are the job's
 
