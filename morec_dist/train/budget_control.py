@@ -57,8 +57,14 @@ class BudgetControl:
             exit_interrupted(t.ctx, f"the held-out accuracy measurement {when}")
 
     def measure(self, step: int) -> float:
-        """The control slice's Hit@K after ``step`` (what the coordinator's law gets)."""
-        return self.hit(self.control, f"after step {step}")
+        """The control slice's Hit@K after ``step`` (what the coordinator's law gets).
+
+        Not interrupted by SIGTERM: a stop that arrives during it is taken at the next step
+        boundary, which checkpoints this step. Leaving here instead would lose every step since
+        the last step checkpoint, on a cadence of a few steps (the control slice is a fraction
+        of the validation users, a short pass against the stop's grace period)."""
+        t = self.trainer
+        return self.control.hit(t.model, t.features, t.ctx, self.k, self.batch_users)
 
     def due(self, step: int) -> bool:
         return (step + 1) % self.every == 0
