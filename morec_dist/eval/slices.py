@@ -27,22 +27,13 @@ import torch
 
 from morec_dist.data.dataset import PreparedDataset
 from morec_dist.data.features import FeatureBuilder
+from morec_dist.data.group_streams import splitmix64
 from morec_dist.distributed import DistContext
 from morec_dist.eval.evaluator import HISTORY_SPLITS, heldout_rows, history_csr
 from morec_dist.eval.ranking import EvalOptions, UserSet, item_range, model_scorer, ranked_batches, stop_checker
 from morec_dist.model.sharding import unwrap
 
 SLICES = ("control", "selection")
-_GOLDEN = np.uint64(0x9E3779B97F4A7C15)
-
-
-def _splitmix64(x: np.ndarray) -> np.ndarray:
-    """splitmix64's finaliser on uint64 (wrapping arithmetic): a well-mixed hash of each value."""
-    with np.errstate(over="ignore"):
-        z = x + _GOLDEN
-        z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
-        z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
-        return z ^ (z >> np.uint64(31))
 
 
 def control_mask(user_ids: np.ndarray, seed: int, fraction: float) -> np.ndarray:
@@ -50,9 +41,7 @@ def control_mask(user_ids: np.ndarray, seed: int, fraction: float) -> np.ndarray
     number in [0, 1) below ``fraction``. Depends on each user's id alone, not on the others."""
     if not 0.0 < fraction < 1.0:
         raise ValueError(f"morec.control.control_fraction: expected in (0, 1), got {fraction}")
-    keyed = _splitmix64(
-        np.asarray(user_ids, dtype=np.int64).astype(np.uint64) ^ _splitmix64(np.array([seed], np.uint64))
-    )
+    keyed = splitmix64(np.asarray(user_ids, dtype=np.int64).astype(np.uint64) ^ splitmix64(np.array([seed], np.uint64)))
     uniform = (keyed >> np.uint64(11)).astype(np.float64) / float(1 << 53)
     return uniform < fraction
 
