@@ -30,6 +30,7 @@ from typing import Any
 import pyarrow as pa
 
 from morec_dist.data.schema import part_name, sha256_file
+from morec_dist.train.run_dir import write_json_atomic
 
 MANIFEST = "manifest.json"
 ITEMS_DIR = "items"
@@ -147,12 +148,7 @@ def checksums(root: Path) -> dict[str, dict[str, Any]]:
 def write_manifest(root: Path, manifest: dict[str, Any]) -> Path:
     """Last, atomically: a directory with manifest.json is a complete export."""
     payload = {"format": EXPORT_FORMAT, **manifest, "files": checksums(root)}
-    tmp = root / f".{MANIFEST}.tmp"
-    with open(tmp, "w") as f:
-        json.dump(payload, f, indent=1, sort_keys=True, default=str)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, root / MANIFEST)
+    write_json_atomic(root / MANIFEST, payload, default=str)
     return root / MANIFEST
 
 

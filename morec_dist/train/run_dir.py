@@ -17,6 +17,7 @@ import json
 import os
 import platform
 import socket
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -63,17 +64,21 @@ def run_path(out_dir: str | Path | Location) -> StoragePath:
     return Path(out_dir)
 
 
-def write_json_atomic(path: str | Path | Location, payload: dict[str, Any]) -> StoragePath:
+def write_json_atomic(
+    path: str | Path | Location, payload: dict[str, Any], default: Callable[[Any], Any] = float
+) -> StoragePath:
+    """``payload`` as JSON at ``path``, whole or not at all; ``default`` converts what JSON
+    cannot hold (numpy / torch scalars by default)."""
     where = run_path(path)
     if isinstance(where, Location):
-        text = json.dumps(payload, indent=1, sort_keys=True, default=float)
+        text = json.dumps(payload, indent=1, sort_keys=True, default=default)
         with where.fs.open_output_stream(where.path) as out:  # one upload: visible whole or not at all
             out.write(text.encode("utf-8"))
         return where
     where.parent.mkdir(parents=True, exist_ok=True)
     tmp = where.with_name(f".{where.name}.tmp-{os.getpid()}")
     with open(tmp, "w") as f:
-        json.dump(payload, f, indent=1, sort_keys=True, default=float)
+        json.dump(payload, f, indent=1, sort_keys=True, default=default)
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, where)
