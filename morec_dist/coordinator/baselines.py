@@ -24,6 +24,9 @@ Across ranks the local Gram matrices are summed (exact for disjoint rows, e.g. t
 an approximation for table rows that two ranks share) and the detached loss vector is
 averaged, so every rank solves the same problem and uses the same weights. Every combiner is
 a ``Stateful`` (``state_dict`` / ``load_state_dict``) so a resumed job continues where it was.
+Its epoch summary gives the mean weights and the weights of every step of the epoch, in step
+order (``<name>_step_weights``: what a run's record shows, and what the end-to-end tests
+recompute from the same blocks).
 """
 
 from __future__ import annotations
@@ -106,6 +109,7 @@ class Combiner(Stateful):
         self.num_blocks = num_blocks
         self.steps = 0
         self.weight_sums = np.zeros(num_blocks)
+        self.step_weights: list[list[float]] = []  # the weights of each step of this epoch
 
     def weights(self, gram: np.ndarray | None, losses: np.ndarray) -> tuple[np.ndarray, dict[str, Any]]:
         raise NotImplementedError
@@ -129,22 +133,30 @@ class Combiner(Stateful):
         a, info = self.weights(gram, global_losses(block_losses, group))
         self.steps += 1
         self.weight_sums += a
+        self.step_weights.append([float(x) for x in a])
         weights = torch.as_tensor(a, dtype=block_losses.dtype, device=block_losses.device)
         return (weights * block_losses).sum(), {"weights": a.tolist(), **info}
 
     def epoch_summary(self) -> dict[str, Any]:
         means = (self.weight_sums / max(self.steps, 1)).tolist()
+        per_step = self.step_weights
         self.weight_sums[:] = 0.0
         self.steps = 0
-        return {f"{self.name}_mean_weights": means}
+        self.step_weights = []
+        return {f"{self.name}_mean_weights": means, f"{self.name}_step_weights": per_step}
 
     # ----------------------------------------------------------------- Stateful
     def state_dict(self) -> dict[str, Any]:
-        return {"steps": self.steps, "weight_sums": self.weight_sums.tolist()}
+        return {
+            "steps": self.steps,
+            "weight_sums": self.weight_sums.tolist(),
+            "step_weights": [list(w) for w in self.step_weights],
+        }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.steps = int(state_dict["steps"])
         self.weight_sums = np.asarray(state_dict["weight_sums"], dtype=np.float64)
+        self.step_weights = [[float(x) for x in w] for w in state_dict["step_weights"]]
 
 
 class StaticCombiner(Combiner):
