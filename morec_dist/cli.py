@@ -417,8 +417,9 @@ def _add_evaluate(sub: argparse._SubParsersAction) -> None:
         "--ann",
         default=None,
         metavar="DIR",
-        help="instead of --checkpoint: through the FAISS index of a `morec export --index` directory (one "
-        "process), beside the exact protocol over the same vectors; reports recall@K and the change",
+        help="instead of --checkpoint: through the FAISS index of a `morec export --index` directory or URI (one "
+        "process; a URI is downloaded to a temporary directory, checked against its manifest), beside the exact "
+        "protocol over the same vectors; reports recall@K and the change",
     )
     ev.add_argument("--nprobe", type=_int_at_least(1), default=None, help="with --ann: IVF cells searched")
     _add_config_args(ev)
@@ -463,7 +464,12 @@ def _add_export(sub: argparse._SubParsersAction) -> None:
         "a FAISS index (--index), manifest.json",
     )
     ex.add_argument("--checkpoint", required=True, help="checkpoint directory or URI (its config rebuilds the model)")
-    ex.add_argument("--out", required=True, help="a new local directory (an existing non-empty one is refused)")
+    ex.add_argument(
+        "--out",
+        required=True,
+        help="a new directory or filesystem URI (s3://...; the manifest is uploaded last); an existing non-empty "
+        "one is refused",
+    )
     ex.add_argument(
         "--part-rows", type=_int_at_least(1), default=DEFAULT_PART_ROWS, help="items (users) per Parquet part"
     )
@@ -479,12 +485,14 @@ def _add_export(sub: argparse._SubParsersAction) -> None:
 
     def run(args: argparse.Namespace) -> int:
         import os
-        import secrets
 
-        from morec_dist.export.job import check_inputs, explicit_model_keys, export_config, local_out, run_export
+        from morec_dist.export.job import check_inputs, explicit_model_keys, export_config, run_export
         from morec_dist.export.layout import STAGING_ENV, discard
+        from morec_dist.export.store import discard_unpublished, out_location, staging_dir
         from morec_dist.plugins import prepare
-        from morec_dist.train.launch import under_torchrun
+        from morec_dist.train.launch import EXIT_USER_ERROR, under_torchrun
+
+        _check_output("--out", args.out)
 
         given = _load(args) if (args.config or args.overrides) else None
         explicit = explicit_model_keys(args.config, args.overrides)
@@ -500,14 +508,17 @@ def _add_export(sub: argparse._SubParsersAction) -> None:
         if under_torchrun():
             return _as_ranks(args, job, config=config)
         check_inputs(config, args.checkpoint, args.out)
-        staging = f"{local_out(args.out)}.tmp-{secrets.token_hex(4)}"
-        os.environ[STAGING_ENV] = staging  # the ranks write there; removed here if they fail
+        out = out_location(args.out)
+        staging = staging_dir(out)
+        os.environ[STAGING_ENV] = str(staging)  # the ranks write there; removed here if they fail
         try:
             code = _as_ranks(args, job, config=config)
         finally:
             os.environ.pop(STAGING_ENV, None)
         if code != 0:
-            discard(Path(staging))
+            discard(staging)
+            if not isinstance(out, Path) and code != EXIT_USER_ERROR:  # (2: maybe another export's prefix)
+                discard_unpublished(out)  # what the ranks uploaded before they died, never a published export
         return code
 
     ex.set_defaults(func=run)

@@ -299,3 +299,99 @@ def test_bad_input_one_line_exit_2_nothing_written(exports, data, tmp_path, caps
     nothing_written(out)
     # evaluation through an export that has no index
     refused(capsys, ["evaluate", "--ann", str(exports["mf"]["dirs"][0]), f'data.path="{data}"'], "has no index")
+
+
+# ------------------------------------------------------------------- on an object store
+
+
+def store_files(where) -> set[str]:
+    """Every object below ``where`` (a Location), relative."""
+    import pyarrow.fs as pafs
+
+    infos = where.fs.get_file_info(pafs.FileSelector(where.path, recursive=True, allow_not_found=True))
+    return {i.path[len(where.path) + 1 :] for i in infos if i.type == pafs.FileType.File}
+
+
+def test_export_to_s3_same_files_as_local_refuses_existing_and_evaluate_reads_it(exports, data, tmp_path, capsys):
+    """The 2-rank MF export with a flat index, to s3:// (the loopback server) instead of a
+    directory: the same files, byte for byte, and the same manifest checksums; the manifest
+    is the last object; the staging directory in TMPDIR is gone; an existing prefix and a URI
+    with credentials are refused before any rank; ``evaluate --ann`` reads it from the store."""
+    from morec_dist.data import storage
+    from tests.s3_loopback import moto_s3
+
+    run = exports["mf"]
+    local, local_manifest = run["dirs"][1], run["manifests"][1]
+    tmp = tmp_path / "tmp"
+    tmp.mkdir()
+    with moto_s3() as s3:
+        uri = s3.uri("runs/r1/export")
+        morec("export", "--checkpoint", str(run["checkpoint"]), "--out", uri, "--nproc", "2",
+              "--part-rows", str(PART_ROWS), "--index", "--index-kind", "flat", TMPDIR=str(tmp))  # fmt: skip
+        where = storage.location(uri)
+        manifest = json.loads(storage.read_text(where / "manifest.json"))
+        assert manifest["files"] == local_manifest["files"] and manifest["export"]["world_size"] == 2
+        assert store_files(where) == set(manifest["files"]) | {"manifest.json"}
+        for rel in manifest["files"]:
+            assert storage.read_bytes(where / rel) == (local / rel).read_bytes(), rel
+        assert not list(tmp.glob("morec-export-*"))
+        # an existing prefix: refused by the parent, one line naming --out, left as it was
+        refused(capsys, ["export", "--checkpoint", str(run["checkpoint"]), "--out", uri],
+                f"--out {where}", "not empty")  # fmt: skip
+        assert store_files(where) == set(manifest["files"]) | {"manifest.json"}
+        secret = f"s3://key:secret@{s3.bucket}/runs/r2/export{s3.query}"
+        refused(capsys, ["export", "--checkpoint", str(run["checkpoint"]), "--out", secret], "--out", "credentials")
+        assert not store_files(storage.location(s3.uri("runs/r2")))
+        # evaluation through the export on the store: the report of the local copy, beside it on the store
+        assert main(["evaluate", "--ann", uri, f'data.path="{data}"', "eval.ks=[5, 10]"]) == 0
+        report = json.loads(storage.read_text(where.parent / "metrics-test-ann.json"))
+        assert main(["evaluate", "--ann", str(local), "--out", str(tmp_path / "local.json"),
+                     f'data.path="{data}"', "eval.ks=[5, 10]"]) == 0  # fmt: skip
+        expected = json.loads((tmp_path / "local.json").read_text())
+        assert report["export"] == uri and report["exact"] == expected["exact"] and report["ann"] == expected["ann"]
+        assert report["recall"] == expected["recall"]
+
+
+def test_a_failed_upload_leaves_no_manifest_and_a_corrupted_file_is_refused(tmp_path, monkeypatch):
+    """store.publish: the manifest is uploaded last, and when any upload fails what was
+    uploaded is removed (no manifest ever at the destination); store.local_copy refuses a
+    file whose sha256 is not the manifest's."""
+    from morec_dist.data import storage
+    from morec_dist.export import store
+    from morec_dist.export.layout import ExportError, write_manifest
+    from tests.s3_loopback import moto_s3
+
+    staging = tmp_path / "staging"
+    (staging / "items").mkdir(parents=True)
+    for k in range(3):
+        (staging / "items" / f"part-{k:05d}.parquet").write_bytes(bytes([k]) * 1000)
+    write_manifest(staging, {"model": {"name": "mf"}})
+    order = []
+    upload = store.upload_file
+
+    def failing(local: Path, where) -> None:
+        order.append(where.name)
+        if where.name == "manifest.json":
+            raise OSError("connection lost (the test)")
+        upload(local, where)
+
+    with moto_s3() as s3:
+        out = storage.location(s3.uri("exports/e1"))
+        monkeypatch.setattr(store, "upload_file", failing)
+        with pytest.raises(OSError, match="connection lost"):
+            store.publish(staging, out)
+        assert order[-1] == "manifest.json" and len(order) == 4
+        assert store_files(out) == set()
+        monkeypatch.setattr(store, "upload_file", upload)
+        store.publish(staging, out)
+        assert store_files(out) == {"manifest.json", *(f"items/part-{k:05d}.parquet" for k in range(3))}
+        assert not staging.exists()
+        with store.local_copy(s3.uri("exports/e1")) as copy:
+            assert (copy / "items" / "part-00002.parquet").read_bytes() == bytes([2]) * 1000
+        with out.fs.open_output_stream(f"{out.path}/items/part-00001.parquet") as f:
+            f.write(b"tampered")
+        with (
+            pytest.raises(ExportError, match="part-00001.parquet: sha256 does not match"),
+            store.local_copy(s3.uri("exports/e1")),
+        ):
+            pass

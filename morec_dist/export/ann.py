@@ -1,5 +1,7 @@
 """``morec evaluate --ann DIR``: the evaluation protocol (docs/data.md) through an export's
-FAISS index, beside the exact protocol over the same exported vectors, in one process.
+FAISS index, beside the exact protocol over the same exported vectors, in one process. DIR
+may be a filesystem URI: the export is downloaded to a temporary directory first (every
+file checked against its manifest's sha256), and the report goes beside it on the store.
 
 Exact: the evaluator's own ranking (eval/ranking.py ``ranked_batches``: held-out rank,
 top-K under (score desc, item id asc), history masked) with the exported user vectors
@@ -23,14 +25,16 @@ import torch
 
 from morec_dist.config import Config
 from morec_dist.data.dataset import PreparedDataset
+from morec_dist.data.storage import Location, StoragePath
 from morec_dist.distributed import DistContext
 from morec_dist.eval.evaluator import ItemMeta, load_users
 from morec_dist.eval.metrics import compute_metrics
 from morec_dist.eval.ranking import PAD_ID, EvalOptions, UserSet, band_counts, ranked_batches
 from morec_dist.export.index import item_batches, load_index
 from morec_dist.export.layout import INDEX_FILE, ITEMS_DIR, ExportError, read_manifest, verify_files
+from morec_dist.export.store import local_copy
 from morec_dist.export.user_side import user_side_of
-from morec_dist.train.run_dir import provenance, write_json_atomic
+from morec_dist.train.run_dir import provenance, run_path, write_json_atomic
 from morec_dist.train.trainer import build_features
 
 ANN_BATCH = 4096  # users per index search
@@ -48,15 +52,18 @@ def export_config(root: str | Path, given: Config | None) -> Config:
     return config_from_dict(recorded)
 
 
-def open_export(root: Path, dataset: PreparedDataset) -> dict[str, Any]:
-    """The manifest, checked against the dataset, with every file evaluation reads verified."""
+def open_export(root: Path, dataset: PreparedDataset, shown: str | None = None) -> dict[str, Any]:
+    """The manifest, checked against the dataset, with every file evaluation reads verified;
+    ``shown`` names the export in messages (its URI when ``root`` is a local copy)."""
     manifest = read_manifest(root)
+    shown = shown or str(root)
     if manifest.get("index") is None:
-        raise ExportError(f"--ann {root}: the export has no index (export it with --index)")
+        raise ExportError(f"--ann {shown}: the export has no index (export it with --index)")
     for key, count in (("num_items", dataset.num_items), ("num_users", dataset.num_users)):
         if manifest["dataset"][key] != count:
             raise ExportError(
-                f"--ann {root}: exported for {manifest['dataset'][key]} {key[4:]}, data.path {dataset.path} has {count}"
+                f"--ann {shown}: exported for {manifest['dataset'][key]} {key[4:]}, "
+                f"data.path {dataset.path} has {count}"
             )
     side = user_side_of(manifest["model"]["name"])
     parts = [f"{ITEMS_DIR}/{n}" for n in manifest["items"]["parts"]]
@@ -157,16 +164,30 @@ def metrics_of(ranks: np.ndarray, top: np.ndarray, users: UserSet, meta: ItemMet
 def evaluate_ann(
     config: Config, root: str | Path, split: str = "test", out: str | Path | None = None, nprobe: int | None = None
 ) -> dict[str, Any]:
-    root = Path(root)
+    """Through the export at ``root``, a directory or a URI (downloaded to a temporary
+    directory first, every file checked against the manifest: export/store.py)."""
+    with local_copy(root) as local:
+        return evaluate_local(config, local, str(root), split, out or default_out(root, split), nprobe)
+
+
+def default_out(root: str | Path, split: str) -> StoragePath:
+    """Beside the export: ``metrics-<split>-ann.json`` in its parent directory (or prefix)."""
+    return run_path(root).parent / f"metrics-{split}-ann.json"
+
+
+def evaluate_local(
+    config: Config, root: Path, shown: str, split: str, out: str | Path | Location, nprobe: int | None
+) -> dict[str, Any]:
+    """``evaluate_ann`` on a local export directory; ``shown`` names the export in the report."""
     dataset = PreparedDataset.open(config.data.path, verify_checksums=False, verify_values=False)
-    manifest = open_export(root, dataset)
+    manifest = open_export(root, dataset, shown)
     ks = sorted({int(k) for k in config.eval.ks})
     k = ks[-1]
     users = load_users(dataset, split, DistContext.single())
     features = build_features(config, dataset)
     read = user_side_of(manifest["model"]["name"]).vectors
     if read is None:
-        raise ExportError(f"--ann {root}: the user side of model {manifest['model']['name']!r} is not readable here")
+        raise ExportError(f"--ann {shown}: the user side of model {manifest['model']['name']!r} is not readable here")
     user_vectors = read(root, manifest, users.user_ids, features)
     meta = ItemMeta.from_dataset(dataset)
     exact_ranks, exact_top = exact_pass(
@@ -179,7 +200,7 @@ def evaluate_ann(
     payload = {
         "split": split,
         "job": "evaluate_ann",
-        "export": str(root),
+        "export": shown,
         "index": {**manifest["index"], **({"nprobe": nprobe} if nprobe is not None else {})},
         "exact": exact,
         "ann": ann,
@@ -189,8 +210,7 @@ def evaluate_ann(
         "candidates_per_query": min(k + int(np.diff(users.history_indptr).max(initial=0)), int(index.ntotal)),
         **provenance(config, 1),
     }
-    path = Path(out) if out else root.parent / f"metrics-{split}-ann.json"
-    write_json_atomic(path, payload)
+    path = write_json_atomic(out, payload)
     print(" ".join(f"{m} {v:.4f}" for m, v in ann.items() if "@" in m), flush=True)
     changes = " ".join(f"{m} {v:+.4f}" for m, v in payload["change"].items() if m.startswith(("hit", "ndcg")))
     print(" ".join(f"{m} {v:.4f}" for m, v in payload["recall"].items()) + f" change vs exact: {changes}", flush=True)

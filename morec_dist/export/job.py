@@ -5,10 +5,12 @@ The parent checks what it can before any rank starts (``check_inputs``: the outp
 the checkpoint against the dataset, the id map, that the model has a user side). Then every
 rank rebuilds the sharded model from the checkpoint's config (the runner's ``setup_job``),
 loads the checkpoint, writes its item parts and its share of the user side into one staging
-directory ``<out>.tmp-XXXX``, and drops the model; rank 0 builds the index (``--index``),
-writes ``manifest.json`` last and renames the staging directory to ``--out``. A failure
-anywhere leaves no ``--out``: rank 0 removes the staging directory, and the parent removes
-it if the ranks died (it named it, ``STAGING_ENV``).
+directory, and drops the model; rank 0 builds the index (``--index``), writes
+``manifest.json`` last and publishes the staging directory as ``--out``. ``--out`` is a local
+directory (staged in ``<out>.tmp-XXXX`` and renamed) or a filesystem URI (staged in TMPDIR
+and uploaded, the manifest last: export/store.py). A failure anywhere leaves no ``--out``
+(no manifest at a URI): rank 0 removes the staging directory, and the parent removes it if
+the ranks died (it named it, ``STAGING_ENV``), with what they uploaded.
 """
 
 from __future__ import annotations
@@ -24,18 +26,11 @@ import torch.distributed as dist
 from morec_dist.config import Config
 from morec_dist.data import schema, storage
 from morec_dist.data.dataset import PreparedDataset
+from morec_dist.data.storage import StoragePath
 from morec_dist.distributed import DistContext
 from morec_dist.export.index import IndexOptions, build_index
-from morec_dist.export.layout import (
-    ITEMS_DIR,
-    STAGING_ENV,
-    ExportError,
-    discard,
-    new_staging,
-    publish,
-    refuse_existing,
-    write_manifest,
-)
+from morec_dist.export.layout import ITEMS_DIR, STAGING_ENV, ExportError, discard, write_manifest
+from morec_dist.export.store import check_staged, new_staging, out_location, publish, refuse_existing
 from morec_dist.export.user_side import UserSideJob, user_side_of
 from morec_dist.export.vectors import Entity, id_map_of, item_lookup, vector_dim, write_vectors
 from morec_dist.model.sharding import unwrap
@@ -44,16 +39,10 @@ from morec_dist.train.run_dir import provenance, versions
 from morec_dist.train.runner import VERIFIED_ENV, load_pretrained, setup_job
 
 
-def local_out(out: str | Path) -> Path:
-    if storage.is_uri(str(out)):
-        raise ExportError(f"--out {out}: an export is written to a local (or mounted) directory, not a URI")
-    return Path(out).resolve()
-
-
 def check_inputs(config: Config, checkpoint: str | Path, out: str | Path) -> None:
     """What the parent can refuse before any rank starts (each a one-line ExportError or
     CheckpointError naming the input)."""
-    refuse_existing(local_out(out))
+    refuse_existing(out_location(out))
     meta = read_meta(checkpoint)
     user_side_of(config.model.name)
     # the files' checksums, streamed, here once; the ranks then open it unverified (rank 0's
@@ -107,7 +96,7 @@ def check_model(checkpoint: str | Path, given: Config, explicit: Set[str]) -> No
         raise ExportError(f"--checkpoint {checkpoint}: a checkpoint of another model than the config's ({shown})")
 
 
-def agreed_staging(out: Path, ctx: DistContext) -> Path:
+def agreed_staging(out: StoragePath, ctx: DistContext) -> Path:
     """Collective: the one staging directory of this export (the parent's, or rank 0's new one)."""
     named = os.environ.get(STAGING_ENV)
     choice: list[Any] = [None]
@@ -143,6 +132,12 @@ def write_artifacts(trainer: Any, dataset: PreparedDataset, staging: Path, part_
     }  # fmt: skip
 
 
+def staged_files(model_name: str, fields: dict[str, Any]) -> list[str]:
+    """The files every rank wrote into the staging directory, by the manifest's fields."""
+    items = [f"{ITEMS_DIR}/{n}" for n in fields["items"]["parts"]]
+    return items + user_side_of(model_name).files({"user_side": fields["user_side"]})
+
+
 def faiss_version() -> str:
     import faiss
 
@@ -153,7 +148,7 @@ def run_export(
     config: Config, checkpoint: str | Path, out: str | Path, part_rows: int, index: IndexOptions | None
 ) -> dict[str, Any] | None:
     """This rank's part of the export; rank 0 returns the manifest."""
-    target = local_out(out)
+    target = out_location(out)
     ctx, dataset, trainer = setup_job(config)
     meta = load_pretrained(trainer, storage.location(checkpoint))
     refuse_existing(target)
@@ -182,6 +177,7 @@ def run_export(
         }  # fmt: skip
         manifest["versions"] = {**versions(), "faiss": faiss_version()}
         manifest["index"] = build_index(staging, manifest, index, config.run.seed) if index is not None else None
+        check_staged(staging, staged_files(config.model.name, fields))
         write_manifest(staging, manifest)
         publish(staging, target)
         print(f"exported {config.model.name} ({fields['items']['count']:,} items) to {target}", flush=True)

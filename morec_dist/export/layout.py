@@ -1,6 +1,7 @@
 """The on-disk contract of an export directory: file names, the vector tables' schema, how
 entities are cut into part files, the staging directory and its atomic publication, and
-the manifest (checksums of every file, written last).
+the manifest (checksums of every file, written last). An export at a URI has the same
+layout below its prefix (published by export/store.py, the manifest uploaded last).
 
 Layout::
 
@@ -29,7 +30,9 @@ from typing import Any
 
 import pyarrow as pa
 
+from morec_dist.data import storage
 from morec_dist.data.schema import part_name, sha256_file
+from morec_dist.data.storage import Location, StoragePath
 from morec_dist.train.run_dir import write_json_atomic
 
 MANIFEST = "manifest.json"
@@ -152,14 +155,25 @@ def write_manifest(root: Path, manifest: dict[str, Any]) -> Path:
     return root / MANIFEST
 
 
-def read_manifest(root: str | Path) -> dict[str, Any]:
-    path = Path(root) / MANIFEST
-    if not path.is_file():
+def read_manifest_text(root: StoragePath) -> str:
+    """``manifest.json``'s text below ``root`` (a directory or a ``Location``)."""
+    path = root / MANIFEST
+    if not (path.is_file() if isinstance(path, Path) else storage.exists(path)):
         raise ExportError(f"{root}: not a complete export ({MANIFEST} missing)")
+    return storage.read_text(path)
+
+
+def parse_manifest(root: StoragePath, text: str) -> dict[str, Any]:
     try:
-        return json.loads(path.read_text())
+        return json.loads(text)
     except json.JSONDecodeError as exc:
-        raise ExportError(f"{path}: not valid JSON ({exc})") from None
+        raise ExportError(f"{root / MANIFEST}: not valid JSON ({exc})") from None
+
+
+def read_manifest(root: str | Path | Location) -> dict[str, Any]:
+    """The manifest of an export directory or of an export at a URI."""
+    where = storage.location(root) if isinstance(root, Location) or storage.is_uri(str(root)) else Path(root)
+    return parse_manifest(where, read_manifest_text(where))
 
 
 def verify_files(root: Path, manifest: dict[str, Any], names: list[str]) -> None:
