@@ -46,7 +46,7 @@ RUNS = sorted(f"runs/{p.name}" for p in (K8S / "runs").iterdir() if (p / "kustom
 KUBERNETES_VERSIONS = ("1.30.0", "1.37.0")  # oldest supported, newest kubernetes-validate ships
 PODMONITOR_SCHEMA = K8S / "crds" / "podmonitor-v1.schema-subset.yaml"
 RAYCLUSTER_SCHEMA = K8S / "crds" / "raycluster-v1.schema-subset.yaml"
-STAGES = ("morec-pretrain", "morec-finetune", "morec-evaluate", "morec-ray-head")
+STAGES = ("morec-pretrain", "morec-finetune", "morec-evaluate", "morec-export", "morec-ray-head")
 OBJECT_STORE = K8S / "components" / "object-store"
 PREPARE_STORE = K8S / "jobs" / "prepare-movielens-object-store.yaml"
 STORE_SECRET = "morec-object-store"  # made by the user (docs/deploy.md), as is the optional ConfigMap
@@ -414,18 +414,15 @@ def test_the_stages_chain_through_their_outputs(rendered):
     (wait,) = evaluate["spec"]["template"]["spec"]["initContainers"]
     assert resolved_argv(wait) == ["launch/wait_for.sh", dirs["morec-finetune"] + "/metrics.json"]
 
-    exports = [j for j in by_kind(resources, "Job") if j["metadata"]["name"].startswith("morec-export")]
-    if root == "/runs":  # the serving artefacts, after the evaluation, on the runs volume
-        (export,) = exports
-        argv = resolved_argv(container(export, "export"))
-        assert argv[:5] == ["tini", "-s", "--", "morec", "export"] and "--index" in argv
-        assert flag(argv, "--checkpoint") == dirs["morec-finetune"] + "/checkpoints/final"
-        assert flag(argv, "--out") == f"{root}/{run_cm['metadata']['name']}/export"
-        (wait,) = export["spec"]["template"]["spec"]["initContainers"]
-        evaluated = flag(resolved_argv(container(evaluate, "evaluate")), "--out")
-        assert resolved_argv(wait) == ["launch/wait_for.sh", evaluated]
-    else:  # `morec export` writes a local directory: no export stage on the store
-        assert not exports
+    # the serving artefacts, after the evaluation, on the runs volume or the store
+    export = stage(resources, "morec-export")
+    argv = resolved_argv(container(export, "export"))
+    assert argv[:5] == ["tini", "-s", "--", "morec", "export"] and "--index" in argv
+    assert flag(argv, "--checkpoint") == dirs["morec-finetune"] + "/checkpoints/final"
+    assert flag(argv, "--out") == f"{root}/{run_cm['metadata']['name']}/export"
+    (wait,) = export["spec"]["template"]["spec"]["initContainers"]
+    evaluated = flag(resolved_argv(container(evaluate, "evaluate")), "--out")
+    assert resolved_argv(wait) == ["launch/wait_for.sh", evaluated]
 
     pretrain = stage(resources, "morec-pretrain")
     argv = resolved_argv(container(pretrain, "trainer"), pod_fields(pretrain))
@@ -908,6 +905,14 @@ def assert_on_the_store(where: str, resources: list[dict[str, Any]]) -> None:
     assert flag(argv, "--out") == f"{run_dir}/morec/metrics-test.json"
     (wait,) = evaluate["spec"]["template"]["spec"]["initContainers"]
     assert [from_configmaps(a, resources) for a in resolved_argv(wait)][1:] == [f"{run_dir}/morec/metrics.json"]
+    export = stage(resources, "morec-export")
+    argv = argv_of(export, "export")
+    assert flag(argv, "--checkpoint") == f"{run_dir}/morec/checkpoints/final" and "--index" in argv
+    assert flag(argv, "--out") == f"{run_dir}/export"
+    (wait,) = export["spec"]["template"]["spec"]["initContainers"]
+    assert [from_configmaps(a, resources) for a in resolved_argv(wait)][1:] == [f"{run_dir}/morec/metrics-test.json"]
+    (tmp,) = [v for v in export["spec"]["template"]["spec"]["volumes"] if v["name"] == "tmp"]
+    assert tmp["emptyDir"]["sizeLimit"] == "16Gi"  # the export is staged whole in /tmp before its upload
     heads = [j for j in by_kind(resources, "Job") if j["metadata"]["name"].startswith("morec-ray-head")]
     for head in heads:  # the plain head ends with the evaluation's output on the store
         assert flag(argv_of(head, "ray-head"), "--until") == f"{run_dir}/morec/metrics-test.json"
