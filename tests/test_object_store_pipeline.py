@@ -10,7 +10,9 @@ containers of fine-tuning and of the Ray head block on pretraining's metrics.jso
 and pass once it is written; MoRec fine-tuning starts from the best checkpoint on the
 store (``--from s3://...``) with the run's Ray head; evaluation's init container waits for
 fine-tuning's metrics.json, it evaluates the final checkpoint on the store and writes
-metrics-test.json there, upon which the Ray head ends by itself (``--until`` a URI).
+metrics-test.json there, upon which the Ray head ends by itself (``--until`` a URI) and the
+export's init container passes; the export writes the final checkpoint's serving artefacts
+and its index to the store, manifest.json last.
 
 What the host changes, each because a machine is not a cluster: each training stage is
 its pod 0 alone (NNODES=1, the manifest's one rank per pod; two ranks writing shards to
@@ -236,12 +238,32 @@ def test_object_store_pipeline_runs_as_the_manifests_give_it(tmp_path):
             assert evaluate_wait.passed(), f"evaluation's init container: exit {evaluate_wait.process.returncode}"
             assert head.poll() is None  # the head lives until the last stage's output
 
+            argv, env = host.command("morec-export", "wait-for-evaluate", init=True)
+            assert argv == ["launch/wait_for.sh", f"{run_dir}/morec/metrics-test.json"]
+            started.append(start(argv, env, tmp_path / "export-wait.log"))
+            export_wait = Watch(started[-1][0], argv[1])
+
             evaluate_argv, evaluate_env = host.command("morec-evaluate", "evaluate")
             assert evaluate_argv[:2] == ["morec", "evaluate"]
+            assert export_wait.process.poll() is None, "the export's init container passed before the evaluation"
             run(evaluate_argv, evaluate_env)
             head.wait(timeout=60)  # ends by itself once metrics-test.json is on the store
             assert head.returncode == 0, head_log.read_text()[-3000:]
             assert "metrics-test.json exists: the job is done" in head_log.read_text()
+            assert export_wait.passed(), f"the export's init container: exit {export_wait.process.returncode}"
+
+            export_argv, export_env = host.command("morec-export", "export")
+            assert export_argv[:2] == ["morec", "export"] and export_argv[export_argv.index("--out") + 1] == (
+                f"{run_dir}/export"
+            )
+            run(export_argv, export_env)
+            exported = storage.location(f"{run_dir}/export")
+            manifest = json.loads(storage.read_text(exported / "manifest.json"))
+            assert manifest["checkpoint"]["path"] == f"{run_dir}/morec/checkpoints/final"
+            assert manifest["index"]["faiss_class"] == "IndexFlatIP" and manifest["dataset"]["path"] == host.data
+            for rel, info in manifest["files"].items():  # every file the manifest lists is on the store, checked
+                assert storage.sha256(exported / rel) == info["sha256"], rel
+            assert not list(host.tmp.glob("morec-export-*"))  # the staging directory (TMPDIR) is gone
 
             def read(rel: str) -> dict[str, Any]:
                 return json.loads(storage.read_text(storage.location(f"{run_dir}/{rel}")))
