@@ -355,7 +355,8 @@ def test_export_to_s3_same_files_as_local_refuses_existing_and_evaluate_reads_it
 def test_a_failed_upload_leaves_no_manifest_and_a_corrupted_file_is_refused(tmp_path, monkeypatch):
     """store.publish: the manifest is uploaded last, and when any upload fails what was
     uploaded is removed (no manifest ever at the destination); store.local_copy refuses a
-    file whose sha256 is not the manifest's."""
+    file whose sha256 is not the manifest's; check_staged refuses a staging directory that
+    lacks a rank's file."""
     from morec_dist.data import storage
     from morec_dist.export import store
     from morec_dist.export.layout import ExportError, write_manifest
@@ -366,6 +367,9 @@ def test_a_failed_upload_leaves_no_manifest_and_a_corrupted_file_is_refused(tmp_
     for k in range(3):
         (staging / "items" / f"part-{k:05d}.parquet").write_bytes(bytes([k]) * 1000)
     write_manifest(staging, {"model": {"name": "mf"}})
+    store.check_staged(staging, [f"items/part-{k:05d}.parquet" for k in range(3)])
+    with pytest.raises(ExportError, match="users/part-00000.parquet, ...\\): an export to a URI stages on one node"):
+        store.check_staged(staging, ["users/part-00000.parquet"])  # a rank on another host wrote it there
     order = []
     upload = store.upload_file
 
