@@ -9,6 +9,9 @@ Model inputs follow TorchRec's contract (dense features beside sparse features),
 ``user_kjt`` / ``user_dense`` for the N rows' users, ``item_kjt`` / ``item_dense`` for their
 N * (1 + negatives) items (data/features.py builds both kinds). The dense tensors are None
 only in a hand-made batch; the FeatureBuilder always gives them ([n, 0] when a model reads none).
+
+A ``Batch`` is TorchRec's ``Pipelineable`` (``to``, ``record_stream``, ``pin_memory``), the
+input contract of ``TrainPipelineSparseDist`` (``train/pipelined.py``).
 """
 
 from __future__ import annotations
@@ -17,12 +20,13 @@ from dataclasses import dataclass, replace
 
 import torch
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
+from torchrec.streamable import Pipelineable
 
 UNIFORM_VERSION = -1
 
 
 @dataclass
-class Batch:
+class Batch(Pipelineable):
     user_ids: torch.Tensor  # [N] int64
     item_ids: torch.Tensor  # [N, 1 + num_negatives] int64; column 0 is the positive item
     block_ids: torch.Tensor  # [N] int64; 0 = uniform / accuracy, k = k-th auxiliary objective
