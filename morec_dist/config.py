@@ -100,6 +100,11 @@ class TrainConfig:
     max_steps: int = 0  # 0 = no limit
     early_stopping_patience: int = 3
     log_every: int = 100
+    # how steps run (train/pipelined.py): "sparse_dist" = TorchRec's TrainPipelineSparseDist (the
+    # next batches' input distribution and copies overlap this step's compute), "none" = one step
+    # at a time, "auto" = sparse_dist on CUDA, none on CPU; a strategy that cannot stay exact
+    # under it runs the plain loop (one line says why)
+    pipeline: str = "auto"
 
 
 @dataclass
@@ -389,6 +394,8 @@ def _require(ok: bool, message: str) -> None:
 
 
 COORDINATOR_PROTOCOLS = ("global", "per_rank")
+# train.pipeline: how the epoch loop runs its steps (train/pipelined.py)
+TRAIN_PIPELINES = ("auto", "sparse_dist", "none")
 # calls the coordinator actor serves at once (morec_dist.coordinator.actor.ACTOR_MAX_CONCURRENCY)
 ACTOR_STEP_SLOTS = 1000
 
@@ -433,6 +440,10 @@ def validate(c: Config) -> None:
     _require(c.optim.dense_lr > 0, f"optim.dense_lr: expected > 0, got {c.optim.dense_lr}")
     _require(c.train.epochs >= 1, f"train.epochs: expected >= 1, got {c.train.epochs}")
     _require(c.train.max_steps >= 0, f"train.max_steps: expected >= 0, got {c.train.max_steps}")
+    _require(
+        c.train.pipeline in TRAIN_PIPELINES,
+        f"train.pipeline: {c.train.pipeline!r} is not one of {TRAIN_PIPELINES}",
+    )
     _require(
         bool(c.eval.ks) and all(k >= 1 for k in c.eval.ks), f"eval.ks: expected positive integers, got {c.eval.ks}"
     )

@@ -25,6 +25,7 @@ OPERATIONAL = (
     "run.methods",  # `morec run`'s list; a fine-tuning job's method is its job kind, checked on its own
     "data.prefetch_batches",  # read-ahead depth; a batch is a pure function of its position
     "train.log_every",
+    "train.pipeline",  # how steps overlap, not what they compute (exact: tests/test_pipelined.py)
     "coordinator.ray_address",
     "coordinator.name",
     "coordinator.namespace",
