@@ -3,7 +3,9 @@
 A ``Strategy`` decides what one step optimises from the batch's scores and per-row losses
 (pretraining: the mean; MoRec: the coordinated combination; baselines: theirs; see
 ``morec_dist.train.strategies``); the loop owns timing, progress lines and the all-rank
-epoch statistics.
+epoch statistics. How a step runs is a ``StepDriver``'s: ``PlainDriver`` here (before_step,
+draw, forward, strategy loss, backward and optimizer step, one step at a time), or TorchRec's
+``TrainPipelineSparseDist`` (``train/pipelined.py``); the loop's bookkeeping is the same for both.
 """
 
 from __future__ import annotations
@@ -113,6 +115,80 @@ def observe(
     )
 
 
+@dataclass
+class StepResult:
+    """One trained step, as the loop books it."""
+
+    batch: Batch
+    per_row: torch.Tensor  # detached per-row losses
+    started: float  # perf_counter before the step (its draw included)
+    wait: float  # seconds this step spent waiting for the reader
+
+
+class StepSource(Protocol):
+    """One epoch's steps: each ``next_step`` trains one step (``trainer.step`` advanced) or
+    returns None at the end of the reader's epoch; ``waited`` is the seconds spent waiting
+    for the reader so far (the last, empty draw included); ``close`` ends the epoch's iteration."""
+
+    @property
+    def waited(self) -> float: ...
+
+    def next_step(self) -> StepResult | None: ...
+
+    def close(self) -> None: ...
+
+
+class StepDriver(Protocol):
+    """How steps run: ``epoch`` opens one epoch of ``reader`` (positioned at it);
+    ``reader_view`` is what the step checkpoints and the runner read as the reader's position
+    (a driver that draws ahead reports the trained position)."""
+
+    name: str
+
+    def reader_view(self, reader: Any) -> Any: ...
+
+    def epoch(self, trainer: Trainer, reader: Any, strategy: Strategy) -> StepSource: ...
+
+
+class PlainSteps:
+    """One step at a time: before_step, draw, forward, strategy loss, backward, optimizer."""
+
+    def __init__(self, trainer: Trainer, reader: Any, strategy: Strategy):
+        self.trainer, self.strategy = trainer, strategy
+        self.batches = iter(reader)
+        self.waited = 0.0
+
+    def next_step(self) -> StepResult | None:
+        trainer, strategy = self.trainer, self.strategy
+        strategy.before_step(trainer.step)
+        t0 = time.perf_counter()
+        batch = next(self.batches, None)
+        step_wait = time.perf_counter() - t0
+        self.waited += step_wait
+        if batch is None:
+            return None
+        batch = batch.to(trainer.ctx.device)
+        scores = trainer.model(batch)
+        per_row = trainer.loss_fn(scores)
+        loss = strategy.step_loss(scores, per_row, batch, trainer.step)
+        trainer.apply(loss)
+        return StepResult(batch, per_row.detach(), t0, step_wait)
+
+    def close(self) -> None:
+        if hasattr(self.batches, "close"):
+            self.batches.close()
+
+
+class PlainDriver:
+    name = "none"
+
+    def reader_view(self, reader: Any) -> Any:
+        return reader
+
+    def epoch(self, trainer: Trainer, reader: Any, strategy: Strategy) -> StepSource:
+        return PlainSteps(trainer, reader, strategy)
+
+
 def train_epoch(
     trainer: Trainer,
     reader: Any,
@@ -124,37 +200,34 @@ def train_epoch(
     metrics: Any = None,
     resumed: EpochProgress | None = None,
     after_step: StepHook | None = None,
+    driver: StepDriver | None = None,
 ) -> EpochStats:
     """One pass of ``reader`` (already positioned at ``epoch``, possibly mid-epoch with the
     ``resumed`` sums of its first part); returns all-rank stats. ``after_step`` may
-    checkpoint and may stop the epoch early (``EpochStats.interrupted``)."""
+    checkpoint and may stop the epoch early (``EpochStats.interrupted``). ``driver`` runs
+    the steps (default: ``PlainDriver``)."""
     ctx = trainer.ctx
     trainer.model.train()
     done = resumed or EpochProgress()
     loss_sum, rows, steps, wait = done.loss_sum, done.rows, done.steps, done.wait
     interrupted = False
     started = time.perf_counter() - done.seconds
-    batches = iter(reader)
+    source = (driver or PlainDriver()).epoch(trainer, reader, strategy)
     total = getattr(reader, "num_batches", 0)
     while True:
         if max_steps and trainer.step >= max_steps:
             break
-        strategy.before_step(trainer.step)
-        t0 = time.perf_counter()
-        batch = next(batches, None)
-        step_wait = time.perf_counter() - t0
-        wait += step_wait
-        if batch is None:
+        result = source.next_step()
+        wait = done.wait + source.waited
+        if result is None:
             break
-        batch = batch.to(ctx.device)
-        scores = trainer.model(batch)
-        per_row = trainer.loss_fn(scores)
-        loss = strategy.step_loss(scores, per_row, batch, trainer.step)
-        trainer.apply(loss)
-        strategy.after_step(per_row.detach(), batch, trainer.step - 1)
+        batch, per_row = result.batch, result.per_row
+        strategy.after_step(per_row, batch, trainer.step - 1)
         if metrics is not None:
-            observe(metrics, strategy, trainer.step - 1, batch, per_row, time.perf_counter() - t0, step_wait)
-        loss_sum += float(per_row.detach().sum())
+            observe(
+                metrics, strategy, trainer.step - 1, batch, per_row, time.perf_counter() - result.started, result.wait
+            )
+        loss_sum += float(per_row.sum())
         rows += batch.num_rows
         steps += 1
         if log_every and steps % log_every == 0:
@@ -169,8 +242,7 @@ def train_epoch(
         ):
             interrupted = True
             break
-    if hasattr(batches, "close"):
-        batches.close()
+    source.close()
     seconds = time.perf_counter() - started
     g_loss, g_rows, g_wait = all_reduce_sum([loss_sum, float(rows), wait], ctx)
     return EpochStats(

@@ -51,12 +51,11 @@ import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import torch.distributed as dist
 
 from morec_dist.config import Config
-from morec_dist.data.reader import Reader
 from morec_dist.data.storage import StoragePath
 from morec_dist.distributed import DistContext
 from morec_dist.train.checkpoint import (
@@ -130,7 +129,16 @@ def coordinator_state_for(state: dict[str, Any], world_size: int) -> dict[str, A
     return {**state, "world_size": world_size}
 
 
-def reader_state_for(saved: dict[str, Any], reader: Reader) -> dict[str, Any]:
+class ReaderState(Protocol):
+    """What a step checkpoint saves and restores of a reader: the ``Reader``, or the step
+    driver's view of it when the driver draws ahead (``train/pipelined.py``)."""
+
+    def state_dict(self) -> dict[str, Any]: ...
+
+    def load_state_dict(self, state: dict[str, Any]) -> None: ...
+
+
+def reader_state_for(saved: dict[str, Any], reader: ReaderState) -> dict[str, Any]:
     """Rank 0's saved reader state mapped onto ``reader`` (another rank / world size): the
     same epoch at the same fraction of its batches, the same probabilities snapshot. Group
     stream cursors are per rank share, which another world size cuts differently: they are
@@ -162,7 +170,7 @@ def strategy_state_for(saved: dict[str, Any], strategy: Strategy, same_world: bo
 class Checkpointed:
     """The parts of a job a step checkpoint holds besides the trainer."""
 
-    reader: Reader
+    reader: ReaderState
     strategy: Strategy
     job: JobState
     coordinator: Callable[[], dict[str, Any] | None] | None = None  # a collective, for MoRec

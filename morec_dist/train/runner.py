@@ -9,7 +9,8 @@ its final fields. Everything else is here, once:
 1. join the process group (``distributed.py``), open the dataset, build the ``Trainer``;
 2. find the step checkpoint to resume (``resume.py``), let the job build its parts, restore
    trainer, reader, RNG, strategy and the ``JobState`` from it;
-3. per epoch: ``train_epoch`` with step checkpoints every ``checkpoint.every_steps`` and a
+3. per epoch: ``train_epoch`` (its steps run by the driver ``train.pipeline`` picks,
+   ``train/pipelined.py``) with step checkpoints every ``checkpoint.every_steps`` and a
    SIGTERM stop at a step boundary, evaluation on valid, the job's epoch hook, the epoch-end
    checkpoint, the preemption check;
 4. close the parts, the job's final record, and ``metrics.json`` (rank 0, atomically).
@@ -37,7 +38,16 @@ from morec_dist.eval.evaluator import evaluate
 from morec_dist.eval.ranking import EvalOptions, EvaluationInterrupted
 from morec_dist.train.checkpoint import check_compatible, load_checkpoint, read_meta
 from morec_dist.train.job_state import JobState
-from morec_dist.train.loop import EpochProgress, Strategy, open_rank_observer, progress, train_epoch
+from morec_dist.train.loop import (
+    EpochProgress,
+    PlainDriver,
+    StepDriver,
+    Strategy,
+    open_rank_observer,
+    progress,
+    train_epoch,
+)
+from morec_dist.train.pipelined import make_driver
 from morec_dist.train.preemption import exit_interrupted, sigterm_requested
 from morec_dist.train.resume import Checkpointed, Checkpointing, ResumePoint
 from morec_dist.train.run_dir import provenance, run_path, write_json_atomic
@@ -160,6 +170,7 @@ class JobRun:
     point: ResumePoint | None
     state: JobState = field(default_factory=JobState)
     parts: JobParts | None = None
+    driver: StepDriver = field(default_factory=PlainDriver)  # how steps run (train.pipeline)
 
 
 class Job(Protocol):
@@ -196,7 +207,7 @@ def checkpointed_epoch(
     config, trainer, checkpoints, parts = run.config, run.trainer, run.checkpoints, run.parts
     assert parts is not None
     max_steps = config.train.max_steps
-    reader = parts.reader
+    reader = run.driver.reader_view(parts.reader)  # the trained position, if the driver draws ahead
     reader.set_epoch(epoch)
     trainer.epoch = epoch
     run.state.next_epoch = epoch  # a checkpoint inside the epoch continues it
@@ -218,6 +229,7 @@ def checkpointed_epoch(
         metrics=metrics,
         resumed=resumed,
         after_step=after_step,
+        driver=run.driver,
     )
     if stats.interrupted:
         checkpoints.exit_preempted()
@@ -234,10 +246,11 @@ def run_job(config: Config, job: Job, resume: bool | None = None) -> dict[str, A
     point = checkpoints.resume_point(config.run.resume if resume is None else resume)
     run = JobRun(config, ctx, dataset, trainer, checkpoints, point)
     parts = run.parts = job.build(run)
+    run.driver = make_driver(config, ctx, trainer, parts.strategy)
     metrics, exporter = open_rank_observer(config, ctx)
     if metrics is not None:
         metrics.observe_placement(trainer.placement.rank_tables(ctx.rank))
-    checkpoints.attach(Checkpointed(parts.reader, parts.strategy, run.state, parts.coordinator))
+    checkpoints.attach(Checkpointed(run.driver.reader_view(parts.reader), parts.strategy, run.state, parts.coordinator))
     resumed = None
     if point is not None:
         checkpoints.restore(point)
@@ -267,6 +280,7 @@ def run_job(config: Config, job: Job, resume: bool | None = None) -> dict[str, A
         **checkpoints.config_record(),  # the fingerprint, and earlier configurations (--resume-changed)
         "wall_s": time.perf_counter() - started,
         "train_rows_per_s": run.state.train_rows_per_s,
+        "step_driver": run.driver.name,  # "sparse_dist" (TorchRec's pipeline) or "none" (train.pipeline)
         "placement": trainer.placement.record(),
         **provenance(config, ctx.world_size),
     }

@@ -29,6 +29,11 @@ an error, so a renamed field can never silently drop out of checkpoints), and
   them with fixed weights; MGDA with the min-norm weights of their gradients with respect
   to the batch's scores (the shared representation, MGDA-UB of Sener & Koltun 2018),
   recomputed every step.
+
+Under TorchRec's ``TrainPipelineSparseDist`` (``train/pipelined.py``) batch t is drawn during
+step t - 2 and the step's loss gets one backward: a strategy says ``pipeline_exact = True`` when
+that changes nothing it computes (its draws do not depend on its own steps); the others give
+their ``pipeline_refusal`` and run the plain loop.
 """
 
 from __future__ import annotations
@@ -58,6 +63,7 @@ class AccuracyOnly:
 
     name = "accuracy"
     rank_local: tuple[str, ...] = ()
+    pipeline_exact = True  # uniform draws, no hooks
 
     def before_step(self, step: int) -> None:
         pass
@@ -81,6 +87,13 @@ class AccuracyOnly:
 class MorecStrategy:
     name = "morec"
     rank_local: tuple[str, ...] = ()  # rank 0's lists are the job's, whatever the world size
+    pipeline_exact = False
+    pipeline_refusal = (
+        "batch t is drawn with MoRec's p_k of coordinator decision t (taken in before_step(t): the version "
+        "decided after step t - max(staleness, 1), beta from reports through t - staleness), but the "
+        "pipeline draws batch t during step t - 2, before that step's report; and the sampler signals and "
+        "budget measurements of after_step evaluate the model while the pipeline holds its sharded forwards"
+    )
 
     def __init__(
         self,
@@ -236,6 +249,7 @@ def _load_sums(owner: str, state: dict[str, Any], sums: str) -> tuple[torch.Tens
 class StaticWeighting:
     name = "static"
     rank_local: tuple[str, ...] = ("sums", "steps")  # this rank's running sums of the epoch
+    pipeline_exact = True  # uniform draws; the loss is a fixed function of the batch's rows
 
     def __init__(self, dataset: PreparedDataset, objectives: list[Any], weights: list[float]):
         self.objective_losses = _ObjectiveLosses(dataset, objectives)
@@ -275,6 +289,9 @@ class StaticWeighting:
 class MGDAStrategy:
     name = "mgda"
     rank_local: tuple[str, ...] = ("alpha_sums", "steps")  # this rank's running sums of the epoch
+    # uniform draws; the per-objective gradients are taken with respect to the batch's scores
+    # inside step_loss (the pipeline's forward), so the parameters still get one backward
+    pipeline_exact = True
 
     def __init__(self, dataset: PreparedDataset, objectives: list[Any]):
         self.objective_losses = _ObjectiveLosses(dataset, objectives)
