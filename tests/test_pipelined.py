@@ -119,6 +119,7 @@ def torchrun(nproc: int, data_dir: Path, *cases: str) -> list[str]:
     return [line for line in proc.stdout.splitlines() if line.startswith("OK ")]
 
 
+@pytest.mark.slow  # torchrun ranks
 def test_pipelined_loop_equals_plain_loop_on_two_ranks(data_dir):
     """Pretraining (row-wise MF), static weighting (table-wise two-tower: DDP towers) and
     MGDA (data-parallel MF tables; an all_reduce inside the step's forward), two epochs with a
@@ -128,6 +129,7 @@ def test_pipelined_loop_equals_plain_loop_on_two_ranks(data_dir):
     assert [line.split()[1] for line in lines] == list(cases), lines
 
 
+@pytest.mark.slow  # torchrun ranks
 def test_pipelined_loop_equals_plain_loop_on_one_rank(data_dir):
     lines = torchrun(1, data_dir, "accuracy:mf:table_wise")
     assert len(lines) == 1, lines
