@@ -354,12 +354,16 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
 
     def run(args: argparse.Namespace) -> int:
         from morec_dist.train.launch import under_torchrun
-        from morec_dist.train.pretrain import run_pretrain
+
+        def job(config) -> None:
+            from morec_dist.train.pretrain import run_pretrain  # torch: ranks only
+
+            run_pretrain(config, resume=False if args.no_resume else None)
 
         config = _load(args)
         if not under_torchrun():
             preflight(config)
-        return _as_ranks(args, lambda c: run_pretrain(c, resume=False if args.no_resume else None), config=config)
+        return _as_ranks(args, job, config=config)
 
     train.set_defaults(func=run)
 
@@ -378,8 +382,12 @@ def _add_finetune(sub: argparse._SubParsersAction) -> None:
     _add_fault_args(finetune)
 
     def run(args: argparse.Namespace) -> int:
-        from morec_dist.train.finetune import run_finetune
         from morec_dist.train.launch import under_torchrun
+
+        def job(config) -> None:
+            from morec_dist.train.finetune import run_finetune  # torch: ranks only
+
+            run_finetune(config, args.from_checkpoint, args.method, resume=False if args.no_resume else None)
 
         config = _load(args)
         coordinated = METHODS.get(args.method, "--method").coordinated
@@ -391,11 +399,7 @@ def _add_finetune(sub: argparse._SubParsersAction) -> None:
 
             address = start_local_ray(config.coordinator.object_store_mb, namespace=config.coordinator.namespace)
             args.argv = with_override(args, f"coordinator.ray_address={address!r}".replace("'", '"'))
-        return _as_ranks(
-            args,
-            lambda c: run_finetune(c, args.from_checkpoint, args.method, resume=False if args.no_resume else None),
-            config=config,
-        )
+        return _as_ranks(args, job, config=config)
 
     finetune.set_defaults(func=run)
 
@@ -571,5 +575,12 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
 
+def entry() -> typing.NoReturn:
+    """The ``morec`` console script and ``python -m morec_dist.cli`` (the ranks, too)."""
+    from morec_dist.fast_exit import exit_without_final_gc
+
+    exit_without_final_gc(main())
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    entry()

@@ -6,22 +6,32 @@ spec; ``shard`` turns it into a DistributedModelParallel module with its optimiz
 ``LOSSES`` holds the per-row training losses by name (``bpr_loss`` the default).
 """
 
-from morec_dist.model.loss import LOSSES, bpr_loss, register_loss
-from morec_dist.model.registry import MODELS, build_model, feature_builder, feature_set_for, register_model
-from morec_dist.model.spec import DenseInputs, ModelSpec, PairwiseScorer, VectorScorer, spec_of
+# Loaded on first use (PEP 562): the launcher checks names against the registries without
+# loading what only the ranks build.
+import importlib
+from typing import Any
 
-__all__ = [
-    "LOSSES",
-    "MODELS",
-    "DenseInputs",
-    "ModelSpec",
-    "PairwiseScorer",
-    "VectorScorer",
-    "bpr_loss",
-    "build_model",
-    "feature_builder",
-    "feature_set_for",
-    "register_loss",
-    "register_model",
-    "spec_of",
-]
+_EXPORTS = {
+    "DenseInputs": "morec_dist.model.spec",
+    "LOSSES": "morec_dist.model.loss",
+    "MODELS": "morec_dist.model.registry",
+    "ModelSpec": "morec_dist.model.spec",
+    "PairwiseScorer": "morec_dist.model.spec",
+    "VectorScorer": "morec_dist.model.spec",
+    "bpr_loss": "morec_dist.model.loss",
+    "build_model": "morec_dist.model.registry",
+    "feature_builder": "morec_dist.model.registry",
+    "feature_set_for": "morec_dist.model.registry",
+    "register_loss": "morec_dist.model.loss",
+    "register_model": "morec_dist.model.registry",
+    "spec_of": "morec_dist.model.spec",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(importlib.import_module(module), name)

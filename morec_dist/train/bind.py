@@ -90,4 +90,6 @@ def main(argv: list[str]) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))
+    from morec_dist.fast_exit import exit_without_final_gc
+
+    exit_without_final_gc(main(sys.argv[1:]))
