@@ -35,7 +35,9 @@ class Strategy(Protocol):
     rank_local: tuple[str, ...]  # state keys a resume at another world size starts afresh
 
     def before_step(self, step: int) -> None:
-        """Called before the step's batch is drawn (e.g. to apply new sampling probabilities)."""
+        """Called before the step's batch is drawn (e.g. to apply new sampling probabilities);
+        under the pipelined driver (``pipeline_exact`` strategies only) before the step runs,
+        after its batch was drawn."""
         ...
 
     def step_loss(self, scores: torch.Tensor, per_row: torch.Tensor, batch: Batch, step: int) -> torch.Tensor:
