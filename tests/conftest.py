@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib
 import os
@@ -11,6 +12,7 @@ import subprocess
 import sys
 import sysconfig
 import typing
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -173,11 +175,12 @@ def free_tcp_port() -> int:
         return sock.getsockname()[1]
 
 
-@pytest.fixture
-def ray_head(tmp_path):
-    """A real Ray head on loopback (launch/ray_head.sh: token auth, no dashboard), stopped after."""
+@contextlib.contextmanager
+def running_ray_head(state: Path) -> Iterator[str]:
+    """A real Ray head on loopback (launch/ray_head.sh: token auth, no dashboard, its state
+    under ``state``), stopped on exit; yields its address."""
     port = free_tcp_port()
-    env = {**os.environ, "MOREC_RAY_STATE": str(tmp_path / "ray-state")}
+    env = {**os.environ, "MOREC_RAY_STATE": str(state)}
     script = str(REPO / "launch" / "ray_head.sh")
     subprocess.run(
         ["bash", script, "--port", str(port), "--num-cpus", "2", "--object-store-mb", "100"],
@@ -190,6 +193,13 @@ def ray_head(tmp_path):
         yield f"127.0.0.1:{port}"
     finally:
         subprocess.run(["bash", script, "--stop", "--port", str(port)], env=env, timeout=120, capture_output=True)
+
+
+@pytest.fixture
+def ray_head(tmp_path):
+    """A real Ray head for one test (``running_ray_head``)."""
+    with running_ray_head(tmp_path / "ray-state") as address:
+        yield address
 
 
 def toy_group_stats(**extra):
