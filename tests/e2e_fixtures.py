@@ -70,6 +70,24 @@ def shared_finetune(tmp_path_factory) -> Path:
     return out
 
 
+PLANTED_CONFIG = str(REPO / "tests" / "configs" / "planted.toml")
+
+
+def shared_planted(tmp_path_factory) -> tuple[Path, Path]:
+    """Taste clusters that span every price and popularity band (data/prepare/synthetic.py)
+    and a real ``morec train`` of them, made once per session: the data and pretraining of
+    the method-moves and budget tests (test_morec_moves.py, test_budget_holds.py)."""
+    from morec_dist.data.prepare.synthetic import generate
+
+    data, out = shared_dir(tmp_path_factory, "planted-data"), shared_dir(tmp_path_factory, "planted-pretrain")
+    if not (data / "manifest.json").exists():
+        generate(data, users=800, items=1500, rows=60_000, seed=5, planted_clusters=8, overwrite=True)
+    if not (out / "metrics.json").exists():
+        shutil.rmtree(out, ignore_errors=True)
+        morec("train", "--config", PLANTED_CONFIG, quoted("data.path", data), quoted("run.out_dir", out))
+    return data, out
+
+
 @pytest.fixture(scope="module")
 def tiny_data(tmp_path_factory) -> Path:
     return shared_data(tmp_path_factory)

@@ -3,8 +3,8 @@
 Taste clusters that span every price and popularity band (``planted_clusters``,
 data/prepare/synthetic.py): an accuracy-trained MF leaves room to raise revenue (R-Hit) and
 to align the recommended popularity mix with the train mix (Pop-KL). From one pretrained
-model (a real ``morec train``), one epoch of ``morec finetune --method morec`` and of
-``--method static`` at the same weights (revenue 0.5, alignment 0.5 over its top-10 mix,
+model (a real ``morec train``, shared with test_budget_holds.py: ``shared_planted``), one
+epoch of ``morec finetune --method morec`` and of ``--method static`` at the same weights (revenue 0.5, alignment 0.5 over its top-10 mix,
 lambda 0.2). Static is the paper's baseline: MoRec's sampled blocks and sampler, with fixed
 weights (1, lambda w) in place of the PID's beta. MoRec must raise R-Hit and lower Pop-KL
 against the pretrained model, and move both further than static, on the test split.
@@ -18,11 +18,9 @@ import json
 
 import pytest
 
-from tests.conftest import REPO
-from tests.e2e_fixtures import morec, quoted
+from tests.e2e_fixtures import PLANTED_CONFIG, morec, quoted, shared_planted
 
-CONFIG = str(REPO / "tests" / "configs" / "planted.toml")
-USERS, ITEMS, ROWS, CLUSTERS, DATA_SEED = 800, 1500, 60_000, 8, 5
+CONFIG = PLANTED_CONFIG
 # revenue and alignment at equal weights; alignment reads the top-10 mix (the metric's K), not
 # the default top-100 one
 OBJECTIVES = (
@@ -33,16 +31,13 @@ OBJECTIVES = (
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory) -> dict[str, dict]:
-    from morec_dist.data.prepare.synthetic import generate
-
     root = tmp_path_factory.mktemp("moves")
-    data = generate(root / "data", users=USERS, items=ITEMS, rows=ROWS, seed=DATA_SEED, planted_clusters=CLUSTERS)
+    data, pretrain = shared_planted(tmp_path_factory)
     base = ["--config", CONFIG, quoted("data.path", data)]
-    morec("train", *base, quoted("run.out_dir", root / "pretrain"))
-    out = {"pretrained": json.loads((root / "pretrain" / "metrics.json").read_text())}
+    out = {"pretrained": json.loads((pretrain / "metrics.json").read_text())}
     for method in ("morec", "static"):
         morec(
-            "finetune", "--from", str(root / "pretrain" / "checkpoints" / "best"), "--method", method, *base,
+            "finetune", "--from", str(pretrain / "checkpoints" / "best"), "--method", method, *base,
             OBJECTIVES, "morec.pid.law=paper", quoted("run.out_dir", root / method),
         )  # fmt: skip
         out[method] = json.loads((root / method / "metrics.json").read_text())
