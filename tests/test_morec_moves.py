@@ -4,8 +4,8 @@ Taste clusters that span every price and popularity band (``planted_clusters``,
 data/prepare/synthetic.py): an accuracy-trained MF leaves room to raise revenue (R-Hit) and
 to align the recommended popularity mix with the train mix (Pop-KL). From one pretrained
 model (a real ``morec train``, shared with test_budget_holds.py: ``shared_planted``), one
-epoch of ``morec finetune --method morec`` and of ``--method static`` at the same weights (revenue 0.5, alignment 0.5 over its top-10 mix,
-lambda 0.2). Static is the paper's baseline: MoRec's sampled blocks and sampler, with fixed
+epoch of ``morec finetune --method morec`` and of ``--method static`` at the same weights
+(revenue 0.5, alignment 0.5 over its top-10 mix, lambda 0.2). Static is the paper's baseline: MoRec's sampled blocks and sampler, with fixed
 weights (1, lambda w) in place of the PID's beta. MoRec must raise R-Hit and lower Pop-KL
 against the pretrained model, and move both further than static, on the test split.
 This is the paper's law (``morec.pid.law = "paper"``); the budget law, which trades these
