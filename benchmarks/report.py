@@ -6,8 +6,9 @@
 
 Nothing in the report is typed by hand: every figure comes from a result file
 (``overhead.json``, ``reader.json``, ``coordinator_scale.json``, ``embedding_scale.json``,
-``quality.json``, ``sensitivity.json``, and ``run_all.json`` for the run's status), and an
-appendix lists every number of every file. A missing file is reported as missing.
+``quality.json``, ``sensitivity.json``, ``pareto23.json``, and ``run_all.json`` for the run's
+status), and an appendix lists every number of every file in the results folder (a study's
+per-run records excepted: they stay in its JSON). A missing file is reported as missing.
 """
 
 from __future__ import annotations
@@ -42,6 +43,10 @@ def load_results(results: Path) -> dict[str, dict[str, Any]]:
     for name in ("pareto23.json", "pareto23_quick.json"):  # issue 23's study (benchmarks/pareto_report.py)
         if "pareto23" not in found and (results / name).exists():
             found["pareto23"] = json.loads((results / name).read_text())
+    shown = {f"{name}.json" for name in found} | {"pareto_quick.json", "pareto23.json", "pareto23_quick.json"}
+    for other in sorted(results.glob("*.json")):  # the rest (checkpoint_stall, export, ...): appendix only
+        if other.name not in shown:
+            found[other.stem] = json.loads(other.read_text())
     return found
 
 
@@ -546,14 +551,21 @@ def flatten(value: Any, prefix: str = "") -> list[tuple[str, Any]]:
     return []
 
 
+# Per-run records of a study (every job's traces and per-seed rows): their summaries are in the
+# sections above and the records in the JSON; flattened, one study alone was 9,500 lines.
+PER_RUN_KEYS = ("lengths", "per_seed")
+
+
 def appendix(found: dict[str, dict[str, Any]]) -> str:
     lines = ["## Appendix: every number", ""]
-    skip = ("config", "raw", "table_markdown")
+    skip = ("config", "raw", "table_markdown", *PER_RUN_KEYS)
     for name, result in found.items():
         values = flatten({k: v for k, v in result.items() if k not in skip})
+        omitted = [k for k in PER_RUN_KEYS if k in result]
         lines += [
             f"<details><summary>{name}.json ({len(values)} numbers)</summary>",
             "",
+            *([f"Per-run records omitted here (in the JSON): {', '.join(omitted)}.", ""] if omitted else []),
             "| key | value |",
             "|---|---|",
         ]
