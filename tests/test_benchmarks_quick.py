@@ -148,3 +148,22 @@ def test_results_md_block_is_replaced_and_the_rest_kept(tmp_path):
     second = update_results_md(results, md)
     assert second.count(STUDY_BEGIN) == 1 and second.count(STUDY_END) == 1
     assert second.rstrip().endswith("after the block") and "hand-written" in second
+
+
+def test_appendix_lists_every_result_file_and_leaves_per_run_records_in_the_json(tmp_path):
+    """A result file no section renders (e.g. checkpoint_stall.json) still reaches the appendix;
+    a study's per-run records stay in its JSON, and the appendix says so."""
+    from benchmarks.report import load_results
+
+    results = tmp_path / "results"
+    results.mkdir()
+    (results / "checkpoint_stall.json").write_text(json.dumps({"cases": [{"ratio": 0.0871}]}))
+    (results / "study.json").write_text(json.dumps({"seconds": 12.5, "per_seed": [{"hit": 0.25}] * 50}))
+    found = load_results(results)
+    assert set(found) == {"checkpoint_stall", "study"}
+    text = generate(results, tmp_path / "REPORT.md")
+    appendix = text[text.index("## Appendix: every number") :]
+    assert "<summary>checkpoint_stall.json (1 numbers)</summary>" in appendix
+    assert "| cases[0].ratio | 0.0871 |" in appendix
+    assert "<summary>study.json (1 numbers)</summary>" in appendix and "| seconds | 12.5 |" in appendix
+    assert "Per-run records omitted here (in the JSON): per_seed." in appendix and "per_seed[" not in appendix
