@@ -16,12 +16,14 @@ from pathlib import Path
 from typing import Any
 
 
-def _change(before: float, after: float) -> float:
-    return (after - before) / before if before else float("nan")
+def relative_change(before: float, after: float) -> float:
+    return (after - before) / abs(before) if before else float("nan")
 
 
-def _pct(value: float) -> str:
-    return f"{100 * value:+.2f}%" if math.isfinite(value) else "n/a"
+def percent(value: float, digits: int = 2) -> str:
+    """A relative change as a signed percentage; "n/a" where it is undefined (a metric that
+    is 0 before, e.g. min-Hit@10 of a category no user holds out, printed +nan% before)."""
+    return f"{100 * value:+.{digits}f}%" if math.isfinite(value) else "n/a"
 
 
 def budget_rows(rows: dict[str, dict[str, Any]], k: int, base: str = "pretrain") -> list[dict[str, Any]]:
@@ -33,7 +35,9 @@ def budget_rows(rows: dict[str, dict[str, Any]], k: int, base: str = "pretrain")
         if name == base or not record:
             continue
         budget = float(record["accuracy_budget"])
-        test_change = _change(rows[base][hit], metrics[hit]) if hit in metrics and hit in rows[base] else math.nan
+        test_change = (
+            relative_change(rows[base][hit], metrics[hit]) if hit in metrics and hit in rows[base] else math.nan
+        )
         out.append(
             {
                 "method": name,
@@ -63,7 +67,7 @@ def budget_table(rows: list[dict[str, Any]]) -> str:
     for r in rows:
         lines.append(
             f"| {r['method']} | {r['law']} | {100 * r['budget']:.1f}% | {r['k']} | {r['selection_before']:.4f} -> "
-            f"{r['selection_after']:.4f} ({_pct(r['selection_change'])}) | {_pct(r['test_change'])} | "
+            f"{r['selection_after']:.4f} ({percent(r['selection_change'])}) | {percent(r['test_change'])} | "
             f"{'yes' if r['held_selection'] else 'NO'} | {'yes' if r['held_test'] else 'NO'} |"
         )
     return "\n".join(lines)

@@ -15,7 +15,6 @@ Each stage runs as its own torchrun job, exactly as a user would run it by hand.
 
 from __future__ import annotations
 
-import math
 import subprocess
 import sys
 from collections.abc import Sequence
@@ -28,6 +27,7 @@ from morec_dist.data import storage
 from morec_dist.data.dataset import DatasetError, PreparedDataset
 from morec_dist.data.storage import StoragePath
 from morec_dist.eval.metrics import metric_key
+from morec_dist.train.budget_report import percent, relative_change
 from morec_dist.train.run_dir import provenance, read_json, write_json_atomic
 
 
@@ -70,15 +70,9 @@ def run_stage(name: str, command: list[str]) -> None:
         raise RuntimeError(f"stage {name!r} failed with exit code {code}")
 
 
-def relative_change(before: float, after: float) -> float:
-    return (after - before) / abs(before) if before else float("nan")
-
-
 def change_text(before: float, after: float) -> str:
-    """The relative change as a table cell; "n/a" where it is undefined (a metric that is 0
-    before, e.g. min-Hit@10 of a category no user holds out, printed +nan% before)."""
-    change = relative_change(before, after)
-    return f"{100 * change:+.1f}%" if math.isfinite(change) else "n/a"
+    """The relative change as a table cell ("n/a" where it is undefined)."""
+    return percent(relative_change(before, after), digits=1)
 
 
 def results_table(
