@@ -14,7 +14,7 @@ over both ranks, and the weights from its own solver: the min-norm point of the 
 enumerating active sets (MGDA), or ``pareto_solvers.epo_weights`` on the rank-averaged losses
 (EPO, the pure function). Two facts are checked per step:
 
-- the weights the job recorded (``<method>_step_weights``; mgda_uniform: its epoch's mean
+- the weights the job recorded (``<method>_step_weights``, and mgda_uniform's epoch mean
   ``mgda_mean_weights``) equal the replay's: a solver fed the wrong Gram matrix (one rank's
   only moves MGDA's weights by 0.01-0.1 here, the tolerance is 1e-4), EPO given other losses
   or another preference, weights swapped between blocks, or uniform / static weights where
@@ -249,8 +249,8 @@ def check_not_uniform(steps: list[dict[str, Any]]) -> None:
 
 
 def test_mgda_uniform_steps_equal_their_replay(pretrained, tiny_data, tmp_path):
-    """mgda_uniform (2 ranks, uniform batches, no coordinator): the epoch's mean weights and
-    every step's table change equal an in-process replay with a from-scratch min-norm solve."""
+    """mgda_uniform (2 ranks, uniform batches, no coordinator): every step's recorded weights,
+    the epoch's mean and every step's table change equal an in-process replay with a from-scratch min-norm solve."""
     out = tmp_path / "mgda_uniform"
     result = run_method("mgda_uniform", pretrained, tiny_data, out)
     assert result["job"] == "finetune:mgda_uniform" and result["world_size"] == 2
@@ -258,6 +258,9 @@ def test_mgda_uniform_steps_equal_their_replay(pretrained, tiny_data, tmp_path):
     names = ["accuracy"] + [o["name"] for o in result["config"]["morec"]["objectives"]]
     mean = result["history"][0]["mgda_mean_weights"]
     assert sorted(mean) == sorted(names)
+    recorded = np.array(result["history"][0]["mgda_step_weights"])
+    assert recorded.shape == (STEPS, len(names))
+    np.testing.assert_allclose(recorded, [step["weights"] for step in steps], rtol=1e-4, atol=1e-6)
     replayed = np.mean([step["weights"] for step in steps], axis=0)
     np.testing.assert_allclose([mean[n] for n in names], replayed, rtol=1e-4, atol=1e-6)
     check_not_uniform(steps)

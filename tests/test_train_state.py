@@ -74,9 +74,11 @@ def test_strategies_round_trip_and_refuse_other_keys(small_synthetic, objectives
     mgda = MGDAStrategy(dataset, objectives)
     mgda.alpha_sums += 0.25
     mgda.steps = 2
+    mgda.step_weights = [[0.5, 0.25, 0.25], [0.25, 0.5, 0.25]]
     back_mgda = MGDAStrategy(dataset, objectives)
     back_mgda.load_state_dict(through_json(mgda.state_dict()))
     assert torch.equal(back_mgda.alpha_sums, mgda.alpha_sums) and back_mgda.steps == 2
+    assert back_mgda.step_weights == mgda.step_weights
     morec = MorecStrategy(NO_CLIENT, SimpleNamespace(objectives=[]), 1, 0, None, submits=True)
     morec.trace = [(0, 1.0, 0), (1, 0.9375, 1)]
     morec.sampler_updates = [{"after_step": 1, "version": 1, "signals": {"revenue": [0.5, 0.5]}}]

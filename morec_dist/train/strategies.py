@@ -297,6 +297,7 @@ class MGDAStrategy:
         self.objective_losses = _ObjectiveLosses(dataset, objectives)
         self.alpha_sums = torch.zeros(len(self.objective_losses.names), dtype=torch.float64)
         self.steps = 0
+        self.step_weights: list[list[float]] = []  # each step's weights this epoch (the same on every rank)
 
     def before_step(self, step: int) -> None:
         pass
@@ -314,6 +315,7 @@ class MGDAStrategy:
         alpha = torch.as_tensor(min_norm_weights(gram.cpu().numpy()), dtype=losses.dtype, device=losses.device)
         self.alpha_sums += alpha.detach().to(torch.float64).cpu()
         self.steps += 1
+        self.step_weights.append([float(a) for a in alpha.detach().cpu()])
         return (alpha.detach() * losses).sum()
 
     def after_step(self, per_row, batch, step):
@@ -321,12 +323,19 @@ class MGDAStrategy:
 
     def epoch_summary(self):
         means = (self.alpha_sums / max(self.steps, 1)).tolist()
+        per_step, self.step_weights = self.step_weights, []
         self.alpha_sums.zero_()
         self.steps = 0
-        return {"mgda_mean_weights": dict(zip(self.objective_losses.names, means, strict=True))}
+        return {
+            "mgda_mean_weights": dict(zip(self.objective_losses.names, means, strict=True)),
+            "mgda_step_weights": per_step,  # accuracy first, then morec.objectives in order
+        }
 
     def state_dict(self) -> dict[str, Any]:
-        return {"alpha_sums": self.alpha_sums.tolist(), "steps": self.steps}
+        return {"alpha_sums": self.alpha_sums.tolist(), "steps": self.steps, "step_weights": self.step_weights}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.alpha_sums, self.steps = _load_sums(self.name, state, "alpha_sums")
+        check_state_keys(self.name, state, ("alpha_sums", "steps", "step_weights"))
+        self.alpha_sums = torch.tensor(state["alpha_sums"], dtype=torch.float64)
+        self.steps = int(state["steps"])
+        self.step_weights = [[float(a) for a in w] for w in state["step_weights"]]
