@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -116,22 +117,24 @@ def test_preference_change_from_the_cli_applies_at_the_stated_step(pretrained, t
                     break
             time.sleep(0.5)
         assert status, f"the coordinator never came up:\n{(tmp_path / 'job.log').read_text()[-4000:]}"
-        # the global protocol runs this job at ~100 steps/s here and a CLI call takes seconds:
-        # far enough ahead to still be undecided, early enough to be inside max_steps
+        # An ordering fact, not a race: the coordinator refuses a step it may already have
+        # decided ("may already be decided (aggregated through N", exit 2), so a refused change
+        # is retried ahead of the N it names. The global protocol runs this job at ~100 steps/s
+        # here and a CLI call takes seconds: 1,500 steps ahead is normally accepted at once.
         at_step = min(status["aggregated_through"] + 1500, 2400)
-        morec(
-            "coordinator",
-            "set-preferences",
-            "--address",
-            ray_head,
-            "--target-loss",
-            "0.05",
-            "--weight",
-            "revenue=0.1",
-            "--at-step",
-            str(at_step),
-            RAY_AUTH_MODE="token",
-        )
+        for _ in range(3):
+            change = subprocess.run(
+                [
+                    sys.executable, "-m", "morec_dist.cli", "coordinator", "set-preferences", "--address", ray_head,
+                    "--target-loss", "0.05", "--weight", "revenue=0.1", "--at-step", str(at_step),
+                ],
+                capture_output=True, text=True, cwd=REPO, env=env, timeout=300,
+            )  # fmt: skip
+            refused = re.search(r"may already be decided \(aggregated through (\d+)", change.stderr)
+            if change.returncode == 0 or refused is None:
+                break
+            at_step = min(int(refused.group(1)) + 1500, 2400)
+        assert change.returncode == 0, change.stderr[-3000:]
         job.wait(timeout=600)
         assert job.returncode == 0, (tmp_path / "job.log").read_text()[-4000:]
     finally:
