@@ -53,22 +53,51 @@ def test_a_finished_job_leaves_no_orphan(tmp_path):
     assert not alive(int(pid_file.read_text()))
 
 
+# a rank writes its pid (whole: written aside, then renamed) and sleeps past any timeout
+RANK = """
+import os, sys, time
+path = os.path.join(sys.argv[1], "rank" + os.environ["RANK"])
+open(path + ".tmp", "w").write(str(os.getpid()))
+os.replace(path + ".tmp", path)
+time.sleep(600)
+"""
+
+
 @pytest.mark.slow
 def test_a_timed_out_torchrun_ends_with_its_ranks(tmp_path):
-    """The real case: torchrun and two ranks, cut off by the timeout while they sleep."""
+    """The real case: torchrun and two ranks, cut off by the timeout while they sleep.
+
+    The check needs the timeout to fall after both ranks started, an order no fixed wait
+    guarantees on a loaded machine: each rank writes its pid before it sleeps, and a try in
+    which the timeout came first (fewer than two pids) is checked all the same (what did
+    start has ended) and repeated with twice the time. 12 s is several times what torchrun
+    takes to start both ranks here (about 3 s at load 4)."""
     script = tmp_path / "rank.py"
-    script.write_text(
-        "import os, time\n"
-        f"open(os.path.join({str(tmp_path)!r}, 'rank' + os.environ['RANK']), 'w').write(str(os.getpid()))\n"
-        "time.sleep(600)\n"
-    )
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script)]
-    started = time.monotonic()
-    with pytest.raises(subprocess.TimeoutExpired):
-        run_job(cmd, timeout=40, env={**os.environ, "OMP_NUM_THREADS": "1"})
-    assert time.monotonic() - started < 40 + 60  # the timeout, the grace period and the kill
-    ranks = [int((tmp_path / f"rank{r}").read_text()) for r in range(2)]
-    assert not [pid for pid in ranks if alive(pid)]
+    script.write_text(RANK)
+    timeout = 12.0
+    for attempt in range(4):  # 12, 24, 48, 96 s
+        pids_dir = tmp_path / f"try-{attempt}"
+        pids_dir.mkdir()
+        cmd = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node=2",
+            str(script),
+            str(pids_dir),
+        ]
+        started = time.monotonic()
+        with pytest.raises(subprocess.TimeoutExpired):
+            run_job(cmd, timeout=timeout, env={**os.environ, "OMP_NUM_THREADS": "1"})
+        assert time.monotonic() - started < timeout + 60  # the timeout, the grace period and the kill
+        ranks = [int(path.read_text()) for path in sorted(pids_dir.glob("rank[01]"))]
+        assert not [pid for pid in ranks if alive(pid)]
+        if len(ranks) == 2:
+            break
+        timeout *= 2
+    else:
+        pytest.fail("torchrun's two ranks never both started before the timeout (4 tries, up to 96 s)")
 
 
 def test_a_root_only_test_fails_in_ci_and_skips_elsewhere(monkeypatch):
