@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -20,7 +21,7 @@ import pytest
 from morec_dist.config import load_config
 from morec_dist.train.fingerprint import OPERATIONAL, changed_keys, describe, fingerprint
 from tests.conftest import REPO
-from tests.e2e_fixtures import CONFIG, quoted
+from tests.e2e_fixtures import CONFIG, quoted, shared_pretrained
 
 
 def test_only_trajectory_keys_count():
@@ -64,11 +65,16 @@ def checkpoints(out: Path) -> list[str]:
 
 
 @pytest.mark.slow
-def test_a_changed_configuration_is_refused_unless_told_and_then_recorded(tiny_data, tmp_path):
+def test_a_changed_configuration_is_refused_unless_told_and_then_recorded(tiny_data, tmp_path, tmp_path_factory):
+    # the finished first run: the session's shared pretraining is this very `train` (the
+    # same config and data), copied; its recorded paths (metrics.json's checkpoint and
+    # config.run.out_dir) name the shared directory, but run.out_dir is operational and a
+    # resume finds its checkpoints and writes its outputs under the out_dir it is given
     out = tmp_path / "run"
-    first = train(tiny_data, out)
-    assert first.returncode == 0, first.stderr[-3000:]
+    shutil.copytree(shared_pretrained(tmp_path_factory).parent.parent, out)
     written = json.loads((out / "metrics.json").read_text())
+    this_run = load_config(CONFIG, [quoted("data.path", tiny_data)]).to_dict()
+    assert fingerprint(written["config"]) == fingerprint(this_run)
     step = int(checkpoints(out)[-1].split("-")[1])
     assert written["config_history"] == [] and written["config_fingerprint"] == fingerprint(written["config"])
 
