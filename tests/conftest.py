@@ -202,6 +202,17 @@ def ray_head(tmp_path):
         yield address
 
 
+@pytest.fixture(scope="session")
+def shared_ray_head(tmp_path_factory):
+    """One Ray head for the session's fine-tunes whose subject is not Ray's start-up: a job
+    given ``coordinator.ray_address`` starts no head of its own (3-15 s each on this machine,
+    by load). Each job names its own ``coordinator.namespace`` (``e2e_fixtures.on_ray``), so
+    no job can meet another's actor. The embedded head stays covered by the jobs that keep
+    the default (the shared fine-tuning, the listeners, fault and container tests)."""
+    with running_ray_head(tmp_path_factory.mktemp("shared-ray") / "state") as address:
+        yield address
+
+
 def toy_group_stats(**extra):
     """Group statistics of a tiny made-up dataset for the coordinator's unit tests."""
     import numpy as np

@@ -36,6 +36,12 @@ def quoted(key: str, value: object) -> str:
     return f'{key}="{value}"'
 
 
+def on_ray(address: str, namespace: str) -> list[str]:
+    """Overrides that coordinate a job on the Ray head at ``address`` (conftest's
+    ``shared_ray_head``) in a namespace of its own; run it with ``RAY_AUTH_MODE="token"``."""
+    return [quoted("coordinator.ray_address", address), quoted("coordinator.namespace", namespace)]
+
+
 def shared_dir(tmp_path_factory, name: str) -> Path:
     return tmp_path_factory.getbasetemp() / f"shared-{name}"
 
@@ -50,12 +56,36 @@ def shared_data(tmp_path_factory) -> Path:
 
 
 def shared_pretrained(tmp_path_factory) -> Path:
+    """The best checkpoint of a plain ``morec train`` of the tiny config on the shared data.
+
+    It logs every 20 steps (an operational key) and keeps what it printed, stdout then
+    stderr, in ``shared_pretrain_output``: test_quiet reads its progress lines and the
+    absence of library noise there. Library warnings are filtered as a user's run filters
+    them (whatever the session's ``MOREC_LIBRARY_WARNINGS`` or ``PYTHONWARNINGS`` say);
+    ``OMP_NUM_THREADS`` stays as the session has it, as in the runs other tests compare
+    with this one bit for bit (test_quiet's unfiltered run checks the launcher's default)."""
     data = shared_data(tmp_path_factory)
     out = shared_dir(tmp_path_factory, "pretrain")
-    if not (out / "metrics.json").exists():
+    printed = shared_pretrain_output(tmp_path_factory)
+    if not ((out / "metrics.json").exists() and printed.exists()):
         shutil.rmtree(out, ignore_errors=True)
-        morec("train", "--config", CONFIG, quoted("data.path", data), quoted("run.out_dir", out))
+        proc = morec(
+            "train",
+            "--config",
+            CONFIG,
+            quoted("data.path", data),
+            quoted("run.out_dir", out),
+            "train.log_every=20",
+            MOREC_LIBRARY_WARNINGS="",  # observe.quiet.SHOW_ALL_ENV, off
+            PYTHONWARNINGS="",
+        )
+        printed.write_text(proc.stdout + proc.stderr)
     return out / "checkpoints" / "best"
+
+
+def shared_pretrain_output(tmp_path_factory) -> Path:
+    """What the shared pretraining printed (beside its run directory, not in it: tests copy it)."""
+    return shared_dir(tmp_path_factory, "pretrain-output.txt")
 
 
 def shared_finetune(tmp_path_factory) -> Path:

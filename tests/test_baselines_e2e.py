@@ -25,7 +25,7 @@ enumerating active sets (MGDA), or ``pareto_solvers.epo_weights`` on the rank-av
   that records one set of weights but back-propagates another (or an unweighted sum) fails
   here even if its record looks right.
 
-Cost: one Ray head for both coordinated methods and ``STEPS`` steps each; the replay itself
+Cost: the session's shared Ray head for both coordinated methods (conftest) and ``STEPS`` steps each; the replay itself
 takes well under a second per method.
 """
 
@@ -41,8 +41,7 @@ import pytest
 import torch
 from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 
-from tests.conftest import running_ray_head
-from tests.e2e_fixtures import CONFIG, morec, quoted
+from tests.e2e_fixtures import CONFIG, morec, on_ray, quoted
 
 pytestmark = pytest.mark.slow
 
@@ -54,14 +53,6 @@ ITEMS = "item_ebc.embedding_bags.t_item_id.weight"
 # ------------------------------------------------------------------------ the job
 
 
-@pytest.fixture(scope="module")
-def module_ray_head(tmp_path_factory):
-    """One Ray head for both coordinated methods: a job given ``coordinator.ray_address``
-    starts no Ray of its own (two in-process heads cost more than one shared)."""
-    with running_ray_head(tmp_path_factory.mktemp("ray") / "state") as address:
-        yield address
-
-
 def run_method(method: str, pretrained: Path, data: Path, out: Path, ray: str | None = None) -> dict[str, Any]:
     """``STEPS`` steps of ``method`` on 2 ranks, a step checkpoint after each, SGD on the
     tables; ``ray``: the Ray head to coordinate on (its token auth), else the job's own."""
@@ -71,7 +62,7 @@ def run_method(method: str, pretrained: Path, data: Path, out: Path, ray: str | 
         f"checkpoint.keep_last={STEPS}", 'optim.embedding_optimizer="sgd"',
     ]  # fmt: skip
     if ray:
-        morec(*args, quoted("coordinator.ray_address", ray), RAY_AUTH_MODE="token")
+        morec(*args, *on_ray(ray, f"e2e-{method}"), RAY_AUTH_MODE="token")
     else:
         morec(*args)
     return json.loads((out / "metrics.json").read_text())
@@ -268,11 +259,11 @@ def test_mgda_uniform_steps_equal_their_replay(pretrained, tiny_data, tmp_path):
 
 
 @pytest.mark.parametrize("method", ["mgda", "epo"])
-def test_combined_baseline_steps_equal_their_replay(method, pretrained, tiny_data, module_ray_head, tmp_path):
+def test_combined_baseline_steps_equal_their_replay(method, pretrained, tiny_data, shared_ray_head, tmp_path):
     """mgda / epo on MoRec's sampled blocks (2 ranks, Ray coordinator): each step's recorded
     weights and table change equal an in-process replay of the same blocks."""
     out = tmp_path / method
-    result = run_method(method, pretrained, tiny_data, out, module_ray_head)
+    result = run_method(method, pretrained, tiny_data, out, shared_ray_head)
     assert result["job"] == f"finetune:{method}" and result["world_size"] == 2
     steps = replay(method, result, pretrained, tiny_data, out, tmp_path)
     recorded = np.array(result["history"][0][f"{method}_step_weights"])

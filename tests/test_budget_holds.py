@@ -27,7 +27,7 @@ import json
 
 import pytest
 
-from tests.e2e_fixtures import PLANTED_CONFIG, morec, quoted, shared_planted
+from tests.e2e_fixtures import PLANTED_CONFIG, morec, on_ray, quoted, shared_planted
 
 CONFIG = PLANTED_CONFIG
 BUDGETS = {"loose": 0.05, "tight": 0.01}
@@ -45,7 +45,7 @@ CONTROL = [
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory) -> dict[str, dict]:
+def runs(tmp_path_factory, shared_ray_head) -> dict[str, dict]:
     root = tmp_path_factory.mktemp("budget")
     data, pretrain = shared_planted(tmp_path_factory)
     base = ["--config", CONFIG, quoted("data.path", data)]
@@ -54,6 +54,7 @@ def runs(tmp_path_factory) -> dict[str, dict]:
         morec(
             "finetune", "--from", str(pretrain / "checkpoints" / "best"), "--method", "morec", *base,
             OBJECTIVES, *CONTROL, f"morec.accuracy_budget={budget}", quoted("run.out_dir", root / name),
+            *on_ray(shared_ray_head, f"budget-{name}"), RAY_AUTH_MODE="token",
         )  # fmt: skip
         out[name] = json.loads((root / name / "metrics.json").read_text())
     return out

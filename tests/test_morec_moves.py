@@ -5,8 +5,9 @@ data/prepare/synthetic.py): an accuracy-trained MF leaves room to raise revenue 
 to align the recommended popularity mix with the train mix (Pop-KL). From one pretrained
 model (a real ``morec train``, shared with test_budget_holds.py: ``shared_planted``), one
 epoch of ``morec finetune --method morec`` and of ``--method static`` at the same weights
-(revenue 0.5, alignment 0.5 over its top-10 mix, lambda 0.2). Static is the paper's baseline: MoRec's sampled blocks and sampler, with fixed
-weights (1, lambda w) in place of the PID's beta. MoRec must raise R-Hit and lower Pop-KL
+(revenue 0.5, alignment 0.5 over its top-10 mix, lambda 0.2), both coordinated on the
+session's shared Ray head. Static is the paper's baseline: MoRec's sampled blocks and
+sampler, with fixed weights (1, lambda w) in place of the PID's beta. MoRec must raise R-Hit and lower Pop-KL
 against the pretrained model, and move both further than static, on the test split.
 This is the paper's law (``morec.pid.law = "paper"``); the budget law, which trades these
 moves for a stated accuracy budget, is tests/test_budget_holds.py.
@@ -18,7 +19,7 @@ import json
 
 import pytest
 
-from tests.e2e_fixtures import PLANTED_CONFIG, morec, quoted, shared_planted
+from tests.e2e_fixtures import PLANTED_CONFIG, morec, on_ray, quoted, shared_planted
 
 CONFIG = PLANTED_CONFIG
 # revenue and alignment at equal weights; alignment reads the top-10 mix (the metric's K), not
@@ -30,7 +31,7 @@ OBJECTIVES = (
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory) -> dict[str, dict]:
+def runs(tmp_path_factory, shared_ray_head) -> dict[str, dict]:
     root = tmp_path_factory.mktemp("moves")
     data, pretrain = shared_planted(tmp_path_factory)
     base = ["--config", CONFIG, quoted("data.path", data)]
@@ -39,6 +40,7 @@ def runs(tmp_path_factory) -> dict[str, dict]:
         morec(
             "finetune", "--from", str(pretrain / "checkpoints" / "best"), "--method", method, *base,
             OBJECTIVES, "morec.pid.law=paper", quoted("run.out_dir", root / method),
+            *on_ray(shared_ray_head, f"moves-{method}"), RAY_AUTH_MODE="token",
         )  # fmt: skip
         out[method] = json.loads((root / method / "metrics.json").read_text())
     return out
