@@ -1,15 +1,22 @@
-"""What a single-host job listens on: a real 2-rank ``morec run`` (pretraining, then MoRec
-fine-tuning with its embedded Ray head and the metrics exporters) must open no listening
-socket outside loopback (docs/deploy.md, "What listens where").
+"""What a single-host job listens on, and what it records with ``eval.ks`` set: one real
+2-rank ``morec run`` (pretraining, then MoRec fine-tuning with its embedded Ray head and the
+metrics exporters) on the shared tiny dataset with ``eval.ks = [5, 20]``, read by two tests.
 
+It must open no listening socket outside loopback (docs/deploy.md, "What listens where").
 The job's processes are found by a marker in their environment, which torchrun's agent, the
 ranks, Ray's head processes and its workers all inherit; their listening sockets come from
 ``/proc/<pid>/fd`` matched against ``/proc/net/tcp`` and ``tcp6``, sampled while it runs.
+
+The job runner with K from config: every record of both stages (per-epoch validation, test,
+the most-popular baseline, the selected epoch, the fine-tuning's starting point) carries @5
+and @20 metrics and no @10, the progress lines name them, and the results table is at
+``eval.ks[0]``.
 """
 
 from __future__ import annotations
 
 import ipaddress
+import json
 import os
 import subprocess
 import sys
@@ -148,10 +155,16 @@ def test_bind_refuses_a_host_name_in_one_line():
     assert result.stderr.strip() == "--bind: expected an IP address (e.g. 127.0.0.1), got 'localhost'"
 
 
-@pytest.mark.slow
-def test_a_single_host_run_listens_on_loopback_only(tiny_data, tmp_path):
+KS = "eval.ks=[5, 20]"
+
+
+@pytest.fixture(scope="module")
+def single_host_run(tiny_data, tmp_path_factory) -> tuple[set[tuple[str, str, int]], Path, str, int]:
+    """The module's job, run once: (its listeners as sampled while it ran, its out_dir, what
+    it printed, the exporters' base port)."""
     marker = uuid.uuid4().hex
     base = free_base_port(3)  # the exporters are on: they must bind loopback too
+    tmp_path = tmp_path_factory.mktemp("single-host-run")
     log = tmp_path / "run.log"
     command = [
         sys.executable,
@@ -164,6 +177,7 @@ def test_a_single_host_run_listens_on_loopback_only(tiny_data, tmp_path):
         quoted("run.out_dir", tmp_path / "run"),
         "metrics.enabled=true",
         f"metrics.base_port={base}",
+        KS,
     ]
     env = {**os.environ, MARKER_ENV: marker, "RAY_USAGE_STATS_ENABLED": "0"}
     seen: set[tuple[str, str, int]] = set()
@@ -176,6 +190,12 @@ def test_a_single_host_run_listens_on_loopback_only(tiny_data, tmp_path):
         if job.poll() is None:
             job.kill()
     assert job.wait() == 0, log.read_text()[-4000:]
+    return seen, tmp_path / "run", log.read_text(), base
+
+
+@pytest.mark.slow
+def test_a_single_host_run_listens_on_loopback_only(single_host_run):
+    seen, _, _, base = single_host_run
     # it saw the job: both stages' torchrun agents (each hosts the rendezvous store), the
     # embedded Ray head of fine-tuning, and the exporters on their configured ports
     agents = {pid for _, name, pid in seen if name == "pt_elastic"}
@@ -184,3 +204,31 @@ def test_a_single_host_run_listens_on_loopback_only(tiny_data, tmp_path):
     assert {f"127.0.0.1:{base + i}" for i in range(3)} <= {addr for addr, _, _ in seen}, sorted(seen)
     exposed = sorted((addr, name) for addr, name, _ in seen if not is_loopback(addr))
     assert not exposed, f"listening outside loopback: {exposed}"
+
+
+def has_ks(metrics: dict) -> None:
+    for name in ("hit", "ndcg", "r_hit", "r_ndcg", "min_hit", "min_ndcg", "pop_kl"):
+        assert f"{name}@5" in metrics and f"{name}@20" in metrics, name
+        assert f"{name}@10" not in metrics, name
+
+
+@pytest.mark.slow
+def test_records_carry_the_configured_ks(single_host_run):
+    _, out, printed, _ = single_host_run
+    epochs = [line for line in printed.splitlines() if line.startswith("[pretrain] epoch ")]
+    assert epochs and all("valid ndcg@5" in line for line in epochs), printed[-4000:]
+    assert "[pretrain] test hit@5" in printed, printed[-4000:]
+    m = json.loads((out / "pretrain" / "metrics.json").read_text())
+    has_ks(m)
+    has_ks(m["baselines"]["most_popular"])
+    has_ks(m["valid"])
+    assert all(set(row["valid"]) == set(m["valid"]) for row in m["history"])
+    assert "[morec] test hit@5" in printed, printed[-4000:]
+    f = json.loads((out / "morec" / "metrics.json").read_text())
+    has_ks(f)
+    has_ks(f["valid_before"])
+    has_ks(f["history"][0]["valid"])
+    assert f["job"] == "finetune:morec" and f["checkpoints_written"]
+    table = json.loads((out / "results.json").read_text())["table"]
+    assert set(table) == {"most popular", "pretrain", "morec"}
+    assert all("ndcg@5" in row and "ndcg@10" not in row for row in table.values()), table
