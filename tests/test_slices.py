@@ -51,3 +51,24 @@ def test_slice_hit_equals_the_evaluation_of_those_users(small_synthetic):
         assert part.hit(model, features, CTX, k=10, batch_users=37) == pytest.approx(expected, abs=1e-15)
     with pytest.raises(ValueError, match="expected one of"):
         HeldoutSlice.load(ds, CTX, "test", seed=5, fraction=0.5)
+
+
+def test_a_ranks_only_pass_gives_the_evaluation_ranks_at_any_batch_size(small_synthetic):
+    """``ranked_batches`` with k = 0 (the control slice's pass) keeps no top-K and returns the
+    held-out ranks of the full protocol (integer scores: many ties), in batches of 7 users or
+    in the ranks-only batch size."""
+    from morec_dist.eval.ranking import EvalOptions, model_scorer, ranked_batches, ranks_only_batch_users
+
+    ds = PreparedDataset.open(small_synthetic)
+    features = FeatureBuilder(ds.path, ds.num_users, ds.num_items, "ids")
+    model = integer_mf(features)
+    full = evaluate(model, ds, "valid", [10], features, CTX)
+    by_user = dict(zip(full.user_ids.tolist(), full.ranks.tolist(), strict=True))
+    part = HeldoutSlice.load(ds, CTX, "control", seed=5, fraction=0.5)
+    expected = [by_user[u] for u in part.users.user_ids.tolist()]
+    assert ranks_only_batch_users(7, ds.num_items, 1) >= len(part)  # one batch at this size
+    for batch_users in (7, ranks_only_batch_users(7, ds.num_items, 1)):
+        scorer = model_scorer(model, features, CTX, lambda: None)
+        batches = list(ranked_batches(scorer, part.users, ds.num_items, 0, CTX, EvalOptions(batch_users=batch_users)))
+        assert all(b.top_items.shape == (b.stop - b.start, 0) for b in batches)
+        assert torch.cat([b.ranks for b in batches]).tolist() == expected

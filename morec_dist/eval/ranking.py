@@ -45,6 +45,11 @@ from morec_dist.model.spec import PairwiseScorer, Recommender, Scorer, VectorSco
 # A batch never holds more than this many scores per rank (batch_users is lowered to fit),
 # so that huge catalogues stay within memory (about 5 bytes per score in flight).
 MAX_SCORES_PER_BATCH = 1 << 26
+# A ranks-only pass (``ranked_batches`` with k = 0: Hit@K of the budget's control slice)
+# scores at least this many per batch (32 MB of float32 scores, plus two boolean masks):
+# every batch costs a sharded lookup and two collectives, and a pass keeps no top-K, so on a
+# small catalogue the slice goes in one batch (``ranks_only_batch_users``).
+RANKS_ONLY_SCORES = 1 << 23
 ITEM_CHUNK = 1 << 16
 # (user, item) pairs per call of a pairwise scorer: bounds its inputs' memory (KJTs, dense rows)
 PAIRS_PER_CALL = 1 << 18
@@ -122,6 +127,12 @@ def longest_range(num_items: int, world_size: int) -> int:
 def effective_batch_users(batch_users: int, num_items: int, world_size: int) -> int:
     """Users per batch: the same on every rank (sized by the longest item range)."""
     return max(1, min(batch_users, MAX_SCORES_PER_BATCH // longest_range(num_items, world_size)))
+
+
+def ranks_only_batch_users(batch_users: int, num_items: int, world_size: int) -> int:
+    """Users per batch of a ranks-only pass: ``batch_users``, or more while a batch holds at
+    most ``RANKS_ONLY_SCORES`` scores per rank. The ranks are the same at any batch size."""
+    return max(batch_users, RANKS_ONLY_SCORES // longest_range(num_items, world_size))
 
 
 # ---------------------------------------------------------------------- scorers
@@ -363,7 +374,9 @@ def ranked_batches(
 ) -> Iterator[RankedBatch]:
     """Every user of ``users`` in batches, ranked against the whole catalogue: the merge of
     every rank's item range. ``extra_columns`` [U, P-1] are further items whose scores each
-    batch carries (after the held-out item's)."""
+    batch carries (after the held-out item's). ``k`` = 0 asks for the held-out ranks alone
+    (Hit@K of the budget's control slice): no top-K is kept or merged, ``top_items`` is
+    [B, 0], and the ranks are the same as with any k."""
     lo, _ = item_range(num_items, ctx)
     batch = effective_batch_users(options.batch_users, num_items, ctx.world_size)
     for start in range(0, len(users), batch):
@@ -376,8 +389,14 @@ def ranked_batches(
         targets = torch.from_numpy(users.targets[start:stop]).to(scores.device)
         mask_non_candidates_(scores, users, start, stop, lo, picked[:, 0])
         before = count_before(scores, picked[:, 0], targets, lo)
-        top_scores, top_ids = local_topk(scores, k, lo)
         dtype = scores.dtype
+        if k == 0:  # ranks only: the counts are the whole payload
+            del scores
+            ranks = 1 + all_gather_stack(before, ctx).sum(dim=0)
+            top = torch.empty(stop - start, 0, dtype=torch.int64, device=ranks.device)
+            yield RankedBatch(start, stop, targets, ranks, top, picked, dtype)
+            continue
+        top_scores, top_ids = local_topk(scores, k, lo)
         del scores
         payload = torch.cat([before.to(torch.float64).unsqueeze(1), top_scores, top_ids], dim=1)
         gathered = all_gather_stack(payload, ctx)  # [W, B, 1 + 2k]

@@ -24,8 +24,9 @@ would, so every rank returns the same signals, whatever the number of ranks.
 The signals run on a seeded sample of the validation users (``SignalOptions.users``, from
 ``morec.sampler.validation_users``; 0 = all): the same users at every update (the signal
 moves with the model, not with the sample), so an update costs O(sample x items / ranks).
-Their negatives are drawn once per update from ``default_rng([seed, 7919])`` for the whole
-sample, the same on every rank.
+Their negatives are drawn from ``default_rng([seed, 7919])`` for the whole sample, the same
+on every rank and at every update: a job loads the sample and its negatives once
+(``signal_sample``) and hands them to every update.
 """
 
 from __future__ import annotations
@@ -42,7 +43,15 @@ from morec_dist.data.features import FeatureBuilder
 from morec_dist.data.negatives import NegativeSampler
 from morec_dist.distributed import DistContext
 from morec_dist.eval.evaluator import load_users
-from morec_dist.eval.ranking import EvalOptions, band_counts, model_scorer, ranked_batches, stop_checker
+from morec_dist.eval.ranking import (
+    EvalOptions,
+    RankedBatch,
+    UserSet,
+    band_counts,
+    model_scorer,
+    ranked_batches,
+    stop_checker,
+)
 from morec_dist.model.loss import bpr_loss
 from morec_dist.model.sharding import unwrap
 from morec_dist.registry import Registry
@@ -137,6 +146,26 @@ class _Accumulator:
             return np.where(counts > 0, sums / np.maximum(counts, 1), np.nan).tolist()
 
 
+@dataclass
+class SignalSample:
+    """The signals' validation users (this rank's history range) and their ``group_loss``
+    negatives: a pure function of the dataset, the rank layout and the options, the same at
+    every update, so a job loads it once (``signal_sample``) and passes it to every update."""
+
+    users: UserSet
+    negatives: np.ndarray  # [U, num_negatives] item ids
+
+
+def signal_sample(dataset: PreparedDataset, ctx: DistContext, options: SignalOptions) -> SignalSample:
+    """The seeded validation sample of ``options.users`` (0 = all) and its negatives, drawn
+    from ``default_rng([seed, 7919])``."""
+    users = load_users(dataset, "valid", ctx, sample=options.users, seed=options.seed)
+    sampler = NegativeSampler.from_dataset(dataset, options.negative_alpha)
+    rng = np.random.default_rng([options.seed, 7919])
+    negatives = sampler.sample(rng, users.targets, options.num_negatives).astype(np.int64)
+    return SignalSample(users, negatives)
+
+
 def compute_signals(
     requests: Sequence[Any],
     model: torch.nn.Module,
@@ -144,16 +173,20 @@ def compute_signals(
     features: FeatureBuilder,
     ctx: DistContext,
     options: SignalOptions,
+    sample: SignalSample | None = None,
+    on_batch: Callable[[RankedBatch], None] | None = None,
 ) -> dict[str, list[float]]:
     """{objective name: signal vector} for every request; identical on every rank (a
-    collective with a sharded model: every rank calls it with the same options)."""
+    collective with a sharded model: every rank calls it with the same options).
+    ``sample``: the job's ``signal_sample`` (loaded here when None); ``on_batch`` sees every
+    merged batch (the held-out ranks of the sample's users, e.g. for the budget's control
+    slice measured in the same pass)."""
     if not requests:
         return {}
     accumulators = [_Accumulator(r, dataset) for r in requests]
-    users = load_users(dataset, "valid", ctx, sample=options.users, seed=options.seed)
-    sampler = NegativeSampler.from_dataset(dataset, options.negative_alpha)
-    rng = np.random.default_rng([options.seed, 7919])
-    negatives = sampler.sample(rng, users.targets, options.num_negatives).astype(np.int64)
+    if sample is None:
+        sample = signal_sample(dataset, ctx, options)
+    users, negatives = sample.users, sample.negatives
     k = max([1, *(int(getattr(r, "k", 0) or 0) for r in requests)])
     eval_options = EvalOptions(batch_users=options.batch_users, stop=options.stop)
     module = unwrap(model)
@@ -166,6 +199,8 @@ def compute_signals(
             scored = ScoredBatch(batch.targets, batch.ranks, batch.top_items, options.loss_fn(picked))
             for acc in accumulators:
                 acc.add(scored)
+            if on_batch is not None:
+                on_batch(batch)
     finally:
         model.train(was_training)
     return {acc.request.objective: acc.result() for acc in accumulators}

@@ -14,7 +14,9 @@ A ``HeldoutSlice`` loads its users once (held-out items, and the train history o
 rank's item range) and measures Hit@K with the evaluation machinery of eval/ranking.py: every
 rank scores the slice against its item range and the per-batch merge gives every rank the
 exact held-out ranks, so the value is identical on every rank, whatever their number (a
-collective: every rank calls ``hit`` with the same model).
+collective: every rank calls ``hit`` with the same model). Hit@K needs the ranks alone, so
+the pass keeps and merges no top-K lists (``ranked_batches`` with k = 0) and takes the slice
+in as few batches as ``RANKS_ONLY_SCORES`` allows (one on MovieLens-1M).
 """
 
 from __future__ import annotations
@@ -30,7 +32,15 @@ from morec_dist.data.features import FeatureBuilder
 from morec_dist.data.group_streams import splitmix64
 from morec_dist.distributed import DistContext
 from morec_dist.eval.evaluator import HISTORY_SPLITS, heldout_rows, history_csr
-from morec_dist.eval.ranking import EvalOptions, UserSet, item_range, model_scorer, ranked_batches, stop_checker
+from morec_dist.eval.ranking import (
+    EvalOptions,
+    UserSet,
+    item_range,
+    model_scorer,
+    ranked_batches,
+    ranks_only_batch_users,
+    stop_checker,
+)
 from morec_dist.model.sharding import unwrap
 
 SLICES = ("control", "selection")
@@ -82,15 +92,18 @@ class HeldoutSlice:
         stop: Callable[[], bool] | None = None,
     ) -> float:
         """Hit@k of ``model`` on this slice (history masked as in evaluation); every rank
-        returns the same value. Raises ``EvaluationInterrupted`` on SIGTERM, like evaluation."""
-        options = EvalOptions(batch_users=batch_users, stop=stop)
+        returns the same value. Raises ``EvaluationInterrupted`` on SIGTERM, like evaluation.
+        The held-out ranks alone are computed (no top-k lists), in batches of at least
+        ``batch_users`` (``ranks_only_batch_users``: on a small catalogue, the whole slice)."""
+        batch = ranks_only_batch_users(batch_users, self.num_items, ctx.world_size)
+        options = EvalOptions(batch_users=batch, stop=stop)
         module = unwrap(model)
         was_training = model.training
         model.eval()
         hits = 0
         try:
             scorer = model_scorer(module, features, ctx, stop_checker(ctx, options))
-            for batch in ranked_batches(scorer, self.users, self.num_items, k, ctx, options):
+            for batch in ranked_batches(scorer, self.users, self.num_items, 0, ctx, options):
                 hits += int((batch.ranks <= k).sum())
         finally:
             model.train(was_training)

@@ -41,7 +41,7 @@ from morec_dist.coordinator.service import connect_ray, open_coordinator
 from morec_dist.data.reader import Reader, batch_sizes
 from morec_dist.distributed import DistContext
 from morec_dist.eval.ranking import EvaluationInterrupted
-from morec_dist.eval.signals import SignalOptions, compute_signals
+from morec_dist.eval.signals import SignalOptions, SignalSample, compute_signals, signal_sample
 from morec_dist.train.budget_control import BudgetControl, open_budget_control, uses_budget
 from morec_dist.train.preemption import exit_interrupted, sigterm_requested
 from morec_dist.train.resume import ResumePoint, coordinator_state_for
@@ -126,9 +126,15 @@ def signal_measure(config: Config, trainer: Trainer, requests: list[SignalReques
         stop=sigterm_requested,
     )
 
+    samples: list[SignalSample] = []  # loaded at the first update, the same at every update
+
     def measure(step: int) -> Signals:
         try:
-            return compute_signals(requests, trainer.model, trainer.dataset, trainer.features, trainer.ctx, options)
+            if not samples:
+                samples.append(signal_sample(trainer.dataset, trainer.ctx, options))
+            return compute_signals(
+                requests, trainer.model, trainer.dataset, trainer.features, trainer.ctx, options, samples[0]
+            )
         except EvaluationInterrupted:
             exit_interrupted(trainer.ctx, f"the sampler's signal update after step {step}")
 
