@@ -15,6 +15,7 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -139,15 +140,13 @@ def pretrained(tiny_data, tmp_path_factory) -> Path:
     return best
 
 
-def finetune(pretrained: Path, data: Path, out: Path, *overrides: str) -> dict:
+def finetune(pretrained: Path, data: Path, out: Path, *overrides: str, ray: str | None = None) -> dict:
+    """``morec finetune`` of the tiny config; ``ray``: coordinate on that head (``on_ray``,
+    namespace = the run's folder name), else the job's own embedded head."""
+    on_head = on_ray(ray, out.name) if ray else []
+    env: dict[str, Any] = {"RAY_AUTH_MODE": "token"} if ray else {}
     morec(
-        "finetune",
-        "--from",
-        str(pretrained),
-        "--config",
-        CONFIG,
-        quoted("data.path", data),
-        quoted("run.out_dir", out),
-        *overrides,
-    )
+        "finetune", "--from", str(pretrained), "--config", CONFIG, quoted("data.path", data),
+        quoted("run.out_dir", out), *overrides, *on_head, **env,
+    )  # fmt: skip
     return json.loads((out / "metrics.json").read_text())

@@ -21,7 +21,7 @@ import torch
 from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 
 from tests.conftest import REPO
-from tests.e2e_fixtures import CONFIG, finetune, morec, quoted, shared_finetune
+from tests.e2e_fixtures import CONFIG, finetune, morec, on_ray, quoted, shared_finetune
 
 pytestmark = pytest.mark.slow
 
@@ -33,11 +33,12 @@ def weights(checkpoint: Path, tmp: Path) -> dict[str, torch.Tensor]:
     return {k: v for k, v in state["model"].items() if isinstance(v, torch.Tensor)}
 
 
-def test_same_seed_same_betas_and_weights(pretrained, tiny_data, tmp_path_factory, tmp_path):
-    # a: the session's shared fine-tuning (step checkpoints every 10 steps); b: a run of its own, none
+def test_same_seed_same_betas_and_weights(pretrained, tiny_data, tmp_path_factory, tmp_path, shared_ray_head):
+    # a: the session's shared fine-tuning (step checkpoints every 10 steps, its own embedded Ray
+    # head); b: a run of its own, no step checkpoints, its coordinator on the session's head
     shared = shared_finetune(tmp_path_factory)
     a = json.loads((shared / "metrics.json").read_text())
-    b = finetune(pretrained, tiny_data, tmp_path / "b")
+    b = finetune(pretrained, tiny_data, tmp_path / "b", ray=shared_ray_head)
     trace_a, trace_b = a["coordinator"]["trace"], b["coordinator"]["trace"]
     assert len(trace_a["beta"]) == 40
     assert trace_a["beta"] == trace_b["beta"]
@@ -57,7 +58,7 @@ def test_same_seed_same_betas_and_weights(pretrained, tiny_data, tmp_path_factor
     assert all(c == [128] * 4 for c in trace_a["counts"])
 
 
-def test_fifth_objective_from_config_only_trains(pretrained, tiny_data, tmp_path):
+def test_fifth_objective_from_config_only_trains(pretrained, tiny_data, tmp_path, shared_ray_head):
     extra = (
         "morec.objectives=["
         '{name="revenue", kind="revenue", group_column="rev_group", weight=0.5},'
@@ -65,7 +66,7 @@ def test_fifth_objective_from_config_only_trains(pretrained, tiny_data, tmp_path
         '{name="alignment", kind="alignment", group_column="align_group", weight=0.2},'
         '{name="price_mix", kind="target_share", group_column="rev_group", weight=0.1, options={k=20}}]'
     )
-    result = finetune(pretrained, tiny_data, tmp_path / "five", extra)
+    result = finetune(pretrained, tiny_data, tmp_path / "five", extra, ray=shared_ray_head)
     trace = result["coordinator"]["trace"]
     assert all(len(row) == 5 for row in trace["losses"])  # accuracy + 4 auxiliary blocks
     updates = result["coordinator"]["sampler_updates"]
@@ -202,7 +203,7 @@ def test_objective_kind_from_a_plugin_module_trains_in_every_rank(pretrained, ti
     assert all(len(row) == 3 for row in coordinator["trace"]["losses"])  # accuracy, revenue, tail_lift
 
 
-def test_baseline_on_morec_blocks_with_the_authors_tempo(pretrained, tiny_data, tmp_path):
+def test_baseline_on_morec_blocks_with_the_authors_tempo(pretrained, tiny_data, tmp_path, shared_ray_head):
     """``--method pareto_mtl`` on 2 ranks: MoRec's sampled blocks and sampler with the combiner
     in place of beta (its weights from the Gram matrix summed over the ranks), the first p
     update before step 0 (``update_at_start``), per-epoch cadence, history-excluding negatives."""
@@ -215,6 +216,7 @@ def test_baseline_on_morec_blocks_with_the_authors_tempo(pretrained, tiny_data, 
         "finetune", "--from", str(pretrained), "--method", "pareto_mtl", "--config", CONFIG,
         quoted("data.path", tiny_data), quoted("run.out_dir", out), "morec.sampler.update_every_steps=0",
         "morec.sampler.update_at_start=true", "data.negatives_exclude_history=true",
+        *on_ray(shared_ray_head, "pareto_mtl"), RAY_AUTH_MODE="token",
     )  # fmt: skip
     result = json.loads((out / "metrics.json").read_text())
     assert result["job"] == "finetune:pareto_mtl" and result["world_size"] == 2
