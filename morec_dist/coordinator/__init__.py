@@ -4,10 +4,7 @@ rank-side clients with the bounded-staleness protocol: the global one (losses re
 torch.distributed, one actor client, ``collective.py``) and the per-rank baseline
 (``client.py``); see docs/coordinator.md."""
 
-# Loaded on first use (PEP 562): importing a submodule such as ``coordinator.service`` (the
-# CLI's launcher process does) must not pay for torch, which only the ranks and the actor need.
-import importlib
-from typing import Any
+from morec_dist.lazy import lazy_exports
 
 _EXPORTS = {
     "ACCURACY": "morec_dist.coordinator.objectives",
@@ -38,11 +35,4 @@ _EXPORTS = {
     "sign_gradient_step": "morec_dist.coordinator.sampler",
 }
 
-__all__ = sorted(_EXPORTS)
-
-
-def __getattr__(name: str) -> Any:
-    module = _EXPORTS.get(name)
-    if module is None:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    return getattr(importlib.import_module(module), name)
+__getattr__, __all__ = lazy_exports(__name__, _EXPORTS)  # loaded on first use: see morec_dist/lazy.py

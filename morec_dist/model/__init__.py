@@ -6,10 +6,7 @@ spec; ``shard`` turns it into a DistributedModelParallel module with its optimiz
 ``LOSSES`` holds the per-row training losses by name (``bpr_loss`` the default).
 """
 
-# Loaded on first use (PEP 562): the launcher checks names against the registries without
-# loading what only the ranks build.
-import importlib
-from typing import Any
+from morec_dist.lazy import lazy_exports
 
 _EXPORTS = {
     "DenseInputs": "morec_dist.model.spec",
@@ -27,11 +24,4 @@ _EXPORTS = {
     "spec_of": "morec_dist.model.spec",
 }
 
-__all__ = sorted(_EXPORTS)
-
-
-def __getattr__(name: str) -> Any:
-    module = _EXPORTS.get(name)
-    if module is None:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    return getattr(importlib.import_module(module), name)
+__getattr__, __all__ = lazy_exports(__name__, _EXPORTS)  # loaded on first use: see morec_dist/lazy.py
