@@ -1,7 +1,8 @@
 """Quiet output: library warnings a user cannot act on are filtered, everything else shows.
 
-The end-to-end test runs a real tiny ``morec train`` (two torchrun ranks, a checkpoint) twice:
-with the filters, stderr has none of the filtered messages but all the progress lines; with
+The end-to-end test reads a real tiny ``morec train`` (two torchrun ranks, a checkpoint) twice:
+with the filters (the session's shared pretraining, e2e_fixtures.shared_pretrained, which
+keeps its output), stderr has none of the filtered messages but all the progress lines; with
 ``MOREC_LIBRARY_WARNINGS=1`` the same run prints them, which shows that the filters (not
 luck) removed them and that their texts still match the pinned libraries. The in-process
 test checks that the filters are narrow: our own warnings, the same text from another
@@ -18,7 +19,7 @@ import pytest
 
 from morec_dist.observe.quiet import LOG_MESSAGES, SHOW_ALL_ENV, WARNINGS
 from tests.conftest import REPO
-from tests.e2e_fixtures import CONFIG, quoted
+from tests.e2e_fixtures import CONFIG, quoted, shared_pretrain_output, shared_pretrained
 
 # what the pinned libraries print on a tiny 2-rank `morec train` (the Ray notice needs a
 # finetune with a local Ray, the storage-reservation note is not printed on every planner)
@@ -61,8 +62,12 @@ def train(tiny_data, out, **env_extra: str) -> str:
 
 
 @pytest.mark.slow
-def test_train_prints_progress_without_library_noise(tiny_data, tmp_path):
-    quiet = train(tiny_data, tmp_path / "quiet")
+def test_train_prints_progress_without_library_noise(tiny_data, tmp_path_factory, tmp_path):
+    # the quiet run is the session's shared pretraining: this same `morec train` with the
+    # filters on (e2e_fixtures.shared_pretrained), whose output the fixture keeps
+    assert SHOW_ALL_ENV == "MOREC_LIBRARY_WARNINGS"  # the switch the shared pretraining turns off
+    shared_pretrained(tmp_path_factory)
+    quiet = shared_pretrain_output(tmp_path_factory).read_text()
     for line in (
         "[accuracy] epoch 0 step 20/",
         "[pretrain] epoch 0 loss ",
