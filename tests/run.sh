@@ -29,6 +29,11 @@
 # 252 -> 231 s, the bounded-memory generation at a quarter of the streaming sizes 188 ->
 # 110 s. Added by the same issue: the resharded-resume equality (two short resumes) and the
 # container pipeline's host pretraining (beside the pods') and host evaluation.
+# Later trims, each one job or wait fewer (test times of the 17:03 clean-clone run): the
+# changed-configuration resume (51 s) starts from a copy of the shared pretraining, the
+# quiet-output test (23 s) reads the shared pretraining's kept output for its filtered run,
+# the eval.ks records test (20 s, two jobs) reads the listener test's `morec run`, and the
+# timed-out torchrun test waits for its ranks' pids instead of a fixed 40 s (14 s at load 11).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export RAY_USAGE_STATS_ENABLED=0
