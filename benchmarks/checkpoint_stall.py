@@ -3,6 +3,7 @@
     python -m benchmarks.checkpoint_stall --out FILE.json            # the ML-1M model and a 4 GB table set
     python -m benchmarks.checkpoint_stall --gb 1 --out FILE.json     # a smaller table set
     python -m benchmarks.checkpoint_stall --quick --out FILE.json    # the ML-1M model only
+    python -m benchmarks.checkpoint_stall --repeats 15 --out FILE.json  # more ML-1M runs (a loaded machine)
 
 One process (world size 1), the package's own save paths (``train/checkpoint.py``:
 ``save_checkpoint`` and ``start_checkpoint`` + ``commit``, DCP underneath) and a training
@@ -15,6 +16,10 @@ after it finished, polled every step as the trainer does).
 - ``stall_sync_s`` / ``stall_async_s``: the time the training thread is held by the
   checkpoint call (the whole save; the async call's copy and launch), the stall torchtitan
   reports; ``stall_ratio`` = async / sync (the issue's target: <= 0.1);
+- ``commit_async_s``: the time the async save's ``commit()`` holds the training thread at
+  the step boundary where it finds the save done (meta.json and the rename, unless the
+  save thread did them already); ``stall_ratio_with_commit`` = (stall_async + commit_async)
+  / stall_sync, the training thread's whole share of an async save;
 - ``lost_sync_s`` / ``lost_async_s``: T - T0 of the whole loop, which also counts the
   background save's competition for the CPU (2 cores here), the loop long enough for the
   save to finish inside it; on a loaded machine these differences are noisy (each is the
@@ -79,7 +84,7 @@ def _loop(state: dict[str, Any], steps: int, root: Any, mode: str, buffers: Any 
 
     a = torch.randn(STEP_DIM, STEP_DIM)
     at = steps // 3
-    held = save_s = 0.0
+    held = save_s = commit_s = 0.0
     pending = None
     started = time.perf_counter()
     for step in range(steps):
@@ -93,16 +98,20 @@ def _loop(state: dict[str, Any], steps: int, root: Any, mode: str, buffers: Any 
             pending = start_checkpoint(where, state, {"step": step}, buffers=buffers)
             held = time.perf_counter() - t
         if pending is not None and pending.done():
+            c = time.perf_counter()
             pending.commit()
+            commit_s = time.perf_counter() - c
             save_s = time.perf_counter() - t
             pending = None
     total = time.perf_counter() - started
     if pending is not None:  # the loop was too short: count the wait as lost time
+        c = time.perf_counter()
         pending.commit()
+        commit_s = time.perf_counter() - c
         total = time.perf_counter() - started
         save_s = time.perf_counter() - t
     _remove(where)  # a 4 GB set would fill the disk otherwise
-    return {"seconds": total, "held_s": held, "save_s": save_s}
+    return {"seconds": total, "held_s": held, "save_s": save_s, "commit_s": commit_s}
 
 
 def _remove(where: Any) -> None:
@@ -151,6 +160,7 @@ def _case(name: str, rows: list[int], dim: int, targets: dict[str, Any], repeats
             "stall_sync_s": med("sync", "held_s"),
             "stall_async_s": med("async", "held_s"),
             "stall_async_first_s": round(first["held_s"], 4),
+            "commit_async_s": round(_median([r["commit_s"] for r in runs["async"]]), 6),
             "save_sync_s": med("sync", "save_s"),
             "save_async_s": med("async", "save_s"),
             "lost_sync_s": round(med("sync", "seconds") - med("none", "seconds"), 3),
@@ -158,6 +168,8 @@ def _case(name: str, rows: list[int], dim: int, targets: dict[str, Any], repeats
             "runs": runs,
         }
         out[target]["stall_ratio"] = round(out[target]["stall_async_s"] / out[target]["stall_sync_s"], 3)
+        with_commit = _median([r["held_s"] + r["commit_s"] for r in runs["async"]])
+        out[target]["stall_ratio_with_commit"] = round(with_commit / out[target]["stall_sync_s"], 3)
         print(name, target, {k: v for k, v in out[target].items() if k != "runs"}, flush=True)
     return out
 
@@ -165,12 +177,13 @@ def _case(name: str, rows: list[int], dim: int, targets: dict[str, Any], repeats
 def main() -> None:
     parser = bench_parser(__doc__ or "")
     parser.add_argument("--gb", type=float, default=4.0, help="the large table set's size in GB")
+    parser.add_argument("--repeats", type=int, default=5, help="runs of each mode at the ML-1M size (medians)")
     args = parser.parse_args()
     recorder = Recorder(
         "checkpoint_stall",
         mode="quick" if args.quick else "full",
         seed=args.seed,
-        config={"gb": args.gb, "step_dim": STEP_DIM},
+        config={"gb": args.gb, "step_dim": STEP_DIM, "repeats": args.repeats},
         note_text=note(args.note),
     )
     from morec_dist.data import storage
@@ -186,7 +199,7 @@ def main() -> None:
                 [6041, 3884],
                 64,
                 {"local": scratch / "ml1m", "s3": storage.location(s3.uri("ckpt/ml1m"))},
-                repeats=5,
+                repeats=args.repeats,
             )
         if not args.quick:
             rows = int(args.gb * 1e9 / 4 / 64 / 4)  # 4 tables of dim 64, float32
