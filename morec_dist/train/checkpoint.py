@@ -24,8 +24,9 @@ first, so it is never a mix of two saves.
 ``start_checkpoint`` is the asynchronous save (``checkpoint.async_save``): the state is
 staged (copied) at the call, and everything else runs on the job's one background save
 thread: the staging place and the rank files, then ``dcp.save`` on a process group of its
-own. Rank 0 commits (meta.json, rename) once its save has finished, which DCP's final
-gather makes "every rank's shards are written". A crash before the commit leaves the
+own, and on rank 0 the commit (meta.json, rename) on that thread as soon as its save has
+finished, which DCP's final gather makes "every rank's shards are written" (``commit()``
+at the step boundary then only waits). A crash before the commit leaves the
 previous checkpoint the latest. The copy goes into CPU buffers a ``StagingBuffers`` keeps
 from one save to the next (allocating and faulting in a 4 GB copy cost more than copying
 into it), so a job's first background save pays the allocation and later ones a copy;
