@@ -95,8 +95,8 @@ class HeldoutSlice:
         returns the same value. Raises ``EvaluationInterrupted`` on SIGTERM, like evaluation.
         The held-out ranks alone are computed (no top-k lists), in batches of at least
         ``batch_users`` (``ranks_only_batch_users``: on a small catalogue, the whole slice)."""
-        batch = ranks_only_batch_users(batch_users, self.num_items, ctx.world_size)
-        options = EvalOptions(batch_users=batch, stop=stop)
+        per_batch = ranks_only_batch_users(batch_users, self.num_items, ctx.world_size)
+        options = EvalOptions(batch_users=per_batch, stop=stop)
         module = unwrap(model)
         was_training = model.training
         model.eval()
