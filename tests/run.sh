@@ -9,8 +9,8 @@
 # MOREC_TEST_BUDGET_S seconds (default 2700 = 45 min) fails even when every test passed.
 # That default is a ceiling against runaway growth, not the target (20 min of pytest on this
 # 2-core machine with the container image warm, issue 25's headroom), which is not met yet:
-# the last clean-clone runs of the whole suite took 1,168-1,325 s of pytest (19.5-22 min,
-# with other jobs sharing the cores).
+# the last clean-clone run (quiet machine, 798 tests) took 1,314 s of pytest, of which 68 s
+# rebuilt the container image for the changed code (warm: 1.1 s), so about 1,246 s warm.
 #
 # What each tier runs:
 #   make test-fast   -m "not slow": unit and in-process tests; no torchrun, Ray cluster,
@@ -34,6 +34,10 @@
 # quiet-output test (23 s) reads the shared pretraining's kept output for its filtered run,
 # the eval.ks records test (20 s, two jobs) reads the listener test's `morec run`, and the
 # timed-out torchrun test waits for its ranks' pids instead of a fixed 40 s (14 s at load 11).
+# Then per job: the launcher imports no training stack and every CLI process skips the
+# final garbage collection at exit (morec_dist/fast_exit.py: 1-3 s per process, three per
+# job), one session Ray head for the fine-tunes whose subject is not Ray's start-up
+# (conftest shared_ray_head), one planted dataset and pretraining for the moves and budget tests.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export RAY_USAGE_STATS_ENABLED=0
