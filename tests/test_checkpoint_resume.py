@@ -35,7 +35,7 @@ from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 
 from morec_dist.train.checkpoint import complete_checkpoints, latest_checkpoint, prune_checkpoints
 from tests.conftest import REPO
-from tests.e2e_fixtures import CONFIG, quoted, shared_data, shared_finetune, shared_pretrained
+from tests.e2e_fixtures import CONFIG, on_ray, quoted, shared_data, shared_finetune, shared_pretrained
 from tests.procs import run_job
 
 EVERY = "checkpoint.every_steps=10"
@@ -232,7 +232,7 @@ def test_sigkill_then_resume_is_bit_identical(killed, tmp_path_factory, tmp_path
     assert a["valid_before"] == b["valid_before"] and a["hit@10"] == b["hit@10"]
 
 
-def assert_loads_as_saved(tmp_path_factory, source: Path, out: Path, nproc: int, tmp: Path) -> None:
+def assert_loads_as_saved(tmp_path_factory, source: Path, out: Path, nproc: int, tmp: Path, ray: str) -> None:
     """Resume ``source`` on ``nproc`` ranks and stop before any step: with train.max_steps at
     the checkpoint's step (a trajectory key, so --resume-changed) the job restores the
     checkpoint, takes no step and writes its model as checkpoints/final. Every tensor of that
@@ -241,8 +241,8 @@ def assert_loads_as_saved(tmp_path_factory, source: Path, out: Path, nproc: int,
     (out / "checkpoints").mkdir(parents=True)
     shutil.copytree(source, out / "checkpoints" / source.name)
     # the flags before the overrides: the launcher appends an override of its own (the Ray address)
-    command, *rest = finetune_args(tmp_path_factory, out, f"train.max_steps={step}")
-    proc = morec(command, "--resume-changed", "--nproc", str(nproc), *rest)
+    command, *rest = finetune_args(tmp_path_factory, out, f"train.max_steps={step}", *on_ray(ray, out.name))
+    proc = morec(command, "--resume-changed", "--nproc", str(nproc), *rest, RAY_AUTH_MODE="token")
     assert f"resuming from {out / 'checkpoints' / source.name} at step {step}" in proc.stderr
     assert metrics(out)["world_size"] == nproc
     loaded, saved = tensors(out / "checkpoints" / "final", tmp), tensors(source, tmp)
@@ -252,29 +252,32 @@ def assert_loads_as_saved(tmp_path_factory, source: Path, out: Path, nproc: int,
         assert torch.equal(value, saved[key]), f"{key}: loaded on {nproc} rank(s) differs from {source}"
 
 
-def test_two_rank_checkpoint_resumes_on_one_rank_and_back(killed, tmp_path_factory, tmp_path):
+def test_two_rank_checkpoint_resumes_on_one_rank_and_back(killed, tmp_path_factory, tmp_path, shared_ray_head):
+    # each job coordinates on the session's Ray head, in a namespace of its own (a resumed job
+    # restores its coordinator from the checkpoint, as it does on a fresh embedded head)
     _, _, snapshot = killed
     source = latest_checkpoint(snapshot / "checkpoints")
     assert tensors(source, tmp_path)["counters"].tolist()[0] == int(source.name.split("-")[1])
     # the state a resharded resume loads, before any step: the source checkpoint's
-    assert_loads_as_saved(tmp_path_factory, source, tmp_path / "loaded-on-one", 1, tmp_path)
+    assert_loads_as_saved(tmp_path_factory, source, tmp_path / "loaded-on-one", 1, tmp_path, shared_ray_head)
     one = tmp_path / "one"
     (one / "checkpoints").mkdir(parents=True)
     shutil.copytree(source, one / "checkpoints" / source.name)
     proc = morec(
-        *finetune_args(tmp_path_factory, one, "checkpoint.every_steps=5", "checkpoint.keep_last=3"), "--nproc", "1"
-    )
+        *finetune_args(tmp_path_factory, one, "checkpoint.every_steps=5", "checkpoint.keep_last=3"),
+        *on_ray(shared_ray_head, "one"), "--nproc", "1", RAY_AUTH_MODE="token",
+    )  # fmt: skip
     assert "resharded from 2 ranks" in proc.stderr
     m1 = metrics(one)
     assert m1["world_size"] == 1 and all(math.isfinite(m1[k]) for k in ("hit@10", "ndcg@10", "r_hit@10"))
     assert len(m1["coordinator"]["trace"]["beta"]) == 40
     # a mid-epoch checkpoint written by the 1-rank run, resumed by 2 ranks
     mid = [path for step, path in complete_checkpoints(one / "checkpoints") if step < 40][-1]
-    assert_loads_as_saved(tmp_path_factory, mid, tmp_path / "loaded-on-two", 2, tmp_path)
+    assert_loads_as_saved(tmp_path_factory, mid, tmp_path / "loaded-on-two", 2, tmp_path, shared_ray_head)
     two = tmp_path / "two"
     (two / "checkpoints").mkdir(parents=True)
     shutil.copytree(mid, two / "checkpoints" / mid.name)
-    proc = morec(*finetune_args(tmp_path_factory, two))
+    proc = morec(*finetune_args(tmp_path_factory, two, *on_ray(shared_ray_head, "two")), RAY_AUTH_MODE="token")
     assert "resharded from 1 ranks" in proc.stderr
     m2 = metrics(two)
     assert m2["world_size"] == 2 and all(math.isfinite(m2[k]) for k in ("hit@10", "ndcg@10", "r_hit@10"))
