@@ -183,13 +183,14 @@ def wait_port(port: int, timeout: float, head: subprocess.Popen, log: Path) -> N
     raise AssertionError(f"the Ray head did not listen on {port} within {timeout} s:\n{log.read_text()[-3000:]}")
 
 
-def test_object_store_pipeline_runs_as_the_manifests_give_it(tmp_path):
+def test_object_store_pipeline_runs_as_the_manifests_give_it(tmp_path, monkeypatch):
     resources = render("object-store")
     started: list[tuple[subprocess.Popen, str]] = []
     with moto_s3() as s3:
         host = Host(tmp_path, s3, resources)
         # the AWS_* variables of the pods (endpoint included) for this process's own reads too
-        os.environ["AWS_ENDPOINT_URL"] = host.values["<configmap:morec-object-store/AWS_ENDPOINT_URL>"]
+        # (monkeypatch: restored after the test, whatever the variable was before)
+        monkeypatch.setenv("AWS_ENDPOINT_URL", host.values["<configmap:morec-object-store/AWS_ENDPOINT_URL>"])
         try:
             pretrain_argv, pretrain_env = host.command("morec-pretrain", "trainer")
             run(
@@ -288,5 +289,4 @@ def test_object_store_pipeline_runs_as_the_manifests_give_it(tmp_path):
         finally:
             for process, tag in started:
                 end_job(process, tag)
-            os.environ.pop("AWS_ENDPOINT_URL", None)
             shutil.rmtree(tmp_path / "home", ignore_errors=True)
