@@ -371,7 +371,7 @@ def test_a_failed_upload_leaves_no_manifest_and_a_corrupted_file_is_refused(tmp_
     with pytest.raises(ExportError, match="users/part-00000.parquet, ...\\): an export to a URI stages on one node"):
         store.check_staged(staging, ["users/part-00000.parquet"])  # a rank on another host wrote it there
     order = []
-    upload = store.upload_file
+    upload = storage.upload
 
     def failing(local: Path, where) -> None:
         order.append(where.name)
@@ -381,12 +381,12 @@ def test_a_failed_upload_leaves_no_manifest_and_a_corrupted_file_is_refused(tmp_
 
     with moto_s3() as s3:
         out = storage.location(s3.uri("exports/e1"))
-        monkeypatch.setattr(store, "upload_file", failing)
+        monkeypatch.setattr(storage, "upload", failing)
         with pytest.raises(OSError, match="connection lost"):
             store.publish(staging, out)
         assert order[-1] == "manifest.json" and len(order) == 4
         assert store_files(out) == set()
-        monkeypatch.setattr(store, "upload_file", upload)
+        monkeypatch.setattr(storage, "upload", upload)
         store.publish(staging, out)
         assert store_files(out) == {"manifest.json", *(f"items/part-{k:05d}.parquet" for k in range(3))}
         assert not staging.exists()

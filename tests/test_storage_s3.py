@@ -109,7 +109,6 @@ def test_prepare_to_s3_is_the_local_bytes_and_commits_with_the_manifest(s3, tmp_
     the manifest goes last, so a write that dies before it leaves no dataset, and the prefix
     is refused (not silently mixed) until --overwrite replaces it."""
     from morec_dist.cli import main
-    from morec_dist.data.prepare import writer as writer_module
 
     server, _ = s3
     args = ["prepare", "synthetic", "--users", "200", "--items", "60", "--rows", "4000", "--seed", "3", "--out"]
@@ -121,17 +120,17 @@ def test_prepare_to_s3_is_the_local_bytes_and_commits_with_the_manifest(s3, tmp_
     capsys.readouterr()
     assert main([*args, uri]) == 2 and "already exists" in capsys.readouterr().err
 
-    upload = writer_module._upload
+    upload = storage.upload
 
     def dies_at_the_manifest(local_file: Path, target: storage.Location) -> None:
         if target.name == schema.MANIFEST:
             raise OSError("connection lost (injected at the commit point)")
         upload(local_file, target)
 
-    monkeypatch.setattr(writer_module, "_upload", dies_at_the_manifest)
+    monkeypatch.setattr(storage, "upload", dies_at_the_manifest)
     with pytest.raises(OSError, match="injected"):
         main([*args, server.uri("half"), "--overwrite"])
-    monkeypatch.setattr(writer_module, "_upload", upload)
+    monkeypatch.setattr(storage, "upload", upload)
     with pytest.raises(DatasetError, match="never finished"):
         PreparedDataset.open(server.uri("half"))
     assert main([*args, server.uri("half")]) == 2

@@ -146,6 +146,19 @@ def exists(value: StoragePath) -> bool:
     return bool(value.fs.get_file_info(value.path).type != pafs.FileType.NotFound)
 
 
+def files_below(where: Location) -> list[str]:
+    """The paths of every file below the prefix ``where`` (none if it does not exist)."""
+    selector = pafs.FileSelector(where.path, allow_not_found=True, recursive=True)
+    return [i.path for i in where.fs.get_file_info(selector) if i.type == pafs.FileType.File]
+
+
+def upload(local: Path, target: Location) -> None:
+    """A local file to ``target``, streamed in HASH_CHUNK reads: one object, visible whole or not at all."""
+    with open(local, "rb") as src, target.fs.open_output_stream(target.path) as dst:
+        while chunk := src.read(HASH_CHUNK):
+            dst.write(chunk)
+
+
 def size(value: StoragePath) -> int:
     if isinstance(value, Path):
         return value.stat().st_size

@@ -49,8 +49,7 @@ def is_empty(where: Location) -> bool:
     info = where.fs.get_file_info(where.path)
     if info.type in (pafs.FileType.NotFound, pafs.FileType.File):
         return info.type == pafs.FileType.NotFound
-    selector = pafs.FileSelector(where.path, recursive=True, allow_not_found=True)
-    return all(i.type != pafs.FileType.File for i in where.fs.get_file_info(selector))
+    return not storage.files_below(where)
 
 
 def staging_dir(out: StoragePath) -> Path:
@@ -70,12 +69,6 @@ def check_staged(staging: Path, expected: list[str]) -> None:
             f"{staging}: {len(missing)} file(s) the ranks wrote are not there ({missing[0]}, ...): an export to a "
             "URI stages on one node; run its ranks in one pod/host (--nproc), or set TMPDIR to a directory they share"
         )
-
-
-def upload_file(local: Path, where: Location) -> None:
-    with open(local, "rb") as src, where.fs.open_output_stream(where.path) as dst:
-        while chunk := src.read(CHUNK):
-            dst.write(chunk)
 
 
 def refuse_existing(out: StoragePath) -> None:
@@ -113,7 +106,7 @@ def publish(staging: Path, out: StoragePath) -> None:
     try:
         for rel in [f for f in files if f != MANIFEST] + [MANIFEST]:
             uploaded.append(out / rel)
-            upload_file(staging / rel, out / rel)
+            storage.upload(staging / rel, out / rel)
     except BaseException:
         remove(uploaded)
         raise

@@ -139,17 +139,10 @@ def check_target(out: StoragePath, overwrite: bool) -> None:
         return
     if storage.exists(out / schema.MANIFEST):
         raise FileExistsError(f"{out}: a dataset already exists (pass --overwrite to replace it)")
-    if _remote_listing(out):
+    if storage.files_below(out):
         raise FileExistsError(
             f"{out}: holds files but no {schema.MANIFEST} (an unfinished write?); pass --overwrite to replace them"
         )
-
-
-def _remote_listing(out: Location) -> list[str]:
-    import pyarrow.fs as pafs
-
-    selector = pafs.FileSelector(out.path, allow_not_found=True, recursive=True)
-    return [i.path for i in out.fs.get_file_info(selector) if i.type == pafs.FileType.File]
 
 
 def publish_remote(staging: Path, out: Location) -> None:
@@ -158,17 +151,11 @@ def publish_remote(staging: Path, out: Location) -> None:
     the manifest last: the commit point on a store without rename."""
     if storage.exists(out / schema.MANIFEST):
         out.fs.delete_file((out / schema.MANIFEST).path)
-    for stale in _remote_listing(out):
+    for stale in storage.files_below(out):
         out.fs.delete_file(stale)
     files = sorted(p for p in staging.rglob("*") if p.is_file() and p.name != schema.MANIFEST)
     for path in files + [staging / schema.MANIFEST]:
-        _upload(path, out / path.relative_to(staging).as_posix())
-
-
-def _upload(local: Path, target: Location) -> None:
-    with open(local, "rb") as src, target.fs.open_output_stream(target.path) as dst:
-        while chunk := src.read(1 << 24):
-            dst.write(chunk)
+        storage.upload(path, out / path.relative_to(staging).as_posix())
 
 
 # what ``commit`` returns: a Path for a writer made with a Path, else a Path or a Location
