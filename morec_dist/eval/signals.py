@@ -45,7 +45,6 @@ from morec_dist.distributed import DistContext
 from morec_dist.eval.evaluator import load_users
 from morec_dist.eval.ranking import (
     EvalOptions,
-    RankedBatch,
     UserSet,
     band_counts,
     model_scorer,
@@ -174,13 +173,10 @@ def compute_signals(
     ctx: DistContext,
     options: SignalOptions,
     sample: SignalSample | None = None,
-    on_batch: Callable[[RankedBatch], None] | None = None,
 ) -> dict[str, list[float]]:
     """{objective name: signal vector} for every request; identical on every rank (a
     collective with a sharded model: every rank calls it with the same options).
-    ``sample``: the job's ``signal_sample`` (loaded here when None); ``on_batch`` sees every
-    merged batch (the held-out ranks of the sample's users, e.g. for the budget's control
-    slice measured in the same pass)."""
+    ``sample``: the job's ``signal_sample`` (loaded here when None)."""
     if not requests:
         return {}
     accumulators = [_Accumulator(r, dataset) for r in requests]
@@ -199,8 +195,6 @@ def compute_signals(
             scored = ScoredBatch(batch.targets, batch.ranks, batch.top_items, options.loss_fn(picked))
             for acc in accumulators:
                 acc.add(scored)
-            if on_batch is not None:
-                on_batch(batch)
     finally:
         model.train(was_training)
     return {acc.request.objective: acc.result() for acc in accumulators}

@@ -25,6 +25,7 @@ The strategy is the method's (``CoordinatedSession.strategy``); this module neve
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -41,7 +42,7 @@ from morec_dist.coordinator.service import connect_ray, open_coordinator
 from morec_dist.data.reader import Reader, batch_sizes
 from morec_dist.distributed import DistContext
 from morec_dist.eval.ranking import EvaluationInterrupted
-from morec_dist.eval.signals import SignalOptions, SignalSample, compute_signals, signal_sample
+from morec_dist.eval.signals import SignalOptions, compute_signals, signal_sample
 from morec_dist.train.budget_control import BudgetControl, open_budget_control, uses_budget
 from morec_dist.train.preemption import exit_interrupted, sigterm_requested
 from morec_dist.train.resume import ResumePoint, coordinator_state_for
@@ -126,14 +127,13 @@ def signal_measure(config: Config, trainer: Trainer, requests: list[SignalReques
         stop=sigterm_requested,
     )
 
-    samples: list[SignalSample] = []  # loaded at the first update, the same at every update
+    # loaded at the first update, reused at every update (the same users and negatives)
+    sample = functools.cache(lambda: signal_sample(trainer.dataset, trainer.ctx, options))
 
     def measure(step: int) -> Signals:
         try:
-            if not samples:
-                samples.append(signal_sample(trainer.dataset, trainer.ctx, options))
             return compute_signals(
-                requests, trainer.model, trainer.dataset, trainer.features, trainer.ctx, options, samples[0]
+                requests, trainer.model, trainer.dataset, trainer.features, trainer.ctx, options, sample()
             )
         except EvaluationInterrupted:
             exit_interrupted(trainer.ctx, f"the sampler's signal update after step {step}")
