@@ -53,11 +53,17 @@ def end_job(leader: subprocess.Popen, tag: str, grace_s: float = GRACE_S) -> Non
         except subprocess.TimeoutExpired:
             pass
     _signal_group(leader.pid, signal.SIGKILL)
-    for pid in tagged(tag):
+    # remembered by pid and start time: a process dying of SIGKILL releases its memory
+    # (its environ then reads empty, so it is no longer "tagged") before it becomes a
+    # zombie, so waiting on ``tagged`` alone could return while it still runs
+    killed = {pid: _start_time(pid) for pid in tagged(tag)}
+    for pid in killed:
         _signal(pid, signal.SIGKILL)
     leader.wait(timeout=60)
     deadline = time.monotonic() + 30
-    while time.monotonic() < deadline and any(_running(pid) for pid in tagged(tag)):
+    while time.monotonic() < deadline and (
+        any(_running(pid, started) for pid, started in killed.items()) or any(_running(pid) for pid in tagged(tag))
+    ):
         time.sleep(0.05)
 
 
@@ -110,10 +116,23 @@ def _signal(pid: int, sig: signal.Signals) -> None:
         pass
 
 
-def _running(pid: int) -> bool:
-    """Alive and not a zombie (a zombie holds no resources; its parent reaps it)."""
+def _stat_fields(pid: int) -> list[str] | None:
+    """/proc/<pid>/stat after the command name (state first), or None when it is gone."""
     try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     except (OSError, IndexError):
+        return None
+
+
+def _start_time(pid: int) -> str | None:
+    fields = _stat_fields(pid)
+    return fields[19] if fields else None  # field 22 of stat: start time in clock ticks
+
+
+def _running(pid: int, started: str | None = None) -> bool:
+    """Alive and not a zombie or dead (neither holds resources; the parent reaps it); with
+    ``started``, only the process that had that start time (a reused pid is another)."""
+    fields = _stat_fields(pid)
+    if fields is None or fields[0] in ("Z", "X"):
         return False
-    return state != "Z"
+    return started is None or fields[19] == started

@@ -34,7 +34,7 @@ def alive(pid: int) -> bool:
         state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
     except OSError:
         return False
-    return state != "Z"
+    return state not in ("Z", "X")
 
 
 def test_a_timed_out_job_ends_with_the_rank_in_its_own_session(tmp_path):
