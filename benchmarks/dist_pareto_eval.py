@@ -97,7 +97,7 @@ def run(spec: dict[str, Any]) -> None:
     from morec_dist.distributed import shutdown_distributed
     from morec_dist.eval.evaluator import ItemMeta, load_users
     from morec_dist.plugins import prepare
-    from morec_dist.train.evaluate import checkpoint_config
+    from morec_dist.train.checkpoint_meta import checkpoint_config
     from morec_dist.train.runner import load_pretrained, setup_job
 
     config = prepare(checkpoint_config(spec["config_from"]))

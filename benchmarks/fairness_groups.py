@@ -29,7 +29,7 @@ def measure(checkpoint: Path) -> dict[str, Any]:
     from morec_dist.coordinator.objectives import SIGNAL_GROUP_HIT, SIGNAL_GROUP_LOSS, SignalRequest
     from morec_dist.eval.evaluator import ItemMeta, evaluate, heldout_rows
     from morec_dist.eval.signals import SignalOptions, compute_signals
-    from morec_dist.train.evaluate import checkpoint_config
+    from morec_dist.train.checkpoint_meta import checkpoint_config
     from morec_dist.train.runner import load_pretrained, setup_job
 
     config = checkpoint_config(checkpoint)

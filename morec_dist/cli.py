@@ -30,7 +30,7 @@ def user_errors() -> tuple[type[BaseException], ...]:
     from morec_dist.data.storage import StorageError
     from morec_dist.export.layout import ExportError
     from morec_dist.registry import RegistryError
-    from morec_dist.train.checkpoint import CheckpointError
+    from morec_dist.train.checkpoint_meta import CheckpointError
 
     return (
         ConfigError,
@@ -271,8 +271,7 @@ def preflight(config, from_checkpoint: str | None = None, objectives: bool = Fal
     start from, the Ray address."""
     import os
 
-    from morec_dist.data.dataset import PreparedDataset
-    from morec_dist.train.runner import VERIFIED_ENV
+    from morec_dist.data.dataset import VERIFIED_ENV, PreparedDataset
 
     _check_output("run.out_dir", config.run.out_dir)
     dataset = PreparedDataset.open(config.data.path)
@@ -292,7 +291,7 @@ def preflight(config, from_checkpoint: str | None = None, objectives: bool = Fal
             raise ConfigError(f"morec.objectives: {exc}") from None
         validate_signals(objective_set)
     if from_checkpoint is not None:
-        from morec_dist.train.checkpoint import read_meta
+        from morec_dist.train.checkpoint_meta import read_meta
 
         read_meta(from_checkpoint)
     if config.coordinator.ray_address:
@@ -435,14 +434,18 @@ def _add_evaluate(sub: argparse._SubParsersAction) -> None:
             _check_output("--out", args.out)
         if args.ann is not None:
             return _evaluate_ann(args)
-        from morec_dist.train.evaluate import checkpoint_config, run_evaluate
+        from morec_dist.plugins import prepare
+        from morec_dist.train.checkpoint_meta import checkpoint_config
+
+        def job(_) -> None:
+            from morec_dist.train.evaluate import run_evaluate  # torch: ranks only
+
+            run_evaluate(config, args.checkpoint, args.split, args.out)
 
         given = _load(args) if (args.config or args.overrides) else None
-        from morec_dist.plugins import prepare
-
         config = prepare(checkpoint_config(args.checkpoint, given))  # the recorded run.plugins, too
         args.config, args.overrides = None, []
-        return _as_ranks(args, lambda _: run_evaluate(config, args.checkpoint, args.split, args.out), config=config)
+        return _as_ranks(args, job, config=config)
 
     ev.set_defaults(func=run)
 

@@ -51,10 +51,9 @@ def validate_names(config: Config) -> None:
     from morec_dist.coordinator.laws import CONTROL_LAWS
     from morec_dist.coordinator.objectives import ObjectiveError, configurable_kinds, kind_of
     from morec_dist.eval.metrics import TEST_METRICS
+    from morec_dist.model.choices import AUTO, DENSE_OPTIMIZERS, EMBEDDING_OPTIMIZERS, SHARDING_TYPES
     from morec_dist.model.loss import LOSSES
-    from morec_dist.model.placement import AUTO, SHARDING_TYPES
     from morec_dist.model.registry import MODELS
-    from morec_dist.model.sharding import DENSE_OPTIMIZERS, EMBEDDING_OPTIMIZERS
 
     _check(MODELS, config.model.name, "model.name")
     MODELS.get(config.model.name).parse_options(config.model)  # model.options: the spec's, typed and checked
@@ -87,8 +86,8 @@ def prepare(config: Config) -> Config:
 
 
 def validate_signals(objectives: ObjectiveSet) -> None:
-    """Every signal the resolved objectives ask for is registered (``eval.signals.SIGNALS``)."""
-    from morec_dist.eval.signals import SIGNALS
+    """Every signal the resolved objectives ask for is registered (``eval.signal_kinds.SIGNALS``)."""
+    from morec_dist.eval.signal_kinds import SIGNALS
 
     for request in objectives.signal_requests():
         _check(SIGNALS, request.kind, f"morec.objectives ({request.objective}): signal")

@@ -70,11 +70,10 @@ REGISTRY_MODULES = (
     "morec_dist.coordinator.laws",
     "morec_dist.coordinator.objectives",
     "morec_dist.eval.metrics",
-    "morec_dist.eval.signals",
+    "morec_dist.eval.signal_kinds",
+    "morec_dist.model.choices",
     "morec_dist.model.loss",
-    "morec_dist.model.placement",
     "morec_dist.model.registry",
-    "morec_dist.model.sharding",
     "morec_dist.train.methods",
 )
 

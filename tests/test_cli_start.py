@@ -2,13 +2,16 @@
 
 - Building the parser and importing what the launcher needs to start torchrun (the
   coordinator's service module, the method table, the packages' re-exports) loads neither
-  torch nor TorchRec: the ranks import them, the launcher must not pay for them twice.
+  torch nor TorchRec: the ranks import them, the launcher must not pay for them twice; nor
+  does the launcher's whole edge (every name checked, the dataset verified, the checkpoint's
+  meta read) up to the moment it starts torchrun.
 - ``exit_without_final_gc`` exits with the given code and still runs atexit handlers and
   flushes what was written (it only skips the collection of cyclic garbage).
 """
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 
@@ -33,6 +36,58 @@ def test_the_launchers_imports_load_no_training_stack():
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.strip() == "[]", proc.stdout
+
+
+# the launcher's whole path up to starting torchrun, each command as a user types it; the
+# process spawn is the one seam replaced (the subject is what the launcher imported before it)
+UP_TO_TORCHRUN = """
+import json, sys
+import morec_dist.coordinator.service as service
+import morec_dist.train.launch as launch
+
+def at_torchrun(nproc, argv, max_restarts=0):
+    heavy = sorted(m for m in {heavy!r} if m in sys.modules)
+    print(json.dumps({{"argv": argv, "heavy": heavy}}))
+    return 0
+
+launch.relaunch = at_torchrun
+service.start_local_ray = lambda *a, **k: "127.0.0.1:6379"  # Ray itself is the ranks' coordinator
+from morec_dist.cli import main
+sys.exit(main(json.loads(sys.argv[1])))
+"""
+
+
+def launch_up_to_torchrun(argv: list[str]) -> dict:
+    proc = subprocess.run(
+        [sys.executable, "-c", UP_TO_TORCHRUN.format(heavy=HEAVY), json.dumps(argv)],
+        capture_output=True, text=True, cwd=REPO, timeout=120,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def test_train_finetune_and_evaluate_reach_torchrun_without_the_training_stack(small_synthetic, tmp_path):
+    """The whole edge (config, plugins, every registry name and the model's options, the
+    dataset fully verified, the objectives and their signals, the checkpoint's meta.json)
+    runs in the launcher without torch or TorchRec: the ranks load them, once."""
+    from morec_dist.config import Config
+
+    checkpoint = tmp_path / "ckpt"
+    checkpoint.mkdir()
+    config = Config().to_dict()
+    config["data"]["path"] = str(small_synthetic)
+    (checkpoint / "meta.json").write_text(json.dumps({"config": config}))
+    data = f'data.path="{small_synthetic}"'
+    out = f'run.out_dir="{tmp_path / "run"}"'
+    for argv in (
+        ["train", "--config", "tests/configs/tiny.toml", data, out, "model.name=two_tower", "model.loss=bpr"],
+        ["finetune", "--from", str(checkpoint), "--config", "tests/configs/tiny.toml", data, out],
+        ["finetune", "--from", str(checkpoint), "--method", "epo", data, out],
+        ["evaluate", "--checkpoint", str(checkpoint), "--out", str(tmp_path / "m.json")],
+    ):
+        reached = launch_up_to_torchrun(argv)
+        assert reached["argv"][0] == argv[0], reached
+        assert reached["heavy"] == [], (argv[0], reached)
 
 
 def test_the_packages_re_exports_still_resolve():

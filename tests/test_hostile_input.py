@@ -47,7 +47,7 @@ def fingerprint(root: Path) -> dict[str, str]:
 @pytest.fixture(autouse=True)
 def _parent_env(monkeypatch):
     """The in-process parent marks verified datasets in os.environ; keep that per test."""
-    from morec_dist.train.runner import VERIFIED_ENV
+    from morec_dist.data.dataset import VERIFIED_ENV
 
     monkeypatch.setenv(VERIFIED_ENV, "")  # restored (unset) after the test
 

@@ -259,3 +259,18 @@ def test_setup_memory_is_the_ranks_shards_not_the_model(tmp_path):
     for rank, r in ranks.items():
         allowed = 1.1 * (r["shard_bytes"] + r["optimizer_bytes"]) + (32 << 20)
         assert r["setup_peak_bytes"] <= allowed, (rank, r, allowed)
+
+
+def test_the_light_registries_name_torchrecs_and_fbgemms_values():
+    """model/choices.py names TorchRec's sharding types and FBGEMM's fused optimizers by
+    string (so the launcher needs neither): every string must be the library's own."""
+    from fbgemm_gpu.split_embedding_configs import EmbOptimType
+    from torchrec.distributed.types import ShardingType
+
+    from morec_dist.model.choices import EMBEDDING_OPTIMIZERS, SHARDING_TYPES
+
+    values = {t.value for t in ShardingType}
+    assert all(SHARDING_TYPES.get(name) in values for name in SHARDING_TYPES.names())
+    assert SHARDING_TYPES.get("table_wise") == ShardingType.TABLE_WISE.value
+    for name in EMBEDDING_OPTIMIZERS.names():
+        assert EMBEDDING_OPTIMIZERS.get(name).fused in EmbOptimType.__members__, name

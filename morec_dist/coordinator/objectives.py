@@ -40,7 +40,7 @@ Any kind works on any group column, so a fifth objective is a config entry, e.g.
 A new *kind* is a subclass of ``ObjectiveKind`` registered on ``OBJECTIVE_KINDS`` (the one
 list of kind names: validation, dispatch and listings read it) from one module named in
 ``run.plugins``; it carries its initial distribution, its signal (a name registered on
-``morec_dist.eval.signals.SIGNALS``), its sign rule, how a signal is checked and its
+``morec_dist.eval.signal_kinds.SIGNALS``), its sign rule, how a signal is checked and its
 baseline target (what the static / MGDA baselines reweight uniform rows toward). The core
 never names a kind. See docs/extending.md.
 """
@@ -61,7 +61,7 @@ ACCURACY = "accuracy"
 
 SIGNAL_GROUP_LOSS = "group_loss"
 SIGNAL_GROUP_HIT = "group_hit"
-SIGNAL_TOPK_HISTOGRAM = "topk_histogram"  # the built-in signals' names (eval.signals.SIGNALS lists them all)
+SIGNAL_TOPK_HISTOGRAM = "topk_histogram"  # the built-in signals' names (eval.signal_kinds.SIGNALS lists them all)
 
 
 class ObjectiveError(ValueError):

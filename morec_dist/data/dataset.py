@@ -24,6 +24,9 @@ import pyarrow.compute as pc
 from morec_dist.data import schema, storage
 from morec_dist.data.storage import Location, StoragePath
 
+# set by the `morec` parent that fully verified a dataset (its URI): the ranks then skip it
+VERIFIED_ENV = "MOREC_DATASET_VERIFIED"
+
 REQUIRED_MANIFEST_KEYS = (
     "schema_version",
     "num_users",

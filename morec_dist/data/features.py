@@ -41,7 +41,7 @@ from morec_dist.data import schema, storage
 from morec_dist.data.batch import UNIFORM_VERSION, Batch
 from morec_dist.data.storage import Location, StoragePath
 
-FEATURE_SETS = ("ids", "side")
+FEATURE_SETS = schema.FEATURE_SETS
 
 
 @dataclass(frozen=True)

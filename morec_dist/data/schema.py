@@ -41,6 +41,8 @@ SPLITS = ("train", "valid", "test")
 # column of the interactions (and items) with values 1..G can serve as a group column.
 GROUP_COLUMNS = ("fair_group", "align_group", "rev_group")
 NUM_BANDS = 10  # popularity bands and price bands
+# The sparse inputs a model reads (data/features.py): ids only, or ids and declared side features
+FEATURE_SETS = ("ids", "side")
 
 # Rows per Parquet row group: small enough that a reader's working set stays bounded,
 # large enough that per-group overheads are amortised.

@@ -11,10 +11,10 @@ Each auxiliary objective asks for one vector over the groups of its column
 - ``topk_histogram``: how many of the validation users' top-k items (train items masked)
   fall in each group.
 
-Each signal is one entry of ``SIGNALS`` (the only list of signal names): a ``RowSignal``
-(a value per validation row, averaged per group of its held-out item) or a ``CountSignal``
-(a vector over groups per batch, summed). An objective kind from a plugin may register its
-own next to the kind (docs/extending.md).
+Each signal is one entry of ``SIGNALS`` (``eval/signal_kinds.py``, the only list of signal
+names): a ``RowSignal`` (a value per validation row, averaged per group of its held-out item)
+or a ``CountSignal`` (a vector over groups per batch, summed). An objective kind from a plugin
+may register its own next to the kind (docs/extending.md).
 
 Work is split over ranks as in evaluation (eval/ranking.py): every rank scores the users
 against its own item range, and a merge per batch gives every rank the held-out ranks, the
@@ -51,9 +51,9 @@ from morec_dist.eval.ranking import (
     ranked_batches,
     stop_checker,
 )
+from morec_dist.eval.signal_kinds import SIGNALS, CountSignal, RowSignal
 from morec_dist.model.loss import bpr_loss
 from morec_dist.model.sharding import unwrap
-from morec_dist.registry import Registry
 
 
 @dataclass(frozen=True)
@@ -89,31 +89,6 @@ class ScoredBatch:
     def topk_counts(self, k: int, item_groups: torch.Tensor, num_groups: int) -> torch.Tensor:
         """[G]: how many of the batch's top-k items fall in each group 1..G."""
         return band_counts(self.top_items, k, item_groups.to(self.top_items.device), num_groups)
-
-
-@dataclass(frozen=True)
-class RowSignal:
-    """values(batch, request) -> [B]: the signal is its mean per group of the held-out item
-    (NaN for a group with no validation row)."""
-
-    values: Callable[[ScoredBatch, Any], torch.Tensor]
-
-
-@dataclass(frozen=True)
-class CountSignal:
-    """counts(batch, request, item_groups) -> [G]: the signal is its sum over batches (every
-    rank sees every batch, so no reduction over ranks)."""
-
-    counts: Callable[[ScoredBatch, Any, torch.Tensor], torch.Tensor]
-
-
-SIGNALS: Registry[RowSignal | CountSignal] = Registry("signal", "the objective kind's signal_request().kind")
-SIGNALS.register("group_loss", RowSignal(lambda batch, request: batch.per_row_loss))
-SIGNALS.register("group_hit", RowSignal(lambda batch, request: (batch.ranks() <= request.k).to(torch.float64)))
-SIGNALS.register(
-    "topk_histogram",
-    CountSignal(lambda batch, request, groups: batch.topk_counts(request.k, groups, request.num_groups)),
-)
 
 
 class _Accumulator:

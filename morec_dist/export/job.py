@@ -25,7 +25,7 @@ import torch.distributed as dist
 
 from morec_dist.config import Config
 from morec_dist.data import schema, storage
-from morec_dist.data.dataset import PreparedDataset
+from morec_dist.data.dataset import VERIFIED_ENV, PreparedDataset
 from morec_dist.data.storage import StoragePath
 from morec_dist.distributed import DistContext
 from morec_dist.export.index import IndexOptions, build_index
@@ -36,7 +36,7 @@ from morec_dist.export.vectors import Entity, id_map_of, item_lookup, vector_dim
 from morec_dist.model.sharding import unwrap
 from morec_dist.train.checkpoint import read_meta
 from morec_dist.train.run_dir import provenance, versions
-from morec_dist.train.runner import VERIFIED_ENV, load_pretrained, setup_job
+from morec_dist.train.runner import load_pretrained, setup_job
 
 
 def check_inputs(config: Config, checkpoint: str | Path, out: str | Path) -> None:
@@ -66,7 +66,7 @@ def export_config(checkpoint: str | Path, given: Config | None, explicit: Set[st
     """The checkpoint's config (its model, its seed); a given config may replace data, eval
     and the run's other settings, never the model: the model keys it sets (``explicit``)
     must be the checkpoint's (``check_model``)."""
-    from morec_dist.train.evaluate import checkpoint_config
+    from morec_dist.train.checkpoint_meta import checkpoint_config
 
     config = checkpoint_config(checkpoint, given)
     if given is not None:

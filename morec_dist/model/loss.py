@@ -9,11 +9,12 @@ here; the caller takes the mean it needs. A loss must stay symbolically traceabl
 from __future__ import annotations
 
 from collections.abc import Callable
-
-import torch
-import torch.nn.functional as F
+from typing import TYPE_CHECKING
 
 from morec_dist.registry import Registry
+
+if TYPE_CHECKING:
+    import torch
 
 
 def bpr_loss(scores: torch.Tensor) -> torch.Tensor:
@@ -22,6 +23,9 @@ def bpr_loss(scores: torch.Tensor) -> torch.Tensor:
     loss_n = mean_j -log sigmoid(s_n0 - s_nj) over the negatives j = 1..neg, written as
     softplus(s_nj - s_n0), which stays finite for any score gap.
     """
+    import torch  # here, not at the top: the CLI lists the losses without loading torch
+    import torch.nn.functional as F
+
     # torch._assert, not `if ...: raise`: it stays symbolically traceable, so a model that
     # computes its loss in forward still works under TorchRec's TrainPipelineSparseDist.
     torch._assert(scores.dim() == 2, "bpr_loss: scores must be [N, 1 + negatives]")
@@ -31,7 +35,7 @@ def bpr_loss(scores: torch.Tensor) -> torch.Tensor:
     return F.softplus(negatives - positive).mean(dim=1)
 
 
-LossFn = Callable[[torch.Tensor], torch.Tensor]
+LossFn = Callable[["torch.Tensor"], "torch.Tensor"]
 
 # per-row losses by name (``model.loss``): scores [N, 1 + neg] -> [N], never reduced
 LOSSES: Registry[LossFn] = Registry("loss", "model.loss")

@@ -30,28 +30,15 @@ from torchrec.distributed.planner.types import (
     TopologyFactory,
     TrainerConfig,
 )
-from torchrec.distributed.types import ShardingPlan, ShardingType
+from torchrec.distributed.types import ShardingPlan
 from torchrec.modules.embedding_modules import EmbeddingBagCollection
 
 from morec_dist.config import ModelConfig, OptimConfig
-from morec_dist.registry import Registry
+from morec_dist.model.choices import AUTO, SHARDING_TYPES
 
-AUTO = "auto"  # model.default_sharding / model.sharding.<table>: the planner chooses
 GB = 1 << 30  # the budgets and the messages are in GiB
 
-# Sharding types by name (``model.default_sharding`` / ``model.sharding.<table>``): the only
-# list of them. data_parallel tables are replicated with a DENSE kernel; all others FUSED.
-SHARDING_TYPES: Registry[ShardingType] = Registry("sharding type", "model.default_sharding / model.sharding.<table>")
-for _name, _type in (
-    ("table_wise", ShardingType.TABLE_WISE),
-    ("row_wise", ShardingType.ROW_WISE),
-    ("column_wise", ShardingType.COLUMN_WISE),
-    ("table_row_wise", ShardingType.TABLE_ROW_WISE),
-    ("table_column_wise", ShardingType.TABLE_COLUMN_WISE),
-    ("data_parallel", ShardingType.DATA_PARALLEL),
-):
-    SHARDING_TYPES.register(_name, _type)
-TYPE_NAMES = {SHARDING_TYPES.get(name).value: name for name in SHARDING_TYPES.names()}
+TYPE_NAMES = {SHARDING_TYPES.get(name): name for name in SHARDING_TYPES.names()}
 SPLIT_TYPES = ("row_wise", "column_wise", "table_row_wise", "table_column_wise")  # spread one table
 COLUMN_SPLIT_TYPES = ("column_wise", "table_column_wise")
 
@@ -241,7 +228,7 @@ def parameter_constraints(
                 EmbeddingComputeKernel.DENSE.value if kind == "data_parallel" else EmbeddingComputeKernel.FUSED.value
             ]
         constraints[name] = ParameterConstraints(
-            sharding_types=[SHARDING_TYPES.get(t).value for t in types],
+            sharding_types=[SHARDING_TYPES.get(t) for t in types],
             compute_kernels=kernels,
             min_partition=max(4, specs[name].dim // max(world_size, 1)),
         )

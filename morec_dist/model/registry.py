@@ -5,7 +5,9 @@ builder, the options, the inputs, the scorer, the export hook).
 registers itself with ``register_model`` from a module named in ``run.plugins``, so that every
 rank (and every evaluate / pipeline subprocess) has it (docs/extending.md). ``build_model``
 parses the model's options, builds it and tags it with its spec; ``feature_builder`` makes the
-FeatureBuilder of the inputs the spec declares.
+FeatureBuilder of the inputs the spec declares. Torch and the model classes are imported
+inside the builders (as ``train/methods.py`` does), so the CLI's launcher checks a config's
+names and options without loading the training stack (1-3 s per job).
 """
 
 from __future__ import annotations
@@ -13,15 +15,10 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
-
-import torch
-from torch import nn
+from typing import TYPE_CHECKING, Any
 
 from morec_dist.config import ConfigError, ModelConfig
-from morec_dist.data.features import FeatureBuilder
 from morec_dist.data.storage import Location
-from morec_dist.model.mf import MatrixFactorization
 from morec_dist.model.spec import (
     DenseInputs,
     ModelBuilder,
@@ -32,8 +29,13 @@ from morec_dist.model.spec import (
     attach_spec,
     no_dense_inputs,
 )
-from morec_dist.model.two_tower import TwoTower
 from morec_dist.registry import Registry
+
+if TYPE_CHECKING:  # torch and the models are imported by the builders: the CLI checks names without them
+    import torch
+    from torch import nn
+
+    from morec_dist.data.features import FeatureBuilder
 
 MODELS: Registry[ModelSpec] = Registry("model", "model.name")
 
@@ -64,6 +66,8 @@ def register_model(
 def _build_mf(
     features: FeatureBuilder, config: ModelConfig, options: NoOptions, device: torch.device | None
 ) -> nn.Module:
+    from morec_dist.model.mf import MatrixFactorization
+
     return MatrixFactorization(
         features.user_features(), features.item_features(), config.embedding_dim, config.init_std, device
     )
@@ -87,6 +91,8 @@ def _build_two_tower(
             f"model.name='two_tower' needs the 'side' feature set, got {features.feature_set!r} "
             "(build the FeatureBuilder with feature_set='side', or name model.user_features / item_features)"
         )
+    from morec_dist.model.two_tower import TwoTower
+
     return TwoTower(
         features.user_features(),
         features.item_features(),
@@ -114,6 +120,8 @@ def feature_builder(
 ) -> FeatureBuilder:
     """The FeatureBuilder of the inputs model ``config.name`` declares: its sparse feature set
     (or the config's explicit selections) and its dense columns."""
+    from morec_dist.data.features import FeatureBuilder
+
     spec = MODELS.get(config.name)
     dense = spec.dense_inputs(spec.parse_options(config))
     return FeatureBuilder(

@@ -25,75 +25,22 @@ TABLE_ROW_WISE only on CUDA although the FBGEMM CPU kernels run them exactly, so
 from __future__ import annotations
 
 import warnings
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-import torch
 from fbgemm_gpu.split_embedding_configs import EmbOptimType
 from torch import nn
 from torchrec.distributed.embeddingbag import EmbeddingBagCollectionSharder
 from torchrec.distributed.model_parallel import DistributedModelParallel
 from torchrec.distributed.types import ShardingEnv, ShardingType
-from torchrec.optim import RowWiseAdagrad
 from torchrec.optim.keyed import CombinedOptimizer, KeyedOptimizer, KeyedOptimizerWrapper
 
 from morec_dist.config import Config, OptimConfig
 from morec_dist.distributed import DistContext
+from morec_dist.model.choices import ADAGRAD_EPS, DENSE_OPTIMIZERS, EMBEDDING_OPTIMIZERS, OptimizerFactory
 from morec_dist.model.init import initialize_dense, initialize_table_shards, table_dims, table_name_of
 from morec_dist.model.placement import Placement, plan_tables
 from morec_dist.model.spec import spec_of
-from morec_dist.registry import Registry
-
-# The Adagrad epsilon of both paths (FBGEMM's fused kernel and the torch optimizers for
-# data_parallel tables), fixed so that the two apply the same update.
-ADAGRAD_EPS = 1e-8
-
-OptimizerFactory = Callable[[list[nn.Parameter]], torch.optim.Optimizer]
-
-
-@dataclass(frozen=True)
-class EmbeddingOptimizer:
-    """One embedding update rule on both paths: FBGEMM's fused kernel (sharded tables) and
-    the equivalent torch optimizer (data_parallel tables, which fused optimizers never reach)."""
-
-    fused: EmbOptimType
-    torch_optimizer: Callable[[OptimConfig], OptimizerFactory]
-    uses_eps: bool = True  # the fused kernel takes ADAGRAD_EPS
-
-
-# ``optim.embedding_optimizer`` -> its update rule; ``optim.dense_optimizer`` -> a torch factory
-EMBEDDING_OPTIMIZERS: Registry[EmbeddingOptimizer] = Registry("embedding optimizer", "optim.embedding_optimizer")
-DENSE_OPTIMIZERS: Registry[Callable[[OptimConfig], OptimizerFactory]] = Registry(
-    "dense optimizer", "optim.dense_optimizer"
-)
-
-
-def _embedding_sgd(o: OptimConfig) -> OptimizerFactory:
-    return lambda params: torch.optim.SGD(params, lr=o.embedding_lr, weight_decay=o.embedding_weight_decay)
-
-
-def _embedding_adagrad(o: OptimConfig) -> OptimizerFactory:
-    return lambda params: torch.optim.Adagrad(
-        params, lr=o.embedding_lr, weight_decay=o.embedding_weight_decay, eps=ADAGRAD_EPS
-    )
-
-
-def _embedding_rowwise_adagrad(o: OptimConfig) -> OptimizerFactory:
-    return lambda params: RowWiseAdagrad(
-        params, lr=o.embedding_lr, weight_decay=o.embedding_weight_decay, eps=ADAGRAD_EPS
-    )
-
-
-EMBEDDING_OPTIMIZERS.register("sgd", EmbeddingOptimizer(EmbOptimType.EXACT_SGD, _embedding_sgd, uses_eps=False))
-EMBEDDING_OPTIMIZERS.register("adagrad", EmbeddingOptimizer(EmbOptimType.EXACT_ADAGRAD, _embedding_adagrad))
-EMBEDDING_OPTIMIZERS.register(
-    "rowwise_adagrad", EmbeddingOptimizer(EmbOptimType.EXACT_ROWWISE_ADAGRAD, _embedding_rowwise_adagrad)
-)
-DENSE_OPTIMIZERS.register("adam", lambda o: lambda params: torch.optim.Adam(params, lr=o.dense_lr))
-DENSE_OPTIMIZERS.register("sgd", lambda o: lambda params: torch.optim.SGD(params, lr=o.dense_lr))
-DENSE_OPTIMIZERS.register("adagrad", lambda o: lambda params: torch.optim.Adagrad(params, lr=o.dense_lr))
-
 
 # ---------------------------------------------------------------------- planning
 
@@ -112,7 +59,7 @@ class CpuRowWiseEmbeddingBagCollectionSharder(EmbeddingBagCollectionSharder):
 def fused_params(optim: OptimConfig) -> dict[str, Any]:
     rule = EMBEDDING_OPTIMIZERS.get(optim.embedding_optimizer)
     params: dict[str, Any] = {
-        "optimizer": rule.fused,
+        "optimizer": EmbOptimType[rule.fused],
         "learning_rate": optim.embedding_lr,
         "weight_decay": optim.embedding_weight_decay,
     }

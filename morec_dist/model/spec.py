@@ -31,25 +31,28 @@ import dataclasses
 import inspect
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Protocol
-
-import torch
-from torch import nn
-from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
+from typing import TYPE_CHECKING, Any, Protocol
 
 from morec_dist.config import ConfigError, ModelConfig, parse_table
-from morec_dist.data.batch import Batch
-from morec_dist.data.features import FEATURE_SETS, FeatureBuilder
+from morec_dist.data.schema import FEATURE_SETS
+
+if TYPE_CHECKING:  # torch only in annotations: the CLI reads specs (names, options) without loading torch
+    import torch
+    from torch import nn
+    from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
+
+    from morec_dist.data.batch import Batch
+    from morec_dist.data.features import FeatureBuilder
 
 OPTIONS_FIELD = "model.options"
 # the attribute build_model sets on the model it builds (a plain attribute: not in state_dict)
 SPEC_ATTRIBUTE = "model_spec"
 
-ModelBuilder = Callable[[FeatureBuilder, ModelConfig, Any, "torch.device | None"], nn.Module]
+ModelBuilder = Callable[["FeatureBuilder", ModelConfig, Any, "torch.device | None"], "nn.Module"]
 # (module, a side's KJT, the side's dense features [n, D] or None) -> vectors [n, d]
-SideVectors = Callable[[nn.Module, KeyedJaggedTensor, "torch.Tensor | None"], torch.Tensor]
+SideVectors = Callable[["nn.Module", "KeyedJaggedTensor", "torch.Tensor | None"], "torch.Tensor"]
 # (module, a Batch whose item_ids are [N, C]) -> scores [N, C]
-PairScores = Callable[[nn.Module, Batch], torch.Tensor]
+PairScores = Callable[["nn.Module", "Batch"], "torch.Tensor"]
 
 
 @dataclass(frozen=True)

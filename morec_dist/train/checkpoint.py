@@ -58,14 +58,10 @@ from torch.distributed.checkpoint.staging import BlockingAsyncStager
 
 from morec_dist.data import storage
 from morec_dist.data.storage import Location, StoragePath
+from morec_dist.train.checkpoint_meta import META, CheckpointError, checkpoint_location, read_meta
 
-META = "meta.json"
 STEP_DIR = re.compile(r"^step-(\d+)$")
 LEFTOVER_DIR = re.compile(r"^step-(\d+)\.(tmp|old)$")  # a save cut short by a crash
-
-
-class CheckpointError(ValueError):
-    """A checkpoint is missing, incomplete, or from an incompatible model."""
 
 
 def _barrier(group: Any = None) -> None:
@@ -110,20 +106,10 @@ def _remove_remote(where: Location) -> None:
         where.fs.delete_file(path)
 
 
-def _where(path: str | Path | Location) -> StoragePath:
-    """A checkpoint path as given (a local one is not resolved: messages and records keep the
-    form the config used), or a Location for a URI."""
-    if isinstance(path, Path):  # never a URI; not re-parsed (an async save's call is timed in µs)
-        return path
-    if isinstance(path, Location) or storage.is_uri(str(path)):
-        return storage.location(path)
-    return Path(path)
-
-
 def checkpoint_root(out_dir: str, where: str = "") -> StoragePath:
     """Where a job's checkpoints go: ``checkpoint.dir`` if set (a path or a URI), else
     ``<run.out_dir>/checkpoints`` (on the store when run.out_dir is a URI)."""
-    return _where(where) if where else _where(out_dir) / "checkpoints"
+    return checkpoint_location(where) if where else checkpoint_location(out_dir) / "checkpoints"
 
 
 def rank_file(rank: int) -> str:
@@ -138,7 +124,7 @@ def save_checkpoint(
 ) -> StoragePath:
     """Collective: every rank calls it with its state (model / optimizer state dicts) and,
     optionally, its own JSON-able ``rank_state`` (written as ``rank-<r>.json``)."""
-    pending = _begin(_where(path), rank_state)
+    pending = _begin(checkpoint_location(path), rank_state)
     dcp.save(state, **_dcp_target(pending.staging))
     _barrier()
     pending.meta = meta
@@ -302,7 +288,7 @@ def start_checkpoint(
     save."""
     buffers = buffers if buffers is not None else StagingBuffers()
     staged = buffers.stage(_stateful_to_state_dict(state))
-    pending = PendingCheckpoint(_where(path), meta)
+    pending = PendingCheckpoint(checkpoint_location(path), meta)
     pending.future = buffers.submit(_save_staged, pending, staged, rank_state, _async_group())
     return pending
 
@@ -317,16 +303,6 @@ def _save_staged(pending: PendingCheckpoint, staged: dict[str, Any], rank_state:
     dcp.save(staged, process_group=group, **_dcp_target(pending.staging))
     if _is_rank0():
         pending._commit()
-
-
-def read_meta(path: str | Path | Location) -> dict[str, Any]:
-    path = _where(path)
-    if not storage.exists(path / META):
-        raise CheckpointError(f"{path}: not a complete checkpoint ({META} missing)")
-    try:
-        return json.loads(storage.read_text(path / META))
-    except json.JSONDecodeError as exc:
-        raise CheckpointError(f"{path / META}: not valid JSON ({exc})") from None
 
 
 def check_compatible(meta: dict[str, Any], expected: dict[str, Any], path: StoragePath) -> None:
@@ -366,7 +342,7 @@ def dcp_load(state: dict[str, Any], path: str | Path | Location) -> None:
     """Collective: ``dcp.load`` of ``path`` into ``state`` in place, never unpickling code."""
     from torch.distributed.checkpoint.api import CheckpointException
 
-    where = _where(path)
+    where = checkpoint_location(path)
     if isinstance(where, Location):
         from morec_dist.train.checkpoint_storage import storage_reader
 
@@ -385,14 +361,14 @@ def dcp_load(state: dict[str, Any], path: str | Path | Location) -> None:
 
 def load_checkpoint(path: str | Path | Location, state: dict[str, Any]) -> dict[str, Any]:
     """Collective: loads the checkpoint into ``state`` in place; returns its meta."""
-    path = _where(path)
+    path = checkpoint_location(path)
     meta = read_meta(path)
     dcp_load(state, path)
     return meta
 
 
 def read_rank_state(path: str | Path | Location, rank: int) -> dict[str, Any]:
-    file = _where(path) / rank_file(rank)
+    file = checkpoint_location(path) / rank_file(rank)
     if not storage.exists(file):
         raise CheckpointError(f"{path}: no state for rank {rank} ({file.name} missing)")
     try:
@@ -417,7 +393,7 @@ def _remote_steps(root: Location) -> tuple[list[tuple[int, Location]], list[tupl
 
 def complete_checkpoints(root: str | Path | Location) -> list[tuple[int, StoragePath]]:
     """(step, path) of every complete ``step-<N>`` checkpoint under ``root``, oldest first."""
-    root = _where(root)
+    root = checkpoint_location(root)
     if isinstance(root, Location):
         return list(_remote_steps(root)[0])
     return list(_local_steps(root))
@@ -444,7 +420,7 @@ def prune_checkpoints(root: str | Path | Location, keep_last: int) -> list[Stora
     """Delete all but the newest ``keep_last`` complete step checkpoints, and crash leftovers
     (``step-<M>.tmp`` / ``.old``) of steps older than the newest complete one (no save of
     those is in flight: saves only move forward). Rank 0 only. Returns what went."""
-    root = _where(root)
+    root = checkpoint_location(root)
     if isinstance(root, Location):
         return _prune_remote(root, keep_last)
     found = _local_steps(root)
@@ -473,7 +449,7 @@ def _prune_remote(root: Location, keep_last: int) -> list[StoragePath]:
 def remove_partial_checkpoints(root: str | Path | Location) -> list[StoragePath]:
     """Remove ``step-<N>.tmp`` / ``.old`` directories a crash left behind (rank 0, at start);
     on a store, the ``step-<N>`` prefixes without meta.json."""
-    root = _where(root)
+    root = checkpoint_location(root)
     if isinstance(root, Location):
         partial = [path for _, path in _remote_steps(root)[1]]
         for path in partial:

@@ -12,12 +12,11 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from morec_dist.config import Config, config_from_dict
+from morec_dist.config import Config
 from morec_dist.data import storage
 from morec_dist.data.storage import StoragePath
 from morec_dist.eval.evaluator import evaluate_most_popular
 from morec_dist.eval.ranking import EvalOptions
-from morec_dist.train.checkpoint import read_meta
 from morec_dist.train.run_dir import provenance, run_path, write_json_atomic
 from morec_dist.train.runner import evaluated_metrics, evaluation, load_pretrained, setup_job
 
@@ -28,16 +27,6 @@ def _default_out(config: Config, checkpoint: str | Path, split: str) -> StorageP
     if storage.is_uri(str(checkpoint)):
         return run_path(config.run.out_dir) / f"metrics-{split}.json"
     return Path(checkpoint).parent.parent / f"metrics-{split}.json"
-
-
-def checkpoint_config(checkpoint: str | Path, overrides: Config | None = None) -> Config:
-    """The config a checkpoint was trained with; data/eval/run sections may be replaced."""
-    recorded = read_meta(checkpoint)["config"]
-    if overrides is not None:
-        fresh = overrides.to_dict()
-        for section in ("data", "eval", "run"):
-            recorded[section] = fresh[section]
-    return config_from_dict(recorded)
 
 
 def run_evaluate(

@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 from morec_dist.config import Config
 from morec_dist.coordinator.objectives import OBJECTIVE_KINDS, kind_metrics
 from morec_dist.data import storage
-from morec_dist.data.dataset import PreparedDataset
+from morec_dist.data.dataset import VERIFIED_ENV, PreparedDataset
 from morec_dist.data.reader import Reader
 from morec_dist.data.storage import StoragePath
 from morec_dist.distributed import DistContext, init_job_distributed
@@ -56,9 +56,6 @@ from morec_dist.train.trainer import EpochStats, Trainer, build_features
 if TYPE_CHECKING:
     from morec_dist.coordinator.client import RankClient
     from morec_dist.observe.metrics import RankMetrics
-
-VERIFIED_ENV = "MOREC_DATASET_VERIFIED"  # set by the `morec` parent that verified this path
-
 
 # ---------------------------------------------------------------------------- setup
 

@@ -20,7 +20,7 @@ import numpy as np
 
 from morec_dist.coordinator.objectives import ObjectiveKind, SignalRequest, register_objective_kind
 from morec_dist.eval.metrics import TEST_METRICS, MetricInputs, TestMetric, hit_at_k
-from morec_dist.eval.signals import SIGNALS, RowSignal
+from morec_dist.eval.signal_kinds import SIGNALS, RowSignal
 
 SIGNALS.register("heldout_rank", RowSignal(lambda batch, request: batch.ranks().double()))
 
