@@ -51,6 +51,12 @@ MAX_SCORES_PER_BATCH = 1 << 26
 # small catalogue the slice goes in one batch (``ranks_only_batch_users``).
 RANKS_ONLY_SCORES = 1 << 23
 ITEM_CHUNK = 1 << 16
+# ``count_before`` counts in chunks of rows of this many scores (float32: 4 MB): its two
+# passes read a chunk from the cache (about 15% less CPU time than passes over a whole
+# batch of 2,999 x 1,942)
+COUNT_SCORES = 1 << 20
+# the chunks of rows on an accelerator (not timed there): a bound on memory only
+DEVICE_CHUNK_SCORES = 1 << 24
 # (user, item) pairs per call of a pairwise scorer: bounds its inputs' memory (KJTs, dense rows)
 PAIRS_PER_CALL = 1 << 18
 # ids of empty top-K slots: above every item id and exact in float64 (the merge's payload)
@@ -276,14 +282,46 @@ def row_positions(rows: torch.Tensor, num_rows: int) -> torch.Tensor:
     return torch.arange(rows.numel(), device=rows.device) - first[rows]
 
 
+def row_chunks(rows: int, width: int, budget: int, device: torch.device) -> Iterator[tuple[int, int]]:
+    """[r0, r1) of ``rows`` in chunks of at most ``budget`` scores (at least a row) on the
+    CPU: passes over a chunk that fits in the cache, instead of each pass over the whole
+    batch; elsewhere (an accelerator: no such cache, a launch per step) chunks of at most
+    ``DEVICE_CHUNK_SCORES``, to bound the memory."""
+    if device.type != "cpu":
+        budget = max(budget, DEVICE_CHUNK_SCORES)
+    step = max(1, budget // max(width, 1))
+    for r0 in range(0, rows, step):
+        yield r0, min(r0 + step, rows)
+
+
 def count_before(scores: torch.Tensor, target_scores: torch.Tensor, targets: torch.Tensor, lo: int) -> torch.Tensor:
     """Per row: this range's candidates ordered before the held-out item (non-candidates
-    are -inf, below every finite score)."""
+    are -inf, below every finite score).
+
+    Two counting passes (> and >= the held-out score) per chunk of rows (``COUNT_SCORES``);
+    the columns tied with it are listed (a third pass) only in the rows holding a tie other
+    than the held-out item's own column (none, unless the model is flat)."""
+    rows, width = scores.shape
     t = target_scores.to(scores.dtype).unsqueeze(1)
-    above = (scores > t).sum(dim=1, dtype=torch.int32).to(torch.int64)  # an int32 sum of bools: 3x faster
-    row, col = (scores == t).nonzero(as_tuple=True)  # ties: few, unless the model is flat
-    earlier = row[col + lo < targets[row]]
-    return above + torch.bincount(earlier, minlength=scores.shape[0])
+    above = torch.zeros(rows, dtype=torch.int32, device=scores.device)
+    if width == 0:
+        return above.to(torch.int64)
+    ties = torch.empty_like(above)
+    for r0, r1 in row_chunks(rows, width, COUNT_SCORES, scores.device):
+        chunk, tc = scores[r0:r1], t[r0:r1]
+        above[r0:r1] = (chunk > tc).sum(dim=1, dtype=torch.int32)  # an int32 sum of bools: 3x faster
+        ties[r0:r1] = (chunk >= tc).sum(dim=1, dtype=torch.int32)
+    ties -= above
+    before = above.to(torch.int64)
+    local = targets - lo
+    own = (local >= 0) & (local < width)  # the held-out item's column: a tie, never before
+    own &= scores.gather(1, local.clamp(0, width - 1).unsqueeze(1)).squeeze(1) == t.squeeze(1)
+    tied_rows = (ties > own.to(torch.int32)).nonzero().squeeze(1)
+    if tied_rows.numel():
+        row, col = (scores[tied_rows] == t[tied_rows]).nonzero(as_tuple=True)
+        earlier = tied_rows[row[col + lo < targets[tied_rows][row]]]
+        before += torch.bincount(earlier, minlength=rows)
+    return before
 
 
 def local_topk(scores: torch.Tensor, k: int, lo: int) -> tuple[torch.Tensor, torch.Tensor]:

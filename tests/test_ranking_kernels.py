@@ -1,0 +1,128 @@
+"""eval/ranking.py's per-batch kernels against the implementations they replaced (kept
+here verbatim as the reference semantics) and against a brute force over (score desc, id
+asc), on adversarial inputs: scores drawn from a few values (ties everywhere), -inf
+non-candidates, -0.0 next to +0.0, held-out items inside and outside the range, every score
+dtype. So far ``count_before``."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from morec_dist.eval import ranking
+from morec_dist.eval.ranking import PAD_ID, count_before, row_positions
+
+# ----------------------------------------------- the replaced implementations (commit 11135e0)
+
+
+def old_count_before(scores: torch.Tensor, target_scores: torch.Tensor, targets: torch.Tensor, lo: int) -> torch.Tensor:
+    t = target_scores.to(scores.dtype).unsqueeze(1)
+    above = (scores > t).sum(dim=1, dtype=torch.int32).to(torch.int64)
+    row, col = (scores == t).nonzero(as_tuple=True)
+    earlier = row[col + lo < targets[row]]
+    return above + torch.bincount(earlier, minlength=scores.shape[0])
+
+
+def old_local_topk(scores: torch.Tensor, k: int, lo: int) -> tuple[torch.Tensor, torch.Tensor]:
+    rows = scores.shape[0]
+    out_scores = torch.full((rows, k), float("-inf"), dtype=torch.float64, device=scores.device)
+    out_ids = torch.full((rows, k), float(PAD_ID), dtype=torch.float64, device=scores.device)
+    kk = min(k, scores.shape[1])
+    if kk == 0:
+        return out_scores, out_ids
+    values, index = scores.topk(kk, dim=1)
+    threshold = values[:, -1:]
+    strict = values > threshold
+    out_scores[:, :kk] = torch.where(strict, values.to(torch.float64), out_scores[:, :kk])
+    out_ids[:, :kk] = torch.where(strict, (index + lo).to(torch.float64), out_ids[:, :kk])
+    room = kk - strict.sum(dim=1)
+    row, col = (scores == threshold).nonzero(as_tuple=True)
+    real = threshold[row, 0] > float("-inf")
+    row, col = row[real], col[real]
+    position = row_positions(row, rows)
+    take = position < room[row]
+    row, col, slot = row[take], col[take], (kk - room)[row[take]] + position[take]
+    out_scores[row, slot] = threshold[row, 0].to(torch.float64)
+    out_ids[row, slot] = (col + lo).to(torch.float64)
+    return out_scores, out_ids
+
+
+def old_merge_topk(scores: torch.Tensor, ids: torch.Tensor, k: int) -> torch.Tensor:
+    by_id = torch.sort(ids, dim=1, stable=True)
+    by_score = torch.sort(scores.gather(1, by_id.indices), dim=1, descending=True, stable=True)
+    return by_id.values.gather(1, by_score.indices)[:, :k].to(torch.int64)
+
+
+# ------------------------------------------------------------------------ inputs
+
+DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64]
+
+
+def adversarial_scores(rng: np.random.Generator, rows: int, width: int, dtype: torch.dtype) -> torch.Tensor:
+    """Scores from a handful of values (ties in most rows), with -inf non-candidates, -0.0
+    and +0.0, a few distinct values, and some rows with hardly any candidate."""
+    pool = np.array([-3.5, -1.0, -0.0, 0.0, 0.25, 1.0, 2.0, 1e-30, -1e-30, 7.0])
+    values = rng.choice(pool, size=(rows, width))
+    values[rng.random((rows, width)) < 0.2] = -np.inf
+    distinct = rng.random((rows, width)) < 0.3
+    values[distinct] = rng.normal(size=int(distinct.sum()))
+    sparse = rng.random(rows) < 0.2  # rows with at most a couple of candidates
+    values[sparse] = np.where(rng.random((int(sparse.sum()), width)) < 0.05, 1.0, -np.inf)
+    if rows:
+        values[0] = -np.inf  # a row without any candidate
+    if rows > 1:
+        values[1] = 0.0  # a flat row
+        values[1, ::2] = -0.0
+    return torch.from_numpy(values).to(dtype)
+
+
+def as_pairs(scores: torch.Tensor, ids: torch.Tensor) -> list[list[tuple[float, float]]]:
+    """Each row's (score, id) slots as a sorted list: local_topk's output is unordered."""
+    return [sorted(zip(s.tolist(), i.tolist(), strict=True)) for s, i in zip(scores, ids, strict=True)]
+
+
+def brute_order(row: torch.Tensor, lo: int) -> list[int]:
+    """Candidate ids of a row in ranking order (score desc, id asc), -inf left out."""
+    values = row.to(torch.float64).tolist()
+    return sorted((lo + c for c, v in enumerate(values) if v > float("-inf")), key=lambda i: (-values[i - lo], i))
+
+
+CASES = [(seed, dtype) for seed in range(6) for dtype in DTYPES]
+
+
+# ------------------------------------------------------------------------- tests
+
+
+@pytest.mark.parametrize("seed,dtype", CASES)
+@pytest.mark.parametrize("chunk", [None, 1, 6])
+def test_count_before_matches_the_replaced_one_and_the_brute_force(seed, dtype, chunk, monkeypatch):
+    """In one chunk of rows, or in several (``COUNT_SCORES``: rows of 23 columns)."""
+    if chunk is not None:
+        monkeypatch.setattr(ranking, "COUNT_SCORES", chunk * 23)
+    rng = np.random.default_rng(seed)
+    rows, width, lo = 40, 23, int(rng.integers(0, 50))
+    scores = adversarial_scores(rng, rows, width, dtype)
+    # held-out items inside the range (their column holds the held-out score, as ranking
+    # writes it), outside on either side, and inside with a column that differs from it
+    targets = torch.from_numpy(rng.integers(lo - 10, lo + width + 10, rows))
+    local = (targets - lo).clamp(0, width - 1)
+    target_scores = scores.gather(1, local.unsqueeze(1)).squeeze(1).to(torch.float64)
+    outside = rng.random(rows) < 0.3
+    target_scores[outside] = torch.from_numpy(rng.choice([-1.0, 0.0, -0.0, 1.0, 2.0], int(outside.sum())))
+    new = count_before(scores.clone(), target_scores, targets, lo)
+    assert new.dtype == torch.int64
+    assert torch.equal(new, old_count_before(scores, target_scores, targets, lo))
+    for r in range(rows):
+        t = float(target_scores[r].to(dtype))
+        values = scores[r].to(torch.float64).tolist()
+        expected = sum(v > t or (v == t and lo + c < int(targets[r])) for c, v in enumerate(values))
+        assert int(new[r]) == expected, r
+
+
+def test_count_before_without_ties_and_on_an_empty_range():
+    scores = torch.tensor([[3.0, 1.0, 2.0], [0.5, -float("inf"), 0.25]])
+    targets, lo = torch.tensor([11, 12]), 10
+    assert count_before(scores, torch.tensor([1.0, 0.25]), targets, lo).tolist() == [2, 1]
+    empty = torch.empty(2, 0)
+    assert count_before(empty, torch.tensor([1.0, 0.25]), targets, lo).tolist() == [0, 0]
