@@ -1,8 +1,8 @@
-"""eval/ranking.py's per-batch kernels against the implementations they replaced (kept
-here verbatim as the reference semantics) and against a brute force over (score desc, id
-asc), on adversarial inputs: scores drawn from a few values (ties everywhere), -inf
-non-candidates, -0.0 next to +0.0, held-out items inside and outside the range, every score
-dtype. So far ``count_before``."""
+"""eval/ranking.py's per-batch kernels (``count_before``, ``local_topk``, ``merge_topk``)
+against the implementations they replaced (kept here verbatim as the reference semantics)
+and against a brute force over (score desc, id asc), on adversarial inputs: scores drawn
+from a few values (ties everywhere), -inf non-candidates, -0.0 next to +0.0, rows with fewer
+candidates than k, k larger than the range, several ranks' ranges, every score dtype."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from morec_dist.eval import ranking
-from morec_dist.eval.ranking import PAD_ID, count_before, row_positions
+from morec_dist.eval.ranking import PAD_ID, count_before, local_ranking, local_topk, merge_topk, row_positions
 
 # ----------------------------------------------- the replaced implementations (commit 11135e0)
 
@@ -126,3 +126,74 @@ def test_count_before_without_ties_and_on_an_empty_range():
     assert count_before(scores, torch.tensor([1.0, 0.25]), targets, lo).tolist() == [2, 1]
     empty = torch.empty(2, 0)
     assert count_before(empty, torch.tensor([1.0, 0.25]), targets, lo).tolist() == [0, 0]
+
+
+@pytest.mark.parametrize("seed,dtype", CASES)
+def test_local_topk_matches_the_replaced_one_and_the_brute_force(seed, dtype):
+    rng = np.random.default_rng(100 + seed)
+    rows, width, lo = 30, 17, int(rng.integers(0, 1000))
+    scores = adversarial_scores(rng, rows, width, dtype)
+    for k in (0, 1, 3, 16, 17, 18, 40):
+        new_scores, new_ids = local_topk(scores, k, lo)
+        old_scores, old_ids = old_local_topk(scores, k, lo)
+        assert new_scores.shape == new_ids.shape == (rows, k)
+        assert new_scores.dtype == new_ids.dtype == torch.float64
+        assert as_pairs(new_scores, new_ids) == as_pairs(old_scores, old_ids), k
+        for r in range(rows):
+            order = brute_order(scores[r], lo)[:k]
+            ids = sorted(i for i in new_ids[r].tolist() if i != PAD_ID)
+            assert ids == sorted(order), (k, r)
+            assert new_ids[r].tolist().count(float(PAD_ID)) == k - len(order)
+            slots = zip(new_scores[r].tolist(), new_ids[r].tolist(), strict=True)
+            assert all(s == float("-inf") for s, i in slots if i == PAD_ID)
+
+
+@pytest.mark.parametrize("seed,dtype", CASES)
+@pytest.mark.parametrize("world", [1, 2, 3, 5])
+def test_merge_of_several_ranks_matches_the_replaced_pipeline_and_the_brute_force(seed, dtype, world):
+    """Each rank's local top-k over its slice of the catalogue, gathered in rank order and
+    merged: the same lists as the replaced kernels and as one process sorting every row."""
+    rng = np.random.default_rng(200 + seed)
+    rows, num_columns = 25, 31
+    scores = adversarial_scores(rng, rows, num_columns, dtype)
+    bounds = np.linspace(0, num_columns, world + 1).astype(int)
+    for k in (1, 4, 10, 31, 50):
+        parts_new, parts_old = [], []
+        for lo, hi in zip(bounds[:-1], bounds[1:], strict=True):
+            parts_new.append(local_topk(scores[:, lo:hi], k, int(lo)))
+            parts_old.append(old_local_topk(scores[:, lo:hi], k, int(lo)))
+
+        def merged(parts, merge, k=k):
+            return merge(torch.cat([p[0] for p in parts], dim=1), torch.cat([p[1] for p in parts], dim=1), k)
+
+        new = merged(parts_new, merge_topk)
+        assert new.dtype == torch.int64
+        assert torch.equal(new, merged(parts_old, old_merge_topk)), k
+        for r in range(rows):
+            order = brute_order(scores[r], 0)[:k]
+            assert new[r].tolist() == order + [PAD_ID] * (min(k, new.shape[1]) - len(order)), (k, r)
+
+
+@pytest.mark.parametrize("seed,dtype", CASES)
+@pytest.mark.parametrize("chunk", [None, 1, 7])
+def test_local_ranking_is_count_before_and_local_topk(seed, dtype, chunk, monkeypatch):
+    """The count and the top-k taken from the same keys (ranked_batches' k > 0 path), in one
+    chunk of rows or in several (``KEYED_SCORES``), equal the replaced functions' outputs."""
+    if chunk is not None:
+        monkeypatch.setattr(ranking, "KEYED_SCORES", chunk * 19)  # chunk rows of 19 columns
+    rng = np.random.default_rng(400 + seed)
+    rows, width, lo = 33, 19, int(rng.integers(0, 100))
+    scores = adversarial_scores(rng, rows, width, dtype)
+    targets = torch.from_numpy(rng.integers(lo - 5, lo + width + 5, rows))
+    local = (targets - lo).clamp(0, width - 1)
+    target_scores = scores.gather(1, local.unsqueeze(1)).squeeze(1).to(torch.float64)
+    outside = rng.random(rows) < 0.3
+    target_scores[outside] = torch.from_numpy(rng.choice([-1.0, 0.0, -0.0, 1.0, -np.inf], int(outside.sum())))
+    for k in (0, 1, 5, 19, 25):
+        before, top_scores, top_ids = local_ranking(scores, target_scores, targets, k, lo)
+        assert before.dtype == torch.int64
+        assert torch.equal(before, old_count_before(scores, target_scores, targets, lo)), k
+        old_scores, old_ids = old_local_topk(scores, k, lo)
+        assert as_pairs(top_scores, top_ids) == as_pairs(old_scores, old_ids), k
+        if chunk is not None:
+            assert as_pairs(*local_topk(scores, k, lo)) == as_pairs(old_scores, old_ids), k
