@@ -446,10 +446,24 @@ def local_topk_ties(scores: torch.Tensor, k: int, lo: int) -> tuple[torch.Tensor
 
 
 def merge_topk(scores: torch.Tensor, ids: torch.Tensor, k: int) -> torch.Tensor:
-    """[B, n] candidates (from every rank) -> [B, k] ids in ranking order (score desc, id asc)."""
-    by_id = torch.sort(ids, dim=1, stable=True)
-    by_score = torch.sort(scores.gather(1, by_id.indices), dim=1, descending=True, stable=True)
-    return by_id.values.gather(1, by_score.indices)[:, :k].to(torch.int64)
+    """[B, n] candidates (from every rank) -> [B, k] ids in ranking order (score desc, id asc).
+
+    Scores that are float32 values and ids below 2^32 - 1 (or PAD_ID): one ``topk`` over
+    int64 keys packing (score, id); otherwise two stable sorts (by id, then by score)."""
+    k = min(k, ids.shape[1])
+    real = ids != PAD_ID
+    real_ids = torch.where(real, ids, 0)
+    packable = bool(((real_ids >= 0) & (real_ids < LOW_MASK)).all()) and bool(
+        (scores.to(torch.float32).to(scores.dtype) == scores).all()
+    )
+    if not packable or k == 0:
+        by_id = torch.sort(ids, dim=1, stable=True)
+        by_score = torch.sort(scores.gather(1, by_id.indices), dim=1, descending=True, stable=True)
+        return by_id.values.gather(1, by_score.indices)[:, :k].to(torch.int64)
+    low = torch.where(real, LOW_MASK - ids, 0).to(torch.int64)  # lowest id first; PAD_ID last
+    top = packed_keys(scores, low).topk(k, dim=1).values
+    low = top.bitwise_and_(LOW_MASK)
+    return torch.where(low == 0, PAD_ID, LOW_MASK - low)
 
 
 # -------------------------------------------------------------------- the merge
