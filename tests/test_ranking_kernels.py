@@ -11,7 +11,16 @@ import pytest
 import torch
 
 from morec_dist.eval import ranking
-from morec_dist.eval.ranking import PAD_ID, count_before, local_ranking, local_topk, merge_topk, row_positions
+from morec_dist.eval.ranking import (
+    PAD_ID,
+    UserSet,
+    count_before,
+    local_ranking,
+    local_topk,
+    mask_non_candidates_,
+    merge_topk,
+    row_positions,
+)
 
 # ----------------------------------------------- the replaced implementations (commit 11135e0)
 
@@ -52,6 +61,23 @@ def old_merge_topk(scores: torch.Tensor, ids: torch.Tensor, k: int) -> torch.Ten
     by_id = torch.sort(ids, dim=1, stable=True)
     by_score = torch.sort(scores.gather(1, by_id.indices), dim=1, descending=True, stable=True)
     return by_id.values.gather(1, by_score.indices)[:, :k].to(torch.int64)
+
+
+def old_mask_non_candidates_(
+    scores: torch.Tensor, users: UserSet, start: int, stop: int, lo: int, target_scores: torch.Tensor
+) -> None:
+    rows, width = stop - start, scores.shape[1]
+    device = scores.device
+    if lo == 0:
+        scores[:, 0] = float("-inf")
+    counts = np.diff(users.history_indptr[start : stop + 1])
+    h_lo, h_hi = users.history_indptr[start], users.history_indptr[stop]
+    hist_rows = torch.from_numpy(np.repeat(np.arange(rows), counts)).to(device)
+    hist_cols = torch.from_numpy(users.history_items[h_lo:h_hi] - lo).to(device)
+    scores[hist_rows, hist_cols] = float("-inf")
+    targets = users.targets[start:stop] - lo
+    mine = torch.from_numpy(np.flatnonzero((targets >= 0) & (targets < width))).to(device)
+    scores[mine, torch.from_numpy(targets).to(device)[mine]] = target_scores[mine].to(scores.dtype)
 
 
 # ------------------------------------------------------------------------ inputs
@@ -216,3 +242,32 @@ def test_local_ranking_is_count_before_and_local_topk(seed, dtype, chunk, monkey
         assert as_pairs(top_scores, top_ids) == as_pairs(old_scores, old_ids), k
         if chunk is not None:
             assert as_pairs(*local_topk(scores, k, lo)) == as_pairs(old_scores, old_ids), k
+
+
+@pytest.mark.parametrize("seed", range(6))
+@pytest.mark.parametrize("lo", [0, 13])
+def test_mask_non_candidates_matches_the_replaced_one(seed, lo):
+    """The same -inf and restored held-out scores, on a contiguous batch (flat offsets) and on
+    a transposed view (the 2-D path): users without history, held-out items in their own
+    history, held-out items of other ranges, a batch that starts past the first user."""
+    rng = np.random.default_rng(500 + seed)
+    num_users, width = 40, 29
+    counts = rng.integers(0, 9, num_users)
+    counts[:3] = 0
+    indptr = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
+    items = np.concatenate([np.sort(rng.choice(width, c, replace=False)) + lo for c in counts]).astype(np.int64)
+    targets = rng.integers(lo - 6, lo + width + 6, num_users)
+    for u in range(5, 10):  # held-out items also in their history
+        if counts[u]:
+            targets[u] = items[indptr[u]]
+    users = UserSet(np.arange(1, num_users + 1), targets, indptr, items)
+    for start, stop in [(0, num_users), (7, 31)]:
+        scores = torch.from_numpy(rng.normal(size=(stop - start, width))).to(torch.float32)
+        target_scores = torch.from_numpy(rng.normal(size=stop - start))
+        expected = scores.clone()
+        old_mask_non_candidates_(expected, users, start, stop, lo, target_scores)
+        for layout in (scores.clone(), scores.t().contiguous().t()):
+            assert layout.is_contiguous() == (layout.stride(1) == 1)
+            mask_non_candidates_(layout, users, start, stop, lo, target_scores)
+            assert torch.equal(layout, expected)
+        assert bool((expected == float("-inf")).any())

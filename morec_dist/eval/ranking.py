@@ -252,16 +252,23 @@ def mask_non_candidates_(
     scores: torch.Tensor, users: UserSet, start: int, stop: int, lo: int, target_scores: torch.Tensor
 ) -> None:
     """In place: -inf at item 0 and at the history items of this range; the held-out item
-    stays a candidate with its own score. Sparse writes: no dense candidate mask."""
+    stays a candidate with its own score. Sparse writes: no dense candidate mask; on a
+    contiguous ``scores``, one ``index_fill_`` at flat offsets (half the time of a 2-D
+    index_put at ML-1M's control slice)."""
     rows, width = stop - start, scores.shape[1]
     device = scores.device
     if lo == 0:
         scores[:, 0] = float("-inf")
     counts = np.diff(users.history_indptr[start : stop + 1])
     h_lo, h_hi = users.history_indptr[start], users.history_indptr[stop]
-    hist_rows = torch.from_numpy(np.repeat(np.arange(rows), counts)).to(device)
-    hist_cols = torch.from_numpy(users.history_items[h_lo:h_hi] - lo).to(device)
-    scores[hist_rows, hist_cols] = float("-inf")
+    if scores.is_contiguous():
+        flat = np.repeat(np.arange(rows, dtype=np.int64) * width - lo, counts)
+        flat += users.history_items[h_lo:h_hi]
+        scores.view(-1).index_fill_(0, torch.from_numpy(flat).to(device), float("-inf"))
+    else:
+        hist_rows = torch.from_numpy(np.repeat(np.arange(rows), counts)).to(device)
+        hist_cols = torch.from_numpy(users.history_items[h_lo:h_hi] - lo).to(device)
+        scores[hist_rows, hist_cols] = float("-inf")
     targets = users.targets[start:stop] - lo
     mine = torch.from_numpy(np.flatnonzero((targets >= 0) & (targets < width))).to(device)
     scores[mine, torch.from_numpy(targets).to(device)[mine]] = target_scores[mine].to(scores.dtype)
