@@ -358,17 +358,30 @@ def packed_keys(scores: torch.Tensor, low: torch.Tensor) -> torch.Tensor:
     return order_keys32(scores).to(torch.int64).mul_(1 << LOW_BITS).add_(low)
 
 
-def keyed(scores: torch.Tensor) -> bool:
-    """Whether ``scores`` rank through packed int64 keys (float32 or narrower, a range
-    narrower than 2^32 columns)."""
-    return scores.dtype in KEYED_DTYPES and scores.shape[1] <= LOW_MASK
+# the key of an empty top-k slot (a -inf score, low 0): below every candidate's, whose
+# scores are finite (keys from FIRST_REAL_KEY on)
+EMPTY_KEY = int(order_keys32(torch.tensor([float("-inf")]))) << LOW_BITS
+FIRST_REAL_KEY = EMPTY_KEY + (1 << LOW_BITS)
 
 
-def keyed_rows(scores: torch.Tensor) -> Iterator[tuple[int, int, torch.Tensor]]:
+def keyed(scores: torch.Tensor, lo: int) -> bool:
+    """Whether ``scores`` of the columns from ``lo`` rank through packed int64 keys: float32
+    or narrower, every id below 2^32."""
+    return scores.dtype in KEYED_DTYPES and lo + scores.shape[1] <= LOW_MASK
+
+
+def keyed_catalogue(dtype: torch.dtype, num_items: int) -> bool:
+    """Whether a batch's top-k lists travel and merge as int64 keys (``local_keys``,
+    ``merge_keys``): scores of ``dtype`` keyed and every item id below 2^32 - 1 (the same on
+    every rank: the same model and catalogue)."""
+    return dtype in KEYED_DTYPES and num_items < LOW_MASK
+
+
+def keyed_rows(scores: torch.Tensor, lo: int) -> Iterator[tuple[int, int, torch.Tensor]]:
     """(first row, end row, keys [rows, width]) of ``scores`` in chunks of at most
-    ``KEYED_SCORES`` keys: (score, lowest column first) packed in int64, a total order."""
+    ``KEYED_SCORES`` keys: (score, lowest item id first) packed in int64, a total order."""
     rows, width = scores.shape
-    low = LOW_MASK - torch.arange(width, device=scores.device)
+    low = LOW_MASK - lo - torch.arange(width, device=scores.device)
     for r0, r1 in row_chunks(rows, width, KEYED_SCORES, scores.device):
         yield r0, r1, packed_keys(scores[r0:r1], low)
 
@@ -379,51 +392,52 @@ def empty_topk(rows: int, k: int, device: torch.device) -> tuple[torch.Tensor, t
     return scores, torch.full((rows, k), float(PAD_ID), dtype=torch.float64, device=device)
 
 
-def keyed_topk_(keys: torch.Tensor, scores: torch.Tensor, k: int, lo: int, out: tuple[torch.Tensor, ...]) -> None:
-    """Into ``out`` (empty slots, [rows, >= k]): the k largest ``keys`` of each row, as
-    (score, id); the -inf ones (non-candidates: fewer candidates than k) stay empty."""
-    index = keys.topk(k, dim=1, sorted=False).indices
-    values = scores.gather(1, index).to(torch.float64)
-    real = values > float("-inf")
-    out[0][:, :k] = torch.where(real, values, out[0][:, :k])
-    out[1][:, :k] = torch.where(real, (index + lo).to(torch.float64), out[1][:, :k])
-
-
 def local_topk(scores: torch.Tensor, k: int, lo: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Per row, this range's first k candidates under the ranking rule, as float64
     (scores [B, k], ids [B, k]), unordered; empty slots are (-inf, PAD_ID).
 
     Float32 (or narrower) scores: one ``topk`` over int64 keys packing (score, lowest id
     first), a total order, so no tie is broken arbitrarily. Wider scores: ``local_topk_ties``."""
-    if not keyed(scores):
+    if not keyed(scores, lo):
         return local_topk_ties(scores, k, lo)
-    out = empty_topk(scores.shape[0], k, scores.device)
+    out_scores, out_ids = empty_topk(scores.shape[0], k, scores.device)
     kk = min(k, scores.shape[1])
     if kk:
-        for r0, r1, keys in keyed_rows(scores):
-            keyed_topk_(keys, scores[r0:r1], kk, lo, (out[0][r0:r1], out[1][r0:r1]))
-    return out
+        for r0, r1, keys in keyed_rows(scores, lo):
+            index = keys.topk(kk, dim=1, sorted=False).indices
+            values = scores[r0:r1].gather(1, index).to(torch.float64)
+            real = values > float("-inf")  # -inf: a non-candidate (fewer candidates than k)
+            out_scores[r0:r1, :kk] = torch.where(real, values, out_scores[r0:r1, :kk])
+            out_ids[r0:r1, :kk] = torch.where(real, (index + lo).to(torch.float64), out_ids[r0:r1, :kk])
+    return out_scores, out_ids
 
 
-def local_ranking(
+def local_keys(
     scores: torch.Tensor, target_scores: torch.Tensor, targets: torch.Tensor, k: int, lo: int
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(``count_before``, *``local_topk``) of ``scores``; keyed scores get both from the same
-    keys (the count: the keys above the held-out item's key)."""
-    if not keyed(scores):
-        return (count_before(scores, target_scores, targets, lo), *local_topk_ties(scores, k, lo))
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``count_before`` and ``local_topk`` of keyed ``scores`` from the same keys: [B] counts
+    (the keys above the held-out item's), and [B, k] int64 keys (score, item id) of the first
+    k candidates, unordered, ``EMPTY_KEY`` past a row's candidates (``merge_keys`` reads them)."""
     rows, width = scores.shape
-    out = empty_topk(rows, k, scores.device)
-    # the held-out item's key: its score, and the column it has (or would have) in the range
-    low = LOW_MASK - (targets - lo).clamp(0, width)
+    out = torch.full((rows, k), EMPTY_KEY, dtype=torch.int64, device=scores.device)
+    # the held-out item's key: its score, with its id (a column of the range, or outside it)
+    low = LOW_MASK - targets.clamp(lo, lo + width)
     target_keys = packed_keys(target_scores.to(scores.dtype).unsqueeze(1), low.unsqueeze(1))
     before = torch.zeros(rows, dtype=torch.int64, device=scores.device)
     kk = min(k, width)
-    for r0, r1, keys in keyed_rows(scores):
+    for r0, r1, keys in keyed_rows(scores, lo):
         before[r0:r1] = (keys > target_keys[r0:r1]).sum(dim=1, dtype=torch.int32)
         if kk:
-            keyed_topk_(keys, scores[r0:r1], kk, lo, (out[0][r0:r1], out[1][r0:r1]))
-    return before, *out
+            top = keys.topk(kk, dim=1, sorted=False).values
+            out[r0:r1, :kk] = torch.where(top >= FIRST_REAL_KEY, top, EMPTY_KEY)  # -inf: a non-candidate
+    return before, out
+
+
+def merge_keys(keys: torch.Tensor, k: int) -> torch.Tensor:
+    """[B, n] keys from ``local_keys`` (every rank's) -> [B, k] ids in ranking order (score
+    desc, id asc), PAD_ID past a user's candidates: ``merge_topk`` of the same candidates."""
+    top = keys.topk(min(k, keys.shape[1]), dim=1).values
+    return torch.where(top >= FIRST_REAL_KEY, LOW_MASK - top.bitwise_and(LOW_MASK), PAD_ID)
 
 
 def local_topk_ties(scores: torch.Tensor, k: int, lo: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -547,7 +561,16 @@ def ranked_batches(
             top = torch.empty(stop - start, 0, dtype=torch.int64, device=ranks.device)
             yield RankedBatch(start, stop, targets, ranks, top, picked, dtype)
             continue
-        before, top_scores, top_ids = local_ranking(scores, picked[:, 0], targets, k, lo)
+        if keyed_catalogue(dtype, num_items):  # (count, k keys) per user, int64
+            before, keys = local_keys(scores, picked[:, 0], targets, k, lo)
+            del scores
+            gathered = all_gather_stack(torch.cat([before.unsqueeze(1), keys], dim=1), ctx)  # [W, B, 1 + k]
+            ranks = 1 + gathered[:, :, 0].sum(dim=0)
+            top = merge_keys(gathered[:, :, 1:].permute(1, 0, 2).reshape(stop - start, -1), k)
+            yield RankedBatch(start, stop, targets, ranks, top, picked, dtype)
+            continue
+        before = count_before(scores, picked[:, 0], targets, lo)  # float64 scores: (count, k scores, k ids)
+        top_scores, top_ids = local_topk(scores, k, lo)
         del scores
         payload = torch.cat([before.to(torch.float64).unsqueeze(1), top_scores, top_ids], dim=1)
         gathered = all_gather_stack(payload, ctx)  # [W, B, 1 + 2k]
