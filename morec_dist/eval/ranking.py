@@ -12,6 +12,13 @@ therefore the top-K of the union of the local top-K lists, and the held-out rank
 1 + the sum of the per-range counts; the merge (one all_gather per batch) gives exactly
 the ranks and top-K lists of a single process scoring the whole catalogue.
 
+Float32 (or narrower) scores are ranked through int64 keys packing (order key of the score,
+2^32 - 1 - item id): the ranking rule as one integer order, so a rank's top-K is one ``topk``
+(no tie among keys to break), its count is the keys above the held-out item's, a rank sends
+(count, K keys) and the merge is one ``topk`` of the gathered keys (``local_keys``,
+``merge_keys``). Float64 scores keep float payloads, ties resolved explicitly
+(``count_before``, ``local_topk_ties``, ``merge_topk``).
+
 The held-out item's score is taken from the one rank whose range holds it (its own score
 matrix) and shared in the batch's control all_reduce, together with any other picked
 columns (the signals' negatives), a flag for non-finite scores (NaN or infinite: they
