@@ -17,7 +17,8 @@ Float32 (or narrower) scores are ranked through int64 keys packing (order key of
 (no tie among keys to break), its count is the keys above the held-out item's, a rank sends
 (count, K keys) and the merge is one ``topk`` of the gathered keys (``local_keys``,
 ``merge_keys``). Float64 scores keep float payloads, ties resolved explicitly
-(``count_before``, ``local_topk_ties``, ``merge_topk``).
+(``count_before``, ``local_topk_ties``, ``merge_topk``); a ranks-only pass (k = 0) counts with
+``count_before`` whatever the dtype.
 
 The held-out item's score is taken from the one rank whose range holds it (its own score
 matrix) and shared in the batch's control all_reduce, together with any other picked
