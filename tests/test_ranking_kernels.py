@@ -1,5 +1,6 @@
-"""eval/ranking.py's per-batch kernels (``count_before``, ``local_topk``, ``merge_topk``)
-against the implementations they replaced (kept here verbatim as the reference semantics)
+"""eval/ranking.py's per-batch kernels (``count_before``, ``local_topk``, ``local_keys``,
+``merge_topk``, ``merge_keys``, ``mask_non_candidates_``) against the implementations they
+replaced (kept here verbatim as the reference semantics)
 and against a brute force over (score desc, id asc), on adversarial inputs: scores drawn
 from a few values (ties everywhere), -inf non-candidates, -0.0 next to +0.0, rows with fewer
 candidates than k, k larger than the range, several ranks' ranges, every score dtype."""
