@@ -99,14 +99,25 @@ def report_preempted() -> None:
             pass
 
 
+# What every rank's environment holds unless the user set it (launch/train.sh exports the same):
+# - torchrun's own default thread count for several local ranks (set, it skips its banner);
+# - transparent huge pages for PyTorch's CPU allocations of 2 MB and more (the machine's THP
+#   mode "madvise" leaves them off): the embedding tables and their optimizer state are read
+#   at random rows, and with 4 KB pages every lookup in a multi-GB table missed the TLB;
+#   benchmarks/embedding_scale.py measured the step time at a 16 GB table set with and without.
+RANK_ENV_DEFAULTS = {"RAY_USAGE_STATS_ENABLED": "0", "OMP_NUM_THREADS": "1", "THP_MEM_ALLOC_ENABLE": "1"}
+
+
+def rank_env(env: dict[str, str]) -> dict[str, str]:
+    """``env`` with ``RANK_ENV_DEFAULTS`` where it does not set them."""
+    return {**RANK_ENV_DEFAULTS, **env}
+
+
 def relaunch(nproc: int, argv: list[str], max_restarts: int = 0) -> int:
     """Run ``morec <argv>`` as ``nproc`` local ranks; torchrun's exit code, or 2 (with the
     ranks' one-line message on stderr) when they stopped on a user error."""
     argv = without_launcher_flags(argv)
-    env = single_host_env(dict(os.environ))  # gloo / NCCL sockets on loopback
-    env.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    # torchrun's own default for several local ranks; set, it skips its banner saying so
-    env.setdefault("OMP_NUM_THREADS", "1")
+    env = rank_env(single_host_env(dict(os.environ)))  # gloo / NCCL sockets on loopback
     with tempfile.TemporaryDirectory(prefix="morec-launch-") as tmp:
         error_file = Path(tmp) / "user-error"
         env[USER_ERROR_ENV] = str(error_file)
