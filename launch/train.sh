@@ -128,9 +128,7 @@ fi
 torchrun+=(-m morec_dist.cli "$@")
 
 export NODE_RANK="$node_rank" NNODES="$nnodes"
-# the ranks' defaults of `morec` (morec_dist/train/launch.py RANK_ENV_DEFAULTS; torchrun sets
-# OMP_NUM_THREADS itself): transparent huge pages for the embedding tables' allocations
-export RAY_USAGE_STATS_ENABLED="${RAY_USAGE_STATS_ENABLED:-0}" THP_MEM_ALLOC_ENABLE="${THP_MEM_ALLOC_ENABLE:-1}"
+export RAY_USAGE_STATS_ENABLED="${RAY_USAGE_STATS_ENABLED:-0}"
 if (( dry_run )); then
     printf '%q ' "${torchrun[@]}"; echo
     exit 0

@@ -73,6 +73,9 @@ class ModelConfig:
     host_memory_gb: float = 0.0
     device_memory_gb: float = 0.0
     init_std: float = 0.1  # embedding tables start as normal(0, init_std)
+    # Back the CPU tables and their optimizer state with 2 MB pages once sharded
+    # (model/huge_pages.py: fewer TLB misses at random rows of multi-GB tables)
+    huge_pages: bool = True
     # Declared side features (manifest "features") the model embeds besides the ids; unset =
     # the model's default (mf: none, two_tower: every declared user / item feature).
     user_features: list[str] | None = None

@@ -38,6 +38,7 @@ from torchrec.optim.keyed import CombinedOptimizer, KeyedOptimizer, KeyedOptimiz
 from morec_dist.config import Config, OptimConfig
 from morec_dist.distributed import DistContext
 from morec_dist.model.choices import ADAGRAD_EPS, DENSE_OPTIMIZERS, EMBEDDING_OPTIMIZERS, OptimizerFactory
+from morec_dist.model.huge_pages import HugePages, back_with_huge_pages
 from morec_dist.model.init import initialize_dense, initialize_table_shards, table_dims, table_name_of
 from morec_dist.model.placement import Placement, plan_tables
 from morec_dist.model.spec import spec_of
@@ -128,6 +129,7 @@ class ShardedModel:
     model: DistributedModelParallel
     optimizer: CombinedOptimizer
     placement: Placement
+    huge_pages: HugePages | None = None  # on CPU with model.huge_pages: what this rank got
 
 
 def shard(model: nn.Module, config: Config, ctx: DistContext) -> ShardedModel:
@@ -152,7 +154,9 @@ def shard(model: nn.Module, config: Config, ctx: DistContext) -> ShardedModel:
         module=model, env=ShardingEnv.from_process_group(ctx.pg), device=ctx.device, plan=plan, sharders=sharders
     )
     initialize_table_shards(dmp, dims, config.run.seed, config.model.init_std)
-    return ShardedModel(dmp, build_optimizer(dmp, placement.types(), config.optim), placement)
+    optimizer = build_optimizer(dmp, placement.types(), config.optim)
+    huge = back_with_huge_pages(dmp) if config.model.huge_pages and ctx.device.type == "cpu" else None
+    return ShardedModel(dmp, optimizer, placement, huge)
 
 
 def unwrap(model: nn.Module) -> nn.Module:

@@ -99,13 +99,11 @@ def report_preempted() -> None:
             pass
 
 
-# What every rank's environment holds unless the user set it (launch/train.sh exports the same):
-# - torchrun's own default thread count for several local ranks (set, it skips its banner);
-# - transparent huge pages for PyTorch's CPU allocations of 2 MB and more (the machine's THP
-#   mode "madvise" leaves them off): the embedding tables and their optimizer state are read
-#   at random rows, and with 4 KB pages every lookup in a multi-GB table missed the TLB;
-#   benchmarks/embedding_scale.py measured the step time at a 16 GB table set with and without.
-RANK_ENV_DEFAULTS = {"RAY_USAGE_STATS_ENABLED": "0", "OMP_NUM_THREADS": "1", "THP_MEM_ALLOC_ENABLE": "1"}
+# What every rank's environment holds unless the user set it: Ray's usage report off, and
+# torchrun's own default thread count for several local ranks (set, it skips its banner).
+# Not THP_MEM_ALLOC_ENABLE (PyTorch's huge pages for every allocation of 2 MB and more):
+# model/huge_pages.py backs the tables alone (the step's temporaries got slower with it).
+RANK_ENV_DEFAULTS = {"RAY_USAGE_STATS_ENABLED": "0", "OMP_NUM_THREADS": "1"}
 
 
 def rank_env(env: dict[str, str]) -> dict[str, str]:

@@ -102,6 +102,10 @@ def setup_job(config: Config) -> tuple[DistContext, PreparedDataset, Trainer]:
     progress(
         ctx.rank, "table placement (sharding type / kernel, GiB per rank):\n" + "\n".join(trainer.placement.lines())
     )
+    if trainer.huge_pages is not None and trainer.huge_pages.advised_bytes:
+        huge = trainer.huge_pages
+        collapsed, advised = huge.collapsed_bytes / 2**30, huge.advised_bytes / 2**30
+        progress(ctx.rank, f"huge pages: {collapsed:.2f} of {advised:.2f} GiB of the tables and their optimizer state")
     return ctx, dataset, trainer
 
 

@@ -76,6 +76,7 @@ class Trainer(Stateful):
         self.identity = unsharded_identity(config.model.name, model)
         sharded = shard(model, config, ctx)
         self.model, self.optimizer, self.placement = sharded.model, sharded.optimizer, sharded.placement
+        self.huge_pages = sharded.huge_pages
         self.loss_fn = LOSSES.get(config.model.loss)
         self.step = 0
         self.epoch = 0
