@@ -10,11 +10,14 @@ from the weights the unsharded model would have. Then it builds the optimizer:
 
 - tables with a FUSED kernel (every type but data_parallel) are updated inside backward
   by FBGEMM with ``optim.embedding_optimizer`` (sgd, adagrad, rowwise_adagrad: the
-  ``EMBEDDING_OPTIMIZERS`` registry);
+  ``EMBEDDING_OPTIMIZERS`` registry of ``model/choices.py``);
 - data_parallel tables (DENSE kernel, replicated, gradients all-reduced by DDP) get the
   same update rule from the equivalent torch optimizer, since fused optimizers never
   reach DENSE-kernel tables;
 - everything else (MLP towers) uses ``optim.dense_optimizer`` (``DENSE_OPTIMIZERS``).
+
+On CPU the tables and their optimizer state then move to 2 MB pages (``model.huge_pages``,
+``model/huge_pages.py``).
 
 CPU + gloo and CUDA + the mixed gloo/NCCL group take the same code path; only the device and
 the kernels the planner may choose differ. The stock sharder offers ROW_WISE /
