@@ -139,11 +139,8 @@ def read_json(path: Path) -> dict[str, Any]:
 
 
 def bench_env(**extra: str) -> dict[str, str]:
-    """The environment of a benchmark's processes: the ranks' defaults as ``morec`` sets
-    them (``rank_env``), the repository on PYTHONPATH, then ``extra``."""
-    from morec_dist.train.launch import rank_env
-
-    env = rank_env(dict(os.environ))
+    env = dict(os.environ)
+    env.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), env.get("PYTHONPATH", "")) if p)
     env.update(extra)
     return env
