@@ -214,18 +214,18 @@ def test_merge_of_several_ranks_matches_the_replaced_pipeline_and_the_brute_forc
 
 @pytest.mark.parametrize("seed", range(8))
 def test_merge_topk_on_raw_candidates_matches_the_replaced_one(seed):
-    """merge_topk alone on arbitrary candidate lists: float32 values (the packed path),
-    float64 values that float32 cannot hold and ids past 2^32 (the two-sort path), PAD
-    slots with any score, k larger than the candidates."""
+    """merge_topk alone on arbitrary candidate lists: float32 values, float64 values that
+    float32 cannot hold and ids past 2^32, PAD slots with any score, k larger than the
+    candidates."""
     rng = np.random.default_rng(300 + seed)
     rows, n = 20, 12
     scores = torch.from_numpy(rng.choice([-np.inf, -2.0, -0.0, 0.0, 1.5, 3.0], (rows, n)))
     ids = torch.from_numpy(rng.permuted(np.tile(np.arange(1, n + 1) * 7.0, (rows, 1)), axis=1))
     ids[torch.from_numpy(rng.random((rows, n)) < 0.25)] = float(PAD_ID)
     wide = scores.clone()
-    wide[:, 0] = 1.0 + 2.0**-40  # not a float32 value: the two-sort path
+    wide[:, 0] = 1.0 + 2.0**-40  # not a float32 value
     big = ids.clone()
-    big[:, 1] = float(1 << 33)  # an id past 32 bits: the two-sort path
+    big[:, 1] = float(1 << 33)  # an id past 32 bits
     for s, i in [(scores, ids), (wide, ids), (scores, big), (scores.to(torch.float32), ids)]:
         for k in (0, 1, 5, n, n + 3):
             assert torch.equal(merge_topk(s, i, k), old_merge_topk(s, i, k)), k

@@ -17,7 +17,7 @@ Float32 (or narrower) scores are ranked through int64 keys packing (order key of
 (no tie among keys to break), its count is the keys above the held-out item's, a rank sends
 (count, K keys) and the merge is one ``topk`` of the gathered keys (``local_keys``,
 ``merge_keys``). Float64 scores keep float payloads, ties resolved explicitly
-(``count_before``, ``local_topk_ties``, ``merge_topk``); a ranks-only pass (k = 0) counts with
+(``count_before``, ``local_topk``, ``merge_topk``); a ranks-only pass (k = 0) counts with
 ``count_before`` whatever the dtype.
 
 The held-out item's score is taken from the one rank whose range holds it (its own score
@@ -372,12 +372,6 @@ EMPTY_KEY = int(order_keys32(torch.tensor([float("-inf")]))) << LOW_BITS
 FIRST_REAL_KEY = EMPTY_KEY + (1 << LOW_BITS)
 
 
-def keyed(scores: torch.Tensor, lo: int) -> bool:
-    """Whether ``scores`` of the columns from ``lo`` rank through packed int64 keys: float32
-    or narrower, every id below 2^32."""
-    return scores.dtype in KEYED_DTYPES and lo + scores.shape[1] <= LOW_MASK
-
-
 def keyed_catalogue(dtype: torch.dtype, num_items: int) -> bool:
     """Whether a batch's top-k lists travel and merge as int64 keys (``local_keys``,
     ``merge_keys``): scores of ``dtype`` keyed and every item id below 2^32 - 1 (the same on
@@ -392,32 +386,6 @@ def keyed_rows(scores: torch.Tensor, lo: int) -> Iterator[tuple[int, int, torch.
     low = LOW_MASK - lo - torch.arange(width, device=scores.device)
     for r0, r1 in row_chunks(rows, width, KEYED_SCORES, scores.device):
         yield r0, r1, packed_keys(scores[r0:r1], low)
-
-
-def empty_topk(rows: int, k: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """[rows, k] float64 slots, all empty: (-inf, PAD_ID)."""
-    scores = torch.full((rows, k), float("-inf"), dtype=torch.float64, device=device)
-    return scores, torch.full((rows, k), float(PAD_ID), dtype=torch.float64, device=device)
-
-
-def local_topk(scores: torch.Tensor, k: int, lo: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per row, this range's first k candidates under the ranking rule, as float64
-    (scores [B, k], ids [B, k]), unordered; empty slots are (-inf, PAD_ID).
-
-    Float32 (or narrower) scores: one ``topk`` over int64 keys packing (score, lowest id
-    first), a total order, so no tie is broken arbitrarily. Wider scores: ``local_topk_ties``."""
-    if not keyed(scores, lo):
-        return local_topk_ties(scores, k, lo)
-    out_scores, out_ids = empty_topk(scores.shape[0], k, scores.device)
-    kk = min(k, scores.shape[1])
-    if kk:
-        for r0, r1, keys in keyed_rows(scores, lo):
-            index = keys.topk(kk, dim=1, sorted=False).indices
-            values = scores[r0:r1].gather(1, index).to(torch.float64)
-            real = values > float("-inf")  # -inf: a non-candidate (fewer candidates than k)
-            out_scores[r0:r1, :kk] = torch.where(real, values, out_scores[r0:r1, :kk])
-            out_ids[r0:r1, :kk] = torch.where(real, (index + lo).to(torch.float64), out_ids[r0:r1, :kk])
-    return out_scores, out_ids
 
 
 def local_keys(
@@ -448,12 +416,16 @@ def merge_keys(keys: torch.Tensor, k: int) -> torch.Tensor:
     return torch.where(top >= FIRST_REAL_KEY, LOW_MASK - top.bitwise_and(LOW_MASK), PAD_ID)
 
 
-def local_topk_ties(scores: torch.Tensor, k: int, lo: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """``local_topk`` for any score dtype. ``topk`` breaks ties at the k-th value arbitrarily,
-    so only the values strictly above it are taken from it; the slots left go to the columns
-    equal to it, lowest ids first."""
+def local_topk(scores: torch.Tensor, k: int, lo: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per row, this range's first k candidates under the ranking rule, as float64
+    (scores [B, k], ids [B, k]), unordered; empty slots are (-inf, PAD_ID): the payload of
+    scores that are not keyed (``local_keys`` ranks the keyed ones).
+
+    ``topk`` breaks ties at the k-th value arbitrarily, so only the values strictly above
+    it are taken from it; the slots left go to the columns equal to it, lowest ids first."""
     rows = scores.shape[0]
-    out_scores, out_ids = empty_topk(rows, k, scores.device)
+    out_scores = torch.full((rows, k), float("-inf"), dtype=torch.float64, device=scores.device)
+    out_ids = torch.full((rows, k), float(PAD_ID), dtype=torch.float64, device=scores.device)
     kk = min(k, scores.shape[1])
     if kk == 0:
         return out_scores, out_ids
@@ -475,24 +447,11 @@ def local_topk_ties(scores: torch.Tensor, k: int, lo: int) -> tuple[torch.Tensor
 
 
 def merge_topk(scores: torch.Tensor, ids: torch.Tensor, k: int) -> torch.Tensor:
-    """[B, n] candidates (from every rank) -> [B, k] ids in ranking order (score desc, id asc).
-
-    Scores that are float32 values and ids below 2^32 - 1 (or PAD_ID): one ``topk`` over
-    int64 keys packing (score, id); otherwise two stable sorts (by id, then by score)."""
-    k = min(k, ids.shape[1])
-    real = ids != PAD_ID
-    real_ids = torch.where(real, ids, 0)
-    packable = bool(((real_ids >= 0) & (real_ids < LOW_MASK)).all()) and bool(
-        (scores.to(torch.float32).to(scores.dtype) == scores).all()
-    )
-    if not packable or k == 0:
-        by_id = torch.sort(ids, dim=1, stable=True)
-        by_score = torch.sort(scores.gather(1, by_id.indices), dim=1, descending=True, stable=True)
-        return by_id.values.gather(1, by_score.indices)[:, :k].to(torch.int64)
-    low = torch.where(real, LOW_MASK - ids, 0).to(torch.int64)  # lowest id first; PAD_ID last
-    top = packed_keys(scores, low).topk(k, dim=1).values
-    low = top.bitwise_and_(LOW_MASK)
-    return torch.where(low == 0, PAD_ID, LOW_MASK - low)
+    """[B, n] candidates (from every rank) -> [B, k] ids in ranking order (score desc, id asc):
+    the merge of unkeyed (float64) payloads; keyed batches merge with ``merge_keys``."""
+    by_id = torch.sort(ids, dim=1, stable=True)
+    by_score = torch.sort(scores.gather(1, by_id.indices), dim=1, descending=True, stable=True)
+    return by_id.values.gather(1, by_score.indices)[:, :k].to(torch.int64)
 
 
 # -------------------------------------------------------------------- the merge
