@@ -77,22 +77,15 @@ def _embedding_rowwise_adagrad(o: OptimConfig) -> OptimizerFactory:
     )
 
 
-def _dense_adam(o: OptimConfig) -> OptimizerFactory:
-    import torch
+def _dense(optimizer: str) -> Callable[[OptimConfig], OptimizerFactory]:
+    """The dense factory of ``torch.optim.<optimizer>`` at ``optim.dense_lr``."""
 
-    return lambda params: torch.optim.Adam(params, lr=o.dense_lr)
+    def factory(o: OptimConfig) -> OptimizerFactory:
+        import torch
 
+        return lambda params: getattr(torch.optim, optimizer)(params, lr=o.dense_lr)
 
-def _dense_sgd(o: OptimConfig) -> OptimizerFactory:
-    import torch
-
-    return lambda params: torch.optim.SGD(params, lr=o.dense_lr)
-
-
-def _dense_adagrad(o: OptimConfig) -> OptimizerFactory:
-    import torch
-
-    return lambda params: torch.optim.Adagrad(params, lr=o.dense_lr)
+    return factory
 
 
 EMBEDDING_OPTIMIZERS.register("sgd", EmbeddingOptimizer("EXACT_SGD", _embedding_sgd, uses_eps=False))
@@ -100,6 +93,6 @@ EMBEDDING_OPTIMIZERS.register("adagrad", EmbeddingOptimizer("EXACT_ADAGRAD", _em
 EMBEDDING_OPTIMIZERS.register(
     "rowwise_adagrad", EmbeddingOptimizer("EXACT_ROWWISE_ADAGRAD", _embedding_rowwise_adagrad)
 )
-DENSE_OPTIMIZERS.register("adam", _dense_adam)
-DENSE_OPTIMIZERS.register("sgd", _dense_sgd)
-DENSE_OPTIMIZERS.register("adagrad", _dense_adagrad)
+DENSE_OPTIMIZERS.register("adam", _dense("Adam"))
+DENSE_OPTIMIZERS.register("sgd", _dense("SGD"))
+DENSE_OPTIMIZERS.register("adagrad", _dense("Adagrad"))
