@@ -77,15 +77,3 @@ def back_with_huge_pages(module: nn.Module, min_bytes: int = MIN_BYTES) -> HugeP
         else:
             result.errors += 1
     return result
-
-
-def huge_page_bytes() -> int:
-    """This process's anonymous memory in huge pages (/proc/self/smaps_rollup), for checks."""
-    try:
-        with open("/proc/self/smaps_rollup") as f:
-            for line in f:
-                if line.startswith("AnonHugePages:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return 0

@@ -101,8 +101,6 @@ def report_preempted() -> None:
 
 # What every rank's environment holds unless the user set it: Ray's usage report off, and
 # torchrun's own default thread count for several local ranks (set, it skips its banner).
-# Not THP_MEM_ALLOC_ENABLE (PyTorch's huge pages for every allocation of 2 MB and more):
-# model/huge_pages.py backs the tables alone (the step's temporaries got slower with it).
 RANK_ENV_DEFAULTS = {"RAY_USAGE_STATS_ENABLED": "0", "OMP_NUM_THREADS": "1"}
 
 
