@@ -47,7 +47,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import pyarrow.fs as pafs
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
@@ -93,16 +92,11 @@ def _dcp_target(where: StoragePath) -> dict[str, Any]:
     return {"checkpoint_id": str(where)}
 
 
-def _remote_files(where: Location) -> list[str]:
-    selector = pafs.FileSelector(where.path, allow_not_found=True, recursive=True)
-    return [i.path for i in where.fs.get_file_info(selector) if i.type == pafs.FileType.File]
-
-
 def _remove_remote(where: Location) -> None:
     """meta.json first (the checkpoint stops existing before any shard goes), then the rest."""
     if storage.exists(where / META):
         where.fs.delete_file((where / META).path)
-    for path in _remote_files(where):
+    for path in storage.files_below(where):
         where.fs.delete_file(path)
 
 
@@ -380,7 +374,7 @@ def read_rank_state(path: str | Path | Location, rank: int) -> dict[str, Any]:
 def _remote_steps(root: Location) -> tuple[list[tuple[int, Location]], list[tuple[int, Location]]]:
     """(complete, incomplete) ``step-<N>`` prefixes under ``root``: one listing."""
     steps: dict[int, bool] = {}
-    for path in _remote_files(root):
+    for path in storage.files_below(root):
         parts = path[len(root.path) :].strip("/").split("/")
         match = STEP_DIR.match(parts[0]) if len(parts) >= 2 else None
         if match:
