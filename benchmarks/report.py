@@ -387,6 +387,14 @@ def section_coordinator(c: dict[str, Any], results: Path, out: Path) -> str:
     )
 
 
+def by_pass(summary: dict[str, Any]) -> str:
+    """The spread of each pass on its own (``embedding_scale`` times every size twice)."""
+    spreads = summary.get("step_per_row_spread_by_pass") or []
+    if len(spreads) < 2:
+        return ""
+    return "; ascending pass alone " + fmt(spreads[0], 3) + ", descending pass alone " + fmt(spreads[1], 3)
+
+
 def section_embedding(e: dict[str, Any], results: Path, out: Path) -> str:
     rows = []
     for size, s in sorted(e["summary"]["by_size_gb"].items(), key=lambda kv: float(kv[0])):
@@ -426,7 +434,9 @@ def section_embedding(e: dict[str, Any], results: Path, out: Path) -> str:
                 rows,
             ),  # fmt: skip
             "",
-            f"Step time per row, max / min over sizes: {fmt(e['summary']['step_per_row_spread'], 3)} (target <= 1.2).",
+            f"Step time per row, max / min over sizes: {fmt(e['summary']['step_per_row_spread'], 3)} (target <= 1.2)"
+            + by_pass(e["summary"])
+            + ".",
             "",
             cgroup_line,
             "",
