@@ -613,7 +613,7 @@ def test_pipeline_survives_a_pod_stop_in_restricted_containers(image, tmp_path):
             if re.fullmatch(r"step-\d+", p.name) and (p / "meta.json").exists()
         )
         both = logs(peer.main) + victim_log
-        assert first <= stopped < max_steps, both
+        assert first <= stopped <= max_steps, both  # a stop at the last step saves it too
         assert f"preempted: checkpoint at step {stopped} written; exiting 143" in both, both
 
         # ---- the Job replaces both; they resume and finish

@@ -245,14 +245,19 @@ def train_epoch(
             interrupted = True
             break
     source.close()
-    seconds = time.perf_counter() - started
-    g_loss, g_rows, g_wait = all_reduce_sum([loss_sum, float(rows), wait], ctx)
+    done = EpochProgress(loss_sum, rows, steps, wait, time.perf_counter() - started)
+    return epoch_stats(trainer, strategy, done, interrupted)
+
+
+def epoch_stats(trainer: Trainer, strategy: Strategy, done: EpochProgress, interrupted: bool = False) -> EpochStats:
+    """The all-rank statistics of an epoch from this rank's sums (a collective)."""
+    g_loss, g_rows, g_wait = all_reduce_sum([done.loss_sum, float(done.rows), done.wait], trainer.ctx)
     return EpochStats(
         loss_sum=g_loss,
         rows=int(g_rows),
-        steps=steps,
-        seconds=seconds,
-        reader_wait_s=g_wait / ctx.world_size,
+        steps=done.steps,
+        seconds=done.seconds,
+        reader_wait_s=g_wait / trainer.ctx.world_size,
         extra=strategy.epoch_summary(),
         interrupted=interrupted,
     )

@@ -7,8 +7,10 @@ all stop at the same step), the job checkpoints and exits with ``EXIT_PREEMPTED`
 
 Evaluation and the sampler's signal updates are not steps: they poll ``sigterm_requested``
 between batches, agree on it collectively and raise ``EvaluationInterrupted`` on every
-rank; the job then exits 143 without a new checkpoint, the last step checkpoint being the
-resume point.
+rank. After the epoch-end evaluation the runner then checkpoints the epoch's last step
+(``runner.checkpoint_last_step_and_exit``) and exits 143; anywhere else (a signal update, the
+evaluations before and after training) the job exits 143 without a new checkpoint, the last
+step checkpoint being the resume point.
 """
 
 from __future__ import annotations

@@ -10,7 +10,9 @@ thing each: ``preemption.py`` the SIGTERM flag, ``rng.py`` the RNG states,
 - **When**: every ``checkpoint.every_steps`` steps (at a step boundary, all ranks), at the
   end of every epoch (after its evaluation), and on SIGTERM: the handler only sets a flag;
   after each step the ranks agree on it with an all_reduce (so all stop at the same step),
-  checkpoint, and exit with ``EXIT_PREEMPTED`` (143, "terminated by SIGTERM"). The newest
+  checkpoint, and exit with ``EXIT_PREEMPTED`` (143, "terminated by SIGTERM"); at the epoch's
+  last step, or during its evaluation, the checkpoint is that last step's and the resumed job
+  evaluates the epoch without training it again (``runner.steps_done``). The newest
   ``checkpoint.keep_last`` are kept. With ``checkpoint.async_save`` the periodic ones are
   written in the background (``checkpoint.start_checkpoint``): the step waits only for the
   state to be copied; rank 0 commits the save (meta.json) at a later step boundary once it
@@ -305,8 +307,10 @@ class Checkpointing:
         Commits a finished background save first (rank 0; nothing waits)."""
         self._settle(wait=False)
         stop = self.preemption.agreed(self.ctx)
-        if epoch_ending:  # the epoch-end checkpoint (after evaluation) follows
-            return False, stop
+        if epoch_ending and not stop:  # the epoch-end checkpoint (after evaluation) follows
+            return False, False
+        # a stop at the epoch's last step saves that step too: the evaluation would only see
+        # the flag and leave, and the epoch-end checkpoint would never be written
         periodic = bool(self.every) and step % self.every == 0
         return (periodic or stop) and step != self.last_saved_step, stop
 

@@ -12,7 +12,9 @@ its final fields. Everything else is here, once:
 3. per epoch: ``train_epoch`` (its steps run by the driver ``train.pipeline`` picks,
    ``train/pipelined.py``) with step checkpoints every ``checkpoint.every_steps`` and a
    SIGTERM stop at a step boundary, evaluation on valid, the job's epoch hook, the epoch-end
-   checkpoint, the preemption check;
+   checkpoint, the preemption check. A SIGTERM at the epoch's last step, or during its
+   evaluation, checkpoints that step; the resumed job evaluates the epoch without training it
+   again (``steps_done``, ``finished_epoch``);
 4. close the parts, the job's final record, and ``metrics.json`` (rank 0, atomically).
 
 The evaluation helpers every job uses (``evaluation``, ``evaluated_metrics``, ``select_metric``, ``report_k``) and
@@ -25,7 +27,7 @@ import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any, NoReturn, Protocol
 
 from morec_dist.config import Config
 from morec_dist.coordinator.objectives import OBJECTIVE_KINDS, kind_metrics
@@ -43,12 +45,13 @@ from morec_dist.train.loop import (
     PlainDriver,
     StepDriver,
     Strategy,
+    epoch_stats,
     open_rank_observer,
     progress,
     train_epoch,
 )
 from morec_dist.train.pipelined import make_driver
-from morec_dist.train.preemption import exit_interrupted, sigterm_requested
+from morec_dist.train.preemption import EXIT_PREEMPTED, exit_interrupted, sigterm_requested
 from morec_dist.train.resume import Checkpointed, Checkpointing, ResumePoint
 from morec_dist.train.run_dir import provenance, run_path, write_json_atomic
 from morec_dist.train.trainer import EpochStats, Trainer, build_features
@@ -128,8 +131,9 @@ def evaluated_metrics() -> list[str]:
     return kind_metrics(OBJECTIVE_KINDS.names())
 
 
-def evaluation(trainer: Trainer, split: str) -> dict[str, float]:
-    """The evaluation protocol's metrics (every K of ``eval.ks``) of the trainer's model."""
+def evaluation(trainer: Trainer, split: str, on_sigterm: Callable[[], NoReturn] | None = None) -> dict[str, float]:
+    """The evaluation protocol's metrics (every K of ``eval.ks``) of the trainer's model.
+    A SIGTERM during it ends the job (``on_sigterm``, or with no new checkpoint)."""
     c, ctx = trainer.config, trainer.ctx
     options = EvalOptions(batch_users=c.eval.batch_users, stop=sigterm_requested)
     try:
@@ -137,6 +141,8 @@ def evaluation(trainer: Trainer, split: str) -> dict[str, float]:
             trainer.model, trainer.dataset, split, c.eval.ks, trainer.features, ctx, options, evaluated_metrics()
         )
     except EvaluationInterrupted:
+        if on_sigterm is not None:
+            on_sigterm()
         exit_interrupted(ctx, f"evaluation on {split}")
     return result.metrics
 
@@ -172,6 +178,7 @@ class JobRun:
     state: JobState = field(default_factory=JobState)
     parts: JobParts | None = None
     driver: StepDriver = field(default_factory=PlainDriver)  # how steps run (train.pipeline)
+    progress: EpochProgress | None = None  # this rank's sums of the epoch after its latest step
 
 
 class Job(Protocol):
@@ -214,11 +221,12 @@ def checkpointed_epoch(
     run.state.next_epoch = epoch  # a checkpoint inside the epoch continues it
 
     def after_step(done: EpochProgress) -> bool:
+        run.progress = done
         ending = reader.step >= reader.num_batches or bool(max_steps and trainer.step >= max_steps)
         save, stop = checkpoints.due(trainer.step, ending)
         if save:  # in the background when configured, except the SIGTERM one (the job exits next)
             checkpoints.save(epoch_progress=done, background=not stop)
-        return stop and not ending  # the epoch-end checkpoint handles a stop at the epoch's last step
+        return stop
 
     stats = train_epoch(
         trainer,
@@ -234,9 +242,46 @@ def checkpointed_epoch(
     )
     if stats.interrupted:
         checkpoints.exit_preempted()
+    return counted(run, stats)
+
+
+def counted(run: JobRun, stats: EpochStats) -> EpochStats:
+    """``stats`` added to the job's training time and rows."""
     run.state.train_seconds += stats.seconds
     run.state.train_rows += stats.rows
     return stats
+
+
+def steps_done(run: JobRun, epoch: int) -> bool:
+    """Whether every step of the resumed ``epoch`` ran before the stop: it was checkpointed at
+    its last step (or at ``train.max_steps``) by a SIGTERM at that step or during the epoch-end
+    evaluation. The reader's position is then the next epoch's start."""
+    assert run.parts is not None
+    reader = run.driver.reader_view(run.parts.reader)
+    max_steps = run.config.train.max_steps
+    return int(reader.state_dict()["epoch"]) > epoch or bool(max_steps and run.trainer.step >= max_steps)
+
+
+def finished_epoch(run: JobRun, epoch: int, resumed: EpochProgress) -> EpochStats:
+    """A resumed epoch whose steps all ran: its statistics from the checkpointed sums (what
+    ``train_epoch`` returned at its end), no step taken."""
+    assert run.parts is not None
+    run.trainer.epoch = epoch
+    run.progress = resumed
+    return counted(run, epoch_stats(run.trainer, run.parts.strategy, resumed))
+
+
+def checkpoint_last_step_and_exit(run: JobRun) -> NoReturn:
+    """SIGTERM during the epoch-end evaluation: the epoch's last step is checkpointed (unless
+    it is the checkpoint this job resumed from), so a resume evaluates the epoch instead of
+    training it again (with ``checkpoint.every_steps = 0`` the previous checkpoint is the
+    previous epoch's end)."""
+    checkpoints, trainer = run.checkpoints, run.trainer
+    progress(trainer.ctx.rank, f"SIGTERM during the epoch-end evaluation: checkpointing step {trainer.step}")
+    if trainer.step != checkpoints.last_saved_step:
+        checkpoints.save(epoch_progress=run.progress)
+    checkpoints.exit_preempted()
+    raise SystemExit(EXIT_PREEMPTED)  # not reached: exit_preempted leaves through os._exit
 
 
 def run_job(config: Config, job: Job, resume: bool | None = None) -> dict[str, Any]:
@@ -261,10 +306,14 @@ def run_job(config: Config, job: Job, resume: bool | None = None) -> dict[str, A
     start_epoch = run.state.next_epoch
     max_steps = config.train.max_steps
     for epoch in range(start_epoch, job.epochs(config)):
-        if run.state.stopped or (max_steps and trainer.step >= max_steps):
+        carried = resumed if epoch == start_epoch else None
+        if carried is not None and steps_done(run, epoch):
+            stats = finished_epoch(run, epoch, carried)
+        elif run.state.stopped or (max_steps and trainer.step >= max_steps):
             break
-        stats = checkpointed_epoch(run, epoch, metrics=metrics, resumed=resumed if epoch == start_epoch else None)
-        valid = evaluation(trainer, "valid")
+        else:
+            stats = checkpointed_epoch(run, epoch, metrics=metrics, resumed=carried)
+        valid = evaluation(trainer, "valid", on_sigterm=lambda: checkpoint_last_step_and_exit(run))
         job.end_epoch(run, epoch, stats, valid)
         run.state.next_epoch = epoch + 1
         checkpoints.save()
