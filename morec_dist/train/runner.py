@@ -178,7 +178,7 @@ class JobRun:
     state: JobState = field(default_factory=JobState)
     parts: JobParts | None = None
     driver: StepDriver = field(default_factory=PlainDriver)  # how steps run (train.pipeline)
-    progress: EpochProgress | None = None  # this rank's sums of the epoch after its latest step
+    epoch_sums: EpochProgress | None = None  # this rank's sums of the epoch after its latest step
 
 
 class Job(Protocol):
@@ -221,7 +221,7 @@ def checkpointed_epoch(
     run.state.next_epoch = epoch  # a checkpoint inside the epoch continues it
 
     def after_step(done: EpochProgress) -> bool:
-        run.progress = done
+        run.epoch_sums = done
         ending = reader.step >= reader.num_batches or bool(max_steps and trainer.step >= max_steps)
         save, stop = checkpoints.due(trainer.step, ending)
         if save:  # in the background when configured, except the SIGTERM one (the job exits next)
@@ -267,7 +267,7 @@ def finished_epoch(run: JobRun, epoch: int, resumed: EpochProgress) -> EpochStat
     ``train_epoch`` returned at its end), no step taken."""
     assert run.parts is not None
     run.trainer.epoch = epoch
-    run.progress = resumed
+    run.epoch_sums = resumed
     return counted(run, epoch_stats(run.trainer, run.parts.strategy, resumed))
 
 
@@ -279,7 +279,7 @@ def checkpoint_last_step_and_exit(run: JobRun) -> NoReturn:
     checkpoints, trainer = run.checkpoints, run.trainer
     progress(trainer.ctx.rank, f"SIGTERM during the epoch-end evaluation: checkpointing step {trainer.step}")
     if trainer.step != checkpoints.last_saved_step:
-        checkpoints.save(epoch_progress=run.progress)
+        checkpoints.save(epoch_progress=run.epoch_sums)
     checkpoints.exit_preempted()
     raise SystemExit(EXIT_PREEMPTED)  # not reached: exit_preempted leaves through os._exit
 
