@@ -420,14 +420,17 @@ def time_estimate(study: Study, walls: dict[str, list[float]], job_fraction: flo
         first, last = study.epochs[0], study.epochs[-1]
         per_epoch = mean["finetune"] * job_fraction / first
         mean["continue"] = mean["finetune"] * (1 - job_fraction) + per_epoch * (last - first)
-    left = {k: max(planned[k] - len(walls.get(k, [])), 0) for k in planned}
-    seconds = sum(left[k] * mean.get(k, float("nan")) for k in planned if left[k])
-    return {
-        "planned": planned,
-        "done": {k: len(v) for k, v in walls.items()},
-        "mean_seconds": mean,
-        "seconds_left": seconds,
-    }
+    done = {k: len(v) for k, v in walls.items()}
+    seconds, unmeasured = seconds_left(planned, done, mean)
+    return {"planned": planned, "done": done, "mean_seconds": mean, "seconds_left": seconds, "unmeasured": unmeasured}
+
+
+def seconds_left(planned: dict[str, int], done: dict[str, int], mean: dict[str, float]) -> tuple[float, list[str]]:
+    """Seconds of the runs not yet done at their kind's mean, and the kinds left out for want of
+    a measurement (an invocation that found every ranking there timed no evaluation)."""
+    left = {k: max(n - done.get(k, 0), 0) for k, n in planned.items()}
+    unmeasured = sorted(k for k, n in left.items() if n and k not in mean)
+    return sum(n * mean[k] for k, n in left.items() if n and k in mean), unmeasured
 
 
 def lengths_summary(study: Study, records: dict[int, dict[int, dict[str, Any]]]) -> dict[str, Any]:

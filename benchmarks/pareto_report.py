@@ -33,13 +33,27 @@ def interval(row: dict[str, Any]) -> str:
     return f"{pct(row['mean'])} [{100 * lo:+.1f}, {100 * hi:+.1f}]"
 
 
+def remaining(p: dict[str, Any]) -> tuple[float, list[str]]:
+    """Seconds of runs left and the kinds not yet timed, from the results' time estimate (computed
+    here: a study written by an older ``pareto.py`` recorded NaN when one kind was untimed)."""
+    from benchmarks.pareto import seconds_left
+
+    est = p.get("time_estimate", {})
+    return seconds_left(est.get("planned", {}), est.get("done", {}), est.get("mean_seconds", {}))
+
+
+def not_counting(unmeasured: list[str]) -> str:
+    if not unmeasured:
+        return ""
+    return f" (not counting the {', '.join(unmeasured)} runs left: this record has no time for them)"
+
+
 def header(p: dict[str, Any]) -> list[str]:
     from benchmarks.report import fmt
 
     cfg = p["config"]
     done = {e: seeds for e, seeds in p["progress"].items()}
-    est = p.get("time_estimate", {})
-    left = est.get("seconds_left")
+    left, unmeasured = remaining(p)
     fresh = " (fresh: none tuned anything)" if not set(cfg["seeds"]) & {0, 1, 2} else ""
     lines = []
     if p["mode"] == "quick":
@@ -51,7 +65,11 @@ def header(p: dict[str, Any]) -> list[str]:
     if p.get("partial"):
         lines += [
             f"**Partial study**: complete seeds per fine-tuning length {done} of {cfg['seeds']}; "
-            + (f"about {fmt(left / 3600, 2)} h of runs left at the measured run times. " if left else "")
+            + (
+                f"about {fmt(left / 3600, 2)} h of runs left at the measured run times{not_counting(unmeasured)}. "
+                if left
+                else ""
+            )
             + "`python -m benchmarks.pareto` resumes it (every finished run is reused).",
             "",
         ]
@@ -208,12 +226,12 @@ def run_time(p: dict[str, Any]) -> list[str]:
 
     walls = p.get("walls", {})
     total = sum(sum(v) for v in walls.values())
-    est = p.get("time_estimate", {})
-    mean = est.get("mean_seconds", {})
+    mean = p.get("time_estimate", {}).get("mean_seconds", {})
     parts = ", ".join(f"{k} {len(v)} x {fmt(mean.get(k, float('nan')), 3)} s" for k, v in walls.items() if v)
-    left = est.get("seconds_left") or 0.0
+    left, unmeasured = remaining(p)
     return [
-        f"Run time so far: {fmt(total / 3600, 3)} h of runs ({parts}); left: {fmt(left / 3600, 3)} h at those means. "
+        f"Run time so far: {fmt(total / 3600, 3)} h of runs ({parts}); left: {fmt(left / 3600, 3)} h at those means"
+        f"{not_counting(unmeasured)}. "
         f"Machine: {p['machine']['cores']} cores, load average {p['machine']['load_average']} at the start and "
         f"{p['machine'].get('load_average_end')} at the last write (shared with other jobs).",
         "",
