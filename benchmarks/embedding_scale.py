@@ -107,7 +107,8 @@ def run_point(
     ``phases=("train",)``: the timed training alone (the second pass)."""
     overrides = [f"data.path={data}", f"run.out_dir={work}", f"run.seed={seed}", "model.default_sharding=row_wise"]
     overrides += ["data.batch_size=2048", "data.num_negatives=10", "metrics.enabled=false"]
-    morec_cli(["inspect", str(data)], log=log_dir / f"{data.name}-inspect.log")
+    if "resume" in phases:  # the first pass checks the dataset; the repeat reads the same files
+        morec_cli(["inspect", str(data)], log=log_dir / f"{data.name}-inspect.log")
     ran = {}
     for phase in phases:
         out = work / f"{phase}.json"
